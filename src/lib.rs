@@ -1,0 +1,65 @@
+//! # cunorm
+//!
+//! PyTorch-exact normalization layers — BatchNorm (1d/2d/3d), InstanceNorm (1d/2d/3d),
+//! LayerNorm, GroupNorm and RMSNorm — forward and backward, for `f32`, `f16` and `bf16`
+//! inputs in contiguous (NCHW) or channels-last (NHWC) layout.
+//!
+//! Two backends sit behind one API, chosen by where the input lives ([`Device`]):
+//! - the **CPU** path (f64 statistics, parallel with rayon), always available, and the oracle
+//!   the CUDA output is tested against;
+//! - the **CUDA** path: hand-written kernels compiled at run time by NVRTC.
+//!
+//! ```
+//! use cunorm::{functional as F, BatchNorm2d, Norm, Tensor};
+//!
+//! # fn main() -> cunorm::Result<()> {
+//! // A batch of 2 images with 4 channels of 2×2 pixels.
+//! let data: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin()).collect();
+//! let x = Tensor::from_vec(data, &[2, 4, 2, 2])?;
+//!
+//! // The module: running statistics updated in training mode.
+//! let mut bn = BatchNorm2d::new(4)?;
+//! let out = bn.forward_with_stats(&x)?;
+//! assert_eq!(bn.num_batches_tracked(), Some(1));
+//!
+//! // Backward from an upstream gradient.
+//! let dy = Tensor::full(&[2, 4, 2, 2], 1.0f32);
+//! let grads = bn.backward(&dy, &x, &out.stats)?;
+//! assert_eq!(grads.dx.shape(), &[2, 4, 2, 2]);
+//!
+//! // The functional form, like torch.nn.functional.layer_norm.
+//! let y = F::layer_norm(&x, &[4, 2, 2], None, None, 1e-5)?.output;
+//! assert_eq!(y.shape(), x.shape());
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod cuda;
+pub mod demo;
+mod device;
+mod dtype;
+mod error;
+pub mod layers;
+mod ops;
+mod tensor;
+
+pub use device::Device;
+pub use dtype::{DType, Element};
+pub use error::{Error, Result};
+pub use layers::*;
+pub use ops::{Gradients, NormOutput, SavedStats};
+pub use tensor::{MemoryFormat, Tensor};
+
+/// Functional ops, like `torch.nn.functional`: forward (output + saved statistics) and
+/// backward (`dx`, `dweight`, `dbias`) for every normalization.
+pub mod functional {
+    pub use crate::ops::rms_norm::RMS_NORM_DEFAULT_EPS;
+    pub use crate::ops::{
+        batch_norm, batch_norm_backward, group_norm, group_norm_backward, instance_norm,
+        instance_norm_backward, layer_norm, layer_norm_backward, rms_norm, rms_norm_backward,
+    };
+}
+
+pub use half::{bf16, f16};

@@ -1,0 +1,116 @@
+//! `batch_norm` / `batch_norm_backward` (PyTorch's `F.batch_norm`).
+
+use super::cpu::Grouping;
+use super::planes::{self, Running, Source};
+use super::{check_eps, check_grad, check_momentum, check_stats, check_vec, Gradients, NormOutput, SavedStats};
+use crate::dtype::Element;
+use crate::error::{fmt_shape, Error, Result};
+use crate::tensor::Tensor;
+
+const OP: &str = "batch_norm";
+
+fn check_input<T: Element>(x: &Tensor<T>) -> Result<()> {
+    if x.rank() < 2 {
+        return Err(Error::Shape(format!(
+            "{OP}: expected at least 2D input (N, C, *) (got {}D input of size {})",
+            x.rank(),
+            fmt_shape(x.shape())
+        )));
+    }
+    Ok(())
+}
+
+/// Batch normalization over every axis but 1 (the channels) of an `(N, C, *)` input.
+///
+/// - `training = true`: normalizes with the batch mean and biased variance; when running
+///   statistics are given they are updated in place with `r = (1 − momentum)·r + momentum·s`
+///   (the variance with the unbiased estimate). Needs more than one value per channel.
+/// - `training = false`: normalizes with `running_mean` / `running_var`, which must be given.
+///
+/// `weight` and `bias` are per-channel (`[C]`, f32). Returns the output (same shape and memory
+/// format) and the statistics used, for [`batch_norm_backward`].
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm<T: Element>(
+    x: &Tensor<T>,
+    running_mean: Option<&mut Tensor<f32>>,
+    running_var: Option<&mut Tensor<f32>>,
+    weight: Option<&Tensor<f32>>,
+    bias: Option<&Tensor<f32>>,
+    training: bool,
+    momentum: f64,
+    eps: f64,
+) -> Result<NormOutput<T>> {
+    check_input(x)?;
+    check_eps(OP, eps)?;
+    check_momentum(OP, momentum)?;
+    let c = x.shape()[1];
+    let dev = x.device();
+    if let Some(t) = running_mean.as_deref() {
+        check_vec(OP, "running_mean", t, c, &dev)?;
+    }
+    if let Some(t) = running_var.as_deref() {
+        check_vec(OP, "running_var", t, c, &dev)?;
+    }
+    if let Some(t) = weight {
+        check_vec(OP, "weight", t, c, &dev)?;
+    }
+    if let Some(t) = bias {
+        check_vec(OP, "bias", t, c, &dev)?;
+    }
+    let running = match (running_mean, running_var) {
+        (Some(mean), Some(var)) => Some((mean, var)),
+        (None, None) => None,
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "{OP}: running_mean and running_var must be given together (or both omitted)"
+            )))
+        }
+    };
+    let source = if training {
+        let per_channel = x.numel() / c.max(1);
+        if per_channel == 1 {
+            return Err(Error::Shape(format!(
+                "Expected more than 1 value per channel when training, got input size {} \
+                 (use a batch with more than one value per channel, or evaluation mode)",
+                fmt_shape(x.shape())
+            )));
+        }
+        Source::Input {
+            running: running.map(|(mean, var)| Running {
+                mean,
+                var,
+                factor: momentum,
+            }),
+        }
+    } else {
+        match running {
+            Some((mean, var)) => Source::Fixed { mean, var },
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "{OP}: running_mean and running_var must be defined when training=false; \
+                     pass them or use training=true (batch statistics)"
+                )))
+            }
+        }
+    };
+    planes::forward(x, Grouping::Channel, weight, bias, eps, source)
+}
+
+/// Backward of [`batch_norm`]: `dx`, and `dweight`/`dbias` (`[C]`) when `weight` is given.
+/// Differentiates through the batch statistics when `stats.from_input` (training), else treats
+/// the running statistics as constants (eval).
+pub fn batch_norm_backward<T: Element>(
+    dy: &Tensor<T>,
+    x: &Tensor<T>,
+    weight: Option<&Tensor<f32>>,
+    stats: &SavedStats,
+) -> Result<Gradients<T>> {
+    check_input(x)?;
+    check_grad(OP, dy, x)?;
+    let c = x.shape()[1];
+    if let Some(t) = weight {
+        check_vec(OP, "weight", t, c, &x.device())?;
+    }
+    check_stats(OP, stats, c, &x.device())?;
+    planes::backward(dy, x, Grouping::Channel, weight, weight.is_some(), stats)
+}

@@ -1,0 +1,113 @@
+//! `instance_norm` / `instance_norm_backward` (PyTorch's `F.instance_norm`).
+
+use super::cpu::Grouping;
+use super::planes::{self, Running, Source};
+use super::{check_eps, check_grad, check_momentum, check_stats, check_vec, Gradients, NormOutput, SavedStats};
+use crate::dtype::Element;
+use crate::error::{fmt_shape, Error, Result};
+use crate::tensor::{Ncs, Tensor};
+
+const OP: &str = "instance_norm";
+
+fn check_input<T: Element>(x: &Tensor<T>) -> Result<()> {
+    if x.rank() < 3 {
+        return Err(Error::Shape(format!(
+            "{OP}: expected at least 3D input (N, C, *spatial) (got {}D input of size {}); add \
+             the batch dimension",
+            x.rank(),
+            fmt_shape(x.shape())
+        )));
+    }
+    Ok(())
+}
+
+/// Instance normalization: each `(n, c)` plane of an `(N, C, *spatial)` input is normalized on
+/// its own.
+///
+/// With `use_input_stats` (training, or no running statistics) the plane's mean and biased
+/// variance are used, and running statistics, when given, are updated with the batch average
+/// of the per-plane mean and unbiased variance. Otherwise the per-channel running statistics
+/// are used and must be given. `weight`/`bias` are per-channel (`[C]`).
+#[allow(clippy::too_many_arguments)]
+pub fn instance_norm<T: Element>(
+    x: &Tensor<T>,
+    running_mean: Option<&mut Tensor<f32>>,
+    running_var: Option<&mut Tensor<f32>>,
+    weight: Option<&Tensor<f32>>,
+    bias: Option<&Tensor<f32>>,
+    use_input_stats: bool,
+    momentum: f64,
+    eps: f64,
+) -> Result<NormOutput<T>> {
+    check_input(x)?;
+    check_eps(OP, eps)?;
+    check_momentum(OP, momentum)?;
+    let d = Ncs::of(x.shape());
+    let dev = x.device();
+    if let Some(t) = running_mean.as_deref() {
+        check_vec(OP, "running_mean", t, d.c, &dev)?;
+    }
+    if let Some(t) = running_var.as_deref() {
+        check_vec(OP, "running_var", t, d.c, &dev)?;
+    }
+    if let Some(t) = weight {
+        check_vec(OP, "weight", t, d.c, &dev)?;
+    }
+    if let Some(t) = bias {
+        check_vec(OP, "bias", t, d.c, &dev)?;
+    }
+    let running = match (running_mean, running_var) {
+        (Some(mean), Some(var)) => Some((mean, var)),
+        (None, None) => None,
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "{OP}: running_mean and running_var must be given together (or both omitted)"
+            )))
+        }
+    };
+    let source = if use_input_stats {
+        if d.s == 1 {
+            return Err(Error::Shape(format!(
+                "Expected more than 1 spatial element when training, got input size {} \
+                 (instance norm needs a spatial extent > 1)",
+                fmt_shape(x.shape())
+            )));
+        }
+        Source::Input {
+            running: running.map(|(mean, var)| Running {
+                mean,
+                var,
+                factor: momentum,
+            }),
+        }
+    } else {
+        match running {
+            Some((mean, var)) => Source::Fixed { mean, var },
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "{OP}: expected running_mean and running_var when use_input_stats=false"
+                )))
+            }
+        }
+    };
+    planes::forward(x, Grouping::Groups(d.c), weight, bias, eps, source)
+}
+
+/// Backward of [`instance_norm`]: `dx`, and `dweight`/`dbias` (`[C]`, summed over the batch)
+/// when `weight` is given.
+pub fn instance_norm_backward<T: Element>(
+    dy: &Tensor<T>,
+    x: &Tensor<T>,
+    weight: Option<&Tensor<f32>>,
+    stats: &SavedStats,
+) -> Result<Gradients<T>> {
+    check_input(x)?;
+    check_grad(OP, dy, x)?;
+    let d = Ncs::of(x.shape());
+    if let Some(t) = weight {
+        check_vec(OP, "weight", t, d.c, &x.device())?;
+    }
+    let groups = if stats.from_input { d.n * d.c } else { d.c };
+    check_stats(OP, stats, groups, &x.device())?;
+    planes::backward(dy, x, Grouping::Groups(d.c), weight, weight.is_some(), stats)
+}

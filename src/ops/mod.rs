@@ -1,0 +1,152 @@
+//! Functional normalization ops, like `torch.nn.functional`: each forward returns the output
+//! and the statistics it used ([`SavedStats`]); each backward returns `dx`, `dweight` and `dbias`
+//! from `dy`, the input and those statistics.
+//!
+//! Every front checks shapes, devices and arguments once, then dispatches to the CPU reference
+//! path or the CUDA backend by the input's device.
+
+pub(crate) mod cpu;
+pub(crate) mod planes;
+
+pub mod batch_norm;
+pub mod group_norm;
+pub mod instance_norm;
+pub mod layer_norm;
+pub mod rms_norm;
+
+pub use batch_norm::{batch_norm, batch_norm_backward};
+pub use group_norm::{group_norm, group_norm_backward};
+pub use instance_norm::{instance_norm, instance_norm_backward};
+pub use layer_norm::{layer_norm, layer_norm_backward};
+pub use rms_norm::{rms_norm, rms_norm_backward};
+
+use crate::device::Device;
+use crate::dtype::Element;
+use crate::error::{fmt_shape, Error, Result};
+use crate::tensor::Tensor;
+
+/// Statistics saved by a forward pass for its backward pass (all f32).
+///
+/// `mean` and `rstd` have one entry per normalized set: BatchNorm `C`, InstanceNorm `N·C`,
+/// GroupNorm `N·G`, LayerNorm and RMSNorm one per row (RMSNorm has no mean).
+#[derive(Clone, Debug)]
+pub struct SavedStats {
+    /// Mean of each normalized set (`None` for RMSNorm).
+    pub mean: Option<Tensor<f32>>,
+    /// `1/√(var + eps)` of each normalized set (RMSNorm: `1/√(mean(x²) + eps)`).
+    pub rstd: Tensor<f32>,
+    /// `true` when the statistics were computed from the input (training mode), so the backward
+    /// pass differentiates through them; `false` when they were fixed running statistics
+    /// (BatchNorm/InstanceNorm in eval mode).
+    pub from_input: bool,
+}
+
+/// The result of a forward pass.
+#[derive(Clone, Debug)]
+pub struct NormOutput<T: Element> {
+    /// The normalized output, same shape and memory format as the input.
+    pub output: Tensor<T>,
+    /// The statistics to pass to the backward function.
+    pub stats: SavedStats,
+}
+
+/// The result of a backward pass.
+#[derive(Clone, Debug)]
+pub struct Gradients<T: Element> {
+    /// Gradient with respect to the input, same shape and memory format as the input.
+    pub dx: Tensor<T>,
+    /// Gradient with respect to the weight (f32), when the op was given a weight.
+    pub dweight: Option<Tensor<f32>>,
+    /// Gradient with respect to the bias (f32), when the op has a bias.
+    pub dbias: Option<Tensor<f32>>,
+}
+
+pub(crate) fn check_eps(op: &str, eps: f64) -> Result<()> {
+    if eps.is_nan() || eps < 0.0 {
+        return Err(Error::InvalidArgument(format!(
+            "{op}: eps must be a non-negative number, got {eps}; PyTorch's default is 1e-5"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_momentum(op: &str, momentum: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&momentum) {
+        return Err(Error::InvalidArgument(format!(
+            "{op}: momentum must be in [0, 1], got {momentum}; PyTorch's default is 0.1"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a per-channel parameter or running statistic: `{name} should contain {c} elements not {n}`.
+pub(crate) fn check_vec(op: &str, name: &str, t: &Tensor<f32>, c: usize, x: &Device) -> Result<()> {
+    if t.rank() != 1 || t.numel() != c {
+        return Err(Error::Shape(format!(
+            "{op}: {name} should contain {c} elements not {} (its size is {}); give it shape [{c}], \
+             one entry per channel of the input",
+            t.numel(),
+            fmt_shape(t.shape())
+        )));
+    }
+    check_same_device(op, name, &t.device(), x)
+}
+
+pub(crate) fn check_same_device(op: &str, name: &str, d: &Device, x: &Device) -> Result<()> {
+    if !d.same(x) {
+        return Err(Error::DeviceMismatch(format!(
+            "{op}: {name} is on {d} but the input is on {x}; move it with .to_device()"
+        )));
+    }
+    Ok(())
+}
+
+/// `dy` must match `x` in shape, format and device.
+pub(crate) fn check_grad<T: Element>(op: &str, dy: &Tensor<T>, x: &Tensor<T>) -> Result<()> {
+    if dy.shape() != x.shape() {
+        return Err(Error::Shape(format!(
+            "{op} backward: grad_output has size {} but the input has size {}; they must match",
+            fmt_shape(dy.shape()),
+            fmt_shape(x.shape())
+        )));
+    }
+    if dy.format() != x.format() {
+        return Err(Error::Shape(format!(
+            "{op} backward: grad_output is {} but the input is {}; convert one with .to_format()",
+            dy.format().name(),
+            x.format().name()
+        )));
+    }
+    check_same_device(op, "grad_output", &dy.device(), &x.device())
+}
+
+/// Checks saved statistics have `groups` entries each.
+pub(crate) fn check_stats(op: &str, stats: &SavedStats, groups: usize, x: &Device) -> Result<()> {
+    let mut parts = vec![("rstd", &stats.rstd)];
+    if let Some(m) = &stats.mean {
+        parts.push(("mean", m));
+    }
+    for (name, t) in parts {
+        if t.numel() != groups {
+            return Err(Error::Shape(format!(
+                "{op} backward: saved {name} has {} entries but this input needs {groups}; pass the \
+                 stats returned by the forward call on this input",
+                t.numel()
+            )));
+        }
+        check_same_device(op, name, &t.device(), x)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn f32_tensor(v: Vec<f32>, device: &Device) -> Result<Tensor<f32>> {
+    let n = v.len();
+    Tensor::from_vec(v, &[n])?.to_device(device)
+}
+
+pub(crate) fn cuda_pending(op: &str) -> Error {
+    Error::Unavailable(format!(
+        "{op}: the CUDA kernels for this op are not available in this build; move the tensors to \
+         Device::Cpu"
+    ))
+}

@@ -1,0 +1,311 @@
+//! `Tensor<T>`: a shaped buffer of `f32`, `f16` or `bf16` in contiguous or channels-last layout.
+
+use crate::device::Device;
+use crate::dtype::{DType, Element};
+use crate::error::{fmt_shape, Error, Result};
+
+/// How the elements of a 3-D/4-D/5-D tensor are laid out in memory.
+///
+/// For a logical shape `(N, C, *spatial)`:
+/// - `Contiguous` (NCHW) stores `C` outside the spatial dimensions;
+/// - `ChannelsLast` (NHWC, PyTorch's `channels_last` / `channels_last_3d`) stores `C` innermost.
+///
+/// Tensors of rank 1 or 2 are always `Contiguous` (both layouts coincide).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum MemoryFormat {
+    /// Row-major in logical order (NCHW).
+    #[default]
+    Contiguous,
+    /// Channels innermost (NHWC / NDHWC).
+    ChannelsLast,
+}
+
+impl MemoryFormat {
+    /// Short name used in reports: `nchw` or `nhwc`.
+    pub fn name(self) -> &'static str {
+        match self {
+            MemoryFormat::Contiguous => "nchw",
+            MemoryFormat::ChannelsLast => "nhwc",
+        }
+    }
+}
+
+/// Where a tensor's elements live.
+#[derive(Clone, Debug)]
+pub(crate) enum Storage<T: Element> {
+    Cpu(Vec<T>),
+    Cuda(crate::cuda::CudaBuffer<T>),
+}
+
+/// A dense tensor with a shape, a memory format and a device.
+///
+/// Build one from a `Vec<T>` in logical (row-major, NCHW) order with [`Tensor::from_vec`], change
+/// its layout with [`Tensor::to_format`], move it with [`Tensor::to_device`], and read it back in
+/// logical order with [`Tensor::to_vec`].
+#[derive(Clone, Debug)]
+pub struct Tensor<T: Element> {
+    shape: Vec<usize>,
+    format: MemoryFormat,
+    pub(crate) storage: Storage<T>,
+}
+
+/// The `(N, C, S)` view of a tensor of rank >= 2: batch, channels, product of spatial sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Ncs {
+    pub n: usize,
+    pub c: usize,
+    pub s: usize,
+}
+
+impl Ncs {
+    pub(crate) fn of(shape: &[usize]) -> Ncs {
+        Ncs {
+            n: shape[0],
+            c: shape[1],
+            s: shape[2..].iter().product(),
+        }
+    }
+}
+
+fn check_format(shape: &[usize], format: MemoryFormat) -> Result<MemoryFormat> {
+    match (format, shape.len()) {
+        (MemoryFormat::ChannelsLast, 3..=5) => Ok(format),
+        (MemoryFormat::ChannelsLast, 2) => Ok(MemoryFormat::Contiguous),
+        (MemoryFormat::ChannelsLast, r) => Err(Error::Shape(format!(
+            "channels-last needs a 2-D to 5-D tensor (N, C, *spatial), but got a {r}-D tensor of \
+             size {}; use MemoryFormat::Contiguous",
+            fmt_shape(shape)
+        ))),
+        (MemoryFormat::Contiguous, _) => Ok(format),
+    }
+}
+
+/// Copies between logical (NCHW) and channels-last order. `to_nhwc` selects the direction.
+pub(crate) fn permute_layout<T: Copy>(src: &[T], shape: &[usize], to_nhwc: bool) -> Vec<T> {
+    if shape.len() < 3 || src.is_empty() {
+        return src.to_vec();
+    }
+    let d = Ncs::of(shape);
+    let mut out = Vec::with_capacity(src.len());
+    // SAFETY-free approach: fill via push in destination order.
+    for n in 0..d.n {
+        let base = n * d.c * d.s;
+        if to_nhwc {
+            for s in 0..d.s {
+                out.extend((0..d.c).map(|c| src[base + c * d.s + s]));
+            }
+        } else {
+            for c in 0..d.c {
+                out.extend((0..d.s).map(|s| src[base + s * d.c + c]));
+            }
+        }
+    }
+    out
+}
+
+impl<T: Element> Tensor<T> {
+    /// A contiguous CPU tensor from `data` in logical row-major order.
+    pub fn from_vec(data: Vec<T>, shape: &[usize]) -> Result<Self> {
+        Self::from_vec_with_format(data, shape, MemoryFormat::Contiguous)
+    }
+
+    /// A CPU tensor from `data` already in the physical order of `format`
+    /// (for `ChannelsLast`: `N, *spatial, C`).
+    pub fn from_vec_with_format(data: Vec<T>, shape: &[usize], format: MemoryFormat) -> Result<Self> {
+        let numel: usize = shape.iter().product();
+        if data.len() != numel {
+            return Err(Error::Shape(format!(
+                "shape {} needs {numel} elements but the data has {}; pass a shape whose product \
+                 is the data length",
+                fmt_shape(shape),
+                data.len()
+            )));
+        }
+        let format = check_format(shape, format)?;
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            format,
+            storage: Storage::Cpu(data),
+        })
+    }
+
+    /// A CPU tensor of the given shape filled with `value`.
+    pub fn full(shape: &[usize], value: T) -> Self {
+        let numel = shape.iter().product();
+        Tensor {
+            shape: shape.to_vec(),
+            format: MemoryFormat::Contiguous,
+            storage: Storage::Cpu(vec![value; numel]),
+        }
+    }
+
+    /// A CPU tensor of zeros.
+    pub fn zeros(shape: &[usize]) -> Self {
+        Self::full(shape, T::from_f32(0.0))
+    }
+
+    pub(crate) fn from_parts(shape: Vec<usize>, format: MemoryFormat, storage: Storage<T>) -> Self {
+        Tensor {
+            shape,
+            format,
+            storage,
+        }
+    }
+
+    /// The logical shape `(N, C, *spatial)` or `(*, normalized_shape)`.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of dimensions.
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The memory format of the storage.
+    pub fn format(&self) -> MemoryFormat {
+        self.format
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        T::DTYPE
+    }
+
+    /// The device holding the elements.
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(b) => Device::Cuda(b.device().clone()),
+        }
+    }
+
+    /// The raw storage in physical order, when the tensor is on the CPU.
+    pub fn as_slice(&self) -> Option<&[T]> {
+        match &self.storage {
+            Storage::Cpu(v) => Some(v),
+            Storage::Cuda(_) => None,
+        }
+    }
+
+    pub(crate) fn cpu_slice(&self) -> Result<&[T]> {
+        match &self.storage {
+            Storage::Cpu(v) => Ok(v),
+            Storage::Cuda(_) => Err(not_on_cpu()),
+        }
+    }
+
+    pub(crate) fn cpu_slice_mut(&mut self) -> Result<&mut [T]> {
+        match &mut self.storage {
+            Storage::Cpu(v) => Ok(v),
+            Storage::Cuda(_) => Err(not_on_cpu()),
+        }
+    }
+
+    /// The elements in physical order (copied back from the device if needed).
+    pub fn to_vec_physical(&self) -> Result<Vec<T>> {
+        match &self.storage {
+            Storage::Cpu(v) => Ok(v.clone()),
+            Storage::Cuda(b) => b.to_host(),
+        }
+    }
+
+    /// The elements in logical row-major (NCHW) order, whatever the memory format and device.
+    pub fn to_vec(&self) -> Result<Vec<T>> {
+        let phys = self.to_vec_physical()?;
+        Ok(match self.format {
+            MemoryFormat::Contiguous => phys,
+            MemoryFormat::ChannelsLast => permute_layout(&phys, &self.shape, false),
+        })
+    }
+
+    /// The elements converted to f32 in logical order.
+    pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
+        Ok(self.to_vec()?.into_iter().map(T::to_f32).collect())
+    }
+
+    /// A copy in another memory format (a no-op copy when the format is the same).
+    pub fn to_format(&self, format: MemoryFormat) -> Result<Tensor<T>> {
+        let format = check_format(&self.shape, format)?;
+        if format == self.format {
+            return Ok(self.clone());
+        }
+        let device = self.device();
+        let phys = self.to_vec_physical()?;
+        let data = permute_layout(&phys, &self.shape, format == MemoryFormat::ChannelsLast);
+        Tensor::from_vec_with_format(data, &self.shape, format)?.to_device(&device)
+    }
+
+    /// A copy on `device` (a clone when already there).
+    pub fn to_device(&self, device: &Device) -> Result<Tensor<T>> {
+        match (device, &self.storage) {
+            (Device::Cpu, Storage::Cpu(_)) => Ok(self.clone()),
+            (Device::Cpu, Storage::Cuda(b)) => Ok(Tensor {
+                shape: self.shape.clone(),
+                format: self.format,
+                storage: Storage::Cpu(b.to_host()?),
+            }),
+            (Device::Cuda(dev), Storage::Cpu(v)) => Ok(Tensor {
+                shape: self.shape.clone(),
+                format: self.format,
+                storage: Storage::Cuda(dev.upload(v)?),
+            }),
+            (Device::Cuda(dev), Storage::Cuda(b)) => {
+                if b.device().same(dev) {
+                    Ok(self.clone())
+                } else {
+                    Tensor::from_vec_with_format(b.to_host()?, &self.shape, self.format)?
+                        .to_device(device)
+                }
+            }
+        }
+    }
+
+    /// The same values rounded to another element type (on the CPU).
+    pub fn to_dtype<U: Element>(&self) -> Result<Tensor<U>> {
+        let device = self.device();
+        let data: Vec<U> = self
+            .to_vec_physical()?
+            .into_iter()
+            .map(|v| U::from_f32(v.to_f32()))
+            .collect();
+        Tensor::from_vec_with_format(data, &self.shape, self.format)?.to_device(&device)
+    }
+
+    /// Reinterprets the shape (same number of elements, contiguous only).
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor<T>> {
+        let numel: usize = shape.iter().product();
+        if numel != self.numel() || self.format != MemoryFormat::Contiguous {
+            return Err(Error::Shape(format!(
+                "cannot reshape a {} tensor of size {} to {}; the element counts must match and \
+                 the tensor must be contiguous",
+                self.format.name(),
+                fmt_shape(&self.shape),
+                fmt_shape(shape)
+            )));
+        }
+        let mut t = self.clone();
+        t.shape = shape.to_vec();
+        Ok(t)
+    }
+}
+
+impl Tensor<f32> {
+    /// A CPU f32 tensor from a slice (convenience for parameters).
+    pub fn from_slice(data: &[f32], shape: &[usize]) -> Result<Self> {
+        Self::from_vec(data.to_vec(), shape)
+    }
+}
+
+fn not_on_cpu() -> Error {
+    Error::DeviceMismatch(
+        "a CUDA tensor was passed where a CPU tensor is needed; move it with \
+         .to_device(&Device::Cpu)"
+            .into(),
+    )
+}
