@@ -2,6 +2,8 @@
 //! dispatcher over every layer type.
 #![allow(dead_code)]
 
+pub mod oracle;
+
 use cunorm::*;
 use std::result::Result;
 

@@ -1,0 +1,228 @@
+//! The CPU path against a naive f64 oracle (tests/common/oracle.rs) on random shapes —
+//! including long rows that are reduced in pieces, channels-last blocks of many rows, and
+//! mean-1e4 inputs — plus layout equivalence and bitwise determinism across thread counts.
+
+mod common;
+
+use common::oracle::{self, Spec};
+use common::*;
+use cunorm::functional as F;
+use cunorm::*;
+use std::result::Result;
+
+fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+fn f32s(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
+/// Rounds through T so oracle inputs equal what the op sees.
+fn rounded<T: Element>(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| T::from_f32(x).to_f32()).collect()
+}
+
+fn tensor<T: Element>(v: &[f32], shape: &[usize], fmt: MemoryFormat) -> Tensor<T> {
+    let t = Tensor::from_vec(v.iter().map(|&x| T::from_f32(x)).collect(), shape).unwrap();
+    if shape.len() >= 3 {
+        t.to_format(fmt).unwrap()
+    } else {
+        t
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Batch,
+    Instance,
+    Group(usize),
+    Layer(usize),
+    Rms(usize),
+}
+
+/// Runs one op forward and backward through the functional API and the oracle; returns errors.
+fn check_op<T: Element>(op: Op, shape: &[usize], fmt: MemoryFormat, mean: f32, seed: u64) -> Result<(), String> {
+    let numel: usize = shape.iter().product();
+    let xv = rounded::<T>(&randn(numel, seed, mean, 1.0));
+    let gv = rounded::<T>(&randn(numel, seed + 1, 0.0, 1.0));
+    let (n, c) = (shape[0], shape.get(1).copied().unwrap_or(1));
+    let s: usize = shape.iter().skip(2).product();
+    let (spec, nparams) = match op {
+        Op::Batch => (Spec::planes(n, c, s, None), c),
+        Op::Instance => (Spec::planes(n, c, s, Some(c)), c),
+        Op::Group(g) => (Spec::planes(n, c, s, Some(g)), c),
+        Op::Layer(cols) => (Spec::rows(numel / cols, cols, true), cols),
+        Op::Rms(cols) => (Spec::rows(numel / cols, cols, false), cols),
+    };
+    let wv = randn(nparams, seed + 2, 1.0, 0.5);
+    let bv = randn(nparams, seed + 3, 0.0, 0.5);
+    let with_bias = !matches!(op, Op::Rms(_));
+    let eps = 1e-5;
+    let x = tensor::<T>(&xv, shape, fmt);
+    let dy = tensor::<T>(&gv, shape, fmt);
+    let pshape: Vec<usize> = match op {
+        Op::Layer(cols) | Op::Rms(cols) => vec![cols],
+        _ => vec![c],
+    };
+    let w = Tensor::from_vec(wv.clone(), &pshape).unwrap();
+    let b = Tensor::from_vec(bv.clone(), &pshape).unwrap();
+    let e = |e: Error| e.to_string();
+    let (out, grads) = match op {
+        Op::Batch => {
+            let o = F::batch_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, eps).map_err(e)?;
+            let g = F::batch_norm_backward(&dy, &x, Some(&w), &o.stats).map_err(e)?;
+            (o, g)
+        }
+        Op::Instance => {
+            let o = F::instance_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, eps).map_err(e)?;
+            let g = F::instance_norm_backward(&dy, &x, Some(&w), &o.stats).map_err(e)?;
+            (o, g)
+        }
+        Op::Group(gr) => {
+            let o = F::group_norm(&x, gr, Some(&w), Some(&b), eps).map_err(e)?;
+            let g = F::group_norm_backward(&dy, &x, gr, Some(&w), &o.stats).map_err(e)?;
+            (o, g)
+        }
+        Op::Layer(cols) => {
+            let o = F::layer_norm(&x, &[cols], Some(&w), Some(&b), eps).map_err(e)?;
+            let g = F::layer_norm_backward(&dy, &x, &[cols], Some(&w), true, &o.stats).map_err(e)?;
+            (o, g)
+        }
+        Op::Rms(cols) => {
+            let o = F::rms_norm(&x, &[cols], Some(&w), Some(eps)).map_err(e)?;
+            let g = F::rms_norm_backward(&dy, &x, &[cols], Some(&w), &o.stats).map_err(e)?;
+            (o, g)
+        }
+    };
+    let (wv64, bv64) = (to_f64(&wv), to_f64(&bv));
+    let f = oracle::forward(&spec, &to_f64(&xv), Some(&wv64), with_bias.then_some(&bv64[..]), eps);
+    let bw = oracle::backward(&spec, &to_f64(&xv), &to_f64(&gv), Some(&wv64), &f);
+    let (atol, rtol) = tol(T::DTYPE);
+    // Saved statistics are f32; dx and dweight computed from them carry eps32·|mean|/std.
+    let scale = 1.0 + mean.abs() as f64;
+    let want_y: Vec<f32> = f.y.iter().map(|&v| T::from_f64(v).to_f32()).collect();
+    let want_dx: Vec<f32> = bw.dx.iter().map(|&v| T::from_f64(v).to_f32()).collect();
+    compare("y", &out.output.to_f32_vec().unwrap(), &want_y, atol, rtol)?;
+    compare("rstd", &out.stats.rstd.to_vec().unwrap(), &f32s(&f.rstd), 1e-6, 1e-6)?;
+    compare("dx", &grads.dx.to_f32_vec().unwrap(), &want_dx, atol * scale, rtol)?;
+    // Parameter gradients sum over many elements: bound relative to the sum of magnitudes.
+    let mag: f64 = gv.iter().map(|v| v.abs() as f64).sum::<f64>() / nparams as f64;
+    let ptol = 1e-6 * mag.max(1.0) * scale;
+    compare("dweight", &grads.dweight.unwrap().to_vec().unwrap(), &f32s(&bw.dw), ptol, 1e-6)?;
+    if with_bias {
+        compare("dbias", &grads.dbias.unwrap().to_vec().unwrap(), &f32s(&bw.db), ptol, 1e-6)?;
+    }
+    Ok(())
+}
+
+fn sweep<T: Element>() {
+    let cases: Vec<(Op, Vec<usize>, f32)> = vec![
+        (Op::Batch, vec![3, 5, 7, 11], 0.0),
+        (Op::Batch, vec![2, 3, 300], 0.0),           // channels-last: 600 rows > one piece
+        (Op::Batch, vec![1, 2, 70_001], 0.0),        // planes longer than one reduction piece
+        (Op::Batch, vec![13, 1], 0.0),
+        (Op::Batch, vec![2, 3, 2, 3, 5], 0.0),
+        (Op::Instance, vec![2, 3, 17, 1], 0.0),
+        (Op::Instance, vec![1, 4, 513], 0.0),
+        (Op::Group(3), vec![2, 6, 9, 7], 0.0),
+        (Op::Group(1), vec![3, 5, 2], 0.0),
+        (Op::Group(2), vec![1, 4, 40, 40], 0.0),
+        (Op::Layer(1), vec![7, 1], 0.0),
+        (Op::Layer(31), vec![5, 31], 0.0),
+        (Op::Layer(70_000), vec![2, 70_000], 0.0),
+        (Op::Rms(3), vec![100, 3], 0.0),
+        (Op::Rms(65_537), vec![2, 65_537], 0.0),
+    ];
+    let mut bad = Vec::new();
+    for (k, (op, shape, mean)) in cases.iter().enumerate() {
+        for fmt in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+            if let Err(e) = check_op::<T>(*op, shape, fmt, *mean, 100 + k as u64) {
+                bad.push(format!("{op:?} {shape:?} {} {}: {e}", T::DTYPE, fmt.name()));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+#[test]
+fn oracle_sweep_f32() {
+    sweep::<f32>();
+}
+
+#[test]
+fn oracle_sweep_f16() {
+    sweep::<f16>();
+}
+
+#[test]
+fn oracle_sweep_bf16() {
+    sweep::<bf16>();
+}
+
+/// x = 1e4 + N(0, 1) in f32: E[x²] − E[x]² would lose every digit; the two-pass f64 statistics
+/// must give forward outputs at the unscaled f32 tolerance.
+#[test]
+fn mean_1e4_has_no_cancellation() {
+    let mut bad = Vec::new();
+    let ops = [
+        (Op::Batch, vec![4, 3, 25, 25]),
+        (Op::Instance, vec![2, 3, 300]),
+        (Op::Group(2), vec![2, 4, 5, 5]),
+        (Op::Layer(4099), vec![3, 4099]),
+    ];
+    for (op, shape) in ops {
+        for fmt in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+            if let Err(e) = check_op::<f32>(op, &shape, fmt, 1e4, 7) {
+                bad.push(format!("{op:?} {shape:?} {}: {e}", fmt.name()));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+fn run_all(x: &Tensor<f32>, dy: &Tensor<f32>) -> Vec<Vec<f32>> {
+    let c = x.shape()[1];
+    let w = Tensor::from_vec(randn(c, 5, 1.0, 0.3), &[c]).unwrap();
+    let mut out = Vec::new();
+    let o = F::batch_norm(x, None, None, Some(&w), Some(&w), true, 0.1, 1e-5).unwrap();
+    let g = F::batch_norm_backward(dy, x, Some(&w), &o.stats).unwrap();
+    out.extend([o.output.to_vec().unwrap(), g.dx.to_vec().unwrap(), g.dweight.unwrap().to_vec().unwrap()]);
+    let o = F::group_norm(x, 2, Some(&w), Some(&w), 1e-5).unwrap();
+    let g = F::group_norm_backward(dy, x, 2, Some(&w), &o.stats).unwrap();
+    out.extend([o.output.to_vec().unwrap(), g.dx.to_vec().unwrap(), g.dweight.unwrap().to_vec().unwrap()]);
+    let cols = *x.shape().last().unwrap();
+    let o = F::layer_norm(x, &[cols], None, None, 1e-5).unwrap();
+    let g = F::layer_norm_backward(dy, x, &[cols], None, true, &o.stats).unwrap();
+    out.extend([o.output.to_vec().unwrap(), g.dx.to_vec().unwrap(), g.dbias.unwrap().to_vec().unwrap()]);
+    out
+}
+
+#[test]
+fn deterministic_across_calls_and_thread_counts() {
+    let shape = [6, 4, 37, 53];
+    let n: usize = shape.iter().product();
+    for fmt in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        let x = tensor::<f32>(&randn(n, 1, 0.5, 2.0), &shape, fmt);
+        let dy = tensor::<f32>(&randn(n, 2, 0.0, 1.0), &shape, fmt);
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| run_all(&x, &dy));
+        let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(|| run_all(&x, &dy));
+        let again = run_all(&x, &dy);
+        let bits = |v: &Vec<Vec<f32>>| v.iter().flatten().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&one), bits(&three), "1 vs 3 threads ({})", fmt.name());
+        assert_eq!(bits(&one), bits(&again), "repeat ({})", fmt.name());
+    }
+}
+
+#[test]
+fn channels_last_equals_contiguous() {
+    let shape = [3, 6, 7, 9];
+    let n: usize = shape.iter().product();
+    let xv = randn(n, 11, 0.0, 1.0);
+    let gv = randn(n, 12, 0.0, 1.0);
+    let a = run_all(&tensor(&xv, &shape, MemoryFormat::Contiguous), &tensor(&gv, &shape, MemoryFormat::Contiguous));
+    let b = run_all(&tensor(&xv, &shape, MemoryFormat::ChannelsLast), &tensor(&gv, &shape, MemoryFormat::ChannelsLast));
+    for (k, (u, v)) in a.iter().zip(&b).enumerate() {
+        compare(&format!("output {k}"), v, u, 1e-6, 1e-6).unwrap();
+    }
+}
