@@ -7,7 +7,9 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::device::Device;
 use crate::error::Result;
-use crate::layers::{BatchNorm2d, BatchNormConfig, GroupNorm, InstanceNorm2d, InstanceNormConfig, LayerNorm, Norm};
+use crate::layers::{
+    BatchNorm2d, BatchNormConfig, GroupNorm, InstanceNorm2d, InstanceNormConfig, LayerNorm, Norm,
+};
 use crate::tensor::Tensor;
 
 /// Batch size of the experiment.
@@ -76,12 +78,17 @@ impl Acc {
         self.shift.unwrap_or(0.0) + self.s / self.n
     }
     fn std(&self) -> f64 {
-        ((self.s2 - self.s * self.s / self.n) / (self.n - 1.0)).max(0.0).sqrt()
+        ((self.s2 - self.s * self.s / self.n) / (self.n - 1.0))
+            .max(0.0)
+            .sqrt()
     }
 }
 
 fn running(mean: Option<&Tensor<f32>>, var: Option<&Tensor<f32>>) -> Result<RunningStats> {
-    let mut r = RunningStats { mean: [0.0; C], std: [0.0; C] };
+    let mut r = RunningStats {
+        mean: [0.0; C],
+        std: [0.0; C],
+    };
     if let (Some(m), Some(v)) = (mean, var) {
         let (m, v) = (m.to_vec()?, v.to_vec()?);
         for c in 0..C {
@@ -125,7 +132,12 @@ pub fn run(steps: usize, seed: u64, device: &Device) -> Result<DemoReport> {
             }
         }
         let x = Tensor::from_vec(data, &[N, C, 2, 2])?.to_device(device)?;
-        let ys = [bn.forward(&x)?, ln.forward(&x)?, inorm.forward(&x)?, gn.forward(&x)?];
+        let ys = [
+            bn.forward(&x)?,
+            ln.forward(&x)?,
+            inorm.forward(&x)?,
+            gn.forward(&x)?,
+        ];
         for (k, y) in ys.iter().enumerate() {
             let y = y.to_vec()?;
             for n in 0..N {
@@ -201,17 +213,37 @@ impl DemoReport {
         };
         let mut s = String::new();
         let _ = writeln!(s, "device: {}", self.device);
-        let _ = writeln!(s, "input shape: [{}, {N}, {C}, 2, 2] (steps, N, C, H, W)", self.steps);
-        let _ = writeln!(s, "input mean per sample: {}", v(&self.input_mean_per_sample));
-        let _ = writeln!(s, "input std per channel: {}", v(&self.input_std_per_channel));
-        for (name, r) in [("BN", &self.batch_norm_running), ("IN", &self.instance_norm_running)] {
+        let _ = writeln!(
+            s,
+            "input shape: [{}, {N}, {C}, 2, 2] (steps, N, C, H, W)",
+            self.steps
+        );
+        let _ = writeln!(
+            s,
+            "input mean per sample: {}",
+            v(&self.input_mean_per_sample)
+        );
+        let _ = writeln!(
+            s,
+            "input std per channel: {}",
+            v(&self.input_std_per_channel)
+        );
+        for (name, r) in [
+            ("BN", &self.batch_norm_running),
+            ("IN", &self.instance_norm_running),
+        ] {
             let _ = writeln!(s, "{name} running_mean:      {}", v(&r.mean));
             let _ = writeln!(s, "{name} sqrt(running_var): {}", v(&r.std));
         }
         for (name, o) in &self.outputs {
             let _ = writeln!(s, "{name} output at pixel (0,0), over steps:");
             for n in 0..N {
-                let _ = writeln!(s, "  sample {n} mean {}  std {}", v(&o.mean[n]), v(&o.std[n]));
+                let _ = writeln!(
+                    s,
+                    "  sample {n} mean {}  std {}",
+                    v(&o.mean[n]),
+                    v(&o.std[n])
+                );
             }
         }
         s

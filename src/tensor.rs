@@ -111,7 +111,11 @@ impl<T: Element> Tensor<T> {
 
     /// A CPU tensor from `data` already in the physical order of `format`
     /// (for `ChannelsLast`: `N, *spatial, C`).
-    pub fn from_vec_with_format(data: Vec<T>, shape: &[usize], format: MemoryFormat) -> Result<Self> {
+    pub fn from_vec_with_format(
+        data: Vec<T>,
+        shape: &[usize],
+        format: MemoryFormat,
+    ) -> Result<Self> {
         let numel: usize = shape.iter().product();
         if data.len() != numel {
             return Err(Error::Shape(format!(

@@ -42,7 +42,13 @@ enum Op {
 }
 
 /// Runs one op forward and backward through the functional API and the oracle; returns errors.
-fn check_op<T: Element>(op: Op, shape: &[usize], fmt: MemoryFormat, mean: f32, seed: u64) -> Result<(), String> {
+fn check_op<T: Element>(
+    op: Op,
+    shape: &[usize],
+    fmt: MemoryFormat,
+    mean: f32,
+    seed: u64,
+) -> Result<(), String> {
     let numel: usize = shape.iter().product();
     let xv = rounded::<T>(&randn(numel, seed, mean, 1.0));
     let gv = rounded::<T>(&randn(numel, seed + 1, 0.0, 1.0));
@@ -75,7 +81,8 @@ fn check_op<T: Element>(op: Op, shape: &[usize], fmt: MemoryFormat, mean: f32, s
             (o, g)
         }
         Op::Instance => {
-            let o = F::instance_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, eps).map_err(e)?;
+            let o =
+                F::instance_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, eps).map_err(e)?;
             let g = F::instance_norm_backward(&dy, &x, Some(&w), &o.stats).map_err(e)?;
             (o, g)
         }
@@ -86,7 +93,8 @@ fn check_op<T: Element>(op: Op, shape: &[usize], fmt: MemoryFormat, mean: f32, s
         }
         Op::Layer(cols) => {
             let o = F::layer_norm(&x, &[cols], Some(&w), Some(&b), eps).map_err(e)?;
-            let g = F::layer_norm_backward(&dy, &x, &[cols], Some(&w), true, &o.stats).map_err(e)?;
+            let g =
+                F::layer_norm_backward(&dy, &x, &[cols], Some(&w), true, &o.stats).map_err(e)?;
             (o, g)
         }
         Op::Rms(cols) => {
@@ -96,7 +104,13 @@ fn check_op<T: Element>(op: Op, shape: &[usize], fmt: MemoryFormat, mean: f32, s
         }
     };
     let (wv64, bv64) = (to_f64(&wv), to_f64(&bv));
-    let f = oracle::forward(&spec, &to_f64(&xv), Some(&wv64), with_bias.then_some(&bv64[..]), eps);
+    let f = oracle::forward(
+        &spec,
+        &to_f64(&xv),
+        Some(&wv64),
+        with_bias.then_some(&bv64[..]),
+        eps,
+    );
     let bw = oracle::backward(&spec, &to_f64(&xv), &to_f64(&gv), Some(&wv64), &f);
     let (atol, rtol) = tol(T::DTYPE);
     // Saved statistics are f32; dx and dweight computed from them carry eps32·|mean|/std.
@@ -104,14 +118,38 @@ fn check_op<T: Element>(op: Op, shape: &[usize], fmt: MemoryFormat, mean: f32, s
     let want_y: Vec<f32> = f.y.iter().map(|&v| T::from_f64(v).to_f32()).collect();
     let want_dx: Vec<f32> = bw.dx.iter().map(|&v| T::from_f64(v).to_f32()).collect();
     compare("y", &out.output.to_f32_vec().unwrap(), &want_y, atol, rtol)?;
-    compare("rstd", &out.stats.rstd.to_vec().unwrap(), &f32s(&f.rstd), 1e-6, 1e-6)?;
-    compare("dx", &grads.dx.to_f32_vec().unwrap(), &want_dx, atol * scale, rtol)?;
+    compare(
+        "rstd",
+        &out.stats.rstd.to_vec().unwrap(),
+        &f32s(&f.rstd),
+        1e-6,
+        1e-6,
+    )?;
+    compare(
+        "dx",
+        &grads.dx.to_f32_vec().unwrap(),
+        &want_dx,
+        atol * scale,
+        rtol,
+    )?;
     // Parameter gradients sum over many elements: bound relative to the sum of magnitudes.
     let mag: f64 = gv.iter().map(|v| v.abs() as f64).sum::<f64>() / nparams as f64;
     let ptol = 1e-6 * mag.max(1.0) * scale;
-    compare("dweight", &grads.dweight.unwrap().to_vec().unwrap(), &f32s(&bw.dw), ptol, 1e-6)?;
+    compare(
+        "dweight",
+        &grads.dweight.unwrap().to_vec().unwrap(),
+        &f32s(&bw.dw),
+        ptol,
+        1e-6,
+    )?;
     if with_bias {
-        compare("dbias", &grads.dbias.unwrap().to_vec().unwrap(), &f32s(&bw.db), ptol, 1e-6)?;
+        compare(
+            "dbias",
+            &grads.dbias.unwrap().to_vec().unwrap(),
+            &f32s(&bw.db),
+            ptol,
+            1e-6,
+        )?;
     }
     Ok(())
 }
@@ -119,8 +157,8 @@ fn check_op<T: Element>(op: Op, shape: &[usize], fmt: MemoryFormat, mean: f32, s
 fn sweep<T: Element>() {
     let cases: Vec<(Op, Vec<usize>, f32)> = vec![
         (Op::Batch, vec![3, 5, 7, 11], 0.0),
-        (Op::Batch, vec![2, 3, 300], 0.0),           // channels-last: 600 rows > one piece
-        (Op::Batch, vec![1, 2, 70_001], 0.0),        // planes longer than one reduction piece
+        (Op::Batch, vec![2, 3, 300], 0.0), // channels-last: 600 rows > one piece
+        (Op::Batch, vec![1, 2, 70_001], 0.0), // planes longer than one reduction piece
         (Op::Batch, vec![13, 1], 0.0),
         (Op::Batch, vec![2, 3, 2, 3, 5], 0.0),
         (Op::Instance, vec![2, 3, 17, 1], 0.0),
@@ -187,14 +225,26 @@ fn run_all(x: &Tensor<f32>, dy: &Tensor<f32>) -> Vec<Vec<f32>> {
     let mut out = Vec::new();
     let o = F::batch_norm(x, None, None, Some(&w), Some(&w), true, 0.1, 1e-5).unwrap();
     let g = F::batch_norm_backward(dy, x, Some(&w), &o.stats).unwrap();
-    out.extend([o.output.to_vec().unwrap(), g.dx.to_vec().unwrap(), g.dweight.unwrap().to_vec().unwrap()]);
+    out.extend([
+        o.output.to_vec().unwrap(),
+        g.dx.to_vec().unwrap(),
+        g.dweight.unwrap().to_vec().unwrap(),
+    ]);
     let o = F::group_norm(x, 2, Some(&w), Some(&w), 1e-5).unwrap();
     let g = F::group_norm_backward(dy, x, 2, Some(&w), &o.stats).unwrap();
-    out.extend([o.output.to_vec().unwrap(), g.dx.to_vec().unwrap(), g.dweight.unwrap().to_vec().unwrap()]);
+    out.extend([
+        o.output.to_vec().unwrap(),
+        g.dx.to_vec().unwrap(),
+        g.dweight.unwrap().to_vec().unwrap(),
+    ]);
     let cols = *x.shape().last().unwrap();
     let o = F::layer_norm(x, &[cols], None, None, 1e-5).unwrap();
     let g = F::layer_norm_backward(dy, x, &[cols], None, true, &o.stats).unwrap();
-    out.extend([o.output.to_vec().unwrap(), g.dx.to_vec().unwrap(), g.dbias.unwrap().to_vec().unwrap()]);
+    out.extend([
+        o.output.to_vec().unwrap(),
+        g.dx.to_vec().unwrap(),
+        g.dbias.unwrap().to_vec().unwrap(),
+    ]);
     out
 }
 
@@ -205,8 +255,16 @@ fn deterministic_across_calls_and_thread_counts() {
     for fmt in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
         let x = tensor::<f32>(&randn(n, 1, 0.5, 2.0), &shape, fmt);
         let dy = tensor::<f32>(&randn(n, 2, 0.0, 1.0), &shape, fmt);
-        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| run_all(&x, &dy));
-        let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(|| run_all(&x, &dy));
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap()
+            .install(|| run_all(&x, &dy));
+        let three = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap()
+            .install(|| run_all(&x, &dy));
         let again = run_all(&x, &dy);
         let bits = |v: &Vec<Vec<f32>>| v.iter().flatten().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&one), bits(&three), "1 vs 3 threads ({})", fmt.name());
@@ -220,8 +278,14 @@ fn channels_last_equals_contiguous() {
     let n: usize = shape.iter().product();
     let xv = randn(n, 11, 0.0, 1.0);
     let gv = randn(n, 12, 0.0, 1.0);
-    let a = run_all(&tensor(&xv, &shape, MemoryFormat::Contiguous), &tensor(&gv, &shape, MemoryFormat::Contiguous));
-    let b = run_all(&tensor(&xv, &shape, MemoryFormat::ChannelsLast), &tensor(&gv, &shape, MemoryFormat::ChannelsLast));
+    let a = run_all(
+        &tensor(&xv, &shape, MemoryFormat::Contiguous),
+        &tensor(&gv, &shape, MemoryFormat::Contiguous),
+    );
+    let b = run_all(
+        &tensor(&xv, &shape, MemoryFormat::ChannelsLast),
+        &tensor(&gv, &shape, MemoryFormat::ChannelsLast),
+    );
     for (k, (u, v)) in a.iter().zip(&b).enumerate() {
         compare(&format!("output {k}"), v, u, 1e-6, 1e-6).unwrap();
     }

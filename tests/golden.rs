@@ -11,8 +11,8 @@ mod common;
 
 use common::*;
 use cunorm::*;
-use std::result::Result;
 use serde_json::Value;
+use std::result::Result;
 
 struct Golden {
     blob: Vec<f32>,
@@ -22,20 +22,35 @@ struct Golden {
 fn load() -> Golden {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
     let bytes = std::fs::read(format!("{dir}/golden.bin")).expect("tests/data/golden.bin");
-    let blob = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-    let index: Value = serde_json::from_str(&std::fs::read_to_string(format!("{dir}/golden.json")).unwrap()).unwrap();
-    Golden { blob, cases: index["cases"].as_array().unwrap().clone() }
+    let blob = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let index: Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/golden.json")).unwrap())
+            .unwrap();
+    Golden {
+        blob,
+        cases: index["cases"].as_array().unwrap().clone(),
+    }
 }
 
 impl Golden {
     fn arr(&self, v: &Value) -> Vec<f32> {
-        let (off, len) = (v[0].as_u64().unwrap() as usize, v[1].as_u64().unwrap() as usize);
+        let (off, len) = (
+            v[0].as_u64().unwrap() as usize,
+            v[1].as_u64().unwrap() as usize,
+        );
         self.blob[off..off + len].to_vec()
     }
 }
 
 fn usizes(v: &Value) -> Vec<usize> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
 }
 
 fn build(case: &Value) -> AnyLayer {
@@ -103,11 +118,15 @@ fn run_case<T: Element>(g: &Golden, case: &Value, format: MemoryFormat) -> Resul
     let mut layer = build(case);
     if let Some(w) = case.get("weight") {
         let ws = layer.weight_shape().unwrap();
-        layer.set_weight(Tensor::from_vec(g.arr(w), &ws).unwrap()).map_err(|e| e.to_string())?;
+        layer
+            .set_weight(Tensor::from_vec(g.arr(w), &ws).unwrap())
+            .map_err(|e| e.to_string())?;
     }
     if let Some(b) = case.get("bias") {
         let ws = layer.weight_shape().unwrap();
-        layer.set_bias(Tensor::from_vec(g.arr(b), &ws).unwrap()).map_err(|e| e.to_string())?;
+        layer
+            .set_bias(Tensor::from_vec(g.arr(b), &ws).unwrap())
+            .map_err(|e| e.to_string())?;
     }
     let (atol, rtol) = tol(T::DTYPE);
     let scale = 1.0 + case["mean"].as_f64().unwrap().abs() / case["std"].as_f64().unwrap();
@@ -124,13 +143,31 @@ fn run_case<T: Element>(g: &Golden, case: &Value, format: MemoryFormat) -> Resul
         with_layer!(&mut layer, l => if train { l.train() } else { l.eval() });
         let x = tensor(g.arr(&step["x"]));
         let dy = tensor(g.arr(&step["dy"]));
-        let out = with_layer!(&mut layer, l => l.forward_with_stats(&x)).map_err(|e| format!("step {k}: {e}"))?;
+        let out = with_layer!(&mut layer, l => l.forward_with_stats(&x))
+            .map_err(|e| format!("step {k}: {e}"))?;
         if shape.len() >= 3 && !matches!(layer, AnyLayer::Ln(_) | AnyLayer::Rms(_)) {
-            assert_eq!(out.output.format(), format, "output keeps the input's memory format");
+            assert_eq!(
+                out.output.format(),
+                format,
+                "output keeps the input's memory format"
+            );
         }
-        compare(&format!("step {k} y"), &out.output.to_f32_vec().unwrap(), &g.arr(&step["y"]), atol, rtol)?;
-        let grads = with_layer!(&layer, l => l.backward(&dy, &x, &out.stats)).map_err(|e| format!("step {k} backward: {e}"))?;
-        compare(&format!("step {k} dx"), &grads.dx.to_f32_vec().unwrap(), &g.arr(&step["dx"]), atol * scale, rtol)?;
+        compare(
+            &format!("step {k} y"),
+            &out.output.to_f32_vec().unwrap(),
+            &g.arr(&step["y"]),
+            atol,
+            rtol,
+        )?;
+        let grads = with_layer!(&layer, l => l.backward(&dy, &x, &out.stats))
+            .map_err(|e| format!("step {k} backward: {e}"))?;
+        compare(
+            &format!("step {k} dx"),
+            &grads.dx.to_f32_vec().unwrap(),
+            &g.arr(&step["dx"]),
+            atol * scale,
+            rtol,
+        )?;
         for (name, got) in [("dweight", &grads.dweight), ("dbias", &grads.dbias)] {
             match (step.get(name), got) {
                 (Some(want), Some(got)) => compare(
@@ -141,20 +178,47 @@ fn run_case<T: Element>(g: &Golden, case: &Value, format: MemoryFormat) -> Resul
                     PARAM_TOL.1,
                 )?,
                 (None, None) => {}
-                (w, _) => return Err(format!("step {k}: {name} present in torch: {}, in cunorm: {}", w.is_some(), got.is_some())),
+                (w, _) => {
+                    return Err(format!(
+                        "step {k}: {name} present in torch: {}, in cunorm: {}",
+                        w.is_some(),
+                        got.is_some()
+                    ))
+                }
             }
         }
     }
     match (case.get("running_mean"), layer.running()) {
         (Some(m), Some((rm, rv, nbt))) => {
-            compare("running_mean", &rm.to_vec().unwrap(), &g.arr(m), 1e-6 * scale, 1e-6)?;
-            compare("running_var", &rv.to_vec().unwrap(), &g.arr(&case["running_var"]), 1e-6, 1e-6)?;
+            compare(
+                "running_mean",
+                &rm.to_vec().unwrap(),
+                &g.arr(m),
+                1e-6 * scale,
+                1e-6,
+            )?;
+            compare(
+                "running_var",
+                &rv.to_vec().unwrap(),
+                &g.arr(&case["running_var"]),
+                1e-6,
+                1e-6,
+            )?;
             if nbt != case["num_batches_tracked"].as_i64() {
-                return Err(format!("num_batches_tracked {nbt:?} != {}", case["num_batches_tracked"]));
+                return Err(format!(
+                    "num_batches_tracked {nbt:?} != {}",
+                    case["num_batches_tracked"]
+                ));
             }
         }
         (None, None) => {}
-        (m, r) => return Err(format!("running stats present in torch: {}, in cunorm: {}", m.is_some(), r.is_some())),
+        (m, r) => {
+            return Err(format!(
+                "running stats present in torch: {}, in cunorm: {}",
+                m.is_some(),
+                r.is_some()
+            ))
+        }
     }
     Ok(())
 }
@@ -178,12 +242,21 @@ fn run_layer(layer: &str) {
             };
             ran += 1;
             if let Err(e) = r {
-                failures.push(format!("{} [{}]: {e}", case["name"].as_str().unwrap(), fmt.name()));
+                failures.push(format!(
+                    "{} [{}]: {e}",
+                    case["name"].as_str().unwrap(),
+                    fmt.name()
+                ));
             }
         }
     }
     assert!(ran >= 10, "only {ran} {layer} cases ran");
-    assert!(failures.is_empty(), "{} of {ran} {layer} cases failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {ran} {layer} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]

@@ -3,6 +3,8 @@
 //! measured over independent seeds; the seed-0 run must lie within 5 sd of the expected value
 //! and the mean over seeds within 5 sd/√K (plus the 3-digit rounding of the expected values).
 
+#![allow(clippy::needless_range_loop)]
+
 use cunorm::demo::{self, DemoReport};
 use cunorm::Device;
 
@@ -28,10 +30,16 @@ fn check(stats: &[Stat]) {
         let sd = (s.values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (k - 1.0)).sqrt();
         let single = s.values[0];
         if (single - s.expected).abs() > 5.0 * sd {
-            bad.push(format!("{}: seed 0 gives {single:.4}, expected {:.4} ± 5·{sd:.4}", s.name, s.expected));
+            bad.push(format!(
+                "{}: seed 0 gives {single:.4}, expected {:.4} ± 5·{sd:.4}",
+                s.name, s.expected
+            ));
         }
         if (mean - s.expected).abs() > 5.0 * sd / k.sqrt() + 5e-4 {
-            bad.push(format!("{}: mean over {K} seeds {mean:.4}, expected {:.4} (sd {sd:.4})", s.name, s.expected));
+            bad.push(format!(
+                "{}: mean over {K} seeds {mean:.4}, expected {:.4} (sd {sd:.4})",
+                s.name, s.expected
+            ));
         }
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
@@ -39,10 +47,16 @@ fn check(stats: &[Stat]) {
 
 #[test]
 fn seed_experiment_matches_pytorch() {
-    let runs: Vec<DemoReport> = (0..K as u64).map(|seed| demo::run(STEPS, seed, &Device::Cpu).unwrap()).collect();
+    let runs: Vec<DemoReport> = (0..K as u64)
+        .map(|seed| demo::run(STEPS, seed, &Device::Cpu).unwrap())
+        .collect();
     let mut stats = Vec::new();
     let mut add = |name: String, expected: f64, f: &dyn Fn(&DemoReport) -> f64| {
-        stats.push(Stat { name, expected, values: runs.iter().map(f).collect() });
+        stats.push(Stat {
+            name,
+            expected,
+            values: runs.iter().map(f).collect(),
+        });
     };
     let rm = 0.5 * seen(STEPS as i32);
     let bn_std = [1.022, 1.715, 2.471, 3.245];
@@ -50,25 +64,43 @@ fn seed_experiment_matches_pytorch() {
     let ln_std = [0.472, 0.792, 1.104, 1.389];
     let gn_std = [0.760, 1.193, 0.901, 1.090];
     for c in 0..4 {
-        add(format!("BN running_mean[{c}]"), rm, &move |r| r.batch_norm_running.mean[c]);
-        add(format!("IN running_mean[{c}]"), rm, &move |r| r.instance_norm_running.mean[c]);
-        add(format!("BN sqrt(running_var)[{c}]"), bn_std[c], &move |r| r.batch_norm_running.std[c]);
-        add(format!("IN sqrt(running_var)[{c}]"), in_std[c], &move |r| r.instance_norm_running.std[c]);
+        add(format!("BN running_mean[{c}]"), rm, &move |r| {
+            r.batch_norm_running.mean[c]
+        });
+        add(format!("IN running_mean[{c}]"), rm, &move |r| {
+            r.instance_norm_running.mean[c]
+        });
+        add(format!("BN sqrt(running_var)[{c}]"), bn_std[c], &move |r| {
+            r.batch_norm_running.std[c]
+        });
+        add(format!("IN sqrt(running_var)[{c}]"), in_std[c], &move |r| {
+            r.instance_norm_running.std[c]
+        });
         for n in 0..2 {
-            add(format!("LN output std[{n}][{c}]"), ln_std[c], &move |r| r.output("layer_norm").unwrap().std[n][c]);
-            add(format!("GN output std[{n}][{c}]"), gn_std[c], &move |r| r.output("group_norm").unwrap().std[n][c]);
+            add(format!("LN output std[{n}][{c}]"), ln_std[c], &move |r| {
+                r.output("layer_norm").unwrap().std[n][c]
+            });
+            add(format!("GN output std[{n}][{c}]"), gn_std[c], &move |r| {
+                r.output("group_norm").unwrap().std[n][c]
+            });
             for name in ["layer_norm", "instance_norm", "group_norm"] {
-                add(format!("{name} output mean[{n}][{c}]"), 0.0, &move |r| r.output(name).unwrap().mean[n][c]);
+                add(format!("{name} output mean[{n}][{c}]"), 0.0, &move |r| {
+                    r.output(name).unwrap().mean[n][c]
+                });
             }
         }
     }
     for n in 0..2 {
-        add(format!("input mean[{n}]"), [0.25, 0.75][n], &move |r| r.input_mean_per_sample[n]);
+        add(format!("input mean[{n}]"), [0.25, 0.75][n], &move |r| {
+            r.input_mean_per_sample[n]
+        });
     }
     // Both samples pooled: variance s_c² plus the spread of the sample offsets, (0.5/2)².
     for c in 0..4 {
         let want = (((c + 1) * (c + 1)) as f64 + 0.0625).sqrt();
-        add(format!("input std[{c}]"), want, &move |r| r.input_std_per_channel[c]);
+        add(format!("input std[{c}]"), want, &move |r| {
+            r.input_std_per_channel[c]
+        });
     }
     check(&stats);
 }
@@ -83,9 +115,16 @@ fn seed_experiment_4000_steps() {
     for c in 0..4 {
         let s = (c + 1) as f64;
         let m = r.batch_norm_running.mean[c];
-        assert!((m - 0.5 * seen(4000)).abs() < 5.0 * 0.0074 * s, "BN running_mean[{c}] = {m}");
+        assert!(
+            (m - 0.5 * seen(4000)).abs() < 5.0 * 0.0074 * s,
+            "BN running_mean[{c}] = {m}"
+        );
         let v = r.batch_norm_running.std[c];
-        assert!((v - want[c]).abs() < 0.05 * s, "BN sqrt(running_var)[{c}] = {v}, want ≈ {}", want[c]);
+        assert!(
+            (v - want[c]).abs() < 0.05 * s,
+            "BN sqrt(running_var)[{c}] = {v}, want ≈ {}",
+            want[c]
+        );
     }
 }
 

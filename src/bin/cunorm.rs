@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use cunorm::Device;
 
 #[derive(Parser)]
-#[command(name = "cunorm", version, about = "PyTorch-exact normalization layers on CPU and CUDA")]
+#[command(
+    name = "cunorm",
+    version,
+    about = "PyTorch-exact normalization layers on CPU and CUDA"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

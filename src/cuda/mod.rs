@@ -150,7 +150,12 @@ pub(crate) struct CudaBuffer<T: Element> {
 
 impl<T: Element> std::fmt::Debug for CudaBuffer<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CudaBuffer({:?}, {} elements)", self.device, self.slice.len())
+        write!(
+            f,
+            "CudaBuffer({:?}, {} elements)",
+            self.device,
+            self.slice.len()
+        )
     }
 }
 

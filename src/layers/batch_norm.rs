@@ -200,7 +200,12 @@ impl<const D: usize> Norm for BatchNorm<D> {
         )
     }
 
-    fn backward<T: Element>(&self, dy: &Tensor<T>, x: &Tensor<T>, stats: &SavedStats) -> Result<Gradients<T>> {
+    fn backward<T: Element>(
+        &self,
+        dy: &Tensor<T>,
+        x: &Tensor<T>,
+        stats: &SavedStats,
+    ) -> Result<Gradients<T>> {
         Self::check_dim(x.rank())?;
         batch_norm_backward(dy, x, self.weight.as_ref(), stats)
     }
@@ -215,7 +220,12 @@ impl<const D: usize> Norm for BatchNorm<D> {
         self.training
     }
     fn to_device(&mut self, device: &Device) -> Result<()> {
-        for t in [&mut self.weight, &mut self.bias, &mut self.running_mean, &mut self.running_var] {
+        for t in [
+            &mut self.weight,
+            &mut self.bias,
+            &mut self.running_mean,
+            &mut self.running_var,
+        ] {
             move_opt(t, device)?;
         }
         Ok(())

@@ -57,7 +57,7 @@ impl GroupNorm {
 
     /// A module from a config; fails when `num_channels % num_groups != 0`.
     pub fn from_config(config: GroupNormConfig) -> Result<Self> {
-        if config.num_groups == 0 || config.num_channels % config.num_groups != 0 {
+        if config.num_groups == 0 || !config.num_channels.is_multiple_of(config.num_groups) {
             return Err(Error::InvalidArgument(format!(
                 "GroupNorm: num_channels must be divisible by num_groups (got num_channels={}, \
                  num_groups={})",
@@ -98,10 +98,21 @@ impl GroupNorm {
 
 impl Norm for GroupNorm {
     fn forward_with_stats<T: Element>(&mut self, x: &Tensor<T>) -> Result<NormOutput<T>> {
-        group_norm(x, self.config.num_groups, self.weight.as_ref(), self.bias.as_ref(), self.config.eps)
+        group_norm(
+            x,
+            self.config.num_groups,
+            self.weight.as_ref(),
+            self.bias.as_ref(),
+            self.config.eps,
+        )
     }
 
-    fn backward<T: Element>(&self, dy: &Tensor<T>, x: &Tensor<T>, stats: &SavedStats) -> Result<Gradients<T>> {
+    fn backward<T: Element>(
+        &self,
+        dy: &Tensor<T>,
+        x: &Tensor<T>,
+        stats: &SavedStats,
+    ) -> Result<Gradients<T>> {
         group_norm_backward(dy, x, self.config.num_groups, self.weight.as_ref(), stats)
     }
 

@@ -156,7 +156,10 @@ impl<const D: usize> InstanceNorm<D> {
         let (xb, unbatched) = if x.rank() == lo {
             let mut shape = vec![1];
             shape.extend_from_slice(x.shape());
-            (x.to_format(MemoryFormat::Contiguous)?.reshape(&shape)?, true)
+            (
+                x.to_format(MemoryFormat::Contiguous)?.reshape(&shape)?,
+                true,
+            )
         } else {
             (x.clone(), false)
         };
@@ -192,10 +195,16 @@ impl<const D: usize> Norm for InstanceNorm<D> {
         Ok(out)
     }
 
-    fn backward<T: Element>(&self, dy: &Tensor<T>, x: &Tensor<T>, stats: &SavedStats) -> Result<Gradients<T>> {
+    fn backward<T: Element>(
+        &self,
+        dy: &Tensor<T>,
+        x: &Tensor<T>,
+        stats: &SavedStats,
+    ) -> Result<Gradients<T>> {
         let (xb, unbatched) = self.batched(x)?;
         let dyb = if unbatched {
-            dy.to_format(MemoryFormat::Contiguous)?.reshape(xb.shape())?
+            dy.to_format(MemoryFormat::Contiguous)?
+                .reshape(xb.shape())?
         } else {
             dy.clone()
         };
@@ -216,7 +225,12 @@ impl<const D: usize> Norm for InstanceNorm<D> {
         self.training
     }
     fn to_device(&mut self, device: &Device) -> Result<()> {
-        for t in [&mut self.weight, &mut self.bias, &mut self.running_mean, &mut self.running_var] {
+        for t in [
+            &mut self.weight,
+            &mut self.bias,
+            &mut self.running_mean,
+            &mut self.running_var,
+        ] {
             move_opt(t, device)?;
         }
         Ok(())

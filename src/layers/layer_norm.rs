@@ -97,10 +97,21 @@ impl LayerNorm {
 
 impl Norm for LayerNorm {
     fn forward_with_stats<T: Element>(&mut self, x: &Tensor<T>) -> Result<NormOutput<T>> {
-        layer_norm(x, &self.config.normalized_shape, self.weight.as_ref(), self.bias.as_ref(), self.config.eps)
+        layer_norm(
+            x,
+            &self.config.normalized_shape,
+            self.weight.as_ref(),
+            self.bias.as_ref(),
+            self.config.eps,
+        )
     }
 
-    fn backward<T: Element>(&self, dy: &Tensor<T>, x: &Tensor<T>, stats: &SavedStats) -> Result<Gradients<T>> {
+    fn backward<T: Element>(
+        &self,
+        dy: &Tensor<T>,
+        x: &Tensor<T>,
+        stats: &SavedStats,
+    ) -> Result<Gradients<T>> {
         layer_norm_backward(
             dy,
             x,

@@ -12,7 +12,9 @@ mod rms_norm;
 
 pub use batch_norm::{BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormConfig};
 pub use group_norm::{GroupNorm, GroupNormConfig};
-pub use instance_norm::{InstanceNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, InstanceNormConfig};
+pub use instance_norm::{
+    InstanceNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, InstanceNormConfig,
+};
 pub use layer_norm::{LayerNorm, LayerNormConfig};
 pub use rms_norm::{RmsNorm, RmsNormConfig};
 
@@ -34,7 +36,12 @@ pub trait Norm {
     }
 
     /// Gradients of the forward pass that produced `stats` from `x`, given `dy`.
-    fn backward<T: Element>(&self, dy: &Tensor<T>, x: &Tensor<T>, stats: &SavedStats) -> Result<Gradients<T>>;
+    fn backward<T: Element>(
+        &self,
+        dy: &Tensor<T>,
+        x: &Tensor<T>,
+        stats: &SavedStats,
+    ) -> Result<Gradients<T>>;
 
     /// Switches to training mode (the default).
     fn train(&mut self);
@@ -54,7 +61,12 @@ pub(crate) fn filled(len: usize, v: f32) -> Tensor<f32> {
 }
 
 /// Replaces `slot` with `value` after checking its shape matches.
-pub(crate) fn set_checked(layer: &str, name: &str, slot: &mut Option<Tensor<f32>>, value: Tensor<f32>) -> Result<()> {
+pub(crate) fn set_checked(
+    layer: &str,
+    name: &str,
+    slot: &mut Option<Tensor<f32>>,
+    value: Tensor<f32>,
+) -> Result<()> {
     match slot {
         None => Err(Error::InvalidArgument(format!(
             "{layer}: this module has no {name} (it was built without it)"

@@ -81,11 +81,27 @@ impl RmsNorm {
 
 impl Norm for RmsNorm {
     fn forward_with_stats<T: Element>(&mut self, x: &Tensor<T>) -> Result<NormOutput<T>> {
-        rms_norm(x, &self.config.normalized_shape, self.weight.as_ref(), self.config.eps)
+        rms_norm(
+            x,
+            &self.config.normalized_shape,
+            self.weight.as_ref(),
+            self.config.eps,
+        )
     }
 
-    fn backward<T: Element>(&self, dy: &Tensor<T>, x: &Tensor<T>, stats: &SavedStats) -> Result<Gradients<T>> {
-        rms_norm_backward(dy, x, &self.config.normalized_shape, self.weight.as_ref(), stats)
+    fn backward<T: Element>(
+        &self,
+        dy: &Tensor<T>,
+        x: &Tensor<T>,
+        stats: &SavedStats,
+    ) -> Result<Gradients<T>> {
+        rms_norm_backward(
+            dy,
+            x,
+            &self.config.normalized_shape,
+            self.weight.as_ref(),
+            stats,
+        )
     }
 
     fn train(&mut self) {

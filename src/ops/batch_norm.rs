@@ -2,7 +2,10 @@
 
 use super::cpu::Grouping;
 use super::planes::{self, Running, Source};
-use super::{check_eps, check_grad, check_momentum, check_stats, check_vec, Gradients, NormOutput, SavedStats};
+use super::{
+    check_eps, check_grad, check_momentum, check_stats, check_vec, Gradients, NormOutput,
+    SavedStats,
+};
 use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
 use crate::tensor::Tensor;

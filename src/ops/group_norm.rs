@@ -24,7 +24,7 @@ fn check_input<T: Element>(x: &Tensor<T>, num_groups: usize) -> Result<Ncs> {
         )));
     }
     let d = Ncs::of(x.shape());
-    if d.c % num_groups != 0 {
+    if !d.c.is_multiple_of(num_groups) {
         return Err(Error::Shape(format!(
             "Expected number of channels in input to be divisible by num_groups, but got input \
              of shape {} and num_groups={num_groups}",
@@ -86,5 +86,12 @@ pub fn group_norm_backward<T: Element>(
         check_vec(OP, "weight", t, d.c, &x.device())?;
     }
     check_stats(OP, stats, d.n * num_groups, &x.device())?;
-    planes::backward(dy, x, Grouping::Groups(num_groups), weight, weight.is_some(), stats)
+    planes::backward(
+        dy,
+        x,
+        Grouping::Groups(num_groups),
+        weight,
+        weight.is_some(),
+        stats,
+    )
 }

@@ -2,7 +2,10 @@
 
 use super::cpu::Grouping;
 use super::planes::{self, Running, Source};
-use super::{check_eps, check_grad, check_momentum, check_stats, check_vec, Gradients, NormOutput, SavedStats};
+use super::{
+    check_eps, check_grad, check_momentum, check_stats, check_vec, Gradients, NormOutput,
+    SavedStats,
+};
 use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
 use crate::tensor::{Ncs, Tensor};
@@ -109,5 +112,12 @@ pub fn instance_norm_backward<T: Element>(
     }
     let groups = if stats.from_input { d.n * d.c } else { d.c };
     check_stats(OP, stats, groups, &x.device())?;
-    planes::backward(dy, x, Grouping::Groups(d.c), weight, weight.is_some(), stats)
+    planes::backward(
+        dy,
+        x,
+        Grouping::Groups(d.c),
+        weight,
+        weight.is_some(),
+        stats,
+    )
 }

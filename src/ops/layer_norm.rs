@@ -1,6 +1,9 @@
 //! `layer_norm` / `layer_norm_backward` (PyTorch's `F.layer_norm`).
 
-use super::{check_eps, check_grad, check_same_device, check_stats, f32_tensor, Gradients, NormOutput, SavedStats};
+use super::{
+    check_eps, check_grad, check_same_device, check_stats, f32_tensor, Gradients, NormOutput,
+    SavedStats,
+};
 use crate::device::Device;
 use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
@@ -10,7 +13,10 @@ use crate::tensor::{MemoryFormat, Storage, Tensor};
 const OP: &str = "layer_norm";
 
 /// `(rows, cols)` of an input normalized over its trailing `normalized_shape`.
-pub(crate) fn rows_cols<T: Element>(x: &Tensor<T>, normalized_shape: &[usize]) -> Result<(usize, usize)> {
+pub(crate) fn rows_cols<T: Element>(
+    x: &Tensor<T>,
+    normalized_shape: &[usize],
+) -> Result<(usize, usize)> {
     let k = normalized_shape.len();
     let shape = x.shape();
     if shape.len() < k || shape[shape.len() - k..] != *normalized_shape {
@@ -28,7 +34,13 @@ pub(crate) fn rows_cols<T: Element>(x: &Tensor<T>, normalized_shape: &[usize]) -
 }
 
 /// Checks an elementwise parameter of shape `normalized_shape`.
-pub(crate) fn check_param(op: &str, name: &str, t: &Tensor<f32>, normalized_shape: &[usize], x: &Device) -> Result<()> {
+pub(crate) fn check_param(
+    op: &str,
+    name: &str,
+    t: &Tensor<f32>,
+    normalized_shape: &[usize],
+    x: &Device,
+) -> Result<()> {
     if t.shape() != normalized_shape {
         return Err(Error::Shape(format!(
             "{op}: expected {name} of size {} (normalized_shape), but got {name} of size {}",
@@ -44,7 +56,9 @@ pub(crate) fn check_param(op: &str, name: &str, t: &Tensor<f32>, normalized_shap
 pub(crate) fn contiguous<T: Element>(x: &Tensor<T>) -> Result<std::borrow::Cow<'_, Tensor<T>>> {
     Ok(match x.format() {
         MemoryFormat::Contiguous => std::borrow::Cow::Borrowed(x),
-        MemoryFormat::ChannelsLast => std::borrow::Cow::Owned(x.to_format(MemoryFormat::Contiguous)?),
+        MemoryFormat::ChannelsLast => {
+            std::borrow::Cow::Owned(x.to_format(MemoryFormat::Contiguous)?)
+        }
     })
 }
 
@@ -72,11 +86,17 @@ pub fn layer_norm<T: Element>(
         return crate::cuda::rows::layer_norm_fwd(d, &x, cols, weight, bias, eps);
     }
     let xs = x.cpu_slice()?;
-    let mut y = vec![T::default(); xs.len()];
-    let (w, b) = (weight.map(|t| t.cpu_slice()).transpose()?, bias.map(|t| t.cpu_slice()).transpose()?);
-    let (mean, rstd) = cpu::layer_norm_fwd(xs, &mut y, cols, w, b, eps);
+    let (w, b) = (
+        weight.map(|t| t.cpu_slice()).transpose()?,
+        bias.map(|t| t.cpu_slice()).transpose()?,
+    );
+    let (y, mean, rstd) = cpu::layer_norm_fwd(xs, cols, w, b, eps);
     Ok(NormOutput {
-        output: Tensor::from_parts(x.shape().to_vec(), MemoryFormat::Contiguous, Storage::Cpu(y)),
+        output: Tensor::from_parts(
+            x.shape().to_vec(),
+            MemoryFormat::Contiguous,
+            Storage::Cpu(y),
+        ),
         stats: SavedStats {
             mean: Some(f32_tensor(mean, &dev)?),
             rstd: f32_tensor(rstd, &dev)?,
@@ -112,15 +132,29 @@ pub fn layer_norm_backward<T: Element>(
         return crate::cuda::rows::layer_norm_bwd(d, &dy, &x, cols, weight, has_bias, stats);
     }
     let (gs, xs) = (dy.cpu_slice()?, x.cpu_slice()?);
-    let mut dx = vec![T::default(); xs.len()];
     let w = weight.map(|t| t.cpu_slice()).transpose()?;
-    let (dw, db) = cpu::layer_norm_bwd(gs, xs, &mut dx, cols, mean.cpu_slice()?, stats.rstd.cpu_slice()?, w);
+    let (dx, dw, db) = cpu::norm_rows_backward(
+        gs,
+        xs,
+        cols,
+        Some(mean.cpu_slice()?),
+        stats.rstd.cpu_slice()?,
+        w,
+    );
     let to_param = |v: Vec<f64>| -> Result<Tensor<f32>> {
         Tensor::from_vec(v.into_iter().map(|v| v as f32).collect(), normalized_shape)
     };
     Ok(Gradients {
-        dx: Tensor::from_parts(x.shape().to_vec(), MemoryFormat::Contiguous, Storage::Cpu(dx)),
-        dweight: if weight.is_some() { Some(to_param(dw)?) } else { None },
+        dx: Tensor::from_parts(
+            x.shape().to_vec(),
+            MemoryFormat::Contiguous,
+            Storage::Cpu(dx),
+        ),
+        dweight: if weight.is_some() {
+            Some(to_param(dw)?)
+        } else {
+            None
+        },
         dbias: if has_bias { Some(to_param(db)?) } else { None },
     })
 }

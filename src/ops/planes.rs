@@ -1,12 +1,15 @@
 //! Shared front half of BatchNorm, InstanceNorm and GroupNorm: the ops that normalize an
 //! `(N, C, *spatial)` input per statistic group and apply a per-channel affine.
 
+// Loops run over (n, c) and index several per-plane arrays at once.
+#![allow(clippy::needless_range_loop)]
+
 use super::cpu::{self, Grouping, Planes};
 use super::{f32_tensor, Gradients, NormOutput, SavedStats};
 use crate::device::Device;
 use crate::dtype::Element;
 use crate::error::Result;
-use crate::tensor::{Ncs, Storage, Tensor};
+use crate::tensor::{MemoryFormat, Ncs, Storage, Tensor};
 
 /// Running statistics to update from this batch: `r = (1 − factor)·r + factor·stat`.
 pub(crate) struct Running<'a> {
@@ -59,7 +62,7 @@ pub(crate) fn forward<T: Element>(
     weight: Option<&Tensor<f32>>,
     bias: Option<&Tensor<f32>>,
     eps: f64,
-    source: Source<'_>,
+    mut source: Source<'_>,
 ) -> Result<NormOutput<T>> {
     let device = x.device();
     if let Device::Cuda(dev) = &device {
@@ -74,12 +77,31 @@ pub(crate) fn forward<T: Element>(
     let mut coef_m = vec![0f64; planes];
     let mut coef_b = vec![0f64; planes];
 
+    if let (Source::Input { running }, Grouping::Groups(g), MemoryFormat::Contiguous) =
+        (&mut source, grouping, p.format)
+    {
+        // Each group is one contiguous run: statistics and output in one pass over memory.
+        let (y, gm) = cpu::groups_fused(xs, p, g, &w, &b, eps);
+        if let Some(r) = running.take() {
+            if !xs.is_empty() {
+                update_running(r, &gm, &p, grouping)?;
+            }
+        }
+        let stats = saved_from_moments(&gm, eps, &device)?;
+        return Ok(NormOutput {
+            output: Tensor::from_parts(x.shape().to_vec(), x.format(), Storage::Cpu(y)),
+            stats,
+        });
+    }
     let stats = match source {
         Source::Input { running } => {
             let pm = cpu::plane_moments(xs, p);
             let gm = cpu::group_moments(&pm, p, grouping);
             let mean: Vec<f64> = gm.iter().map(|m| m.mean).collect();
-            let rstd: Vec<f64> = gm.iter().map(|m| 1.0 / (m.var_biased() + eps).sqrt()).collect();
+            let rstd: Vec<f64> = gm
+                .iter()
+                .map(|m| 1.0 / (m.var_biased() + eps).sqrt())
+                .collect();
             for n in 0..p.n {
                 for c in 0..p.c {
                     let (i, g) = (n * p.c + c, grouping.group_of(&p, n, c));
@@ -93,11 +115,7 @@ pub(crate) fn forward<T: Element>(
                     update_running(r, &gm, &p, grouping)?;
                 }
             }
-            SavedStats {
-                mean: Some(f32_tensor(mean.iter().map(|&v| v as f32).collect(), &device)?),
-                rstd: f32_tensor(rstd.iter().map(|&v| v as f32).collect(), &device)?,
-                from_input: true,
-            }
+            saved_from_moments(&gm, eps, &device)?
         }
         Source::Fixed { mean, var } => {
             let rm = mean.cpu_slice()?;
@@ -118,11 +136,26 @@ pub(crate) fn forward<T: Element>(
             }
         }
     };
-    let mut y = vec![T::default(); xs.len()];
-    cpu::plane_affine(xs, &mut y, p, &coef_a, &coef_m, &coef_b);
+    let y = cpu::plane_affine(xs, p, &coef_a, &coef_m, &coef_b);
     Ok(NormOutput {
         output: Tensor::from_parts(x.shape().to_vec(), x.format(), Storage::Cpu(y)),
         stats,
+    })
+}
+
+fn saved_from_moments(gm: &[cpu::Moments], eps: f64, device: &Device) -> Result<SavedStats> {
+    Ok(SavedStats {
+        mean: Some(f32_tensor(
+            gm.iter().map(|m| m.mean as f32).collect(),
+            device,
+        )?),
+        rstd: f32_tensor(
+            gm.iter()
+                .map(|m| (1.0 / (m.var_biased() + eps).sqrt()) as f32)
+                .collect(),
+            device,
+        )?,
+        from_input: true,
     })
 }
 
@@ -227,8 +260,7 @@ pub(crate) fn backward<T: Element>(
             }
         }
     }
-    let mut dx = vec![T::default(); xs.len()];
-    cpu::plane_grad_apply(gs, xs, &mut dx, p, &a, &b, &m, &k);
+    let dx = cpu::plane_grad_apply(gs, xs, p, [&a, &b, &m, &k]);
 
     let (dweight, dbias) = if affine {
         let mut dw = vec![0f64; p.c];

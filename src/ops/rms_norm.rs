@@ -35,11 +35,14 @@ pub fn rms_norm<T: Element>(
         return crate::cuda::rows::rms_norm_fwd(d, &x, cols, weight, eps);
     }
     let xs = x.cpu_slice()?;
-    let mut y = vec![T::default(); xs.len()];
     let w = weight.map(|t| t.cpu_slice()).transpose()?;
-    let rstd = cpu::rms_norm_fwd(xs, &mut y, cols, w, eps);
+    let (y, rstd) = cpu::rms_norm_fwd(xs, cols, w, eps);
     Ok(NormOutput {
-        output: Tensor::from_parts(x.shape().to_vec(), MemoryFormat::Contiguous, Storage::Cpu(y)),
+        output: Tensor::from_parts(
+            x.shape().to_vec(),
+            MemoryFormat::Contiguous,
+            Storage::Cpu(y),
+        ),
         stats: SavedStats {
             mean: None,
             rstd: f32_tensor(rstd, &dev)?,
@@ -69,13 +72,19 @@ pub fn rms_norm_backward<T: Element>(
         return crate::cuda::rows::rms_norm_bwd(d, &dy, &x, cols, weight, stats);
     }
     let (gs, xs) = (dy.cpu_slice()?, x.cpu_slice()?);
-    let mut dx = vec![T::default(); xs.len()];
     let w = weight.map(|t| t.cpu_slice()).transpose()?;
-    let dw = cpu::rms_norm_bwd(gs, xs, &mut dx, cols, stats.rstd.cpu_slice()?, w);
+    let (dx, dw, _) = cpu::norm_rows_backward(gs, xs, cols, None, stats.rstd.cpu_slice()?, w);
     Ok(Gradients {
-        dx: Tensor::from_parts(x.shape().to_vec(), MemoryFormat::Contiguous, Storage::Cpu(dx)),
+        dx: Tensor::from_parts(
+            x.shape().to_vec(),
+            MemoryFormat::Contiguous,
+            Storage::Cpu(dx),
+        ),
         dweight: match weight {
-            Some(_) => Some(Tensor::from_vec(dw.into_iter().map(|v| v as f32).collect(), normalized_shape)?),
+            Some(_) => Some(Tensor::from_vec(
+                dw.into_iter().map(|v| v as f32).collect(),
+                normalized_shape,
+            )?),
             None => None,
         },
         dbias: None,

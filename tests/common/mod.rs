@@ -29,7 +29,9 @@ pub fn compare(what: &str, got: &[f32], want: &[f32], atol: f64, rtol: f64) -> R
         let (g, w) = (g as f64, w as f64);
         let bound = atol + rtol * w.abs();
         let err = (g - w).abs();
-        let bad = !(err <= bound) && !(g.is_nan() && w.is_nan());
+        let both_nan = g.is_nan() && w.is_nan();
+        let within = err <= bound;
+        let bad = !within && !both_nan;
         if bad && worst.is_none_or(|(_, e)| err / bound > e) {
             worst = Some((i, err / bound));
         }
@@ -75,7 +77,8 @@ macro_rules! with_layer {
 
 impl AnyLayer {
     pub fn running(&self) -> Option<(Tensor<f32>, Tensor<f32>, Option<i64>)> {
-        let get = |m: Option<&Tensor<f32>>, v: Option<&Tensor<f32>>, n| Some((m?.clone(), v?.clone(), n));
+        let get =
+            |m: Option<&Tensor<f32>>, v: Option<&Tensor<f32>>, n| Some((m?.clone(), v?.clone(), n));
         match self {
             AnyLayer::Bn1(l) => get(l.running_mean(), l.running_var(), l.num_batches_tracked()),
             AnyLayer::Bn2(l) => get(l.running_mean(), l.running_var(), l.num_batches_tracked()),

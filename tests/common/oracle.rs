@@ -1,3 +1,4 @@
+#![allow(clippy::needless_range_loop)]
 //! A deliberately naive f64 reference for every op, on logical (NCHW) data: one loop per
 //! formula of SEMANTICS §3–4, no shared code with the crate.
 
@@ -69,7 +70,11 @@ pub fn forward(spec: &Spec, x: &[f64], w: Option<&[f64]>, b: Option<&[f64]>, eps
         let g = (spec.group)(i);
         sq[g] += (v - mean[g]) * (v - mean[g]);
     }
-    let rstd: Vec<f64> = sq.iter().zip(&cnt).map(|(s, c)| 1.0 / (s / c + eps).sqrt()).collect();
+    let rstd: Vec<f64> = sq
+        .iter()
+        .zip(&cnt)
+        .map(|(s, c)| 1.0 / (s / c + eps).sqrt())
+        .collect();
     let y = x
         .iter()
         .enumerate()
