@@ -63,3 +63,8 @@ pub mod functional {
 }
 
 pub use half::{bf16, f16};
+
+/// The README's examples, compiled and run by `cargo test`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
