@@ -211,6 +211,15 @@ impl<T: Element> Tensor<T> {
         }
     }
 
+    pub(crate) fn cuda_slice_mut(&mut self) -> Result<&mut cudarc::driver::CudaSlice<T>> {
+        match &mut self.storage {
+            Storage::Cuda(b) => b.slice_mut(),
+            Storage::Cpu(_) => Err(Error::DeviceMismatch(
+                "a CPU tensor was passed to a CUDA op; move it with .to_device()".into(),
+            )),
+        }
+    }
+
     /// The elements in physical order (copied back from the device if needed).
     pub fn to_vec_physical(&self) -> Result<Vec<T>> {
         match &self.storage {

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use cunorm::cuda::nvrtc;
 use cunorm::Device;
 
 #[derive(Parser)]
@@ -43,6 +44,23 @@ enum Command {
     },
     /// Say which backends are usable and, if CUDA is not, why
     Info,
+    /// Compare every CUDA op with the CPU path and print a table (op, dtype, format, shape,
+    /// max abs error, rel L2, pass/fail); exits non-zero on any failure
+    Check {
+        /// Leave out the largest shapes
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Compile every kernel module with NVRTC (no GPU needed) and write the PTX of each to a
+    /// folder, for ptxas reports
+    Kernels {
+        /// Target architecture
+        #[arg(long, default_value = "sm_90")]
+        arch: String,
+        /// Where to write <module>.ptx
+        #[arg(long)]
+        ptx_dir: Option<std::path::PathBuf>,
+    },
 }
 
 fn pick_device(arg: DeviceArg, quiet: bool) -> cunorm::Result<Device> {
@@ -80,9 +98,55 @@ fn run(cli: Cli) -> cunorm::Result<()> {
         Command::Info => {
             println!("cunorm {}", env!("CARGO_PKG_VERSION"));
             println!("cpu: usable ({} threads)", rayon::current_num_threads());
+            match nvrtc::nvrtc_version() {
+                Ok((a, b)) => println!("nvrtc: {a}.{b}"),
+                Err(e) => println!("nvrtc: not usable: {e}"),
+            }
+            if let Some(d) = nvrtc::cache_dir() {
+                println!(
+                    "kernel cache: {} (sources {:016x})",
+                    d.display(),
+                    nvrtc::source_hash()
+                );
+            }
             match Device::cuda(0) {
-                Ok(d) => println!("cuda: usable, {}", d.describe()),
+                Ok(Device::Cuda(d)) => println!(
+                    "cuda: usable, {} ({}, {} SMs)",
+                    Device::Cuda(d.clone()).describe(),
+                    d.arch(),
+                    d.sm_count()
+                ),
+                Ok(_) => {}
                 Err(e) => println!("cuda: not usable: {e}"),
+            }
+        }
+        Command::Check { quick } => {
+            let Device::Cuda(dev) = Device::cuda(0)? else {
+                return Err(cunorm::Error::Unavailable("no CUDA device".into()));
+            };
+            println!("device: {}", Device::Cuda(dev.clone()).describe());
+            let rows = cunorm::check::sweep(&dev, quick)?;
+            print!("{}", cunorm::check::table(&rows));
+            let failed = rows.iter().filter(|r| !r.pass).count();
+            println!("{} comparisons, {failed} failed", rows.len());
+            if failed > 0 {
+                return Err(cunorm::Error::InvalidArgument(format!(
+                    "{failed} CUDA-vs-CPU comparisons failed"
+                )));
+            }
+        }
+        Command::Kernels { arch, ptx_dir } => {
+            for module in nvrtc::module_names() {
+                let src = nvrtc::module_source(module).unwrap_or_default();
+                let out = nvrtc::compile(module, &src, &arch)?;
+                println!(
+                    "{module}: compiled for {arch}, {} bytes of CUBIN",
+                    out.cubin.len()
+                );
+                if let Some(dir) = &ptx_dir {
+                    std::fs::create_dir_all(dir)?;
+                    std::fs::write(dir.join(format!("{module}.ptx")), out.ptx)?;
+                }
             }
         }
     }

@@ -4,15 +4,31 @@
 //! library is loadable (cudarc would panic on the first FFI call otherwise) and returns
 //! [`Error::Unavailable`] with what was tried and how to fix it.
 
+pub mod nvrtc;
 pub(crate) mod planes;
+pub mod raw;
 pub(crate) mod rows;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
+use cudarc::nvrtc::Ptx;
 
 use crate::dtype::Element;
 use crate::error::{Error, Result};
+
+/// A view of a CUDA tensor's elements (an error for a CPU tensor).
+pub(crate) fn tensor_view<T: Element>(
+    t: &crate::tensor::Tensor<T>,
+) -> Result<cudarc::driver::CudaView<'_, T>> {
+    match &t.storage {
+        crate::tensor::Storage::Cuda(b) => Ok(b.slice.slice(0..b.len)),
+        crate::tensor::Storage::Cpu(_) => Err(Error::DeviceMismatch(
+            "a CPU tensor was passed to a CUDA op; move it with .to_device()".into(),
+        )),
+    }
+}
 
 pub(crate) fn driver_err(context: &str, e: cudarc::driver::DriverError) -> Error {
     Error::Cuda {
@@ -46,10 +62,49 @@ pub fn probe() -> Result<usize> {
     Ok(count as usize)
 }
 
+/// Every kernel entry point, as (module, name). `<op>_<stage>_<dtype>` for the templated ones.
+pub fn entry_points() -> Vec<(&'static str, String)> {
+    let mut v = Vec::new();
+    for dt in ["f32", "f16", "bf16"] {
+        for k in [
+            "layer_norm_fwd",
+            "rms_norm_fwd",
+            "layer_norm_bwd",
+            "rms_norm_bwd",
+        ] {
+            v.push(("rows", format!("{k}_{dt}")));
+        }
+        for k in [
+            "plane_stats",
+            "plane_grad_sums",
+            "plane_apply",
+            "plane_grad_apply",
+        ] {
+            v.push(("planes", format!("{k}_{dt}")));
+        }
+    }
+    v.push(("rows", "col_sum_f32".into()));
+    for k in [
+        "plane_finalize",
+        "running_update",
+        "eval_stats",
+        "plane_coef",
+        "grad_finalize",
+        "grad_params",
+    ] {
+        v.push(("planes", k.into()));
+    }
+    v
+}
+
 struct Inner {
     ordinal: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    arch: String,
+    sms: u32,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    poison: std::sync::atomic::AtomicBool,
 }
 
 /// One CUDA device: its context and the stream every cunorm launch on it is queued on.
@@ -74,22 +129,79 @@ impl CudaDevice {
                  an ordinal below {count}"
             )));
         }
+        nvrtc::ensure_nvrtc()?;
         let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("creating the context", e))?;
         let stream = ctx
             .new_stream()
             .map_err(|e| driver_err("creating a stream", e))?;
-        Ok(Self::from_parts(ctx, stream))
+        Self::from_parts(ctx, stream)
     }
 
     /// Wraps an existing cudarc context and stream (for code that already holds them).
-    pub fn from_parts(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Self {
-        CudaDevice {
+    pub fn from_parts(ctx: Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Self> {
+        nvrtc::ensure_nvrtc()?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| driver_err("reading the compute capability", e))?;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| driver_err("reading the SM count", e))?;
+        Ok(CudaDevice {
             inner: Arc::new(Inner {
                 ordinal: ctx.ordinal(),
                 ctx,
                 stream,
+                arch: format!("sm_{major}{minor}"),
+                sms: sms.max(1) as u32,
+                modules: Mutex::new(HashMap::new()),
+                poison: std::sync::atomic::AtomicBool::new(false),
             }),
+        })
+    }
+
+    /// The architecture kernels are compiled for (`sm_90` on an H100).
+    pub fn arch(&self) -> &str {
+        &self.inner.arch
+    }
+
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> u32 {
+        self.inner.sms
+    }
+
+    /// Kernel `name` of module `module`, compiling (or loading from the disk cache) the module on
+    /// first use in this context.
+    pub(crate) fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+        let m = {
+            let mut mods = self.inner.modules.lock().map_err(|_| {
+                Error::Unavailable("kernel module cache poisoned by a panic".into())
+            })?;
+            match mods.get(module) {
+                Some(m) => m.clone(),
+                None => {
+                    let cubin = nvrtc::cubin_cached(module, &self.inner.arch)?;
+                    let m = self
+                        .inner
+                        .ctx
+                        .load_module(Ptx::from_binary(cubin))
+                        .map_err(|e| driver_err(&format!("loading kernel module {module}"), e))?;
+                    mods.insert(module, m.clone());
+                    m
+                }
+            }
+        };
+        m.load_function(name)
+            .map_err(|e| driver_err(&format!("finding kernel {name}"), e))
+    }
+
+    /// Compiles (or loads from cache) every kernel module now rather than at first use.
+    pub fn warm_up(&self) -> Result<()> {
+        for (module, name) in entry_points() {
+            self.function(module, &name)?;
         }
+        Ok(())
     }
 
     /// The device ordinal.
@@ -128,14 +240,63 @@ impl CudaDevice {
             .map_err(|e| driver_err("synchronizing the stream", e))
     }
 
-    pub(crate) fn upload<T: Element>(&self, data: &[T]) -> Result<CudaBuffer<T>> {
-        let slice = self
-            .inner
+    /// Testing aid: when on, every buffer cunorm allocates is filled with NaN (all-ones bytes)
+    /// first, so an output element a kernel fails to write shows up as NaN.
+    pub fn set_poison(&self, on: bool) {
+        self.inner
+            .poison
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn alloc<T: Element>(&self, n: usize) -> Result<CudaSlice<T>> {
+        let stream = &self.inner.stream;
+        // SAFETY: every caller passes the buffer to a kernel that writes all n elements before
+        // anything reads it.
+        let mut slice = unsafe { stream.alloc::<T>(n.max(1)) }
+            .map_err(|e| driver_err("allocating device memory", e))?;
+        if self.inner.poison.load(std::sync::atomic::Ordering::Relaxed) {
+            use cudarc::driver::DevicePtrMut;
+            let bytes = slice.len() * std::mem::size_of::<T>();
+            let (ptr, _sync) = slice.device_ptr_mut(stream);
+            // SAFETY: ptr addresses `bytes` bytes of this live allocation, on its own stream;
+            // all-ones bytes are a NaN in f32, f16 and bf16.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(ptr, 0xff, bytes, stream.cu_stream())
+            }
+            .map_err(|e| driver_err("poisoning a buffer", e))?;
+        }
+        Ok(slice)
+    }
+
+    pub(crate) fn zeros<T: Element + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+    ) -> Result<CudaSlice<T>> {
+        self.inner
             .stream
-            .clone_htod(data)
-            .map_err(|e| driver_err("copying host to device", e))?;
+            .alloc_zeros::<T>(n.max(1))
+            .map_err(|e| driver_err("allocating device memory", e))
+    }
+
+    pub(crate) fn wrap<T: Element>(&self, slice: CudaSlice<T>, len: usize) -> CudaBuffer<T> {
+        CudaBuffer {
+            len,
+            slice: Arc::new(slice),
+            device: self.clone(),
+        }
+    }
+
+    pub(crate) fn upload<T: Element>(&self, data: &[T]) -> Result<CudaBuffer<T>> {
+        let mut slice = self.alloc::<T>(data.len())?;
+        if !data.is_empty() {
+            self.inner
+                .stream
+                .memcpy_htod(data, &mut slice)
+                .map_err(|e| driver_err("copying host to device", e))?;
+        }
         Ok(CudaBuffer {
             slice: Arc::new(slice),
+            len: data.len(),
             device: self.clone(),
         })
     }
@@ -145,6 +306,8 @@ impl CudaDevice {
 #[derive(Clone)]
 pub(crate) struct CudaBuffer<T: Element> {
     pub(crate) slice: Arc<CudaSlice<T>>,
+    /// Logical length (allocations hold at least one element, so empty tensors can exist).
+    pub(crate) len: usize,
     device: CudaDevice,
 }
 
@@ -165,9 +328,26 @@ impl<T: Element> CudaBuffer<T> {
     }
 
     pub(crate) fn to_host(&self) -> Result<Vec<T>> {
-        self.device
+        let mut v = self
+            .device
             .stream()
             .clone_dtoh(self.slice.as_ref())
-            .map_err(|e| driver_err("copying device to host", e))
+            .map_err(|e| driver_err("copying device to host", e))?;
+        v.truncate(self.len);
+        Ok(v)
+    }
+
+    /// Mutable access, copying first when another tensor shares the allocation.
+    pub(crate) fn slice_mut(&mut self) -> Result<&mut CudaSlice<T>> {
+        if Arc::get_mut(&mut self.slice).is_none() {
+            let copy = self
+                .slice
+                .try_clone()
+                .map_err(|e| driver_err("copying a shared device buffer", e))?;
+            self.slice = Arc::new(copy);
+        }
+        Arc::get_mut(&mut self.slice).ok_or_else(|| {
+            Error::Unavailable("device buffer is shared and cannot be written".into())
+        })
     }
 }

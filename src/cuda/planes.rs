@@ -1,33 +1,201 @@
-//! CUDA launches for BatchNorm, InstanceNorm and GroupNorm.
+//! Tensor-level CUDA path of BatchNorm, InstanceNorm and GroupNorm (over `raw`).
 
-use super::CudaDevice;
+use super::raw::{self, Groups, PlaneShape, Stats};
+use super::{tensor_view, CudaDevice};
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::ops::cpu::Grouping;
-use crate::ops::planes::Source;
-use crate::ops::{cuda_pending, Gradients, NormOutput, SavedStats};
-use crate::tensor::Tensor;
+use crate::ops::planes::{planes_of, Source};
+use crate::ops::{Gradients, NormOutput, SavedStats};
+use crate::tensor::{Storage, Tensor};
+
+fn shape_of<T: Element>(x: &Tensor<T>) -> PlaneShape {
+    let p = planes_of(x);
+    PlaneShape {
+        n: p.n,
+        c: p.c,
+        s: p.s,
+        channels_last: p.format == crate::tensor::MemoryFormat::ChannelsLast,
+    }
+}
+
+fn groups_of(g: Grouping) -> Groups {
+    match g {
+        Grouping::Channel => Groups::PerChannel,
+        Grouping::Groups(n) => Groups::PerSample(n),
+    }
+}
 
 pub(crate) fn forward<T: Element>(
-    _dev: &CudaDevice,
-    _x: &Tensor<T>,
-    _grouping: Grouping,
-    _weight: Option<&Tensor<f32>>,
-    _bias: Option<&Tensor<f32>>,
-    _eps: f64,
-    _source: Source<'_>,
+    dev: &CudaDevice,
+    x: &Tensor<T>,
+    grouping: Grouping,
+    weight: Option<&Tensor<f32>>,
+    bias: Option<&Tensor<f32>>,
+    eps: f64,
+    source: Source<'_>,
 ) -> Result<NormOutput<T>> {
-    Err(cuda_pending("normalization"))
+    let s = shape_of(x);
+    let numel = x.numel();
+    let groups = groups_of(grouping);
+    let from_input = matches!(source, Source::Input { .. });
+    let ng = match (&source, groups) {
+        (Source::Input { .. }, Groups::PerChannel) | (Source::Fixed { .. }, _) => s.c,
+        (Source::Input { .. }, Groups::PerSample(g)) => s.n * g,
+    };
+    let mut y = dev.alloc::<T>(numel)?;
+    let mut mean = dev.alloc::<f32>(ng)?;
+    let mut rstd = dev.alloc::<f32>(ng)?;
+    let xv = tensor_view(x)?;
+    let wv = weight.map(tensor_view).transpose()?;
+    let bv = bias.map(tensor_view).transpose()?;
+    {
+        let (mut yv, mut mv, mut rv) = (
+            y.slice_mut(0..numel),
+            mean.slice_mut(0..ng),
+            rstd.slice_mut(0..ng),
+        );
+        match source {
+            Source::Input { running } => match running {
+                Some(r) => {
+                    let per_sample = matches!(grouping, Grouping::Groups(_));
+                    let factor = r.factor as f32;
+                    let rm = r.mean.cuda_slice_mut()?;
+                    let rvar = r.var.cuda_slice_mut()?;
+                    let (mut rm, mut rvar) = (rm.slice_mut(0..s.c), rvar.slice_mut(0..s.c));
+                    let stats = Stats::Input {
+                        running: Some((&mut rm, &mut rvar, factor, per_sample)),
+                    };
+                    raw::planes_forward(
+                        dev,
+                        &xv,
+                        &mut yv,
+                        s,
+                        groups,
+                        wv.as_ref(),
+                        bv.as_ref(),
+                        eps as f32,
+                        stats,
+                        &mut mv,
+                        &mut rv,
+                    )?;
+                }
+                None => {
+                    let stats = Stats::Input { running: None };
+                    raw::planes_forward(
+                        dev,
+                        &xv,
+                        &mut yv,
+                        s,
+                        groups,
+                        wv.as_ref(),
+                        bv.as_ref(),
+                        eps as f32,
+                        stats,
+                        &mut mv,
+                        &mut rv,
+                    )?;
+                }
+            },
+            Source::Fixed { mean: rm, var } => {
+                let (rmv, rvv) = (tensor_view(rm)?, tensor_view(var)?);
+                let stats = Stats::Fixed {
+                    mean: &rmv,
+                    var: &rvv,
+                };
+                raw::planes_forward(
+                    dev,
+                    &xv,
+                    &mut yv,
+                    s,
+                    groups,
+                    wv.as_ref(),
+                    bv.as_ref(),
+                    eps as f32,
+                    stats,
+                    &mut mv,
+                    &mut rv,
+                )?;
+            }
+        }
+    }
+    Ok(NormOutput {
+        output: Tensor::from_parts(
+            x.shape().to_vec(),
+            x.format(),
+            Storage::Cuda(dev.wrap(y, numel)),
+        ),
+        stats: SavedStats {
+            mean: Some(Tensor::from_parts(
+                vec![ng],
+                Default::default(),
+                Storage::Cuda(dev.wrap(mean, ng)),
+            )),
+            rstd: Tensor::from_parts(
+                vec![ng],
+                Default::default(),
+                Storage::Cuda(dev.wrap(rstd, ng)),
+            ),
+            from_input,
+        },
+    })
 }
 
 pub(crate) fn backward<T: Element>(
-    _dev: &CudaDevice,
-    _dy: &Tensor<T>,
-    _x: &Tensor<T>,
-    _grouping: Grouping,
-    _weight: Option<&Tensor<f32>>,
-    _affine: bool,
-    _stats: &SavedStats,
+    dev: &CudaDevice,
+    dy: &Tensor<T>,
+    x: &Tensor<T>,
+    grouping: Grouping,
+    weight: Option<&Tensor<f32>>,
+    affine: bool,
+    stats: &SavedStats,
 ) -> Result<Gradients<T>> {
-    Err(cuda_pending("normalization backward"))
+    let s = shape_of(x);
+    let numel = x.numel();
+    let mut dx = dev.alloc::<T>(numel)?;
+    let mut dw = dev.alloc::<f32>(s.c)?;
+    let mut db = dev.alloc::<f32>(s.c)?;
+    let mean = stats.mean.as_ref().ok_or_else(|| {
+        crate::Error::InvalidArgument("backward: the saved statistics carry no mean".into())
+    })?;
+    {
+        let (xv, gv) = (tensor_view(x)?, tensor_view(dy)?);
+        let (mv, rv) = (tensor_view(mean)?, tensor_view(&stats.rstd)?);
+        let wv = weight.map(tensor_view).transpose()?;
+        let (mut dxv, mut dwv, mut dbv) = (
+            dx.slice_mut(0..numel),
+            dw.slice_mut(0..s.c),
+            db.slice_mut(0..s.c),
+        );
+        raw::planes_backward(
+            dev,
+            &gv,
+            &xv,
+            s,
+            groups_of(grouping),
+            wv.as_ref(),
+            &mv,
+            &rv,
+            stats.from_input,
+            &mut dxv,
+            &mut dwv,
+            &mut dbv,
+        )?;
+    }
+    let param = |v| {
+        Tensor::from_parts(
+            vec![s.c],
+            Default::default(),
+            Storage::Cuda(dev.wrap(v, s.c)),
+        )
+    };
+    Ok(Gradients {
+        dx: Tensor::from_parts(
+            x.shape().to_vec(),
+            x.format(),
+            Storage::Cuda(dev.wrap(dx, numel)),
+        ),
+        dweight: affine.then(|| param(dw)),
+        dbias: if affine { Some(param(db)) } else { None },
+    })
 }

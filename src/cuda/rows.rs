@@ -1,51 +1,197 @@
-//! CUDA launches for LayerNorm and RMSNorm.
+//! Tensor-level CUDA path of LayerNorm and RMSNorm (over `raw`).
 
-use super::CudaDevice;
+use super::{raw, tensor_view, CudaDevice};
 use crate::dtype::Element;
-use crate::error::Result;
-use crate::ops::{cuda_pending, Gradients, NormOutput, SavedStats};
-use crate::tensor::Tensor;
+use crate::error::{Error, Result};
+use crate::ops::{Gradients, NormOutput, SavedStats};
+use crate::tensor::{MemoryFormat, Storage, Tensor};
 
-pub(crate) fn layer_norm_fwd<T: Element>(
-    _dev: &CudaDevice,
-    _x: &Tensor<T>,
-    _cols: usize,
-    _weight: Option<&Tensor<f32>>,
-    _bias: Option<&Tensor<f32>>,
-    _eps: f64,
-) -> Result<NormOutput<T>> {
-    Err(cuda_pending("layer_norm"))
+fn f32_on(dev: &CudaDevice, v: cudarc::driver::CudaSlice<f32>, shape: Vec<usize>) -> Tensor<f32> {
+    let n = shape.iter().product();
+    Tensor::from_parts(
+        shape,
+        MemoryFormat::Contiguous,
+        Storage::Cuda(dev.wrap(v, n)),
+    )
 }
 
-pub(crate) fn layer_norm_bwd<T: Element>(
-    _dev: &CudaDevice,
-    _dy: &Tensor<T>,
-    _x: &Tensor<T>,
-    _cols: usize,
-    _weight: Option<&Tensor<f32>>,
-    _has_bias: bool,
-    _stats: &SavedStats,
-) -> Result<Gradients<T>> {
-    Err(cuda_pending("layer_norm backward"))
+pub(crate) fn layer_norm_fwd<T: Element>(
+    dev: &CudaDevice,
+    x: &Tensor<T>,
+    cols: usize,
+    weight: Option<&Tensor<f32>>,
+    bias: Option<&Tensor<f32>>,
+    eps: f64,
+) -> Result<NormOutput<T>> {
+    rows_fwd(dev, x, cols, weight, bias, eps, true)
 }
 
 pub(crate) fn rms_norm_fwd<T: Element>(
-    _dev: &CudaDevice,
-    _x: &Tensor<T>,
-    _cols: usize,
-    _weight: Option<&Tensor<f32>>,
-    _eps: f64,
+    dev: &CudaDevice,
+    x: &Tensor<T>,
+    cols: usize,
+    weight: Option<&Tensor<f32>>,
+    eps: f64,
 ) -> Result<NormOutput<T>> {
-    Err(cuda_pending("rms_norm"))
+    rows_fwd(dev, x, cols, weight, None, eps, false)
+}
+
+fn rows_fwd<T: Element>(
+    dev: &CudaDevice,
+    x: &Tensor<T>,
+    cols: usize,
+    weight: Option<&Tensor<f32>>,
+    bias: Option<&Tensor<f32>>,
+    eps: f64,
+    center: bool,
+) -> Result<NormOutput<T>> {
+    let numel = x.numel();
+    let rows = numel.checked_div(cols).unwrap_or(0);
+    let mut y = dev.alloc::<T>(numel)?;
+    let mut mean = dev.alloc::<f32>(rows)?;
+    let mut rstd = dev.alloc::<f32>(rows)?;
+    {
+        let xv = tensor_view(x)?;
+        let wv = weight.map(tensor_view).transpose()?;
+        let bv = bias.map(tensor_view).transpose()?;
+        let (mut yv, mut mv, mut rv) = (
+            y.slice_mut(0..numel),
+            mean.slice_mut(0..rows),
+            rstd.slice_mut(0..rows),
+        );
+        if center {
+            raw::layer_norm_forward(
+                dev,
+                &xv,
+                &mut yv,
+                rows,
+                cols,
+                wv.as_ref(),
+                bv.as_ref(),
+                eps as f32,
+                &mut mv,
+                &mut rv,
+            )?;
+        } else {
+            raw::rms_norm_forward(
+                dev,
+                &xv,
+                &mut yv,
+                rows,
+                cols,
+                wv.as_ref(),
+                eps as f32,
+                &mut rv,
+            )?;
+        }
+    }
+    Ok(NormOutput {
+        output: Tensor::from_parts(
+            x.shape().to_vec(),
+            MemoryFormat::Contiguous,
+            Storage::Cuda(dev.wrap(y, numel)),
+        ),
+        stats: SavedStats {
+            mean: center.then(|| f32_on(dev, mean, vec![rows])),
+            rstd: f32_on(dev, rstd, vec![rows]),
+            from_input: true,
+        },
+    })
+}
+
+pub(crate) fn layer_norm_bwd<T: Element>(
+    dev: &CudaDevice,
+    dy: &Tensor<T>,
+    x: &Tensor<T>,
+    cols: usize,
+    weight: Option<&Tensor<f32>>,
+    has_bias: bool,
+    stats: &SavedStats,
+) -> Result<Gradients<T>> {
+    let mean = stats.mean.as_ref().ok_or_else(|| {
+        Error::InvalidArgument("layer_norm backward: the saved statistics carry no mean".into())
+    })?;
+    let mut g = rows_bwd(dev, dy, x, cols, weight, Some(mean), stats)?;
+    if !has_bias {
+        g.dbias = None;
+    }
+    Ok(g)
 }
 
 pub(crate) fn rms_norm_bwd<T: Element>(
-    _dev: &CudaDevice,
-    _dy: &Tensor<T>,
-    _x: &Tensor<T>,
-    _cols: usize,
-    _weight: Option<&Tensor<f32>>,
-    _stats: &SavedStats,
+    dev: &CudaDevice,
+    dy: &Tensor<T>,
+    x: &Tensor<T>,
+    cols: usize,
+    weight: Option<&Tensor<f32>>,
+    stats: &SavedStats,
 ) -> Result<Gradients<T>> {
-    Err(cuda_pending("rms_norm backward"))
+    let mut g = rows_bwd(dev, dy, x, cols, weight, None, stats)?;
+    g.dbias = None;
+    Ok(g)
+}
+
+fn rows_bwd<T: Element>(
+    dev: &CudaDevice,
+    dy: &Tensor<T>,
+    x: &Tensor<T>,
+    cols: usize,
+    weight: Option<&Tensor<f32>>,
+    mean: Option<&Tensor<f32>>,
+    stats: &SavedStats,
+) -> Result<Gradients<T>> {
+    let numel = x.numel();
+    let rows = numel.checked_div(cols).unwrap_or(0);
+    let mut dx = dev.alloc::<T>(numel)?;
+    let mut dw = dev.alloc::<f32>(cols)?;
+    let mut db = dev.alloc::<f32>(cols)?;
+    {
+        let (gv, xv, rv) = (tensor_view(dy)?, tensor_view(x)?, tensor_view(&stats.rstd)?);
+        let wv = weight.map(tensor_view).transpose()?;
+        let (mut dxv, mut dwv, mut dbv) = (
+            dx.slice_mut(0..numel),
+            dw.slice_mut(0..cols),
+            db.slice_mut(0..cols),
+        );
+        match mean {
+            Some(m) => {
+                let mv = tensor_view(m)?;
+                raw::layer_norm_backward(
+                    dev,
+                    &gv,
+                    &xv,
+                    rows,
+                    cols,
+                    wv.as_ref(),
+                    &mv,
+                    &rv,
+                    &mut dxv,
+                    &mut dwv,
+                    &mut dbv,
+                )?
+            }
+            None => raw::rms_norm_backward(
+                dev,
+                &gv,
+                &xv,
+                rows,
+                cols,
+                wv.as_ref(),
+                &rv,
+                &mut dxv,
+                &mut dwv,
+                &mut dbv,
+            )?,
+        }
+    }
+    // Parameter gradients come back as [cols]; the op front gives them normalized_shape.
+    Ok(Gradients {
+        dx: Tensor::from_parts(
+            x.shape().to_vec(),
+            MemoryFormat::Contiguous,
+            Storage::Cuda(dev.wrap(dx, numel)),
+        ),
+        dweight: weight.map(|_| f32_on(dev, dw, vec![cols])),
+        dbias: Some(f32_on(dev, db, vec![cols])),
+    })
 }

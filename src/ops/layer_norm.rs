@@ -129,7 +129,8 @@ pub fn layer_norm_backward<T: Element>(
     };
     let (x, dy) = (contiguous(x)?, contiguous(dy)?);
     if let Device::Cuda(d) = &dev {
-        return crate::cuda::rows::layer_norm_bwd(d, &dy, &x, cols, weight, has_bias, stats);
+        let g = crate::cuda::rows::layer_norm_bwd(d, &dy, &x, cols, weight, has_bias, stats)?;
+        return super::shape_param_grads(g, normalized_shape);
     }
     let (gs, xs) = (dy.cpu_slice()?, x.cpu_slice()?);
     let w = weight.map(|t| t.cpu_slice()).transpose()?;

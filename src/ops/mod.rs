@@ -144,9 +144,13 @@ pub(crate) fn f32_tensor(v: Vec<f32>, device: &Device) -> Result<Tensor<f32>> {
     Tensor::from_vec(v, &[n])?.to_device(device)
 }
 
-pub(crate) fn cuda_pending(op: &str) -> Error {
-    Error::Unavailable(format!(
-        "{op}: the CUDA kernels for this op are not available in this build; move the tensors to \
-         Device::Cpu"
-    ))
+/// Gives LayerNorm/RMSNorm parameter gradients the shape `normalized_shape`.
+pub(crate) fn shape_param_grads<T: Element>(
+    mut g: Gradients<T>,
+    normalized_shape: &[usize],
+) -> Result<Gradients<T>> {
+    for p in [&mut g.dweight, &mut g.dbias].into_iter().flatten() {
+        *p = p.reshape(normalized_shape)?;
+    }
+    Ok(g)
 }

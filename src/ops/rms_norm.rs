@@ -69,7 +69,8 @@ pub fn rms_norm_backward<T: Element>(
     check_stats(OP, stats, rows, &dev)?;
     let (x, dy) = (contiguous(x)?, contiguous(dy)?);
     if let Device::Cuda(d) = &dev {
-        return crate::cuda::rows::rms_norm_bwd(d, &dy, &x, cols, weight, stats);
+        let g = crate::cuda::rows::rms_norm_bwd(d, &dy, &x, cols, weight, stats)?;
+        return super::shape_param_grads(g, normalized_shape);
     }
     let (gs, xs) = (dy.cpu_slice()?, x.cpu_slice()?);
     let w = weight.map(|t| t.cpu_slice()).transpose()?;

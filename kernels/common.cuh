@@ -1,0 +1,130 @@
+// common.cuh: what every cunorm kernel shares. Header-free on purpose: NVRTC compiles it with no
+// CUDA toolkit header, so a user needs only the driver and libnvrtc.
+//
+// - f16_t / bf16_t: 2-byte storage types with round-to-nearest-even conversions;
+// - Pack<T>: 16 bytes of T (4 x f32, 8 x f16/bf16) for vector loads and stores;
+// - Welford accumulation, Chan merges, warp and block reductions (fixed order: deterministic).
+
+typedef long long i64;
+typedef unsigned long long u64;
+
+struct f16_t { unsigned short bits; };
+struct bf16_t { unsigned short bits; };
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(f16_t v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+    return f;
+}
+__device__ __forceinline__ float to_float(bf16_t v) {
+    return __uint_as_float(((unsigned)v.bits) << 16);
+}
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ f16_t from_float<f16_t>(float v) {
+    f16_t r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));
+    return r;
+}
+template <> __device__ __forceinline__ bf16_t from_float<bf16_t>(float v) {
+    unsigned u = __float_as_uint(v);
+    bf16_t r;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        r.bits = (unsigned short)((u >> 16) | 0x40u);  // quiet NaN, sign kept
+    } else {
+        r.bits = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+    return r;
+}
+
+// 16 bytes of T.
+template <typename T> struct __align__(16) Pack {
+    static const int N = 16 / sizeof(T);
+    T v[16 / sizeof(T)];
+};
+
+template <typename T> __device__ __forceinline__ bool aligned16(const T* p) {
+    return (((u64)p) & 15ull) == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Welford statistics (count, mean, sum of squared deviations) and their merges.
+// ---------------------------------------------------------------------------------------------
+
+struct Welford {
+    float n, mean, m2;
+};
+
+__device__ __forceinline__ Welford welford_empty() {
+    Welford w;
+    w.n = 0.f;
+    w.mean = 0.f;
+    w.m2 = 0.f;
+    return w;
+}
+
+__device__ __forceinline__ void welford_add(Welford& w, float x) {
+    w.n += 1.f;
+    float d = x - w.mean;
+    w.mean += d / w.n;
+    w.m2 += d * (x - w.mean);
+}
+
+// Chan et al.: exact in exact arithmetic, no cancellation.
+__device__ __forceinline__ Welford welford_merge(Welford a, Welford b) {
+    if (b.n == 0.f) return a;
+    if (a.n == 0.f) return b;
+    Welford r;
+    r.n = a.n + b.n;
+    float d = b.mean - a.mean;
+    float fb = b.n / r.n;
+    r.mean = a.mean + d * fb;
+    r.m2 = a.m2 + b.m2 + d * d * a.n * fb;
+    return r;
+}
+
+__device__ __forceinline__ Welford warp_reduce_welford(Welford w) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        Welford other;
+        other.n = __shfl_xor_sync(0xffffffffu, w.n, o);
+        other.mean = __shfl_xor_sync(0xffffffffu, w.mean, o);
+        other.m2 = __shfl_xor_sync(0xffffffffu, w.m2, o);
+        w = welford_merge(w, other);
+    }
+    return w;
+}
+
+__device__ __forceinline__ float warp_reduce_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Block-wide merge; every thread gets the result. blockDim.x is a multiple of 32, <= 1024.
+// `scratch` holds 32 entries. Synchronizes the block.
+__device__ __forceinline__ Welford block_reduce_welford(Welford w, Welford* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    w = warp_reduce_welford(w);
+    __syncthreads();  // scratch may still be read from a previous call
+    if (lane == 0) scratch[warp] = w;
+    __syncthreads();
+    w = lane < warps ? scratch[lane] : welford_empty();
+    w = warp_reduce_welford(w);
+    return w;
+}
+
+__device__ __forceinline__ float block_reduce_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    v = warp_reduce_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.f;
+    return warp_reduce_sum(v);
+}
+
+// Instantiates an extern "C" entry point per dtype: NAME_f32, NAME_f16, NAME_bf16.
+#define CUNORM_FOR_DTYPES(M) M(float, f32) M(f16_t, f16) M(bf16_t, bf16)

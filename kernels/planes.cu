@@ -1,0 +1,351 @@
+// planes.cu: BatchNorm, InstanceNorm and GroupNorm on an (N, C, S) view, contiguous (NCHW:
+// plane (n, c) is S consecutive elements) or channels-last (NHWC: element (n, s, c) at
+// (n·S + s)·C + c). Statistic groups: G == 0 means one group per channel over the batch
+// (BatchNorm, and fixed running statistics); G > 0 means group n·G + c/(C/G) (GroupNorm;
+// InstanceNorm is G = C).
+//
+// Stages (one launch each; partials are merged in a fixed order, no atomics: deterministic):
+//   forward:  plane_stats -> plane_finalize -> [running_update] -> plane_coef -> plane_apply
+//   eval:     eval_stats -> plane_coef -> plane_apply
+//   backward: plane_coef -> plane_grad_sums -> grad_finalize, grad_params -> plane_grad_apply
+// Partials are indexed (n·C + c)·chunks + k: chunk k of the spatial range of plane (n, c).
+#include "common.cuh"
+
+__device__ __forceinline__ int group_of(i64 n, int c, int C, int G) {
+    return G == 0 ? c : (int)(n * G + c / (C / G));
+}
+
+// Spatial range of chunk k: [k·len, min(S, (k+1)·len)), len a multiple of the pack size.
+__device__ __forceinline__ void chunk_range(i64 S, int chunks, int k, int pn, i64* s0, i64* s1) {
+    i64 len = (S + chunks - 1) / chunks;
+    len = (len + pn - 1) / pn * pn;
+    *s0 = min(S, (i64)k * len);
+    *s1 = min(S, *s0 + len);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stage A: per-(plane, chunk) partials.
+// Contiguous: one block (256 threads) per (plane, chunk), 16-byte packs when S allows.
+// Channels-last: grid (N·chunks, ceil(C/32)), block (32, 8): thread (tx, ty) takes channel
+// blockIdx.y·32 + tx and rows ty, ty + 8, ... of the chunk (32 channels = one coalesced read),
+// then the 8 row-partials of a channel are merged in order through shared memory.
+// Bytes: x (and dy) read once.
+// ---------------------------------------------------------------------------------------------
+
+// Accumulator interface: Welford for statistics, (Σg, Σg·(x − m)) for gradients.
+struct StatAcc {
+    Welford w;
+    __device__ __forceinline__ void init() { w = welford_empty(); }
+    __device__ __forceinline__ void add(float x, float) { welford_add(w, x); }
+    __device__ __forceinline__ void merge(const StatAcc& o) { w = welford_merge(w, o.w); }
+    __device__ __forceinline__ void store(float* p) const { p[0] = w.n; p[1] = w.mean; p[2] = w.m2; }
+    static const int WIDTH = 3;
+};
+
+struct GradAcc {
+    float sg, sgx, m;
+    __device__ __forceinline__ void init() { sg = 0.f; sgx = 0.f; }
+    __device__ __forceinline__ void add(float x, float g) { sg += g; sgx += g * (x - m); }
+    __device__ __forceinline__ void merge(const GradAcc& o) { sg += o.sg; sgx += o.sgx; }
+    __device__ __forceinline__ void store(float* p) const { p[0] = sg; p[1] = sgx; }
+    static const int WIDTH = 2;
+};
+
+template <typename Acc>
+__device__ __forceinline__ Acc warp_merge(Acc a) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        Acc b = a;
+        float* pa = reinterpret_cast<float*>(&a);
+        float* pb = reinterpret_cast<float*>(&b);
+#pragma unroll
+        for (int i = 0; i < Acc::WIDTH; ++i) pb[i] = __shfl_xor_sync(0xffffffffu, pa[i], o);
+        a.merge(b);
+    }
+    return a;
+}
+
+// GRAD = false: x only (StatAcc). GRAD = true: x and dy, shift m per plane (GradAcc).
+template <typename T, typename Acc, bool GRAD>
+__device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* __restrict__ dy,
+                                              const float* __restrict__ mplane,
+                                              float* __restrict__ part, i64 N, int C, i64 S,
+                                              int cl, int chunks) {
+    const int PN = Pack<T>::N;
+    if (!cl) {
+        __shared__ Acc scratch[32];
+        const i64 plane = blockIdx.x / chunks;
+        const int k = blockIdx.x % chunks;
+        const bool vec = (S % PN == 0) && aligned16(x) && (!GRAD || aligned16(dy));
+        i64 s0, s1;
+        chunk_range(S, chunks, k, vec ? PN : 1, &s0, &s1);
+        const T* xp = x + plane * S;
+        const T* gp = GRAD ? dy + plane * S : 0;
+        Acc acc;
+        acc.init();
+        if (GRAD) reinterpret_cast<GradAcc*>(&acc)->m = mplane[plane];
+        if (vec) {
+            for (i64 s = s0 + (i64)threadIdx.x * PN; s < s1; s += (i64)blockDim.x * PN) {
+                Pack<T> xv = *reinterpret_cast<const Pack<T>*>(xp + s);
+                Pack<T> gv;
+                if (GRAD) gv = *reinterpret_cast<const Pack<T>*>(gp + s);
+#pragma unroll
+                for (int i = 0; i < PN; ++i)
+                    acc.add(to_float(xv.v[i]), GRAD ? to_float(gv.v[i]) : 0.f);
+            }
+        } else {
+            for (i64 s = s0 + threadIdx.x; s < s1; s += blockDim.x)
+                acc.add(to_float(xp[s]), GRAD ? to_float(gp[s]) : 0.f);
+        }
+        acc = warp_merge(acc);
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        if (lane == 0) scratch[warp] = acc;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            Acc t = scratch[0];
+            for (int i = 1; i < (int)(blockDim.x >> 5); ++i) t.merge(scratch[i]);
+            t.store(part + (plane * chunks + k) * Acc::WIDTH);
+        }
+    } else {
+        __shared__ Acc tile[8][32];
+        const i64 n = blockIdx.x / chunks;
+        const int k = blockIdx.x % chunks;
+        const int c = blockIdx.y * 32 + threadIdx.x;
+        i64 s0, s1;
+        chunk_range(S, chunks, k, 1, &s0, &s1);
+        Acc acc;
+        acc.init();
+        if (c < C) {
+            if (GRAD) reinterpret_cast<GradAcc*>(&acc)->m = mplane[n * C + c];
+            for (i64 s = s0 + threadIdx.y; s < s1; s += blockDim.y) {
+                i64 e = (n * S + s) * C + c;
+                acc.add(to_float(x[e]), GRAD ? to_float(dy[e]) : 0.f);
+            }
+        }
+        tile[threadIdx.y][threadIdx.x] = acc;
+        __syncthreads();
+        if (threadIdx.y == 0 && c < C) {
+            Acc t = tile[0][threadIdx.x];
+            for (int r = 1; r < (int)blockDim.y; ++r) t.merge(tile[r][threadIdx.x]);
+            t.store(part + ((n * C + c) * chunks + k) * Acc::WIDTH);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stage B: per-group statistics, running statistics, per-plane coefficients (tiny kernels).
+// ---------------------------------------------------------------------------------------------
+
+// One thread per group: merges its (plane, chunk) partials in index order; writes mean,
+// rstd = 1/sqrt(biased var + eps) and the unbiased variance (for running statistics).
+extern "C" __global__ void plane_finalize(const float* __restrict__ part, float* __restrict__ mean_g,
+                                          float* __restrict__ rstd_g, float* __restrict__ varu_g,
+                                          i64 N, int C, int chunks, int G, float eps) {
+    const i64 groups = G == 0 ? C : N * G;
+    const i64 gi = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (gi >= groups) return;
+    Welford t = welford_empty();
+    if (G == 0) {
+        for (i64 n = 0; n < N; ++n)
+            for (int k = 0; k < chunks; ++k) {
+                const float* p = part + ((n * C + gi) * chunks + k) * 3;
+                Welford w;
+                w.n = p[0]; w.mean = p[1]; w.m2 = p[2];
+                t = welford_merge(t, w);
+            }
+    } else {
+        const i64 n = gi / G;
+        const int D = C / G, c0 = (int)(gi % G) * D;
+        for (int c = c0; c < c0 + D; ++c)
+            for (int k = 0; k < chunks; ++k) {
+                const float* p = part + ((n * C + c) * chunks + k) * 3;
+                Welford w;
+                w.n = p[0]; w.mean = p[1]; w.m2 = p[2];
+                t = welford_merge(t, w);
+            }
+    }
+    mean_g[gi] = t.mean;
+    rstd_g[gi] = rsqrtf(t.m2 / t.n + eps);
+    varu_g[gi] = t.m2 / (t.n - 1.f);
+}
+
+// One thread per channel: r = (1 − f)·r + f·stat. per_sample (InstanceNorm): the statistic is
+// the batch average of the per-(n, c) values.
+extern "C" __global__ void running_update(float* __restrict__ rm, float* __restrict__ rv,
+                                          const float* __restrict__ mean_g,
+                                          const float* __restrict__ varu_g, i64 N, int C,
+                                          int per_sample, float factor) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float m, v;
+    if (per_sample) {
+        m = 0.f;
+        v = 0.f;
+        for (i64 n = 0; n < N; ++n) {
+            m += mean_g[n * C + c];
+            v += varu_g[n * C + c];
+        }
+        m /= (float)N;
+        v /= (float)N;
+    } else {
+        m = mean_g[c];
+        v = varu_g[c];
+    }
+    rm[c] = (1.f - factor) * rm[c] + factor * m;
+    rv[c] = (1.f - factor) * rv[c] + factor * v;
+}
+
+// Fixed statistics (eval): mean = running_mean, rstd = 1/sqrt(running_var + eps).
+extern "C" __global__ void eval_stats(const float* __restrict__ rm, const float* __restrict__ rv,
+                                      float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                                      int C, float eps) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    mean_out[c] = rm[c];
+    rstd_out[c] = rsqrtf(rv[c] + eps);
+}
+
+// One thread per plane (n, c): a = rstd·w_c, m = mean, k = b_c, so that y = a·(x − m) + k.
+extern "C" __global__ void plane_coef(const float* __restrict__ mean_g, const float* __restrict__ rstd_g,
+                                      const float* __restrict__ w, const float* __restrict__ b,
+                                      float* __restrict__ a, float* __restrict__ m,
+                                      float* __restrict__ k, i64 N, int C, int G) {
+    const i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= N * C) return;
+    const i64 n = p / C;
+    const int c = (int)(p % C);
+    const int g = group_of(n, c, C, G);
+    a[p] = rstd_g[g] * (w ? w[c] : 1.f);
+    m[p] = mean_g[g];
+    k[p] = b ? b[c] : 0.f;
+}
+
+// Backward, one thread per group: A = Σ w_c·Σg, B = Σ w_c·Σg(x − μ) over the group's planes;
+// then for each plane b = −rstd³·B/cnt and k = −rstd·A/cnt (zero for fixed statistics), so that
+// dx = a·dy + b·(x − μ) + k with a = rstd·w_c from plane_coef.
+extern "C" __global__ void grad_finalize(const float* __restrict__ part, const float* __restrict__ w,
+                                         const float* __restrict__ rstd_g, float* __restrict__ bcoef,
+                                         float* __restrict__ kcoef, i64 N, int C, i64 S,
+                                         int chunks, int G, int from_input) {
+    const i64 groups = G == 0 ? C : N * G;
+    const i64 gi = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (gi >= groups) return;
+    const i64 n0 = G == 0 ? 0 : gi / G, n1 = G == 0 ? N : n0 + 1;
+    const int D = G == 0 ? 1 : C / G;
+    const int c0 = G == 0 ? (int)gi : (int)(gi % G) * D;
+    float A = 0.f, B = 0.f;
+    for (i64 n = n0; n < n1; ++n)
+        for (int c = c0; c < c0 + D; ++c) {
+            float sg = 0.f, sgx = 0.f;
+            for (int k = 0; k < chunks; ++k) {
+                const float* p = part + ((n * C + c) * chunks + k) * 2;
+                sg += p[0];
+                sgx += p[1];
+            }
+            const float wc = w ? w[c] : 1.f;
+            A += wc * sg;
+            B += wc * sgx;
+        }
+    const float r = rstd_g[gi];
+    const float cnt = (float)((n1 - n0) * D) * (float)S;
+    const float bb = from_input ? -r * r * r * B / cnt : 0.f;
+    const float kk = from_input ? -r * A / cnt : 0.f;
+    for (i64 n = n0; n < n1; ++n)
+        for (int c = c0; c < c0 + D; ++c) {
+            bcoef[n * C + c] = bb;
+            kcoef[n * C + c] = kk;
+        }
+}
+
+// One thread per channel: dw_c = Σ_n rstd(n, c)·Σg(x − μ), db_c = Σ_n Σg, in order.
+extern "C" __global__ void grad_params(const float* __restrict__ part, const float* __restrict__ rstd_g,
+                                       float* __restrict__ dw, float* __restrict__ db, i64 N,
+                                       int C, int chunks, int G) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float sw = 0.f, sb = 0.f;
+    for (i64 n = 0; n < N; ++n) {
+        float sg = 0.f, sgx = 0.f;
+        for (int k = 0; k < chunks; ++k) {
+            const float* p = part + ((n * C + c) * chunks + k) * 2;
+            sg += p[0];
+            sgx += p[1];
+        }
+        sw += rstd_g[group_of(n, c, C, G)] * sgx;
+        sb += sg;
+    }
+    dw[c] = sw;
+    db[c] = sb;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stage C: elementwise. out = a·v + b·(x − m) + k with per-plane coefficients (forward: v = 0
+// term absent, a multiplies x − m). Grid-stride over 16-byte packs when a pack never straddles
+// two planes (contiguous: S % pack == 0; channels-last: C % pack == 0), else scalar.
+// Bytes: x (and dy) read once, y (dx) written once; coefficients stay in L1/L2.
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ i64 plane_of(i64 e, int C, i64 S, int cl) {
+    return cl ? (e / (S * C)) * C + (e % C) : e / S;
+}
+
+template <typename T, bool GRAD>
+__device__ __forceinline__ void planes_apply(const T* __restrict__ x, const T* __restrict__ dy,
+                                             T* __restrict__ out, const float* __restrict__ a,
+                                             const float* __restrict__ bc,
+                                             const float* __restrict__ m,
+                                             const float* __restrict__ k, i64 N, int C, i64 S,
+                                             int cl) {
+    const int PN = Pack<T>::N;
+    const i64 total = N * C * S;
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    const bool vec = (cl ? (C % PN == 0) : (S % PN == 0)) && aligned16(x) && aligned16(out) &&
+                     (!GRAD || aligned16(dy));
+    if (vec) {
+        for (i64 q = (i64)blockIdx.x * blockDim.x + threadIdx.x; q < total / PN; q += stride) {
+            const i64 e0 = q * PN;
+            Pack<T> xv = reinterpret_cast<const Pack<T>*>(x)[q];
+            Pack<T> gv, ov;
+            if (GRAD) gv = reinterpret_cast<const Pack<T>*>(dy)[q];
+            const i64 p0 = plane_of(e0, C, S, cl);
+#pragma unroll
+            for (int i = 0; i < PN; ++i) {
+                const i64 p = cl ? p0 + i : p0;
+                const float xm = to_float(xv.v[i]) - m[p];
+                const float o = GRAD ? a[p] * to_float(gv.v[i]) + bc[p] * xm + k[p] : a[p] * xm + k[p];
+                ov.v[i] = from_float<T>(o);
+            }
+            reinterpret_cast<Pack<T>*>(out)[q] = ov;
+        }
+    } else {
+        for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
+            const i64 p = plane_of(e, C, S, cl);
+            const float xm = to_float(x[e]) - m[p];
+            const float o = GRAD ? a[p] * to_float(dy[e]) + bc[p] * xm + k[p] : a[p] * xm + k[p];
+            out[e] = from_float<T>(o);
+        }
+    }
+}
+
+#define PLANES_ENTRIES(T, NAME)                                                                 \
+    extern "C" __global__ void plane_stats_##NAME(const T* x, float* part, i64 N, int C, i64 S, \
+                                                  int cl, int chunks) {                         \
+        planes_reduce<T, StatAcc, false>(x, 0, 0, part, N, C, S, cl, chunks);                  \
+    }                                                                                           \
+    extern "C" __global__ void plane_grad_sums_##NAME(const T* dy, const T* x, const float* m,  \
+                                                      float* part, i64 N, int C, i64 S, int cl, \
+                                                      int chunks) {                             \
+        planes_reduce<T, GradAcc, true>(x, dy, m, part, N, C, S, cl, chunks);                  \
+    }                                                                                           \
+    extern "C" __global__ void plane_apply_##NAME(const T* x, T* y, const float* a,             \
+                                                  const float* m, const float* k, i64 N, int C, \
+                                                  i64 S, int cl) {                              \
+        planes_apply<T, false>(x, 0, y, a, 0, m, k, N, C, S, cl);                              \
+    }                                                                                           \
+    extern "C" __global__ void plane_grad_apply_##NAME(                                         \
+        const T* dy, const T* x, T* dx, const float* a, const float* b, const float* m,         \
+        const float* k, i64 N, int C, i64 S, int cl) {                                          \
+        planes_apply<T, true>(x, dy, dx, a, b, m, k, N, C, S, cl);                             \
+    }
+
+CUNORM_FOR_DTYPES(PLANES_ENTRIES)

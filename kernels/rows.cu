@@ -1,0 +1,199 @@
+// rows.cu: LayerNorm and RMSNorm over contiguous rows of `cols` elements.
+#include "common.cuh"
+
+// Forward. One block per row, grid-stride over rows; threads map to 16-byte packs (scalar
+// path when the row is misaligned or cols is not a multiple of the pack). Statistics are f32
+// Welford (LayerNorm) or a sum of squares (RMSNorm), merged in a fixed tree. With `cache` the
+// row stays in shared memory (f32) between the two passes: x is read from DRAM once.
+// Bytes: rows·cols·sizeof(T) read + the same written + 8 bytes of statistics per row.
+template <typename T, bool CENTER>
+__device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict__ y,
+                                         const float* __restrict__ w, const float* __restrict__ b,
+                                         float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                                         i64 rows, int cols, float eps, int cache) {
+    extern __shared__ float row_cache[];
+    __shared__ Welford scratch[32];
+    const int PN = Pack<T>::N;
+    for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
+        const T* xr = x + row * (i64)cols;
+        T* yr = y + row * (i64)cols;
+        const bool vec = aligned16(xr) && aligned16(yr) && (cols % PN == 0);
+        Welford acc = welford_empty();
+        float ss = 0.f;
+        if (vec) {
+            const Pack<T>* xp = reinterpret_cast<const Pack<T>*>(xr);
+            for (int p = threadIdx.x; p < cols / PN; p += blockDim.x) {
+                Pack<T> pk = xp[p];
+#pragma unroll
+                for (int i = 0; i < PN; ++i) {
+                    float v = to_float(pk.v[i]);
+                    if (CENTER) welford_add(acc, v); else ss += v * v;
+                    if (cache) row_cache[p * PN + i] = v;
+                }
+            }
+        } else {
+            for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+                float v = to_float(xr[j]);
+                if (CENTER) welford_add(acc, v); else ss += v * v;
+                if (cache) row_cache[j] = v;
+            }
+        }
+        float mean = 0.f, rstd;
+        if (CENTER) {
+            Welford t = block_reduce_welford(acc, scratch);
+            mean = t.mean;
+            rstd = rsqrtf(t.m2 / (float)cols + eps);
+        } else {
+            float t = block_reduce_sum(ss, reinterpret_cast<float*>(scratch));
+            rstd = rsqrtf(t / (float)cols + eps);
+        }
+        if (threadIdx.x == 0) {
+            if (CENTER) mean_out[row] = mean;
+            rstd_out[row] = rstd;
+        }
+        // Each thread reads back only the cache slots it wrote: no barrier needed.
+        if (vec) {
+            const Pack<T>* xp = reinterpret_cast<const Pack<T>*>(xr);
+            Pack<T>* yp = reinterpret_cast<Pack<T>*>(yr);
+            for (int p = threadIdx.x; p < cols / PN; p += blockDim.x) {
+                Pack<T> in, out;
+                if (!cache) in = xp[p];
+#pragma unroll
+                for (int i = 0; i < PN; ++i) {
+                    int j = p * PN + i;
+                    float v = cache ? row_cache[j] : to_float(in.v[i]);
+                    float o = (v - mean) * rstd;
+                    if (w) o *= w[j];
+                    if (b) o += b[j];
+                    out.v[i] = from_float<T>(o);
+                }
+                yp[p] = out;
+            }
+        } else {
+            for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+                float v = cache ? row_cache[j] : to_float(xr[j]);
+                float o = (v - mean) * rstd;
+                if (w) o *= w[j];
+                if (b) o += b[j];
+                yr[j] = from_float<T>(o);
+            }
+        }
+    }
+}
+
+// Backward. Block p of gridDim.x handles rows p, p + gridDim.x, ...; per row two block sums
+// (Σu and Σu·x̂ with u = dy·w), then dx = rstd·(u − mean(u) − x̂·mean(u·x̂)) (RMSNorm: no
+// mean(u) term, x̂ = x·rstd). Per column the block accumulates Σ dy·x̂ and Σ dy over its rows
+// (in registers when cols ≤ 8·blockDim.x, else in its own row of the partial buffers) and
+// writes them to row p of dw_part/db_part; col_sum_f32 adds the rows in a fixed order.
+// Bytes: dy and x read (twice, the second from L1/L2), dx written.
+#define ROWS_BWD_REGS 8
+template <typename T, bool CENTER>
+__device__ __forceinline__ void rows_bwd(const T* __restrict__ dy, const T* __restrict__ x,
+                                         const float* __restrict__ w,
+                                         const float* __restrict__ mean,
+                                         const float* __restrict__ rstd, T* __restrict__ dx,
+                                         float* __restrict__ dw_part, float* __restrict__ db_part,
+                                         i64 rows, int cols) {
+    __shared__ float scratch[32];
+    float* pw = dw_part + (i64)blockIdx.x * cols;
+    float* pb = db_part + (i64)blockIdx.x * cols;
+    const bool regs = cols <= ROWS_BWD_REGS * (int)blockDim.x;
+    float aw[ROWS_BWD_REGS], ab[ROWS_BWD_REGS];
+#pragma unroll
+    for (int k = 0; k < ROWS_BWD_REGS; ++k) {
+        aw[k] = 0.f;
+        ab[k] = 0.f;
+    }
+    if (!regs) {
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+            pw[j] = 0.f;
+            pb[j] = 0.f;
+        }
+    }
+    for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
+        const T* gr = dy + row * (i64)cols;
+        const T* xr = x + row * (i64)cols;
+        T* dr = dx + row * (i64)cols;
+        const float mu = CENTER ? mean[row] : 0.f, rs = rstd[row];
+        float s1 = 0.f, s2 = 0.f;
+        if (regs) {
+#pragma unroll
+            for (int k = 0; k < ROWS_BWD_REGS; ++k) {
+                int j = threadIdx.x + k * blockDim.x;
+                if (j < cols) {
+                    float g = to_float(gr[j]);
+                    float xh = (to_float(xr[j]) - mu) * rs;
+                    float u = w ? g * w[j] : g;
+                    s1 += u;
+                    s2 += u * xh;
+                    aw[k] += g * xh;
+                    ab[k] += g;
+                }
+            }
+        } else {
+            for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+                float g = to_float(gr[j]);
+                float xh = (to_float(xr[j]) - mu) * rs;
+                float u = w ? g * w[j] : g;
+                s1 += u;
+                s2 += u * xh;
+                pw[j] += g * xh;
+                pb[j] += g;
+            }
+        }
+        s1 = block_reduce_sum(s1, scratch);
+        s2 = block_reduce_sum(s2, scratch);
+        const float m1 = CENTER ? s1 / (float)cols : 0.f, m2 = s2 / (float)cols;
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+            float g = to_float(gr[j]);
+            float xh = (to_float(xr[j]) - mu) * rs;
+            float u = w ? g * w[j] : g;
+            dr[j] = from_float<T>(rs * (u - m1 - xh * m2));
+        }
+    }
+    if (regs) {
+#pragma unroll
+        for (int k = 0; k < ROWS_BWD_REGS; ++k) {
+            int j = threadIdx.x + k * blockDim.x;
+            if (j < cols) {
+                pw[j] = aw[k];
+                pb[j] = ab[k];
+            }
+        }
+    }
+}
+
+// out[j] = Σ_p part[p·cols + j], p in order: the deterministic end of every column reduction.
+extern "C" __global__ void col_sum_f32(const float* __restrict__ part, float* __restrict__ out,
+                                       int parts, int cols) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= cols) return;
+    float s = 0.f;
+    for (int p = 0; p < parts; ++p) s += part[(i64)p * cols + j];
+    out[j] = s;
+}
+
+#define ROWS_ENTRIES(T, NAME)                                                                   \
+    extern "C" __global__ void layer_norm_fwd_##NAME(                                           \
+        const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, i64 rows,   \
+        int cols, float eps, int cache) {                                                       \
+        rows_fwd<T, true>(x, y, w, b, mean, rstd, rows, cols, eps, cache);                     \
+    }                                                                                           \
+    extern "C" __global__ void rms_norm_fwd_##NAME(const T* x, T* y, const float* w,           \
+                                                   float* rstd, i64 rows, int cols, float eps,  \
+                                                   int cache) {                                 \
+        rows_fwd<T, false>(x, y, w, 0, 0, rstd, rows, cols, eps, cache);                       \
+    }                                                                                           \
+    extern "C" __global__ void layer_norm_bwd_##NAME(                                           \
+        const T* dy, const T* x, const float* w, const float* mean, const float* rstd, T* dx,   \
+        float* dw_part, float* db_part, i64 rows, int cols) {                                   \
+        rows_bwd<T, true>(dy, x, w, mean, rstd, dx, dw_part, db_part, rows, cols);             \
+    }                                                                                           \
+    extern "C" __global__ void rms_norm_bwd_##NAME(const T* dy, const T* x, const float* w,    \
+                                                   const float* rstd, T* dx, float* dw_part,    \
+                                                   float* db_part, i64 rows, int cols) {        \
+        rows_bwd<T, false>(dy, x, w, 0, rstd, dx, dw_part, db_part, rows, cols);               \
+    }
+
+CUNORM_FOR_DTYPES(ROWS_ENTRIES)

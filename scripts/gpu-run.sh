@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs on a GPU machine from a folder made by scripts/gpu-bundle.sh; builds nothing.
+# usage: gpu-run.sh LOG_DIR
+# Writes every log to LOG_DIR: device info, the whole CUDA test suite with CUNORM_REQUIRE_CUDA=1,
+# compute-sanitizer (memcheck, racecheck, initcheck, synccheck) over the CUDA tests,
+# `cunorm check` and `cunorm demo --device cuda`.
+set -uo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+out=${1:?usage: gpu-run.sh LOG_DIR}
+mkdir -p "$out"
+export CUNORM_REQUIRE_CUDA=1 CUNORM_REQUIRE_NVRTC=1
+export CUNORM_CACHE_DIR=${CUNORM_CACHE_DIR:-$out/kernel-cache}
+[ -d /usr/local/cuda/lib64 ] && export CUNORM_NVRTC_DIR=${CUNORM_NVRTC_DIR:-/usr/local/cuda/lib64}
+status=0
+run() { # name, command...
+  local name=$1; shift
+  local t0=$(date +%s.%N)
+  "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  local t1=$(date +%s.%N)
+  printf '%-28s rc=%-3s %6.1fs\n' "$name" "$rc" "$(echo "$t1 - $t0" | bc)" | tee -a "$out/summary.txt"
+  [ $rc -eq 0 ] || status=1
+}
+{ nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; } > "$out/device.txt" 2>&1
+run info "$here/cunorm" info
+run nvrtc-compile "$here/tests/nvrtc_compile" --test-threads=1
+# Cold start: first run with an empty kernel cache, then warm.
+rm -rf "$CUNORM_CACHE_DIR"
+run demo-cold "$here/cunorm" demo --device cuda --steps 10 --json
+run demo-warm "$here/cunorm" demo --device cuda --steps 10 --json
+run cuda-tests "$here/tests/cuda" --test-threads=1 --nocapture
+run check "$here/cunorm" check
+for t in memcheck racecheck initcheck synccheck; do
+  CUNORM_CHECK_QUICK=1 run "sanitizer-$t" compute-sanitizer --tool "$t" --error-exitcode 1 \
+    "$here/tests/cuda" --test-threads=1 cuda_matches_cpu_everywhere
+done
+run demo-cuda "$here/cunorm" demo --device cuda
+run demo-cuda-json "$here/cunorm" demo --device cuda --json
+# CPU suites too (golden data paths are compiled in; they skip nothing on the GPU machine).
+for t in cpu_paths errors seed; do
+  [ -x "$here/tests/$t" ] && run "cpu-$t" "$here/tests/$t"
+done
+echo "overall status: $status" | tee -a "$out/summary.txt"
+exit $status
