@@ -85,14 +85,17 @@ __device__ __forceinline__ Welford welford_merge(Welford a, Welford b) {
     return r;
 }
 
+// Butterfly merge; both partners merge (lower lane, upper lane) in that order, so every lane
+// ends with bitwise the same result (a Chan merge is not symmetric in floating point).
 __device__ __forceinline__ Welford warp_reduce_welford(Welford w) {
+    const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         Welford other;
         other.n = __shfl_xor_sync(0xffffffffu, w.n, o);
         other.mean = __shfl_xor_sync(0xffffffffu, w.mean, o);
         other.m2 = __shfl_xor_sync(0xffffffffu, w.m2, o);
-        w = welford_merge(w, other);
+        w = (lane & o) ? welford_merge(other, w) : welford_merge(w, other);
     }
     return w;
 }

@@ -51,8 +51,11 @@ struct GradAcc {
     static const int WIDTH = 2;
 };
 
+// Butterfly merge over a warp of a 1-D block; partners merge in (lower, upper) lane order so
+// every lane holds bitwise the same result.
 template <typename Acc>
 __device__ __forceinline__ Acc warp_merge(Acc a) {
+    const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         Acc b = a;
@@ -60,7 +63,12 @@ __device__ __forceinline__ Acc warp_merge(Acc a) {
         float* pb = reinterpret_cast<float*>(&b);
 #pragma unroll
         for (int i = 0; i < Acc::WIDTH; ++i) pb[i] = __shfl_xor_sync(0xffffffffu, pa[i], o);
-        a.merge(b);
+        if (lane & o) {
+            b.merge(a);
+            a = b;
+        } else {
+            a.merge(b);
+        }
     }
     return a;
 }
@@ -83,7 +91,7 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
         const T* gp = GRAD ? dy + plane * S : 0;
         Acc acc;
         acc.init();
-        if (GRAD) reinterpret_cast<GradAcc*>(&acc)->m = mplane[plane];
+        if constexpr (GRAD) acc.m = mplane[plane];
         if (vec) {
             for (i64 s = s0 + (i64)threadIdx.x * PN; s < s1; s += (i64)blockDim.x * PN) {
                 Pack<T> xv = *reinterpret_cast<const Pack<T>*>(xp + s);
@@ -116,7 +124,7 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
         Acc acc;
         acc.init();
         if (c < C) {
-            if (GRAD) reinterpret_cast<GradAcc*>(&acc)->m = mplane[n * C + c];
+            if constexpr (GRAD) acc.m = mplane[n * C + c];
             for (i64 s = s0 + threadIdx.y; s < s1; s += blockDim.y) {
                 i64 e = (n * S + s) * C + c;
                 acc.add(to_float(x[e]), GRAD ? to_float(dy[e]) : 0.f);

@@ -333,6 +333,7 @@ impl<T: Element> CudaBuffer<T> {
             .stream()
             .clone_dtoh(self.slice.as_ref())
             .map_err(|e| driver_err("copying device to host", e))?;
+        self.device.synchronize()?;
         v.truncate(self.len);
         Ok(v)
     }
