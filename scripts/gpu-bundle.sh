@@ -22,6 +22,6 @@ for line in sys.stdin:
         shutil.copy(m["executable"], sys.argv[1] + "/tests/" + m["target"]["name"])
         print("bundled test", m["target"]["name"])
 ' "$dest"
-cp scripts/gpu-run.sh "$dest/"
+cp scripts/gpu-run.sh benches/torch_compare.py "$dest/"
 chmod +x "$dest/gpu-run.sh"
 du -sh "$dest"

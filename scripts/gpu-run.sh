@@ -34,6 +34,14 @@ for t in memcheck racecheck initcheck synccheck; do
   CUNORM_CHECK_QUICK=1 run "sanitizer-$t" compute-sanitizer --tool "$t" --error-exitcode 1 \
     "$here/tests/cuda" --test-threads=1 cuda_matches_cpu_everywhere
 done
+# Performance: PyTorch's side first (if this machine has it), then cunorm with the comparison.
+if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null && [ -f "$here/torch_compare.py" ]; then
+  run torch-bench python3 "$here/torch_compare.py" "$out/torch.json"
+  run bench "$here/cunorm" bench --compare "$out/torch.json"
+  run bench-json "$here/cunorm" bench --json --compare "$out/torch.json"
+else
+  run bench "$here/cunorm" bench
+fi
 run demo-cuda "$here/cunorm" demo --device cuda
 run demo-cuda-json "$here/cunorm" demo --device cuda --json
 # CPU suites too (golden data paths are compiled in; they skip nothing on the GPU machine).

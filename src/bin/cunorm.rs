@@ -51,6 +51,25 @@ enum Command {
         #[arg(long)]
         quick: bool,
     },
+    /// Time every CUDA op × dtype × format × stage over the standard shapes (CUDA events, L2
+    /// flushed, median), with bandwidth as a share of a device-to-device copy
+    Bench {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+        /// PyTorch timings from benches/torch_compare.py, to add the PyTorch/cunorm ratio
+        #[arg(long)]
+        compare: Option<std::path::PathBuf>,
+        /// Only the first shape of each op
+        #[arg(long)]
+        quick: bool,
+        /// Timed runs per case
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+        /// Only these ops (layer_norm, rms_norm, group_norm, batch_norm, instance_norm)
+        #[arg(long, value_delimiter = ',')]
+        ops: Vec<String>,
+    },
     /// Compile every kernel module with NVRTC (no GPU needed) and write the PTX of each to a
     /// folder, for ptxas reports
     Kernels {
@@ -133,6 +152,40 @@ fn run(cli: Cli) -> cunorm::Result<()> {
                 return Err(cunorm::Error::InvalidArgument(format!(
                     "{failed} CUDA-vs-CPU comparisons failed"
                 )));
+            }
+        }
+        Command::Bench {
+            json,
+            compare,
+            quick,
+            reps,
+            ops,
+        } => {
+            let Device::Cuda(dev) = Device::cuda(0)? else {
+                return Err(cunorm::Error::Unavailable("no CUDA device".into()));
+            };
+            let name = Device::Cuda(dev.clone()).describe();
+            let opts = cunorm::bench::BenchOptions {
+                reps,
+                ops,
+                quick,
+                ..Default::default()
+            };
+            let (copy, mut rows) = cunorm::bench::run(&dev, &opts)?;
+            if let Some(path) = compare {
+                let text = std::fs::read_to_string(&path)?;
+                let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                    cunorm::Error::InvalidArgument(format!(
+                        "{}: not JSON from torch_compare.py: {e}",
+                        path.display()
+                    ))
+                })?;
+                cunorm::bench::attach_torch(&mut rows, &v);
+            }
+            if json {
+                println!("{}", cunorm::bench::to_json(copy, &name, &rows));
+            } else {
+                print!("{}", cunorm::bench::table(copy, &name, &rows));
             }
         }
         Command::Kernels { arch, ptx_dir } => {

@@ -268,7 +268,7 @@ impl CudaDevice {
         Ok(slice)
     }
 
-    pub(crate) fn zeros<T: Element + cudarc::driver::ValidAsZeroBits>(
+    pub(crate) fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &self,
         n: usize,
     ) -> Result<CudaSlice<T>> {

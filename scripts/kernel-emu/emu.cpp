@@ -1,0 +1,271 @@
+// Runs cunorm's CUDA kernels on the CPU (shim.h) with the launch sequences of src/cuda/raw.rs
+// and checks every output against a naive double-precision reference. Logic check only: it
+// proves indexing, reductions, chunking, layouts and coefficient algebra, not GPU behaviour.
+#include "shim.h"
+#include "kernels_emu.inc"  // common.cuh + rows.cu + planes.cu, preprocessed by run.sh
+
+#include <cstdio>
+#include <random>
+#include <string>
+
+static int failures = 0, checks = 0;
+static const int SMS = 3;  // a small "GPU" so grid-stride loops and chunking are exercised
+
+template <class T> float tf(T v) { return to_float(v); }
+template <class T> std::vector<T> cast(const std::vector<double>& v) {
+    std::vector<T> o(v.size());
+    for (size_t i = 0; i < v.size(); ++i) o[i] = from_float<T>((float)v[i]);
+    return o;
+}
+template <class T> std::vector<double> widen(const std::vector<T>& v) {
+    std::vector<double> o(v.size());
+    for (size_t i = 0; i < v.size(); ++i) o[i] = tf(v[i]);
+    return o;
+}
+std::vector<double> randn(size_t n, unsigned seed, double mean = 0) {
+    std::mt19937 g(seed);
+    std::normal_distribution<double> d(mean, 1.0);
+    std::vector<double> v(n);
+    for (auto& x : v) x = d(g);
+    return v;
+}
+void expect(const std::string& what, const std::vector<double>& got, const std::vector<double>& want, double atol, double rtol) {
+    ++checks;
+    double worst = 0;
+    size_t wi = 0;
+    bool bad = got.size() != want.size();
+    for (size_t i = 0; !bad && i < got.size(); ++i) {
+        double e = std::fabs(got[i] - want[i]);
+        double lim = atol + rtol * std::fabs(want[i]);
+        if (!(e <= lim)) {
+            bad = true;
+            wi = i;
+            worst = e;
+        }
+    }
+    if (bad) {
+        ++failures;
+        printf("FAIL %s: element %zu got %.7g want %.7g (err %.3g)\n", what.c_str(), wi,
+               wi < got.size() ? got[wi] : NAN, wi < want.size() ? want[wi] : NAN, worst);
+    }
+}
+
+// Naive reference over groups (as tests/common/oracle.rs).
+struct Ref {
+    std::vector<double> y, mean, rstd, dx, dw, db;
+};
+template <class G, class P>
+Ref reference(const std::vector<double>& x, const std::vector<double>& g, const std::vector<double>* w,
+              const std::vector<double>* b, size_t groups, size_t params, G group, P param, bool center, double eps) {
+    Ref r;
+    std::vector<double> cnt(groups), sum(groups), sq(groups), su(groups), sux(groups);
+    for (size_t i = 0; i < x.size(); ++i) { cnt[group(i)] += 1; sum[group(i)] += x[i]; }
+    r.mean.resize(groups);
+    for (size_t k = 0; k < groups; ++k) r.mean[k] = center ? sum[k] / cnt[k] : 0;
+    for (size_t i = 0; i < x.size(); ++i) { double d = x[i] - r.mean[group(i)]; sq[group(i)] += d * d; }
+    r.rstd.resize(groups);
+    for (size_t k = 0; k < groups; ++k) r.rstd[k] = 1 / std::sqrt(sq[k] / cnt[k] + eps);
+    r.y.resize(x.size()); r.dx.resize(x.size()); r.dw.assign(params, 0); r.db.assign(params, 0);
+    auto xh = [&](size_t i) { return (x[i] - r.mean[group(i)]) * r.rstd[group(i)]; };
+    for (size_t i = 0; i < x.size(); ++i) {
+        size_t p = param(i);
+        r.y[i] = xh(i) * (w ? (*w)[p] : 1) + (b ? (*b)[p] : 0);
+        double u = g[i] * (w ? (*w)[p] : 1);
+        su[group(i)] += u; sux[group(i)] += u * xh(i);
+        r.dw[p] += g[i] * xh(i); r.db[p] += g[i];
+    }
+    for (size_t i = 0; i < x.size(); ++i) {
+        size_t k = group(i), p = param(i);
+        double u = g[i] * (w ? (*w)[p] : 1);
+        r.dx[i] = r.rstd[k] * (u - (center ? su[k] / cnt[k] : 0) - xh(i) * sux[k] / cnt[k]);
+    }
+    return r;
+}
+
+template <class T> double tol_abs() { return sizeof(T) == 4 ? 2e-5 : 4e-3; }
+template <class T> double tol_rel() { return sizeof(T) == 4 ? 2e-5 : 2e-3; }
+template <class T> const char* tname() { return sizeof(T) == 4 ? "f32" : "f16"; }
+
+// ---------------------------------------------------------------------------------------------
+template <class T>
+void rows_case(size_t rows, int cols, bool center, bool affine) {
+    std::string tag = std::string(center ? "layer_norm" : "rms_norm") + " " + tname<T>() + " " +
+                      std::to_string(rows) + "x" + std::to_string(cols) + (affine ? " affine" : "");
+    auto xd = widen(cast<T>(randn(rows * cols, 1)));
+    auto gd = widen(cast<T>(randn(rows * cols, 2)));
+    auto wd = widen(cast<float>(randn(cols, 3, 1))), bd = widen(cast<float>(randn(cols, 4)));
+    auto x = cast<T>(xd), g = cast<T>(gd);
+    auto w = cast<float>(wd), b = cast<float>(bd);
+    std::vector<T> y(rows * cols), dx(rows * cols);
+    std::vector<float> mean(rows), rstd(rows), dw(cols), db(cols);
+    const float eps = 1e-5f;
+    // forward, as raw::rows_forward
+    const int PN = 16 / sizeof(T);
+    unsigned threads = std::min<size_t>(1024, std::max<size_t>(32, ((cols + PN - 1) / PN + 31) / 32 * 32));
+    int cache = (size_t)cols * 4 + 1024 <= 48 * 1024;
+    unsigned blocks = std::min<size_t>(rows, SMS * 32);
+    const float* wp = affine ? w.data() : nullptr;
+    const float* bp = affine && center ? b.data() : nullptr;
+    emu_launch({blocks}, {threads}, cache ? cols * 4 : 0, [&] {
+        if (center) rows_fwd<T, true>(x.data(), y.data(), wp, bp, mean.data(), rstd.data(), rows, cols, eps, cache);
+        else rows_fwd<T, false>(x.data(), y.data(), wp, nullptr, nullptr, rstd.data(), rows, cols, eps, cache);
+    });
+    // backward, as raw::rows_backward
+    size_t parts = std::max<size_t>(1, std::min<size_t>(rows, std::max<size_t>(1, std::min<size_t>(SMS * 4, (1u << 24) / cols))));
+    unsigned bt = std::min<size_t>(1024, std::max<size_t>(32, (((size_t)cols + 7) / 8 + 31) / 32 * 32));
+    std::vector<float> pw(parts * cols, NAN), pb(parts * cols, NAN);
+    emu_launch({(unsigned)parts}, {bt}, 0, [&] {
+        if (center) rows_bwd<T, true>(g.data(), x.data(), wp, mean.data(), rstd.data(), dx.data(), pw.data(), pb.data(), rows, cols);
+        else rows_bwd<T, false>(g.data(), x.data(), wp, nullptr, rstd.data(), dx.data(), pw.data(), pb.data(), rows, cols);
+    });
+    emu_launch({(unsigned)((cols + 255) / 256)}, {256}, 0, [&] { col_sum_f32(pw.data(), dw.data(), parts, cols); });
+    emu_launch({(unsigned)((cols + 255) / 256)}, {256}, 0, [&] { col_sum_f32(pb.data(), db.data(), parts, cols); });
+    std::vector<double>* wr = affine ? &wd : nullptr;
+    std::vector<double>* br = affine && center ? &bd : nullptr;
+    Ref r = reference(xd, gd, wr, br, rows, cols, [&](size_t i) { return i / cols; },
+                      [&](size_t i) { return i % cols; }, center, eps);
+    auto round = [](const std::vector<double>& v) { return widen(cast<T>(v)); };
+    expect(tag + " y", widen(y), round(r.y), tol_abs<T>(), tol_rel<T>());
+    if (center) expect(tag + " mean", widen(mean), r.mean, 1e-5, 1e-5);
+    expect(tag + " rstd", widen(rstd), r.rstd, 1e-5, 1e-4);
+    expect(tag + " dx", widen(dx), round(r.dx), tol_abs<T>() * 5, tol_rel<T>() * 5);
+    expect(tag + " dw", widen(dw), r.dw, 1e-3, 1e-4);
+    expect(tag + " db", widen(db), r.db, 1e-3, 1e-4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// G = 0: BatchNorm (group per channel); G > 0: groups per sample.
+template <class T>
+void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
+    std::string tag = std::string(G == 0 ? "batch" : (G == C ? "instance" : "group")) + " " + tname<T>() + " " +
+                      std::to_string(N) + "x" + std::to_string(C) + "x" + std::to_string(S) + " G=" +
+                      std::to_string(G) + (cl ? " nhwc" : " nchw") + (eval ? " eval" : "");
+    const size_t numel = N * C * S;
+    // Logical (n, c, s) data, stored physically per layout.
+    auto xl = widen(cast<T>(randn(numel, 11, 0.5))), gl = widen(cast<T>(randn(numel, 12)));
+    auto phys = [&](long n, int c, long s) { return cl ? (n * S + s) * C + c : (n * C + c) * S + s; };
+    std::vector<double> xp(numel), gp(numel);
+    for (long n = 0; n < N; ++n) for (int c = 0; c < C; ++c) for (long s = 0; s < S; ++s) {
+        xp[phys(n, c, s)] = xl[(n * C + c) * S + s];
+        gp[phys(n, c, s)] = gl[(n * C + c) * S + s];
+    }
+    auto x = cast<T>(xp), g = cast<T>(gp);
+    auto wd = widen(cast<float>(randn(C, 13, 1))), bd = widen(cast<float>(randn(C, 14)));
+    auto w = cast<float>(wd), b = cast<float>(bd);
+    auto rm0 = widen(cast<float>(randn(C, 15))), rv0 = randn(C, 16);
+    for (auto& v : rv0) v = 0.5 + std::fabs(v);
+    rv0 = widen(cast<float>(rv0));
+    auto rm = cast<float>(rm0), rv = cast<float>(rv0);
+    const float eps = 1e-5f, factor = 0.3f;
+    const size_t groups = eval || G == 0 ? C : N * G;
+    std::vector<float> mean(groups), rstd(groups);
+    std::vector<T> y(numel), dx(numel);
+    // chunks, as raw::reduce_chunks
+    int chunks;
+    if (cl) chunks = std::max<long>(1, (S + 255) / 256);
+    else {
+        long planes = std::max<long>(1, N * C);
+        long want = (2 * SMS + planes - 1) / planes;
+        chunks = std::max<long>(1, std::min<long>(want, std::max<long>(1, S / 4096)));
+    }
+    dim3 rgrid = cl ? dim3{(unsigned)(N * chunks), (unsigned)((C + 31) / 32)} : dim3{(unsigned)(N * C * chunks)};
+    dim3 rblock = cl ? dim3{32, 8} : dim3{256};
+    auto small = [](size_t n) { return dim3{(unsigned)std::max<size_t>(1, (n + 255) / 256)}; };
+    const int gcode = eval ? 0 : G;
+    if (!eval) {
+        std::vector<float> part(N * C * chunks * 3, NAN), varu(groups);
+        emu_launch(rgrid, rblock, 0, [&] { planes_reduce<T, StatAcc, false>(x.data(), nullptr, nullptr, part.data(), N, C, S, cl, chunks); });
+        emu_launch(small(groups), {256}, 0, [&] { plane_finalize(part.data(), mean.data(), rstd.data(), varu.data(), N, C, chunks, G, eps); });
+        if (G == 0 || G == C)
+            emu_launch(small(C), {256}, 0, [&] { running_update(rm.data(), rv.data(), mean.data(), varu.data(), N, C, G == C, factor); });
+    } else {
+        emu_launch(small(C), {256}, 0, [&] { eval_stats(rm.data(), rv.data(), mean.data(), rstd.data(), C, eps); });
+    }
+    std::vector<float> a(N * C), m(N * C), k(N * C), bc(N * C), kc(N * C), dw(C), db(C);
+    emu_launch(small(N * C), {256}, 0, [&] { plane_coef(mean.data(), rstd.data(), w.data(), b.data(), a.data(), m.data(), k.data(), N, C, gcode); });
+    const int PN = 16 / sizeof(T);
+    dim3 agrid{(unsigned)std::max<size_t>(1, std::min<size_t>(SMS * 16, (numel / PN + 255) / 256))};
+    emu_launch(agrid, {256}, 0, [&] { planes_apply<T, false>(x.data(), nullptr, y.data(), a.data(), nullptr, m.data(), k.data(), N, C, S, cl); });
+    // backward
+    emu_launch(small(N * C), {256}, 0, [&] { plane_coef(mean.data(), rstd.data(), w.data(), nullptr, a.data(), m.data(), k.data(), N, C, gcode); });
+    std::vector<float> part2(N * C * chunks * 2, 0.f);
+    emu_launch(rgrid, rblock, 0, [&] { planes_reduce<T, GradAcc, true>(x.data(), g.data(), m.data(), part2.data(), N, C, S, cl, chunks); });
+    emu_launch(small(groups), {256}, 0, [&] { grad_finalize(part2.data(), w.data(), rstd.data(), bc.data(), kc.data(), N, C, S, chunks, gcode, !eval); });
+    emu_launch(small(C), {256}, 0, [&] { grad_params(part2.data(), rstd.data(), dw.data(), db.data(), N, C, chunks, gcode); });
+    emu_launch(agrid, {256}, 0, [&] { planes_apply<T, true>(x.data(), g.data(), dx.data(), a.data(), bc.data(), m.data(), kc.data(), N, C, S, cl); });
+
+    // Reference on logical data.
+    auto grp = [&](size_t i) -> size_t {
+        long n = i / (C * S); int c = (i / S) % C;
+        return (G == 0 || eval) ? c : n * G + c / (C / G);
+    };
+    auto par = [&](size_t i) -> size_t { return (i / S) % C; };
+    Ref r;
+    if (!eval) {
+        r = reference(xl, gl, &wd, &bd, groups, C, grp, par, true, eps);
+    } else {
+        // Fixed statistics: y = (x − rm)/√(rv + eps)·w + b; dx = g·w·r; dw = r·Σ g(x − rm); db = Σ g.
+        r.y.resize(numel); r.dx.resize(numel); r.dw.assign(C, 0); r.db.assign(C, 0);
+        for (size_t i = 0; i < numel; ++i) {
+            int c = par(i);
+            double rs = 1 / std::sqrt(rv0[c] + eps), xh = (xl[i] - rm0[c]) * rs;
+            r.y[i] = xh * wd[c] + bd[c];
+            r.dx[i] = gl[i] * wd[c] * rs;
+            r.dw[c] += gl[i] * xh;
+            r.db[c] += gl[i];
+        }
+    }
+    std::vector<double> yl(numel), dxl(numel);
+    for (long n = 0; n < N; ++n) for (int c = 0; c < C; ++c) for (long s = 0; s < S; ++s) {
+        yl[(n * C + c) * S + s] = tf(y[phys(n, c, s)]);
+        dxl[(n * C + c) * S + s] = tf(dx[phys(n, c, s)]);
+    }
+    auto round = [](const std::vector<double>& v) { return widen(cast<T>(v)); };
+    expect(tag + " y", yl, round(r.y), tol_abs<T>(), tol_rel<T>());
+    if (!eval) {
+        expect(tag + " mean", widen(mean), r.mean, 1e-5, 1e-5);
+        expect(tag + " rstd", widen(rstd), r.rstd, 1e-5, 1e-4);
+    }
+    expect(tag + " dx", dxl, round(r.dx), tol_abs<T>() * 5, tol_rel<T>() * 5);
+    expect(tag + " dweight", widen(dw), r.dw, 1e-3, 1e-4);
+    expect(tag + " dbias", widen(db), r.db, 1e-3, 1e-4);
+    if (!eval && (G == 0 || G == C)) {
+        // Running statistics: batch statistic, or the batch average of per-plane ones (IN).
+        std::vector<double> em(C, 0), ev(C, 0);
+        for (int c = 0; c < C; ++c) {
+            long nn = G == 0 ? 1 : N;
+            for (long j = 0; j < nn; ++j) {
+                size_t gi = G == 0 ? c : j * C + c;
+                double cnt = G == 0 ? N * S : S;
+                double var = 1 / (r.rstd[gi] * r.rstd[gi]) - eps;
+                em[c] += r.mean[gi] / nn;
+                ev[c] += var * cnt / (cnt - 1) / nn;
+            }
+            em[c] = (1 - factor) * rm0[c] + factor * em[c];
+            ev[c] = (1 - factor) * rv0[c] + factor * ev[c];
+        }
+        expect(tag + " running_mean", widen(rm), em, 1e-5, 1e-5);
+        expect(tag + " running_var", widen(rv), ev, 1e-5, 1e-4);
+    }
+}
+
+template <class T> void all() {
+    for (auto [rows, cols] : std::vector<std::pair<size_t, int>>{{5, 13}, {7, 1}, {3, 4099}, {2, 1024}, {9, 64}, {2, 12289}})
+        for (bool center : {true, false})
+            for (bool affine : {true, false}) rows_case<T>(rows, cols, center, affine);
+    struct P { long n; int c; long s; int g; };
+    for (P p : std::vector<P>{{4, 3, 35, 0}, {2, 5, 1, 0}, {33, 8, 1, 0}, {2, 16, 40, 0}, {1, 3, 9000, 0},
+                              {2, 3, 35, 3}, {1, 4, 33, 4}, {3, 40, 17, 40},
+                              {2, 4, 4, 2}, {3, 6, 35, 3}, {2, 5, 3, 1}, {2, 32, 64, 8}, {1, 4, 700, 2}})
+        for (bool cl : {false, true}) {
+            planes_case<T>(p.n, p.c, p.s, p.g, cl, false);
+            if (p.g == 0 || p.g == p.c) planes_case<T>(p.n, p.c, p.s, p.g, cl, true);
+        }
+}
+
+int main() {
+    all<float>();
+    all<f16_t>();
+    printf("%d checks, %d failed\n", checks, failures);
+    return failures ? 1 : 0;
+}
