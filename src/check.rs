@@ -133,6 +133,18 @@ impl AnyNorm {
             AnyNorm::Rms(l) => [l.weight(), None, None, None],
         }
     }
+    /// Steps counted by BatchNorm/InstanceNorm with running statistics.
+    pub fn num_batches_tracked(&self) -> Option<i64> {
+        match self {
+            AnyNorm::Bn1(l) => l.num_batches_tracked(),
+            AnyNorm::Bn2(l) => l.num_batches_tracked(),
+            AnyNorm::Bn3(l) => l.num_batches_tracked(),
+            AnyNorm::In1(l) => l.num_batches_tracked(),
+            AnyNorm::In2(l) => l.num_batches_tracked(),
+            AnyNorm::In3(l) => l.num_batches_tracked(),
+            _ => None,
+        }
+    }
     /// Replaces weight and bias (where the layer has them).
     pub fn set_params(&mut self, w: Tensor<f32>, b: Tensor<f32>) -> Result<()> {
         macro_rules! wb {

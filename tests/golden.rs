@@ -10,6 +10,7 @@
 mod common;
 
 use common::*;
+use cunorm::check::AnyNorm as AnyLayer;
 use cunorm::*;
 use serde_json::Value;
 use std::result::Result;
@@ -117,16 +118,16 @@ fn run_case<T: Element>(g: &Golden, case: &Value, format: MemoryFormat) -> Resul
     let shape = usizes(&case["shape"]);
     let mut layer = build(case);
     if let Some(w) = case.get("weight") {
-        let ws = layer.weight_shape().unwrap();
-        layer
-            .set_weight(Tensor::from_vec(g.arr(w), &ws).unwrap())
-            .map_err(|e| e.to_string())?;
-    }
-    if let Some(b) = case.get("bias") {
-        let ws = layer.weight_shape().unwrap();
-        layer
-            .set_bias(Tensor::from_vec(g.arr(b), &ws).unwrap())
-            .map_err(|e| e.to_string())?;
+        // set_params sets the bias only where the layer has one.
+        let ws = layer.tensors()[0].unwrap().shape().to_vec();
+        let b = case
+            .get("bias")
+            .map_or(vec![0.0; g.arr(w).len()], |b| g.arr(b));
+        let (w, b) = (
+            Tensor::from_vec(g.arr(w), &ws).unwrap(),
+            Tensor::from_vec(b, &ws).unwrap(),
+        );
+        layer.set_params(w, b).map_err(|e| e.to_string())?;
     }
     let (atol, rtol) = tol(T::DTYPE);
     let scale = 1.0 + case["mean"].as_f64().unwrap().abs() / case["std"].as_f64().unwrap();
@@ -140,10 +141,11 @@ fn run_case<T: Element>(g: &Golden, case: &Value, format: MemoryFormat) -> Resul
     };
     for (k, step) in case["steps"].as_array().unwrap().iter().enumerate() {
         let train = step["train"].as_bool().unwrap();
-        with_layer!(&mut layer, l => if train { l.train() } else { l.eval() });
+        layer.set_training(train);
         let x = tensor(g.arr(&step["x"]));
         let dy = tensor(g.arr(&step["dy"]));
-        let out = with_layer!(&mut layer, l => l.forward_with_stats(&x))
+        let out = layer
+            .forward_with_stats(&x)
             .map_err(|e| format!("step {k}: {e}"))?;
         if shape.len() >= 3 && !matches!(layer, AnyLayer::Ln(_) | AnyLayer::Rms(_)) {
             assert_eq!(
@@ -159,7 +161,8 @@ fn run_case<T: Element>(g: &Golden, case: &Value, format: MemoryFormat) -> Resul
             atol,
             rtol,
         )?;
-        let grads = with_layer!(&layer, l => l.backward(&dy, &x, &out.stats))
+        let grads = layer
+            .backward(&dy, &x, &out.stats)
             .map_err(|e| format!("step {k} backward: {e}"))?;
         compare(
             &format!("step {k} dx"),
@@ -188,8 +191,10 @@ fn run_case<T: Element>(g: &Golden, case: &Value, format: MemoryFormat) -> Resul
             }
         }
     }
-    match (case.get("running_mean"), layer.running()) {
-        (Some(m), Some((rm, rv, nbt))) => {
+    let [_, _, rm, rv] = layer.tensors();
+    match (case.get("running_mean"), rm.zip(rv)) {
+        (Some(m), Some((rm, rv))) => {
+            let nbt = layer.num_batches_tracked();
             compare(
                 "running_mean",
                 &rm.to_vec().unwrap(),
