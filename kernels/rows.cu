@@ -5,19 +5,26 @@
 // path when the row is misaligned or cols is not a multiple of the pack). Statistics are f32
 // Welford (LayerNorm) or a sum of squares (RMSNorm), merged in a fixed tree. With `cache` the
 // row stays in shared memory (f32) between the two passes: x is read from DRAM once.
+// The affine parameter of element j of row r is w[(r % cycle)·(cols/seg) + j/seg]: LayerNorm
+// uses seg = cycle = 1 (elementwise); GroupNorm/InstanceNorm on contiguous input treat each
+// (n, group) as a row of C/G·S values with seg = S (per channel) and cycle = G. `varu`, when
+// given, receives the unbiased variance (running statistics).
 // Bytes: rows·cols·sizeof(T) read + the same written + 8 bytes of statistics per row.
 template <typename T, bool CENTER>
 __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict__ y,
                                          const float* __restrict__ w, const float* __restrict__ b,
                                          float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                                         i64 rows, int cols, float eps, int cache) {
+                                         float* __restrict__ varu_out, i64 rows, int cols, int seg,
+                                         int cycle, float eps, int cache) {
     extern __shared__ float row_cache[];
     __shared__ Welford scratch[32];
     const int PN = Pack<T>::N;
     for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
         const T* xr = x + row * (i64)cols;
         T* yr = y + row * (i64)cols;
-        const bool vec = aligned16(xr) && aligned16(yr) && (cols % PN == 0);
+        // A pack never straddles two affine segments: seg % PN == 0 (or seg == 1).
+        const bool vec = aligned16(xr) && aligned16(yr) && (cols % PN == 0) && (seg == 1 || seg % PN == 0);
+        const int p0 = (int)(row % cycle) * (cols / seg);
         Welford acc = welford_empty();
         float ss = 0.f;
         if (vec) {
@@ -38,18 +45,21 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
                 if (cache) row_cache[j] = v;
             }
         }
-        float mean = 0.f, rstd;
+        float mean = 0.f, rstd, t_m2;
         if (CENTER) {
             Welford t = block_reduce_welford(acc, scratch);
             mean = t.mean;
+            t_m2 = t.m2;
             rstd = rsqrtf(t.m2 / (float)cols + eps);
         } else {
             float t = block_reduce_sum(ss, reinterpret_cast<float*>(scratch));
+            t_m2 = t;
             rstd = rsqrtf(t / (float)cols + eps);
         }
         if (threadIdx.x == 0) {
             if (CENTER) mean_out[row] = mean;
             rstd_out[row] = rstd;
+            if (varu_out) varu_out[row] = t_m2 / (float)(cols - 1);
         }
         // Each thread reads back only the cache slots it wrote: no barrier needed.
         if (vec) {
@@ -61,20 +71,22 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
 #pragma unroll
                 for (int i = 0; i < PN; ++i) {
                     int j = p * PN + i;
+                    int q = p0 + (seg == 1 ? j : j / seg);
                     float v = cache ? row_cache[j] : to_float(in.v[i]);
                     float o = (v - mean) * rstd;
-                    if (w) o *= w[j];
-                    if (b) o += b[j];
+                    if (w) o *= w[q];
+                    if (b) o += b[q];
                     out.v[i] = from_float<T>(o);
                 }
                 yp[p] = out;
             }
         } else {
             for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+                int q = p0 + j / seg;
                 float v = cache ? row_cache[j] : to_float(xr[j]);
                 float o = (v - mean) * rstd;
-                if (w) o *= w[j];
-                if (b) o += b[j];
+                if (w) o *= w[q];
+                if (b) o += b[q];
                 yr[j] = from_float<T>(o);
             }
         }
@@ -178,12 +190,17 @@ extern "C" __global__ void col_sum_f32(const float* __restrict__ part, float* __
     extern "C" __global__ void layer_norm_fwd_##NAME(                                           \
         const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, i64 rows,   \
         int cols, float eps, int cache) {                                                       \
-        rows_fwd<T, true>(x, y, w, b, mean, rstd, rows, cols, eps, cache);                     \
+        rows_fwd<T, true>(x, y, w, b, mean, rstd, 0, rows, cols, 1, 1, eps, cache);            \
     }                                                                                           \
     extern "C" __global__ void rms_norm_fwd_##NAME(const T* x, T* y, const float* w,           \
                                                    float* rstd, i64 rows, int cols, float eps,  \
                                                    int cache) {                                 \
-        rows_fwd<T, false>(x, y, w, 0, 0, rstd, rows, cols, eps, cache);                       \
+        rows_fwd<T, false>(x, y, w, 0, 0, rstd, 0, rows, cols, 1, 1, eps, cache);              \
+    }                                                                                           \
+    extern "C" __global__ void group_norm_fwd_##NAME(                                           \
+        const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, float* varu, \
+        i64 rows, int cols, int seg, int cycle, float eps, int cache) {                         \
+        rows_fwd<T, true>(x, y, w, b, mean, rstd, varu, rows, cols, seg, cycle, eps, cache);   \
     }                                                                                           \
     extern "C" __global__ void layer_norm_bwd_##NAME(                                           \
         const T* dy, const T* x, const float* w, const float* mean, const float* rstd, T* dx,   \

@@ -261,6 +261,35 @@ pub fn cases(quick: bool) -> Result<Vec<(AnyNorm, Vec<usize>, f32)>> {
         (AnyNorm::Rms(RmsNorm::new(&[1024])?), vec![64, 1024], 0.0),
         (AnyNorm::Rms(RmsNorm::new(&[4099])?), vec![3, 4099], 0.0),
     ];
+    // Seeded random shapes: odd, prime and 1-sized dimensions in every position.
+    let mut rng = StdRng::seed_from_u64(2026);
+    let mut dim = |hi: usize| -> usize {
+        use rand::Rng;
+        [1, 2, 3, 5, 7, 13, 31, 37, 64, 97][rng.random_range(0..10)].min(hi)
+    };
+    for _ in 0..3 {
+        let (n, c, h, w) = (dim(8).max(2), dim(37), dim(97), dim(31));
+        v.push((
+            AnyNorm::Bn2(BatchNorm2d::from_config(bn(c))?),
+            vec![n, c, h, w],
+            0.0,
+        ));
+        let s = (h * w).max(2);
+        v.push((
+            AnyNorm::In1(InstanceNorm1d::from_config(inn(c))?),
+            vec![n, c, s],
+            0.0,
+        ));
+        let g = (2..=c).find(|g| c % g == 0).unwrap_or(1);
+        v.push((AnyNorm::Gn(GroupNorm::new(g, c)?), vec![n, c, h, w], 0.0));
+        let cols = dim(97) * dim(64);
+        v.push((
+            AnyNorm::Ln(LayerNorm::new(&[cols])?),
+            vec![n * h, cols],
+            0.0,
+        ));
+        v.push((AnyNorm::Rms(RmsNorm::new(&[cols])?), vec![n * w, cols], 0.0));
+    }
     if !quick {
         v.extend([
             (
@@ -526,4 +555,20 @@ pub fn table(rows: &[CheckRow]) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every sweep case is a legal input for its layer (checked on the CPU path).
+    #[test]
+    fn sweep_cases_are_valid_inputs() {
+        for (mut layer, shape, mean) in cases(false).unwrap() {
+            let n: usize = shape.iter().product();
+            let x = Tensor::from_vec(randn(n, 1, mean), &shape).unwrap();
+            let out = layer.forward_with_stats(&x);
+            assert!(out.is_ok(), "{} {shape:?}: {:?}", layer.name(), out.err());
+        }
+    }
 }

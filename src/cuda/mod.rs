@@ -103,6 +103,7 @@ struct Inner {
     stream: Arc<CudaStream>,
     arch: String,
     sms: u32,
+    smem_optin: usize,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     poison: std::sync::atomic::AtomicBool,
 }
@@ -148,8 +149,12 @@ impl CudaDevice {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(|e| driver_err("reading the SM count", e))?;
+        let smem_optin = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| driver_err("reading the shared memory limit", e))?;
         Ok(CudaDevice {
             inner: Arc::new(Inner {
+                smem_optin: smem_optin.max(48 * 1024) as usize,
                 ordinal: ctx.ordinal(),
                 ctx,
                 stream,
@@ -164,6 +169,11 @@ impl CudaDevice {
     /// The architecture kernels are compiled for (`sm_90` on an H100).
     pub fn arch(&self) -> &str {
         &self.inner.arch
+    }
+
+    /// Shared memory one block may use after opting in (227 KiB on an H100).
+    pub fn smem_per_block(&self) -> usize {
+        self.inner.smem_optin
     }
 
     /// Number of streaming multiprocessors.

@@ -5,7 +5,7 @@
 //! Element type `T` is `f32`, `f16` or `bf16`; parameters, statistics and gradients of
 //! parameters are `f32`.
 
-use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::{driver_err, CudaDevice};
 use crate::dtype::Element;
@@ -53,24 +53,35 @@ fn pack<T: Element>() -> usize {
 // LayerNorm / RMSNorm
 // ---------------------------------------------------------------------------------------------
 
-/// Shared memory a block may use to keep its row on chip without opting in to more.
-const ROW_CACHE_BYTES: usize = 48 * 1024;
+/// Shared memory a block uses without opting in.
+const DEFAULT_SMEM: usize = 48 * 1024;
 
+/// Launch configuration of the row forward kernel. The row stays on chip (f32) when it fits in
+/// the device's opt-in shared memory next to the 384-byte reduction scratch; above 48 KiB the
+/// kernel is opted in first.
 fn rows_fwd_config<T: Element>(
     dev: &CudaDevice,
+    f: &CudaFunction,
     rows: usize,
     cols: usize,
 ) -> Result<(LaunchConfig, i32)> {
     let packs = cols.div_ceil(pack::<T>());
     let threads = packs.next_multiple_of(32).clamp(32, 1024) as u32;
-    // The static reduction scratch (384 bytes) shares the 48 KiB with the row cache.
-    let cache = cols * 4 + 1024 <= ROW_CACHE_BYTES;
+    let smem = cols * 4;
+    let cache = smem + 1024 <= dev.smem_per_block();
+    if cache && smem + 1024 > DEFAULT_SMEM {
+        f.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| driver_err("opting in to shared memory", e))?;
+    }
     let blocks = rows.min(dev.sm_count() as usize * 32);
     Ok((
         LaunchConfig {
             grid_dim: (grid(blocks)?, 1, 1),
             block_dim: (threads, 1, 1),
-            shared_mem_bytes: if cache { (cols * 4) as u32 } else { 0 },
+            shared_mem_bytes: if cache { smem as u32 } else { 0 },
         },
         cache as i32,
     ))
@@ -137,7 +148,6 @@ fn rows_forward<T: Element>(
     if numel == 0 {
         return Ok(());
     }
-    let (cfg, cache) = rows_fwd_config::<T>(dev, rows, cols)?;
     let (rows_i, cols_i) = (rows as i64, to_i32("cols", cols)?);
     let center = mean.is_some();
     let name = format!(
@@ -146,6 +156,7 @@ fn rows_forward<T: Element>(
         T::DTYPE.name()
     );
     let f = dev.function("rows", &name)?;
+    let (cfg, cache) = rows_fwd_config::<T>(dev, &f, rows, cols)?;
     let stream = dev.stream();
     let mut b = stream.launch_builder(&f);
     b.arg(x).arg(y);
@@ -466,6 +477,36 @@ fn coef(
     Ok([a, m, k])
 }
 
+/// r = (1 − f)·r + f·stat per channel (InstanceNorm: batch average of per-plane statistics).
+#[allow(clippy::too_many_arguments)]
+fn running_update(
+    dev: &CudaDevice,
+    s: &PlaneShape,
+    rm: &mut CudaViewMut<f32>,
+    rv: &mut CudaViewMut<f32>,
+    mean: &CudaView<f32>,
+    varu: &cudarc::driver::CudaSlice<f32>,
+    factor: f32,
+    per_sample: bool,
+) -> Result<()> {
+    check_len("running_mean", rm.len(), s.c)?;
+    check_len("running_var", rv.len(), s.c)?;
+    let (n_i, c_i, per) = (s.n as i64, to_i32("C", s.c)?, per_sample as i32);
+    let f = dev.function("planes", "running_update")?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(rm)
+        .arg(rv)
+        .arg(mean)
+        .arg(varu)
+        .arg(&n_i)
+        .arg(&c_i)
+        .arg(&per)
+        .arg(&factor);
+    // SAFETY: matches running_update; running buffers hold C floats, statistics the groups.
+    unsafe { b.launch(small_config(s.c)?) }.map_err(launch_err)?;
+    Ok(())
+}
+
 /// BatchNorm / InstanceNorm / GroupNorm forward: writes `y`, and the statistics used into
 /// `mean`/`rstd` (`groups` entries for input statistics, `C` for fixed ones).
 #[allow(clippy::too_many_arguments)]
@@ -517,6 +558,44 @@ pub fn planes_forward<T: Element>(
             check_len("mean", mean.len(), ng)?;
             check_len("rstd", rstd.len(), ng)?;
             if numel == 0 {
+                return Ok(());
+            }
+            if let (Groups::PerSample(g), false) = (groups, s.channels_last) {
+                // Contiguous GroupNorm/InstanceNorm: each (n, group) is one contiguous row of
+                // C/G·S values; one pass computes its statistics and output (x read once when
+                // the row fits on chip).
+                let mut varu = dev.alloc::<f32>(ng)?;
+                let f = dev.function("rows", &format!("group_norm_fwd_{dt}"))?;
+                let cols = (s.c / g) * s.s;
+                let (cfg, cache) = rows_fwd_config::<T>(dev, &f, ng, cols)?;
+                let (rows_i, cols_i, seg_i, g_i) = (
+                    ng as i64,
+                    to_i32("C/G·S", cols)?,
+                    to_i32("S", s.s)?,
+                    g as i32,
+                );
+                let mut b = stream.launch_builder(&f);
+                b.arg(x).arg(&mut *y);
+                match weight {
+                    Some(w) => b.arg(w),
+                    None => b.arg(&NULL),
+                };
+                match bias {
+                    Some(v) => b.arg(v),
+                    None => b.arg(&NULL),
+                };
+                b.arg(&mut *mean).arg(&mut *rstd).arg(&mut varu);
+                b.arg(&rows_i)
+                    .arg(&cols_i)
+                    .arg(&seg_i)
+                    .arg(&g_i)
+                    .arg(&eps)
+                    .arg(&cache);
+                // SAFETY: matches rows.cu's group_norm_fwd; x/y hold N·C·S, stats N·G elements.
+                unsafe { b.launch(cfg) }.map_err(launch_err)?;
+                if let Some((rm, rv, factor, per_sample)) = running {
+                    running_update(dev, &s, rm, rv, &mean.as_view(), &varu, factor, per_sample)?;
+                }
                 return Ok(());
             }
             let chunks = reduce_chunks(dev, &s);
