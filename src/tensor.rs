@@ -87,7 +87,6 @@ pub(crate) fn permute_layout<T: Copy>(src: &[T], shape: &[usize], to_nhwc: bool)
     }
     let d = Ncs::of(shape);
     let mut out = Vec::with_capacity(src.len());
-    // SAFETY-free approach: fill via push in destination order.
     for n in 0..d.n {
         let base = n * d.c * d.s;
         if to_nhwc {
@@ -242,7 +241,8 @@ impl<T: Element> Tensor<T> {
         Ok(self.to_vec()?.into_iter().map(T::to_f32).collect())
     }
 
-    /// A copy in another memory format (a no-op copy when the format is the same).
+    /// A copy in another memory format (a no-op copy when the format is the same). For a CUDA
+    /// tensor the permutation currently goes through host memory.
     pub fn to_format(&self, format: MemoryFormat) -> Result<Tensor<T>> {
         let format = check_format(&self.shape, format)?;
         if format == self.format {

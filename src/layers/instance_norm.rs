@@ -126,6 +126,19 @@ impl<const D: usize> InstanceNorm<D> {
     pub fn num_batches_tracked(&self) -> Option<i64> {
         self.num_batches_tracked
     }
+    /// Sets the (unused, as in PyTorch) step counter.
+    pub fn set_num_batches_tracked(&mut self, n: i64) -> Result<()> {
+        match &mut self.num_batches_tracked {
+            Some(v) => {
+                *v = n;
+                Ok(())
+            }
+            None => Err(Error::InvalidArgument(format!(
+                "{}: num_batches_tracked exists only with track_running_stats=true",
+                Self::name()
+            ))),
+        }
+    }
     /// Replaces the weight (shape `[C]`).
     pub fn set_weight(&mut self, w: Tensor<f32>) -> Result<()> {
         set_checked(&Self::name(), "weight", &mut self.weight, w)

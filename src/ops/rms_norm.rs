@@ -10,8 +10,9 @@ use crate::tensor::{MemoryFormat, Storage, Tensor};
 
 const OP: &str = "rms_norm";
 
-/// The eps RMSNorm uses when none is given: `f32::EPSILON` for every input dtype (PyTorch's
-/// `torch.finfo(torch.float32).eps`... applied to f16/bf16 inputs too, since they compute in f32).
+/// The eps RMSNorm uses when none is given: `f32::EPSILON` (PyTorch's
+/// `torch.finfo(torch.float32).eps`) for every input dtype, f16/bf16 included, since they are
+/// computed in f32.
 pub const RMS_NORM_DEFAULT_EPS: f64 = f32::EPSILON as f64;
 
 /// RMS normalization over the trailing `normalized_shape` dimensions:
