@@ -441,3 +441,32 @@ pub fn to_json(copy: f64, device: &str, rows: &[BenchRow]) -> serde_json::Value 
         })).collect::<Vec<_>>(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys must match what benches/torch_compare.py writes: f"{op}|{dtype}|{fmt}|{list(shape)}|{stage}".
+    #[test]
+    fn torch_keys_match() {
+        let mut rows = vec![BenchRow {
+            op: "group_norm",
+            dtype: DType::BF16,
+            format: MemoryFormat::ChannelsLast,
+            shape: vec![32, 512, 64, 64],
+            stage: "backward",
+            ms: 0.5,
+            gbps: 1.0,
+            pct_copy: 1.0,
+            torch_ms: None,
+        }];
+        let json = serde_json::json!({"results": [
+            {"key": "group_norm|bf16|nhwc|[32, 512, 64, 64]|backward", "ms": 1.5},
+            {"key": "group_norm|bf16|nhwc|[32, 512, 64, 64]|forward", "ms": 9.0},
+        ]});
+        attach_torch(&mut rows, &json);
+        assert_eq!(rows[0].torch_ms, Some(1.5));
+        assert!(table(3000.0, "test", &rows).contains("| 3.00 |"));
+        assert_eq!(standard_cases().len(), 16);
+    }
+}
