@@ -55,69 +55,39 @@ pub(crate) fn forward<T: Element>(
             mean.slice_mut(0..ng),
             rstd.slice_mut(0..ng),
         );
-        match source {
-            Source::Input { running } => match running {
-                Some(r) => {
-                    let per_sample = matches!(grouping, Grouping::Groups(_));
-                    let factor = r.factor as f32;
-                    let rm = r.mean.cuda_slice_mut()?;
-                    let rvar = r.var.cuda_slice_mut()?;
-                    let (mut rm, mut rvar) = (rm.slice_mut(0..s.c), rvar.slice_mut(0..s.c));
-                    let stats = Stats::Input {
-                        running: Some((&mut rm, &mut rvar, factor, per_sample)),
-                    };
-                    raw::planes_forward(
-                        dev,
-                        &xv,
-                        &mut yv,
-                        s,
-                        groups,
-                        wv.as_ref(),
-                        bv.as_ref(),
-                        eps as f32,
-                        stats,
-                        &mut mv,
-                        &mut rv,
-                    )?;
+        // Views bound here so they outlive the `Stats` that borrows them.
+        let (mut rm_v, mut rv_v, fixed);
+        let stats = match source {
+            Source::Input { running: Some(r) } => {
+                rm_v = r.mean.cuda_slice_mut()?.slice_mut(0..s.c);
+                rv_v = r.var.cuda_slice_mut()?.slice_mut(0..s.c);
+                let per_sample = matches!(grouping, Grouping::Groups(_));
+                Stats::Input {
+                    running: Some((&mut rm_v, &mut rv_v, r.factor as f32, per_sample)),
                 }
-                None => {
-                    let stats = Stats::Input { running: None };
-                    raw::planes_forward(
-                        dev,
-                        &xv,
-                        &mut yv,
-                        s,
-                        groups,
-                        wv.as_ref(),
-                        bv.as_ref(),
-                        eps as f32,
-                        stats,
-                        &mut mv,
-                        &mut rv,
-                    )?;
-                }
-            },
-            Source::Fixed { mean: rm, var } => {
-                let (rmv, rvv) = (tensor_view(rm)?, tensor_view(var)?);
-                let stats = Stats::Fixed {
-                    mean: &rmv,
-                    var: &rvv,
-                };
-                raw::planes_forward(
-                    dev,
-                    &xv,
-                    &mut yv,
-                    s,
-                    groups,
-                    wv.as_ref(),
-                    bv.as_ref(),
-                    eps as f32,
-                    stats,
-                    &mut mv,
-                    &mut rv,
-                )?;
             }
-        }
+            Source::Input { running: None } => Stats::Input { running: None },
+            Source::Fixed { mean: rm, var } => {
+                fixed = (tensor_view(rm)?, tensor_view(var)?);
+                Stats::Fixed {
+                    mean: &fixed.0,
+                    var: &fixed.1,
+                }
+            }
+        };
+        raw::planes_forward(
+            dev,
+            &xv,
+            &mut yv,
+            s,
+            groups,
+            wv.as_ref(),
+            bv.as_ref(),
+            eps as f32,
+            stats,
+            &mut mv,
+            &mut rv,
+        )?;
     }
     Ok(NormOutput {
         output: Tensor::from_parts(

@@ -5,7 +5,9 @@
 //! Element type `T` is `f32`, `f16` or `bf16`; parameters, statistics and gradients of
 //! parameters are `f32`.
 
-use cudarc::driver::{CudaFunction, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaView, CudaViewMut, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 
 use super::{driver_err, CudaDevice};
 use crate::dtype::Element;
@@ -39,6 +41,14 @@ fn grid(blocks: usize) -> Result<u32> {
                 "cuda launch: {blocks} blocks exceed the grid limit; split the input"
             ))
         })
+}
+
+/// Pushes an optional f32 buffer, or a null pointer (the kernels treat null as "absent").
+fn arg_or_null<'a, 'b: 'a, 'c: 'b>(b: &mut LaunchArgs<'a>, v: Option<&'b CudaView<'c, f32>>) {
+    match v {
+        Some(v) => b.arg(v),
+        None => b.arg(&NULL),
+    };
 }
 
 fn launch_err(e: cudarc::driver::DriverError) -> Error {
@@ -160,15 +170,9 @@ fn rows_forward<T: Element>(
     let stream = dev.stream();
     let mut b = stream.launch_builder(&f);
     b.arg(x).arg(y);
-    match weight {
-        Some(w) => b.arg(w),
-        None => b.arg(&NULL),
-    };
+    arg_or_null(&mut b, weight);
     if let Some(m) = mean {
-        match bias {
-            Some(v) => b.arg(v),
-            None => b.arg(&NULL),
-        };
+        arg_or_null(&mut b, bias);
         b.arg(m);
     }
     b.arg(rstd).arg(&rows_i).arg(&cols_i).arg(&eps).arg(&cache);
@@ -276,10 +280,7 @@ fn rows_backward<T: Element>(
         let rows_i = rows as i64;
         let mut b = stream.launch_builder(&f);
         b.arg(dy).arg(x);
-        match weight {
-            Some(w) => b.arg(w),
-            None => b.arg(&NULL),
-        };
+        arg_or_null(&mut b, weight);
         if let Some(m) = mean {
             b.arg(m);
         }
@@ -458,14 +459,8 @@ fn coef(
     let (n_i, c_i) = (s.n as i64, to_i32("C", s.c)?);
     let mut b = dev.stream().launch_builder(&f);
     b.arg(mean_g).arg(rstd_g);
-    match weight {
-        Some(w) => b.arg(w),
-        None => b.arg(&NULL),
-    };
-    match bias {
-        Some(v) => b.arg(v),
-        None => b.arg(&NULL),
-    };
+    arg_or_null(&mut b, weight);
+    arg_or_null(&mut b, bias);
     b.arg(&mut a)
         .arg(&mut m)
         .arg(&mut k)
@@ -576,14 +571,8 @@ pub fn planes_forward<T: Element>(
                 );
                 let mut b = stream.launch_builder(&f);
                 b.arg(x).arg(&mut *y);
-                match weight {
-                    Some(w) => b.arg(w),
-                    None => b.arg(&NULL),
-                };
-                match bias {
-                    Some(v) => b.arg(v),
-                    None => b.arg(&NULL),
-                };
+                arg_or_null(&mut b, weight);
+                arg_or_null(&mut b, bias);
                 b.arg(&mut *mean).arg(&mut *rstd).arg(&mut varu);
                 b.arg(&rows_i)
                     .arg(&cols_i)
@@ -750,10 +739,7 @@ pub fn planes_backward<T: Element>(
     let f = dev.function("planes", "grad_finalize")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&part);
-    match weight {
-        Some(w) => b.arg(w),
-        None => b.arg(&NULL),
-    };
+    arg_or_null(&mut b, weight);
     b.arg(rstd)
         .arg(&mut bc)
         .arg(&mut kc)
