@@ -14,11 +14,12 @@ export CUNORM_CACHE_DIR=${CUNORM_CACHE_DIR:-$out/kernel-cache}
 status=0
 run() { # name, command...
   local name=$1; shift
-  local t0=$(date +%s.%N)
+  local t0 t1 rc
+  t0=$(date +%s%N)
   "$@" > "$out/$name.log" 2>&1
-  local rc=$?
-  local t1=$(date +%s.%N)
-  printf '%-28s rc=%-3s %6.1fs\n' "$name" "$rc" "$(echo "$t1 - $t0" | bc)" | tee -a "$out/summary.txt"
+  rc=$?
+  t1=$(date +%s%N)
+  printf '%-28s rc=%-3s %8d ms\n' "$name" "$rc" $(( (t1 - t0) / 1000000 )) | tee -a "$out/summary.txt"
   [ $rc -eq 0 ] || status=1
 }
 { nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; } > "$out/device.txt" 2>&1
