@@ -128,39 +128,36 @@ __device__ __forceinline__ void rows_bwd(const T* __restrict__ dy, const T* __re
         const T* xr = x + row * (i64)cols;
         T* dr = dx + row * (i64)cols;
         const float mu = CENTER ? mean[row] : 0.f, rs = rstd[row];
+        // Per element: g = dy, x̂, u = g·w; row sums Σu, Σu·x̂; column sums Σg·x̂, Σg.
+        auto terms = [&](int j, float& g, float& xh, float& u) {
+            g = to_float(gr[j]);
+            xh = (to_float(xr[j]) - mu) * rs;
+            u = w ? g * w[j] : g;
+        };
         float s1 = 0.f, s2 = 0.f;
+        auto accumulate = [&](int j, float& cw, float& cb) {
+            float g, xh, u;
+            terms(j, g, xh, u);
+            s1 += u;
+            s2 += u * xh;
+            cw += g * xh;
+            cb += g;
+        };
         if (regs) {
 #pragma unroll
             for (int k = 0; k < ROWS_BWD_REGS; ++k) {
                 int j = threadIdx.x + k * blockDim.x;
-                if (j < cols) {
-                    float g = to_float(gr[j]);
-                    float xh = (to_float(xr[j]) - mu) * rs;
-                    float u = w ? g * w[j] : g;
-                    s1 += u;
-                    s2 += u * xh;
-                    aw[k] += g * xh;
-                    ab[k] += g;
-                }
+                if (j < cols) accumulate(j, aw[k], ab[k]);
             }
         } else {
-            for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-                float g = to_float(gr[j]);
-                float xh = (to_float(xr[j]) - mu) * rs;
-                float u = w ? g * w[j] : g;
-                s1 += u;
-                s2 += u * xh;
-                pw[j] += g * xh;
-                pb[j] += g;
-            }
+            for (int j = threadIdx.x; j < cols; j += blockDim.x) accumulate(j, pw[j], pb[j]);
         }
         s1 = block_reduce_sum(s1, scratch);
         s2 = block_reduce_sum(s2, scratch);
         const float m1 = CENTER ? s1 / (float)cols : 0.f, m2 = s2 / (float)cols;
         for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-            float g = to_float(gr[j]);
-            float xh = (to_float(xr[j]) - mu) * rs;
-            float u = w ? g * w[j] : g;
+            float g, xh, u;
+            terms(j, g, xh, u);
             dr[j] = from_float<T>(rs * (u - m1 - xh * m2));
         }
     }

@@ -277,77 +277,56 @@ fn bench_case<T: Element>(
                 3.0 * bytes,
             );
         }
-        "batch_norm" => {
-            let s = F::batch_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, 1e-5)?.stats;
-            push(
-                "forward",
-                time!(F::batch_norm(
-                    &x,
-                    Some(&mut rm),
-                    Some(&mut rv),
-                    Some(&w),
-                    Some(&b),
-                    true,
-                    0.1,
-                    1e-5
-                )?),
-                2.0 * bytes,
-            );
-            push(
-                "eval",
-                time!(F::batch_norm(
-                    &x,
-                    Some(&mut rm),
-                    Some(&mut rv),
-                    Some(&w),
-                    Some(&b),
-                    false,
-                    0.1,
-                    1e-5
-                )?),
-                2.0 * bytes,
-            );
-            push(
-                "backward",
-                time!(F::batch_norm_backward(&dy, &x, Some(&w), &s)?),
-                3.0 * bytes,
-            );
-        }
         _ => {
-            let s = F::instance_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, 1e-5)?.stats;
-            push(
-                "forward",
-                time!(F::instance_norm(
-                    &x,
-                    None,
-                    None,
-                    Some(&w),
-                    Some(&b),
-                    true,
-                    0.1,
-                    1e-5
-                )?),
-                2.0 * bytes,
-            );
-            push(
-                "eval",
-                time!(F::instance_norm(
-                    &x,
-                    Some(&mut rm),
-                    Some(&mut rv),
-                    Some(&w),
-                    Some(&b),
-                    false,
-                    0.1,
-                    1e-5
-                )?),
-                2.0 * bytes,
-            );
-            push(
-                "backward",
-                time!(F::instance_norm_backward(&dy, &x, Some(&w), &s)?),
-                3.0 * bytes,
-            );
+            // BatchNorm and InstanceNorm share the functional signature. As usually configured,
+            // BatchNorm tracks running statistics in training and InstanceNorm does not (the
+            // same calls benches/torch_compare.py times); both use them in eval.
+            type Fwd<T> = fn(
+                &Tensor<T>,
+                Option<&mut Tensor<f32>>,
+                Option<&mut Tensor<f32>>,
+                Option<&Tensor<f32>>,
+                Option<&Tensor<f32>>,
+                bool,
+                f64,
+                f64,
+            ) -> Result<crate::ops::NormOutput<T>>;
+            type Bwd<T> = fn(
+                &Tensor<T>,
+                &Tensor<T>,
+                Option<&Tensor<f32>>,
+                &crate::ops::SavedStats,
+            ) -> Result<crate::ops::Gradients<T>>;
+            let (fwd, bwd, track): (Fwd<T>, Bwd<T>, bool) = if op == "batch_norm" {
+                (F::batch_norm::<T>, F::batch_norm_backward::<T>, true)
+            } else {
+                (F::instance_norm::<T>, F::instance_norm_backward::<T>, false)
+            };
+            let s = fwd(&x, None, None, Some(&w), Some(&b), true, 0.1, 1e-5)?.stats;
+            let (mut tm, mut tv) = (rm.clone(), rv.clone());
+            let train_ms = time!(fwd(
+                &x,
+                track.then_some(&mut tm),
+                track.then_some(&mut tv),
+                Some(&w),
+                Some(&b),
+                true,
+                0.1,
+                1e-5
+            )?);
+            push("forward", train_ms, 2.0 * bytes);
+            let eval_ms = time!(fwd(
+                &x,
+                Some(&mut rm),
+                Some(&mut rv),
+                Some(&w),
+                Some(&b),
+                false,
+                0.1,
+                1e-5
+            )?);
+            push("eval", eval_ms, 2.0 * bytes);
+            push("backward", time!(bwd(&dy, &x, Some(&w), &s)?), 3.0 * bytes);
         }
     }
     Ok(())

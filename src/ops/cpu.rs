@@ -612,6 +612,14 @@ pub(crate) fn groups_fused<T: Element>(
 // Row engine (LayerNorm, RMSNorm)
 // ---------------------------------------------------------------------------------------------
 
+/// An optional elementwise parameter, or `cols` copies of its neutral value.
+fn param_or(p: Option<&[f32]>, cols: usize, neutral: f32) -> std::borrow::Cow<'_, [f32]> {
+    match p {
+        Some(p) => std::borrow::Cow::Borrowed(p),
+        None => std::borrow::Cow::Owned(vec![neutral; cols]),
+    }
+}
+
 fn row_min_len(cols: usize) -> usize {
     (MIN_TASK / cols.max(1)).max(1)
 }
@@ -668,22 +676,8 @@ pub(crate) fn layer_norm_fwd<T: Element>(
     if x.is_empty() || cols == 0 {
         return (filled_vec(x.len(), |_| {}), Vec::new(), Vec::new());
     }
-    let ones;
-    let zeros;
-    let w = match weight {
-        Some(w) => w,
-        None => {
-            ones = vec![1f32; cols];
-            &ones
-        }
-    };
-    let b = match bias {
-        Some(b) => b,
-        None => {
-            zeros = vec![0f32; cols];
-            &zeros
-        }
-    };
+    let (w, b) = (param_or(weight, cols, 1.0), param_or(bias, cols, 0.0));
+    let (w, b) = (&w[..], &b[..]);
     let mut stats = Vec::new();
     let y = filled_vec(x.len(), |y| {
         stats = y
@@ -710,14 +704,8 @@ pub(crate) fn rms_norm_fwd<T: Element>(
     if x.is_empty() || cols == 0 {
         return (filled_vec(x.len(), |_| {}), Vec::new());
     }
-    let ones;
-    let w = match weight {
-        Some(w) => w,
-        None => {
-            ones = vec![1f32; cols];
-            &ones
-        }
-    };
+    let w = param_or(weight, cols, 1.0);
+    let w = &w[..];
     let mut rstd = Vec::new();
     let y = filled_vec(x.len(), |y| {
         rstd = y
@@ -803,14 +791,8 @@ pub(crate) fn norm_rows_backward<T: Element>(
             vec![0.0; cols],
         );
     }
-    let ones;
-    let w = match weight {
-        Some(w) => w,
-        None => {
-            ones = vec![1f32; cols];
-            &ones
-        }
-    };
+    let w = param_or(weight, cols, 1.0);
+    let w = &w[..];
     let br = grad_block_rows(x.len() / cols);
     let mut parts: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
     let dx = filled_vec(x.len(), |dx| {
