@@ -42,7 +42,8 @@ pub struct CheckRow {
     pub shape: Vec<usize>,
     /// What was compared: `train y`, `running_var`, `eval dx`, `repeat` (bitwise), ...
     pub stage: String,
-    /// Max |cuda − cpu|, divided by max(1, max|cpu|) for sums such as dweight.
+    /// Max |cuda − cpu| / max(1, |cpu|) per element for outputs of unit scale; for sums such
+    /// as dweight, max |cuda − cpu| / max(1, max|cpu|).
     pub max_abs: f64,
     /// ‖cuda − cpu‖ / ‖cpu‖.
     pub rel_l2: f64,
@@ -325,8 +326,17 @@ pub fn cases(quick: bool) -> Result<Vec<(AnyNorm, Vec<usize>, f32)>> {
     Ok(v)
 }
 
+/// Max error and relative L2 error of `got` against `want`.
+///
+/// Outputs of unit scale (`unit`: y, dx): each element's error is divided by max(1, |want|),
+/// since a dtype's spacing at magnitude m > 1 is m times coarser (a bf16 output of 4.5 is one
+/// ulp = 0.031 from its neighbours). Sums (`!unit`: dweight, dbias, running stats): the max
+/// error is divided by max(1, max|want|). For both, the L2 norm of `want` is floored at that of
+/// a vector of ones: an output that cancels to near zero (a sum of random terms, dx of a
+/// LayerNorm over one element or a BatchNorm over two) is held to its terms' unit scale, not to
+/// a relative bound that f32 arithmetic on those terms cannot meet.
 fn metrics(got: &[f32], want: &[f32], unit: bool) -> (f64, f64) {
-    let mut max_abs = 0f64;
+    let mut max_err = 0f64;
     let (mut num, mut den, mut peak) = (0f64, 0f64, 0f64);
     for (&g, &w) in got.iter().zip(want) {
         let (g, w) = (g as f64, w as f64);
@@ -337,7 +347,12 @@ fn metrics(got: &[f32], want: &[f32], unit: bool) -> (f64, f64) {
         } else {
             (g - w).abs()
         };
-        max_abs = max_abs.max(d);
+        let scaled = if unit && w.is_finite() {
+            d / w.abs().max(1.0)
+        } else {
+            d
+        };
+        max_err = max_err.max(scaled);
         num += d * d;
         if w.is_finite() {
             den += w * w;
@@ -345,8 +360,9 @@ fn metrics(got: &[f32], want: &[f32], unit: bool) -> (f64, f64) {
         }
     }
     if got.len() != want.len() {
-        max_abs = f64::INFINITY;
+        max_err = f64::INFINITY;
     }
+    den = den.max(got.len() as f64);
     let rel = if den > 0.0 {
         (num / den).sqrt()
     } else {
@@ -354,9 +370,9 @@ fn metrics(got: &[f32], want: &[f32], unit: bool) -> (f64, f64) {
     };
     (
         if unit {
-            max_abs
+            max_err
         } else {
-            max_abs / peak.max(1.0)
+            max_err / peak.max(1.0)
         },
         rel,
     )
@@ -570,5 +586,26 @@ mod tests {
             let out = layer.forward_with_stats(&x);
             assert!(out.is_ok(), "{} {shape:?}: {:?}", layer.name(), out.err());
         }
+    }
+
+    #[test]
+    fn metrics_scale_errors_by_magnitude() {
+        // One bf16 ulp at 4.5 (0.03125) is within the bf16 bound; the same error at 0.5 is not.
+        let (bf16_abs, _) = tolerance(DType::BF16);
+        assert!(metrics(&[4.53125], &[4.5], true).0 <= bf16_abs);
+        assert!(metrics(&[0.53125], &[0.5], true).0 > bf16_abs);
+        // A NaN where the reference has a number fails outright.
+        assert_eq!(metrics(&[f32::NAN], &[1.0], true).0, f64::INFINITY);
+        // A sum that cancels to 0.3 is held to an absolute bound of unit scale, not to 1e-5
+        // of 0.3; a sum of 300 keeps its relative bound.
+        let (max, rel) = metrics(&[0.300_003], &[0.3], false);
+        assert!(max < 4e-6 && rel < 4e-6, "{max} {rel}");
+        let (_, rel) = metrics(&[300.003], &[300.0], false);
+        assert!((rel - 1e-5).abs() < 1e-6, "{rel}");
+        // dx that cancels to ~1e-5: an f32 error of 1e-7 is measured against unit scale.
+        let (_, rel) = metrics(&[1.1e-5, -2.0e-5], &[1.0e-5, -2.0e-5], true);
+        assert!(rel < 1e-6, "{rel}");
+        // Lengths must match.
+        assert_eq!(metrics(&[1.0], &[1.0, 2.0], true).0, f64::INFINITY);
     }
 }

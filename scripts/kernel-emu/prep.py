@@ -22,10 +22,11 @@ assert "asm(" not in src, "unhandled inline asm"
 out_src.write_text(src)
 
 # Entry points: plain ones, and the per-dtype ones of CUNORM_FOR_DTYPES macros.
-names = re.findall(r'extern "C" __global__ void (\w+)\(', src)
+KERNEL = r'extern "C" __global__ void (?:__launch_bounds__\(\d+\)\s+)?'
+names = re.findall(KERNEL + r"(\w+)\(", src)
 dtypes = re.search(r"#define CUNORM_FOR_DTYPES\(M\)(.*)", src).group(1)
 suffixes = re.findall(r"M\(\w+, (\w+)\)", dtypes)
-for macro_body in re.findall(r'extern "C" __global__ void (\w+)##NAME\(', src):
+for macro_body in re.findall(KERNEL + r"(\w+)##NAME\(", src):
     names += [macro_body + s for s in suffixes]
 assert len(names) == len(set(names)), "duplicate entry point"
 lines = [f'    {{"{n}", emu_entry(&{n})}},' for n in sorted(names)]

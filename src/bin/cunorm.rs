@@ -76,7 +76,7 @@ enum Command {
         /// Target architecture
         #[arg(long, default_value = "sm_90")]
         arch: String,
-        /// Where to write <module>.ptx
+        /// Where to write <module>.ptx and <module>.cubin
         #[arg(long)]
         ptx_dir: Option<std::path::PathBuf>,
     },
@@ -199,6 +199,7 @@ fn run(cli: Cli) -> cunorm::Result<()> {
                 if let Some(dir) = &ptx_dir {
                     std::fs::create_dir_all(dir)?;
                     std::fs::write(dir.join(format!("{module}.ptx")), out.ptx)?;
+                    std::fs::write(dir.join(format!("{module}.cubin")), out.cubin)?;
                 }
             }
         }

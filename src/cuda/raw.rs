@@ -55,6 +55,17 @@ fn launch_err(e: cudarc::driver::DriverError) -> Error {
     driver_err("launching a kernel", e)
 }
 
+/// Threads per block for `f`: `want` (rounded up to whole warps, at most 1024) capped by what
+/// the kernel's register use allows on this device, so that a 1024-thread launch of a kernel
+/// using more than 64 registers (65 536 per block) cannot fail with "too many resources".
+fn block_threads(f: &CudaFunction, want: usize) -> Result<u32> {
+    let max = f
+        .max_threads_per_block()
+        .map_err(|e| driver_err("reading a kernel's thread limit", e))?;
+    let cap = (max.clamp(32, 1024) as usize) / 32 * 32;
+    Ok(want.next_multiple_of(32).clamp(32, cap) as u32)
+}
+
 fn pack<T: Element>() -> usize {
     16 / T::DTYPE.size()
 }
@@ -76,7 +87,7 @@ fn rows_fwd_config<T: Element>(
     cols: usize,
 ) -> Result<(LaunchConfig, i32)> {
     let packs = cols.div_ceil(pack::<T>());
-    let threads = packs.next_multiple_of(32).clamp(32, 1024) as u32;
+    let threads = block_threads(f, packs)?;
     let smem = cols * 4;
     let cache = smem + 1024 <= dev.smem_per_block();
     if cache && smem + 1024 > DEFAULT_SMEM {
@@ -265,7 +276,6 @@ fn rows_backward<T: Element>(
         1,
         (dev.sm_count() as usize * 4).min((1 << 24) / cols).max(1),
     );
-    let threads = cols.div_ceil(8).next_multiple_of(32).clamp(32, 1024) as u32;
     let mut pw = dev.alloc::<f32>(parts * cols)?;
     let mut pb = dev.alloc::<f32>(parts * cols)?;
     let stream = dev.stream();
@@ -277,6 +287,8 @@ fn rows_backward<T: Element>(
             T::DTYPE.name()
         );
         let f = dev.function("rows", &name)?;
+        // Eight columns per thread keep the column sums in registers (rows.cu).
+        let threads = block_threads(&f, cols.div_ceil(8))?;
         let rows_i = rows as i64;
         let mut b = stream.launch_builder(&f);
         b.arg(dy).arg(x);

@@ -1,0 +1,560 @@
+// A fake CUDA driver: a libcuda.so.1 that cudarc loads like the real one, and that runs
+// cunorm's kernels (their own source, through ../kernel-emu/shim.h) on the CPU. It lets the
+// whole Rust CUDA path run on a machine without a GPU: device discovery, NVRTC CUBIN loading,
+// argument packing, launch configurations, copies, events, and the results checked by
+// tests/cuda.rs against the CPU oracle. Not a GPU: no timing, no real concurrency, no hardware
+// codegen. It reports itself by name ("cunorm fake CUDA device") so no result can be mistaken
+// for a GPU's.
+//
+// It is strict where the real driver is strict, and stricter where a GPU would fault:
+//  - a CUBIN must be an ELF for the device's architecture (sm_90) and contain the kernel;
+//  - launches are checked like the driver does: block and grid limits, dynamic shared memory
+//    against the opt-in attribute, and threads per block against the kernel's register count
+//    read from the CUBIN (65 536 registers per block, allocated per warp in units of 256);
+//  - every pointer argument must point into a live allocation, every copy and memset must stay
+//    inside one, 16-byte vector accesses must be aligned, barriers must not diverge;
+//  - built with -fsanitize=address (run.sh asan), every kernel access is bounds-checked.
+// Environment: FAKECUDA_SMS (SM count, default 4), FAKECUDA_LOG=1 (print every launch),
+// FAKECUDA_COVERAGE=FILE (append "kernel launches" lines at exit).
+#include "shim.h"
+#include "kernels_emu.inc"
+
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+enum : CUresult {
+    CUDA_SUCCESS = 0,
+    CUDA_ERROR_INVALID_VALUE = 1,
+    CUDA_ERROR_OUT_OF_MEMORY = 2,
+    CUDA_ERROR_NOT_INITIALIZED = 3,
+    CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_IMAGE = 200,
+    CUDA_ERROR_NO_BINARY_FOR_GPU = 209,
+    CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_NOT_FOUND = 500,
+    CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
+    CUDA_ERROR_NOT_SUPPORTED = 801,
+};
+
+#define API extern "C" __attribute__((visibility("default"))) CUresult
+
+namespace {
+
+constexpr int ARCH = 90;
+constexpr int MAX_SMEM_OPTIN = 232448;  // H100: 227 KiB per block after opting in
+constexpr int DEFAULT_SMEM = 48 * 1024;
+
+std::recursive_mutex mu;
+bool initialized = false;
+std::map<uintptr_t, size_t> allocs;  // device allocations: base -> bytes
+
+int sms() {
+    const char* s = std::getenv("FAKECUDA_SMS");
+    return s ? std::max(1, std::atoi(s)) : 4;
+}
+
+void complain(const std::string& what) { std::fprintf(stderr, "fakecuda: %s\n", what.c_str()); }
+
+// Whether [p, p + n) lies inside one live allocation (n = 0: p inside or at its end).
+bool inside(uintptr_t p, size_t n) {
+    auto it = allocs.upper_bound(p);
+    if (it == allocs.begin()) return false;
+    --it;
+    return p >= it->first && p + n <= it->first + it->second;
+}
+
+CUresult range(CUdeviceptr p, size_t n, const char* call) {
+    if (n == 0 || inside(p, n)) return CUDA_SUCCESS;
+    complain(std::string(call) + ": " + std::to_string(n) + " bytes at 0x" + std::to_string(p) +
+             " are not inside one device allocation");
+    return CUDA_ERROR_INVALID_VALUE;
+}
+
+// --- kernels ---------------------------------------------------------------------------------
+struct Entry {
+    // Copies the arguments from the driver's parameter array (as the driver does at launch) and
+    // returns the kernel call; fails when a pointer argument is outside device memory.
+    std::function<bool(void**, std::function<void()>*, std::string*)> bind;
+};
+
+template <class... A, size_t... I>
+Entry entry_impl(void (*f)(A...), std::index_sequence<I...>) {
+    Entry e;
+    e.bind = [f](void** p, std::function<void()>* call, std::string* err) {
+        auto args = std::make_tuple(*static_cast<std::decay_t<A>*>(p[I])...);
+        bool ok = true;
+        auto check = [&](auto v, size_t i) {
+            if constexpr (std::is_pointer_v<decltype(v)>) {
+                uintptr_t a = (uintptr_t)v;
+                if (a != 0 && !inside(a, 0)) {
+                    ok = false;
+                    *err += "argument " + std::to_string(i) + " points outside device memory; ";
+                }
+            }
+        };
+        (check(std::get<I>(args), I), ...);
+        *call = [f, args] { std::apply(f, args); };
+        return ok;
+    };
+    return e;
+}
+template <class... A> Entry emu_entry(void (*f)(A...)) {
+    return entry_impl(f, std::index_sequence_for<A...>{});
+}
+
+const std::map<std::string, Entry>& registry() {
+    static const std::map<std::string, Entry> r = {
+#include "kernels_registry.inc"
+    };
+    return r;
+}
+
+// What the CUBIN says about one kernel.
+struct KernelInfo {
+    int regs = -1;
+    int static_smem = 0;
+};
+
+struct Module {
+    std::map<std::string, KernelInfo> kernels;
+};
+
+struct Function {
+    std::string name;
+    const Entry* entry;
+    KernelInfo info;
+    int max_dynamic_smem;
+    long launches = 0;
+};
+
+std::map<std::string, long> launch_counts;
+
+// Threads per block the register file allows: 65 536 registers, per warp in units of 256.
+int max_threads(int regs) {
+    int per_warp = ((std::max(regs, 1) * 32 + 255) / 256) * 256;
+    int warps = 65536 / per_warp;
+    return std::min(1024, warps * 32);
+}
+
+template <class T> T rd(const uint8_t* b, size_t off) {
+    T v;
+    std::memcpy(&v, b + off, sizeof v);
+    return v;
+}
+
+// Parses a CUBIN: architecture, kernels, register counts (EIATTR_REGCOUNT in .nv.info) and
+// static shared memory (.nv.shared.<kernel>, less the 1 KiB the system reserves).
+CUresult parse_cubin(const uint8_t* b, Module* m) {
+    if (std::memcmp(b, "\x7f" "ELF", 4) != 0 || b[4] != 2) {
+        complain("cuModuleLoadData: not a 64-bit ELF (PTX or garbage?): cunorm must load CUBIN");
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    if (rd<uint16_t>(b, 18) != 190) {
+        complain("cuModuleLoadData: ELF is not for a CUDA GPU");
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    int arch = (rd<uint32_t>(b, 48) >> 8) & 0xff;
+    if (arch != ARCH) {
+        complain("cuModuleLoadData: CUBIN for sm_" + std::to_string(arch) + " on an sm_" +
+                 std::to_string(ARCH) + " device");
+        return CUDA_ERROR_NO_BINARY_FOR_GPU;
+    }
+    uint64_t shoff = rd<uint64_t>(b, 40);
+    uint16_t shentsize = rd<uint16_t>(b, 58), shnum = rd<uint16_t>(b, 60), shstrndx = rd<uint16_t>(b, 62);
+    auto sec = [&](int i, int field) -> uint64_t {  // field offsets of Elf64_Shdr
+        size_t o = shoff + (size_t)i * shentsize;
+        switch (field) {
+            case 0: return rd<uint32_t>(b, o);        // sh_name
+            case 1: return rd<uint32_t>(b, o + 4);    // sh_type
+            case 4: return rd<uint64_t>(b, o + 24);   // sh_offset
+            case 5: return rd<uint64_t>(b, o + 32);   // sh_size
+            case 6: return rd<uint32_t>(b, o + 40);   // sh_link
+        }
+        return 0;
+    };
+    auto secname = [&](int i) { return std::string((const char*)b + sec(shstrndx, 4) + sec(i, 0)); };
+    std::vector<std::string> syms;
+    bool reserved = false;
+    for (int i = 0; i < shnum; ++i) {
+        if (sec(i, 1) == 2) {  // SHT_SYMTAB
+            size_t str = sec(sec(i, 6), 4);
+            for (size_t o = sec(i, 4); o < sec(i, 4) + sec(i, 5); o += 24)
+                syms.push_back(std::string((const char*)b + str + rd<uint32_t>(b, o)));
+        }
+        if (secname(i).rfind(".nv.shared.reserved", 0) == 0) reserved = true;
+    }
+    for (int i = 0; i < shnum; ++i) {
+        std::string n = secname(i);
+        if (n.rfind(".text.", 0) == 0) m->kernels[n.substr(6)];
+    }
+    for (int i = 0; i < shnum; ++i) {
+        std::string n = secname(i);
+        if (n.rfind(".nv.shared.", 0) == 0 && m->kernels.count(n.substr(11))) {
+            int s = (int)sec(i, 5) - (reserved ? 1024 : 0);
+            m->kernels[n.substr(11)].static_smem = std::max(0, s);
+        }
+        if (n == ".nv.info") {
+            size_t o = sec(i, 4), end = o + sec(i, 5);
+            while (o < end) {
+                uint8_t fmt = b[o], attr = b[o + 1];
+                if (fmt == 4) {
+                    uint16_t sz = rd<uint16_t>(b, o + 2);
+                    if (attr == 0x2f && sz == 8) {  // EIATTR_REGCOUNT: symbol, count
+                        uint32_t si = rd<uint32_t>(b, o + 4), v = rd<uint32_t>(b, o + 8);
+                        if (si < syms.size() && m->kernels.count(syms[si])) m->kernels[syms[si]].regs = (int)v;
+                    }
+                    o += 4 + sz;
+                } else if (fmt == 3) {
+                    o += 4;
+                } else if (fmt == 2) {
+                    o += 3;
+                } else {
+                    o += 2;
+                }
+            }
+        }
+    }
+    for (auto& [name, k] : m->kernels)
+        if (k.regs < 0) {
+            complain("cuModuleLoadData: no register count for " + name);
+            return CUDA_ERROR_INVALID_IMAGE;
+        }
+    return CUDA_SUCCESS;
+}
+
+double now_ms() {
+    using namespace std::chrono;
+    return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
+}
+
+struct Event {
+    double t = 0;
+};
+struct Context {
+    int device = 0;
+};
+Context primary;
+thread_local Context* current = nullptr;
+
+struct Coverage {
+    ~Coverage() {
+        const char* f = std::getenv("FAKECUDA_COVERAGE");
+        if (!f) return;
+        if (FILE* o = std::fopen(f, "a")) {
+            for (auto& [k, n] : launch_counts) std::fprintf(o, "%s %ld\n", k.c_str(), n);
+            std::fclose(o);
+        }
+    }
+} coverage;
+
+}  // namespace
+
+#define LOCK std::lock_guard<std::recursive_mutex> lock_(mu)
+#define NEED_INIT \
+    if (!initialized) return CUDA_ERROR_NOT_INITIALIZED
+
+// --- initialization, devices, contexts ---------------------------------------------------------
+API cuInit(unsigned) {
+    LOCK;
+    initialized = true;
+    return CUDA_SUCCESS;
+}
+API cuDriverGetVersion(int* v) {
+    *v = 13000;
+    return CUDA_SUCCESS;
+}
+API cuDeviceGetCount(int* n) {
+    NEED_INIT;
+    *n = 1;
+    return CUDA_SUCCESS;
+}
+API cuDeviceGet(CUdevice* d, int ordinal) {
+    NEED_INIT;
+    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
+    *d = 0;
+    return CUDA_SUCCESS;
+}
+API cuDeviceGetName(char* name, int len, CUdevice) {
+    std::snprintf(name, len, "cunorm fake CUDA device (CPU emulation, sm_90 limits; not a GPU)");
+    return CUDA_SUCCESS;
+}
+API cuDeviceTotalMem_v2(size_t* bytes, CUdevice) {
+    *bytes = 80ull << 30;
+    return CUDA_SUCCESS;
+}
+API cuDeviceGetAttribute(int* v, int attr, CUdevice) {
+    switch (attr) {
+        case 1: *v = 1024; break;               // MAX_THREADS_PER_BLOCK
+        case 2: case 3: *v = 1024; break;       // MAX_BLOCK_DIM_X, Y
+        case 4: *v = 64; break;                 // MAX_BLOCK_DIM_Z
+        case 5: *v = 2147483647; break;         // MAX_GRID_DIM_X
+        case 6: case 7: *v = 65535; break;      // MAX_GRID_DIM_Y, Z
+        case 8: *v = DEFAULT_SMEM; break;       // MAX_SHARED_MEMORY_PER_BLOCK
+        case 10: *v = 32; break;                // WARP_SIZE
+        case 12: *v = 65536; break;             // MAX_REGISTERS_PER_BLOCK
+        case 13: *v = 1980000; break;           // CLOCK_RATE (kHz)
+        case 16: *v = sms(); break;             // MULTIPROCESSOR_COUNT
+        case 36: *v = 2619000; break;           // MEMORY_CLOCK_RATE (kHz)
+        case 37: *v = 5120; break;              // GLOBAL_MEMORY_BUS_WIDTH
+        case 38: *v = 50 << 20; break;          // L2_CACHE_SIZE
+        case 75: *v = ARCH / 10; break;         // COMPUTE_CAPABILITY_MAJOR
+        case 76: *v = ARCH % 10; break;         // COMPUTE_CAPABILITY_MINOR
+        case 97: *v = MAX_SMEM_OPTIN; break;    // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+        case 115: *v = 1; break;                // MEMORY_POOLS_SUPPORTED
+        default: *v = 0; break;
+    }
+    return CUDA_SUCCESS;
+}
+API cuDevicePrimaryCtxRetain(void** ctx, CUdevice) {
+    NEED_INIT;
+    *ctx = &primary;
+    return CUDA_SUCCESS;
+}
+API cuDevicePrimaryCtxRelease_v2(CUdevice) { return CUDA_SUCCESS; }
+API cuCtxSetCurrent(void* ctx) {
+    current = (Context*)ctx;
+    return CUDA_SUCCESS;
+}
+API cuCtxGetCurrent(void** ctx) {
+    *ctx = current;
+    return CUDA_SUCCESS;
+}
+API cuCtxGetDevice(CUdevice* d) {
+    *d = 0;
+    return CUDA_SUCCESS;
+}
+API cuCtxSynchronize() { return CUDA_SUCCESS; }
+
+API cuGetErrorString(CUresult e, const char** s) {
+    switch (e) {
+        case CUDA_SUCCESS: *s = "no error"; break;
+        case CUDA_ERROR_INVALID_VALUE: *s = "invalid argument"; break;
+        case CUDA_ERROR_OUT_OF_MEMORY: *s = "out of memory"; break;
+        case CUDA_ERROR_INVALID_IMAGE: *s = "device kernel image is invalid"; break;
+        case CUDA_ERROR_NO_BINARY_FOR_GPU: *s = "no kernel image is available for execution on the device"; break;
+        case CUDA_ERROR_NOT_FOUND: *s = "named symbol not found"; break;
+        case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: *s = "too many resources requested for launch"; break;
+        default: *s = "fake driver error"; break;
+    }
+    return CUDA_SUCCESS;
+}
+API cuGetErrorName(CUresult e, const char** s) {
+    switch (e) {
+        case CUDA_SUCCESS: *s = "CUDA_SUCCESS"; break;
+        case CUDA_ERROR_INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
+        case CUDA_ERROR_OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+        case CUDA_ERROR_INVALID_IMAGE: *s = "CUDA_ERROR_INVALID_IMAGE"; break;
+        case CUDA_ERROR_NO_BINARY_FOR_GPU: *s = "CUDA_ERROR_NO_BINARY_FOR_GPU"; break;
+        case CUDA_ERROR_NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
+        case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: *s = "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES"; break;
+        default: *s = "CUDA_ERROR_UNKNOWN"; break;
+    }
+    return CUDA_SUCCESS;
+}
+
+// --- streams and events (everything runs synchronously at the call) -------------------------
+API cuStreamCreate(void** s, unsigned) {
+    *s = new int(0);
+    return CUDA_SUCCESS;
+}
+API cuStreamCreateWithPriority(void** s, unsigned, int) { return cuStreamCreate(s, 0); }
+API cuStreamDestroy_v2(void* s) {
+    delete (int*)s;
+    return CUDA_SUCCESS;
+}
+API cuStreamSynchronize(void*) { return CUDA_SUCCESS; }
+API cuStreamQuery(void*) { return CUDA_SUCCESS; }
+API cuStreamWaitEvent(void*, void*, unsigned) { return CUDA_SUCCESS; }
+API cuLaunchHostFunc(void*, void (*fn)(void*), void* data) {
+    fn(data);
+    return CUDA_SUCCESS;
+}
+API cuEventCreate(void** e, unsigned) {
+    *e = new Event;
+    return CUDA_SUCCESS;
+}
+API cuEventDestroy_v2(void* e) {
+    delete (Event*)e;
+    return CUDA_SUCCESS;
+}
+API cuEventRecord(void* e, void*) {
+    ((Event*)e)->t = now_ms();
+    return CUDA_SUCCESS;
+}
+API cuEventSynchronize(void*) { return CUDA_SUCCESS; }
+API cuEventQuery(void*) { return CUDA_SUCCESS; }
+API cuEventElapsedTime(float* ms, void* a, void* b) {
+    *ms = (float)(((Event*)b)->t - ((Event*)a)->t);
+    return CUDA_SUCCESS;
+}
+API cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
+
+// --- memory ------------------------------------------------------------------------------------
+API cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
+    LOCK;
+    NEED_INIT;
+    void* m = nullptr;
+    if (n == 0 || posix_memalign(&m, 256, n) != 0) return n == 0 ? CUDA_ERROR_INVALID_VALUE : CUDA_ERROR_OUT_OF_MEMORY;
+    std::memset(m, 0xa5, n);  // uninitialized device memory is garbage, not zeros
+    allocs[(uintptr_t)m] = n;
+    *p = (CUdeviceptr)m;
+    return CUDA_SUCCESS;
+}
+API cuMemAllocAsync(CUdeviceptr* p, size_t n, void*) { return cuMemAlloc_v2(p, n); }
+API cuMemFree_v2(CUdeviceptr p) {
+    LOCK;
+    auto it = allocs.find((uintptr_t)p);
+    if (it == allocs.end()) {
+        complain("cuMemFree: not an allocation");
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    allocs.erase(it);
+    std::free((void*)p);
+    return CUDA_SUCCESS;
+}
+API cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
+API cuMemGetInfo_v2(size_t* free_b, size_t* total) {
+    *free_b = 79ull << 30;
+    *total = 80ull << 30;
+    return CUDA_SUCCESS;
+}
+API cuMemHostAlloc(void** p, size_t n, unsigned) {
+    *p = std::malloc(n ? n : 1);
+    return *p ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
+}
+API cuMemFreeHost(void* p) {
+    std::free(p);
+    return CUDA_SUCCESS;
+}
+API cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) {
+    LOCK;
+    if (CUresult r = range(d, n, "cuMemcpyHtoD")) return r;
+    std::memcpy((void*)d, h, n);
+    return CUDA_SUCCESS;
+}
+API cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, void*) { return cuMemcpyHtoD_v2(d, h, n); }
+API cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) {
+    LOCK;
+    if (CUresult r = range(d, n, "cuMemcpyDtoH")) return r;
+    std::memcpy(h, (const void*)d, n);
+    return CUDA_SUCCESS;
+}
+API cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, void*) { return cuMemcpyDtoH_v2(h, d, n); }
+API cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
+    LOCK;
+    if (CUresult r = range(d, n, "cuMemcpyDtoD dst")) return r;
+    if (CUresult r = range(s, n, "cuMemcpyDtoD src")) return r;
+    std::memmove((void*)d, (const void*)s, n);
+    return CUDA_SUCCESS;
+}
+API cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { return cuMemcpyDtoD_v2(d, s, n); }
+API cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) {
+    LOCK;
+    if (CUresult r = range(d, n, "cuMemsetD8")) return r;
+    std::memset((void*)d, v, n);
+    return CUDA_SUCCESS;
+}
+API cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(d, v, n); }
+
+// --- modules and launches --------------------------------------------------------------------
+API cuModuleLoadData(void** module, const void* image) {
+    LOCK;
+    NEED_INIT;
+    auto* m = new Module;
+    if (CUresult r = parse_cubin((const uint8_t*)image, m)) {
+        delete m;
+        return r;
+    }
+    *module = m;
+    return CUDA_SUCCESS;
+}
+API cuModuleUnload(void* module) {
+    delete (Module*)module;
+    return CUDA_SUCCESS;
+}
+API cuModuleGetFunction(void** f, void* module, const char* name) {
+    LOCK;
+    auto* m = (Module*)module;
+    auto k = m->kernels.find(name);
+    auto e = registry().find(name);
+    if (k == m->kernels.end() || e == registry().end()) {
+        complain(std::string("cuModuleGetFunction: no kernel ") + name);
+        return CUDA_ERROR_NOT_FOUND;
+    }
+    *f = new Function{name, &e->second, k->second, DEFAULT_SMEM - k->second.static_smem};
+    return CUDA_SUCCESS;
+}
+API cuFuncGetAttribute(int* v, int attr, void* fp) {
+    auto* f = (Function*)fp;
+    switch (attr) {
+        case 0: *v = max_threads(f->info.regs); break;  // MAX_THREADS_PER_BLOCK
+        case 1: *v = f->info.static_smem; break;        // SHARED_SIZE_BYTES
+        case 4: *v = f->info.regs; break;               // NUM_REGS
+        case 8: *v = f->max_dynamic_smem; break;        // MAX_DYNAMIC_SHARED_SIZE_BYTES
+        default: *v = 0; break;
+    }
+    return CUDA_SUCCESS;
+}
+API cuFuncSetAttribute(void* fp, int attr, int v) {
+    LOCK;
+    auto* f = (Function*)fp;
+    if (attr == 8) {
+        if (v < 0 || v + f->info.static_smem > MAX_SMEM_OPTIN) {
+            complain(f->name + ": dynamic shared memory " + std::to_string(v) + " B exceeds the opt-in limit");
+            return CUDA_ERROR_INVALID_VALUE;
+        }
+        f->max_dynamic_smem = v;
+    }
+    return CUDA_SUCCESS;
+}
+API cuFuncSetCacheConfig(void*, int) { return CUDA_SUCCESS; }
+
+API cuLaunchKernel(void* fp, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                   unsigned smem, void*, void** params, void** extra) {
+    LOCK;
+    auto* f = (Function*)fp;
+    const unsigned long threads = (unsigned long)bx * by * bz;
+    std::string cfg = f->name + " grid (" + std::to_string(gx) + "," + std::to_string(gy) + "," +
+                      std::to_string(gz) + ") block (" + std::to_string(bx) + "," + std::to_string(by) + "," +
+                      std::to_string(bz) + ") smem " + std::to_string(smem);
+    if (std::getenv("FAKECUDA_LOG")) complain("launch " + cfg);
+    if (!gx || !gy || !gz || !bx || !by || !bz || threads > 1024 || bx > 1024 || by > 1024 || bz > 64 ||
+        gx > 2147483647u || gy > 65535 || gz > 65535 || extra != nullptr || params == nullptr) {
+        complain("invalid launch configuration: " + cfg);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if ((int)threads > max_threads(f->info.regs)) {
+        complain("too many resources requested for launch: " + cfg + " with " + std::to_string(f->info.regs) +
+                 " registers per thread allows " + std::to_string(max_threads(f->info.regs)) + " threads");
+        return CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
+    }
+    if ((int)smem > f->max_dynamic_smem) {
+        complain("dynamic shared memory above the function's limit (" + std::to_string(f->max_dynamic_smem) +
+                 " B; opt in with cuFuncSetAttribute): " + cfg);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    std::function<void()> call;
+    std::string err;
+    if (!f->entry->bind(params, &call, &err)) {
+        complain("illegal address: " + cfg + ": " + err);
+        std::abort();  // a GPU would fault and poison the context
+    }
+    ++launch_counts[f->name];
+    emu_launch({gx, gy, gz}, {bx, by, bz}, smem, call);
+    return CUDA_SUCCESS;
+}
+
+// NVRTC itself opens libcuda and asks for the driver's private export tables; a fake has none,
+// and NVRTC compiles without them.
+API cuGetExportTable(const void** table, const void*) {
+    *table = nullptr;
+    return CUDA_ERROR_NOT_SUPPORTED;
+}

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Runs cunorm's whole CUDA path on the CPU through a fake CUDA driver (fakecuda.cpp: a
+# libcuda.so.1 that executes the kernels' own source): the CUDA test suite with
+# CUNORM_REQUIRE_CUDA=1, `cunorm demo --device cuda` (must print what the CPU demo prints),
+# `cunorm check`, then the CUDA tests again with the driver under AddressSanitizer (every kernel
+# access bounds-checked). Fails if any kernel entry point was never launched.
+# Not a GPU: proves the Rust side (discovery, CUBIN loading, argument packing, launch limits,
+# copies) and kernel logic, not hardware behaviour or speed.
+#
+# usage: scripts/fake-cuda/run.sh [BUILD_DIR]
+# needs: g++ >= 12 on x86-64 (with libasan), libnvrtc (CUNORM_NVRTC_DIR or the usual places).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+build=$(mkdir -p "${1:-$root/target/fake-cuda}" && cd "${1:-$root/target/fake-cuda}" && pwd)
+cd "$root"
+
+echo "-- building the fake driver (plain and AddressSanitizer)"
+python3 "$here/../kernel-emu/prep.py" kernels "$build/kernels_emu.inc" "$build/kernels_registry.inc"
+flags=(-std=c++20 -g -shared -fPIC -fvisibility=hidden -I "$build" -I "$here/../kernel-emu")
+mkdir -p "$build/plain" "$build/asan"
+g++ "${flags[@]}" -O2 "$here/fakecuda.cpp" -o "$build/plain/libcuda.so.1" &
+g++ "${flags[@]}" -O1 -fsanitize=address -fno-omit-frame-pointer "$here/fakecuda.cpp" -o "$build/asan/libcuda.so.1" &
+wait %1 && wait %2
+ln -sf libcuda.so.1 "$build/plain/libcuda.so"
+ln -sf libcuda.so.1 "$build/asan/libcuda.so"
+
+cargo build --release --quiet
+test_bin=$(cargo test --release --test cuda --no-run --message-format=json 2>/dev/null |
+  python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
+        print(m["executable"])')
+
+export CUNORM_CACHE_DIR="$build/kernel-cache" CUNORM_REQUIRE_CUDA=1 FAKECUDA_COVERAGE="$build/coverage.txt"
+rm -rf "$CUNORM_CACHE_DIR" "$FAKECUDA_COVERAGE"
+plain() { LD_LIBRARY_PATH="$build/plain${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$@"; }
+
+echo "-- cunorm info"
+plain target/release/cunorm info | tee "$build/info.txt"
+grep -q "cunorm fake CUDA device" "$build/info.txt"
+
+echo "-- cunorm demo --device cuda (cold kernel cache) == cunorm demo --device cpu"
+plain target/release/cunorm demo --device cuda > "$build/demo-cuda.txt"
+target/release/cunorm demo --device cpu > "$build/demo-cpu.txt"
+diff <(tail -n +2 "$build/demo-cpu.txt") <(tail -n +2 "$build/demo-cuda.txt")
+ls "$CUNORM_CACHE_DIR"/*.cubin > /dev/null
+
+echo "-- CUDA test suite (warm kernel cache)"
+plain "$test_bin" --test-threads 2
+
+echo "-- cunorm check"
+plain target/release/cunorm check --quick > "$build/check.txt"
+tail -n 3 "$build/check.txt"
+
+echo "-- CUDA test suite under AddressSanitizer"
+LD_LIBRARY_PATH="$build/asan${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  LD_PRELOAD="$(g++ -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+  "$test_bin" --test-threads 2
+
+echo "-- kernel coverage"
+want=$(grep -c emu_entry "$build/kernels_registry.inc")
+got=$(awk '{print $1}' "$FAKECUDA_COVERAGE" | sort -u | wc -l)
+echo "$got of $want kernel entry points launched"
+[ "$got" -eq "$want" ]
+echo "fake-cuda: all passed"
