@@ -4,6 +4,8 @@
 # Writes every log to LOG_DIR: device info, the whole CUDA test suite with CUNORM_REQUIRE_CUDA=1,
 # compute-sanitizer (memcheck, racecheck, initcheck, synccheck) over the CUDA tests,
 # `cunorm check` and `cunorm demo --device cuda`.
+# GPU_RUN_BENCH_ARGS adds arguments to every `cunorm bench` (e.g. "--quick --reps 1" for a smoke
+# run of this script on scripts/fake-cuda's driver).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:?usage: gpu-run.sh LOG_DIR}
@@ -12,6 +14,7 @@ export CUNORM_REQUIRE_CUDA=1 CUNORM_REQUIRE_NVRTC=1
 export CUNORM_CACHE_DIR=${CUNORM_CACHE_DIR:-$out/kernel-cache}
 [ -d /usr/local/cuda/lib64 ] && export CUNORM_NVRTC_DIR=${CUNORM_NVRTC_DIR:-/usr/local/cuda/lib64}
 status=0
+bench_args=(${GPU_RUN_BENCH_ARGS:-})
 run() { # name, command...
   local name=$1; shift
   local t0 t1 rc
@@ -38,10 +41,10 @@ done
 # Performance: PyTorch's side first (if this machine has it), then cunorm with the comparison.
 if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null && [ -f "$here/torch_compare.py" ]; then
   run torch-bench python3 "$here/torch_compare.py" "$out/torch.json"
-  run bench "$here/cunorm" bench --compare "$out/torch.json"
-  run bench-json "$here/cunorm" bench --json --compare "$out/torch.json"
+  run bench "$here/cunorm" bench "${bench_args[@]}" --compare "$out/torch.json"
+  run bench-json "$here/cunorm" bench "${bench_args[@]}" --json --compare "$out/torch.json"
 else
-  run bench "$here/cunorm" bench
+  run bench "$here/cunorm" bench "${bench_args[@]}"
 fi
 run demo-cuda "$here/cunorm" demo --device cuda
 run demo-cuda-json "$here/cunorm" demo --device cuda --json

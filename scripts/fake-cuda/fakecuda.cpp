@@ -14,7 +14,8 @@
 //  - every pointer argument must point into a live allocation, every copy and memset must stay
 //    inside one, 16-byte vector accesses must be aligned, barriers must not diverge;
 //  - built with -fsanitize=address (run.sh asan), every kernel access is bounds-checked.
-// Environment: FAKECUDA_SMS (SM count, default 4), FAKECUDA_LOG=1 (print every launch),
+// Environment: FAKECUDA_SMS (SM count, default 4), FAKECUDA_ORDER=reverse (threads and blocks
+// in reverse order: a race shows as a changed result), FAKECUDA_LOG=1 (print every launch),
 // FAKECUDA_COVERAGE=FILE (append "kernel launches" lines at exit).
 #include "shim.h"
 #include "kernels_emu.inc"
@@ -265,6 +266,8 @@ struct Coverage {
 API cuInit(unsigned) {
     LOCK;
     initialized = true;
+    const char* order = std::getenv("FAKECUDA_ORDER");
+    emu_reverse = order && std::string(order) == "reverse";
     return CUDA_SUCCESS;
 }
 API cuDriverGetVersion(int* v) {

@@ -50,9 +50,16 @@ ls "$CUNORM_CACHE_DIR"/*.cubin > /dev/null
 echo "-- CUDA test suite (warm kernel cache)"
 plain "$test_bin" --test-threads 2
 
+echo "-- CUDA test suite, threads and blocks run in reverse order (a race changes results)"
+FAKECUDA_ORDER=reverse FAKECUDA_SMS=7 plain "$test_bin" --test-threads 2 cuda_matches_cpu_everywhere
+
 echo "-- cunorm check"
 plain target/release/cunorm check --quick > "$build/check.txt"
 tail -n 3 "$build/check.txt"
+
+echo "-- cunorm bench smoke run (events, copy reference, L2 flush, JSON; timings meaningless)"
+plain target/release/cunorm bench --quick --reps 1 --ops rms_norm --json > "$build/bench.json"
+python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(len(d["results"]), "bench rows")' "$build/bench.json"
 
 echo "-- CUDA test suite under AddressSanitizer"
 LD_LIBRARY_PATH="$build/asan${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \

@@ -1,9 +1,10 @@
 // Host emulation of the CUDA features cunorm's kernels use, to run them on a CPU for logic
 // checks (no GPU here). Blocks run one after another on the calling thread; the threads of a
-// block are fibers (x86-64 stack switching), and __syncthreads is a true barrier: every live
-// thread of the block runs up to it before any goes on. Warp shuffles go through a block-wide
-// exchange buffer (every kernel calls them uniformly across the block). A barrier that some
-// threads reach after others have exited is reported as divergence. Faults (misaligned 16-byte
+// block are fibers (x86-64 stack switching). __syncthreads is a true block barrier; a warp
+// shuffle synchronizes only its warp, and warps run independently between barriers (each as
+// far as it can before the next), so a missing barrier shows as a wrong result. A barrier that
+// some threads reach after others have exited, or a shuffle not every lane reaches, is
+// reported as divergence. Faults (misaligned 16-byte
 // access, divergent barrier) print what happened and abort, as a GPU fault would end the
 // context. Not for timing. Used by emu.cpp and by the fake driver (scripts/fake-cuda).
 #pragma once
@@ -29,6 +30,9 @@ struct dim3 {
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 inline float emu_shfl[1024];
 inline float* emu_dyn_smem = nullptr;
+// Run the threads of a block, and the blocks of a grid, in reverse order: a kernel whose result
+// depends on the order (a race on shared or global memory) gives different outputs.
+inline bool emu_reverse = false;
 
 #define __global__
 #define __device__
@@ -70,10 +74,14 @@ emu_switch:
 .size emu_switch, .-emu_switch
 )");
 
+// Where a fiber stands: runnable, waiting in a warp shuffle (released when its whole warp is
+// there), waiting at __syncthreads (released when the whole block is there), or finished.
+enum EmuState { EMU_RUN, EMU_SHFL, EMU_SYNC, EMU_DONE };
+
 struct EmuFiber {
     void* sp = nullptr;
+    EmuState state = EMU_RUN;
     char* stack = nullptr;  // lowest usable address; a guard page lies below it
-    bool done = false;
     void* fake = nullptr;  // ASan's fake-stack handle
 };
 
@@ -135,21 +143,27 @@ extern "C" inline void emu_fiber_main() {
     __sanitizer_finish_switch_fiber(nullptr, &b.sched_bottom, &b.sched_size);
 #endif
     (*b.kernel)();
-    b.fibers[b.cur].done = true;
+    b.fibers[b.cur].state = EMU_DONE;
     emu_leave_fiber(true);
     emu_fault("a finished fiber was resumed");
 }
 
-inline void __syncthreads() { emu_leave_fiber(false); }
+inline void emu_wait(EmuState why) {
+    emu_block.fibers[emu_block.cur].state = why;
+    emu_leave_fiber(false);
+}
+inline void __syncthreads() { emu_wait(EMU_SYNC); }
 
-// Runs one block of `n` threads to completion.
+// Runs one block of `n` threads to completion. Warps are independent, as on a GPU: each warp in
+// turn runs as far as it can (its lanes in step through shuffles) up to the next __syncthreads,
+// so a warp that reads what another has not yet written (a missing barrier) sees stale data.
 inline void emu_run_block(unsigned n, const std::function<void()>& kernel) {
     EmuBlock& b = emu_block;
     b.ensure(n);
     b.kernel = &kernel;
     for (unsigned i = 0; i < n; ++i) {
         EmuFiber& f = b.fibers[i];
-        f.done = false;
+        f.state = EMU_RUN;
         f.fake = nullptr;
         // Entered through emu_switch's `ret`: six zeroed registers, the entry point, and a null
         // return address for it, so that emu_fiber_main starts with the ABI's stack alignment.
@@ -161,29 +175,45 @@ inline void emu_run_block(unsigned n, const std::function<void()>& kernel) {
         for (int r = 0; r < 6; ++r) top[r] = nullptr;
         f.sp = top;
     }
+    const unsigned warps = (n + 31) / 32;
     for (;;) {
-        unsigned live = 0;
-        for (unsigned i = 0; i < n; ++i)
-            if (!b.fibers[i].done) {
-                emu_enter_fiber(i);
-                live += !b.fibers[i].done;
+        for (unsigned wk = 0; wk < warps; ++wk) {
+            const unsigned w = emu_reverse ? warps - 1 - wk : wk;
+            const unsigned lo = w * 32, hi = std::min(n, lo + 32);
+            for (;;) {
+                unsigned live = 0, shfl = 0;
+                for (unsigned k = lo; k < hi; ++k) {
+                    const unsigned i = emu_reverse ? hi - 1 - (k - lo) : k;
+                    if (b.fibers[i].state == EMU_RUN) emu_enter_fiber(i);
+                    live += b.fibers[i].state != EMU_DONE;
+                    shfl += b.fibers[i].state == EMU_SHFL;
+                }
+                if (shfl == 0) break;
+                threadIdx = {lo, 0, 0};
+                if (shfl != live) emu_fault("a warp shuffle that not every live lane of the warp reached");
+                for (unsigned i = lo; i < hi; ++i)
+                    if (b.fibers[i].state == EMU_SHFL) b.fibers[i].state = EMU_RUN;
             }
-        if (live == 0) return;
-        if (live != n) {
-            threadIdx = {0, 0, 0};
-            emu_fault("__syncthreads reached by some threads of a block after others exited");
         }
+        unsigned waiting = 0;
+        for (unsigned i = 0; i < n; ++i) waiting += b.fibers[i].state == EMU_SYNC;
+        if (waiting == 0) return;
+        threadIdx = {0, 0, 0};
+        if (waiting != n) emu_fault("__syncthreads reached by some threads of a block after others exited");
+        for (unsigned i = 0; i < n; ++i) b.fibers[i].state = EMU_RUN;
     }
 }
 
 // --- device intrinsics -----------------------------------------------------------------------
 inline unsigned emu_linear_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
-inline float __shfl_xor_sync(unsigned, float v, int o) {
+inline float __shfl_xor_sync(unsigned mask, float v, int o) {
+    if (mask != 0xffffffffu || (blockDim.x * blockDim.y * blockDim.z) % 32 != 0 || o <= 0 || o >= 32)
+        emu_fault("full-warp shuffle in a block that is not whole warps (or a bad lane mask)");
     unsigned t = emu_linear_tid();
     emu_shfl[t] = v;
-    __syncthreads();
+    emu_wait(EMU_SHFL);
     float r = emu_shfl[t ^ o];
-    __syncthreads();
+    emu_wait(EMU_SHFL);
     return r;
 }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
@@ -207,10 +237,10 @@ inline void emu_launch(dim3 grid, dim3 block, size_t smem, const std::function<v
     std::vector<float> dyn(smem / 4);
     emu_dyn_smem = dyn.empty() ? nullptr : dyn.data();
     const unsigned n = block.x * block.y * block.z;
-    for (unsigned bz = 0; bz < grid.z; ++bz)
-        for (unsigned by = 0; by < grid.y; ++by)
-            for (unsigned bx = 0; bx < grid.x; ++bx) {
-                blockIdx = {bx, by, bz};
-                emu_run_block(n, kernel);
-            }
+    const unsigned long blocks = (unsigned long)grid.x * grid.y * grid.z;
+    for (unsigned long k = 0; k < blocks; ++k) {
+        unsigned long i = emu_reverse ? blocks - 1 - k : k;
+        blockIdx = {(unsigned)(i % grid.x), (unsigned)(i / grid.x % grid.y), (unsigned)(i / grid.x / grid.y)};
+        emu_run_block(n, kernel);
+    }
 }
