@@ -261,6 +261,14 @@ pub fn cases(quick: bool) -> Result<Vec<(AnyNorm, Vec<usize>, f32)>> {
         (AnyNorm::Rms(RmsNorm::new(&[1])?), vec![7, 1], 0.0),
         (AnyNorm::Rms(RmsNorm::new(&[1024])?), vec![64, 1024], 0.0),
         (AnyNorm::Rms(RmsNorm::new(&[4099])?), vec![3, 4099], 0.0),
+        // Rows above 48 KiB of f32 but within the opt-in shared memory: the kernel opts in.
+        (
+            AnyNorm::Ln(LayerNorm::new(&[20_000])?),
+            vec![2, 20_000],
+            0.0,
+        ),
+        (AnyNorm::Rms(RmsNorm::new(&[33_333])?), vec![2, 33_333], 0.0),
+        (AnyNorm::Gn(GroupNorm::new(2, 4)?), vec![1, 4, 8_000], 0.0),
     ];
     // Seeded random shapes: odd, prime and 1-sized dimensions in every position.
     let mut rng = StdRng::seed_from_u64(2026);
