@@ -1,56 +1,96 @@
 #!/usr/bin/env bash
 # Runs on a GPU machine from a folder made by scripts/gpu-bundle.sh; builds nothing.
-# usage: gpu-run.sh LOG_DIR
-# Writes every log to LOG_DIR: device info, the whole CUDA test suite with CUNORM_REQUIRE_CUDA=1,
-# compute-sanitizer (memcheck, racecheck, initcheck, synccheck) over the CUDA tests,
-# `cunorm check` and `cunorm demo --device cuda`.
-# GPU_RUN_BENCH_ARGS adds arguments to every `cunorm bench` (e.g. "--quick --reps 1" for a smoke
-# run of this script on scripts/fake-cuda's driver).
+# usage: gpu-run.sh LOG_DIR [GROUP...]     GROUP: verify, perf, sanitize (default: all three)
+#
+# verify:   device info, NVRTC compile test, cold/warm start (`demo` with an empty, then a warm
+#           kernel cache), the whole CUDA test suite with CUNORM_REQUIRE_CUDA=1, `cunorm check`,
+#           `cunorm demo --device cuda`, the CPU suites;
+# perf:     benches/torch_compare.py (when PyTorch sees a GPU), then `cunorm bench --compare`
+#           (table in bench.log, JSON in bench.json);
+# sanitize: compute-sanitizer memcheck, initcheck, synccheck, racecheck over the CUDA sweep
+#           (CUNORM_CHECK_QUICK=1).
+#
+# Every step has its own time limit and the run a deadline (GPU_RUN_DEADLINE seconds, default
+# 560, under the device tool's 600 s per call): a step that would start past it is skipped and
+# says so, so one slow step cannot take the rest down; rerun the missing group in another call.
+# Every log goes to LOG_DIR; LOG_DIR/summary.txt has one line per step (rc, time).
+# GPU_RUN_BENCH_ARGS adds arguments to `cunorm bench` (e.g. "--quick --reps 1" for a smoke run
+# of this script on scripts/fake-cuda's driver).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-out=${1:?usage: gpu-run.sh LOG_DIR}
+out=${1:?usage: gpu-run.sh LOG_DIR [verify|perf|sanitize]...}
+shift
+groups=${*:-verify perf sanitize}
 mkdir -p "$out"
 export CUNORM_REQUIRE_CUDA=1 CUNORM_REQUIRE_NVRTC=1
 export CUNORM_CACHE_DIR=${CUNORM_CACHE_DIR:-$out/kernel-cache}
 [ -d /usr/local/cuda/lib64 ] && export CUNORM_NVRTC_DIR=${CUNORM_NVRTC_DIR:-/usr/local/cuda/lib64}
+[ -d /usr/local/cuda/bin ] && export PATH="$PATH:/usr/local/cuda/bin"  # compute-sanitizer
+read -r -a bench_args <<< "${GPU_RUN_BENCH_ARGS:-}"
+deadline=$(( $(date +%s) + ${GPU_RUN_DEADLINE:-560} ))
 status=0
-bench_args=(${GPU_RUN_BENCH_ARGS:-})
-run() { # name, command...
-  local name=$1; shift
+
+run() { # limit_seconds name command...
+  local limit=$1 name=$2; shift 2
+  local left=$(( deadline - $(date +%s) ))
+  if [ "$left" -lt 5 ]; then
+    printf '%-28s skipped: deadline reached\n' "$name" | tee -a "$out/summary.txt"
+    status=1
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   local t0 t1 rc
   t0=$(date +%s%N)
-  "$@" > "$out/$name.log" 2>&1
+  timeout -k 5 "$limit" "$@" > "$out/$name.log" 2>&1
   rc=$?
   t1=$(date +%s%N)
-  printf '%-28s rc=%-3s %8d ms\n' "$name" "$rc" $(( (t1 - t0) / 1000000 )) | tee -a "$out/summary.txt"
+  local note=""
+  [ $rc -eq 124 ] && note="  (timed out after ${limit} s)"
+  printf '%-28s rc=%-3s %8d ms%s\n' "$name" "$rc" $(( (t1 - t0) / 1000000 )) "$note" | tee -a "$out/summary.txt"
   [ $rc -eq 0 ] || status=1
 }
+has() { [[ " $groups " == *" $1 "* ]]; }
+
 { nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; } > "$out/device.txt" 2>&1
-run info "$here/cunorm" info
-run nvrtc-compile "$here/tests/nvrtc_compile" --test-threads=1
-# Cold start: first run with an empty kernel cache, then warm.
-rm -rf "$CUNORM_CACHE_DIR"
-run demo-cold "$here/cunorm" demo --device cuda --steps 10 --json
-run demo-warm "$here/cunorm" demo --device cuda --steps 10 --json
-run cuda-tests "$here/tests/cuda" --test-threads=1 --nocapture
-run check "$here/cunorm" check
-for t in memcheck racecheck initcheck synccheck; do
-  CUNORM_CHECK_QUICK=1 run "sanitizer-$t" compute-sanitizer --tool "$t" --error-exitcode 1 \
-    "$here/tests/cuda" --test-threads=1 cuda_matches_cpu_everywhere
-done
-# Performance: PyTorch's side first (if this machine has it), then cunorm with the comparison.
-if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null && [ -f "$here/torch_compare.py" ]; then
-  run torch-bench python3 "$here/torch_compare.py" "$out/torch.json"
-  run bench "$here/cunorm" bench "${bench_args[@]}" --compare "$out/torch.json"
-  run bench-json "$here/cunorm" bench "${bench_args[@]}" --json --compare "$out/torch.json"
-else
-  run bench "$here/cunorm" bench "${bench_args[@]}"
+
+if has verify; then
+  run 20 info "$here/cunorm" info
+  run 60 nvrtc-compile "$here/tests/nvrtc_compile" --test-threads=1
+  # Cold start: first run with an empty kernel cache, then warm.
+  rm -rf "$CUNORM_CACHE_DIR"
+  run 60 demo-cold "$here/cunorm" demo --device cuda --steps 10 --json
+  run 30 demo-warm "$here/cunorm" demo --device cuda --steps 10 --json
+  run 120 cuda-tests "$here/tests/cuda" --test-threads=1 --nocapture
+  run 60 check "$here/cunorm" check
+  run 30 demo-cuda "$here/cunorm" demo --device cuda
+  run 30 demo-cuda-json "$here/cunorm" demo --device cuda --json
+  for t in cpu_paths errors seed; do
+    [ -x "$here/tests/$t" ] && run 60 "cpu-$t" "$here/tests/$t"
+  done
 fi
-run demo-cuda "$here/cunorm" demo --device cuda
-run demo-cuda-json "$here/cunorm" demo --device cuda --json
-# CPU suites too (golden data paths are compiled in; they skip nothing on the GPU machine).
-for t in cpu_paths errors seed; do
-  [ -x "$here/tests/$t" ] && run "cpu-$t" "$here/tests/$t"
-done
+
+if has perf; then
+  compare=()
+  if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null && [ -f "$here/torch_compare.py" ]; then
+    run 150 torch-bench python3 "$here/torch_compare.py" "$out/torch.json"
+    [ -s "$out/torch.json" ] && compare=(--compare "$out/torch.json")
+  else
+    echo "PyTorch with CUDA not found: bench without the PyTorch column" | tee -a "$out/summary.txt"
+  fi
+  run 180 bench "$here/cunorm" bench "${bench_args[@]}" "${compare[@]}" --json-out "$out/bench.json"
+fi
+
+if has sanitize; then
+  if command -v compute-sanitizer > /dev/null; then
+    for t in memcheck initcheck synccheck racecheck; do
+      CUNORM_CHECK_QUICK=1 run 90 "sanitizer-$t" compute-sanitizer --tool "$t" --error-exitcode 1 \
+        "$here/tests/cuda" --test-threads=1 cuda_matches_cpu_everywhere
+    done
+  else
+    echo "compute-sanitizer not found on PATH: sanitizer steps not run" | tee -a "$out/summary.txt"
+    status=1
+  fi
+fi
+
 echo "overall status: $status" | tee -a "$out/summary.txt"
 exit $status

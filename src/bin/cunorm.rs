@@ -57,6 +57,9 @@ enum Command {
         /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
+        /// Also write the JSON to this file (one run gives both the table and the JSON)
+        #[arg(long)]
+        json_out: Option<std::path::PathBuf>,
         /// PyTorch timings from benches/torch_compare.py, to add the PyTorch/cunorm ratio
         #[arg(long)]
         compare: Option<std::path::PathBuf>,
@@ -107,6 +110,10 @@ fn run(cli: Cli) -> cunorm::Result<()> {
             json,
         } => {
             let dev = pick_device(device, false)?;
+            if let Device::Cuda(d) = &dev {
+                // The demo uses every module: compile them side by side, not one after another.
+                d.warm_up()?;
+            }
             let report = cunorm::demo::run(steps, seed, &dev)?;
             if json {
                 println!("{}", report.to_json());
@@ -156,6 +163,7 @@ fn run(cli: Cli) -> cunorm::Result<()> {
         }
         Command::Bench {
             json,
+            json_out,
             compare,
             quick,
             reps,
@@ -182,8 +190,12 @@ fn run(cli: Cli) -> cunorm::Result<()> {
                 })?;
                 cunorm::bench::attach_torch(&mut rows, &v);
             }
+            let report = cunorm::bench::to_json(copy, &name, &rows);
+            if let Some(path) = json_out {
+                std::fs::write(&path, format!("{report:#}\n"))?;
+            }
             if json {
-                println!("{}", cunorm::bench::to_json(copy, &name, &rows));
+                println!("{report}");
             } else {
                 print!("{}", cunorm::bench::table(copy, &name, &rows));
             }
@@ -208,6 +220,12 @@ fn run(cli: Cli) -> cunorm::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // `cunorm info | head` should end quietly like any Unix tool, not panic on a closed pipe.
+    #[cfg(target_os = "linux")]
+    // SAFETY: restores the default SIGPIPE disposition before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

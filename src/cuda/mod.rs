@@ -185,20 +185,12 @@ impl CudaDevice {
     /// first use in this context.
     pub(crate) fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
         let m = {
-            let mut mods = self.inner.modules.lock().map_err(|_| {
-                Error::Unavailable("kernel module cache poisoned by a panic".into())
-            })?;
+            let mut mods = self.modules()?;
             match mods.get(module) {
                 Some(m) => m.clone(),
                 None => {
                     let cubin = nvrtc::cubin_cached(module, &self.inner.arch)?;
-                    let m = self
-                        .inner
-                        .ctx
-                        .load_module(Ptx::from_binary(cubin))
-                        .map_err(|e| driver_err(&format!("loading kernel module {module}"), e))?;
-                    mods.insert(module, m.clone());
-                    m
+                    self.load(&mut mods, module, cubin)?
                 }
             }
         };
@@ -206,8 +198,63 @@ impl CudaDevice {
             .map_err(|e| driver_err(&format!("finding kernel {name}"), e))
     }
 
-    /// Compiles (or loads from cache) every kernel module now rather than at first use.
+    fn modules(&self) -> Result<std::sync::MutexGuard<'_, HashMap<&'static str, Arc<CudaModule>>>> {
+        self.inner
+            .modules
+            .lock()
+            .map_err(|_| Error::Unavailable("kernel module cache poisoned by a panic".into()))
+    }
+
+    fn load(
+        &self,
+        mods: &mut HashMap<&'static str, Arc<CudaModule>>,
+        module: &'static str,
+        cubin: Vec<u8>,
+    ) -> Result<Arc<CudaModule>> {
+        let m = self
+            .inner
+            .ctx
+            .load_module(Ptx::from_binary(cubin))
+            .map_err(|e| driver_err(&format!("loading kernel module {module}"), e))?;
+        mods.insert(module, m.clone());
+        Ok(m)
+    }
+
+    /// Compiles (or loads from the disk cache) every kernel module now rather than at first use,
+    /// the modules in parallel (NVRTC programs are independent), and checks that every entry
+    /// point is there.
     pub fn warm_up(&self) -> Result<()> {
+        let missing: Vec<&'static str> = {
+            let mods = self.modules()?;
+            nvrtc::module_names()
+                .filter(|m| !mods.contains_key(m))
+                .collect()
+        };
+        let arch = self.inner.arch.as_str();
+        let cubins: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {
+            let jobs: Vec<_> = missing
+                .iter()
+                .map(|&m| s.spawn(move || nvrtc::cubin_cached(m, arch)))
+                .collect();
+            jobs.into_iter()
+                .map(|j| {
+                    j.join().unwrap_or_else(|_| {
+                        Err(Error::Unavailable(
+                            "a kernel compile thread panicked".into(),
+                        ))
+                    })
+                })
+                .collect()
+        });
+        {
+            let mut mods = self.modules()?;
+            for (module, cubin) in missing.into_iter().zip(cubins) {
+                let cubin = cubin?;
+                if !mods.contains_key(module) {
+                    self.load(&mut mods, module, cubin)?;
+                }
+            }
+        }
         for (module, name) in entry_points() {
             self.function(module, &name)?;
         }
