@@ -18,12 +18,16 @@ cd "$root"
 echo "-- building the fake driver (plain and AddressSanitizer)"
 python3 "$here/../kernel-emu/prep.py" kernels "$build/kernels_emu.inc" "$build/kernels_registry.inc"
 flags=(-std=c++20 -g -shared -fPIC -fvisibility=hidden -I "$build" -I "$here/../kernel-emu")
-mkdir -p "$build/plain" "$build/asan"
+# A third build contracts a*b+c into fused multiply-adds as the GPU compiler does (when this
+# CPU has FMA), so the tolerances are also checked against FMA arithmetic.
+fma=()
+grep -qw fma /proc/cpuinfo && fma=(-mfma -ffp-contract=fast)
+mkdir -p "$build/plain" "$build/asan" "$build/fma"
 g++ "${flags[@]}" -O2 "$here/fakecuda.cpp" -o "$build/plain/libcuda.so.1" &
 g++ "${flags[@]}" -O1 -fsanitize=address -fno-omit-frame-pointer "$here/fakecuda.cpp" -o "$build/asan/libcuda.so.1" &
 wait %1 && wait %2
-ln -sf libcuda.so.1 "$build/plain/libcuda.so"
-ln -sf libcuda.so.1 "$build/asan/libcuda.so"
+g++ "${flags[@]}" -O2 "${fma[@]}" "$here/fakecuda.cpp" -o "$build/fma/libcuda.so.1"
+for v in plain asan fma; do ln -sf libcuda.so.1 "$build/$v/libcuda.so"; done
 
 cargo build --release --quiet
 test_bin=$(cargo test --release --test cuda --no-run --message-format=json 2>/dev/null |
@@ -50,8 +54,9 @@ ls "$CUNORM_CACHE_DIR"/*.cubin > /dev/null
 echo "-- CUDA test suite (warm kernel cache)"
 plain "$test_bin" --test-threads 2
 
-echo "-- CUDA test suite, threads and blocks run in reverse order (a race changes results)"
-FAKECUDA_ORDER=reverse FAKECUDA_SMS=7 plain "$test_bin" --test-threads 2 cuda_matches_cpu_everywhere
+echo "-- CUDA sweep, threads and blocks in reverse order (a race changes results), 7 SMs, ${fma[*]:-no FMA}"
+FAKECUDA_ORDER=reverse FAKECUDA_SMS=7 LD_LIBRARY_PATH="$build/fma${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+  "$test_bin" --test-threads 2 cuda_matches_cpu_everywhere
 
 echo "-- cunorm check"
 plain target/release/cunorm check --quick > "$build/check.txt"
