@@ -93,3 +93,119 @@ fn cuda_kernel_cache_round_trip() {
     assert!((y[3] - 1.3416408).abs() < 1e-5, "{y:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The launch layer over caller-held cudarc buffers, with views that start at odd element
+/// offsets (not 16-byte aligned, so the kernels must take their scalar paths), against the CPU
+/// path; elements outside the output view stay untouched; a short buffer is an `Err`.
+#[test]
+fn raw_api_on_unaligned_views() {
+    use cunorm::cuda::raw::{self, Groups, PlaneShape, Stats};
+    use cunorm::MemoryFormat;
+    let Some(dev) = device_or_skip() else { return };
+    let stream = dev.stream().clone();
+    let close = |got: &[f32], want: &[f32], what: &str| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                "{what}: element {i}: {g} vs {w}"
+            );
+        }
+    };
+    let data = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 37 + 11) % 101) as f32 / 25.0 - 2.0)
+            .collect()
+    };
+
+    // LayerNorm: 64 columns (whole 16-byte packs) but x at offset 1 and y at offset 3.
+    let (rows, cols) = (5usize, 64usize);
+    let n = rows * cols;
+    let host = data(n + 1);
+    let w: Vec<f32> = (0..cols).map(|j| 1.0 + j as f32 / 64.0).collect();
+    let xbuf = stream.clone_htod(&host).unwrap();
+    let wbuf = stream.clone_htod(&w).unwrap();
+    let mut ybuf = stream.alloc_zeros::<f32>(n + 5).unwrap();
+    let mut mean = stream.alloc_zeros::<f32>(rows).unwrap();
+    let mut rstd = stream.alloc_zeros::<f32>(rows).unwrap();
+    let x_view = xbuf.slice(1..1 + n);
+    raw::layer_norm_forward(
+        &dev,
+        &x_view,
+        &mut ybuf.slice_mut(3..3 + n),
+        rows,
+        cols,
+        Some(&wbuf.as_view()),
+        None,
+        1e-5,
+        &mut mean.as_view_mut(),
+        &mut rstd.as_view_mut(),
+    )
+    .unwrap();
+    let y = stream.clone_dtoh(&ybuf).unwrap();
+    dev.synchronize().unwrap();
+    let xt = Tensor::from_vec(host[1..].to_vec(), &[rows, cols]).unwrap();
+    let wt = Tensor::from_vec(w.clone(), &[cols]).unwrap();
+    let want = F::layer_norm(&xt, &[cols], Some(&wt), None, 1e-5)
+        .unwrap()
+        .output
+        .to_vec()
+        .unwrap();
+    close(&y[3..3 + n], &want, "layer_norm y");
+    assert_eq!(&y[..3], &[0.0; 3], "layer_norm wrote before its view");
+    assert_eq!(&y[3 + n..], &[0.0; 2], "layer_norm wrote past its view");
+    let short = raw::layer_norm_forward(
+        &dev,
+        &x_view,
+        &mut ybuf.slice_mut(0..n - 1),
+        rows,
+        cols,
+        None,
+        None,
+        1e-5,
+        &mut mean.as_view_mut(),
+        &mut rstd.as_view_mut(),
+    );
+    assert!(short.is_err(), "a short output buffer must be an Err");
+
+    // GroupNorm(2) over [3, 4, 40], both layouts, x at offset 1 and y at offset 2.
+    let (bn, c, s, g) = (3usize, 4usize, 40usize, 2usize);
+    let n = bn * c * s;
+    for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        let host = data(n + 1);
+        let xbuf = stream.clone_htod(&host).unwrap();
+        let mut ybuf = stream.alloc_zeros::<f32>(n + 2).unwrap();
+        let mut mean = stream.alloc_zeros::<f32>(bn * g).unwrap();
+        let mut rstd = stream.alloc_zeros::<f32>(bn * g).unwrap();
+        let shape = PlaneShape {
+            n: bn,
+            c,
+            s,
+            channels_last: format == MemoryFormat::ChannelsLast,
+        };
+        raw::planes_forward(
+            &dev,
+            &xbuf.slice(1..1 + n),
+            &mut ybuf.slice_mut(2..2 + n),
+            shape,
+            Groups::PerSample(g),
+            None,
+            None,
+            1e-5,
+            Stats::Input { running: None },
+            &mut mean.as_view_mut(),
+            &mut rstd.as_view_mut(),
+        )
+        .unwrap();
+        let y = stream.clone_dtoh(&ybuf).unwrap();
+        dev.synchronize().unwrap();
+        let xt = Tensor::from_vec_with_format(host[1..].to_vec(), &[bn, c, s], format).unwrap();
+        let want = F::group_norm(&xt, g, None, None, 1e-5)
+            .unwrap()
+            .output
+            .to_vec_physical()
+            .unwrap();
+        close(&y[2..2 + n], &want, &format!("group_norm {format:?} y"));
+        assert_eq!(&y[..2], &[0.0; 2], "group_norm wrote before its view");
+    }
+}
