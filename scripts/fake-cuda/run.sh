@@ -54,8 +54,9 @@ ls "$CUNORM_CACHE_DIR"/*.cubin > /dev/null
 echo "-- CUDA test suite (warm kernel cache)"
 plain "$test_bin" --test-threads 2
 
-echo "-- CUDA sweep, threads and blocks in reverse order (a race changes results), 7 SMs, ${fma[*]:-no FMA}"
-FAKECUDA_ORDER=reverse FAKECUDA_SMS=7 LD_LIBRARY_PATH="$build/fma${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+echo "-- CUDA sweep with an H100's 132 SMs (its launch configurations), threads and blocks in"
+echo "   reverse order (a race changes results), ${fma[*]:-no FMA}"
+FAKECUDA_ORDER=reverse FAKECUDA_SMS=132 LD_LIBRARY_PATH="$build/fma${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   "$test_bin" --test-threads 2 cuda_matches_cpu_everywhere
 
 echo "-- cunorm check"
