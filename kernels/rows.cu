@@ -16,7 +16,10 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
                                          float* __restrict__ mean_out, float* __restrict__ rstd_out,
                                          float* __restrict__ varu_out, i64 rows, int cols, int seg,
                                          int cycle, float eps, int cache) {
-    extern __shared__ float row_cache[];
+    // The row as T (exact: every T converts to f32 without loss), so a 2-byte type caches rows
+    // twice as long as f32 storage would allow.
+    extern __shared__ __align__(16) unsigned char row_cache_bytes[];
+    T* row_cache = reinterpret_cast<T*>(row_cache_bytes);
     __shared__ Welford scratch[32];
     const int PN = Pack<T>::N;
     for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -31,18 +34,19 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
             const Pack<T>* xp = reinterpret_cast<const Pack<T>*>(xr);
             for (int p = threadIdx.x; p < cols / PN; p += blockDim.x) {
                 Pack<T> pk = xp[p];
+                if (cache) reinterpret_cast<Pack<T>*>(row_cache)[p] = pk;
 #pragma unroll
                 for (int i = 0; i < PN; ++i) {
                     float v = to_float(pk.v[i]);
                     if (CENTER) welford_add(acc, v); else ss += v * v;
-                    if (cache) row_cache[p * PN + i] = v;
                 }
             }
         } else {
             for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-                float v = to_float(xr[j]);
+                T raw = xr[j];
+                float v = to_float(raw);
                 if (CENTER) welford_add(acc, v); else ss += v * v;
-                if (cache) row_cache[j] = v;
+                if (cache) row_cache[j] = raw;
             }
         }
         float mean = 0.f, rstd, t_m2;
@@ -67,12 +71,12 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
             Pack<T>* yp = reinterpret_cast<Pack<T>*>(yr);
             for (int p = threadIdx.x; p < cols / PN; p += blockDim.x) {
                 Pack<T> in, out;
-                if (!cache) in = xp[p];
+                in = cache ? reinterpret_cast<const Pack<T>*>(row_cache)[p] : xp[p];
 #pragma unroll
                 for (int i = 0; i < PN; ++i) {
                     int j = p * PN + i;
                     int q = p0 + (seg == 1 ? j : j / seg);
-                    float v = cache ? row_cache[j] : to_float(in.v[i]);
+                    float v = to_float(in.v[i]);
                     float o = (v - mean) * rstd;
                     if (w) o *= w[q];
                     if (b) o += b[q];
@@ -83,7 +87,7 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
         } else {
             for (int j = threadIdx.x; j < cols; j += blockDim.x) {
                 int q = p0 + j / seg;
-                float v = cache ? row_cache[j] : to_float(xr[j]);
+                float v = to_float(cache ? row_cache[j] : xr[j]);
                 float o = (v - mean) * rstd;
                 if (w) o *= w[q];
                 if (b) o += b[q];

@@ -17,7 +17,7 @@ static const size_t SMEM_OPTIN = 227 * 1024;  // H100's opt-in shared memory per
 template <class T> void rows_cfg(size_t rows, int cols, unsigned* threads, int* cache, unsigned* blocks) {
     const int PN = 16 / sizeof(T);
     *threads = std::min<size_t>(1024, std::max<size_t>(32, ((cols + PN - 1) / PN + 31) / 32 * 32));
-    *cache = (size_t)cols * 4 + 1024 <= SMEM_OPTIN;
+    *cache = (size_t)cols * sizeof(T) + 1024 <= SMEM_OPTIN;
     *blocks = std::min<size_t>(rows, SMS * 32);
 }
 
@@ -116,7 +116,7 @@ void rows_case(size_t rows, int cols, bool center, bool affine) {
     rows_cfg<T>(rows, cols, &threads, &cache, &blocks);
     const float* wp = affine ? w.data() : nullptr;
     const float* bp = affine && center ? b.data() : nullptr;
-    emu_launch({blocks}, {threads}, cache ? cols * 4 : 0, [&] {
+    emu_launch({blocks}, {threads}, cache ? cols * sizeof(T) : 0, [&] {
         if (center) rows_fwd<T, true>(x.data(), y.data(), wp, bp, mean.data(), rstd.data(), nullptr, rows, cols, 1, 1, eps, cache);
         else rows_fwd<T, false>(x.data(), y.data(), wp, nullptr, nullptr, rstd.data(), nullptr, rows, cols, 1, 1, eps, cache);
     });
@@ -189,7 +189,7 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
         unsigned threads, blocks;
         int cache;
         rows_cfg<T>(groups, cols, &threads, &cache, &blocks);
-        emu_launch({blocks}, {threads}, cache ? cols * 4 : 0, [&] {
+        emu_launch({blocks}, {threads}, cache ? cols * sizeof(T) : 0, [&] {
             rows_fwd<T, true>(x.data(), y.data(), w.data(), b.data(), mean.data(), rstd.data(), varu.data(), groups, cols, S, G, eps, cache);
         });
         if (G == C)

@@ -15,7 +15,9 @@ for f in ["rows.cu", "planes.cu"]:
     src += "\n" + (kdir / f).read_text().replace('#include "common.cuh"', "")
 src = src.replace('asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));', "f = emu_h2f(v.bits);")
 src = src.replace('asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));', "r.bits = emu_f2h(v);")
-src = src.replace("extern __shared__ float row_cache[];", "float* row_cache = emu_dyn_smem;")
+dyn = "extern __shared__ __align__(16) unsigned char row_cache_bytes[];"
+assert dyn in src, "the dynamic shared memory declaration changed: update prep.py"
+src = src.replace(dyn, "unsigned char* row_cache_bytes = emu_dyn_smem;")
 src, packs = re.subn(r"reinterpret_cast<((?:const )?Pack<T>)\*>\(", r"emu_pack_ptr<\1>(", src)
 assert packs >= 5, f"expected the Pack casts of rows.cu and planes.cu, found {packs}"
 assert "asm(" not in src, "unhandled inline asm"

@@ -14,6 +14,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
+#include <new>
 #include <sys/mman.h>
 #include <vector>
 
@@ -29,7 +31,7 @@ struct dim3 {
 };
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 inline float emu_shfl[1024];
-inline float* emu_dyn_smem = nullptr;
+inline unsigned char* emu_dyn_smem = nullptr;
 // Run the threads of a block, and the blocks of a grid, in reverse order: a kernel whose result
 // depends on the order (a race on shared or global memory) gives different outputs.
 inline bool emu_reverse = false;
@@ -234,8 +236,11 @@ template <class P, class Q> inline P* emu_pack_ptr(Q* p) {
 inline void emu_launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& kernel) {
     gridDim = grid;
     blockDim = block;
-    std::vector<float> dyn(smem / 4);
-    emu_dyn_smem = dyn.empty() ? nullptr : dyn.data();
+    // Exactly `smem` bytes, 16-byte aligned (as a GPU's dynamic shared memory), freed after.
+    std::unique_ptr<unsigned char, void (*)(unsigned char*)> dyn(
+        smem ? (unsigned char*)::operator new(smem, std::align_val_t{16}) : nullptr,
+        [](unsigned char* p) { if (p) ::operator delete(p, std::align_val_t{16}); });
+    emu_dyn_smem = dyn.get();
     const unsigned n = block.x * block.y * block.z;
     const unsigned long blocks = (unsigned long)grid.x * grid.y * grid.z;
     for (unsigned long k = 0; k < blocks; ++k) {

@@ -77,7 +77,7 @@ fn pack<T: Element>() -> usize {
 /// Shared memory a block uses without opting in.
 const DEFAULT_SMEM: usize = 48 * 1024;
 
-/// Launch configuration of the row forward kernel. The row stays on chip (f32) when it fits in
+/// Launch configuration of the row forward kernel. The row stays on chip (as T) when it fits in
 /// the device's opt-in shared memory next to the 384-byte reduction scratch; above 48 KiB the
 /// kernel is opted in first.
 fn rows_fwd_config<T: Element>(
@@ -88,7 +88,7 @@ fn rows_fwd_config<T: Element>(
 ) -> Result<(LaunchConfig, i32)> {
     let packs = cols.div_ceil(pack::<T>());
     let threads = block_threads(f, packs)?;
-    let smem = cols * 4;
+    let smem = cols * T::DTYPE.size();
     let cache = smem + 1024 <= dev.smem_per_block();
     if cache && smem + 1024 > DEFAULT_SMEM {
         f.set_attribute(
