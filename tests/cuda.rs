@@ -209,3 +209,108 @@ fn raw_api_on_unaligned_views() {
         assert_eq!(&y[..2], &[0.0; 2], "group_norm wrote before its view");
     }
 }
+
+/// What users of other kernels hit: f16 rows that are all zero, constant, or near the f16
+/// maximum (squares overflow f16, and E[x²] − E[x]² cancels). CUDA must stay finite and agree
+/// with the CPU path, forward and backward, in both layouts.
+#[test]
+fn cuda_extreme_f16_inputs() {
+    use cunorm::{f16, MemoryFormat};
+    let Some(dev) = device_or_skip() else { return };
+    let d = Device::Cuda(dev);
+    let (n, c, s) = (4usize, 8usize, 96usize);
+    // Sample 0: zeros; 1: constant 1000; 2: ±60000 alternating with 0.5 steps; 3: unit values.
+    let host: Vec<f16> = (0..n * c * s)
+        .map(|i| {
+            let (smp, j) = (i / (c * s), i % (c * s));
+            f16::from_f32(match smp {
+                0 => 0.0,
+                1 => 1000.0,
+                2 => (if j % 2 == 0 { 60000.0 } else { -60000.0 }) + (j % 7) as f32 * 0.5,
+                _ => ((j * 37 % 101) as f32 - 50.0) / 25.0,
+            })
+        })
+        .collect();
+    let dy_host: Vec<f16> = (0..n * c * s)
+        .map(|i| f16::from_f32(((i * 53 % 97) as f32 - 48.0) / 24.0))
+        .collect();
+    let compare = |what: &str, got: Vec<f32>, want: Vec<f32>| {
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(g.is_finite(), "{what}: element {i} is {g}");
+            assert!(
+                (g - w).abs() <= 4e-3 * w.abs().max(1.0),
+                "{what}: element {i}: cuda {g} vs cpu {w}"
+            );
+        }
+    };
+    for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        let x = Tensor::from_vec(host.clone(), &[n, c, s])
+            .unwrap()
+            .to_format(format)
+            .unwrap();
+        let dy = Tensor::from_vec(dy_host.clone(), &[n, c, s])
+            .unwrap()
+            .to_format(format)
+            .unwrap();
+        let (xg, dyg) = (x.to_device(&d).unwrap(), dy.to_device(&d).unwrap());
+        let tag = |op: &str| format!("{op} {format:?}");
+        // GroupNorm(2): groups of 4 channels × 96.
+        let (cpu, gpu) = (
+            F::group_norm(&x, 2, None, None, 1e-5).unwrap(),
+            F::group_norm(&xg, 2, None, None, 1e-5).unwrap(),
+        );
+        compare(
+            &tag("group_norm y"),
+            gpu.output.to_f32_vec().unwrap(),
+            cpu.output.to_f32_vec().unwrap(),
+        );
+        let (gc, gg) = (
+            F::group_norm_backward(&dy, &x, 2, None, &cpu.stats).unwrap(),
+            F::group_norm_backward(&dyg, &xg, 2, None, &gpu.stats).unwrap(),
+        );
+        compare(
+            &tag("group_norm dx"),
+            gg.dx.to_f32_vec().unwrap(),
+            gc.dx.to_f32_vec().unwrap(),
+        );
+        // BatchNorm statistics over (N, S) per channel: every channel mixes all four samples.
+        let (cpu, gpu) = (
+            F::batch_norm(&x, None, None, None, None, true, 0.1, 1e-5).unwrap(),
+            F::batch_norm(&xg, None, None, None, None, true, 0.1, 1e-5).unwrap(),
+        );
+        compare(
+            &tag("batch_norm y"),
+            gpu.output.to_f32_vec().unwrap(),
+            cpu.output.to_f32_vec().unwrap(),
+        );
+    }
+    // LayerNorm / RMSNorm over each sample's 8×96 values.
+    let x = Tensor::from_vec(host, &[n, c * s]).unwrap();
+    let xg = x.to_device(&d).unwrap();
+    compare(
+        "layer_norm y",
+        F::layer_norm(&xg, &[c * s], None, None, 1e-5)
+            .unwrap()
+            .output
+            .to_f32_vec()
+            .unwrap(),
+        F::layer_norm(&x, &[c * s], None, None, 1e-5)
+            .unwrap()
+            .output
+            .to_f32_vec()
+            .unwrap(),
+    );
+    compare(
+        "rms_norm y",
+        F::rms_norm(&xg, &[c * s], None, None)
+            .unwrap()
+            .output
+            .to_f32_vec()
+            .unwrap(),
+        F::rms_norm(&x, &[c * s], None, None)
+            .unwrap()
+            .output
+            .to_f32_vec()
+            .unwrap(),
+    );
+}
