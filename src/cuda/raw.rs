@@ -417,11 +417,7 @@ fn reduce_chunks(dev: &CudaDevice, s: &PlaneShape) -> usize {
 fn reduce_config(s: &PlaneShape, chunks: usize) -> Result<LaunchConfig> {
     Ok(if s.channels_last {
         LaunchConfig {
-            grid_dim: (
-                grid(s.n * chunks)?,
-                u32::try_from(s.c.div_ceil(32)).unwrap_or(u32::MAX),
-                1,
-            ),
+            grid_dim: (grid(s.n * chunks)?, channel_tiles(s.c)?, 1),
             block_dim: (32, 8, 1),
             shared_mem_bytes: 0,
         }
@@ -432,6 +428,20 @@ fn reduce_config(s: &PlaneShape, chunks: usize) -> Result<LaunchConfig> {
             shared_mem_bytes: 0,
         }
     })
+}
+
+/// Grid rows of the channels-last reduction: one per 32 channels, at most 65 535 (the grid's
+/// y limit), so at most 2 097 120 channels.
+fn channel_tiles(c: usize) -> Result<u32> {
+    u32::try_from(c.div_ceil(32))
+        .ok()
+        .filter(|&t| t <= 65_535)
+        .ok_or_else(|| {
+            Error::Shape(format!(
+                "cuda launch: {c} channels in channels-last layout exceed the 2 097 120 the \
+                 reduction grid allows; pass the input contiguous (.to_format(Contiguous))"
+            ))
+        })
 }
 
 fn small_config(n: usize) -> Result<LaunchConfig> {
@@ -795,4 +805,20 @@ pub fn planes_backward<T: Element>(
         unsafe { b.launch(apply_config::<T>(dev, numel)?) }.map_err(launch_err)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channels_last_grid_limit_is_an_error() {
+        assert_eq!(channel_tiles(1).unwrap(), 1);
+        assert_eq!(channel_tiles(2_097_120).unwrap(), 65_535);
+        let e = channel_tiles(2_097_121).unwrap_err().to_string();
+        assert!(
+            e.contains("2097121 channels") && e.contains("contiguous"),
+            "{e}"
+        );
+    }
 }
