@@ -162,7 +162,9 @@ CUresult parse_cubin(const uint8_t* b, Module* m) {
         complain("cuModuleLoadData: ELF is not for a CUDA GPU");
         return CUDA_ERROR_INVALID_IMAGE;
     }
-    int arch = (rd<uint32_t>(b, 48) >> 8) & 0xff;
+    // e_flags holds the SM: bits 8-15 in the CUDA 13 ELF ABI (OSABI 0x41), bits 0-7 before.
+    const uint32_t flags = rd<uint32_t>(b, 48);
+    int arch = b[7] == 0x41 ? (flags >> 8) & 0xff : flags & 0xff;
     if (arch != ARCH) {
         complain("cuModuleLoadData: CUBIN for sm_" + std::to_string(arch) + " on an sm_" +
                  std::to_string(ARCH) + " device");

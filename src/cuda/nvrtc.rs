@@ -112,6 +112,9 @@ fn open_global(_path: &Path) -> std::result::Result<(), String> {
     Err("loading NVRTC by path is only supported on Unix; put it on PATH".into())
 }
 
+/// The CUDA major version this build's cudarc bindings target (the `cuda-12` / `cuda-13` feature).
+const CUDA_MAJOR: u32 = if cfg!(feature = "cuda-13") { 13 } else { 12 };
+
 /// Makes libnvrtc loadable by cudarc without LD_LIBRARY_PATH. On failure the error lists every
 /// place that was searched and how to fix it. Runs the search once per process.
 pub fn ensure_nvrtc() -> Result<()> {
@@ -140,8 +143,11 @@ pub fn ensure_nvrtc() -> Result<()> {
                     // SAFETY: as above.
                     Ok(()) if unsafe { sys::is_culib_present() } => return Ok(()),
                     Ok(()) => tried.push(format!(
-                        "{} (loaded, but not under a name cudarc looks for)",
-                        lib.display()
+                        "{} (loaded, but this build of cunorm uses CUDA {major} and needs \
+                         libnvrtc.so.{major}: point CUNORM_NVRTC_DIR at a CUDA {major} NVRTC \
+                         or build with the feature matching this one)",
+                        lib.display(),
+                        major = CUDA_MAJOR
                     )),
                     Err(e) => tried.push(format!("{} ({e})", lib.display())),
                 }
