@@ -114,7 +114,7 @@ impl AnyNorm {
     }
     /// Training (`true`) or evaluation mode.
     pub fn set_training(&mut self, on: bool) {
-        each!(self, l => if on { l.train() } else { l.eval() })
+        each!(self, l => l.set_training(on))
     }
     /// Moves parameters and running statistics.
     pub fn to_device(&mut self, d: &Device) -> Result<()> {

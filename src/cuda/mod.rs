@@ -62,39 +62,64 @@ pub fn probe() -> Result<usize> {
     Ok(count as usize)
 }
 
-/// Every kernel entry point, as (module, name). `<op>_<stage>_<dtype>` for the templated ones.
-pub fn entry_points() -> Vec<(&'static str, String)> {
-    let mut v = Vec::new();
-    for dt in ["f32", "f16", "bf16"] {
-        for k in [
+/// Templated kernels, instantiated once per dtype as `<name>_<dtype>`, by module.
+const PER_DTYPE: [(&str, &[&str]); 2] = [
+    (
+        "rows",
+        &[
             "layer_norm_fwd",
             "rms_norm_fwd",
+            "group_norm_fwd",
             "layer_norm_bwd",
             "rms_norm_bwd",
-        ] {
-            v.push(("rows", format!("{k}_{dt}")));
-        }
-        for k in [
+        ],
+    ),
+    (
+        "planes",
+        &[
             "plane_stats",
             "plane_grad_sums",
             "plane_apply",
             "plane_grad_apply",
-        ] {
-            v.push(("planes", format!("{k}_{dt}")));
-        }
-    }
-    v.push(("rows", "col_sum_f32".into()));
-    for k in [
-        "plane_finalize",
-        "running_update",
-        "eval_stats",
-        "plane_coef",
-        "grad_finalize",
-        "grad_params",
-    ] {
-        v.push(("planes", k.into()));
-    }
-    v
+        ],
+    ),
+];
+
+/// Kernels on f32 statistics only, by module.
+const F32_ONLY: [(&str, &[&str]); 2] = [
+    ("rows", &["col_sum_f32"]),
+    (
+        "planes",
+        &[
+            "plane_finalize",
+            "running_update",
+            "eval_stats",
+            "plane_coef",
+            "grad_finalize",
+            "grad_params",
+        ],
+    ),
+];
+
+/// Every kernel entry point, as (module, name). `<op>_<stage>_<dtype>` for the templated ones.
+/// `tests/nvrtc_compile.rs` checks this list against the entry points in the compiled PTX.
+pub fn entry_points() -> Vec<(&'static str, String)> {
+    let templated = PER_DTYPE.iter().flat_map(|&(module, names)| {
+        names
+            .iter()
+            .flat_map(move |k| ["f32", "f16", "bf16"].map(|dt| (module, format!("{k}_{dt}"))))
+    });
+    let plain = F32_ONLY
+        .iter()
+        .flat_map(|&(module, names)| names.iter().map(move |k| (module, k.to_string())));
+    templated.chain(plain).collect()
+}
+
+/// A loaded kernel and the most threads per block its register use allows on this device.
+#[derive(Clone)]
+pub(crate) struct Kernel {
+    pub(crate) func: CudaFunction,
+    pub(crate) max_threads: u32,
 }
 
 struct Inner {
@@ -105,6 +130,7 @@ struct Inner {
     sms: u32,
     smem_optin: usize,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    kernels: Mutex<HashMap<String, Kernel>>,
     poison: std::sync::atomic::AtomicBool,
 }
 
@@ -161,6 +187,7 @@ impl CudaDevice {
                 arch: format!("sm_{major}{minor}"),
                 sms: sms.max(1) as u32,
                 modules: Mutex::new(HashMap::new()),
+                kernels: Mutex::new(HashMap::new()),
                 poison: std::sync::atomic::AtomicBool::new(false),
             }),
         })
@@ -181,9 +208,36 @@ impl CudaDevice {
         self.inner.sms
     }
 
-    /// Kernel `name` of module `module`, compiling (or loading from the disk cache) the module on
-    /// first use in this context.
+    /// Kernel `name` of module `module`, looked up once per context: the first call compiles
+    /// (or loads from the disk cache) the module and reads the kernel's thread limit.
+    pub(crate) fn kernel(&self, module: &'static str, name: &str) -> Result<Kernel> {
+        let lock = || {
+            self.inner
+                .kernels
+                .lock()
+                .map_err(|_| Error::Unavailable("kernel cache poisoned by a panic".into()))
+        };
+        if let Some(k) = lock()?.get(name) {
+            return Ok(k.clone());
+        }
+        let func = self.load_function(module, name)?;
+        let max_threads = func
+            .max_threads_per_block()
+            .map_err(|e| driver_err("reading a kernel's thread limit", e))?;
+        let k = Kernel {
+            func,
+            max_threads: max_threads.clamp(32, 1024) as u32,
+        };
+        lock()?.insert(name.to_string(), k.clone());
+        Ok(k)
+    }
+
+    /// Kernel `name` of module `module` (see [`CudaDevice::kernel`]).
     pub(crate) fn function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
+        Ok(self.kernel(module, name)?.func)
+    }
+
+    fn load_function(&self, module: &'static str, name: &str) -> Result<CudaFunction> {
         let m = {
             let mut mods = self.modules()?;
             match mods.get(module) {
@@ -335,12 +389,24 @@ impl CudaDevice {
             .map_err(|e| driver_err("allocating device memory", e))
     }
 
-    pub(crate) fn wrap<T: Element>(&self, slice: CudaSlice<T>, len: usize) -> CudaBuffer<T> {
-        CudaBuffer {
-            len,
+    /// A tensor of `shape` in `format` over a kernel's output buffer (which may hold more
+    /// elements: allocations have at least one).
+    pub(crate) fn tensor<T: Element>(
+        &self,
+        slice: CudaSlice<T>,
+        shape: &[usize],
+        format: crate::tensor::MemoryFormat,
+    ) -> crate::tensor::Tensor<T> {
+        let buffer = CudaBuffer {
+            len: shape.iter().product(),
             slice: Arc::new(slice),
             device: self.clone(),
-        }
+        };
+        crate::tensor::Tensor::from_parts(
+            shape.to_vec(),
+            format,
+            crate::tensor::Storage::Cuda(buffer),
+        )
     }
 
     pub(crate) fn upload<T: Element>(&self, data: &[T]) -> Result<CudaBuffer<T>> {

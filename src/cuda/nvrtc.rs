@@ -13,6 +13,23 @@ pub(crate) mod sources {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
+/// The entries of `dir` whose names start with `prefix`, sorted (none if `dir` is unreadable).
+fn subdirs_starting_with(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 /// Folders that may hold libnvrtc, in search order: `$CUNORM_NVRTC_DIR`, `$CUDA_HOME`,
 /// `$CUDA_PATH`, the usual toolkit paths, and pip's `nvidia-cuda-nvrtc` wheels.
 fn candidate_dirs() -> Vec<PathBuf> {
@@ -27,20 +44,9 @@ fn candidate_dirs() -> Vec<PathBuf> {
         }
     }
     dirs.push(PathBuf::from("/usr/local/cuda/lib64"));
-    if let Ok(rd) = std::fs::read_dir("/usr/local") {
-        let mut v: Vec<_> = rd
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("cuda-"))
-            })
-            .map(|p| p.join("lib64"))
-            .collect();
-        v.sort();
-        v.reverse();
-        dirs.extend(v);
-    }
+    // /usr/local/cuda-X.Y, newest first.
+    let versioned = subdirs_starting_with(Path::new("/usr/local"), "cuda-");
+    dirs.extend(versioned.into_iter().rev().map(|p| p.join("lib64")));
     dirs.push(PathBuf::from("/opt/cuda/lib64"));
     dirs.push(PathBuf::from("/usr/lib/x86_64-linux-gnu"));
     // pip wheels: <site-packages>/nvidia/{cu13,cuda_nvrtc}/lib
@@ -53,19 +59,7 @@ fn candidate_dirs() -> Vec<PathBuf> {
     }
     roots.extend(["/usr/local/lib", "/usr/lib", "/opt/conda/lib"].map(PathBuf::from));
     for root in roots {
-        let Ok(rd) = std::fs::read_dir(&root) else {
-            continue;
-        };
-        let mut pys: Vec<_> = rd
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("python3"))
-            })
-            .collect();
-        pys.sort();
-        for py in pys {
+        for py in subdirs_starting_with(&root, "python3") {
             for sp in ["site-packages", "dist-packages"] {
                 for sub in [
                     "nvidia/cu13/lib",

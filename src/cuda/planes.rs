@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::ops::cpu::Grouping;
 use crate::ops::planes::{planes_of, Source};
 use crate::ops::{Gradients, NormOutput, SavedStats};
-use crate::tensor::{Storage, Tensor};
+use crate::tensor::{MemoryFormat, Tensor};
 
 fn shape_of<T: Element>(x: &Tensor<T>) -> PlaneShape {
     let p = planes_of(x);
@@ -15,7 +15,7 @@ fn shape_of<T: Element>(x: &Tensor<T>) -> PlaneShape {
         n: p.n,
         c: p.c,
         s: p.s,
-        channels_last: p.format == crate::tensor::MemoryFormat::ChannelsLast,
+        channels_last: p.format == MemoryFormat::ChannelsLast,
     }
 }
 
@@ -90,22 +90,10 @@ pub(crate) fn forward<T: Element>(
         )?;
     }
     Ok(NormOutput {
-        output: Tensor::from_parts(
-            x.shape().to_vec(),
-            x.format(),
-            Storage::Cuda(dev.wrap(y, numel)),
-        ),
+        output: dev.tensor(y, x.shape(), x.format()),
         stats: SavedStats {
-            mean: Some(Tensor::from_parts(
-                vec![ng],
-                Default::default(),
-                Storage::Cuda(dev.wrap(mean, ng)),
-            )),
-            rstd: Tensor::from_parts(
-                vec![ng],
-                Default::default(),
-                Storage::Cuda(dev.wrap(rstd, ng)),
-            ),
+            mean: Some(dev.tensor(mean, &[ng], MemoryFormat::Contiguous)),
+            rstd: dev.tensor(rstd, &[ng], MemoryFormat::Contiguous),
             from_input,
         },
     })
@@ -152,20 +140,10 @@ pub(crate) fn backward<T: Element>(
             &mut dbv,
         )?;
     }
-    let param = |v| {
-        Tensor::from_parts(
-            vec![s.c],
-            Default::default(),
-            Storage::Cuda(dev.wrap(v, s.c)),
-        )
-    };
+    let param = |v| dev.tensor(v, &[s.c], MemoryFormat::Contiguous);
     Ok(Gradients {
-        dx: Tensor::from_parts(
-            x.shape().to_vec(),
-            x.format(),
-            Storage::Cuda(dev.wrap(dx, numel)),
-        ),
+        dx: dev.tensor(dx, x.shape(), x.format()),
         dweight: affine.then(|| param(dw)),
-        dbias: if affine { Some(param(db)) } else { None },
+        dbias: affine.then(|| param(db)),
     })
 }

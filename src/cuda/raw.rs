@@ -5,11 +5,9 @@
 //! Element type `T` is `f32`, `f16` or `bf16`; parameters, statistics and gradients of
 //! parameters are `f32`.
 
-use cudarc::driver::{
-    CudaFunction, CudaView, CudaViewMut, LaunchArgs, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaView, CudaViewMut, LaunchArgs, LaunchConfig, PushKernelArg};
 
-use super::{driver_err, CudaDevice};
+use super::{driver_err, CudaDevice, Kernel};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 
@@ -55,15 +53,12 @@ fn launch_err(e: cudarc::driver::DriverError) -> Error {
     driver_err("launching a kernel", e)
 }
 
-/// Threads per block for `f`: `want` (rounded up to whole warps, at most 1024) capped by what
+/// Threads per block for kernel `k`: `want` (rounded up to whole warps, at most 1024) capped by what
 /// the kernel's register use allows on this device, so that a 1024-thread launch of a kernel
 /// using more than 64 registers (65 536 per block) cannot fail with "too many resources".
-fn block_threads(f: &CudaFunction, want: usize) -> Result<u32> {
-    let max = f
-        .max_threads_per_block()
-        .map_err(|e| driver_err("reading a kernel's thread limit", e))?;
-    let cap = (max.clamp(32, 1024) as usize) / 32 * 32;
-    Ok(want.next_multiple_of(32).clamp(32, cap) as u32)
+fn block_threads(k: &Kernel, want: usize) -> u32 {
+    let cap = (k.max_threads as usize) / 32 * 32;
+    want.next_multiple_of(32).clamp(32, cap) as u32
 }
 
 fn pack<T: Element>() -> usize {
@@ -82,16 +77,16 @@ const DEFAULT_SMEM: usize = 48 * 1024;
 /// kernel is opted in first.
 fn rows_fwd_config<T: Element>(
     dev: &CudaDevice,
-    f: &CudaFunction,
+    k: &Kernel,
     rows: usize,
     cols: usize,
 ) -> Result<(LaunchConfig, i32)> {
     let packs = cols.div_ceil(pack::<T>());
-    let threads = block_threads(f, packs)?;
+    let threads = block_threads(k, packs);
     let smem = cols * T::DTYPE.size();
     let cache = smem + 1024 <= dev.smem_per_block();
     if cache && smem + 1024 > DEFAULT_SMEM {
-        f.set_attribute(
+        k.func.set_attribute(
             cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             smem as i32,
         )
@@ -176,10 +171,10 @@ fn rows_forward<T: Element>(
         if center { "layer_norm" } else { "rms_norm" },
         T::DTYPE.name()
     );
-    let f = dev.function("rows", &name)?;
-    let (cfg, cache) = rows_fwd_config::<T>(dev, &f, rows, cols)?;
+    let k = dev.kernel("rows", &name)?;
+    let (cfg, cache) = rows_fwd_config::<T>(dev, &k, rows, cols)?;
     let stream = dev.stream();
-    let mut b = stream.launch_builder(&f);
+    let mut b = stream.launch_builder(&k.func);
     b.arg(x).arg(y);
     arg_or_null(&mut b, weight);
     if let Some(m) = mean {
@@ -286,11 +281,11 @@ fn rows_backward<T: Element>(
             if center { "layer_norm" } else { "rms_norm" },
             T::DTYPE.name()
         );
-        let f = dev.function("rows", &name)?;
+        let k = dev.kernel("rows", &name)?;
         // Eight columns per thread keep the column sums in registers (rows.cu).
-        let threads = block_threads(&f, cols.div_ceil(8))?;
+        let threads = block_threads(&k, cols.div_ceil(8));
         let rows_i = rows as i64;
-        let mut b = stream.launch_builder(&f);
+        let mut b = stream.launch_builder(&k.func);
         b.arg(dy).arg(x);
         arg_or_null(&mut b, weight);
         if let Some(m) = mean {
@@ -355,6 +350,16 @@ pub struct PlaneShape {
 impl PlaneShape {
     fn numel(&self) -> usize {
         self.n * self.c * self.s
+    }
+
+    /// The shape as the planes kernels take it: (N, C, S, channels-last flag).
+    fn kernel_args(&self) -> Result<(i64, i32, i64, i32)> {
+        Ok((
+            self.n as i64,
+            to_i32("C", self.c)?,
+            self.s as i64,
+            self.channels_last as i32,
+        ))
     }
 }
 
@@ -478,7 +483,7 @@ fn coef(
     let mut m = dev.alloc::<f32>(planes)?;
     let mut k = dev.alloc::<f32>(planes)?;
     let f = dev.function("planes", "plane_coef")?;
-    let (n_i, c_i) = (s.n as i64, to_i32("C", s.c)?);
+    let (n_i, c_i, _, _) = s.kernel_args()?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(mean_g).arg(rstd_g);
     arg_or_null(&mut b, weight);
@@ -508,7 +513,8 @@ fn running_update(
 ) -> Result<()> {
     check_len("running_mean", rm.len(), s.c)?;
     check_len("running_var", rv.len(), s.c)?;
-    let (n_i, c_i, per) = (s.n as i64, to_i32("C", s.c)?, per_sample as i32);
+    let (n_i, c_i, _, _) = s.kernel_args()?;
+    let per = per_sample as i32;
     let f = dev.function("planes", "running_update")?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(rm)
@@ -557,12 +563,7 @@ pub fn planes_forward<T: Element>(
             )));
         }
     }
-    let (n_i, c_i, s_i, cl) = (
-        s.n as i64,
-        to_i32("C", s.c)?,
-        s.s as i64,
-        s.channels_last as i32,
-    );
+    let (n_i, c_i, s_i, cl) = s.kernel_args()?;
     let stream = dev.stream();
     let dt = T::DTYPE.name();
     let g_code = match stats {
@@ -582,16 +583,16 @@ pub fn planes_forward<T: Element>(
                 // C/G·S values; one pass computes its statistics and output (x read once when
                 // the row fits on chip).
                 let mut varu = dev.alloc::<f32>(ng)?;
-                let f = dev.function("rows", &format!("group_norm_fwd_{dt}"))?;
+                let k = dev.kernel("rows", &format!("group_norm_fwd_{dt}"))?;
                 let cols = (s.c / g) * s.s;
-                let (cfg, cache) = rows_fwd_config::<T>(dev, &f, ng, cols)?;
+                let (cfg, cache) = rows_fwd_config::<T>(dev, &k, ng, cols)?;
                 let (rows_i, cols_i, seg_i, g_i) = (
                     ng as i64,
                     to_i32("C/G·S", cols)?,
                     to_i32("S", s.s)?,
                     g as i32,
                 );
-                let mut b = stream.launch_builder(&f);
+                let mut b = stream.launch_builder(&k.func);
                 b.arg(x).arg(&mut *y);
                 arg_or_null(&mut b, weight);
                 arg_or_null(&mut b, bias);
@@ -633,22 +634,7 @@ pub fn planes_forward<T: Element>(
             unsafe { b.launch(small_config(ng)?) }.map_err(launch_err)?;
 
             if let Some((rm, rv, factor, per_sample)) = running {
-                check_len("running_mean", rm.len(), s.c)?;
-                check_len("running_var", rv.len(), s.c)?;
-                let per = per_sample as i32;
-                let f = dev.function("planes", "running_update")?;
-                let mean_v = mean.as_view();
-                let mut b = stream.launch_builder(&f);
-                b.arg(rm)
-                    .arg(rv)
-                    .arg(&mean_v)
-                    .arg(&varu)
-                    .arg(&n_i)
-                    .arg(&c_i)
-                    .arg(&per)
-                    .arg(&factor);
-                // SAFETY: matches running_update; running buffers hold C floats.
-                unsafe { b.launch(small_config(s.c)?) }.map_err(launch_err)?;
+                running_update(dev, &s, rm, rv, &mean.as_view(), &varu, factor, per_sample)?;
             }
         }
         Stats::Fixed { mean: rm, var: rv } => {
@@ -727,12 +713,7 @@ pub fn planes_backward<T: Element>(
     let ng = if from_input { groups.count(&s) } else { s.c };
     check_len("mean", mean.len(), ng)?;
     check_len("rstd", rstd.len(), ng)?;
-    let (n_i, c_i, s_i, cl) = (
-        s.n as i64,
-        to_i32("C", s.c)?,
-        s.s as i64,
-        s.channels_last as i32,
-    );
+    let (n_i, c_i, s_i, cl) = s.kernel_args()?;
     let stream = dev.stream();
     let dt = T::DTYPE.name();
     let chunks = reduce_chunks(dev, &s);

@@ -4,16 +4,7 @@ use super::{raw, tensor_view, CudaDevice};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ops::{Gradients, NormOutput, SavedStats};
-use crate::tensor::{MemoryFormat, Storage, Tensor};
-
-fn f32_on(dev: &CudaDevice, v: cudarc::driver::CudaSlice<f32>, shape: Vec<usize>) -> Tensor<f32> {
-    let n = shape.iter().product();
-    Tensor::from_parts(
-        shape,
-        MemoryFormat::Contiguous,
-        Storage::Cuda(dev.wrap(v, n)),
-    )
-}
+use crate::tensor::{MemoryFormat, Tensor};
 
 pub(crate) fn layer_norm_fwd<T: Element>(
     dev: &CudaDevice,
@@ -86,14 +77,10 @@ fn rows_fwd<T: Element>(
         }
     }
     Ok(NormOutput {
-        output: Tensor::from_parts(
-            x.shape().to_vec(),
-            MemoryFormat::Contiguous,
-            Storage::Cuda(dev.wrap(y, numel)),
-        ),
+        output: dev.tensor(y, x.shape(), MemoryFormat::Contiguous),
         stats: SavedStats {
-            mean: center.then(|| f32_on(dev, mean, vec![rows])),
-            rstd: f32_on(dev, rstd, vec![rows]),
+            mean: center.then(|| dev.tensor(mean, &[rows], MemoryFormat::Contiguous)),
+            rstd: dev.tensor(rstd, &[rows], MemoryFormat::Contiguous),
             from_input: true,
         },
     })
@@ -186,12 +173,8 @@ fn rows_bwd<T: Element>(
     }
     // Parameter gradients come back as [cols]; the op front gives them normalized_shape.
     Ok(Gradients {
-        dx: Tensor::from_parts(
-            x.shape().to_vec(),
-            MemoryFormat::Contiguous,
-            Storage::Cuda(dev.wrap(dx, numel)),
-        ),
-        dweight: weight.map(|_| f32_on(dev, dw, vec![cols])),
-        dbias: Some(f32_on(dev, db, vec![cols])),
+        dx: dev.tensor(dx, x.shape(), MemoryFormat::Contiguous),
+        dweight: weight.map(|_| dev.tensor(dw, &[cols], MemoryFormat::Contiguous)),
+        dbias: Some(dev.tensor(db, &[cols], MemoryFormat::Contiguous)),
     })
 }

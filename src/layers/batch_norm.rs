@@ -1,4 +1,4 @@
-use super::{filled, move_opt, set_checked, Norm};
+use super::{filled, move_opt, set_checked, set_counter, Norm};
 use crate::device::Device;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -144,16 +144,7 @@ impl<const D: usize> BatchNorm<D> {
     }
     /// Sets the step counter (used when momentum is `None`).
     pub fn set_num_batches_tracked(&mut self, n: i64) -> Result<()> {
-        match &mut self.num_batches_tracked {
-            Some(v) => {
-                *v = n;
-                Ok(())
-            }
-            None => Err(Error::InvalidArgument(format!(
-                "{}: num_batches_tracked exists only with track_running_stats=true",
-                Self::name()
-            ))),
-        }
+        set_counter(&Self::name(), &mut self.num_batches_tracked, n)
     }
 
     fn check_dim(rank: usize) -> Result<()> {
@@ -210,11 +201,8 @@ impl<const D: usize> Norm for BatchNorm<D> {
         batch_norm_backward(dy, x, self.weight.as_ref(), stats)
     }
 
-    fn train(&mut self) {
-        self.training = true;
-    }
-    fn eval(&mut self) {
-        self.training = false;
+    fn set_training(&mut self, on: bool) {
+        self.training = on;
     }
     fn is_training(&self) -> bool {
         self.training

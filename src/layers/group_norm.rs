@@ -116,11 +116,8 @@ impl Norm for GroupNorm {
         group_norm_backward(dy, x, self.config.num_groups, self.weight.as_ref(), stats)
     }
 
-    fn train(&mut self) {
-        self.training = true;
-    }
-    fn eval(&mut self) {
-        self.training = false;
+    fn set_training(&mut self, on: bool) {
+        self.training = on;
     }
     fn is_training(&self) -> bool {
         self.training

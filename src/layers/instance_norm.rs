@@ -1,4 +1,4 @@
-use super::{filled, move_opt, set_checked, Norm};
+use super::{filled, move_opt, set_checked, set_counter, Norm};
 use crate::device::Device;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -128,16 +128,7 @@ impl<const D: usize> InstanceNorm<D> {
     }
     /// Sets the (unused, as in PyTorch) step counter.
     pub fn set_num_batches_tracked(&mut self, n: i64) -> Result<()> {
-        match &mut self.num_batches_tracked {
-            Some(v) => {
-                *v = n;
-                Ok(())
-            }
-            None => Err(Error::InvalidArgument(format!(
-                "{}: num_batches_tracked exists only with track_running_stats=true",
-                Self::name()
-            ))),
-        }
+        set_counter(&Self::name(), &mut self.num_batches_tracked, n)
     }
     /// Replaces the weight (shape `[C]`).
     pub fn set_weight(&mut self, w: Tensor<f32>) -> Result<()> {
@@ -228,11 +219,8 @@ impl<const D: usize> Norm for InstanceNorm<D> {
         Ok(g)
     }
 
-    fn train(&mut self) {
-        self.training = true;
-    }
-    fn eval(&mut self) {
-        self.training = false;
+    fn set_training(&mut self, on: bool) {
+        self.training = on;
     }
     fn is_training(&self) -> bool {
         self.training

@@ -122,11 +122,8 @@ impl Norm for LayerNorm {
         )
     }
 
-    fn train(&mut self) {
-        self.training = true;
-    }
-    fn eval(&mut self) {
-        self.training = false;
+    fn set_training(&mut self, on: bool) {
+        self.training = on;
     }
     fn is_training(&self) -> bool {
         self.training

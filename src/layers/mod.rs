@@ -43,11 +43,18 @@ pub trait Norm {
         stats: &SavedStats,
     ) -> Result<Gradients<T>>;
 
+    /// Training mode on or off (PyTorch's `module.train(mode)`).
+    fn set_training(&mut self, on: bool);
+
     /// Switches to training mode (the default).
-    fn train(&mut self);
+    fn train(&mut self) {
+        self.set_training(true);
+    }
 
     /// Switches to evaluation mode.
-    fn eval(&mut self);
+    fn eval(&mut self) {
+        self.set_training(false);
+    }
 
     /// Whether the module is in training mode.
     fn is_training(&self) -> bool;
@@ -82,6 +89,19 @@ pub(crate) fn set_checked(
             *cur = value.to_device(&cur.device())?;
             Ok(())
         }
+    }
+}
+
+/// Sets a `num_batches_tracked` counter, which exists only when running statistics are tracked.
+pub(crate) fn set_counter(layer: &str, slot: &mut Option<i64>, n: i64) -> Result<()> {
+    match slot {
+        Some(v) => {
+            *v = n;
+            Ok(())
+        }
+        None => Err(Error::InvalidArgument(format!(
+            "{layer}: num_batches_tracked exists only with track_running_stats=true"
+        ))),
     }
 }
 
