@@ -19,6 +19,18 @@ fn device_or_skip() -> Option<CudaDevice> {
     }
 }
 
+/// Every element finite and within `tol`·max(1, |want|) of the CPU value.
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(g.is_finite(), "{what}: element {i} is {g}");
+        assert!(
+            (g - w).abs() <= tol * w.abs().max(1.0),
+            "{what}: element {i}: cuda {g} vs cpu {w}"
+        );
+    }
+}
+
 #[test]
 fn cuda_matches_cpu_everywhere() {
     let Some(dev) = device_or_skip() else { return };
@@ -103,15 +115,6 @@ fn raw_api_on_unaligned_views() {
     use cunorm::MemoryFormat;
     let Some(dev) = device_or_skip() else { return };
     let stream = dev.stream().clone();
-    let close = |got: &[f32], want: &[f32], what: &str| {
-        assert_eq!(got.len(), want.len(), "{what}");
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g - w).abs() <= 1e-4 * w.abs().max(1.0),
-                "{what}: element {i}: {g} vs {w}"
-            );
-        }
-    };
     let data = |n: usize| -> Vec<f32> {
         (0..n)
             .map(|i| ((i * 37 + 11) % 101) as f32 / 25.0 - 2.0)
@@ -151,7 +154,7 @@ fn raw_api_on_unaligned_views() {
         .output
         .to_vec()
         .unwrap();
-    close(&y[3..3 + n], &want, "layer_norm y");
+    assert_close("layer_norm y", &y[3..3 + n], &want, 1e-4);
     assert_eq!(&y[..3], &[0.0; 3], "layer_norm wrote before its view");
     assert_eq!(&y[3 + n..], &[0.0; 2], "layer_norm wrote past its view");
     let short = raw::layer_norm_forward(
@@ -205,7 +208,12 @@ fn raw_api_on_unaligned_views() {
             .output
             .to_vec_physical()
             .unwrap();
-        close(&y[2..2 + n], &want, &format!("group_norm {format:?} y"));
+        assert_close(
+            &format!("group_norm {format:?} y"),
+            &y[2..2 + n],
+            &want,
+            1e-4,
+        );
         assert_eq!(&y[..2], &[0.0; 2], "group_norm wrote before its view");
     }
 }
@@ -234,15 +242,7 @@ fn cuda_extreme_f16_inputs() {
     let dy_host: Vec<f16> = (0..n * c * s)
         .map(|i| f16::from_f32(((i * 53 % 97) as f32 - 48.0) / 24.0))
         .collect();
-    let compare = |what: &str, got: Vec<f32>, want: Vec<f32>| {
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!(g.is_finite(), "{what}: element {i} is {g}");
-            assert!(
-                (g - w).abs() <= 4e-3 * w.abs().max(1.0),
-                "{what}: element {i}: cuda {g} vs cpu {w}"
-            );
-        }
-    };
+    let compare = |what: &str, got: Vec<f32>, want: Vec<f32>| assert_close(what, &got, &want, 4e-3);
     for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
         let x = Tensor::from_vec(host.clone(), &[n, c, s])
             .unwrap()
