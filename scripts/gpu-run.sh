@@ -55,18 +55,17 @@ has() { [[ " $groups " == *" $1 "* ]]; }
 
 if has verify; then
   run 20 info "$here/cunorm" info
-  run 60 nvrtc-compile "$here/tests/nvrtc_compile" --test-threads=1
+  run 60 nvrtc-compile "$here/tests/suite" --test-threads=1 nvrtc_compile::
   # Cold start: first run with an empty kernel cache, then warm.
   rm -rf "$CUNORM_CACHE_DIR"
   run 60 demo-cold "$here/cunorm" demo --device cuda --steps 10 --json
   run 30 demo-warm "$here/cunorm" demo --device cuda --steps 10 --json
-  run 120 cuda-tests "$here/tests/cuda" --test-threads=1 --nocapture
+  run 120 cuda-tests "$here/tests/suite" --test-threads=1 --nocapture cuda::
   run 60 check "$here/cunorm" check
   run 30 demo-cuda "$here/cunorm" demo --device cuda
   run 30 demo-cuda-json "$here/cunorm" demo --device cuda --json
-  for t in cpu_paths errors seed; do
-    [ -x "$here/tests/$t" ] && run 60 "cpu-$t" "$here/tests/$t"
-  done
+  # golden:: and architecture:: read the source tree, which the bundle does not carry.
+  run 120 cpu-tests "$here/tests/suite" --skip cuda:: --skip nvrtc_compile:: --skip golden:: --skip architecture::
 fi
 
 if has perf; then
@@ -84,7 +83,7 @@ if has sanitize; then
   if command -v compute-sanitizer > /dev/null; then
     for t in memcheck initcheck synccheck racecheck; do
       CUNORM_CHECK_QUICK=1 run 90 "sanitizer-$t" compute-sanitizer --tool "$t" --error-exitcode 1 \
-        "$here/tests/cuda" --test-threads=1 cuda_matches_cpu_everywhere
+        "$here/tests/suite" --test-threads=1 cuda::cuda_matches_cpu_everywhere
     done
   else
     echo "compute-sanitizer not found on PATH: sanitizer steps not run" | tee -a "$out/summary.txt"

@@ -36,10 +36,7 @@
 
 #![warn(missing_docs)]
 
-pub mod bench;
-pub mod check;
 pub mod cuda;
-pub mod demo;
 mod device;
 mod dtype;
 mod error;
@@ -51,7 +48,21 @@ pub use device::Device;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
 pub use layers::*;
+pub use ops::kernels;
+pub use ops::planes::{Grouping, PlaneShape, Running, Source};
 pub use ops::{Gradients, NormOutput, SavedStats};
+
+/// The launch layer over cudarc buffers, for code that already holds `CudaSlice`/`CudaView`s:
+/// every function checks lengths (an `Err`, never a panic or an out-of-bounds launch), queues
+/// its kernels on the device's stream and returns without synchronizing. Element type `T` is
+/// `f32`, `f16` or `bf16`; parameters, statistics and parameter gradients are `f32`.
+pub mod raw {
+    pub use crate::ops::planes::cuda::{planes_backward, planes_forward, ViewSource};
+    pub use crate::ops::planes::{Grouping, PlaneShape, Running, Source};
+    pub use crate::ops::rows::cuda::{
+        layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward,
+    };
+}
 pub use tensor::{MemoryFormat, Tensor};
 
 /// Functional ops, like `torch.nn.functional`: forward (output + saved statistics) and

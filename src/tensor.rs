@@ -1,5 +1,6 @@
 //! `Tensor<T>`: a shaped buffer of `f32`, `f16` or `bf16` in contiguous or channels-last layout.
 
+use crate::cuda::{CudaBuffer, CudaDevice};
 use crate::device::Device;
 use crate::dtype::{DType, Element};
 use crate::error::{fmt_shape, Error, Result};
@@ -34,7 +35,7 @@ impl MemoryFormat {
 #[derive(Clone, Debug)]
 pub(crate) enum Storage<T: Element> {
     Cpu(Vec<T>),
-    Cuda(crate::cuda::CudaBuffer<T>),
+    Cuda(CudaBuffer<T>),
 }
 
 /// A dense tensor with a shape, a memory format and a device.
@@ -42,29 +43,11 @@ pub(crate) enum Storage<T: Element> {
 /// Build one from a `Vec<T>` in logical (row-major, NCHW) order with [`Tensor::from_vec`], change
 /// its layout with [`Tensor::to_format`], move it with [`Tensor::to_device`], and read it back in
 /// logical order with [`Tensor::to_vec`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Tensor<T: Element> {
     shape: Vec<usize>,
     format: MemoryFormat,
     pub(crate) storage: Storage<T>,
-}
-
-/// The `(N, C, S)` view of a tensor of rank >= 2: batch, channels, product of spatial sizes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Ncs {
-    pub n: usize,
-    pub c: usize,
-    pub s: usize,
-}
-
-impl Ncs {
-    pub(crate) fn of(shape: &[usize]) -> Ncs {
-        Ncs {
-            n: shape[0],
-            c: shape[1],
-            s: shape[2..].iter().product(),
-        }
-    }
 }
 
 fn check_format(shape: &[usize], format: MemoryFormat) -> Result<MemoryFormat> {
@@ -85,17 +68,18 @@ pub(crate) fn permute_layout<T: Copy>(src: &[T], shape: &[usize], to_nhwc: bool)
     if shape.len() < 3 || src.is_empty() {
         return src.to_vec();
     }
-    let d = Ncs::of(shape);
+    let (n, c) = (shape[0], shape[1]);
+    let s: usize = shape[2..].iter().product();
     let mut out = Vec::with_capacity(src.len());
-    for n in 0..d.n {
-        let base = n * d.c * d.s;
+    for i in 0..n {
+        let base = i * c * s;
         if to_nhwc {
-            for s in 0..d.s {
-                out.extend((0..d.c).map(|c| src[base + c * d.s + s]));
+            for j in 0..s {
+                out.extend((0..c).map(|k| src[base + k * s + j]));
             }
         } else {
-            for c in 0..d.c {
-                out.extend((0..d.s).map(|s| src[base + s * d.c + c]));
+            for k in 0..c {
+                out.extend((0..s).map(|j| src[base + j * c + k]));
             }
         }
     }
@@ -153,6 +137,22 @@ impl<T: Element> Tensor<T> {
             format,
             storage,
         }
+    }
+
+    /// A tensor of `shape` in `format` over a kernel's output buffer on `dev` (which may hold
+    /// more elements: allocations have at least one).
+    pub(crate) fn from_cuda(
+        dev: &CudaDevice,
+        slice: cudarc::driver::CudaSlice<T>,
+        shape: &[usize],
+        format: MemoryFormat,
+    ) -> Self {
+        let len = shape.iter().product();
+        Self::from_parts(
+            shape.to_vec(),
+            format,
+            Storage::Cuda(CudaBuffer::new(dev, slice, len)),
+        )
     }
 
     /// The logical shape `(N, C, *spatial)` or `(*, normalized_shape)`.
@@ -308,10 +308,131 @@ impl<T: Element> Tensor<T> {
     }
 }
 
-impl Tensor<f32> {
-    /// A CPU f32 tensor from a slice (convenience for parameters).
-    pub fn from_slice(data: &[f32], shape: &[usize]) -> Result<Self> {
+impl<T: Element> Tensor<T> {
+    /// A contiguous CPU tensor from a slice in logical row-major order (copied).
+    pub fn from_slice(data: &[T], shape: &[usize]) -> Result<Self> {
         Self::from_vec(data.to_vec(), shape)
+    }
+
+    /// A contiguous CPU tensor whose element at logical index `(i0, i1, ...)` is
+    /// `f(&[i0, i1, ...])`.
+    ///
+    /// ```
+    /// use cunorm::Tensor;
+    /// let t = Tensor::<f32>::from_fn(&[2, 3], |i| (i[0] * 10 + i[1]) as f32)?;
+    /// assert_eq!(t.to_vec()?, vec![0.0, 1.0, 2.0, 10.0, 11.0, 12.0]);
+    /// # Ok::<(), cunorm::Error>(())
+    /// ```
+    pub fn from_fn(shape: &[usize], mut f: impl FnMut(&[usize]) -> T) -> Result<Self> {
+        let numel = checked_numel(shape)?;
+        let mut data = Vec::new();
+        data.try_reserve_exact(numel).map_err(|_| too_big(shape))?;
+        let mut index = vec![0usize; shape.len()];
+        for _ in 0..numel {
+            data.push(f(&index));
+            for d in (0..shape.len()).rev() {
+                index[d] += 1;
+                if index[d] < shape[d] {
+                    break;
+                }
+                index[d] = 0;
+            }
+        }
+        Self::from_vec(data, shape)
+    }
+
+    /// A contiguous CPU tensor of standard normal samples from a seeded generator (the same
+    /// seed gives the same tensor; the values are not `torch.randn`'s).
+    ///
+    /// ```
+    /// use cunorm::Tensor;
+    /// let a = Tensor::<f32>::randn(&[4, 8], 42)?;
+    /// assert_eq!(a.to_vec()?, Tensor::<f32>::randn(&[4, 8], 42)?.to_vec()?);
+    /// # Ok::<(), cunorm::Error>(())
+    /// ```
+    pub fn randn(shape: &[usize], seed: u64) -> Result<Self> {
+        use rand::SeedableRng;
+        use rand_distr::{Distribution, StandardNormal};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        Self::from_fn(shape, |_| {
+            let v: f32 = StandardNormal.sample(&mut rng);
+            T::from_f32(v)
+        })
+    }
+
+    /// The storage in physical order, writable, when the tensor is on the CPU (`None` on a
+    /// GPU): for in-place updates such as an optimizer step on a parameter.
+    pub fn as_mut_slice(&mut self) -> Option<&mut [T]> {
+        match &mut self.storage {
+            Storage::Cpu(v) => Some(v),
+            Storage::Cuda(_) => None,
+        }
+    }
+
+    /// Sets every element to `value` (on the tensor's device).
+    pub(crate) fn fill(&mut self, value: T) {
+        let device = self.device();
+        let filled = Tensor::full(&self.shape, value);
+        *self = match device {
+            Device::Cpu => filled,
+            // A failed upload keeps the old values; the CPU copy is never partial.
+            d => filled.to_device(&d).unwrap_or_else(|_| self.clone()),
+        };
+    }
+}
+
+/// The element count of `shape`, or an `Err` when it overflows `usize`.
+pub(crate) fn checked_numel(shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| too_big(shape))
+}
+
+fn too_big(shape: &[usize]) -> Error {
+    Error::Shape(format!(
+        "a tensor of size {} has more elements than this machine can hold; use a smaller shape",
+        fmt_shape(shape)
+    ))
+}
+
+impl<T: Element> std::fmt::Debug for Tensor<T> {
+    /// As `Display`: shape, dtype, layout, device and a few values, never the whole buffer.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// How many values `Display` prints from each end of a tensor.
+const SHOWN: usize = 3;
+
+impl<T: Element> std::fmt::Display for Tensor<T> {
+    /// `Tensor[2, 3, 4] f32 nchw cpu [0.1000, -1.2000, 0.3000, ..., 2.0000]`: shape, dtype,
+    /// layout, device and a few values in logical order (copied from the GPU if needed).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tensor{} {} {} {}",
+            fmt_shape(&self.shape),
+            T::DTYPE,
+            self.format.name(),
+            self.device()
+        )?;
+        let Ok(v) = self.to_vec() else {
+            return f.write_str(" [values unavailable]");
+        };
+        let show = |vals: &[T]| -> Vec<String> {
+            vals.iter().map(|x| format!("{:.4}", x.to_f32())).collect()
+        };
+        let parts = if v.len() <= 2 * SHOWN {
+            show(&v)
+        } else {
+            let mut p = show(&v[..SHOWN]);
+            p.push("...".into());
+            p.extend(show(&v[v.len() - SHOWN..]));
+            p
+        };
+        write!(f, " [{}]", parts.join(", "))
     }
 }
 
@@ -321,4 +442,14 @@ fn not_on_cpu() -> Error {
          .to_device(&Device::Cpu)"
             .into(),
     )
+}
+
+/// A view of a CUDA tensor's elements (an error for a CPU tensor).
+pub(crate) fn tensor_view<T: Element>(t: &Tensor<T>) -> Result<cudarc::driver::CudaView<'_, T>> {
+    match &t.storage {
+        Storage::Cuda(b) => Ok(b.slice.slice(0..b.len)),
+        Storage::Cpu(_) => Err(Error::DeviceMismatch(
+            "a CPU tensor was passed to a CUDA op; move it with .to_device()".into(),
+        )),
+    }
 }

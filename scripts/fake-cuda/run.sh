@@ -30,11 +30,12 @@ g++ "${flags[@]}" -O2 "${fma[@]}" "$here/fakecuda.cpp" -o "$build/fma/libcuda.so
 for v in plain asan fma; do ln -sf libcuda.so.1 "$build/$v/libcuda.so"; done
 
 cargo build --release --quiet
-test_bin=$(cargo test --release --test cuda --no-run --message-format=json 2>/dev/null |
+# The integration suite is one binary; its CUDA tests are the module `cuda::`.
+test_bin=$(cargo test --release --test suite --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "suite" and m.get("executable"):
         print(m["executable"])')
 
 export CUNORM_CACHE_DIR="$build/kernel-cache" CUNORM_REQUIRE_CUDA=1 FAKECUDA_COVERAGE="$build/coverage.txt"
@@ -52,12 +53,12 @@ diff <(tail -n +2 "$build/demo-cpu.txt") <(tail -n +2 "$build/demo-cuda.txt")
 ls "$CUNORM_CACHE_DIR"/*.cubin > /dev/null
 
 echo "-- CUDA test suite (warm kernel cache)"
-plain "$test_bin" --test-threads 2
+plain "$test_bin" --test-threads 2 cuda::
 
 echo "-- CUDA sweep with an H100's 132 SMs (its launch configurations), threads and blocks in"
 echo "   reverse order (a race changes results), ${fma[*]:-no FMA}"
 FAKECUDA_ORDER=reverse FAKECUDA_SMS=132 LD_LIBRARY_PATH="$build/fma${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-  "$test_bin" --test-threads 2 cuda_matches_cpu_everywhere
+  "$test_bin" --test-threads 2 cuda::cuda_matches_cpu_everywhere
 
 echo "-- cunorm check"
 plain target/release/cunorm check --quick > "$build/check.txt"
@@ -70,7 +71,7 @@ python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(len(d["result
 echo "-- CUDA test suite under AddressSanitizer"
 LD_LIBRARY_PATH="$build/asan${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   LD_PRELOAD="$(g++ -print-file-name=libasan.so)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-  "$test_bin" --test-threads 2
+  "$test_bin" --test-threads 2 cuda::
 
 echo "-- kernel coverage"
 want=$(grep -c emu_entry "$build/kernels_registry.inc")

@@ -1,4 +1,4 @@
-// Runs cunorm's CUDA kernels on the CPU (shim.h) with the launch sequences of src/cuda/raw.rs
+// Runs cunorm's CUDA kernels on the CPU (shim.h) with the launch sequences of src/ops/{rows,planes}/cuda.rs
 // and checks every output against a naive double-precision reference. Logic check only: it
 // proves indexing, reductions, chunking, layouts and coefficient algebra, not GPU behaviour.
 #include "shim.h"

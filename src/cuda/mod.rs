@@ -4,10 +4,8 @@
 //! library is loadable (cudarc would panic on the first FFI call otherwise) and returns
 //! [`Error::Unavailable`] with what was tried and how to fix it.
 
+pub(crate) mod launch;
 pub mod nvrtc;
-pub(crate) mod planes;
-pub mod raw;
-pub(crate) mod rows;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,18 +15,6 @@ use cudarc::nvrtc::Ptx;
 
 use crate::dtype::Element;
 use crate::error::{Error, Result};
-
-/// A view of a CUDA tensor's elements (an error for a CPU tensor).
-pub(crate) fn tensor_view<T: Element>(
-    t: &crate::tensor::Tensor<T>,
-) -> Result<cudarc::driver::CudaView<'_, T>> {
-    match &t.storage {
-        crate::tensor::Storage::Cuda(b) => Ok(b.slice.slice(0..b.len)),
-        crate::tensor::Storage::Cpu(_) => Err(Error::DeviceMismatch(
-            "a CPU tensor was passed to a CUDA op; move it with .to_device()".into(),
-        )),
-    }
-}
 
 pub(crate) fn driver_err(context: &str, e: cudarc::driver::DriverError) -> Error {
     Error::Cuda {
@@ -60,59 +46,6 @@ pub fn probe() -> Result<usize> {
         ));
     }
     Ok(count as usize)
-}
-
-/// Templated kernels, instantiated once per dtype as `<name>_<dtype>`, by module.
-const PER_DTYPE: [(&str, &[&str]); 2] = [
-    (
-        "rows",
-        &[
-            "layer_norm_fwd",
-            "rms_norm_fwd",
-            "group_norm_fwd",
-            "layer_norm_bwd",
-            "rms_norm_bwd",
-        ],
-    ),
-    (
-        "planes",
-        &[
-            "plane_stats",
-            "plane_grad_sums",
-            "plane_apply",
-            "plane_grad_apply",
-        ],
-    ),
-];
-
-/// Kernels on f32 statistics only, by module.
-const F32_ONLY: [(&str, &[&str]); 2] = [
-    ("rows", &["col_sum_f32"]),
-    (
-        "planes",
-        &[
-            "plane_finalize",
-            "running_update",
-            "eval_stats",
-            "plane_coef",
-            "grad_finalize",
-            "grad_params",
-        ],
-    ),
-];
-
-/// Every kernel entry point, as (module, name). `<op>_<stage>_<dtype>` for the templated ones.
-/// `tests/nvrtc_compile.rs` checks this list against the entry points in the compiled PTX.
-pub fn entry_points() -> Vec<(&'static str, String)> {
-    let templated = PER_DTYPE.iter().flat_map(|&(module, names)| {
-        names
-            .iter()
-            .flat_map(move |k| ["f32", "f16", "bf16"].map(|dt| (module, format!("{k}_{dt}"))))
-    });
-    let plain = F32_ONLY
-        .iter()
-        .flat_map(|&(module, names)| names.iter().map(move |k| (module, k.to_string())));
-    templated.chain(plain).collect()
 }
 
 /// A loaded kernel and the most threads per block its register use allows on this device.
@@ -275,9 +208,10 @@ impl CudaDevice {
     }
 
     /// Compiles (or loads from the disk cache) every kernel module now rather than at first use,
-    /// the modules in parallel (NVRTC programs are independent), and checks that every entry
-    /// point is there.
-    pub fn warm_up(&self) -> Result<()> {
+    /// the modules in parallel (NVRTC programs are independent), then looks up each
+    /// `(module, kernel)` of `entries` (an `Err` if one is missing). The op families' list is
+    /// [`crate::kernels::entry_points`]; [`crate::Device::warm_up`] passes it.
+    pub fn preload(&self, entries: &[(&'static str, String)]) -> Result<()> {
         let missing: Vec<&'static str> = {
             let mods = self.modules()?;
             nvrtc::module_names()
@@ -309,8 +243,8 @@ impl CudaDevice {
                 }
             }
         }
-        for (module, name) in entry_points() {
-            self.function(module, &name)?;
+        for (module, name) in entries {
+            self.function(module, name)?;
         }
         Ok(())
     }
@@ -379,7 +313,8 @@ impl CudaDevice {
         Ok(slice)
     }
 
-    pub(crate) fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    /// A zero-filled buffer of `n` elements (at least one) on cunorm's stream.
+    pub fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &self,
         n: usize,
     ) -> Result<CudaSlice<T>> {
@@ -387,26 +322,6 @@ impl CudaDevice {
             .stream
             .alloc_zeros::<T>(n.max(1))
             .map_err(|e| driver_err("allocating device memory", e))
-    }
-
-    /// A tensor of `shape` in `format` over a kernel's output buffer (which may hold more
-    /// elements: allocations have at least one).
-    pub(crate) fn tensor<T: Element>(
-        &self,
-        slice: CudaSlice<T>,
-        shape: &[usize],
-        format: crate::tensor::MemoryFormat,
-    ) -> crate::tensor::Tensor<T> {
-        let buffer = CudaBuffer {
-            len: shape.iter().product(),
-            slice: Arc::new(slice),
-            device: self.clone(),
-        };
-        crate::tensor::Tensor::from_parts(
-            shape.to_vec(),
-            format,
-            crate::tensor::Storage::Cuda(buffer),
-        )
     }
 
     pub(crate) fn upload<T: Element>(&self, data: &[T]) -> Result<CudaBuffer<T>> {
@@ -446,6 +361,15 @@ impl<T: Element> std::fmt::Debug for CudaBuffer<T> {
 }
 
 impl<T: Element> CudaBuffer<T> {
+    /// Wraps `slice`, of which the first `len` elements are the buffer's.
+    pub(crate) fn new(device: &CudaDevice, slice: CudaSlice<T>, len: usize) -> Self {
+        CudaBuffer {
+            slice: Arc::new(slice),
+            len,
+            device: device.clone(),
+        }
+    }
+
     pub(crate) fn device(&self) -> &CudaDevice {
         &self.device
     }

@@ -1,4 +1,4 @@
-use super::{filled, move_opt, set_checked, set_counter, Norm};
+use super::{module_via_state, running_accessors, state_accessors, State};
 use crate::device::Device;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -55,15 +55,25 @@ impl BatchNormConfig {
 
 /// Batch normalization over `D` spatial dimensions, like `torch.nn.BatchNorm{D}d`.
 /// Use the aliases [`BatchNorm1d`], [`BatchNorm2d`], [`BatchNorm3d`].
+///
+/// ```
+/// use cunorm::{BatchNorm2d, Module, Tensor};
+/// # fn main() -> cunorm::Result<()> {
+/// let mut bn = BatchNorm2d::new(3)?;
+/// let x = Tensor::<f32>::randn(&[4, 3, 5, 5], 1)?;
+/// let out = bn.forward_with_stats(&x)?; // training: batch statistics, running ones updated
+/// let dx = bn.backward(&Tensor::<f32>::randn(x.shape(), 2)?, &x, &out.stats)?.dx;
+/// assert_eq!(dx.shape(), x.shape());
+/// bn.eval();
+/// let y = bn.forward_eval(&x)?; // `&self`: uses the running statistics, changes nothing
+/// assert_eq!(bn.num_batches_tracked(), Some(1));
+/// # let _ = y; Ok(())
+/// # }
+/// ```
 #[derive(Clone, Debug)]
 pub struct BatchNorm<const D: usize> {
     config: BatchNormConfig,
-    weight: Option<Tensor<f32>>,
-    bias: Option<Tensor<f32>>,
-    running_mean: Option<Tensor<f32>>,
-    running_var: Option<Tensor<f32>>,
-    num_batches_tracked: Option<i64>,
-    training: bool,
+    state: State,
 }
 
 /// `torch.nn.BatchNorm1d`: input `(N, C)` or `(N, C, L)`.
@@ -74,10 +84,6 @@ pub type BatchNorm2d = BatchNorm<2>;
 pub type BatchNorm3d = BatchNorm<3>;
 
 impl<const D: usize> BatchNorm<D> {
-    fn name() -> String {
-        format!("BatchNorm{D}d")
-    }
-
     /// A module with PyTorch's defaults.
     pub fn new(num_features: usize) -> Result<Self> {
         Self::from_config(BatchNormConfig::new(num_features))
@@ -85,69 +91,31 @@ impl<const D: usize> BatchNorm<D> {
 
     /// A module from a config: weight = 1, bias = 0, running_mean = 0, running_var = 1.
     pub fn from_config(config: BatchNormConfig) -> Result<Self> {
-        crate::ops::check_eps(&Self::name(), config.eps)?;
+        let name = format!("BatchNorm{D}d");
+        crate::ops::check_eps(&name, config.eps)?;
         if let Some(m) = config.momentum {
-            crate::ops::check_momentum(&Self::name(), m)?;
+            crate::ops::check_momentum(&name, m)?;
         }
         let c = config.num_features;
-        let track = config.track_running_stats;
-        Ok(BatchNorm {
-            weight: config.affine.then(|| filled(c, 1.0)),
-            bias: config.affine.then(|| filled(c, 0.0)),
-            running_mean: track.then(|| filled(c, 0.0)),
-            running_var: track.then(|| filled(c, 1.0)),
-            num_batches_tracked: track.then_some(0),
-            training: true,
-            config,
-        })
+        let state = State::new(
+            name,
+            &[c],
+            config.affine,
+            config.affine,
+            config.track_running_stats,
+        );
+        Ok(BatchNorm { config, state })
     }
 
     /// The config the module was built with.
     pub fn config(&self) -> &BatchNormConfig {
         &self.config
     }
-    /// Per-channel weight (`None` unless affine).
-    pub fn weight(&self) -> Option<&Tensor<f32>> {
-        self.weight.as_ref()
-    }
-    /// Per-channel bias (`None` unless affine).
-    pub fn bias(&self) -> Option<&Tensor<f32>> {
-        self.bias.as_ref()
-    }
-    /// Running mean (`None` unless tracking).
-    pub fn running_mean(&self) -> Option<&Tensor<f32>> {
-        self.running_mean.as_ref()
-    }
-    /// Running (unbiased) variance (`None` unless tracking).
-    pub fn running_var(&self) -> Option<&Tensor<f32>> {
-        self.running_var.as_ref()
-    }
-    /// Training steps counted so far (`None` unless tracking).
-    pub fn num_batches_tracked(&self) -> Option<i64> {
-        self.num_batches_tracked
-    }
-    /// Replaces the weight (shape `[C]`).
-    pub fn set_weight(&mut self, w: Tensor<f32>) -> Result<()> {
-        set_checked(&Self::name(), "weight", &mut self.weight, w)
-    }
-    /// Replaces the bias (shape `[C]`).
-    pub fn set_bias(&mut self, b: Tensor<f32>) -> Result<()> {
-        set_checked(&Self::name(), "bias", &mut self.bias, b)
-    }
-    /// Replaces the running mean (shape `[C]`).
-    pub fn set_running_mean(&mut self, t: Tensor<f32>) -> Result<()> {
-        set_checked(&Self::name(), "running_mean", &mut self.running_mean, t)
-    }
-    /// Replaces the running variance (shape `[C]`).
-    pub fn set_running_var(&mut self, t: Tensor<f32>) -> Result<()> {
-        set_checked(&Self::name(), "running_var", &mut self.running_var, t)
-    }
-    /// Sets the step counter (used when momentum is `None`).
-    pub fn set_num_batches_tracked(&mut self, n: i64) -> Result<()> {
-        set_counter(&Self::name(), &mut self.num_batches_tracked, n)
-    }
 
-    fn check_dim(rank: usize) -> Result<()> {
+    state_accessors!();
+    running_accessors!();
+
+    fn check_dim(&self, rank: usize) -> Result<()> {
         let ok = match D {
             1 => rank == 2 || rank == 3,
             _ => rank == D + 2,
@@ -161,61 +129,64 @@ impl<const D: usize> BatchNorm<D> {
         };
         Err(Error::Shape(format!(
             "{}: expected {expected} input (got {rank}D input)",
-            Self::name()
+            self.state.name
         )))
     }
-}
 
-impl<const D: usize> Norm for BatchNorm<D> {
-    fn forward_with_stats<T: Element>(&mut self, x: &Tensor<T>) -> Result<NormOutput<T>> {
-        Self::check_dim(x.rank())?;
-        let mut factor = self.config.momentum.unwrap_or(0.0);
-        if self.training {
-            if let Some(nbt) = &mut self.num_batches_tracked {
-                *nbt += 1;
-                if self.config.momentum.is_none() {
-                    factor = 1.0 / *nbt as f64;
-                }
-            }
+    /// The forward pass, like calling the PyTorch module: in training mode it normalizes with
+    /// the batch statistics and updates the running ones (when tracked); in eval mode it uses
+    /// the running statistics. Returns the output and the statistics for [`BatchNorm::backward`].
+    /// A failed call changes no state.
+    pub fn forward_with_stats<T: Element>(&mut self, x: &Tensor<T>) -> Result<NormOutput<T>> {
+        self.check_dim(x.rank())?;
+        let training = self.state.training;
+        let momentum = self.config.momentum;
+        let (eps, state) = (self.config.eps, &mut self.state);
+        // The update factor of this step: momentum, or a cumulative average over the steps.
+        let factor = match (&state.running, momentum) {
+            (_, Some(m)) => m,
+            (Some(r), None) if training => 1.0 / (r.num_batches_tracked as f64 + 1.0),
+            _ => 0.0,
+        };
+        let use_batch = training || state.running.is_none();
+        let (w, b, rm, rv) = state.op_args();
+        let out = batch_norm(x, rm, rv, w, b, use_batch, factor, eps)?;
+        if let (true, Some(r)) = (training, &mut state.running) {
+            r.num_batches_tracked += 1;
         }
-        let use_batch = self.training || self.running_mean.is_none();
-        batch_norm(
-            x,
-            self.running_mean.as_mut(),
-            self.running_var.as_mut(),
-            self.weight.as_ref(),
-            self.bias.as_ref(),
-            use_batch,
-            factor,
-            self.config.eps,
-        )
+        Ok(out)
     }
 
-    fn backward<T: Element>(
+    /// The forward pass, output only (see [`BatchNorm::forward_with_stats`]).
+    pub fn forward<T: Element>(&mut self, x: &Tensor<T>) -> Result<Tensor<T>> {
+        Ok(self.forward_with_stats(x)?.output)
+    }
+
+    /// The forward pass through `&self`, for when it changes no state: eval mode, or no running
+    /// statistics (`track_running_stats = false`). In training mode with tracked statistics it
+    /// is an `Err`: that forward updates them, so call [`BatchNorm::forward`].
+    pub fn forward_eval<T: Element>(&self, x: &Tensor<T>) -> Result<NormOutput<T>> {
+        self.check_dim(x.rank())?;
+        if self.state.training && self.state.running.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: forward_eval cannot update the running statistics of a training-mode                  module; call eval() first, or forward() (which takes &mut self)",
+                self.state.name
+            )));
+        }
+        // Nothing below changes state: eval mode reads the running statistics only.
+        self.clone().forward_with_stats(x)
+    }
+
+    /// Gradients of the forward pass that produced `stats` from `x`, given `dy`.
+    pub fn backward<T: Element>(
         &self,
         dy: &Tensor<T>,
         x: &Tensor<T>,
         stats: &SavedStats,
     ) -> Result<Gradients<T>> {
-        Self::check_dim(x.rank())?;
-        batch_norm_backward(dy, x, self.weight.as_ref(), stats)
-    }
-
-    fn set_training(&mut self, on: bool) {
-        self.training = on;
-    }
-    fn is_training(&self) -> bool {
-        self.training
-    }
-    fn to_device(&mut self, device: &Device) -> Result<()> {
-        for t in [
-            &mut self.weight,
-            &mut self.bias,
-            &mut self.running_mean,
-            &mut self.running_var,
-        ] {
-            move_opt(t, device)?;
-        }
-        Ok(())
+        self.check_dim(x.rank())?;
+        batch_norm_backward(dy, x, self.state.weight.as_ref(), stats)
     }
 }
+
+module_via_state!(D; BatchNorm<D>);

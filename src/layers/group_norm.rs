@@ -1,4 +1,4 @@
-use super::{filled, move_opt, set_checked, Norm};
+use super::{module_via_state, state_accessors, State};
 use crate::device::Device;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -40,13 +40,11 @@ impl GroupNormConfig {
     }
 }
 
-/// `torch.nn.GroupNorm`: input `(N, C, *)`.
+/// `torch.nn.GroupNorm`: input `(N, C, *)`. Holds no running state: every forward takes `&self`.
 #[derive(Clone, Debug)]
 pub struct GroupNorm {
     config: GroupNormConfig,
-    weight: Option<Tensor<f32>>,
-    bias: Option<Tensor<f32>>,
-    training: bool,
+    state: State,
 }
 
 impl GroupNorm {
@@ -66,64 +64,54 @@ impl GroupNorm {
         }
         crate::ops::check_eps("GroupNorm", config.eps)?;
         let c = config.num_channels;
-        Ok(GroupNorm {
-            weight: config.affine.then(|| filled(c, 1.0)),
-            bias: config.affine.then(|| filled(c, 0.0)),
-            training: true,
-            config,
-        })
+        let state = State::new(
+            "GroupNorm".into(),
+            &[c],
+            config.affine,
+            config.affine,
+            false,
+        );
+        Ok(GroupNorm { config, state })
     }
 
     /// The config the module was built with.
     pub fn config(&self) -> &GroupNormConfig {
         &self.config
     }
-    /// Per-channel weight (`None` unless affine).
-    pub fn weight(&self) -> Option<&Tensor<f32>> {
-        self.weight.as_ref()
-    }
-    /// Per-channel bias (`None` unless affine).
-    pub fn bias(&self) -> Option<&Tensor<f32>> {
-        self.bias.as_ref()
-    }
-    /// Replaces the weight (shape `[C]`).
-    pub fn set_weight(&mut self, w: Tensor<f32>) -> Result<()> {
-        set_checked("GroupNorm", "weight", &mut self.weight, w)
-    }
-    /// Replaces the bias (shape `[C]`).
-    pub fn set_bias(&mut self, b: Tensor<f32>) -> Result<()> {
-        set_checked("GroupNorm", "bias", &mut self.bias, b)
-    }
-}
 
-impl Norm for GroupNorm {
-    fn forward_with_stats<T: Element>(&mut self, x: &Tensor<T>) -> Result<NormOutput<T>> {
+    state_accessors!();
+
+    /// The forward pass: output and the statistics for [`GroupNorm::backward`].
+    pub fn forward_with_stats<T: Element>(&self, x: &Tensor<T>) -> Result<NormOutput<T>> {
         group_norm(
             x,
             self.config.num_groups,
-            self.weight.as_ref(),
-            self.bias.as_ref(),
+            self.state.weight.as_ref(),
+            self.state.bias.as_ref(),
             self.config.eps,
         )
     }
 
-    fn backward<T: Element>(
+    /// The forward pass, output only.
+    pub fn forward<T: Element>(&self, x: &Tensor<T>) -> Result<Tensor<T>> {
+        Ok(self.forward_with_stats(x)?.output)
+    }
+
+    /// Gradients of the forward pass that produced `stats` from `x`, given `dy`.
+    pub fn backward<T: Element>(
         &self,
         dy: &Tensor<T>,
         x: &Tensor<T>,
         stats: &SavedStats,
     ) -> Result<Gradients<T>> {
-        group_norm_backward(dy, x, self.config.num_groups, self.weight.as_ref(), stats)
-    }
-
-    fn set_training(&mut self, on: bool) {
-        self.training = on;
-    }
-    fn is_training(&self) -> bool {
-        self.training
-    }
-    fn to_device(&mut self, device: &Device) -> Result<()> {
-        move_opt(&mut self.weight, device)?;
-        move_opt(&mut self.bias, device)
+        group_norm_backward(
+            dy,
+            x,
+            self.config.num_groups,
+            self.state.weight.as_ref(),
+            stats,
+        )
     }
 }
+
+module_via_state!(; GroupNorm);

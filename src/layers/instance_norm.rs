@@ -1,4 +1,4 @@
-use super::{filled, move_opt, set_checked, set_counter, Norm};
+use super::{module_via_state, running_accessors, state_accessors, State};
 use crate::device::Device;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -58,12 +58,7 @@ impl InstanceNormConfig {
 #[derive(Clone, Debug)]
 pub struct InstanceNorm<const D: usize> {
     config: InstanceNormConfig,
-    weight: Option<Tensor<f32>>,
-    bias: Option<Tensor<f32>>,
-    running_mean: Option<Tensor<f32>>,
-    running_var: Option<Tensor<f32>>,
-    num_batches_tracked: Option<i64>,
-    training: bool,
+    state: State,
 }
 
 /// `torch.nn.InstanceNorm1d`: input `(N, C, L)` or unbatched `(C, L)`.
@@ -74,10 +69,6 @@ pub type InstanceNorm2d = InstanceNorm<2>;
 pub type InstanceNorm3d = InstanceNorm<3>;
 
 impl<const D: usize> InstanceNorm<D> {
-    fn name() -> String {
-        format!("InstanceNorm{D}d")
-    }
-
     /// A module with PyTorch's defaults (no affine, no running statistics).
     pub fn new(num_features: usize) -> Result<Self> {
         Self::from_config(InstanceNormConfig::new(num_features))
@@ -85,67 +76,29 @@ impl<const D: usize> InstanceNorm<D> {
 
     /// A module from a config.
     pub fn from_config(config: InstanceNormConfig) -> Result<Self> {
-        crate::ops::check_eps(&Self::name(), config.eps)?;
+        let name = format!("InstanceNorm{D}d");
+        crate::ops::check_eps(&name, config.eps)?;
         if let Some(m) = config.momentum {
-            crate::ops::check_momentum(&Self::name(), m)?;
+            crate::ops::check_momentum(&name, m)?;
         }
         let c = config.num_features;
-        let track = config.track_running_stats;
-        Ok(InstanceNorm {
-            weight: config.affine.then(|| filled(c, 1.0)),
-            bias: config.affine.then(|| filled(c, 0.0)),
-            running_mean: track.then(|| filled(c, 0.0)),
-            running_var: track.then(|| filled(c, 1.0)),
-            num_batches_tracked: track.then_some(0),
-            training: true,
-            config,
-        })
+        let state = State::new(
+            name,
+            &[c],
+            config.affine,
+            config.affine,
+            config.track_running_stats,
+        );
+        Ok(InstanceNorm { config, state })
     }
 
     /// The config the module was built with.
     pub fn config(&self) -> &InstanceNormConfig {
         &self.config
     }
-    /// Per-channel weight (`None` unless affine).
-    pub fn weight(&self) -> Option<&Tensor<f32>> {
-        self.weight.as_ref()
-    }
-    /// Per-channel bias (`None` unless affine).
-    pub fn bias(&self) -> Option<&Tensor<f32>> {
-        self.bias.as_ref()
-    }
-    /// Running mean (`None` unless tracking).
-    pub fn running_mean(&self) -> Option<&Tensor<f32>> {
-        self.running_mean.as_ref()
-    }
-    /// Running (unbiased) variance (`None` unless tracking).
-    pub fn running_var(&self) -> Option<&Tensor<f32>> {
-        self.running_var.as_ref()
-    }
-    /// Exists when tracking, as in PyTorch, but InstanceNorm never increments it.
-    pub fn num_batches_tracked(&self) -> Option<i64> {
-        self.num_batches_tracked
-    }
-    /// Sets the (unused, as in PyTorch) step counter.
-    pub fn set_num_batches_tracked(&mut self, n: i64) -> Result<()> {
-        set_counter(&Self::name(), &mut self.num_batches_tracked, n)
-    }
-    /// Replaces the weight (shape `[C]`).
-    pub fn set_weight(&mut self, w: Tensor<f32>) -> Result<()> {
-        set_checked(&Self::name(), "weight", &mut self.weight, w)
-    }
-    /// Replaces the bias (shape `[C]`).
-    pub fn set_bias(&mut self, b: Tensor<f32>) -> Result<()> {
-        set_checked(&Self::name(), "bias", &mut self.bias, b)
-    }
-    /// Replaces the running mean (shape `[C]`).
-    pub fn set_running_mean(&mut self, t: Tensor<f32>) -> Result<()> {
-        set_checked(&Self::name(), "running_mean", &mut self.running_mean, t)
-    }
-    /// Replaces the running variance (shape `[C]`).
-    pub fn set_running_var(&mut self, t: Tensor<f32>) -> Result<()> {
-        set_checked(&Self::name(), "running_var", &mut self.running_var, t)
-    }
+
+    state_accessors!();
+    running_accessors!();
 
     /// Checks the rank; returns the input with a batch dimension (unbatched inputs get N = 1).
     fn batched<T: Element>(&self, x: &Tensor<T>) -> Result<(Tensor<T>, bool)> {
@@ -153,7 +106,7 @@ impl<const D: usize> InstanceNorm<D> {
         if x.rank() != lo && x.rank() != hi {
             return Err(Error::Shape(format!(
                 "{}: expected {lo}D or {hi}D input (got {}D input)",
-                Self::name(),
+                self.state.name,
                 x.rank()
             )));
         }
@@ -177,29 +130,44 @@ impl<const D: usize> InstanceNorm<D> {
         }
         Ok((xb, unbatched))
     }
-}
 
-impl<const D: usize> Norm for InstanceNorm<D> {
-    fn forward_with_stats<T: Element>(&mut self, x: &Tensor<T>) -> Result<NormOutput<T>> {
+    /// The forward pass, like calling the PyTorch module: per-plane input statistics in
+    /// training mode or without running statistics (updating the running ones when tracked and
+    /// training), the running statistics otherwise. `num_batches_tracked` exists when tracked
+    /// but, as in PyTorch, is never incremented.
+    pub fn forward_with_stats<T: Element>(&mut self, x: &Tensor<T>) -> Result<NormOutput<T>> {
         let (xb, unbatched) = self.batched(x)?;
-        let use_input = self.training || !self.config.track_running_stats;
-        let mut out = instance_norm(
-            &xb,
-            self.running_mean.as_mut(),
-            self.running_var.as_mut(),
-            self.weight.as_ref(),
-            self.bias.as_ref(),
-            use_input,
-            self.config.momentum.unwrap_or(0.0),
-            self.config.eps,
-        )?;
+        let use_input = self.state.training || !self.config.track_running_stats;
+        let (momentum, eps) = (self.config.momentum.unwrap_or(0.0), self.config.eps);
+        let (w, b, rm, rv) = self.state.op_args();
+        let mut out = instance_norm(&xb, rm, rv, w, b, use_input, momentum, eps)?;
         if unbatched {
             out.output = out.output.reshape(x.shape())?;
         }
         Ok(out)
     }
 
-    fn backward<T: Element>(
+    /// The forward pass, output only (see [`InstanceNorm::forward_with_stats`]).
+    pub fn forward<T: Element>(&mut self, x: &Tensor<T>) -> Result<Tensor<T>> {
+        Ok(self.forward_with_stats(x)?.output)
+    }
+
+    /// The forward pass through `&self`, for when it changes no state: eval mode, or no running
+    /// statistics. In training mode with tracked statistics it is an `Err` (call `forward`).
+    pub fn forward_eval<T: Element>(&self, x: &Tensor<T>) -> Result<NormOutput<T>> {
+        if self.state.training && self.state.running.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "{}: forward_eval cannot update the running statistics of a training-mode \
+                 module; call eval() first, or forward() (which takes &mut self)",
+                self.state.name
+            )));
+        }
+        let mut module = self.clone();
+        module.forward_with_stats(x)
+    }
+
+    /// Gradients of the forward pass that produced `stats` from `x`, given `dy`.
+    pub fn backward<T: Element>(
         &self,
         dy: &Tensor<T>,
         x: &Tensor<T>,
@@ -212,28 +180,12 @@ impl<const D: usize> Norm for InstanceNorm<D> {
         } else {
             dy.clone()
         };
-        let mut g = instance_norm_backward(&dyb, &xb, self.weight.as_ref(), stats)?;
+        let mut g = instance_norm_backward(&dyb, &xb, self.state.weight.as_ref(), stats)?;
         if unbatched {
             g.dx = g.dx.reshape(x.shape())?;
         }
         Ok(g)
     }
-
-    fn set_training(&mut self, on: bool) {
-        self.training = on;
-    }
-    fn is_training(&self) -> bool {
-        self.training
-    }
-    fn to_device(&mut self, device: &Device) -> Result<()> {
-        for t in [
-            &mut self.weight,
-            &mut self.bias,
-            &mut self.running_mean,
-            &mut self.running_var,
-        ] {
-            move_opt(t, device)?;
-        }
-        Ok(())
-    }
 }
+
+module_via_state!(D; InstanceNorm<D>);

@@ -1,7 +1,7 @@
-use super::{move_opt, set_checked, Norm};
+use super::{module_via_state, state_accessors, State};
 use crate::device::Device;
 use crate::dtype::Element;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::{layer_norm, layer_norm_backward, Gradients, NormOutput, SavedStats};
 use crate::tensor::Tensor;
 
@@ -45,13 +45,12 @@ impl LayerNormConfig {
     }
 }
 
-/// `torch.nn.LayerNorm`: input `(*, normalized_shape)`.
+/// `torch.nn.LayerNorm`: input `(*, normalized_shape)`. Holds no running state: every forward
+/// takes `&self`.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
     config: LayerNormConfig,
-    weight: Option<Tensor<f32>>,
-    bias: Option<Tensor<f32>>,
-    training: bool,
+    state: State,
 }
 
 impl LayerNorm {
@@ -62,51 +61,50 @@ impl LayerNorm {
 
     /// A module from a config: weight = 1, bias = 0.
     pub fn from_config(config: LayerNormConfig) -> Result<Self> {
+        if config.normalized_shape.is_empty() {
+            return Err(Error::InvalidArgument(
+                "LayerNorm: normalized_shape must have at least one dimension (PyTorch rejects \
+                 an empty one); pass the trailing sizes to normalize over, e.g. &[hidden]"
+                    .into(),
+            ));
+        }
         crate::ops::check_eps("LayerNorm", config.eps)?;
-        let shape = config.normalized_shape.clone();
         let affine = config.elementwise_affine;
-        Ok(LayerNorm {
-            weight: affine.then(|| Tensor::full(&shape, 1.0)),
-            bias: (affine && config.bias).then(|| Tensor::full(&shape, 0.0)),
-            training: true,
-            config,
-        })
+        let state = State::new(
+            "LayerNorm".into(),
+            &config.normalized_shape,
+            affine,
+            affine && config.bias,
+            false,
+        );
+        Ok(LayerNorm { config, state })
     }
 
     /// The config the module was built with.
     pub fn config(&self) -> &LayerNormConfig {
         &self.config
     }
-    /// Elementwise weight (`None` unless elementwise_affine).
-    pub fn weight(&self) -> Option<&Tensor<f32>> {
-        self.weight.as_ref()
-    }
-    /// Elementwise bias (`None` unless elementwise_affine and bias).
-    pub fn bias(&self) -> Option<&Tensor<f32>> {
-        self.bias.as_ref()
-    }
-    /// Replaces the weight (shape `normalized_shape`).
-    pub fn set_weight(&mut self, w: Tensor<f32>) -> Result<()> {
-        set_checked("LayerNorm", "weight", &mut self.weight, w)
-    }
-    /// Replaces the bias (shape `normalized_shape`).
-    pub fn set_bias(&mut self, b: Tensor<f32>) -> Result<()> {
-        set_checked("LayerNorm", "bias", &mut self.bias, b)
-    }
-}
 
-impl Norm for LayerNorm {
-    fn forward_with_stats<T: Element>(&mut self, x: &Tensor<T>) -> Result<NormOutput<T>> {
+    state_accessors!();
+
+    /// The forward pass: output and the statistics for [`LayerNorm::backward`].
+    pub fn forward_with_stats<T: Element>(&self, x: &Tensor<T>) -> Result<NormOutput<T>> {
         layer_norm(
             x,
             &self.config.normalized_shape,
-            self.weight.as_ref(),
-            self.bias.as_ref(),
+            self.state.weight.as_ref(),
+            self.state.bias.as_ref(),
             self.config.eps,
         )
     }
 
-    fn backward<T: Element>(
+    /// The forward pass, output only.
+    pub fn forward<T: Element>(&self, x: &Tensor<T>) -> Result<Tensor<T>> {
+        Ok(self.forward_with_stats(x)?.output)
+    }
+
+    /// Gradients of the forward pass that produced `stats` from `x`, given `dy`.
+    pub fn backward<T: Element>(
         &self,
         dy: &Tensor<T>,
         x: &Tensor<T>,
@@ -116,20 +114,11 @@ impl Norm for LayerNorm {
             dy,
             x,
             &self.config.normalized_shape,
-            self.weight.as_ref(),
-            self.bias.is_some(),
+            self.state.weight.as_ref(),
+            self.state.bias.is_some(),
             stats,
         )
     }
-
-    fn set_training(&mut self, on: bool) {
-        self.training = on;
-    }
-    fn is_training(&self) -> bool {
-        self.training
-    }
-    fn to_device(&mut self, device: &Device) -> Result<()> {
-        move_opt(&mut self.weight, device)?;
-        move_opt(&mut self.bias, device)
-    }
 }
+
+module_via_state!(; LayerNorm);

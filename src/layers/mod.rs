@@ -1,8 +1,43 @@
 //! Stateful PyTorch-style modules: parameters, running statistics, train/eval mode.
 //!
+//! Two traits, so that generic training code can hold any layer as a trait object:
+//! - [`Module`]: what does not depend on the input's dtype — mode (`train(mode)`, `eval()`),
+//!   named parameters (read and in place), `state_dict()` / `load_state_dict()` with PyTorch's
+//!   keys, `reset_parameters()`, `reset_running_stats()`, moving to a device;
+//! - [`Norm<T>`]: forward and backward for inputs of element type `T` (every layer implements it
+//!   for `f32`, `f16` and `bf16`), so `Vec<Box<dyn Norm<f32>>>` holds any mix of layers.
+//!
 //! Every module keeps its parameters and running statistics as f32 tensors on one device
-//! (CPU at construction; move them with [`Norm::to_device`]) and accepts f32, f16 and bf16
-//! inputs on that device.
+//! (CPU at construction; move them with [`Module::to_device`]).
+//!
+//! ```
+//! use cunorm::{BatchNorm2d, GroupNorm, LayerNorm, Module, Norm, Tensor};
+//!
+//! # fn main() -> cunorm::Result<()> {
+//! let mut layers: Vec<Box<dyn Norm<f32>>> = vec![
+//!     Box::new(BatchNorm2d::new(4)?),
+//!     Box::new(GroupNorm::new(2, 4)?),
+//!     Box::new(LayerNorm::new(&[4, 3, 3])?),
+//! ];
+//! let x = Tensor::<f32>::randn(&[2, 4, 3, 3], 7)?;
+//! for layer in &mut layers {
+//!     let out = layer.forward_t(&x)?;
+//!     let dy = Tensor::<f32>::randn(x.shape(), 8)?;
+//!     let grads = layer.backward(&dy, &x, &out.stats)?;
+//!     // SGD on every parameter, in place, without knowing the layer's type.
+//!     let named = grads.named();
+//!     for (name, p) in layer.parameters_mut() {
+//!         let g = named.iter().find(|(n, _)| *n == name).expect("a gradient per parameter").1;
+//!         let g = g.as_slice().expect("on the CPU");
+//!         for (w, dw) in p.as_mut_slice().expect("on the CPU").iter_mut().zip(g) {
+//!             *w -= 0.1 * dw;
+//!         }
+//!     }
+//! }
+//! assert_eq!(layers[0].state_dict().len(), 5); // weight, bias, running_mean, running_var, num_batches_tracked
+//! # Ok(())
+//! # }
+//! ```
 
 mod batch_norm;
 mod group_norm;
@@ -16,7 +51,9 @@ pub use instance_norm::{
     InstanceNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, InstanceNormConfig,
 };
 pub use layer_norm::{LayerNorm, LayerNormConfig};
-pub use rms_norm::{RmsNorm, RmsNormConfig};
+pub use rms_norm::{RMSNorm, RMSNormConfig};
+
+use std::collections::BTreeMap;
 
 use crate::device::Device;
 use crate::dtype::Element;
@@ -24,90 +61,427 @@ use crate::error::{fmt_shape, Error, Result};
 use crate::ops::{Gradients, NormOutput, SavedStats};
 use crate::tensor::Tensor;
 
-/// What every normalization module does.
-pub trait Norm {
-    /// The forward pass; in training mode it may update running statistics. Returns the output
-    /// and the statistics the backward pass needs.
-    fn forward_with_stats<T: Element>(&mut self, x: &Tensor<T>) -> Result<NormOutput<T>>;
+/// One entry of a [`StateDict`]: a float tensor, or `num_batches_tracked` (a long tensor in
+/// PyTorch).
+#[derive(Clone, Debug)]
+pub enum StateEntry {
+    /// `weight`, `bias`, `running_mean`, `running_var`.
+    Tensor(Tensor<f32>),
+    /// `num_batches_tracked`.
+    Count(i64),
+}
 
-    /// The forward pass, output only.
-    fn forward<T: Element>(&mut self, x: &Tensor<T>) -> Result<Tensor<T>> {
-        Ok(self.forward_with_stats(x)?.output)
-    }
+/// A module's state by PyTorch's keys: `weight`, `bias`, `running_mean`, `running_var`,
+/// `num_batches_tracked` (those the module has).
+pub type StateDict = BTreeMap<String, StateEntry>;
 
-    /// Gradients of the forward pass that produced `stats` from `x`, given `dy`.
-    fn backward<T: Element>(
-        &self,
-        dy: &Tensor<T>,
-        x: &Tensor<T>,
-        stats: &SavedStats,
-    ) -> Result<Gradients<T>>;
+/// What every normalization module has whatever the input's element type (object safe).
+pub trait Module {
+    /// The module's PyTorch name: `BatchNorm2d`, `LayerNorm`, `RMSNorm`, ...
+    fn name(&self) -> String;
 
-    /// Training mode on or off (PyTorch's `module.train(mode)`).
-    fn set_training(&mut self, on: bool);
+    /// Training mode on (`true`) or off, like PyTorch's `module.train(mode)`.
+    fn train(&mut self, mode: bool);
 
-    /// Switches to training mode (the default).
-    fn train(&mut self) {
-        self.set_training(true);
-    }
-
-    /// Switches to evaluation mode.
+    /// Evaluation mode (`train(false)`).
     fn eval(&mut self) {
-        self.set_training(false);
+        self.train(false);
     }
 
     /// Whether the module is in training mode.
     fn is_training(&self) -> bool;
 
+    /// The learnable parameters by name (`weight`, `bias`), like `named_parameters()`.
+    fn parameters(&self) -> Vec<(&'static str, &Tensor<f32>)>;
+
+    /// The learnable parameters by name, for in-place updates (see
+    /// [`Tensor::as_mut_slice`]). Same names and order as [`Module::parameters`] and
+    /// [`Gradients::named`].
+    fn parameters_mut(&mut self) -> Vec<(&'static str, &mut Tensor<f32>)>;
+
+    /// Parameters and running statistics by PyTorch's keys (copies).
+    fn state_dict(&self) -> StateDict;
+
+    /// Loads a state dict with exactly this module's keys and shapes (like PyTorch's
+    /// `strict=True`); tensors are moved to the module's device. On an `Err` nothing changes.
+    fn load_state_dict(&mut self, state: &StateDict) -> Result<()>;
+
+    /// Running mean 0, running variance 1, `num_batches_tracked` 0 (when tracked).
+    fn reset_running_stats(&mut self);
+
+    /// Weight 1 and bias 0 (when present), and the running statistics reset.
+    fn reset_parameters(&mut self);
+
     /// Moves parameters and running statistics to `device`.
     fn to_device(&mut self, device: &Device) -> Result<()>;
 }
 
-pub(crate) fn filled(len: usize, v: f32) -> Tensor<f32> {
-    Tensor::full(&[len], v)
+/// Forward and backward for inputs of element type `T` (object safe: `Box<dyn Norm<f32>>`).
+///
+/// The layers' inherent methods take `&self` where no state changes (`LayerNorm::forward`,
+/// `BatchNorm::forward_eval`, ...); this trait's forward takes `&mut self` because a training
+/// forward of BatchNorm/InstanceNorm updates running statistics.
+pub trait Norm<T: Element>: Module {
+    /// The forward pass; in training mode it may update running statistics. Returns the output
+    /// and the statistics the backward pass needs.
+    fn forward_t(&mut self, x: &Tensor<T>) -> Result<NormOutput<T>>;
+
+    /// Gradients of the forward pass that produced `stats` from `x`, given `dy`.
+    fn backward(&self, dy: &Tensor<T>, x: &Tensor<T>, stats: &SavedStats) -> Result<Gradients<T>>;
 }
 
-/// Replaces `slot` with `value` after checking its shape matches.
-pub(crate) fn set_checked(
-    layer: &str,
-    name: &str,
-    slot: &mut Option<Tensor<f32>>,
-    value: Tensor<f32>,
-) -> Result<()> {
-    match slot {
-        None => Err(Error::InvalidArgument(format!(
-            "{layer}: this module has no {name} (it was built without it)"
-        ))),
-        Some(cur) => {
-            if cur.shape() != value.shape() {
-                return Err(Error::Shape(format!(
-                    "{layer}: {name} must have size {}, got {}",
-                    fmt_shape(cur.shape()),
-                    fmt_shape(value.shape())
-                )));
+/// Parameters and running statistics of a norm layer: the state all five share.
+#[derive(Clone, Debug)]
+pub(crate) struct State {
+    /// The layer's PyTorch name, for messages.
+    pub name: String,
+    pub weight: Option<Tensor<f32>>,
+    pub bias: Option<Tensor<f32>>,
+    pub running: Option<RunningStats>,
+    pub training: bool,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct RunningStats {
+    pub mean: Tensor<f32>,
+    pub var: Tensor<f32>,
+    pub num_batches_tracked: i64,
+}
+
+impl State {
+    /// Weight 1 and bias 0 of `shape` when asked for, running statistics of `[shape[0]]` when
+    /// tracked, training mode.
+    pub fn new(name: String, shape: &[usize], weight: bool, bias: bool, track: bool) -> Self {
+        let c: usize = shape.iter().product();
+        State {
+            name,
+            weight: weight.then(|| Tensor::full(shape, 1.0)),
+            bias: bias.then(|| Tensor::full(shape, 0.0)),
+            running: track.then(|| RunningStats {
+                mean: Tensor::full(&[c], 0.0),
+                var: Tensor::full(&[c], 1.0),
+                num_batches_tracked: 0,
+            }),
+            training: true,
+        }
+    }
+
+    pub fn running_mean(&self) -> Option<&Tensor<f32>> {
+        self.running.as_ref().map(|r| &r.mean)
+    }
+
+    pub fn running_var(&self) -> Option<&Tensor<f32>> {
+        self.running.as_ref().map(|r| &r.var)
+    }
+
+    /// `(weight, bias, running_mean, running_var)` for an op to read, the running statistics
+    /// to update.
+    #[allow(clippy::type_complexity)]
+    pub fn op_args(
+        &mut self,
+    ) -> (
+        Option<&Tensor<f32>>,
+        Option<&Tensor<f32>>,
+        Option<&mut Tensor<f32>>,
+        Option<&mut Tensor<f32>>,
+    ) {
+        let (rm, rv) = match &mut self.running {
+            Some(r) => (Some(&mut r.mean), Some(&mut r.var)),
+            None => (None, None),
+        };
+        (self.weight.as_ref(), self.bias.as_ref(), rm, rv)
+    }
+
+    /// Replaces `name` with `value` after checking its shape (moved to the slot's device).
+    pub fn set(&mut self, name: &str, value: Tensor<f32>) -> Result<()> {
+        let layer = self.name.clone();
+        let slot = match name {
+            "weight" => self.weight.as_mut(),
+            "bias" => self.bias.as_mut(),
+            "running_mean" => self.running.as_mut().map(|r| &mut r.mean),
+            "running_var" => self.running.as_mut().map(|r| &mut r.var),
+            _ => None,
+        };
+        let Some(cur) = slot else {
+            return Err(Error::InvalidArgument(format!(
+                "{layer}: this module has no {name} (it was built without it)"
+            )));
+        };
+        if cur.shape() != value.shape() {
+            return Err(Error::Shape(format!(
+                "{layer}: {name} must have size {}, got {}",
+                fmt_shape(cur.shape()),
+                fmt_shape(value.shape())
+            )));
+        }
+        *cur = value.to_device(&cur.device())?;
+        Ok(())
+    }
+
+    /// Sets `num_batches_tracked`, which exists only when running statistics are tracked.
+    pub fn set_num_batches_tracked(&mut self, n: i64) -> Result<()> {
+        match &mut self.running {
+            Some(r) => {
+                r.num_batches_tracked = n;
+                Ok(())
             }
-            *cur = value.to_device(&cur.device())?;
-            Ok(())
+            None => Err(Error::InvalidArgument(format!(
+                "{}: num_batches_tracked exists only with track_running_stats=true",
+                self.name
+            ))),
         }
+    }
+
+    fn tensors_mut(&mut self) -> Vec<(&'static str, &mut Tensor<f32>)> {
+        let mut out: Vec<(&'static str, &mut Tensor<f32>)> = Vec::new();
+        out.extend(self.weight.as_mut().map(|t| ("weight", t)));
+        out.extend(self.bias.as_mut().map(|t| ("bias", t)));
+        if let Some(r) = &mut self.running {
+            out.push(("running_mean", &mut r.mean));
+            out.push(("running_var", &mut r.var));
+        }
+        out
     }
 }
 
-/// Sets a `num_batches_tracked` counter, which exists only when running statistics are tracked.
-pub(crate) fn set_counter(layer: &str, slot: &mut Option<i64>, n: i64) -> Result<()> {
-    match slot {
-        Some(v) => {
-            *v = n;
-            Ok(())
+impl Module for State {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn train(&mut self, mode: bool) {
+        self.training = mode;
+    }
+
+    fn is_training(&self) -> bool {
+        self.training
+    }
+
+    fn parameters(&self) -> Vec<(&'static str, &Tensor<f32>)> {
+        let mut out = Vec::new();
+        out.extend(self.weight.as_ref().map(|t| ("weight", t)));
+        out.extend(self.bias.as_ref().map(|t| ("bias", t)));
+        out
+    }
+
+    fn parameters_mut(&mut self) -> Vec<(&'static str, &mut Tensor<f32>)> {
+        let mut out = Vec::new();
+        out.extend(self.weight.as_mut().map(|t| ("weight", t)));
+        out.extend(self.bias.as_mut().map(|t| ("bias", t)));
+        out
+    }
+
+    fn state_dict(&self) -> StateDict {
+        let mut sd: StateDict = self
+            .parameters()
+            .into_iter()
+            .map(|(k, t)| (k.to_string(), StateEntry::Tensor(t.clone())))
+            .collect();
+        if let Some(r) = &self.running {
+            sd.insert("running_mean".into(), StateEntry::Tensor(r.mean.clone()));
+            sd.insert("running_var".into(), StateEntry::Tensor(r.var.clone()));
+            sd.insert(
+                "num_batches_tracked".into(),
+                StateEntry::Count(r.num_batches_tracked),
+            );
         }
-        None => Err(Error::InvalidArgument(format!(
-            "{layer}: num_batches_tracked exists only with track_running_stats=true"
-        ))),
+        sd
+    }
+
+    fn load_state_dict(&mut self, state: &StateDict) -> Result<()> {
+        let layer = self.name.clone();
+        let have = self.state_dict();
+        let missing: Vec<&String> = have.keys().filter(|k| !state.contains_key(*k)).collect();
+        let unexpected: Vec<&String> = state.keys().filter(|k| !have.contains_key(*k)).collect();
+        if !missing.is_empty() || !unexpected.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "{layer}: error loading state_dict: missing keys {missing:?}, unexpected keys \
+                 {unexpected:?}; pass the state_dict of a {layer} built with the same config"
+            )));
+        }
+        // Check everything first, convert (which may fail on a device copy), then assign.
+        let mut tensors = Vec::new();
+        let mut count = None;
+        for (key, entry) in state {
+            match (entry, &have[key]) {
+                (StateEntry::Tensor(t), StateEntry::Tensor(cur)) => {
+                    if t.shape() != cur.shape() {
+                        return Err(Error::Shape(format!(
+                            "{layer}: size mismatch for {key}: copying a param with shape {} \
+                             from the state_dict, the shape in this module is {}",
+                            fmt_shape(t.shape()),
+                            fmt_shape(cur.shape())
+                        )));
+                    }
+                    tensors.push((key.as_str(), t.to_device(&cur.device())?));
+                }
+                (StateEntry::Count(n), StateEntry::Count(_)) => count = Some(*n),
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{layer}: state_dict entry {key} has the wrong kind (num_batches_tracked \
+                         is a count, the others tensors)"
+                    )))
+                }
+            }
+        }
+        for (key, t) in tensors {
+            for (name, slot) in self.tensors_mut() {
+                if name == key {
+                    *slot = t;
+                    break;
+                }
+            }
+        }
+        if let (Some(n), Some(r)) = (count, &mut self.running) {
+            r.num_batches_tracked = n;
+        }
+        Ok(())
+    }
+
+    fn reset_running_stats(&mut self) {
+        if let Some(r) = &mut self.running {
+            r.mean.fill(0.0);
+            r.var.fill(1.0);
+            r.num_batches_tracked = 0;
+        }
+    }
+
+    fn reset_parameters(&mut self) {
+        self.reset_running_stats();
+        if let Some(w) = &mut self.weight {
+            w.fill(1.0);
+        }
+        if let Some(b) = &mut self.bias {
+            b.fill(0.0);
+        }
+    }
+
+    fn to_device(&mut self, device: &Device) -> Result<()> {
+        // Copy everything first so that a failed copy leaves the module as it was.
+        let moved = self
+            .tensors_mut()
+            .into_iter()
+            .map(|(_, t)| t.to_device(device))
+            .collect::<Result<Vec<_>>>()?;
+        for ((_, slot), t) in self.tensors_mut().into_iter().zip(moved) {
+            *slot = t;
+        }
+        Ok(())
     }
 }
 
-pub(crate) fn move_opt(t: &mut Option<Tensor<f32>>, device: &Device) -> Result<()> {
-    if let Some(v) = t {
-        *v = v.to_device(device)?;
-    }
-    Ok(())
+/// Implements [`Module`] for a layer by delegating to its `state` field, and [`Norm<T>`] for
+/// every element type by delegating to the layer's inherent `forward_with_stats` / `backward_impl`.
+macro_rules! module_via_state {
+    ($($generics:ident)? ; $ty:ty) => {
+        impl<$(const $generics: usize)?> $crate::layers::Module for $ty {
+            fn name(&self) -> String {
+                self.state.name()
+            }
+            fn train(&mut self, mode: bool) {
+                self.state.train(mode)
+            }
+            fn is_training(&self) -> bool {
+                self.state.is_training()
+            }
+            fn parameters(&self) -> Vec<(&'static str, &Tensor<f32>)> {
+                self.state.parameters()
+            }
+            fn parameters_mut(&mut self) -> Vec<(&'static str, &mut Tensor<f32>)> {
+                self.state.parameters_mut()
+            }
+            fn state_dict(&self) -> $crate::layers::StateDict {
+                self.state.state_dict()
+            }
+            fn load_state_dict(&mut self, state: &$crate::layers::StateDict) -> Result<()> {
+                self.state.load_state_dict(state)
+            }
+            fn reset_running_stats(&mut self) {
+                self.state.reset_running_stats()
+            }
+            fn reset_parameters(&mut self) {
+                self.state.reset_parameters()
+            }
+            fn to_device(&mut self, device: &Device) -> Result<()> {
+                self.state.to_device(device)
+            }
+        }
+
+        impl<T: Element, $(const $generics: usize)?> $crate::layers::Norm<T> for $ty {
+            fn forward_t(&mut self, x: &Tensor<T>) -> Result<NormOutput<T>> {
+                self.forward_with_stats(x)
+            }
+            fn backward(
+                &self,
+                dy: &Tensor<T>,
+                x: &Tensor<T>,
+                stats: &SavedStats,
+            ) -> Result<Gradients<T>> {
+                self.backward(dy, x, stats)
+            }
+        }
+    };
 }
+pub(crate) use module_via_state;
+
+/// The accessors every layer has over its [`State`].
+macro_rules! state_accessors {
+    () => {
+        /// The weight (`None` when the module was built without it).
+        pub fn weight(&self) -> Option<&Tensor<f32>> {
+            self.state.weight.as_ref()
+        }
+        /// The bias (`None` when the module was built without it).
+        pub fn bias(&self) -> Option<&Tensor<f32>> {
+            self.state.bias.as_ref()
+        }
+        /// The weight, for in-place updates (`weight_mut()?.as_mut_slice()` on the CPU).
+        pub fn weight_mut(&mut self) -> Option<&mut Tensor<f32>> {
+            self.state.weight.as_mut()
+        }
+        /// The bias, for in-place updates.
+        pub fn bias_mut(&mut self) -> Option<&mut Tensor<f32>> {
+            self.state.bias.as_mut()
+        }
+        /// Replaces the weight (same shape; moved to the module's device).
+        pub fn set_weight(&mut self, w: Tensor<f32>) -> Result<()> {
+            self.state.set("weight", w)
+        }
+        /// Replaces the bias (same shape; moved to the module's device).
+        pub fn set_bias(&mut self, b: Tensor<f32>) -> Result<()> {
+            self.state.set("bias", b)
+        }
+    };
+}
+pub(crate) use state_accessors;
+
+/// The running-statistics accessors of BatchNorm and InstanceNorm.
+macro_rules! running_accessors {
+    () => {
+        /// Running mean (`None` unless tracking).
+        pub fn running_mean(&self) -> Option<&Tensor<f32>> {
+            self.state.running_mean()
+        }
+        /// Running (unbiased) variance (`None` unless tracking).
+        pub fn running_var(&self) -> Option<&Tensor<f32>> {
+            self.state.running_var()
+        }
+        /// Training steps counted so far (`None` unless tracking).
+        pub fn num_batches_tracked(&self) -> Option<i64> {
+            self.state.running.as_ref().map(|r| r.num_batches_tracked)
+        }
+        /// Replaces the running mean (shape `[C]`).
+        pub fn set_running_mean(&mut self, t: Tensor<f32>) -> Result<()> {
+            self.state.set("running_mean", t)
+        }
+        /// Replaces the running variance (shape `[C]`).
+        pub fn set_running_var(&mut self, t: Tensor<f32>) -> Result<()> {
+            self.state.set("running_var", t)
+        }
+        /// Sets the step counter (exists only when tracking).
+        pub fn set_num_batches_tracked(&mut self, n: i64) -> Result<()> {
+            self.state.set_num_batches_tracked(n)
+        }
+    };
+}
+pub(crate) use running_accessors;

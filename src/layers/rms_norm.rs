@@ -1,13 +1,13 @@
-use super::{move_opt, set_checked, Norm};
+use super::{module_via_state, state_accessors, State};
 use crate::device::Device;
 use crate::dtype::Element;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::{rms_norm, rms_norm_backward, Gradients, NormOutput, SavedStats};
 use crate::tensor::Tensor;
 
 /// Arguments of `RMSNorm`, with PyTorch's defaults.
 #[derive(Clone, Debug, PartialEq)]
-pub struct RmsNormConfig {
+pub struct RMSNormConfig {
     /// The trailing dimensions normalized together.
     pub normalized_shape: Vec<usize>,
     /// Added to `mean(x²)`; `None` (default) means `f32::EPSILON` for every input dtype.
@@ -16,10 +16,10 @@ pub struct RmsNormConfig {
     pub elementwise_affine: bool,
 }
 
-impl RmsNormConfig {
+impl RMSNormConfig {
     /// PyTorch's defaults for `normalized_shape`.
     pub fn new(normalized_shape: &[usize]) -> Self {
-        RmsNormConfig {
+        RMSNormConfig {
             normalized_shape: normalized_shape.to_vec(),
             eps: None,
             elementwise_affine: true,
@@ -37,59 +37,67 @@ impl RmsNormConfig {
     }
 }
 
-/// `torch.nn.RMSNorm`: input `(*, normalized_shape)`.
+/// `torch.nn.RMSNorm`: input `(*, normalized_shape)`. Holds no running state: every forward
+/// takes `&self`.
 #[derive(Clone, Debug)]
-pub struct RmsNorm {
-    config: RmsNormConfig,
-    weight: Option<Tensor<f32>>,
-    training: bool,
+pub struct RMSNorm {
+    config: RMSNormConfig,
+    state: State,
 }
 
-impl RmsNorm {
+impl RMSNorm {
     /// A module with PyTorch's defaults.
     pub fn new(normalized_shape: &[usize]) -> Result<Self> {
-        Self::from_config(RmsNormConfig::new(normalized_shape))
+        Self::from_config(RMSNormConfig::new(normalized_shape))
     }
 
     /// A module from a config: weight = 1.
-    pub fn from_config(config: RmsNormConfig) -> Result<Self> {
+    pub fn from_config(config: RMSNormConfig) -> Result<Self> {
+        if config.normalized_shape.is_empty() {
+            return Err(Error::InvalidArgument(
+                "RMSNorm: normalized_shape must have at least one dimension (PyTorch rejects \
+                 an empty one); pass the trailing sizes to normalize over, e.g. &[hidden]"
+                    .into(),
+            ));
+        }
         if let Some(e) = config.eps {
             crate::ops::check_eps("RMSNorm", e)?;
         }
-        Ok(RmsNorm {
-            weight: config
-                .elementwise_affine
-                .then(|| Tensor::full(&config.normalized_shape, 1.0)),
-            training: true,
-            config,
-        })
+        let affine = config.elementwise_affine;
+        let state = State::new(
+            "RMSNorm".into(),
+            &config.normalized_shape,
+            affine,
+            false,
+            false,
+        );
+        Ok(RMSNorm { config, state })
     }
 
     /// The config the module was built with.
-    pub fn config(&self) -> &RmsNormConfig {
+    pub fn config(&self) -> &RMSNormConfig {
         &self.config
     }
-    /// Elementwise weight (`None` unless elementwise_affine).
-    pub fn weight(&self) -> Option<&Tensor<f32>> {
-        self.weight.as_ref()
-    }
-    /// Replaces the weight (shape `normalized_shape`).
-    pub fn set_weight(&mut self, w: Tensor<f32>) -> Result<()> {
-        set_checked("RMSNorm", "weight", &mut self.weight, w)
-    }
-}
 
-impl Norm for RmsNorm {
-    fn forward_with_stats<T: Element>(&mut self, x: &Tensor<T>) -> Result<NormOutput<T>> {
+    state_accessors!();
+
+    /// The forward pass: output and the statistics for [`RMSNorm::backward`].
+    pub fn forward_with_stats<T: Element>(&self, x: &Tensor<T>) -> Result<NormOutput<T>> {
         rms_norm(
             x,
             &self.config.normalized_shape,
-            self.weight.as_ref(),
+            self.state.weight.as_ref(),
             self.config.eps,
         )
     }
 
-    fn backward<T: Element>(
+    /// The forward pass, output only.
+    pub fn forward<T: Element>(&self, x: &Tensor<T>) -> Result<Tensor<T>> {
+        Ok(self.forward_with_stats(x)?.output)
+    }
+
+    /// Gradients of the forward pass that produced `stats` from `x`, given `dy`.
+    pub fn backward<T: Element>(
         &self,
         dy: &Tensor<T>,
         x: &Tensor<T>,
@@ -99,18 +107,10 @@ impl Norm for RmsNorm {
             dy,
             x,
             &self.config.normalized_shape,
-            self.weight.as_ref(),
+            self.state.weight.as_ref(),
             stats,
         )
     }
-
-    fn set_training(&mut self, on: bool) {
-        self.training = on;
-    }
-    fn is_training(&self) -> bool {
-        self.training
-    }
-    fn to_device(&mut self, device: &Device) -> Result<()> {
-        move_opt(&mut self.weight, device)
-    }
 }
+
+module_via_state!(; RMSNorm);

@@ -1,7 +1,6 @@
 //! `batch_norm` / `batch_norm_backward` (PyTorch's `F.batch_norm`).
 
-use super::cpu::Grouping;
-use super::planes::{self, Running, Source};
+use super::planes::{self, Grouping, Running, Source};
 use super::{
     check_eps, check_grad, check_momentum, check_stats, check_vec, Gradients, NormOutput,
     SavedStats,
@@ -87,7 +86,10 @@ pub fn batch_norm<T: Element>(
         }
     } else {
         match running {
-            Some((mean, var)) => Source::Fixed { mean, var },
+            Some((mean, var)) => Source::Fixed {
+                mean: &*mean,
+                var: &*var,
+            },
             None => {
                 return Err(Error::InvalidArgument(format!(
                     "{OP}: running_mean and running_var must be defined when training=false; \

@@ -1,15 +1,14 @@
 //! `group_norm` / `group_norm_backward` (PyTorch's `F.group_norm`).
 
-use super::cpu::Grouping;
-use super::planes::{self, Source};
+use super::planes::{self, Grouping, PlaneShape, Source};
 use super::{check_eps, check_grad, check_stats, check_vec, Gradients, NormOutput, SavedStats};
 use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
-use crate::tensor::{Ncs, Tensor};
+use crate::tensor::Tensor;
 
 const OP: &str = "group_norm";
 
-fn check_input<T: Element>(x: &Tensor<T>, num_groups: usize) -> Result<Ncs> {
+fn check_input<T: Element>(x: &Tensor<T>, num_groups: usize) -> Result<PlaneShape> {
     if x.rank() < 2 {
         return Err(Error::Shape(format!(
             "Expected at least 2 dimensions for input tensor but received {} (input size {}); \
@@ -23,7 +22,7 @@ fn check_input<T: Element>(x: &Tensor<T>, num_groups: usize) -> Result<Ncs> {
             "{OP}: num_groups must be at least 1"
         )));
     }
-    let d = Ncs::of(x.shape());
+    let d = PlaneShape::of(x.shape(), x.format());
     if !d.c.is_multiple_of(num_groups) {
         return Err(Error::Shape(format!(
             "Expected number of channels in input to be divisible by num_groups, but got input \

@@ -1,14 +1,13 @@
 //! `instance_norm` / `instance_norm_backward` (PyTorch's `F.instance_norm`).
 
-use super::cpu::Grouping;
-use super::planes::{self, Running, Source};
+use super::planes::{self, Grouping, PlaneShape, Running, Source};
 use super::{
     check_eps, check_grad, check_momentum, check_stats, check_vec, Gradients, NormOutput,
     SavedStats,
 };
 use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
-use crate::tensor::{Ncs, Tensor};
+use crate::tensor::Tensor;
 
 const OP: &str = "instance_norm";
 
@@ -45,7 +44,7 @@ pub fn instance_norm<T: Element>(
     check_input(x)?;
     check_eps(OP, eps)?;
     check_momentum(OP, momentum)?;
-    let d = Ncs::of(x.shape());
+    let d = PlaneShape::of(x.shape(), x.format());
     let dev = x.device();
     if let Some(t) = running_mean.as_deref() {
         check_vec(OP, "running_mean", t, d.c, &dev)?;
@@ -85,7 +84,10 @@ pub fn instance_norm<T: Element>(
         }
     } else {
         match running {
-            Some((mean, var)) => Source::Fixed { mean, var },
+            Some((mean, var)) => Source::Fixed {
+                mean: &*mean,
+                var: &*var,
+            },
             None => {
                 return Err(Error::InvalidArgument(format!(
                     "{OP}: expected running_mean and running_var when use_input_stats=false"
@@ -106,7 +108,7 @@ pub fn instance_norm_backward<T: Element>(
 ) -> Result<Gradients<T>> {
     check_input(x)?;
     check_grad(OP, dy, x)?;
-    let d = Ncs::of(x.shape());
+    let d = PlaneShape::of(x.shape(), x.format());
     if let Some(t) = weight {
         check_vec(OP, "weight", t, d.c, &x.device())?;
     }

@@ -5,8 +5,10 @@
 //! Every front checks shapes, devices and arguments once, then dispatches to the CPU reference
 //! path or the CUDA backend by the input's device.
 
-pub(crate) mod cpu;
+pub(crate) mod engine;
+pub mod kernels;
 pub(crate) mod planes;
+pub(crate) mod rows;
 
 pub mod batch_norm;
 pub mod group_norm;
@@ -59,6 +61,17 @@ pub struct Gradients<T: Element> {
     pub dweight: Option<Tensor<f32>>,
     /// Gradient with respect to the bias (f32), when the op has a bias.
     pub dbias: Option<Tensor<f32>>,
+}
+
+impl<T: Element> Gradients<T> {
+    /// The parameter gradients by parameter name (`weight`, `bias`), in the order of
+    /// `Module::parameters`.
+    pub fn named(&self) -> Vec<(&'static str, &Tensor<f32>)> {
+        let mut out = Vec::new();
+        out.extend(self.dweight.as_ref().map(|t| ("weight", t)));
+        out.extend(self.dbias.as_ref().map(|t| ("bias", t)));
+        out
+    }
 }
 
 pub(crate) fn check_eps(op: &str, eps: f64) -> Result<()> {
@@ -142,15 +155,4 @@ pub(crate) fn check_stats(op: &str, stats: &SavedStats, groups: usize, x: &Devic
 pub(crate) fn f32_tensor(v: Vec<f32>, device: &Device) -> Result<Tensor<f32>> {
     let n = v.len();
     Tensor::from_vec(v, &[n])?.to_device(device)
-}
-
-/// Gives LayerNorm/RMSNorm parameter gradients the shape `normalized_shape`.
-pub(crate) fn shape_param_grads<T: Element>(
-    mut g: Gradients<T>,
-    normalized_shape: &[usize],
-) -> Result<Gradients<T>> {
-    for p in [&mut g.dweight, &mut g.dbias].into_iter().flatten() {
-        *p = p.reshape(normalized_shape)?;
-    }
-    Ok(g)
 }

@@ -1,12 +1,10 @@
 //! `rms_norm` / `rms_norm_backward` (PyTorch's `F.rms_norm`).
 
-use super::layer_norm::{check_param, contiguous, rows_cols};
-use super::{check_eps, check_grad, check_stats, f32_tensor, Gradients, NormOutput, SavedStats};
-use crate::device::Device;
+use super::rows::{self, check_param, rows_cols};
+use super::{check_eps, check_grad, check_stats, Gradients, NormOutput, SavedStats};
 use crate::dtype::Element;
 use crate::error::Result;
-use crate::ops::cpu;
-use crate::tensor::{MemoryFormat, Storage, Tensor};
+use crate::tensor::Tensor;
 
 const OP: &str = "rms_norm";
 
@@ -31,25 +29,7 @@ pub fn rms_norm<T: Element>(
     if let Some(t) = weight {
         check_param(OP, "weight", t, normalized_shape, &dev)?;
     }
-    let x = contiguous(x)?;
-    if let Device::Cuda(d) = &dev {
-        return crate::cuda::rows::rms_norm_fwd(d, &x, cols, weight, eps);
-    }
-    let xs = x.cpu_slice()?;
-    let w = weight.map(|t| t.cpu_slice()).transpose()?;
-    let (y, rstd) = cpu::rms_norm_fwd(xs, cols, w, eps);
-    Ok(NormOutput {
-        output: Tensor::from_parts(
-            x.shape().to_vec(),
-            MemoryFormat::Contiguous,
-            Storage::Cpu(y),
-        ),
-        stats: SavedStats {
-            mean: None,
-            rstd: f32_tensor(rstd, &dev)?,
-            from_input: true,
-        },
-    })
+    rows::forward(x, cols, weight, None, eps, false)
 }
 
 /// Backward of [`rms_norm`]: `dx` (contiguous) and `dweight` (shape `normalized_shape`) when
@@ -61,34 +41,12 @@ pub fn rms_norm_backward<T: Element>(
     weight: Option<&Tensor<f32>>,
     stats: &SavedStats,
 ) -> Result<Gradients<T>> {
-    let (rows, cols) = rows_cols(x, normalized_shape)?;
+    let (nrows, _) = rows_cols(x, normalized_shape)?;
     check_grad(OP, dy, x)?;
     let dev = x.device();
     if let Some(t) = weight {
         check_param(OP, "weight", t, normalized_shape, &dev)?;
     }
-    check_stats(OP, stats, rows, &dev)?;
-    let (x, dy) = (contiguous(x)?, contiguous(dy)?);
-    if let Device::Cuda(d) = &dev {
-        let g = crate::cuda::rows::rms_norm_bwd(d, &dy, &x, cols, weight, stats)?;
-        return super::shape_param_grads(g, normalized_shape);
-    }
-    let (gs, xs) = (dy.cpu_slice()?, x.cpu_slice()?);
-    let w = weight.map(|t| t.cpu_slice()).transpose()?;
-    let (dx, dw, _) = cpu::norm_rows_backward(gs, xs, cols, None, stats.rstd.cpu_slice()?, w);
-    Ok(Gradients {
-        dx: Tensor::from_parts(
-            x.shape().to_vec(),
-            MemoryFormat::Contiguous,
-            Storage::Cpu(dx),
-        ),
-        dweight: match weight {
-            Some(_) => Some(Tensor::from_vec(
-                dw.into_iter().map(|v| v as f32).collect(),
-                normalized_shape,
-            )?),
-            None => None,
-        },
-        dbias: None,
-    })
+    check_stats(OP, stats, nrows, &dev)?;
+    rows::backward(dy, x, normalized_shape, weight, false, None, &stats.rstd)
 }

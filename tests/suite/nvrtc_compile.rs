@@ -2,7 +2,8 @@
 //! Skips with a printed reason when libnvrtc cannot be found; `CUNORM_REQUIRE_NVRTC=1` turns
 //! the skip into a failure (CI sets it after installing the NVRTC wheels).
 
-use cunorm::cuda::{entry_points, nvrtc};
+use cunorm::cuda::nvrtc;
+use cunorm::kernels::entry_points;
 
 fn nvrtc_or_skip() -> bool {
     match nvrtc::ensure_nvrtc() {

@@ -2,6 +2,13 @@
 
 use std::process::ExitCode;
 
+mod bench;
+// Parts of these are used only by the test suite (tests/suite/main.rs includes them).
+#[allow(dead_code)]
+mod check;
+#[allow(dead_code)]
+mod demo;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use cunorm::cuda::nvrtc;
 use cunorm::Device;
@@ -110,11 +117,9 @@ fn run(cli: Cli) -> cunorm::Result<()> {
             json,
         } => {
             let dev = pick_device(device, false)?;
-            if let Device::Cuda(d) = &dev {
-                // The demo uses every module: compile them side by side, not one after another.
-                d.warm_up()?;
-            }
-            let report = cunorm::demo::run(steps, seed, &dev)?;
+            // The demo uses every module: compile them side by side, not one after another.
+            dev.warm_up()?;
+            let report = demo::run(steps, seed, &dev)?;
             if json {
                 println!("{}", report.to_json());
             } else {
@@ -151,8 +156,8 @@ fn run(cli: Cli) -> cunorm::Result<()> {
                 return Err(cunorm::Error::Unavailable("no CUDA device".into()));
             };
             println!("device: {}", Device::Cuda(dev.clone()).describe());
-            let rows = cunorm::check::sweep(&dev, quick)?;
-            print!("{}", cunorm::check::table(&rows));
+            let rows = check::sweep(&dev, quick)?;
+            print!("{}", check::table(&rows));
             let failed = rows.iter().filter(|r| !r.pass).count();
             println!("{} comparisons, {failed} failed", rows.len());
             if failed > 0 {
@@ -173,13 +178,13 @@ fn run(cli: Cli) -> cunorm::Result<()> {
                 return Err(cunorm::Error::Unavailable("no CUDA device".into()));
             };
             let name = Device::Cuda(dev.clone()).describe();
-            let opts = cunorm::bench::BenchOptions {
+            let opts = bench::BenchOptions {
                 reps,
                 ops,
                 quick,
                 ..Default::default()
             };
-            let (copy, mut rows) = cunorm::bench::run(&dev, &opts)?;
+            let (copy, mut rows) = bench::run(&dev, &opts)?;
             if let Some(path) = compare {
                 let text = std::fs::read_to_string(&path)?;
                 let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
@@ -188,16 +193,16 @@ fn run(cli: Cli) -> cunorm::Result<()> {
                         path.display()
                     ))
                 })?;
-                cunorm::bench::attach_torch(&mut rows, &v);
+                bench::attach_torch(&mut rows, &v);
             }
-            let report = cunorm::bench::to_json(copy, &name, &rows);
+            let report = bench::to_json(copy, &name, &rows);
             if let Some(path) = json_out {
                 std::fs::write(&path, format!("{report:#}\n"))?;
             }
             if json {
                 println!("{report}");
             } else {
-                print!("{}", cunorm::bench::table(copy, &name, &rows));
+                print!("{}", bench::table(copy, &name, &rows));
             }
         }
         Command::Kernels { arch, ptx_dir } => {

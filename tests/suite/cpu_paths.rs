@@ -2,10 +2,8 @@
 //! including long rows that are reduced in pieces, channels-last blocks of many rows, and
 //! mean-1e4 inputs — plus layout equivalence and bitwise determinism across thread counts.
 
-mod common;
-
-use common::oracle::{self, Spec};
-use common::*;
+use crate::common::oracle::{self, Spec};
+use crate::common::*;
 use cunorm::functional as F;
 use cunorm::*;
 use std::result::Result;

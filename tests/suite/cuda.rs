@@ -1,5 +1,5 @@
 //! The CUDA backend against the CPU oracle: every op × dtype × memory format × stage, NaN-
-//! poisoned outputs, bitwise determinism (see `cunorm::check`). Without a usable GPU these
+//! poisoned outputs, bitwise determinism (see the command line's `check`). Without a usable GPU these
 //! tests skip with the reason; `CUNORM_REQUIRE_CUDA=1` turns a skip into a failure.
 
 use cunorm::cuda::CudaDevice;
@@ -36,16 +36,16 @@ fn cuda_matches_cpu_everywhere() {
     let Some(dev) = device_or_skip() else { return };
     // Under compute-sanitizer gpu-run.sh sets CUNORM_CHECK_QUICK=1 (the largest shapes are slow there).
     let quick = std::env::var("CUNORM_CHECK_QUICK").as_deref() == Ok("1");
-    let rows = cunorm::check::sweep(&dev, quick).expect("sweep runs");
+    let rows = crate::check::sweep(&dev, quick).expect("sweep runs");
     let failed: Vec<_> = rows.iter().filter(|r| !r.pass).cloned().collect();
-    eprintln!("{}", cunorm::check::table(&rows));
+    eprintln!("{}", crate::check::table(&rows));
     assert!(rows.len() > 200, "only {} comparisons ran", rows.len());
     assert!(
         failed.is_empty(),
         "{} of {} comparisons failed:\n{}",
         failed.len(),
         rows.len(),
-        cunorm::check::table(&failed)
+        crate::check::table(&failed)
     );
 }
 
@@ -80,7 +80,7 @@ fn cuda_kernel_cache_round_trip() {
     let Some(dev) = device_or_skip() else { return };
     let dir = std::env::temp_dir().join(format!("cunorm-cache-{}", std::process::id()));
     std::env::set_var("CUNORM_CACHE_DIR", &dir);
-    dev.warm_up().unwrap();
+    cunorm::kernels::warm_up(&dev).unwrap();
     let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
     assert!(
         !entries.is_empty(),
@@ -92,7 +92,7 @@ fn cuda_kernel_cache_round_trip() {
         std::fs::write(e.path(), b"garbage").unwrap();
     }
     let fresh = CudaDevice::new(0).unwrap();
-    fresh.warm_up().unwrap();
+    cunorm::kernels::warm_up(&fresh).unwrap();
     let x = Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0], &[1, 4])
         .unwrap()
         .to_device(&Device::Cuda(fresh))
@@ -111,7 +111,7 @@ fn cuda_kernel_cache_round_trip() {
 /// path; elements outside the output view stay untouched; a short buffer is an `Err`.
 #[test]
 fn raw_api_on_unaligned_views() {
-    use cunorm::cuda::raw::{self, Groups, PlaneShape, Stats};
+    use cunorm::raw::{self, Grouping, PlaneShape, Source};
     use cunorm::MemoryFormat;
     let Some(dev) = device_or_skip() else { return };
     let stream = dev.stream().clone();
@@ -184,18 +184,18 @@ fn raw_api_on_unaligned_views() {
             n: bn,
             c,
             s,
-            channels_last: format == MemoryFormat::ChannelsLast,
+            format,
         };
         raw::planes_forward(
             &dev,
             &xbuf.slice(1..1 + n),
             &mut ybuf.slice_mut(2..2 + n),
             shape,
-            Groups::PerSample(g),
+            Grouping::Groups(g),
             None,
             None,
             1e-5,
-            Stats::Input { running: None },
+            Source::Input { running: None },
             &mut mean.as_view_mut(),
             &mut rstd.as_view_mut(),
         )

@@ -149,7 +149,7 @@ fn layer_and_rms_norm_shape_errors() {
         msg,
     );
     expect_err(
-        RmsNorm::new(&[4, 2, 2]).unwrap().forward(&t(&[2, 3, 2, 2])),
+        RMSNorm::new(&[4, 2, 2]).unwrap().forward(&t(&[2, 3, 2, 2])),
         msg,
     );
     expect_err(
@@ -271,7 +271,7 @@ fn empty_inputs_give_empty_outputs() {
         0
     );
     assert_eq!(
-        RmsNorm::new(&[5])
+        RMSNorm::new(&[5])
             .unwrap()
             .forward(&t(&[0, 5]))
             .unwrap()

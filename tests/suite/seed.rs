@@ -5,7 +5,7 @@
 
 #![allow(clippy::needless_range_loop)]
 
-use cunorm::demo::{self, DemoReport};
+use crate::demo::{self, DemoReport};
 use cunorm::Device;
 
 const K: usize = 24;

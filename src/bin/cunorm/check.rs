@@ -8,14 +8,14 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::cuda::CudaDevice;
-use crate::device::Device;
-use crate::dtype::{DType, Element};
-use crate::error::Result;
-use crate::layers::*;
-use crate::ops::{Gradients, NormOutput, SavedStats};
-use crate::tensor::{MemoryFormat, Tensor};
-use crate::{bf16, f16};
+use cunorm::cuda::CudaDevice;
+use cunorm::Device;
+use cunorm::Result;
+use cunorm::*;
+use cunorm::{bf16, f16};
+use cunorm::{DType, Element};
+use cunorm::{Gradients, NormOutput, SavedStats};
+use cunorm::{MemoryFormat, Tensor};
 
 /// Tolerances (max abs error on outputs of unit scale, relative L2 error) per dtype.
 pub fn tolerance(dtype: DType) -> (f64, f64) {
@@ -65,7 +65,7 @@ pub enum AnyNorm {
     In3(InstanceNorm3d),
     Ln(LayerNorm),
     Gn(GroupNorm),
-    Rms(RmsNorm),
+    Rms(RMSNorm),
 }
 
 macro_rules! each {
@@ -114,10 +114,10 @@ impl AnyNorm {
     }
     /// Training (`true`) or evaluation mode.
     pub fn set_training(&mut self, on: bool) {
-        each!(self, l => l.set_training(on))
+        each!(self, l => l.train(on))
     }
     /// Moves parameters and running statistics.
-    pub fn to_device(&mut self, d: &Device) -> Result<()> {
+    pub fn move_to(&mut self, d: &Device) -> Result<()> {
         each!(self, l => l.to_device(d))
     }
     /// (weight, bias, running_mean, running_var).
@@ -257,17 +257,17 @@ pub fn cases(quick: bool) -> Result<Vec<(AnyNorm, Vec<usize>, f32)>> {
         (AnyNorm::Ln(LayerNorm::new(&[1024])?), vec![64, 1024], 0.0),
         (AnyNorm::Ln(LayerNorm::new(&[4099])?), vec![3, 4099], 0.0),
         (AnyNorm::Ln(LayerNorm::new(&[129])?), vec![6, 129], 1e4),
-        (AnyNorm::Rms(RmsNorm::new(&[13])?), vec![5, 13], 0.0),
-        (AnyNorm::Rms(RmsNorm::new(&[1])?), vec![7, 1], 0.0),
-        (AnyNorm::Rms(RmsNorm::new(&[1024])?), vec![64, 1024], 0.0),
-        (AnyNorm::Rms(RmsNorm::new(&[4099])?), vec![3, 4099], 0.0),
+        (AnyNorm::Rms(RMSNorm::new(&[13])?), vec![5, 13], 0.0),
+        (AnyNorm::Rms(RMSNorm::new(&[1])?), vec![7, 1], 0.0),
+        (AnyNorm::Rms(RMSNorm::new(&[1024])?), vec![64, 1024], 0.0),
+        (AnyNorm::Rms(RMSNorm::new(&[4099])?), vec![3, 4099], 0.0),
         // Rows above 48 KiB of f32 but within the opt-in shared memory: the kernel opts in.
         (
             AnyNorm::Ln(LayerNorm::new(&[20_000])?),
             vec![2, 20_000],
             0.0,
         ),
-        (AnyNorm::Rms(RmsNorm::new(&[33_333])?), vec![2, 33_333], 0.0),
+        (AnyNorm::Rms(RMSNorm::new(&[33_333])?), vec![2, 33_333], 0.0),
         (AnyNorm::Gn(GroupNorm::new(2, 4)?), vec![1, 4, 8_000], 0.0),
     ];
     // Seeded random shapes: odd, prime and 1-sized dimensions in every position.
@@ -297,7 +297,7 @@ pub fn cases(quick: bool) -> Result<Vec<(AnyNorm, Vec<usize>, f32)>> {
             vec![n * h, cols],
             0.0,
         ));
-        v.push((AnyNorm::Rms(RmsNorm::new(&[cols])?), vec![n * w, cols], 0.0));
+        v.push((AnyNorm::Rms(RMSNorm::new(&[cols])?), vec![n * w, cols], 0.0));
     }
     if !quick {
         v.extend([
@@ -327,7 +327,7 @@ pub fn cases(quick: bool) -> Result<Vec<(AnyNorm, Vec<usize>, f32)>> {
                 vec![3, 65_536],
                 0.0,
             ),
-            (AnyNorm::Rms(RmsNorm::new(&[70_001])?), vec![2, 70_001], 0.0),
+            (AnyNorm::Rms(RMSNorm::new(&[70_001])?), vec![2, 70_001], 0.0),
             (AnyNorm::Ln(LayerNorm::new(&[128])?), vec![4096, 128], 0.0),
         ]);
     }
@@ -433,7 +433,7 @@ fn run_case<T: Element>(
         cpu_l.set_params(w, b)?;
     }
     let mut gpu_l = cpu_l.clone();
-    gpu_l.to_device(&cuda)?;
+    gpu_l.move_to(&cuda)?;
     let make = |seed: u64, m: f32| -> Result<Tensor<T>> {
         let t = Tensor::from_vec(
             randn(numel, seed, m).into_iter().map(T::from_f32).collect(),

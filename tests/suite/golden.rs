@@ -7,10 +7,8 @@
 //! eps32·|mean| to the true one, for PyTorch as for cunorm. Forward outputs are not scaled
 //! (the CPU path keeps its statistics in f64).
 
-mod common;
-
-use common::*;
-use cunorm::check::AnyNorm as AnyLayer;
+use crate::check::AnyNorm as AnyLayer;
+use crate::common::*;
 use cunorm::*;
 use serde_json::Value;
 use std::result::Result;
@@ -103,8 +101,8 @@ fn build(case: &Value) -> AnyLayer {
             .unwrap(),
         ),
         "rms_norm" => AnyLayer::Rms(
-            RmsNorm::from_config(
-                RmsNormConfig::new(&usizes(&cfg["normalized_shape"]))
+            RMSNorm::from_config(
+                RMSNormConfig::new(&usizes(&cfg["normalized_shape"]))
                     .with_eps(f("eps"))
                     .with_elementwise_affine(b("elementwise_affine")),
             )

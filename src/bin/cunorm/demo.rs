@@ -5,12 +5,12 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::device::Device;
-use crate::error::Result;
-use crate::layers::{
-    BatchNorm2d, BatchNormConfig, GroupNorm, InstanceNorm2d, InstanceNormConfig, LayerNorm, Norm,
+use cunorm::Device;
+use cunorm::Result;
+use cunorm::Tensor;
+use cunorm::{
+    BatchNorm2d, BatchNormConfig, GroupNorm, InstanceNorm2d, InstanceNormConfig, LayerNorm, Module,
 };
-use crate::tensor::Tensor;
 
 /// Batch size of the experiment.
 pub const N: usize = 2;

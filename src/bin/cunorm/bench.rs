@@ -6,13 +6,21 @@
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 
-use crate::cuda::{driver_err, CudaDevice};
-use crate::device::Device;
-use crate::dtype::{DType, Element};
-use crate::error::Result;
-use crate::functional as F;
-use crate::tensor::{MemoryFormat, Tensor};
-use crate::{bf16, f16};
+use cunorm::cuda::CudaDevice;
+use cunorm::functional as F;
+use cunorm::Device;
+use cunorm::Result;
+use cunorm::{bf16, f16};
+use cunorm::{DType, Element};
+use cunorm::{MemoryFormat, Tensor};
+
+/// A driver error as cunorm's error, saying what the bench was doing.
+fn driver_err(context: &str, e: cudarc::driver::DriverError) -> cunorm::Error {
+    cunorm::Error::Cuda {
+        context: context.to_string(),
+        message: e.to_string(),
+    }
+}
 
 /// One measured case.
 #[derive(Clone, Debug)]
@@ -290,13 +298,13 @@ fn bench_case<T: Element>(
                 bool,
                 f64,
                 f64,
-            ) -> Result<crate::ops::NormOutput<T>>;
+            ) -> Result<cunorm::NormOutput<T>>;
             type Bwd<T> = fn(
                 &Tensor<T>,
                 &Tensor<T>,
                 Option<&Tensor<f32>>,
-                &crate::ops::SavedStats,
-            ) -> Result<crate::ops::Gradients<T>>;
+                &cunorm::SavedStats,
+            ) -> Result<cunorm::Gradients<T>>;
             let (fwd, bwd, track): (Fwd<T>, Bwd<T>, bool) = if op == "batch_norm" {
                 (F::batch_norm::<T>, F::batch_norm_backward::<T>, true)
             } else {

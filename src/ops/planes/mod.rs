@@ -1,44 +1,151 @@
-//! Shared front half of BatchNorm, InstanceNorm and GroupNorm: the ops that normalize an
-//! `(N, C, *spatial)` input per statistic group and apply a per-channel affine.
+//! The planes family: BatchNorm, InstanceNorm and GroupNorm, the ops that normalize an
+//! `(N, C, *spatial)` input per statistic group and apply a per-channel affine, in either memory
+//! format. One vocabulary runs from the op fronts to the kernels: [`PlaneShape`] (the input's
+//! `(N, C, S)` and layout), [`Grouping`] (how planes form statistic groups) and [`Source`]
+//! (where the statistics come from).
+//!
+//! - `mod.rs` (here): the family's front half shared by the three ops, CPU dispatch;
+//! - `cpu.rs`: the CPU engine;
+//! - `cuda.rs`: the CUDA launches (`kernels/planes.cu`).
 
 // Loops run over (n, c) and index several per-plane arrays at once.
 #![allow(clippy::needless_range_loop)]
 
-use super::cpu::{self, Grouping, Planes};
+pub(crate) mod cpu;
+pub(crate) mod cuda;
+
 use super::{f32_tensor, Gradients, NormOutput, SavedStats};
 use crate::device::Device;
 use crate::dtype::Element;
-use crate::error::Result;
-use crate::tensor::{MemoryFormat, Ncs, Storage, Tensor};
+use crate::error::{Error, Result};
+use crate::tensor::{MemoryFormat, Storage, Tensor};
 
-/// Running statistics to update from this batch: `r = (1 − factor)·r + factor·stat`.
-pub(crate) struct Running<'a> {
-    pub mean: &'a mut Tensor<f32>,
-    pub var: &'a mut Tensor<f32>,
+/// The `(N, C, S)` view of an input of shape `(N, C, *spatial)`: batch, channels, the product
+/// of the spatial sizes, and the memory format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlaneShape {
+    /// Batch size.
+    pub n: usize,
+    /// Channels.
+    pub c: usize,
+    /// Product of the spatial sizes (1 for an `(N, C)` input).
+    pub s: usize,
+    /// Contiguous (NCHW) or channels-last (NHWC).
+    pub format: MemoryFormat,
+}
+
+impl PlaneShape {
+    /// The view of a tensor `shape` of rank ≥ 2 in `format`. The caller has checked the rank
+    /// and that the element count fits `usize` (every [`crate::Tensor`] does).
+    pub fn of(shape: &[usize], format: MemoryFormat) -> PlaneShape {
+        PlaneShape {
+            n: shape[0],
+            c: shape[1],
+            s: shape[2..].iter().product(),
+            format,
+        }
+    }
+
+    /// `N·C·S`.
+    pub fn numel(&self) -> usize {
+        self.n * self.c * self.s
+    }
+
+    pub(crate) fn channels_last(&self) -> bool {
+        self.format == MemoryFormat::ChannelsLast
+    }
+
+    /// The shape as the planes kernels take it: (N, C, S, channels-last flag).
+    pub(crate) fn kernel_args(&self) -> Result<(i64, i32, i64, i32)> {
+        Ok((
+            self.n as i64,
+            crate::cuda::launch::to_i32("C", self.c)?,
+            self.s as i64,
+            self.channels_last() as i32,
+        ))
+    }
+}
+
+/// How the `(n, c)` planes form statistic groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grouping {
+    /// One group per channel over the whole batch (BatchNorm): `C` statistics, group index `c`.
+    Channel,
+    /// `G` groups of `C/G` channels per sample (GroupNorm; InstanceNorm is `G = C`): `N·G`
+    /// statistics, group index `n·G + c/(C/G)`.
+    Groups(usize),
+}
+
+impl Grouping {
+    /// Number of statistics: `C` for [`Grouping::Channel`], `N·G` for [`Grouping::Groups`].
+    pub fn num_groups(self, p: &PlaneShape) -> usize {
+        match self {
+            Grouping::Channel => p.c,
+            Grouping::Groups(g) => p.n * g,
+        }
+    }
+
+    #[inline]
+    pub(crate) fn group_of(self, p: &PlaneShape, n: usize, c: usize) -> usize {
+        match self {
+            Grouping::Channel => c,
+            Grouping::Groups(g) => n * g + c / (p.c / g),
+        }
+    }
+
+    /// The kernels' code: 0 for per-channel, else `G`.
+    pub(crate) fn code(self) -> i32 {
+        match self {
+            Grouping::Channel => 0,
+            Grouping::Groups(g) => g as i32,
+        }
+    }
+
+    /// `Err` unless the groups divide the channels (checked where a grouping enters: the op
+    /// fronts and the launch layer).
+    pub(crate) fn check(self, op: &str, c: usize) -> Result<()> {
+        match self {
+            Grouping::Groups(g) if g == 0 || !c.is_multiple_of(g) => {
+                Err(Error::InvalidArgument(format!(
+                    "{op}: num_groups ({g}) must divide num_channels ({c}); pick a divisor of {c}"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Running statistics to update from this batch: `r = (1 − factor)·r + factor·stat`, where
+/// `stat` is the batch's mean and unbiased variance (InstanceNorm: averaged over the batch).
+pub struct Running<M> {
+    /// `running_mean`, `[C]`.
+    pub mean: M,
+    /// `running_var`, `[C]`.
+    pub var: M,
+    /// The update factor: `momentum`, or `1/num_batches_tracked` for a cumulative average.
     pub factor: f64,
 }
 
-/// Where the normalization statistics come from.
-pub(crate) enum Source<'a> {
+/// Where the normalization statistics come from. `M` is a writable per-channel buffer, `V` a
+/// readable one: tensors at the op level, cudarc views at the launch level.
+pub enum Source<M, V> {
     /// From the input itself (training mode); BatchNorm and InstanceNorm may update running
-    /// statistics. InstanceNorm's per-plane statistics are averaged over the batch.
-    Input { running: Option<Running<'a>> },
+    /// statistics.
+    Input {
+        /// Running statistics to update, if any.
+        running: Option<Running<M>>,
+    },
     /// Fixed per-channel mean and variance (BatchNorm/InstanceNorm in eval mode).
     Fixed {
-        mean: &'a Tensor<f32>,
-        var: &'a Tensor<f32>,
+        /// `running_mean`, `[C]`.
+        mean: V,
+        /// `running_var`, `[C]`.
+        var: V,
     },
 }
 
-pub(crate) fn planes_of<T: Element>(x: &Tensor<T>) -> Planes {
-    let d = Ncs::of(x.shape());
-    Planes {
-        n: d.n,
-        c: d.c,
-        s: d.s,
-        format: x.format(),
-    }
-}
+/// [`Source`] over tensors, as the op fronts pass it.
+pub(crate) type TensorSource<'a> = Source<&'a mut Tensor<f32>, &'a Tensor<f32>>;
 
 fn param_f64(t: Option<&Tensor<f32>>, c: usize, default: f64) -> Result<Vec<f64>> {
     Ok(match t {
@@ -48,7 +155,7 @@ fn param_f64(t: Option<&Tensor<f32>>, c: usize, default: f64) -> Result<Vec<f64>
 }
 
 /// Number of elements in one statistic group.
-fn group_count(p: &Planes, grouping: Grouping) -> f64 {
+fn group_count(p: &PlaneShape, grouping: Grouping) -> f64 {
     match grouping {
         Grouping::Channel => (p.n * p.s) as f64,
         Grouping::Groups(g) => ((p.c / g) * p.s) as f64,
@@ -62,13 +169,13 @@ pub(crate) fn forward<T: Element>(
     weight: Option<&Tensor<f32>>,
     bias: Option<&Tensor<f32>>,
     eps: f64,
-    mut source: Source<'_>,
+    mut source: TensorSource<'_>,
 ) -> Result<NormOutput<T>> {
     let device = x.device();
     if let Device::Cuda(dev) = &device {
-        return crate::cuda::planes::forward(dev, x, grouping, weight, bias, eps, source);
+        return cuda::forward(dev, x, grouping, weight, bias, eps, source);
     }
-    let p = planes_of(x);
+    let p = PlaneShape::of(x.shape(), x.format());
     let xs = x.cpu_slice()?;
     let w = param_f64(weight, p.c, 1.0)?;
     let b = param_f64(bias, p.c, 0.0)?;
@@ -143,7 +250,11 @@ pub(crate) fn forward<T: Element>(
     })
 }
 
-fn saved_from_moments(gm: &[cpu::Moments], eps: f64, device: &Device) -> Result<SavedStats> {
+fn saved_from_moments(
+    gm: &[crate::ops::engine::Moments],
+    eps: f64,
+    device: &Device,
+) -> Result<SavedStats> {
     Ok(SavedStats {
         mean: Some(f32_tensor(
             gm.iter().map(|m| m.mean as f32).collect(),
@@ -160,9 +271,9 @@ fn saved_from_moments(gm: &[cpu::Moments], eps: f64, device: &Device) -> Result<
 }
 
 fn update_running(
-    r: Running<'_>,
-    gm: &[cpu::Moments],
-    p: &Planes,
+    r: Running<&mut Tensor<f32>>,
+    gm: &[crate::ops::engine::Moments],
+    p: &PlaneShape,
     grouping: Grouping,
 ) -> Result<()> {
     // BatchNorm: one group per channel. InstanceNorm: groups are planes, averaged over n.
@@ -199,9 +310,9 @@ pub(crate) fn backward<T: Element>(
 ) -> Result<Gradients<T>> {
     let device = x.device();
     if let Device::Cuda(dev) = &device {
-        return crate::cuda::planes::backward(dev, dy, x, grouping, weight, affine, stats);
+        return cuda::backward(dev, dy, x, grouping, weight, affine, stats);
     }
-    let p = planes_of(x);
+    let p = PlaneShape::of(x.shape(), x.format());
     let (gs, xs) = (dy.cpu_slice()?, x.cpu_slice()?);
     let w = param_f64(weight, p.c, 1.0)?;
     let mean = match &stats.mean {

@@ -1,0 +1,65 @@
+//! Generic launch helpers: length and size checks that turn a bad launch into an `Err`, grid
+//! and block sizing, optional pointer arguments. The op families' launch code is built on these.
+
+use cudarc::driver::{CudaView, LaunchArgs, PushKernelArg};
+
+use super::{driver_err, Kernel};
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+
+const NULL: u64 = 0;
+
+pub(crate) fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    if got < want {
+        return Err(Error::Shape(format!(
+            "cuda launch: {what} holds {got} elements but the call needs {want}; pass a larger buffer"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn to_i32(what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| {
+        Error::Shape(format!(
+            "cuda launch: {what} = {v} exceeds 2^31 − 1; split the input"
+        ))
+    })
+}
+
+pub(crate) fn grid(blocks: usize) -> Result<u32> {
+    u32::try_from(blocks.max(1))
+        .ok()
+        .filter(|&b| b <= i32::MAX as u32)
+        .ok_or_else(|| {
+            Error::Shape(format!(
+                "cuda launch: {blocks} blocks exceed the grid limit; split the input"
+            ))
+        })
+}
+
+/// Pushes an optional f32 buffer, or a null pointer (the kernels treat null as "absent").
+pub(crate) fn arg_or_null<'a, 'b: 'a, 'c: 'b>(
+    b: &mut LaunchArgs<'a>,
+    v: Option<&'b CudaView<'c, f32>>,
+) {
+    match v {
+        Some(v) => b.arg(v),
+        None => b.arg(&NULL),
+    };
+}
+
+pub(crate) fn launch_err(e: cudarc::driver::DriverError) -> Error {
+    driver_err("launching a kernel", e)
+}
+
+/// Threads per block for kernel `k`: `want` (rounded up to whole warps, at most 1024) capped by what
+/// the kernel's register use allows on this device, so that a 1024-thread launch of a kernel
+/// using more than 64 registers (65 536 per block) cannot fail with "too many resources".
+pub(crate) fn block_threads(k: &Kernel, want: usize) -> u32 {
+    let cap = (k.max_threads as usize) / 32 * 32;
+    want.next_multiple_of(32).clamp(32, cap) as u32
+}
+
+pub(crate) fn pack<T: Element>() -> usize {
+    16 / T::DTYPE.size()
+}

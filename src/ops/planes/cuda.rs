@@ -1,0 +1,553 @@
+//! The planes family on CUDA: BatchNorm, InstanceNorm and GroupNorm launches
+//! (`kernels/planes.cu`; GroupNorm/InstanceNorm's one-pass contiguous forward is the row kernel
+//! of `kernels/rows.cu` with a per-channel affine).
+//!
+//! Two levels: the tensor level the op fronts call (`forward`, `backward`), and below it the
+//! public launch layer over caller-held cudarc views (`planes_forward`, `planes_backward`,
+//! re-exported as [`crate::raw`]). Every launch function checks lengths (an `Err`, never a
+//! panic or an out-of-bounds launch), queues its kernels on the device's stream and returns
+//! without synchronizing.
+
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+use super::{Grouping, PlaneShape, Running, Source, TensorSource};
+use crate::cuda::launch::{arg_or_null, check_len, grid, launch_err, pack, to_i32};
+use crate::cuda::CudaDevice;
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::ops::rows::cuda::rows_fwd_config;
+use crate::ops::{kernels, Gradients, NormOutput, SavedStats};
+use crate::tensor::{tensor_view, MemoryFormat, Tensor};
+
+/// Where the launch layer's forward statistics come from: the input (running statistics, when
+/// given, are views updated in place) or fixed per-channel views (eval).
+pub type ViewSource<'a, 'b> = Source<&'a mut CudaViewMut<'b, f32>, &'a CudaView<'b, f32>>;
+
+pub(crate) fn forward<T: Element>(
+    dev: &CudaDevice,
+    x: &Tensor<T>,
+    grouping: Grouping,
+    weight: Option<&Tensor<f32>>,
+    bias: Option<&Tensor<f32>>,
+    eps: f64,
+    source: TensorSource<'_>,
+) -> Result<NormOutput<T>> {
+    let s = PlaneShape::of(x.shape(), x.format());
+    let numel = x.numel();
+    let from_input = matches!(source, Source::Input { .. });
+    let ng = if from_input {
+        grouping.num_groups(&s)
+    } else {
+        s.c
+    };
+    let mut y = dev.alloc::<T>(numel)?;
+    let mut mean = dev.alloc::<f32>(ng)?;
+    let mut rstd = dev.alloc::<f32>(ng)?;
+    let xv = tensor_view(x)?;
+    let wv = weight.map(tensor_view).transpose()?;
+    let bv = bias.map(tensor_view).transpose()?;
+    {
+        let (mut yv, mut mv, mut rv) = (
+            y.slice_mut(0..numel),
+            mean.slice_mut(0..ng),
+            rstd.slice_mut(0..ng),
+        );
+        // Views bound here so they outlive the `ViewSource` that borrows them.
+        let (mut rm_v, mut rv_v, fixed);
+        let stats: ViewSource = match source {
+            Source::Input { running: Some(r) } => {
+                rm_v = r.mean.cuda_slice_mut()?.slice_mut(0..s.c);
+                rv_v = r.var.cuda_slice_mut()?.slice_mut(0..s.c);
+                Source::Input {
+                    running: Some(Running {
+                        mean: &mut rm_v,
+                        var: &mut rv_v,
+                        factor: r.factor,
+                    }),
+                }
+            }
+            Source::Input { running: None } => Source::Input { running: None },
+            Source::Fixed { mean: rm, var } => {
+                fixed = (tensor_view(rm)?, tensor_view(var)?);
+                Source::Fixed {
+                    mean: &fixed.0,
+                    var: &fixed.1,
+                }
+            }
+        };
+        planes_forward(
+            dev,
+            &xv,
+            &mut yv,
+            s,
+            grouping,
+            wv.as_ref(),
+            bv.as_ref(),
+            eps as f32,
+            stats,
+            &mut mv,
+            &mut rv,
+        )?;
+    }
+    Ok(NormOutput {
+        output: Tensor::from_cuda(dev, y, x.shape(), x.format()),
+        stats: SavedStats {
+            mean: Some(Tensor::from_cuda(
+                dev,
+                mean,
+                &[ng],
+                MemoryFormat::Contiguous,
+            )),
+            rstd: Tensor::from_cuda(dev, rstd, &[ng], MemoryFormat::Contiguous),
+            from_input,
+        },
+    })
+}
+
+pub(crate) fn backward<T: Element>(
+    dev: &CudaDevice,
+    dy: &Tensor<T>,
+    x: &Tensor<T>,
+    grouping: Grouping,
+    weight: Option<&Tensor<f32>>,
+    affine: bool,
+    stats: &SavedStats,
+) -> Result<Gradients<T>> {
+    let s = PlaneShape::of(x.shape(), x.format());
+    let numel = x.numel();
+    let mut dx = dev.alloc::<T>(numel)?;
+    let mut dw = dev.alloc::<f32>(s.c)?;
+    let mut db = dev.alloc::<f32>(s.c)?;
+    let mean = stats.mean.as_ref().ok_or_else(|| {
+        crate::Error::InvalidArgument("backward: the saved statistics carry no mean".into())
+    })?;
+    {
+        let (xv, gv) = (tensor_view(x)?, tensor_view(dy)?);
+        let (mv, rv) = (tensor_view(mean)?, tensor_view(&stats.rstd)?);
+        let wv = weight.map(tensor_view).transpose()?;
+        let (mut dxv, mut dwv, mut dbv) = (
+            dx.slice_mut(0..numel),
+            dw.slice_mut(0..s.c),
+            db.slice_mut(0..s.c),
+        );
+        planes_backward(
+            dev,
+            &gv,
+            &xv,
+            s,
+            grouping,
+            wv.as_ref(),
+            &mv,
+            &rv,
+            stats.from_input,
+            &mut dxv,
+            &mut dwv,
+            &mut dbv,
+        )?;
+    }
+    let param = |v| Tensor::from_cuda(dev, v, &[s.c], MemoryFormat::Contiguous);
+    Ok(Gradients {
+        dx: Tensor::from_cuda(dev, dx, x.shape(), x.format()),
+        dweight: affine.then(|| param(dw)),
+        dbias: affine.then(|| param(db)),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The launch layer over cudarc views
+// ---------------------------------------------------------------------------------------------
+
+fn reduce_chunks(dev: &CudaDevice, s: &PlaneShape) -> usize {
+    if s.channels_last() {
+        s.s.div_ceil(256).max(1)
+    } else {
+        let planes = (s.n * s.c).max(1);
+        let want = (2 * dev.sm_count() as usize).div_ceil(planes);
+        want.clamp(1, (s.s / 4096).max(1))
+    }
+}
+
+fn reduce_config(s: &PlaneShape, chunks: usize) -> Result<LaunchConfig> {
+    Ok(if s.channels_last() {
+        LaunchConfig {
+            grid_dim: (grid(s.n * chunks)?, channel_tiles(s.c)?, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        }
+    } else {
+        LaunchConfig {
+            grid_dim: (grid(s.n * s.c * chunks)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    })
+}
+
+/// Grid rows of the channels-last reduction: one per 32 channels, at most 65 535 (the grid's
+/// y limit), so at most 2 097 120 channels.
+fn channel_tiles(c: usize) -> Result<u32> {
+    u32::try_from(c.div_ceil(32))
+        .ok()
+        .filter(|&t| t <= 65_535)
+        .ok_or_else(|| {
+            Error::Shape(format!(
+                "cuda launch: {c} channels in channels-last layout exceed the 2 097 120 the \
+                 reduction grid allows; pass the input contiguous (.to_format(Contiguous))"
+            ))
+        })
+}
+
+fn small_config(n: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (grid(n.div_ceil(256))?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn apply_config<T: Element>(dev: &CudaDevice, numel: usize) -> Result<LaunchConfig> {
+    let blocks = (numel / pack::<T>())
+        .div_ceil(256)
+        .clamp(1, dev.sm_count() as usize * 16);
+    Ok(LaunchConfig {
+        grid_dim: (grid(blocks)?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// Per-plane coefficients (a, m, k) so that y = a·(x − m) + k.
+fn coef(
+    dev: &CudaDevice,
+    s: &PlaneShape,
+    g: i32,
+    mean_g: &CudaView<f32>,
+    rstd_g: &CudaView<f32>,
+    weight: Option<&CudaView<f32>>,
+    bias: Option<&CudaView<f32>>,
+) -> Result<[cudarc::driver::CudaSlice<f32>; 3]> {
+    let planes = s.n * s.c;
+    let mut a = dev.alloc::<f32>(planes)?;
+    let mut m = dev.alloc::<f32>(planes)?;
+    let mut k = dev.alloc::<f32>(planes)?;
+    let f = dev.function("planes", "plane_coef")?;
+    let (n_i, c_i, _, _) = s.kernel_args()?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(mean_g).arg(rstd_g);
+    arg_or_null(&mut b, weight);
+    arg_or_null(&mut b, bias);
+    b.arg(&mut a)
+        .arg(&mut m)
+        .arg(&mut k)
+        .arg(&n_i)
+        .arg(&c_i)
+        .arg(&g);
+    // SAFETY: matches planes.cu's plane_coef; statistics hold the group count (checked by callers).
+    unsafe { b.launch(small_config(planes)?) }.map_err(launch_err)?;
+    Ok([a, m, k])
+}
+
+/// r = (1 − f)·r + f·stat per channel (InstanceNorm: batch average of per-plane statistics).
+#[allow(clippy::too_many_arguments)]
+fn running_update(
+    dev: &CudaDevice,
+    s: &PlaneShape,
+    groups: Grouping,
+    running: Running<&mut CudaViewMut<f32>>,
+    mean: &CudaView<f32>,
+    varu: &cudarc::driver::CudaSlice<f32>,
+) -> Result<()> {
+    let Running {
+        mean: rm,
+        var: rv,
+        factor,
+    } = running;
+    let factor = factor as f32;
+    check_len("running_mean", rm.len(), s.c)?;
+    check_len("running_var", rv.len(), s.c)?;
+    let (n_i, c_i, _, _) = s.kernel_args()?;
+    // InstanceNorm (per-sample groups) averages its per-plane statistics over the batch.
+    let per = matches!(groups, Grouping::Groups(_)) as i32;
+    let f = dev.function("planes", "running_update")?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(rm)
+        .arg(rv)
+        .arg(mean)
+        .arg(varu)
+        .arg(&n_i)
+        .arg(&c_i)
+        .arg(&per)
+        .arg(&factor);
+    // SAFETY: matches running_update; running buffers hold C floats, statistics the groups.
+    unsafe { b.launch(small_config(s.c)?) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// BatchNorm / InstanceNorm / GroupNorm forward: writes `y`, and the statistics used into
+/// `mean`/`rstd` (`groups` entries for input statistics, `C` for fixed ones).
+#[allow(clippy::too_many_arguments)]
+pub fn planes_forward<T: Element>(
+    dev: &CudaDevice,
+    x: &CudaView<T>,
+    y: &mut CudaViewMut<T>,
+    shape: PlaneShape,
+    groups: Grouping,
+    weight: Option<&CudaView<f32>>,
+    bias: Option<&CudaView<f32>>,
+    eps: f32,
+    stats: ViewSource<'_, '_>,
+    mean: &mut CudaViewMut<f32>,
+    rstd: &mut CudaViewMut<f32>,
+) -> Result<()> {
+    let s = shape;
+    let numel = s.numel();
+    check_len("x", x.len(), numel)?;
+    check_len("y", y.len(), numel)?;
+    for (name, p) in [("weight", &weight), ("bias", &bias)] {
+        if let Some(p) = p {
+            check_len(name, p.len(), s.c)?;
+        }
+    }
+    groups.check("cuda launch", s.c)?;
+    let (n_i, c_i, s_i, cl) = s.kernel_args()?;
+    let stream = dev.stream();
+    let g_code = match stats {
+        Source::Input { .. } => groups.code(),
+        Source::Fixed { .. } => 0,
+    };
+    match stats {
+        Source::Input { running } => {
+            let ng = groups.num_groups(&s);
+            check_len("mean", mean.len(), ng)?;
+            check_len("rstd", rstd.len(), ng)?;
+            if numel == 0 {
+                return Ok(());
+            }
+            if let (Grouping::Groups(g), false) = (groups, s.channels_last()) {
+                // Contiguous GroupNorm/InstanceNorm: each (n, group) is one contiguous row of
+                // C/G·S values; one pass computes its statistics and output (x read once when
+                // the row fits on chip).
+                let mut varu = dev.alloc::<f32>(ng)?;
+                let k = dev.kernel("rows", &kernels::name::<T>("group_norm_fwd"))?;
+                let cols = (s.c / g) * s.s;
+                let (cfg, cache) = rows_fwd_config::<T>(dev, &k, ng, cols)?;
+                let (rows_i, cols_i, seg_i, g_i) = (
+                    ng as i64,
+                    to_i32("C/G·S", cols)?,
+                    to_i32("S", s.s)?,
+                    g as i32,
+                );
+                let mut b = stream.launch_builder(&k.func);
+                b.arg(x).arg(&mut *y);
+                arg_or_null(&mut b, weight);
+                arg_or_null(&mut b, bias);
+                b.arg(&mut *mean).arg(&mut *rstd).arg(&mut varu);
+                b.arg(&rows_i)
+                    .arg(&cols_i)
+                    .arg(&seg_i)
+                    .arg(&g_i)
+                    .arg(&eps)
+                    .arg(&cache);
+                // SAFETY: matches rows.cu's group_norm_fwd; x/y hold N·C·S, stats N·G elements.
+                unsafe { b.launch(cfg) }.map_err(launch_err)?;
+                if let Some(r) = running {
+                    running_update(dev, &s, groups, r, &mean.as_view(), &varu)?;
+                }
+                return Ok(());
+            }
+            let chunks = reduce_chunks(dev, &s);
+            let chunks_i = to_i32("chunks", chunks)?;
+            let mut part = dev.alloc::<f32>(s.n * s.c * chunks * 3)?;
+            let f = dev.function("planes", &kernels::name::<T>("plane_stats"))?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(x)
+                .arg(&mut part)
+                .arg(&n_i)
+                .arg(&c_i)
+                .arg(&s_i)
+                .arg(&cl)
+                .arg(&chunks_i);
+            // SAFETY: matches plane_stats; part holds N·C·chunks·3 floats.
+            unsafe { b.launch(reduce_config(&s, chunks)?) }.map_err(launch_err)?;
+
+            let mut varu = dev.alloc::<f32>(ng)?;
+            let f = dev.function("planes", "plane_finalize")?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&part).arg(&mut *mean).arg(&mut *rstd).arg(&mut varu);
+            b.arg(&n_i).arg(&c_i).arg(&chunks_i).arg(&g_code).arg(&eps);
+            // SAFETY: matches plane_finalize; mean/rstd/varu hold the group count.
+            unsafe { b.launch(small_config(ng)?) }.map_err(launch_err)?;
+
+            if let Some(r) = running {
+                running_update(dev, &s, groups, r, &mean.as_view(), &varu)?;
+            }
+        }
+        Source::Fixed { mean: rm, var: rv } => {
+            check_len("running_mean", rm.len(), s.c)?;
+            check_len("running_var", rv.len(), s.c)?;
+            check_len("mean", mean.len(), s.c)?;
+            check_len("rstd", rstd.len(), s.c)?;
+            let f = dev.function("planes", "eval_stats")?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(rm)
+                .arg(rv)
+                .arg(&mut *mean)
+                .arg(&mut *rstd)
+                .arg(&c_i)
+                .arg(&eps);
+            // SAFETY: matches eval_stats; all four buffers hold C floats.
+            unsafe { b.launch(small_config(s.c)?) }.map_err(launch_err)?;
+            if numel == 0 {
+                return Ok(());
+            }
+        }
+    }
+    let [a, m, k] = coef(
+        dev,
+        &s,
+        g_code,
+        &mean.as_view(),
+        &rstd.as_view(),
+        weight,
+        bias,
+    )?;
+    let f = dev.function("planes", &kernels::name::<T>("plane_apply"))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(x)
+        .arg(y)
+        .arg(&a)
+        .arg(&m)
+        .arg(&k)
+        .arg(&n_i)
+        .arg(&c_i)
+        .arg(&s_i)
+        .arg(&cl);
+    // SAFETY: matches plane_apply; coefficient buffers hold N·C floats.
+    unsafe { b.launch(apply_config::<T>(dev, numel)?) }.map_err(launch_err)?;
+    Ok(())
+}
+
+/// Backward of [`planes_forward`]: writes `dx`, `dweight` and `dbias` (`[C]`). `from_input`
+/// says whether `mean`/`rstd` were input statistics (per group) or fixed ones (per channel).
+#[allow(clippy::too_many_arguments)]
+pub fn planes_backward<T: Element>(
+    dev: &CudaDevice,
+    dy: &CudaView<T>,
+    x: &CudaView<T>,
+    shape: PlaneShape,
+    groups: Grouping,
+    weight: Option<&CudaView<f32>>,
+    mean: &CudaView<f32>,
+    rstd: &CudaView<f32>,
+    from_input: bool,
+    dx: &mut CudaViewMut<T>,
+    dweight: &mut CudaViewMut<f32>,
+    dbias: &mut CudaViewMut<f32>,
+) -> Result<()> {
+    let s = shape;
+    let numel = s.numel();
+    check_len("dy", dy.len(), numel)?;
+    check_len("x", x.len(), numel)?;
+    check_len("dx", dx.len(), numel)?;
+    check_len("dweight", dweight.len(), s.c)?;
+    check_len("dbias", dbias.len(), s.c)?;
+    if let Some(w) = weight {
+        check_len("weight", w.len(), s.c)?;
+    }
+    let g_code = if from_input { groups.code() } else { 0 };
+    let ng = if from_input {
+        groups.num_groups(&s)
+    } else {
+        s.c
+    };
+    check_len("mean", mean.len(), ng)?;
+    check_len("rstd", rstd.len(), ng)?;
+    let (n_i, c_i, s_i, cl) = s.kernel_args()?;
+    let stream = dev.stream();
+    let chunks = reduce_chunks(dev, &s);
+    let chunks_i = to_i32("chunks", chunks)?;
+    let [a, m, _] = coef(dev, &s, g_code, mean, rstd, weight, None)?;
+    let mut part = dev.zeros::<f32>(s.n * s.c * chunks * 2)?;
+    if numel > 0 {
+        let f = dev.function("planes", &kernels::name::<T>("plane_grad_sums"))?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(dy)
+            .arg(x)
+            .arg(&m)
+            .arg(&mut part)
+            .arg(&n_i)
+            .arg(&c_i)
+            .arg(&s_i)
+            .arg(&cl)
+            .arg(&chunks_i);
+        // SAFETY: matches plane_grad_sums; part holds N·C·chunks·2 floats.
+        unsafe { b.launch(reduce_config(&s, chunks)?) }.map_err(launch_err)?;
+    }
+    let planes = s.n * s.c;
+    let mut bc = dev.alloc::<f32>(planes)?;
+    let mut kc = dev.alloc::<f32>(planes)?;
+    let fi = from_input as i32;
+    let f = dev.function("planes", "grad_finalize")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&part);
+    arg_or_null(&mut b, weight);
+    b.arg(rstd)
+        .arg(&mut bc)
+        .arg(&mut kc)
+        .arg(&n_i)
+        .arg(&c_i)
+        .arg(&s_i)
+        .arg(&chunks_i)
+        .arg(&g_code)
+        .arg(&fi);
+    // SAFETY: matches grad_finalize; coefficient buffers hold N·C floats.
+    unsafe { b.launch(small_config(ng)?) }.map_err(launch_err)?;
+
+    let f = dev.function("planes", "grad_params")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&part)
+        .arg(rstd)
+        .arg(dweight)
+        .arg(dbias)
+        .arg(&n_i)
+        .arg(&c_i)
+        .arg(&chunks_i)
+        .arg(&g_code);
+    // SAFETY: matches grad_params; dweight/dbias hold C floats.
+    unsafe { b.launch(small_config(s.c)?) }.map_err(launch_err)?;
+
+    if numel > 0 {
+        let f = dev.function("planes", &kernels::name::<T>("plane_grad_apply"))?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(dy)
+            .arg(x)
+            .arg(dx)
+            .arg(&a)
+            .arg(&bc)
+            .arg(&m)
+            .arg(&kc)
+            .arg(&n_i)
+            .arg(&c_i)
+            .arg(&s_i)
+            .arg(&cl);
+        // SAFETY: matches plane_grad_apply; all per-plane buffers hold N·C floats.
+        unsafe { b.launch(apply_config::<T>(dev, numel)?) }.map_err(launch_err)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn channels_last_grid_limit_is_an_error() {
+        assert_eq!(channel_tiles(1).unwrap(), 1);
+        assert_eq!(channel_tiles(2_097_120).unwrap(), 65_535);
+        let e = channel_tiles(2_097_121).unwrap_err().to_string();
+        assert!(
+            e.contains("2097121 channels") && e.contains("contiguous"),
+            "{e}"
+        );
+    }
+}
