@@ -17,6 +17,7 @@ mod check;
 #[path = "../../src/bin/cunorm/demo.rs"]
 mod demo;
 
+mod api;
 mod architecture;
 mod cpu_paths;
 mod cuda;
