@@ -55,6 +55,8 @@ template <typename T> __device__ __forceinline__ bool aligned16(const T* p) {
 
 struct Welford {
     float n, mean, m2;
+    static const int WIDTH = 3;  // floats, for warp_merge's shuffles
+    __device__ __forceinline__ void merge(const Welford& o);
 };
 
 __device__ __forceinline__ Welford welford_empty() {
@@ -85,19 +87,29 @@ __device__ __forceinline__ Welford welford_merge(Welford a, Welford b) {
     return r;
 }
 
-// Butterfly merge; both partners merge (lower lane, upper lane) in that order, so every lane
-// ends with bitwise the same result (a Chan merge is not symmetric in floating point).
-__device__ __forceinline__ Welford warp_reduce_welford(Welford w) {
+__device__ __forceinline__ void Welford::merge(const Welford& o) { *this = welford_merge(*this, o); }
+
+// Butterfly merge over a warp of any accumulator `Acc` (WIDTH floats, `merge(const Acc&)`
+// merging its argument after itself): partners merge (lower lane, upper lane) in that order, so
+// every lane ends with bitwise the same result (a Chan merge is not symmetric in floating point).
+template <typename Acc>
+__device__ __forceinline__ Acc warp_merge(Acc a) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
-        Welford other;
-        other.n = __shfl_xor_sync(0xffffffffu, w.n, o);
-        other.mean = __shfl_xor_sync(0xffffffffu, w.mean, o);
-        other.m2 = __shfl_xor_sync(0xffffffffu, w.m2, o);
-        w = (lane & o) ? welford_merge(other, w) : welford_merge(w, other);
+        Acc b = a;
+        float* pa = reinterpret_cast<float*>(&a);
+        float* pb = reinterpret_cast<float*>(&b);
+#pragma unroll
+        for (int i = 0; i < Acc::WIDTH; ++i) pb[i] = __shfl_xor_sync(0xffffffffu, pa[i], o);
+        if (lane & o) {
+            b.merge(a);
+            a = b;
+        } else {
+            a.merge(b);
+        }
     }
-    return w;
+    return a;
 }
 
 __device__ __forceinline__ float warp_reduce_sum(float v) {
@@ -110,12 +122,12 @@ __device__ __forceinline__ float warp_reduce_sum(float v) {
 // `scratch` holds 32 entries. Synchronizes the block.
 __device__ __forceinline__ Welford block_reduce_welford(Welford w, Welford* scratch) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    w = warp_reduce_welford(w);
+    w = warp_merge(w);
     __syncthreads();  // scratch may still be read from a previous call
     if (lane == 0) scratch[warp] = w;
     __syncthreads();
     w = lane < warps ? scratch[lane] : welford_empty();
-    w = warp_reduce_welford(w);
+    w = warp_merge(w);
     return w;
 }
 

@@ -4,10 +4,12 @@
 // (BatchNorm, and fixed running statistics); G > 0 means group n·G + c/(C/G) (GroupNorm;
 // InstanceNorm is G = C).
 //
-// Stages (one launch each; partials are merged in a fixed order, no atomics: deterministic):
-//   forward:  plane_stats -> plane_finalize -> [running_update] -> plane_coef -> plane_apply
-//   eval:     eval_stats -> plane_coef -> plane_apply
-//   backward: plane_coef -> plane_grad_sums -> grad_finalize, grad_params -> plane_grad_apply
+// Stages (one launch each; partials are merged in a fixed order, no atomics: deterministic).
+// Entry points are planes_<stage>_<dtype>:
+//   forward:  planes_stats -> planes_finalize -> [planes_running_update] -> planes_coef -> planes_apply
+//   eval:     planes_eval_stats -> planes_coef -> planes_apply
+//   backward: planes_coef -> planes_grad_sums -> planes_grad_finalize, planes_grad_params
+//             -> planes_grad_apply
 // Partials are indexed (n·C + c)·chunks + k: chunk k of the spatial range of plane (n, c).
 #include "common.cuh"
 
@@ -50,28 +52,6 @@ struct GradAcc {
     __device__ __forceinline__ void store(float* p) const { p[0] = sg; p[1] = sgx; }
     static const int WIDTH = 2;
 };
-
-// Butterfly merge over a warp of a 1-D block; partners merge in (lower, upper) lane order so
-// every lane holds bitwise the same result.
-template <typename Acc>
-__device__ __forceinline__ Acc warp_merge(Acc a) {
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        Acc b = a;
-        float* pa = reinterpret_cast<float*>(&a);
-        float* pb = reinterpret_cast<float*>(&b);
-#pragma unroll
-        for (int i = 0; i < Acc::WIDTH; ++i) pb[i] = __shfl_xor_sync(0xffffffffu, pa[i], o);
-        if (lane & o) {
-            b.merge(a);
-            a = b;
-        } else {
-            a.merge(b);
-        }
-    }
-    return a;
-}
 
 // GRAD = false: x only (StatAcc). GRAD = true: x and dy, shift m per plane (GradAcc).
 template <typename T, typename Acc, bool GRAD>
@@ -146,7 +126,7 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
 
 // One thread per group: merges its (plane, chunk) partials in index order; writes mean,
 // rstd = 1/sqrt(biased var + eps) and the unbiased variance (for running statistics).
-extern "C" __global__ void plane_finalize(const float* __restrict__ part, float* __restrict__ mean_g,
+extern "C" __global__ void planes_finalize_f32(const float* __restrict__ part, float* __restrict__ mean_g,
                                           float* __restrict__ rstd_g, float* __restrict__ varu_g,
                                           i64 N, int C, int chunks, int G, float eps) {
     const i64 groups = G == 0 ? C : N * G;
@@ -179,7 +159,7 @@ extern "C" __global__ void plane_finalize(const float* __restrict__ part, float*
 
 // One thread per channel: r = (1 − f)·r + f·stat. per_sample (InstanceNorm): the statistic is
 // the batch average of the per-(n, c) values.
-extern "C" __global__ void running_update(float* __restrict__ rm, float* __restrict__ rv,
+extern "C" __global__ void planes_running_update_f32(float* __restrict__ rm, float* __restrict__ rv,
                                           const float* __restrict__ mean_g,
                                           const float* __restrict__ varu_g, i64 N, int C,
                                           int per_sample, float factor) {
@@ -204,7 +184,7 @@ extern "C" __global__ void running_update(float* __restrict__ rm, float* __restr
 }
 
 // Fixed statistics (eval): mean = running_mean, rstd = 1/sqrt(running_var + eps).
-extern "C" __global__ void eval_stats(const float* __restrict__ rm, const float* __restrict__ rv,
+extern "C" __global__ void planes_eval_stats_f32(const float* __restrict__ rm, const float* __restrict__ rv,
                                       float* __restrict__ mean_out, float* __restrict__ rstd_out,
                                       int C, float eps) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -214,7 +194,7 @@ extern "C" __global__ void eval_stats(const float* __restrict__ rm, const float*
 }
 
 // One thread per plane (n, c): a = rstd·w_c, m = mean, k = b_c, so that y = a·(x − m) + k.
-extern "C" __global__ void plane_coef(const float* __restrict__ mean_g, const float* __restrict__ rstd_g,
+extern "C" __global__ void planes_coef_f32(const float* __restrict__ mean_g, const float* __restrict__ rstd_g,
                                       const float* __restrict__ w, const float* __restrict__ b,
                                       float* __restrict__ a, float* __restrict__ m,
                                       float* __restrict__ k, i64 N, int C, int G) {
@@ -230,8 +210,8 @@ extern "C" __global__ void plane_coef(const float* __restrict__ mean_g, const fl
 
 // Backward, one thread per group: A = Σ w_c·Σg, B = Σ w_c·Σg(x − μ) over the group's planes;
 // then for each plane b = −rstd³·B/cnt and k = −rstd·A/cnt (zero for fixed statistics), so that
-// dx = a·dy + b·(x − μ) + k with a = rstd·w_c from plane_coef.
-extern "C" __global__ void grad_finalize(const float* __restrict__ part, const float* __restrict__ w,
+// dx = a·dy + b·(x − μ) + k with a = rstd·w_c from planes_coef_f32.
+extern "C" __global__ void planes_grad_finalize_f32(const float* __restrict__ part, const float* __restrict__ w,
                                          const float* __restrict__ rstd_g, float* __restrict__ bcoef,
                                          float* __restrict__ kcoef, i64 N, int C, i64 S,
                                          int chunks, int G, int from_input) {
@@ -266,7 +246,7 @@ extern "C" __global__ void grad_finalize(const float* __restrict__ part, const f
 }
 
 // One thread per channel: dw_c = Σ_n rstd(n, c)·Σg(x − μ), db_c = Σ_n Σg, in order.
-extern "C" __global__ void grad_params(const float* __restrict__ part, const float* __restrict__ rstd_g,
+extern "C" __global__ void planes_grad_params_f32(const float* __restrict__ part, const float* __restrict__ rstd_g,
                                        float* __restrict__ dw, float* __restrict__ db, i64 N,
                                        int C, int chunks, int G) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -336,21 +316,21 @@ __device__ __forceinline__ void planes_apply(const T* __restrict__ x, const T* _
 }
 
 #define PLANES_ENTRIES(T, NAME)                                                                 \
-    extern "C" __global__ void plane_stats_##NAME(const T* x, float* part, i64 N, int C, i64 S, \
+    extern "C" __global__ void planes_stats_##NAME(const T* x, float* part, i64 N, int C, i64 S, \
                                                   int cl, int chunks) {                         \
         planes_reduce<T, StatAcc, false>(x, 0, 0, part, N, C, S, cl, chunks);                  \
     }                                                                                           \
-    extern "C" __global__ void plane_grad_sums_##NAME(const T* dy, const T* x, const float* m,  \
+    extern "C" __global__ void planes_grad_sums_##NAME(const T* dy, const T* x, const float* m,  \
                                                       float* part, i64 N, int C, i64 S, int cl, \
                                                       int chunks) {                             \
         planes_reduce<T, GradAcc, true>(x, dy, m, part, N, C, S, cl, chunks);                  \
     }                                                                                           \
-    extern "C" __global__ void plane_apply_##NAME(const T* x, T* y, const float* a,             \
+    extern "C" __global__ void planes_apply_##NAME(const T* x, T* y, const float* a,             \
                                                   const float* m, const float* k, i64 N, int C, \
                                                   i64 S, int cl) {                              \
         planes_apply<T, false>(x, 0, y, a, 0, m, k, N, C, S, cl);                              \
     }                                                                                           \
-    extern "C" __global__ void plane_grad_apply_##NAME(                                         \
+    extern "C" __global__ void planes_grad_apply_##NAME(                                         \
         const T* dy, const T* x, T* dx, const float* a, const float* b, const float* m,         \
         const float* k, i64 N, int C, i64 S, int cl) {                                          \
         planes_apply<T, true>(x, dy, dx, a, b, m, k, N, C, S, cl);                             \

@@ -101,7 +101,7 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
 // (Σu and Σu·x̂ with u = dy·w), then dx = rstd·(u − mean(u) − x̂·mean(u·x̂)) (RMSNorm: no
 // mean(u) term, x̂ = x·rstd). Per column the block accumulates Σ dy·x̂ and Σ dy over its rows
 // (in registers when cols ≤ 8·blockDim.x, else in its own row of the partial buffers) and
-// writes them to row p of dw_part/db_part; col_sum_f32 adds the rows in a fixed order.
+// writes them to row p of dw_part/db_part; rows_col_sum_f32 adds the rows in a fixed order.
 // Bytes: dy and x read (twice, the second from L1/L2), dx written.
 #define ROWS_BWD_REGS 8
 template <typename T, bool CENTER>
@@ -178,7 +178,7 @@ __device__ __forceinline__ void rows_bwd(const T* __restrict__ dy, const T* __re
 }
 
 // out[j] = Σ_p part[p·cols + j], p in order: the deterministic end of every column reduction.
-extern "C" __global__ void col_sum_f32(const float* __restrict__ part, float* __restrict__ out,
+extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, float* __restrict__ out,
                                        int parts, int cols) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= cols) return;

@@ -128,8 +128,8 @@ void rows_case(size_t rows, int cols, bool center, bool affine) {
         if (center) rows_bwd<T, true>(g.data(), x.data(), wp, mean.data(), rstd.data(), dx.data(), pw.data(), pb.data(), rows, cols);
         else rows_bwd<T, false>(g.data(), x.data(), wp, nullptr, rstd.data(), dx.data(), pw.data(), pb.data(), rows, cols);
     });
-    emu_launch({(unsigned)((cols + 255) / 256)}, {256}, 0, [&] { col_sum_f32(pw.data(), dw.data(), parts, cols); });
-    emu_launch({(unsigned)((cols + 255) / 256)}, {256}, 0, [&] { col_sum_f32(pb.data(), db.data(), parts, cols); });
+    emu_launch({(unsigned)((cols + 255) / 256)}, {256}, 0, [&] { rows_col_sum_f32(pw.data(), dw.data(), parts, cols); });
+    emu_launch({(unsigned)((cols + 255) / 256)}, {256}, 0, [&] { rows_col_sum_f32(pb.data(), db.data(), parts, cols); });
     std::vector<double>* wr = affine ? &wd : nullptr;
     std::vector<double>* br = affine && center ? &bd : nullptr;
     Ref r = reference(xd, gd, wr, br, rows, cols, [&](size_t i) { return i / cols; },
@@ -193,29 +193,29 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
             rows_fwd<T, true>(x.data(), y.data(), w.data(), b.data(), mean.data(), rstd.data(), varu.data(), groups, cols, S, G, eps, cache);
         });
         if (G == C)
-            emu_launch(small(C), {256}, 0, [&] { running_update(rm.data(), rv.data(), mean.data(), varu.data(), N, C, 1, factor); });
+            emu_launch(small(C), {256}, 0, [&] { planes_running_update_f32(rm.data(), rv.data(), mean.data(), varu.data(), N, C, 1, factor); });
     } else if (!eval) {
         std::vector<float> part(N * C * chunks * 3, NAN), varu(groups);
         emu_launch(rgrid, rblock, 0, [&] { planes_reduce<T, StatAcc, false>(x.data(), nullptr, nullptr, part.data(), N, C, S, cl, chunks); });
-        emu_launch(small(groups), {256}, 0, [&] { plane_finalize(part.data(), mean.data(), rstd.data(), varu.data(), N, C, chunks, G, eps); });
+        emu_launch(small(groups), {256}, 0, [&] { planes_finalize_f32(part.data(), mean.data(), rstd.data(), varu.data(), N, C, chunks, G, eps); });
         if (G == 0 || G == C)
-            emu_launch(small(C), {256}, 0, [&] { running_update(rm.data(), rv.data(), mean.data(), varu.data(), N, C, G == C, factor); });
+            emu_launch(small(C), {256}, 0, [&] { planes_running_update_f32(rm.data(), rv.data(), mean.data(), varu.data(), N, C, G == C, factor); });
     } else {
-        emu_launch(small(C), {256}, 0, [&] { eval_stats(rm.data(), rv.data(), mean.data(), rstd.data(), C, eps); });
+        emu_launch(small(C), {256}, 0, [&] { planes_eval_stats_f32(rm.data(), rv.data(), mean.data(), rstd.data(), C, eps); });
     }
     std::vector<float> a(N * C), m(N * C), k(N * C), bc(N * C), kc(N * C), dw(C), db(C);
     const int PN = 16 / sizeof(T);
     dim3 agrid{(unsigned)std::max<size_t>(1, std::min<size_t>(SMS * 16, (numel / PN + 255) / 256))};
     if (!fused) {
-        emu_launch(small(N * C), {256}, 0, [&] { plane_coef(mean.data(), rstd.data(), w.data(), b.data(), a.data(), m.data(), k.data(), N, C, gcode); });
+        emu_launch(small(N * C), {256}, 0, [&] { planes_coef_f32(mean.data(), rstd.data(), w.data(), b.data(), a.data(), m.data(), k.data(), N, C, gcode); });
         emu_launch(agrid, {256}, 0, [&] { planes_apply<T, false>(x.data(), nullptr, y.data(), a.data(), nullptr, m.data(), k.data(), N, C, S, cl); });
     }
     // backward
-    emu_launch(small(N * C), {256}, 0, [&] { plane_coef(mean.data(), rstd.data(), w.data(), nullptr, a.data(), m.data(), k.data(), N, C, gcode); });
+    emu_launch(small(N * C), {256}, 0, [&] { planes_coef_f32(mean.data(), rstd.data(), w.data(), nullptr, a.data(), m.data(), k.data(), N, C, gcode); });
     std::vector<float> part2(N * C * chunks * 2, 0.f);
     emu_launch(rgrid, rblock, 0, [&] { planes_reduce<T, GradAcc, true>(x.data(), g.data(), m.data(), part2.data(), N, C, S, cl, chunks); });
-    emu_launch(small(groups), {256}, 0, [&] { grad_finalize(part2.data(), w.data(), rstd.data(), bc.data(), kc.data(), N, C, S, chunks, gcode, !eval); });
-    emu_launch(small(C), {256}, 0, [&] { grad_params(part2.data(), rstd.data(), dw.data(), db.data(), N, C, chunks, gcode); });
+    emu_launch(small(groups), {256}, 0, [&] { planes_grad_finalize_f32(part2.data(), w.data(), rstd.data(), bc.data(), kc.data(), N, C, S, chunks, gcode, !eval); });
+    emu_launch(small(C), {256}, 0, [&] { planes_grad_params_f32(part2.data(), rstd.data(), dw.data(), db.data(), N, C, chunks, gcode); });
     emu_launch(agrid, {256}, 0, [&] { planes_apply<T, true>(x.data(), g.data(), dx.data(), a.data(), bc.data(), m.data(), kc.data(), N, C, S, cl); });
 
     // Reference on logical data.

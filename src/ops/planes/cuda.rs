@@ -230,7 +230,7 @@ fn coef(
     let mut a = dev.alloc::<f32>(planes)?;
     let mut m = dev.alloc::<f32>(planes)?;
     let mut k = dev.alloc::<f32>(planes)?;
-    let f = dev.function("planes", "plane_coef")?;
+    let f = dev.function("planes", "planes_coef_f32")?;
     let (n_i, c_i, _, _) = s.kernel_args()?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(mean_g).arg(rstd_g);
@@ -242,7 +242,7 @@ fn coef(
         .arg(&n_i)
         .arg(&c_i)
         .arg(&g);
-    // SAFETY: matches planes.cu's plane_coef; statistics hold the group count (checked by callers).
+    // SAFETY: matches planes.cu's planes_coef_f32; statistics hold the group count (checked by callers).
     unsafe { b.launch(small_config(planes)?) }.map_err(launch_err)?;
     Ok([a, m, k])
 }
@@ -268,7 +268,7 @@ fn running_update(
     let (n_i, c_i, _, _) = s.kernel_args()?;
     // InstanceNorm (per-sample groups) averages its per-plane statistics over the batch.
     let per = matches!(groups, Grouping::Groups(_)) as i32;
-    let f = dev.function("planes", "running_update")?;
+    let f = dev.function("planes", "planes_running_update_f32")?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(rm)
         .arg(rv)
@@ -278,7 +278,7 @@ fn running_update(
         .arg(&c_i)
         .arg(&per)
         .arg(&factor);
-    // SAFETY: matches running_update; running buffers hold C floats, statistics the groups.
+    // SAFETY: matches planes_running_update_f32; running buffers hold C floats, statistics the groups.
     unsafe { b.launch(small_config(s.c)?) }.map_err(launch_err)?;
     Ok(())
 }
@@ -358,7 +358,7 @@ pub fn planes_forward<T: Element>(
             let chunks = reduce_chunks(dev, &s);
             let chunks_i = to_i32("chunks", chunks)?;
             let mut part = dev.alloc::<f32>(s.n * s.c * chunks * 3)?;
-            let f = dev.function("planes", &kernels::name::<T>("plane_stats"))?;
+            let f = dev.function("planes", &kernels::name::<T>("planes_stats"))?;
             let mut b = stream.launch_builder(&f);
             b.arg(x)
                 .arg(&mut part)
@@ -367,15 +367,15 @@ pub fn planes_forward<T: Element>(
                 .arg(&s_i)
                 .arg(&cl)
                 .arg(&chunks_i);
-            // SAFETY: matches plane_stats; part holds N·C·chunks·3 floats.
+            // SAFETY: matches planes_stats_*; part holds N·C·chunks·3 floats.
             unsafe { b.launch(reduce_config(&s, chunks)?) }.map_err(launch_err)?;
 
             let mut varu = dev.alloc::<f32>(ng)?;
-            let f = dev.function("planes", "plane_finalize")?;
+            let f = dev.function("planes", "planes_finalize_f32")?;
             let mut b = stream.launch_builder(&f);
             b.arg(&part).arg(&mut *mean).arg(&mut *rstd).arg(&mut varu);
             b.arg(&n_i).arg(&c_i).arg(&chunks_i).arg(&g_code).arg(&eps);
-            // SAFETY: matches plane_finalize; mean/rstd/varu hold the group count.
+            // SAFETY: matches planes_finalize_f32; mean/rstd/varu hold the group count.
             unsafe { b.launch(small_config(ng)?) }.map_err(launch_err)?;
 
             if let Some(r) = running {
@@ -387,7 +387,7 @@ pub fn planes_forward<T: Element>(
             check_len("running_var", rv.len(), s.c)?;
             check_len("mean", mean.len(), s.c)?;
             check_len("rstd", rstd.len(), s.c)?;
-            let f = dev.function("planes", "eval_stats")?;
+            let f = dev.function("planes", "planes_eval_stats_f32")?;
             let mut b = stream.launch_builder(&f);
             b.arg(rm)
                 .arg(rv)
@@ -395,7 +395,7 @@ pub fn planes_forward<T: Element>(
                 .arg(&mut *rstd)
                 .arg(&c_i)
                 .arg(&eps);
-            // SAFETY: matches eval_stats; all four buffers hold C floats.
+            // SAFETY: matches planes_eval_stats_f32; all four buffers hold C floats.
             unsafe { b.launch(small_config(s.c)?) }.map_err(launch_err)?;
             if numel == 0 {
                 return Ok(());
@@ -411,7 +411,7 @@ pub fn planes_forward<T: Element>(
         weight,
         bias,
     )?;
-    let f = dev.function("planes", &kernels::name::<T>("plane_apply"))?;
+    let f = dev.function("planes", &kernels::name::<T>("planes_apply"))?;
     let mut b = stream.launch_builder(&f);
     b.arg(x)
         .arg(y)
@@ -422,7 +422,7 @@ pub fn planes_forward<T: Element>(
         .arg(&c_i)
         .arg(&s_i)
         .arg(&cl);
-    // SAFETY: matches plane_apply; coefficient buffers hold N·C floats.
+    // SAFETY: matches planes_apply_*; coefficient buffers hold N·C floats.
     unsafe { b.launch(apply_config::<T>(dev, numel)?) }.map_err(launch_err)?;
     Ok(())
 }
@@ -469,7 +469,7 @@ pub fn planes_backward<T: Element>(
     let [a, m, _] = coef(dev, &s, g_code, mean, rstd, weight, None)?;
     let mut part = dev.zeros::<f32>(s.n * s.c * chunks * 2)?;
     if numel > 0 {
-        let f = dev.function("planes", &kernels::name::<T>("plane_grad_sums"))?;
+        let f = dev.function("planes", &kernels::name::<T>("planes_grad_sums"))?;
         let mut b = stream.launch_builder(&f);
         b.arg(dy)
             .arg(x)
@@ -480,14 +480,14 @@ pub fn planes_backward<T: Element>(
             .arg(&s_i)
             .arg(&cl)
             .arg(&chunks_i);
-        // SAFETY: matches plane_grad_sums; part holds N·C·chunks·2 floats.
+        // SAFETY: matches planes_grad_sums_*; part holds N·C·chunks·2 floats.
         unsafe { b.launch(reduce_config(&s, chunks)?) }.map_err(launch_err)?;
     }
     let planes = s.n * s.c;
     let mut bc = dev.alloc::<f32>(planes)?;
     let mut kc = dev.alloc::<f32>(planes)?;
     let fi = from_input as i32;
-    let f = dev.function("planes", "grad_finalize")?;
+    let f = dev.function("planes", "planes_grad_finalize_f32")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&part);
     arg_or_null(&mut b, weight);
@@ -500,10 +500,10 @@ pub fn planes_backward<T: Element>(
         .arg(&chunks_i)
         .arg(&g_code)
         .arg(&fi);
-    // SAFETY: matches grad_finalize; coefficient buffers hold N·C floats.
+    // SAFETY: matches planes_grad_finalize_f32; coefficient buffers hold N·C floats.
     unsafe { b.launch(small_config(ng)?) }.map_err(launch_err)?;
 
-    let f = dev.function("planes", "grad_params")?;
+    let f = dev.function("planes", "planes_grad_params_f32")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&part)
         .arg(rstd)
@@ -513,11 +513,11 @@ pub fn planes_backward<T: Element>(
         .arg(&c_i)
         .arg(&chunks_i)
         .arg(&g_code);
-    // SAFETY: matches grad_params; dweight/dbias hold C floats.
+    // SAFETY: matches planes_grad_params_f32; dweight/dbias hold C floats.
     unsafe { b.launch(small_config(s.c)?) }.map_err(launch_err)?;
 
     if numel > 0 {
-        let f = dev.function("planes", &kernels::name::<T>("plane_grad_apply"))?;
+        let f = dev.function("planes", &kernels::name::<T>("planes_grad_apply"))?;
         let mut b = stream.launch_builder(&f);
         b.arg(dy)
             .arg(x)
@@ -530,7 +530,7 @@ pub fn planes_backward<T: Element>(
             .arg(&c_i)
             .arg(&s_i)
             .arg(&cl);
-        // SAFETY: matches plane_grad_apply; all per-plane buffers hold N·C floats.
+        // SAFETY: matches planes_grad_apply_*; all per-plane buffers hold N·C floats.
         unsafe { b.launch(apply_config::<T>(dev, numel)?) }.map_err(launch_err)?;
     }
     Ok(())

@@ -400,7 +400,7 @@ fn col_sum(
     cols: i32,
     out: &mut CudaViewMut<f32>,
 ) -> Result<()> {
-    let f = dev.function("rows", "col_sum_f32")?;
+    let f = dev.function("rows", "rows_col_sum_f32")?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(part).arg(out).arg(&parts).arg(&cols);
     let cfg = LaunchConfig {
