@@ -56,6 +56,7 @@ template <typename T> __device__ __forceinline__ bool aligned16(const T* p) {
 struct Welford {
     float n, mean, m2;
     static const int WIDTH = 3;  // floats, for warp_merge's shuffles
+    __device__ __forceinline__ void init() { n = 0.f; mean = 0.f; m2 = 0.f; }
     __device__ __forceinline__ void merge(const Welford& o);
 };
 
@@ -118,17 +119,26 @@ __device__ __forceinline__ float warp_reduce_sum(float v) {
     return v;
 }
 
-// Block-wide merge; every thread gets the result. blockDim.x is a multiple of 32, <= 1024.
-// `scratch` holds 32 entries. Synchronizes the block.
-__device__ __forceinline__ Welford block_reduce_welford(Welford w, Welford* scratch) {
+// Block-wide merge of any accumulator (as warp_merge; `init()` makes an empty one): warps merge
+// by butterfly, then warp 0's lanes merge the warps' results the same way; every thread gets the
+// result. blockDim.x is a multiple of 32, <= 1024. `scratch` holds 32 entries. Synchronizes.
+template <typename Acc>
+__device__ __forceinline__ Acc block_merge(Acc a, Acc* scratch) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    w = warp_merge(w);
+    a = warp_merge(a);
     __syncthreads();  // scratch may still be read from a previous call
-    if (lane == 0) scratch[warp] = w;
+    if (lane == 0) scratch[warp] = a;
     __syncthreads();
-    w = lane < warps ? scratch[lane] : welford_empty();
-    w = warp_merge(w);
-    return w;
+    if (lane < warps) {
+        a = scratch[lane];
+    } else {
+        a.init();
+    }
+    return warp_merge(a);
+}
+
+__device__ __forceinline__ Welford block_reduce_welford(Welford w, Welford* scratch) {
+    return block_merge(w, scratch);
 }
 
 __device__ __forceinline__ float block_reduce_sum(float v, float* scratch) {

@@ -85,15 +85,8 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
             for (i64 s = s0 + threadIdx.x; s < s1; s += blockDim.x)
                 acc.add(to_float(xp[s]), GRAD ? to_float(gp[s]) : 0.f);
         }
-        acc = warp_merge(acc);
-        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-        if (lane == 0) scratch[warp] = acc;
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            Acc t = scratch[0];
-            for (int i = 1; i < (int)(blockDim.x >> 5); ++i) t.merge(scratch[i]);
-            t.store(part + (plane * chunks + k) * Acc::WIDTH);
-        }
+        acc = block_merge(acc, scratch);
+        if (threadIdx.x == 0) acc.store(part + (plane * chunks + k) * Acc::WIDTH);
     } else {
         __shared__ Acc tile[8][32];
         const i64 n = blockIdx.x / chunks;
