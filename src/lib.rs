@@ -23,7 +23,7 @@
 //! assert_eq!(bn.num_batches_tracked(), Some(1));
 //!
 //! // Backward from an upstream gradient.
-//! let dy = Tensor::full(&[2, 4, 2, 2], 1.0f32);
+//! let dy = Tensor::<f32>::randn(&[2, 4, 2, 2], 1)?;
 //! let grads = bn.backward(&dy, &x, &out.stats)?;
 //! assert_eq!(grads.dx.shape(), &[2, 4, 2, 2]);
 //!

@@ -99,7 +99,7 @@ impl<T: Element> Tensor<T> {
         shape: &[usize],
         format: MemoryFormat,
     ) -> Result<Self> {
-        let numel: usize = shape.iter().product();
+        let numel = checked_numel(shape)?;
         if data.len() != numel {
             return Err(Error::Shape(format!(
                 "shape {} needs {numel} elements but the data has {}; pass a shape whose product \
@@ -116,18 +116,22 @@ impl<T: Element> Tensor<T> {
         })
     }
 
-    /// A CPU tensor of the given shape filled with `value`.
-    pub fn full(shape: &[usize], value: T) -> Self {
-        let numel = shape.iter().product();
-        Tensor {
+    /// A CPU tensor of the given shape filled with `value`. An `Err` (never an abort) when the
+    /// element count overflows or the memory cannot be had.
+    pub fn full(shape: &[usize], value: T) -> Result<Self> {
+        let numel = checked_numel(shape)?;
+        let mut data = Vec::new();
+        data.try_reserve_exact(numel).map_err(|_| too_big(shape))?;
+        data.resize(numel, value);
+        Ok(Tensor {
             shape: shape.to_vec(),
             format: MemoryFormat::Contiguous,
-            storage: Storage::Cpu(vec![value; numel]),
-        }
+            storage: Storage::Cpu(data),
+        })
     }
 
-    /// A CPU tensor of zeros.
-    pub fn zeros(shape: &[usize]) -> Self {
+    /// A CPU tensor of zeros (see [`Tensor::full`]).
+    pub fn zeros(shape: &[usize]) -> Result<Self> {
         Self::full(shape, T::from_f32(0.0))
     }
 
@@ -292,7 +296,7 @@ impl<T: Element> Tensor<T> {
 
     /// Reinterprets the shape (same number of elements, contiguous only).
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor<T>> {
-        let numel: usize = shape.iter().product();
+        let numel = checked_numel(shape)?;
         if numel != self.numel() || self.format != MemoryFormat::Contiguous {
             return Err(Error::Shape(format!(
                 "cannot reshape a {} tensor of size {} to {}; the element counts must match and \
@@ -369,15 +373,11 @@ impl<T: Element> Tensor<T> {
         }
     }
 
-    /// Sets every element to `value` (on the tensor's device).
-    pub(crate) fn fill(&mut self, value: T) {
-        let device = self.device();
-        let filled = Tensor::full(&self.shape, value);
-        *self = match device {
-            Device::Cpu => filled,
-            // A failed upload keeps the old values; the CPU copy is never partial.
-            d => filled.to_device(&d).unwrap_or_else(|_| self.clone()),
-        };
+    /// Sets every element to `value` (on the tensor's device); on an `Err` the tensor is
+    /// unchanged.
+    pub(crate) fn fill(&mut self, value: T) -> Result<()> {
+        *self = Tensor::full(&self.shape, value)?.to_device(&self.device())?;
+        Ok(())
     }
 }
 
@@ -389,9 +389,9 @@ pub(crate) fn checked_numel(shape: &[usize]) -> Result<usize> {
         .ok_or_else(|| too_big(shape))
 }
 
-fn too_big(shape: &[usize]) -> Error {
+pub(crate) fn too_big(shape: &[usize]) -> Error {
     Error::Shape(format!(
-        "a tensor of size {} has more elements than this machine can hold; use a smaller shape",
+        "a tensor of size {} needs more memory than this machine can give; use a smaller shape",
         fmt_shape(shape)
     ))
 }

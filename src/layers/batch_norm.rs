@@ -103,7 +103,7 @@ impl<const D: usize> BatchNorm<D> {
             config.affine,
             config.affine,
             config.track_running_stats,
-        );
+        )?;
         Ok(BatchNorm { config, state })
     }
 
@@ -114,6 +114,15 @@ impl<const D: usize> BatchNorm<D> {
 
     state_accessors!();
     running_accessors!();
+
+    /// Parameters and running statistics have num_features entries; without either, any
+    /// channel count works (as in PyTorch).
+    fn check_channels<T: Element>(&self, x: &Tensor<T>) -> Result<()> {
+        if self.config.affine || self.config.track_running_stats {
+            self.state.check_channels(x, 1, self.config.num_features)?;
+        }
+        Ok(())
+    }
 
     fn check_dim(&self, rank: usize) -> Result<()> {
         let ok = match D {
@@ -139,6 +148,7 @@ impl<const D: usize> BatchNorm<D> {
     /// A failed call changes no state.
     pub fn forward_with_stats<T: Element>(&mut self, x: &Tensor<T>) -> Result<NormOutput<T>> {
         self.check_dim(x.rank())?;
+        self.check_channels(x)?;
         let training = self.state.training;
         let momentum = self.config.momentum;
         let (eps, state) = (self.config.eps, &mut self.state);
@@ -185,6 +195,7 @@ impl<const D: usize> BatchNorm<D> {
         stats: &SavedStats,
     ) -> Result<Gradients<T>> {
         self.check_dim(x.rank())?;
+        self.check_channels(x)?;
         batch_norm_backward(dy, x, self.state.weight.as_ref(), stats)
     }
 }

@@ -70,7 +70,7 @@ impl GroupNorm {
             config.affine,
             config.affine,
             false,
-        );
+        )?;
         Ok(GroupNorm { config, state })
     }
 
@@ -83,6 +83,9 @@ impl GroupNorm {
 
     /// The forward pass: output and the statistics for [`GroupNorm::backward`].
     pub fn forward_with_stats<T: Element>(&self, x: &Tensor<T>) -> Result<NormOutput<T>> {
+        if self.config.affine {
+            self.state.check_channels(x, 1, self.config.num_channels)?;
+        }
         group_norm(
             x,
             self.config.num_groups,
@@ -104,6 +107,9 @@ impl GroupNorm {
         x: &Tensor<T>,
         stats: &SavedStats,
     ) -> Result<Gradients<T>> {
+        if self.config.affine {
+            self.state.check_channels(x, 1, self.config.num_channels)?;
+        }
         group_norm_backward(
             dy,
             x,

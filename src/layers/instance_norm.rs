@@ -88,7 +88,7 @@ impl<const D: usize> InstanceNorm<D> {
             config.affine,
             config.affine,
             config.track_running_stats,
-        );
+        )?;
         Ok(InstanceNorm { config, state })
     }
 
@@ -120,13 +120,11 @@ impl<const D: usize> InstanceNorm<D> {
         } else {
             (x.clone(), false)
         };
-        let c = xb.shape()[1];
-        if self.config.affine && c != self.config.num_features {
-            return Err(Error::Shape(format!(
-                "expected input's size at dim={} to match num_features ({}), but got: {c}.",
-                x.rank() - D - 1,
-                self.config.num_features
-            )));
+        // Parameters and running statistics have num_features entries; without either, any
+        // channel count works (as in PyTorch).
+        if self.config.affine || self.config.track_running_stats {
+            self.state
+                .check_channels(x, x.rank() - D - 1, self.config.num_features)?;
         }
         Ok((xb, unbatched))
     }
@@ -173,6 +171,7 @@ impl<const D: usize> InstanceNorm<D> {
         x: &Tensor<T>,
         stats: &SavedStats,
     ) -> Result<Gradients<T>> {
+        crate::ops::check_grad(&self.state.name, dy, x)?;
         let (xb, unbatched) = self.batched(x)?;
         let dyb = if unbatched {
             dy.to_format(MemoryFormat::Contiguous)?

@@ -76,7 +76,7 @@ impl LayerNorm {
             affine,
             affine && config.bias,
             false,
-        );
+        )?;
         Ok(LayerNorm { config, state })
     }
 

@@ -106,11 +106,12 @@ pub trait Module {
     /// `strict=True`); tensors are moved to the module's device. On an `Err` nothing changes.
     fn load_state_dict(&mut self, state: &StateDict) -> Result<()>;
 
-    /// Running mean 0, running variance 1, `num_batches_tracked` 0 (when tracked).
-    fn reset_running_stats(&mut self);
+    /// Running mean 0, running variance 1, `num_batches_tracked` 0 (when tracked). An `Err`
+    /// only when a device copy fails.
+    fn reset_running_stats(&mut self) -> Result<()>;
 
     /// Weight 1 and bias 0 (when present), and the running statistics reset.
-    fn reset_parameters(&mut self);
+    fn reset_parameters(&mut self) -> Result<()>;
 
     /// Moves parameters and running statistics to `device`.
     fn to_device(&mut self, device: &Device) -> Result<()>;
@@ -149,21 +150,36 @@ pub(crate) struct RunningStats {
 }
 
 impl State {
-    /// Weight 1 and bias 0 of `shape` when asked for, running statistics of `[shape[0]]` when
-    /// tracked, training mode.
-    pub fn new(name: String, shape: &[usize], weight: bool, bias: bool, track: bool) -> Self {
-        let c: usize = shape.iter().product();
-        State {
-            name,
-            weight: weight.then(|| Tensor::full(shape, 1.0)),
-            bias: bias.then(|| Tensor::full(shape, 0.0)),
-            running: track.then(|| RunningStats {
-                mean: Tensor::full(&[c], 0.0),
-                var: Tensor::full(&[c], 1.0),
+    /// Weight 1 and bias 0 of `shape` when asked for, running statistics of `[∏shape]` when
+    /// tracked, training mode. An `Err` (never an abort) when the memory cannot be had.
+    pub fn new(
+        name: String,
+        shape: &[usize],
+        weight: bool,
+        bias: bool,
+        track: bool,
+    ) -> Result<Self> {
+        let fill = |on: bool, shape: &[usize], v: f32| -> Result<Option<Tensor<f32>>> {
+            on.then(|| Tensor::full(shape, v)).transpose().map_err(|e| {
+                Error::InvalidArgument(format!("{name}: cannot allocate its parameters: {e}"))
+            })
+        };
+        let c = crate::tensor::checked_numel(shape)?;
+        let running = match (fill(track, &[c], 0.0)?, fill(track, &[c], 1.0)?) {
+            (Some(mean), Some(var)) => Some(RunningStats {
+                mean,
+                var,
                 num_batches_tracked: 0,
             }),
+            _ => None,
+        };
+        Ok(State {
+            weight: fill(weight, shape, 1.0)?,
+            bias: fill(bias, shape, 0.0)?,
+            running,
             training: true,
-        }
+            name,
+        })
     }
 
     pub fn running_mean(&self) -> Option<&Tensor<f32>> {
@@ -229,6 +245,21 @@ impl State {
                 "{}: num_batches_tracked exists only with track_running_stats=true",
                 self.name
             ))),
+        }
+    }
+
+    /// `Err` unless input `x` (rank ≥ 2) has `c` channels in dimension `dim`: the module was
+    /// built for `c` (`num_features` / `num_channels`), not for whatever the input brings.
+    pub fn check_channels<T: Element>(&self, x: &Tensor<T>, dim: usize, c: usize) -> Result<()> {
+        match x.shape().get(dim) {
+            Some(&got) if got != c => Err(Error::Shape(format!(
+                "{}: expected input's size at dim={dim} to match num_features ({c}), but got: \
+                 {got}. (input of size {}: the module was built for {c} channels; build it for \
+                 {got} or fix the input)",
+                self.name,
+                fmt_shape(x.shape())
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -338,22 +369,24 @@ impl Module for State {
         Ok(())
     }
 
-    fn reset_running_stats(&mut self) {
+    fn reset_running_stats(&mut self) -> Result<()> {
         if let Some(r) = &mut self.running {
-            r.mean.fill(0.0);
-            r.var.fill(1.0);
+            r.mean.fill(0.0)?;
+            r.var.fill(1.0)?;
             r.num_batches_tracked = 0;
         }
+        Ok(())
     }
 
-    fn reset_parameters(&mut self) {
-        self.reset_running_stats();
+    fn reset_parameters(&mut self) -> Result<()> {
+        self.reset_running_stats()?;
         if let Some(w) = &mut self.weight {
-            w.fill(1.0);
+            w.fill(1.0)?;
         }
         if let Some(b) = &mut self.bias {
-            b.fill(0.0);
+            b.fill(0.0)?;
         }
+        Ok(())
     }
 
     fn to_device(&mut self, device: &Device) -> Result<()> {
@@ -396,10 +429,10 @@ macro_rules! module_via_state {
             fn load_state_dict(&mut self, state: &$crate::layers::StateDict) -> Result<()> {
                 self.state.load_state_dict(state)
             }
-            fn reset_running_stats(&mut self) {
+            fn reset_running_stats(&mut self) -> Result<()> {
                 self.state.reset_running_stats()
             }
-            fn reset_parameters(&mut self) {
+            fn reset_parameters(&mut self) -> Result<()> {
                 self.state.reset_parameters()
             }
             fn to_device(&mut self, device: &Device) -> Result<()> {

@@ -70,7 +70,7 @@ impl RMSNorm {
             affine,
             false,
             false,
-        );
+        )?;
         Ok(RMSNorm { config, state })
     }
 

@@ -2,8 +2,8 @@
 
 use super::planes::{self, Grouping, Running, Source};
 use super::{
-    check_eps, check_grad, check_momentum, check_stats, check_vec, Gradients, NormOutput,
-    SavedStats,
+    check_eps, check_grad, check_momentum, check_stats, check_vec, empty_grads, Gradients,
+    NormOutput, SavedStats,
 };
 use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
@@ -116,6 +116,9 @@ pub fn batch_norm_backward<T: Element>(
     if let Some(t) = weight {
         check_vec(OP, "weight", t, c, &x.device())?;
     }
-    check_stats(OP, stats, c, &x.device())?;
+    if x.numel() == 0 {
+        return empty_grads(x, &[c], weight.is_some(), weight.is_some());
+    }
+    check_stats(OP, stats, c, &x.device(), true)?;
     planes::backward(dy, x, Grouping::Channel, weight, weight.is_some(), stats)
 }

@@ -2,8 +2,8 @@
 
 use super::planes::{self, Grouping, PlaneShape, Running, Source};
 use super::{
-    check_eps, check_grad, check_momentum, check_stats, check_vec, Gradients, NormOutput,
-    SavedStats,
+    check_eps, check_grad, check_momentum, check_stats, check_vec, empty_grads, Gradients,
+    NormOutput, SavedStats,
 };
 use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
@@ -112,8 +112,11 @@ pub fn instance_norm_backward<T: Element>(
     if let Some(t) = weight {
         check_vec(OP, "weight", t, d.c, &x.device())?;
     }
+    if x.numel() == 0 {
+        return empty_grads(x, &[d.c], weight.is_some(), weight.is_some());
+    }
     let groups = if stats.from_input { d.n * d.c } else { d.c };
-    check_stats(OP, stats, groups, &x.device())?;
+    check_stats(OP, stats, groups, &x.device(), true)?;
     planes::backward(
         dy,
         x,

@@ -1,9 +1,9 @@
 //! `layer_norm` / `layer_norm_backward` (PyTorch's `F.layer_norm`).
 
 use super::rows::{self, check_param, rows_cols};
-use super::{check_eps, check_grad, check_stats, Gradients, NormOutput, SavedStats};
+use super::{check_eps, check_grad, check_stats, empty_grads, Gradients, NormOutput, SavedStats};
 use crate::dtype::Element;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::tensor::Tensor;
 
 const OP: &str = "layer_norm";
@@ -46,19 +46,9 @@ pub fn layer_norm_backward<T: Element>(
     if let Some(t) = weight {
         check_param(OP, "weight", t, normalized_shape, &dev)?;
     }
-    check_stats(OP, stats, nrows, &dev)?;
-    let Some(mean) = &stats.mean else {
-        return Err(Error::InvalidArgument(format!(
-            "{OP} backward: the saved statistics carry no mean; pass the stats returned by layer_norm"
-        )));
-    };
-    rows::backward(
-        dy,
-        x,
-        normalized_shape,
-        weight,
-        has_bias,
-        Some(mean),
-        &stats.rstd,
-    )
+    if x.numel() == 0 {
+        return empty_grads(x, normalized_shape, weight.is_some(), has_bias);
+    }
+    let mean = check_stats(OP, stats, nrows, &dev, true)?;
+    rows::backward(dy, x, normalized_shape, weight, has_bias, mean, &stats.rstd)
 }

@@ -94,11 +94,18 @@ pub(crate) fn check_momentum(op: &str, momentum: f64) -> Result<()> {
 
 /// Checks a per-channel parameter or running statistic: `{name} should contain {c} elements not {n}`.
 pub(crate) fn check_vec(op: &str, name: &str, t: &Tensor<f32>, c: usize, x: &Device) -> Result<()> {
-    if t.rank() != 1 || t.numel() != c {
+    if t.numel() != c {
         return Err(Error::Shape(format!(
             "{op}: {name} should contain {c} elements not {} (its size is {}); give it shape [{c}], \
              one entry per channel of the input",
             t.numel(),
+            fmt_shape(t.shape())
+        )));
+    }
+    if t.rank() != 1 {
+        return Err(Error::Shape(format!(
+            "{op}: {name} must be 1-D of size [{c}], one entry per channel of the input, but its \
+             size is {}; reshape it to [{c}]",
             fmt_shape(t.shape())
         )));
     }
@@ -133,8 +140,21 @@ pub(crate) fn check_grad<T: Element>(op: &str, dy: &Tensor<T>, x: &Tensor<T>) ->
     check_same_device(op, "grad_output", &dy.device(), &x.device())
 }
 
-/// Checks saved statistics have `groups` entries each.
-pub(crate) fn check_stats(op: &str, stats: &SavedStats, groups: usize, x: &Device) -> Result<()> {
+/// Checks saved statistics: `groups` entries each, on the input's device, with a mean when the op
+/// needs one (every op but RMSNorm). Returns the mean.
+pub(crate) fn check_stats<'a>(
+    op: &str,
+    stats: &'a SavedStats,
+    groups: usize,
+    x: &Device,
+    need_mean: bool,
+) -> Result<Option<&'a Tensor<f32>>> {
+    let fix = format!("pass the stats returned by the {op} forward call on this input");
+    if need_mean && stats.mean.is_none() {
+        return Err(Error::InvalidArgument(format!(
+            "{op} backward: the saved statistics carry no mean (RMSNorm's have none); {fix}"
+        )));
+    }
     let mut parts = vec![("rstd", &stats.rstd)];
     if let Some(m) = &stats.mean {
         parts.push(("mean", m));
@@ -142,14 +162,33 @@ pub(crate) fn check_stats(op: &str, stats: &SavedStats, groups: usize, x: &Devic
     for (name, t) in parts {
         if t.numel() != groups {
             return Err(Error::Shape(format!(
-                "{op} backward: saved {name} has {} entries but this input needs {groups}; pass the \
-                 stats returned by the forward call on this input",
+                "{op} backward: saved {name} has {} entries but this input needs {groups}; {fix}",
                 t.numel()
             )));
         }
         check_same_device(op, name, &t.device(), x)?;
     }
-    Ok(())
+    Ok(stats.mean.as_ref())
+}
+
+/// The gradients of an empty input, as PyTorch gives them: an empty `dx` and zero parameter
+/// gradients of `param_shape` (for the parameters the op has).
+pub(crate) fn empty_grads<T: Element>(
+    x: &Tensor<T>,
+    param_shape: &[usize],
+    weight: bool,
+    bias: bool,
+) -> Result<Gradients<T>> {
+    let dev = x.device();
+    let zeros = |on: bool| -> Result<Option<Tensor<f32>>> {
+        on.then(|| Tensor::zeros(param_shape)?.to_device(&dev))
+            .transpose()
+    };
+    Ok(Gradients {
+        dx: Tensor::from_vec_with_format(Vec::new(), x.shape(), x.format())?.to_device(&dev)?,
+        dweight: zeros(weight)?,
+        dbias: zeros(bias)?,
+    })
 }
 
 pub(crate) fn f32_tensor(v: Vec<f32>, device: &Device) -> Result<Tensor<f32>> {

@@ -1,7 +1,7 @@
 //! `rms_norm` / `rms_norm_backward` (PyTorch's `F.rms_norm`).
 
 use super::rows::{self, check_param, rows_cols};
-use super::{check_eps, check_grad, check_stats, Gradients, NormOutput, SavedStats};
+use super::{check_eps, check_grad, check_stats, empty_grads, Gradients, NormOutput, SavedStats};
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -47,6 +47,9 @@ pub fn rms_norm_backward<T: Element>(
     if let Some(t) = weight {
         check_param(OP, "weight", t, normalized_shape, &dev)?;
     }
-    check_stats(OP, stats, nrows, &dev)?;
+    if x.numel() == 0 {
+        return empty_grads(x, normalized_shape, weight.is_some(), false);
+    }
+    check_stats(OP, stats, nrows, &dev, false)?;
     rows::backward(dy, x, normalized_shape, weight, false, None, &stats.rstd)
 }

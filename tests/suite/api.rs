@@ -140,11 +140,11 @@ fn load_state_dict_errors_change_nothing() {
     let mut bad = before.clone();
     bad.insert(
         "bias".into(),
-        StateEntry::Tensor(Tensor::full(&[3], 9.0f32)),
+        StateEntry::Tensor(Tensor::full(&[3], 9.0f32).unwrap()),
     );
     bad.insert(
         "weight".into(),
-        StateEntry::Tensor(Tensor::full(&[4], 1.0f32)),
+        StateEntry::Tensor(Tensor::full(&[4], 1.0f32).unwrap()),
     );
     let e = bn.load_state_dict(&bad).unwrap_err().to_string();
     assert!(
@@ -165,12 +165,12 @@ fn resets_restore_the_initial_state() {
     let x = Tensor::<f32>::randn(&[8, 4], 3).unwrap();
     bn.forward(&x).unwrap();
     bn.weight_mut().unwrap().as_mut_slice().unwrap()[0] = 3.0;
-    bn.reset_running_stats();
+    bn.reset_running_stats().unwrap();
     assert_eq!(bn.num_batches_tracked(), Some(0));
     assert_eq!(bn.running_mean().unwrap().to_vec().unwrap(), vec![0.0; 4]);
     assert_eq!(bn.running_var().unwrap().to_vec().unwrap(), vec![1.0; 4]);
     assert_eq!(bn.weight().unwrap().to_vec().unwrap()[0], 3.0);
-    bn.reset_parameters();
+    bn.reset_parameters().unwrap();
     assert_eq!(format!("{:?}", bn.state_dict()), fresh);
 }
 

@@ -53,7 +53,10 @@ fn cuda_matches_cpu_everywhere() {
 fn cuda_empty_and_errors() {
     let Some(dev) = device_or_skip() else { return };
     let d = Device::Cuda(dev);
-    let x = Tensor::<f32>::zeros(&[0, 4, 3]).to_device(&d).unwrap();
+    let x = Tensor::<f32>::zeros(&[0, 4, 3])
+        .unwrap()
+        .to_device(&d)
+        .unwrap();
     assert_eq!(
         F::group_norm(&x, 2, None, None, 1e-5)
             .unwrap()
@@ -61,7 +64,10 @@ fn cuda_empty_and_errors() {
             .numel(),
         0
     );
-    let x = Tensor::<f32>::zeros(&[0, 8]).to_device(&d).unwrap();
+    let x = Tensor::<f32>::zeros(&[0, 8])
+        .unwrap()
+        .to_device(&d)
+        .unwrap();
     assert_eq!(
         F::layer_norm(&x, &[8], None, None, 1e-5)
             .unwrap()
@@ -70,8 +76,11 @@ fn cuda_empty_and_errors() {
         0
     );
     // A CPU weight with a CUDA input is a clean error.
-    let x = Tensor::<f32>::zeros(&[2, 4, 3]).to_device(&d).unwrap();
-    let w = Tensor::full(&[4], 1.0f32);
+    let x = Tensor::<f32>::zeros(&[2, 4, 3])
+        .unwrap()
+        .to_device(&d)
+        .unwrap();
+    let w = Tensor::full(&[4], 1.0f32).unwrap();
     assert!(F::group_norm(&x, 2, Some(&w), None, 1e-5).is_err());
 }
 

@@ -65,14 +65,22 @@ fn batch_norm_channel_mismatch() {
     let mut bn = BatchNorm2d::new(3).unwrap();
     expect_err(
         bn.forward(&t(&[2, 4, 2, 2])),
-        "running_mean should contain 4 elements not 3",
+        "BatchNorm2d: expected input's size at dim=1 to match num_features (3), but got: 4.",
     );
     let mut bn =
         BatchNorm2d::from_config(BatchNormConfig::new(3).with_track_running_stats(false)).unwrap();
     expect_err(
         bn.forward(&t(&[2, 4, 2, 2])),
-        "weight should contain 4 elements not 3",
+        "BatchNorm2d: expected input's size at dim=1 to match num_features (3), but got: 4.",
     );
+    // Without parameters or running statistics any channel count works, as in PyTorch.
+    let mut bare = BatchNorm2d::from_config(
+        BatchNormConfig::new(3)
+            .with_affine(false)
+            .with_track_running_stats(false),
+    )
+    .unwrap();
+    bare.forward(&t(&[2, 4, 2, 2])).unwrap();
     let w = Tensor::from_slice(&[1.0; 5], &[5]).unwrap();
     expect_err(
         F::batch_norm(&t(&[2, 4, 3]), None, None, None, Some(&w), true, 0.1, 1e-5),
@@ -132,7 +140,7 @@ fn instance_norm_errors() {
             .unwrap();
     expect_err(
         tracked.forward(&t(&[2, 5, 3, 3])),
-        "running_mean should contain 5 elements not 3",
+        "InstanceNorm2d: expected input's size at dim=1 to match num_features (3), but got: 5.",
     );
     // In eval mode with running statistics, a single spatial element is fine.
     tracked.eval();
@@ -195,7 +203,7 @@ fn group_norm_errors() {
     );
     expect_err(
         GroupNorm::new(2, 4).unwrap().forward(&t(&[2, 6, 3])),
-        "weight should contain 6 elements not 4",
+        "GroupNorm: expected input's size at dim=1 to match num_features (4), but got: 6.",
     );
 }
 

@@ -209,10 +209,10 @@ fn bench_case<T: Element>(
     } else {
         c
     };
-    let w = Tensor::full(&[pc], 1.0f32).to_device(&d)?;
-    let b = Tensor::full(&[pc], 0.0f32).to_device(&d)?;
-    let mut rm = Tensor::full(&[c], 0.0f32).to_device(&d)?;
-    let mut rv = Tensor::full(&[c], 1.0f32).to_device(&d)?;
+    let w = Tensor::full(&[pc], 1.0f32)?.to_device(&d)?;
+    let b = Tensor::full(&[pc], 0.0f32)?.to_device(&d)?;
+    let mut rm = Tensor::full(&[c], 0.0f32)?.to_device(&d)?;
+    let mut rv = Tensor::full(&[c], 1.0f32)?.to_device(&d)?;
     let numel: usize = shape.iter().product();
     let bytes = (numel * T::DTYPE.size()) as f64;
     let mut push = |stage: &'static str, ms: f64, moved: f64| {

@@ -20,6 +20,13 @@ pub(crate) fn rows_cols<T: Element>(
     normalized_shape: &[usize],
 ) -> Result<(usize, usize)> {
     let k = normalized_shape.len();
+    if k == 0 {
+        return Err(Error::InvalidArgument(
+            "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least \
+             one element, but got normalized_shape = []; pass the trailing sizes to normalize over"
+                .into(),
+        ));
+    }
     let shape = x.shape();
     if shape.len() < k || shape[shape.len() - k..] != *normalized_shape {
         let star: Vec<String> = normalized_shape.iter().map(|v| v.to_string()).collect();

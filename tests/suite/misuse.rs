@@ -1,0 +1,268 @@
+//! Misuse and edge inputs (issue "Never a panic, never a wrong answer"): each case is a repro of
+//! a panic, an abort or a misleading result found by trying the crate as a user would, with the
+//! exact outcome asserted. Every call runs under `catch_unwind` so a panic fails the case with
+//! its name instead of taking the suite down.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use cunorm::functional as F;
+use cunorm::*;
+
+/// Runs `f`, failing the test (not aborting it) if it panics.
+#[track_caller]
+fn no_panic<R>(what: &str, f: impl FnOnce() -> R) -> R {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(_) => panic!("{what}: panicked"),
+    }
+}
+
+/// Asserts an `Err` whose message contains every one of `needles`.
+#[track_caller]
+fn err_with<T: std::fmt::Debug>(what: &str, r: Result<T>, needles: &[&str]) {
+    match r {
+        Ok(v) => panic!("{what}: expected an Err, got Ok({v:?})"),
+        Err(e) => {
+            let msg = e.to_string();
+            for n in needles {
+                assert!(msg.contains(n), "{what}: {msg:?} does not contain {n:?}");
+            }
+        }
+    }
+}
+
+fn x(shape: &[usize]) -> Tensor<f32> {
+    Tensor::randn(shape, 17).unwrap()
+}
+
+#[test]
+fn saved_statistics_of_another_op_are_an_err() {
+    let x4 = x(&[2, 4, 3]);
+    let dy = x(&[2, 4, 3]);
+    // RMSNorm's statistics carry no mean.
+    let rms = F::rms_norm(&x(&[2, 4, 3]), &[3], None, None).unwrap().stats;
+    let no_mean = SavedStats {
+        mean: None,
+        rstd: Tensor::full(&[4], 1.0).unwrap(),
+        from_input: true,
+    };
+    for (name, stats) in [("rms stats", &rms), ("hand-built", &no_mean)] {
+        err_with(
+            name,
+            no_panic(name, || F::batch_norm_backward(&dy, &x4, None, stats)),
+            &["no mean"],
+        );
+        err_with(
+            name,
+            no_panic(name, || F::group_norm_backward(&dy, &x4, 2, None, stats)),
+            &["no mean", "group_norm"],
+        );
+        err_with(
+            name,
+            no_panic(name, || F::instance_norm_backward(&dy, &x4, None, stats)),
+            &["no mean"],
+        );
+    }
+    // Eval-mode statistics (per channel) whose count equals N·G but not C.
+    let x8 = x(&[2, 8, 3]);
+    let fixed = SavedStats {
+        mean: Some(Tensor::full(&[4], 0.0).unwrap()),
+        rstd: Tensor::full(&[4], 1.0).unwrap(),
+        from_input: false,
+    };
+    err_with(
+        "group_norm eval stats",
+        no_panic("group_norm eval stats", || {
+            F::group_norm_backward(&x8, &x8, 2, None, &fixed)
+        }),
+        &["running statistics", "group_norm"],
+    );
+}
+
+#[test]
+fn overflowing_and_huge_shapes_are_an_err() {
+    let big = (1usize << 63) + 1;
+    err_with(
+        "from_vec overflow",
+        no_panic("from_vec", || {
+            Tensor::from_vec(vec![1.0f32, 2.0, 3.0, 4.0], &[big, 2, 2])
+        }),
+        &["[9223372036854775809, 2, 2]"],
+    );
+    err_with(
+        "full overflow",
+        no_panic("full", || Tensor::full(&[1 << 33, 1 << 31], 0.0f32)),
+        &["smaller shape"],
+    );
+    err_with(
+        "zeros 4 TiB",
+        no_panic("zeros", || Tensor::<f32>::zeros(&[1 << 40])),
+        &["[1099511627776]"],
+    );
+    err_with(
+        "from_fn overflow",
+        no_panic("from_fn", || Tensor::<f32>::from_fn(&[big, 2], |_| 0.0)),
+        &["smaller shape"],
+    );
+    let t = x(&[2, 2]);
+    err_with(
+        "reshape overflow",
+        no_panic("reshape", || t.reshape(&[big, 2, 2])),
+        &["smaller shape"],
+    );
+    err_with(
+        "BatchNorm2d 2^40",
+        no_panic("bn", || BatchNorm2d::new(1 << 40)),
+        &["BatchNorm2d", "cannot allocate"],
+    );
+    err_with(
+        "BatchNorm2d usize::MAX",
+        no_panic("bn max", || BatchNorm2d::new(usize::MAX)),
+        &["BatchNorm2d"],
+    );
+    err_with(
+        "GroupNorm 2^40",
+        no_panic("gn", || GroupNorm::new(1, 1 << 40)),
+        &["GroupNorm", "cannot allocate"],
+    );
+    err_with(
+        "LayerNorm 2^40",
+        no_panic("ln", || LayerNorm::new(&[1 << 20, 1 << 20])),
+        &["LayerNorm", "cannot allocate"],
+    );
+}
+
+#[test]
+fn empty_normalized_shape_in_the_functional_ops_is_an_err() {
+    let t = x(&[2, 3]);
+    err_with(
+        "layer_norm []",
+        no_panic("ln", || F::layer_norm(&t, &[], None, None, 1e-5)),
+        &["normalized_shape", "at least 1"],
+    );
+    err_with(
+        "rms_norm []",
+        no_panic("rms", || F::rms_norm(&t, &[], None, None)),
+        &["normalized_shape", "at least 1"],
+    );
+}
+
+/// Empty in, empty (or zero) gradients out, as PyTorch: backward of the crate's own forward on
+/// inputs with a zero-sized dimension, both layouts.
+#[test]
+fn empty_dimensions_give_zero_gradients() {
+    fn check(what: &str, g: Result<Gradients<f32>>, dx_shape: &[usize], c: usize) {
+        let g = match g {
+            Ok(g) => g,
+            Err(e) => panic!("{what}: {e}"),
+        };
+        assert_eq!(g.dx.shape(), dx_shape, "{what}");
+        for (name, p) in g.named() {
+            let v = p.to_vec().unwrap();
+            assert_eq!(v.len(), c, "{what} {name}");
+            assert!(v.iter().all(|&v| v == 0.0), "{what} {name} = {v:?}");
+        }
+    }
+    for format in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        let xs = x(&[2, 3, 0, 4]);
+        let xs = xs.to_format(format).unwrap();
+        let mut bn = BatchNorm2d::new(3).unwrap();
+        let out = no_panic("bn fwd", || bn.forward_with_stats(&xs)).unwrap();
+        check(
+            &format!("BatchNorm2d {format:?}"),
+            no_panic("bn bwd", || bn.backward(&xs, &xs, &out.stats)),
+            &[2, 3, 0, 4],
+            3,
+        );
+        let xi = x(&[2, 2, 0, 3]).to_format(format).unwrap();
+        let inorm =
+            InstanceNorm2d::from_config(InstanceNormConfig::new(2).with_affine(true)).unwrap();
+        let out = no_panic("in fwd", || inorm.forward_eval(&xi)).unwrap();
+        check(
+            &format!("InstanceNorm2d {format:?}"),
+            no_panic("in bwd", || inorm.backward(&xi, &xi, &out.stats)),
+            &[2, 2, 0, 3],
+            2,
+        );
+        let xg = x(&[2, 4, 0]).to_format(format).unwrap();
+        let gn = GroupNorm::new(2, 4).unwrap();
+        let out = no_panic("gn fwd", || gn.forward_with_stats(&xg)).unwrap();
+        check(
+            &format!("GroupNorm {format:?}"),
+            no_panic("gn bwd", || gn.backward(&xg, &xg, &out.stats)),
+            &[2, 4, 0],
+            4,
+        );
+    }
+    let gn0 = GroupNorm::from_config(GroupNormConfig::new(1, 0).with_affine(false)).unwrap();
+    let x0 = x(&[2, 0, 3]);
+    let out = no_panic("gn C=0", || gn0.forward_with_stats(&x0)).unwrap();
+    check(
+        "GroupNorm C=0",
+        gn0.backward(&x0, &x0, &out.stats),
+        &[2, 0, 3],
+        0,
+    );
+    let ln = LayerNorm::new(&[0]).unwrap();
+    let xl = x(&[4, 0]);
+    let out = no_panic("ln fwd", || ln.forward_with_stats(&xl)).unwrap();
+    check(
+        "LayerNorm [0]",
+        ln.backward(&xl, &xl, &out.stats),
+        &[4, 0],
+        0,
+    );
+    let rms = RMSNorm::new(&[0]).unwrap();
+    let xr = x(&[3, 0]);
+    let out = no_panic("rms fwd", || rms.forward_with_stats(&xr)).unwrap();
+    check(
+        "RMSNorm [0]",
+        rms.backward(&xr, &xr, &out.stats),
+        &[3, 0],
+        0,
+    );
+}
+
+#[test]
+fn unbatched_instance_norm_backward_checks_dy() {
+    let inorm = InstanceNorm1d::new(3).unwrap();
+    let xu = x(&[3, 5]);
+    let out = inorm.forward_eval(&xu).unwrap();
+    err_with(
+        "dy [5, 3]",
+        no_panic("in bwd", || inorm.backward(&x(&[5, 3]), &xu, &out.stats)),
+        &["grad_output has size [5, 3]", "[3, 5]"],
+    );
+}
+
+#[test]
+fn messages_name_the_real_mismatch() {
+    // A [1, 3] running_mean has 3 elements: say it must be 1-D, not "3 elements not 3".
+    let mut rm = Tensor::full(&[1, 3], 0.0f32).unwrap();
+    let mut rv = Tensor::full(&[3], 1.0f32).unwrap();
+    err_with(
+        "running_mean [1, 3]",
+        F::batch_norm(
+            &x(&[2, 3]),
+            Some(&mut rm),
+            Some(&mut rv),
+            None,
+            None,
+            true,
+            0.1,
+            1e-5,
+        ),
+        &["running_mean must be 1-D of size [3]", "[1, 3]"],
+    );
+    // A module given the wrong channel count names the input and num_features.
+    err_with(
+        "BatchNorm2d(3) on 4 channels",
+        BatchNorm2d::new(3).unwrap().forward(&x(&[2, 4, 2, 2])),
+        &["num_features (3)", "got: 4", "[2, 4, 2, 2]"],
+    );
+    err_with(
+        "GroupNorm(2, 4) on 6 channels",
+        GroupNorm::new(2, 4).unwrap().forward(&x(&[2, 6, 3])),
+        &["(4)", "got: 6"],
+    );
+}
