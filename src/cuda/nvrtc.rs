@@ -146,11 +146,12 @@ pub fn ensure_nvrtc() -> Result<()> {
                     Err(e) => tried.push(format!("{} ({e})", lib.display())),
                 }
             }
+            // One sentence with the fix, then what was searched, one place a line.
             Err(format!(
-                "libnvrtc not found: searched the library path and {}; install the CUDA toolkit or \
-                 `pip install nvidia-cuda-nvrtc`, or set CUNORM_NVRTC_DIR to the folder holding \
-                 libnvrtc.so",
-                tried.join(", ")
+                "libnvrtc not found: `pip install nvidia-cuda-nvrtc` or install the CUDA toolkit, \
+                 or set CUNORM_NVRTC_DIR to the folder holding libnvrtc.so.\nSearched the library \
+                 path and:\n  {}",
+                tried.join("\n  ")
             ))
         })
         .clone()

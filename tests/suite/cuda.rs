@@ -5,7 +5,7 @@
 use cunorm::cuda::CudaDevice;
 use cunorm::{functional as F, Device, Tensor};
 
-fn device_or_skip() -> Option<CudaDevice> {
+fn device_or_skip(test: &str) -> Option<CudaDevice> {
     match Device::cuda(0) {
         Ok(Device::Cuda(d)) => Some(d),
         Ok(Device::Cpu) => None,
@@ -13,7 +13,7 @@ fn device_or_skip() -> Option<CudaDevice> {
             if std::env::var("CUNORM_REQUIRE_CUDA").as_deref() == Ok("1") {
                 panic!("CUNORM_REQUIRE_CUDA=1 but CUDA is unusable: {e}");
             }
-            eprintln!("skipping CUDA tests: {e}");
+            crate::common::report_skip(&format!("cuda::{test}"), &e.to_string());
             None
         }
     }
@@ -33,7 +33,9 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 
 #[test]
 fn cuda_matches_cpu_everywhere() {
-    let Some(dev) = device_or_skip() else { return };
+    let Some(dev) = device_or_skip("cuda_matches_cpu_everywhere") else {
+        return;
+    };
     // Under compute-sanitizer gpu-run.sh sets CUNORM_CHECK_QUICK=1 (the largest shapes are slow there).
     let quick = std::env::var("CUNORM_CHECK_QUICK").as_deref() == Ok("1");
     let rows = crate::check::sweep(&dev, quick).expect("sweep runs");
@@ -51,7 +53,9 @@ fn cuda_matches_cpu_everywhere() {
 
 #[test]
 fn cuda_empty_and_errors() {
-    let Some(dev) = device_or_skip() else { return };
+    let Some(dev) = device_or_skip("cuda_empty_and_errors") else {
+        return;
+    };
     let d = Device::Cuda(dev);
     let x = Tensor::<f32>::zeros(&[0, 4, 3])
         .unwrap()
@@ -86,7 +90,9 @@ fn cuda_empty_and_errors() {
 
 #[test]
 fn cuda_kernel_cache_round_trip() {
-    let Some(dev) = device_or_skip() else { return };
+    let Some(dev) = device_or_skip("cuda_kernel_cache_round_trip") else {
+        return;
+    };
     let dir = std::env::temp_dir().join(format!("cunorm-cache-{}", std::process::id()));
     std::env::set_var("CUNORM_CACHE_DIR", &dir);
     cunorm::kernels::warm_up(&dev).unwrap();
@@ -122,7 +128,9 @@ fn cuda_kernel_cache_round_trip() {
 fn raw_api_on_unaligned_views() {
     use cunorm::raw::{self, Grouping, PlaneShape, Source};
     use cunorm::MemoryFormat;
-    let Some(dev) = device_or_skip() else { return };
+    let Some(dev) = device_or_skip("raw_api_on_unaligned_views") else {
+        return;
+    };
     let stream = dev.stream().clone();
     let data = |n: usize| -> Vec<f32> {
         (0..n)
@@ -233,7 +241,9 @@ fn raw_api_on_unaligned_views() {
 #[test]
 fn cuda_extreme_f16_inputs() {
     use cunorm::{f16, MemoryFormat};
-    let Some(dev) = device_or_skip() else { return };
+    let Some(dev) = device_or_skip("cuda_extreme_f16_inputs") else {
+        return;
+    };
     let d = Device::Cuda(dev);
     let (n, c, s) = (4usize, 8usize, 96usize);
     // Sample 0: zeros; 1: constant 1000; 2: ±60000 alternating with 0.5 steps; 3: unit values.

@@ -266,3 +266,23 @@ fn messages_name_the_real_mismatch() {
         &["(4)", "got: 6"],
     );
 }
+
+/// Without libnvrtc the error is one sentence with the fix, then the searched places one per
+/// line (was a ~1 500-character single line). Where NVRTC is found there is nothing to check.
+#[test]
+fn missing_nvrtc_is_a_short_sentence_then_the_paths() {
+    let Err(e) = cunorm::cuda::nvrtc::ensure_nvrtc() else {
+        return;
+    };
+    let msg = e.to_string();
+    let mut lines = msg.lines();
+    let first = lines.next().unwrap_or_default();
+    assert!(first.len() < 200, "first line too long: {first}");
+    assert!(first.contains("CUNORM_NVRTC_DIR"), "{first}");
+    let rest: Vec<&str> = lines.collect();
+    assert!(rest.len() >= 2, "{msg}");
+    assert!(
+        rest.iter().all(|l| l.len() < 300),
+        "searched places are one per line: {msg}"
+    );
+}

@@ -12,7 +12,7 @@ fn nvrtc_or_skip() -> bool {
             if std::env::var("CUNORM_REQUIRE_NVRTC").as_deref() == Ok("1") {
                 panic!("CUNORM_REQUIRE_NVRTC=1 but NVRTC is unusable: {e}");
             }
-            eprintln!("skipping the NVRTC compile test: {e}");
+            crate::common::report_skip("nvrtc_compile", &e.to_string());
             false
         }
     }

@@ -100,7 +100,9 @@ fn pick_device(arg: DeviceArg, quiet: bool) -> cunorm::Result<Device> {
             let (dev, reason) = Device::auto();
             if let Some(r) = reason {
                 if !quiet {
-                    eprintln!("cunorm: running on the CPU: {r}");
+                    // One line: the reason's first sentence carries the fix.
+                    let first = r.lines().next().unwrap_or_default();
+                    eprintln!("cunorm: running on the CPU: {first}");
                 }
             }
             Ok(dev)

@@ -57,3 +57,10 @@ pub fn randn(n: usize, seed: u64, mean: f32, std: f32) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Says that a test skipped, and why, where the test runner shows it: straight to the process's
+/// stderr, which libtest does not capture (a skipped GPU test must never read as a pass).
+pub fn report_skip(test: &str, reason: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
+}
