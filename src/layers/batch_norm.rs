@@ -196,7 +196,7 @@ impl<const D: usize> BatchNorm<D> {
     ) -> Result<Gradients<T>> {
         self.check_dim(x.rank())?;
         self.check_channels(x)?;
-        batch_norm_backward(dy, x, self.state.weight.as_ref(), stats)
+        batch_norm_backward(dy, x, self.state.w(), stats)
     }
 }
 

@@ -89,8 +89,8 @@ impl GroupNorm {
         group_norm(
             x,
             self.config.num_groups,
-            self.state.weight.as_ref(),
-            self.state.bias.as_ref(),
+            self.state.w(),
+            self.state.b(),
             self.config.eps,
         )
     }
@@ -110,13 +110,7 @@ impl GroupNorm {
         if self.config.affine {
             self.state.check_channels(x, 1, self.config.num_channels)?;
         }
-        group_norm_backward(
-            dy,
-            x,
-            self.config.num_groups,
-            self.state.weight.as_ref(),
-            stats,
-        )
+        group_norm_backward(dy, x, self.config.num_groups, self.state.w(), stats)
     }
 }
 

@@ -179,7 +179,7 @@ impl<const D: usize> InstanceNorm<D> {
         } else {
             dy.clone()
         };
-        let mut g = instance_norm_backward(&dyb, &xb, self.state.weight.as_ref(), stats)?;
+        let mut g = instance_norm_backward(&dyb, &xb, self.state.w(), stats)?;
         if unbatched {
             g.dx = g.dx.reshape(x.shape())?;
         }

@@ -92,8 +92,8 @@ impl LayerNorm {
         layer_norm(
             x,
             &self.config.normalized_shape,
-            self.state.weight.as_ref(),
-            self.state.bias.as_ref(),
+            self.state.w(),
+            self.state.b(),
             self.config.eps,
         )
     }
@@ -114,7 +114,7 @@ impl LayerNorm {
             dy,
             x,
             &self.config.normalized_shape,
-            self.state.weight.as_ref(),
+            self.state.w(),
             self.state.bias.is_some(),
             stats,
         )

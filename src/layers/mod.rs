@@ -58,7 +58,7 @@ use std::collections::BTreeMap;
 use crate::device::Device;
 use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
-use crate::ops::{Gradients, NormOutput, SavedStats};
+use crate::ops::{Gradients, NormOutput, Param, SavedStats};
 use crate::tensor::Tensor;
 
 /// One entry of a [`StateDict`]: a float tensor, or `num_batches_tracked` (a long tensor in
@@ -196,8 +196,8 @@ impl State {
     pub fn op_args(
         &mut self,
     ) -> (
-        Option<&Tensor<f32>>,
-        Option<&Tensor<f32>>,
+        Option<&dyn Param>,
+        Option<&dyn Param>,
         Option<&mut Tensor<f32>>,
         Option<&mut Tensor<f32>>,
     ) {
@@ -205,7 +205,19 @@ impl State {
             Some(r) => (Some(&mut r.mean), Some(&mut r.var)),
             None => (None, None),
         };
-        (self.weight.as_ref(), self.bias.as_ref(), rm, rv)
+        let w = self.weight.as_ref().map(|t| t as &dyn Param);
+        let b = self.bias.as_ref().map(|t| t as &dyn Param);
+        (w, b, rm, rv)
+    }
+
+    /// The weight as an op argument.
+    pub fn w(&self) -> Option<&dyn Param> {
+        self.weight.as_ref().map(|t| t as &dyn Param)
+    }
+
+    /// The bias as an op argument.
+    pub fn b(&self) -> Option<&dyn Param> {
+        self.bias.as_ref().map(|t| t as &dyn Param)
     }
 
     /// Replaces `name` with `value` after checking its shape (moved to the slot's device).

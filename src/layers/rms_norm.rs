@@ -86,7 +86,7 @@ impl RMSNorm {
         rms_norm(
             x,
             &self.config.normalized_shape,
-            self.state.weight.as_ref(),
+            self.state.w(),
             self.config.eps,
         )
     }
@@ -103,13 +103,7 @@ impl RMSNorm {
         x: &Tensor<T>,
         stats: &SavedStats,
     ) -> Result<Gradients<T>> {
-        rms_norm_backward(
-            dy,
-            x,
-            &self.config.normalized_shape,
-            self.state.weight.as_ref(),
-            stats,
-        )
+        rms_norm_backward(dy, x, &self.config.normalized_shape, self.state.w(), stats)
     }
 }
 

@@ -2,8 +2,8 @@
 
 use super::planes::{self, Grouping, Running, Source};
 use super::{
-    check_eps, check_grad, check_momentum, check_stats, check_vec, empty_grads, Gradients,
-    NormOutput, SavedStats,
+    check_eps, check_grad, check_momentum, check_stats, check_vec, empty_grads, param_f32,
+    Gradients, NormOutput, Param, SavedStats,
 };
 use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
@@ -36,12 +36,16 @@ pub fn batch_norm<T: Element>(
     x: &Tensor<T>,
     running_mean: Option<&mut Tensor<f32>>,
     running_var: Option<&mut Tensor<f32>>,
-    weight: Option<&Tensor<f32>>,
-    bias: Option<&Tensor<f32>>,
+    weight: Option<&dyn Param>,
+    bias: Option<&dyn Param>,
     training: bool,
     momentum: f64,
     eps: f64,
 ) -> Result<NormOutput<T>> {
+    let weight = param_f32(weight)?;
+    let weight = weight.as_deref();
+    let bias = param_f32(bias)?;
+    let bias = bias.as_deref();
     check_input(x)?;
     check_eps(OP, eps)?;
     check_momentum(OP, momentum)?;
@@ -107,9 +111,11 @@ pub fn batch_norm<T: Element>(
 pub fn batch_norm_backward<T: Element>(
     dy: &Tensor<T>,
     x: &Tensor<T>,
-    weight: Option<&Tensor<f32>>,
+    weight: Option<&dyn Param>,
     stats: &SavedStats,
 ) -> Result<Gradients<T>> {
+    let weight = param_f32(weight)?;
+    let weight = weight.as_deref();
     check_input(x)?;
     check_grad(OP, dy, x)?;
     let c = x.shape()[1];

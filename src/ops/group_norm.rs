@@ -2,7 +2,8 @@
 
 use super::planes::{self, Grouping, PlaneShape, Source};
 use super::{
-    check_eps, check_grad, check_stats, check_vec, empty_grads, Gradients, NormOutput, SavedStats,
+    check_eps, check_grad, check_stats, check_vec, empty_grads, param_f32, Gradients, NormOutput,
+    Param, SavedStats,
 };
 use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
@@ -41,10 +42,14 @@ fn check_input<T: Element>(x: &Tensor<T>, num_groups: usize) -> Result<PlaneShap
 pub fn group_norm<T: Element>(
     x: &Tensor<T>,
     num_groups: usize,
-    weight: Option<&Tensor<f32>>,
-    bias: Option<&Tensor<f32>>,
+    weight: Option<&dyn Param>,
+    bias: Option<&dyn Param>,
     eps: f64,
 ) -> Result<NormOutput<T>> {
+    let weight = param_f32(weight)?;
+    let weight = weight.as_deref();
+    let bias = param_f32(bias)?;
+    let bias = bias.as_deref();
     let d = check_input(x, num_groups)?;
     check_eps(OP, eps)?;
     if (d.n * d.c / num_groups) * d.s == 1 {
@@ -78,9 +83,11 @@ pub fn group_norm_backward<T: Element>(
     dy: &Tensor<T>,
     x: &Tensor<T>,
     num_groups: usize,
-    weight: Option<&Tensor<f32>>,
+    weight: Option<&dyn Param>,
     stats: &SavedStats,
 ) -> Result<Gradients<T>> {
+    let weight = param_f32(weight)?;
+    let weight = weight.as_deref();
     let d = check_input(x, num_groups)?;
     check_grad(OP, dy, x)?;
     if let Some(t) = weight {

@@ -1,7 +1,10 @@
 //! `layer_norm` / `layer_norm_backward` (PyTorch's `F.layer_norm`).
 
 use super::rows::{self, check_param, rows_cols};
-use super::{check_eps, check_grad, check_stats, empty_grads, Gradients, NormOutput, SavedStats};
+use super::{
+    check_eps, check_grad, check_stats, empty_grads, param_f32, Gradients, NormOutput, Param,
+    SavedStats,
+};
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -14,10 +17,14 @@ const OP: &str = "layer_norm";
 pub fn layer_norm<T: Element>(
     x: &Tensor<T>,
     normalized_shape: &[usize],
-    weight: Option<&Tensor<f32>>,
-    bias: Option<&Tensor<f32>>,
+    weight: Option<&dyn Param>,
+    bias: Option<&dyn Param>,
     eps: f64,
 ) -> Result<NormOutput<T>> {
+    let weight = param_f32(weight)?;
+    let weight = weight.as_deref();
+    let bias = param_f32(bias)?;
+    let bias = bias.as_deref();
     let (_, cols) = rows_cols(x, normalized_shape)?;
     check_eps(OP, eps)?;
     let dev = x.device();
@@ -36,10 +43,12 @@ pub fn layer_norm_backward<T: Element>(
     dy: &Tensor<T>,
     x: &Tensor<T>,
     normalized_shape: &[usize],
-    weight: Option<&Tensor<f32>>,
+    weight: Option<&dyn Param>,
     has_bias: bool,
     stats: &SavedStats,
 ) -> Result<Gradients<T>> {
+    let weight = param_f32(weight)?;
+    let weight = weight.as_deref();
     let (nrows, _) = rows_cols(x, normalized_shape)?;
     check_grad(OP, dy, x)?;
     let dev = x.device();

@@ -64,6 +64,14 @@ pub struct Gradients<T: Element> {
 }
 
 impl<T: Element> Gradients<T> {
+    /// `(dweight, dbias)` in element type `W` (the parameters' dtype, e.g. bf16 weights), rounded
+    /// once from the f32 accumulation.
+    #[allow(clippy::type_complexity)]
+    pub fn param_grads_as<W: Element>(&self) -> Result<(Option<Tensor<W>>, Option<Tensor<W>>)> {
+        let conv = |g: &Option<Tensor<f32>>| g.as_ref().map(|g| g.to_dtype::<W>()).transpose();
+        Ok((conv(&self.dweight)?, conv(&self.dbias)?))
+    }
+
     /// The parameter gradients by parameter name (`weight`, `bias`), in the order of
     /// `Module::parameters`.
     pub fn named(&self) -> Vec<(&'static str, &Tensor<f32>)> {
@@ -72,6 +80,40 @@ impl<T: Element> Gradients<T> {
         out.extend(self.dbias.as_ref().map(|t| ("bias", t)));
         out
     }
+}
+
+/// A parameter tensor (weight or bias) of any element type: f32, or the input's f16/bf16 as
+/// PyTorch and candle keep them. The ops read it as f32 (statistics and accumulation stay f32
+/// inside); an f32 tensor is used as it is, another dtype is widened once per call (the
+/// parameter's size, not the input's). `&Tensor<W>` coerces to it: `Some(&w)`.
+pub trait Param: sealed::Sealed {
+    /// The parameter's element type.
+    fn dtype(&self) -> crate::dtype::DType;
+    /// The parameter as f32: borrowed when it is f32, else a widened copy.
+    fn to_f32(&self) -> Result<std::borrow::Cow<'_, Tensor<f32>>>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl<T: crate::dtype::Element> Sealed for crate::tensor::Tensor<T> {}
+}
+
+impl<T: Element> Param for Tensor<T> {
+    fn dtype(&self) -> crate::dtype::DType {
+        T::DTYPE
+    }
+    fn to_f32(&self) -> Result<std::borrow::Cow<'_, Tensor<f32>>> {
+        match (self as &dyn std::any::Any).downcast_ref::<Tensor<f32>>() {
+            Some(t) => Ok(std::borrow::Cow::Borrowed(t)),
+            None => Ok(std::borrow::Cow::Owned(self.to_dtype::<f32>()?)),
+        }
+    }
+}
+
+pub(crate) fn param_f32(
+    p: Option<&dyn Param>,
+) -> Result<Option<std::borrow::Cow<'_, Tensor<f32>>>> {
+    p.map(|p| p.to_f32()).transpose()
 }
 
 pub(crate) fn check_eps(op: &str, eps: f64) -> Result<()> {

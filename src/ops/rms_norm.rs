@@ -1,7 +1,10 @@
 //! `rms_norm` / `rms_norm_backward` (PyTorch's `F.rms_norm`).
 
 use super::rows::{self, check_param, rows_cols};
-use super::{check_eps, check_grad, check_stats, empty_grads, Gradients, NormOutput, SavedStats};
+use super::{
+    check_eps, check_grad, check_stats, empty_grads, param_f32, Gradients, NormOutput, Param,
+    SavedStats,
+};
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::tensor::Tensor;
@@ -19,9 +22,11 @@ pub const RMS_NORM_DEFAULT_EPS: f64 = f32::EPSILON as f64;
 pub fn rms_norm<T: Element>(
     x: &Tensor<T>,
     normalized_shape: &[usize],
-    weight: Option<&Tensor<f32>>,
+    weight: Option<&dyn Param>,
     eps: Option<f64>,
 ) -> Result<NormOutput<T>> {
+    let weight = param_f32(weight)?;
+    let weight = weight.as_deref();
     let (_, cols) = rows_cols(x, normalized_shape)?;
     let eps = eps.unwrap_or(RMS_NORM_DEFAULT_EPS);
     check_eps(OP, eps)?;
@@ -38,9 +43,11 @@ pub fn rms_norm_backward<T: Element>(
     dy: &Tensor<T>,
     x: &Tensor<T>,
     normalized_shape: &[usize],
-    weight: Option<&Tensor<f32>>,
+    weight: Option<&dyn Param>,
     stats: &SavedStats,
 ) -> Result<Gradients<T>> {
+    let weight = param_f32(weight)?;
+    let weight = weight.as_deref();
     let (nrows, _) = rows_cols(x, normalized_shape)?;
     check_grad(OP, dy, x)?;
     let dev = x.device();

@@ -10,6 +10,11 @@ use cunorm::*;
 #[path = "../../examples/train.rs"]
 mod train_example;
 
+/// A layer's parameter as an op argument.
+fn as_param(p: Option<&Tensor<f32>>) -> Option<&dyn Param> {
+    p.map(|t| t as &dyn Param)
+}
+
 fn all_layers() -> Vec<(Box<dyn Norm<f32>>, Vec<usize>)> {
     vec![
         (Box::new(BatchNorm1d::new(3).unwrap()), vec![4, 3, 5]),
@@ -187,7 +192,7 @@ fn forwards_through_shared_references() {
         s.spawn(|| gn.forward(&x).unwrap());
         s.spawn(|| rms.forward(&x).unwrap());
     });
-    let want = F::layer_norm(&x, &[3], ln.weight(), ln.bias(), 1e-5).unwrap();
+    let want = F::layer_norm(&x, &[3], as_param(ln.weight()), as_param(ln.bias()), 1e-5).unwrap();
     assert_eq!(
         ln.forward(&x).unwrap().to_vec().unwrap(),
         want.output.to_vec().unwrap()
@@ -211,8 +216,8 @@ fn forwards_through_shared_references() {
         &x,
         None,
         None,
-        untracked.weight(),
-        untracked.bias(),
+        as_param(untracked.weight()),
+        as_param(untracked.bias()),
         true,
         0.1,
         1e-5,
@@ -327,4 +332,64 @@ fn example_training_converges() {
             "{name}: loss {first} -> {last} did not fall to a tenth"
         );
     }
+}
+
+/// Parameters in the input's dtype (bf16/f16 weights, as PyTorch and candle keep them) give
+/// exactly what the same values as f32 parameters give (widening is exact; statistics stay f32),
+/// and the parameter gradients come back in that dtype rounded once.
+#[test]
+fn parameters_in_the_inputs_dtype() {
+    fn case<T: Element>() {
+        let x = Tensor::<T>::randn(&[3, 4, 5], 21).unwrap();
+        let dy = Tensor::<T>::randn(&[3, 4, 5], 22).unwrap();
+        let w = Tensor::<T>::randn(&[4], 23).unwrap();
+        let b = Tensor::<T>::randn(&[4], 24).unwrap();
+        let (w32, b32) = (w.to_dtype::<f32>().unwrap(), b.to_dtype::<f32>().unwrap());
+        let lw = Tensor::<T>::randn(&[5], 25).unwrap();
+        let lw32 = lw.to_dtype::<f32>().unwrap();
+        let same = |a: &Tensor<T>, b: &Tensor<T>, what: &str| {
+            assert_eq!(
+                a.to_f32_vec().unwrap(),
+                b.to_f32_vec().unwrap(),
+                "{what} {}",
+                T::DTYPE
+            )
+        };
+        // Planes family.
+        let o = F::group_norm(&x, 2, Some(&w), Some(&b), 1e-5).unwrap();
+        let o32 = F::group_norm(&x, 2, Some(&w32), Some(&b32), 1e-5).unwrap();
+        same(&o.output, &o32.output, "group_norm y");
+        let g = F::group_norm_backward(&dy, &x, 2, Some(&w), &o.stats).unwrap();
+        let g32 = F::group_norm_backward(&dy, &x, 2, Some(&w32), &o32.stats).unwrap();
+        same(&g.dx, &g32.dx, "group_norm dx");
+        let (dw, db) = g.param_grads_as::<T>().unwrap();
+        assert_eq!(dw.unwrap().dtype(), T::DTYPE);
+        assert_eq!(
+            db.unwrap().to_f32_vec().unwrap(),
+            g32.dbias
+                .unwrap()
+                .to_dtype::<T>()
+                .unwrap()
+                .to_f32_vec()
+                .unwrap()
+        );
+        // Rows family.
+        let o = F::layer_norm(&x, &[5], Some(&lw), None, 1e-5).unwrap();
+        let o32 = F::layer_norm(&x, &[5], Some(&lw32), None, 1e-5).unwrap();
+        same(&o.output, &o32.output, "layer_norm y");
+        let o = F::rms_norm(&x, &[5], Some(&lw), None).unwrap();
+        let o32 = F::rms_norm(&x, &[5], Some(&lw32), None).unwrap();
+        same(&o.output, &o32.output, "rms_norm y");
+        // A wrong-shaped parameter of another dtype is still named.
+        let bad = Tensor::<T>::randn(&[3], 26).unwrap();
+        let e = F::batch_norm(&x, None, None, Some(&bad), None, true, 0.1, 1e-5).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("weight should contain 4 elements not 3"),
+            "{e}"
+        );
+    }
+    case::<f32>();
+    case::<f16>();
+    case::<bf16>();
 }

@@ -293,8 +293,8 @@ fn bench_case<T: Element>(
                 &Tensor<T>,
                 Option<&mut Tensor<f32>>,
                 Option<&mut Tensor<f32>>,
-                Option<&Tensor<f32>>,
-                Option<&Tensor<f32>>,
+                Option<&dyn cunorm::Param>,
+                Option<&dyn cunorm::Param>,
                 bool,
                 f64,
                 f64,
@@ -302,7 +302,7 @@ fn bench_case<T: Element>(
             type Bwd<T> = fn(
                 &Tensor<T>,
                 &Tensor<T>,
-                Option<&Tensor<f32>>,
+                Option<&dyn cunorm::Param>,
                 &cunorm::SavedStats,
             ) -> Result<cunorm::Gradients<T>>;
             let (fwd, bwd, track): (Fwd<T>, Bwd<T>, bool) = if op == "batch_norm" {
