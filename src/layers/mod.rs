@@ -76,6 +76,26 @@ pub enum StateEntry {
 pub type StateDict = BTreeMap<String, StateEntry>;
 
 /// What every normalization module has whatever the input's element type (object safe).
+///
+/// ```
+/// use cunorm::{BatchNorm1d, Module, StateEntry, Tensor};
+/// # fn main() -> cunorm::Result<()> {
+/// let mut bn = BatchNorm1d::new(3)?;
+/// bn.forward(&Tensor::<f32>::randn(&[8, 3], 0)?)?;      // one training step
+/// let saved = bn.state_dict();                            // PyTorch's keys
+/// assert!(matches!(saved["num_batches_tracked"], StateEntry::Count(1)));
+///
+/// let mut restored = BatchNorm1d::new(3)?;
+/// restored.load_state_dict(&saved)?;                     // strict: same keys and shapes
+/// assert_eq!(restored.num_batches_tracked(), Some(1));
+///
+/// restored.reset_running_stats()?;                       // mean 0, var 1, counter 0
+/// assert_eq!(restored.num_batches_tracked(), Some(0));
+/// restored.train(false);                                 // PyTorch's module.train(mode)
+/// assert!(!restored.is_training());
+/// # Ok(())
+/// # }
+/// ```
 pub trait Module {
     /// The module's PyTorch name: `BatchNorm2d`, `LayerNorm`, `RMSNorm`, ...
     fn name(&self) -> String;

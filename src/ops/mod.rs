@@ -86,6 +86,20 @@ impl<T: Element> Gradients<T> {
 /// PyTorch and candle keep them. The ops read it as f32 (statistics and accumulation stay f32
 /// inside); an f32 tensor is used as it is, another dtype is widened once per call (the
 /// parameter's size, not the input's). `&Tensor<W>` coerces to it: `Some(&w)`.
+///
+/// ```
+/// use cunorm::{bf16, functional as F, Tensor};
+/// # fn main() -> cunorm::Result<()> {
+/// let x = Tensor::<bf16>::randn(&[4, 8], 0)?;
+/// let w = Tensor::<bf16>::randn(&[8], 1)?;                 // bf16 weight, like the input
+/// let out = F::layer_norm(&x, &[8], Some(&w), None, 1e-5)?;
+/// let dy = Tensor::<bf16>::randn(&[4, 8], 2)?;
+/// let g = F::layer_norm_backward(&dy, &x, &[8], Some(&w), false, &out.stats)?;
+/// let (dw, _) = g.param_grads_as::<bf16>()?;               // dweight in bf16
+/// assert_eq!(dw.unwrap().shape(), &[8]);
+/// # Ok(())
+/// # }
+/// ```
 pub trait Param: sealed::Sealed {
     /// The parameter's element type.
     fn dtype(&self) -> crate::dtype::DType;
