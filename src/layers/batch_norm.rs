@@ -92,15 +92,11 @@ impl<const D: usize> BatchNorm<D> {
     /// A module from a config: weight = 1, bias = 0, running_mean = 0, running_var = 1.
     pub fn from_config(config: BatchNormConfig) -> Result<Self> {
         let name = format!("BatchNorm{D}d");
-        crate::ops::check_eps(&name, config.eps)?;
-        if let Some(m) = config.momentum {
-            crate::ops::check_momentum(&name, m)?;
-        }
-        let c = config.num_features;
-        let state = State::new(
+        let state = State::per_channel(
             name,
-            &[c],
-            config.affine,
+            config.num_features,
+            config.eps,
+            config.momentum,
             config.affine,
             config.track_running_stats,
         )?;

@@ -77,15 +77,11 @@ impl<const D: usize> InstanceNorm<D> {
     /// A module from a config.
     pub fn from_config(config: InstanceNormConfig) -> Result<Self> {
         let name = format!("InstanceNorm{D}d");
-        crate::ops::check_eps(&name, config.eps)?;
-        if let Some(m) = config.momentum {
-            crate::ops::check_momentum(&name, m)?;
-        }
-        let c = config.num_features;
-        let state = State::new(
+        let state = State::per_channel(
             name,
-            &[c],
-            config.affine,
+            config.num_features,
+            config.eps,
+            config.momentum,
             config.affine,
             config.track_running_stats,
         )?;

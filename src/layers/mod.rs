@@ -202,6 +202,23 @@ impl State {
         })
     }
 
+    /// The state of BatchNorm/InstanceNorm: `eps` and `momentum` checked, per-channel weight
+    /// and bias when `affine`, running statistics when `track`.
+    pub fn per_channel(
+        name: String,
+        c: usize,
+        eps: f64,
+        momentum: Option<f64>,
+        affine: bool,
+        track: bool,
+    ) -> Result<Self> {
+        crate::ops::check_eps(&name, eps)?;
+        if let Some(m) = momentum {
+            crate::ops::check_momentum(&name, m)?;
+        }
+        State::new(name, &[c], affine, affine, track)
+    }
+
     pub fn running_mean(&self) -> Option<&Tensor<f32>> {
         self.running.as_ref().map(|r| &r.mean)
     }
