@@ -32,6 +32,21 @@ pub(crate) struct Moments {
 }
 
 impl Moments {
+    /// The corrected two-pass moments of `n` values from their first-pass mean `m` and the
+    /// sums of deviations `d1 = Σ(x − m)`, `d2 = Σ(x − m)²`. NaN and infinities propagate as in
+    /// PyTorch: a NaN makes mean and variance NaN (never clamped away), an infinite mean stays
+    /// infinite (`m + d1/n` would make it NaN) with a NaN variance.
+    #[inline(always)]
+    pub fn two_pass(n: f64, m: f64, d1: f64, d2: f64) -> Moments {
+        let m2 = d2 - d1 * d1 / n;
+        Moments {
+            count: n,
+            mean: if m.is_finite() { m + d1 / n } else { m },
+            // Rounding can leave a tiny negative; `f64::max` would also turn NaN into 0.
+            m2: if m2 < 0.0 { 0.0 } else { m2 },
+        }
+    }
+
     /// Chan et al.'s pairwise merge: exact in exact arithmetic, stable in floating point.
     pub fn merge(self, o: Moments) -> Moments {
         if o.count == 0.0 {
@@ -42,9 +57,16 @@ impl Moments {
         }
         let count = self.count + o.count;
         let d = o.mean - self.mean;
+        // An infinite mean (an infinite input) stays infinite, or NaN for +inf with -inf, as a
+        // plain sum gives: `mean + d·w` would be inf − inf.
+        let mean = if self.mean.is_finite() && o.mean.is_finite() {
+            self.mean + d * (o.count / count)
+        } else {
+            self.mean * (self.count / count) + o.mean * (o.count / count)
+        };
         Moments {
             count,
-            mean: self.mean + d * (o.count / count),
+            mean,
             m2: self.m2 + o.m2 + d * d * (self.count * o.count / count),
         }
     }
@@ -211,9 +233,5 @@ pub(crate) fn moments_body<T: Element, I: simd::Isa>(x: &[T]) -> Moments {
     let n = x.len() as f64;
     let m = sum_body(x) / n;
     let (d1, d2) = dev_sums_body::<T, I>(x, m);
-    Moments {
-        count: n,
-        mean: m + d1 / n,
-        m2: (d2 - d1 * d1 / n).max(0.0),
-    }
+    Moments::two_pass(n, m, d1, d2)
 }

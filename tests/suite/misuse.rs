@@ -286,3 +286,58 @@ fn missing_nvrtc_is_a_short_sentence_then_the_paths() {
         "searched places are one per line: {msg}"
     );
 }
+
+/// NaN and ±inf statistics propagate as in PyTorch (issue 9's measurements on PyTorch's CPU
+/// path): a NaN makes its set's mean and rstd NaN (was an rstd of 1/√eps, the NaN clamped away)
+/// and the running statistics NaN; a +inf makes the mean +inf (was NaN) and the variance NaN.
+/// Other sets stay finite.
+#[test]
+fn nan_and_inf_statistics_propagate() {
+    let nan = f32::NAN;
+    // LayerNorm: a NaN in row 0.
+    let mut v: Vec<f32> = (0..12).map(|i| (i as f32 * 0.37).sin()).collect();
+    v[1] = nan;
+    let x = Tensor::from_vec(v.clone(), &[3, 4]).unwrap();
+    let s = F::layer_norm(&x, &[4], None, None, 1e-5).unwrap().stats;
+    let (mean, rstd) = (s.mean.unwrap().to_vec().unwrap(), s.rstd.to_vec().unwrap());
+    assert!(
+        mean[0].is_nan() && rstd[0].is_nan(),
+        "row 0: {mean:?} {rstd:?}"
+    );
+    assert!(rstd[1..].iter().all(|r| r.is_finite()), "{rstd:?}");
+    // GroupNorm: a NaN in group (0, 0).
+    let xg = Tensor::from_vec(v.clone(), &[1, 4, 3]).unwrap();
+    let s = F::group_norm(&xg, 2, None, None, 1e-5).unwrap().stats;
+    let rstd = s.rstd.to_vec().unwrap();
+    assert!(rstd[0].is_nan() && rstd[1].is_finite(), "{rstd:?}");
+    // BatchNorm1d on [1, 2, 4] with one NaN in channel 0: running statistics NaN there.
+    let mut xb: Vec<f32> = (0..8).map(|i| i as f32 * 0.5).collect();
+    xb[2] = nan;
+    let mut bn = BatchNorm1d::new(2).unwrap();
+    let out = bn
+        .forward_with_stats(&Tensor::from_vec(xb.clone(), &[1, 2, 4]).unwrap())
+        .unwrap();
+    let (rm, rv) = (
+        bn.running_mean().unwrap().to_vec().unwrap(),
+        bn.running_var().unwrap().to_vec().unwrap(),
+    );
+    assert!(rm[0].is_nan() && rv[0].is_nan(), "{rm:?} {rv:?}");
+    assert!(rm[1].is_finite() && rv[1].is_finite(), "{rm:?} {rv:?}");
+    assert!(out.stats.rstd.to_vec().unwrap()[0].is_nan());
+    // +inf in channel 1: mean +inf (saved and running), variance NaN.
+    xb[2] = 1.0;
+    xb[5] = f32::INFINITY;
+    let mut bn = BatchNorm1d::new(2).unwrap();
+    let out = bn
+        .forward_with_stats(&Tensor::from_vec(xb, &[1, 2, 4]).unwrap())
+        .unwrap();
+    let mean = out.stats.mean.unwrap().to_vec().unwrap();
+    assert_eq!(mean[1], f32::INFINITY, "{mean:?}");
+    assert!(mean[0].is_finite());
+    assert_eq!(
+        bn.running_mean().unwrap().to_vec().unwrap()[1],
+        f32::INFINITY
+    );
+    assert!(bn.running_var().unwrap().to_vec().unwrap()[1].is_nan());
+    assert!(out.stats.rstd.to_vec().unwrap()[1].is_nan());
+}

@@ -88,11 +88,7 @@ multiversion! {
             }
         }
         (0..cols)
-            .map(|c| Moments {
-                count: n,
-                mean: mean[c] + d1[c] / n,
-                m2: (d2[c] - d1[c] * d1[c] / n).max(0.0),
-            })
+            .map(|c| Moments::two_pass(n, mean[c], d1[c], d2[c]))
             .collect()
     }
 }
