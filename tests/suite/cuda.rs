@@ -333,3 +333,51 @@ fn cuda_extreme_f16_inputs() {
             .unwrap(),
     );
 }
+
+/// The misuse fuzz of `misuse.rs` on the CUDA path: the same `Err`s, and `Ok`s that match the
+/// f64 oracle.
+#[test]
+fn cuda_misuse_fuzz() {
+    let Some(dev) = device_or_skip("cuda_misuse_fuzz") else {
+        return;
+    };
+    let checked = crate::misuse::misuse_fuzz_on(&Device::Cuda(dev), 400);
+    assert!(checked > 50, "only {checked} cases reached the oracle");
+}
+
+/// Misuse repros of `misuse.rs` on CUDA tensors: foreign statistics are an `Err`, empty inputs
+/// give zero gradients, a NaN makes its set's statistics NaN.
+#[test]
+fn cuda_misuse_cases() {
+    let Some(dev) = device_or_skip("cuda_misuse_cases") else {
+        return;
+    };
+    let d = Device::Cuda(dev);
+    let on = |t: Tensor<f32>| t.to_device(&d).unwrap();
+    let x = on(Tensor::randn(&[2, 4, 3], 3).unwrap());
+    let rms = F::rms_norm(&x, &[3], None, None).unwrap().stats;
+    assert!(F::batch_norm_backward(&x, &x, None, &rms).is_err());
+    assert!(F::group_norm_backward(&x, &x, 2, None, &rms).is_err());
+    assert!(F::instance_norm_backward(&x, &x, None, &rms).is_err());
+    // Empty spatial size: zero parameter gradients, on the device.
+    let e = on(Tensor::zeros(&[2, 3, 0]).unwrap());
+    let w = on(Tensor::full(&[3], 1.0).unwrap());
+    let out = F::batch_norm(&e, None, None, Some(&w), None, true, 0.1, 1e-5).unwrap();
+    let g = F::batch_norm_backward(&e, &e, Some(&w), &out.stats).unwrap();
+    assert_eq!(g.dweight.unwrap().to_vec().unwrap(), vec![0.0; 3]);
+    assert_eq!(g.dx.shape(), &[2, 3, 0]);
+    // A NaN in row 0 of a LayerNorm: that row's statistics are NaN, the others finite.
+    let mut v: Vec<f32> = (0..12).map(|i| (i as f32 * 0.37).sin()).collect();
+    v[1] = f32::NAN;
+    let xn = on(Tensor::from_vec(v, &[3, 4]).unwrap());
+    let rstd = F::layer_norm(&xn, &[4], None, None, 1e-5)
+        .unwrap()
+        .stats
+        .rstd
+        .to_vec()
+        .unwrap();
+    assert!(
+        rstd[0].is_nan() && rstd[1..].iter().all(|r| r.is_finite()),
+        "{rstd:?}"
+    );
+}

@@ -23,6 +23,6 @@ mod cpu_paths;
 mod cuda;
 mod errors;
 mod golden;
-mod misuse;
+pub mod misuse;
 mod nvrtc_compile;
 mod seed;

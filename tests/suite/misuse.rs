@@ -350,11 +350,19 @@ fn nan_and_inf_statistics_propagate() {
 /// naive f64 oracle (`common::oracle`), and its backward too.
 #[test]
 fn misuse_fuzz() {
+    let checked = misuse_fuzz_on(&Device::Cpu, 3000);
+    assert!(checked > 400, "only {checked} cases reached the oracle");
+}
+
+/// The fuzz on `device` for `cases` cases; returns how many reached the oracle. Also run on the
+/// CUDA path (`cuda::cuda_misuse_fuzz`, through the fake driver in CI).
+pub fn misuse_fuzz_on(device: &Device, cases: usize) -> usize {
     use crate::common::oracle::{self, Spec};
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
     let mut checked = 0;
-    for case in 0..3000 {
+    let on = |t: Tensor<f32>| t.to_device(device).unwrap();
+    for case in 0..cases {
         let op = rng.random_range(0..5);
         let rank = if op >= 3 {
             rng.random_range(1..4)
@@ -375,7 +383,7 @@ fn misuse_fuzz() {
         } else {
             MemoryFormat::Contiguous
         };
-        let x = x.to_format(format).unwrap();
+        let x = on(x.to_format(format).unwrap());
         let c = if rank >= 2 { shape[1] } else { 0 };
         // Parameters: usually right, sometimes one element off.
         let off = rng.random_range(0..6) == 0;
@@ -394,14 +402,19 @@ fn misuse_fuzz() {
             shape.clone()
         };
         let dyd: Vec<f32> = (0..numel).map(|_| rng.random_range(-1.0..1.0)).collect();
-        let dy = Tensor::from_vec(dyd.clone(), &dy_shape)
+        let dy = on(Tensor::from_vec(dyd.clone(), &dy_shape)
             .unwrap()
             .to_format(format)
-            .unwrap_or_else(|_| Tensor::from_vec(dyd.clone(), &dy_shape).unwrap());
+            .unwrap_or_else(|_| Tensor::from_vec(dyd.clone(), &dy_shape).unwrap()));
         let wrong_stats = rng.random_range(0..6) == 0;
-        let other = F::rms_norm(&Tensor::<f32>::randn(&[2, 3], 1).unwrap(), &[3], None, None)
-            .unwrap()
-            .stats;
+        let other = F::rms_norm(
+            &on(Tensor::<f32>::randn(&[2, 3], 1).unwrap()),
+            &[3],
+            None,
+            None,
+        )
+        .unwrap()
+        .stats;
 
         let (out, spec, params) = match op {
             0..=2 => {
@@ -410,8 +423,8 @@ fn misuse_fuzz() {
                     1 => Some(c),
                     _ => Some(rng.random_range(0..4)),
                 };
-                let w = Tensor::<f32>::randn(&[plen(c)], case as u64).unwrap();
-                let b = Tensor::<f32>::randn(&[plen(c)], case as u64 + 7).unwrap();
+                let w = on(Tensor::<f32>::randn(&[plen(c)], case as u64).unwrap());
+                let b = on(Tensor::<f32>::randn(&[plen(c)], case as u64 + 7).unwrap());
                 let out = no_panic(&what, || match (op, groups) {
                     (0, _) => F::batch_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, eps),
                     (1, _) => F::instance_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, eps),
@@ -429,8 +442,8 @@ fn misuse_fuzz() {
                 let ns = shape[rank - k..].to_vec();
                 let cols: usize = ns.iter().product();
                 let pshape: Vec<usize> = if off { vec![cols + 1] } else { ns.clone() };
-                let w = Tensor::<f32>::randn(&pshape, case as u64).unwrap();
-                let b = Tensor::<f32>::randn(&pshape, case as u64 + 7).unwrap();
+                let w = on(Tensor::<f32>::randn(&pshape, case as u64).unwrap());
+                let b = on(Tensor::<f32>::randn(&pshape, case as u64 + 7).unwrap());
                 let center = op == 3;
                 let out = no_panic(&what, || {
                     if center {
@@ -501,5 +514,5 @@ fn misuse_fuzz() {
             Err(e) => assert!(!good_dy, "{what}: backward Err on valid arguments: {e}"),
         }
     }
-    assert!(checked > 400, "only {checked} cases reached the oracle");
+    checked
 }
