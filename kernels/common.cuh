@@ -68,11 +68,22 @@ __device__ __forceinline__ Welford welford_empty() {
     return w;
 }
 
+// Finite (not ±inf, not NaN), without a math header.
+__device__ __forceinline__ bool is_finite(float v) { return fabsf(v) <= 3.402823466e+38f; }
+
+// An infinite or NaN input or mean makes the deviation non-finite: the mean then follows a
+// plain average (+inf stays +inf, +inf with -inf is NaN, as PyTorch's sums give; the Welford
+// step would turn +inf into inf − inf = NaN) and the variance becomes NaN.
 __device__ __forceinline__ void welford_add(Welford& w, float x) {
     w.n += 1.f;
     float d = x - w.mean;
-    w.mean += d / w.n;
-    w.m2 += d * (x - w.mean);
+    if (is_finite(d)) {
+        w.mean += d / w.n;
+        w.m2 += d * (x - w.mean);
+    } else {
+        w.mean = w.mean * ((w.n - 1.f) / w.n) + x / w.n;
+        w.m2 += d * 0.f;
+    }
 }
 
 // Chan et al.: exact in exact arithmetic, no cancellation.
@@ -83,8 +94,13 @@ __device__ __forceinline__ Welford welford_merge(Welford a, Welford b) {
     r.n = a.n + b.n;
     float d = b.mean - a.mean;
     float fb = b.n / r.n;
-    r.mean = a.mean + d * fb;
-    r.m2 = a.m2 + b.m2 + d * d * a.n * fb;
+    if (is_finite(d)) {
+        r.mean = a.mean + d * fb;
+        r.m2 = a.m2 + b.m2 + d * d * a.n * fb;
+    } else {  // a non-finite mean: as in welford_add
+        r.mean = a.mean * (a.n / r.n) + b.mean * fb;
+        r.m2 = a.m2 + b.m2 + d * 0.f;
+    }
     return r;
 }
 

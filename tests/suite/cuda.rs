@@ -380,4 +380,43 @@ fn cuda_misuse_cases() {
         rstd[0].is_nan() && rstd[1..].iter().all(|r| r.is_finite()),
         "{rstd:?}"
     );
+    // A +inf: its set's mean is +inf (saved and running), its variance NaN, as on the CPU.
+    let mut xb: Vec<f32> = (0..8).map(|i| i as f32 * 0.5).collect();
+    xb[5] = f32::INFINITY;
+    let xb = Tensor::from_vec(xb, &[1, 2, 4]).unwrap();
+    for format in [
+        cunorm::MemoryFormat::Contiguous,
+        cunorm::MemoryFormat::ChannelsLast,
+    ] {
+        let xf = xb.to_format(format).unwrap();
+        let mut rm = on(Tensor::zeros(&[2]).unwrap());
+        let mut rv = on(Tensor::full(&[2], 1.0).unwrap());
+        let out = F::batch_norm(
+            &on(xf.clone()),
+            Some(&mut rm),
+            Some(&mut rv),
+            None,
+            None,
+            true,
+            0.1,
+            1e-5,
+        )
+        .unwrap();
+        let mean = out.stats.mean.unwrap().to_vec().unwrap();
+        assert_eq!(mean[1], f32::INFINITY, "{format:?} {mean:?}");
+        assert!(mean[0].is_finite(), "{format:?} {mean:?}");
+        assert_eq!(rm.to_vec().unwrap()[1], f32::INFINITY);
+        assert!(rv.to_vec().unwrap()[1].is_nan());
+    }
+    let mut v: Vec<f32> = (0..12).map(|i| (i as f32 * 0.37).sin()).collect();
+    v[6] = f32::INFINITY;
+    let xi = on(Tensor::from_vec(v, &[3, 4]).unwrap());
+    let mean = F::layer_norm(&xi, &[4], None, None, 1e-5)
+        .unwrap()
+        .stats
+        .mean
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    assert_eq!(mean[1], f32::INFINITY, "{mean:?}");
 }
