@@ -1,9 +1,9 @@
 //! `batch_norm` / `batch_norm_backward` (PyTorch's `F.batch_norm`).
 
-use super::planes::{self, Grouping, Running, Source};
+use super::planes::{self, Grouping};
 use super::{
-    check_eps, check_grad, check_momentum, check_stats, check_vec, empty_grads, param_f32,
-    Gradients, NormOutput, Param, SavedStats,
+    check_grad, check_stats, check_vec, empty_grads, param_f32, Gradients, NormOutput, Param,
+    SavedStats,
 };
 use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
@@ -47,61 +47,24 @@ pub fn batch_norm<T: Element>(
     let bias = param_f32(bias)?;
     let bias = bias.as_deref();
     check_input(x)?;
-    check_eps(OP, eps)?;
-    check_momentum(OP, momentum)?;
-    let c = x.shape()[1];
-    let dev = x.device();
-    if let Some(t) = running_mean.as_deref() {
-        check_vec(OP, "running_mean", t, c, &dev)?;
+    if training && x.numel() / x.shape()[1].max(1) == 1 {
+        return Err(Error::Shape(format!(
+            "Expected more than 1 value per channel when training, got input size {} \
+             (use a batch with more than one value per channel, or evaluation mode)",
+            fmt_shape(x.shape())
+        )));
     }
-    if let Some(t) = running_var.as_deref() {
-        check_vec(OP, "running_var", t, c, &dev)?;
-    }
-    if let Some(t) = weight {
-        check_vec(OP, "weight", t, c, &dev)?;
-    }
-    if let Some(t) = bias {
-        check_vec(OP, "bias", t, c, &dev)?;
-    }
-    let running = match (running_mean, running_var) {
-        (Some(mean), Some(var)) => Some((mean, var)),
-        (None, None) => None,
-        _ => {
-            return Err(Error::InvalidArgument(format!(
-                "{OP}: running_mean and running_var must be given together (or both omitted)"
-            )))
-        }
-    };
-    let source = if training {
-        let per_channel = x.numel() / c.max(1);
-        if per_channel == 1 {
-            return Err(Error::Shape(format!(
-                "Expected more than 1 value per channel when training, got input size {} \
-                 (use a batch with more than one value per channel, or evaluation mode)",
-                fmt_shape(x.shape())
-            )));
-        }
-        Source::Input {
-            running: running.map(|(mean, var)| Running {
-                mean,
-                var,
-                factor: momentum,
-            }),
-        }
-    } else {
-        match running {
-            Some((mean, var)) => Source::Fixed {
-                mean: &*mean,
-                var: &*var,
-            },
-            None => {
-                return Err(Error::InvalidArgument(format!(
-                    "{OP}: running_mean and running_var must be defined when training=false; \
-                     pass them or use training=true (batch statistics)"
-                )))
-            }
-        }
-    };
+    let source = planes::running_source(
+        OP,
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+    )?;
     planes::forward(x, Grouping::Channel, weight, bias, eps, source)
 }
 

@@ -1,9 +1,9 @@
 //! `instance_norm` / `instance_norm_backward` (PyTorch's `F.instance_norm`).
 
-use super::planes::{self, Grouping, PlaneShape, Running, Source};
+use super::planes::{self, Grouping, PlaneShape};
 use super::{
-    check_eps, check_grad, check_momentum, check_stats, check_vec, empty_grads, param_f32,
-    Gradients, NormOutput, Param, SavedStats,
+    check_grad, check_stats, check_vec, empty_grads, param_f32, Gradients, NormOutput, Param,
+    SavedStats,
 };
 use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
@@ -46,59 +46,25 @@ pub fn instance_norm<T: Element>(
     let bias = param_f32(bias)?;
     let bias = bias.as_deref();
     check_input(x)?;
-    check_eps(OP, eps)?;
-    check_momentum(OP, momentum)?;
     let d = PlaneShape::of(x.shape(), x.format());
-    let dev = x.device();
-    if let Some(t) = running_mean.as_deref() {
-        check_vec(OP, "running_mean", t, d.c, &dev)?;
+    if use_input_stats && d.s == 1 {
+        return Err(Error::Shape(format!(
+            "Expected more than 1 spatial element when training, got input size {} \
+             (instance norm needs a spatial extent > 1)",
+            fmt_shape(x.shape())
+        )));
     }
-    if let Some(t) = running_var.as_deref() {
-        check_vec(OP, "running_var", t, d.c, &dev)?;
-    }
-    if let Some(t) = weight {
-        check_vec(OP, "weight", t, d.c, &dev)?;
-    }
-    if let Some(t) = bias {
-        check_vec(OP, "bias", t, d.c, &dev)?;
-    }
-    let running = match (running_mean, running_var) {
-        (Some(mean), Some(var)) => Some((mean, var)),
-        (None, None) => None,
-        _ => {
-            return Err(Error::InvalidArgument(format!(
-                "{OP}: running_mean and running_var must be given together (or both omitted)"
-            )))
-        }
-    };
-    let source = if use_input_stats {
-        if d.s == 1 {
-            return Err(Error::Shape(format!(
-                "Expected more than 1 spatial element when training, got input size {} \
-                 (instance norm needs a spatial extent > 1)",
-                fmt_shape(x.shape())
-            )));
-        }
-        Source::Input {
-            running: running.map(|(mean, var)| Running {
-                mean,
-                var,
-                factor: momentum,
-            }),
-        }
-    } else {
-        match running {
-            Some((mean, var)) => Source::Fixed {
-                mean: &*mean,
-                var: &*var,
-            },
-            None => {
-                return Err(Error::InvalidArgument(format!(
-                    "{OP}: expected running_mean and running_var when use_input_stats=false"
-                )))
-            }
-        }
-    };
+    let source = planes::running_source(
+        OP,
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        use_input_stats,
+        momentum,
+        eps,
+    )?;
     planes::forward(x, Grouping::Groups(d.c), weight, bias, eps, source)
 }
 

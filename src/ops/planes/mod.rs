@@ -147,6 +147,68 @@ pub enum Source<M, V> {
 /// [`Source`] over tensors, as the op fronts pass it.
 pub(crate) type TensorSource<'a> = Source<&'a mut Tensor<f32>, &'a Tensor<f32>>;
 
+/// The front half BatchNorm and InstanceNorm share: checks eps, momentum, and that the
+/// per-channel parameters and running statistics have `C` entries on the input's device, then
+/// says where the statistics come from. `input_stats` selects batch statistics (updating the
+/// running ones when given) over the running statistics, which must then be given. The
+/// op-specific "more than one value" check runs before anything else.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn running_source<'a, T: Element>(
+    op: &str,
+    x: &Tensor<T>,
+    running_mean: Option<&'a mut Tensor<f32>>,
+    running_var: Option<&'a mut Tensor<f32>>,
+    weight: Option<&Tensor<f32>>,
+    bias: Option<&Tensor<f32>>,
+    input_stats: bool,
+    momentum: f64,
+    eps: f64,
+) -> Result<TensorSource<'a>> {
+    use super::{check_eps, check_momentum, check_vec};
+    check_eps(op, eps)?;
+    check_momentum(op, momentum)?;
+    let c = x.shape()[1];
+    let dev = x.device();
+    for (name, t) in [
+        ("running_mean", running_mean.as_deref()),
+        ("running_var", running_var.as_deref()),
+        ("weight", weight),
+        ("bias", bias),
+    ] {
+        if let Some(t) = t {
+            check_vec(op, name, t, c, &dev)?;
+        }
+    }
+    let running = match (running_mean, running_var) {
+        (Some(mean), Some(var)) => Some((mean, var)),
+        (None, None) => None,
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "{op}: running_mean and running_var must be given together (or both omitted)"
+            )))
+        }
+    };
+    Ok(match (input_stats, running) {
+        (true, running) => Source::Input {
+            running: running.map(|(mean, var)| Running {
+                mean,
+                var,
+                factor: momentum,
+            }),
+        },
+        (false, Some((mean, var))) => Source::Fixed {
+            mean: &*mean,
+            var: &*var,
+        },
+        (false, None) => {
+            return Err(Error::InvalidArgument(format!(
+                "{op}: running_mean and running_var must be defined when training=false \
+                 (use_input_stats=false); pass them, or use batch statistics"
+            )))
+        }
+    })
+}
+
 fn param_f64(t: Option<&Tensor<f32>>, c: usize, default: f64) -> Result<Vec<f64>> {
     Ok(match t {
         Some(t) => t.cpu_slice()?.iter().map(|&v| v as f64).collect(),
