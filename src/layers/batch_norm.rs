@@ -1,57 +1,10 @@
+use super::BatchNormConfig;
 use super::{module_via_state, running_accessors, state_accessors, State};
 use crate::device::Device;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ops::{batch_norm, batch_norm_backward, Gradients, NormOutput, SavedStats};
 use crate::tensor::Tensor;
-
-/// Arguments of `BatchNorm{1,2,3}d`, with PyTorch's defaults.
-#[derive(Clone, Debug, PartialEq)]
-pub struct BatchNormConfig {
-    /// `C`, the channel count.
-    pub num_features: usize,
-    /// Added to the variance (default 1e-5).
-    pub eps: f64,
-    /// Running-statistics momentum (default `Some(0.1)`); `None` means a cumulative average.
-    pub momentum: Option<f64>,
-    /// Learnable per-channel weight and bias (default true).
-    pub affine: bool,
-    /// Keep running statistics (default true).
-    pub track_running_stats: bool,
-}
-
-impl BatchNormConfig {
-    /// PyTorch's defaults for `num_features` channels.
-    pub fn new(num_features: usize) -> Self {
-        BatchNormConfig {
-            num_features,
-            eps: 1e-5,
-            momentum: Some(0.1),
-            affine: true,
-            track_running_stats: true,
-        }
-    }
-    /// Sets `eps`.
-    pub fn with_eps(mut self, eps: f64) -> Self {
-        self.eps = eps;
-        self
-    }
-    /// Sets `momentum` (`None` = cumulative moving average).
-    pub fn with_momentum(mut self, momentum: Option<f64>) -> Self {
-        self.momentum = momentum;
-        self
-    }
-    /// Sets `affine`.
-    pub fn with_affine(mut self, affine: bool) -> Self {
-        self.affine = affine;
-        self
-    }
-    /// Sets `track_running_stats`.
-    pub fn with_track_running_stats(mut self, track: bool) -> Self {
-        self.track_running_stats = track;
-        self
-    }
-}
 
 /// Batch normalization over `D` spatial dimensions, like `torch.nn.BatchNorm{D}d`.
 /// Use the aliases [`BatchNorm1d`], [`BatchNorm2d`], [`BatchNorm3d`].

@@ -45,11 +45,9 @@ mod instance_norm;
 mod layer_norm;
 mod rms_norm;
 
-pub use batch_norm::{BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormConfig};
+pub use batch_norm::{BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d};
 pub use group_norm::{GroupNorm, GroupNormConfig};
-pub use instance_norm::{
-    InstanceNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, InstanceNormConfig,
-};
+pub use instance_norm::{InstanceNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d};
 pub use layer_norm::{LayerNorm, LayerNormConfig};
 pub use rms_norm::{RMSNorm, RMSNormConfig};
 
@@ -60,6 +58,85 @@ use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
 use crate::ops::{Gradients, NormOutput, Param, SavedStats};
 use crate::tensor::Tensor;
+
+/// Arguments of BatchNorm and InstanceNorm (the same names; PyTorch's defaults differ, so each
+/// has its own `new`): use the aliases [`BatchNormConfig`] and [`InstanceNormConfig`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct PerChannelConfig<K> {
+    /// `C`, the channel count.
+    pub num_features: usize,
+    /// Added to the variance (default 1e-5).
+    pub eps: f64,
+    /// Running-statistics momentum (default `Some(0.1)`). `None`: BatchNorm keeps a cumulative
+    /// average; InstanceNorm leaves the running statistics unchanged.
+    pub momentum: Option<f64>,
+    /// Learnable per-channel weight and bias (BatchNorm default true, InstanceNorm **false**).
+    pub affine: bool,
+    /// Keep running statistics (BatchNorm default true, InstanceNorm **false**).
+    pub track_running_stats: bool,
+    kind: std::marker::PhantomData<K>,
+}
+
+/// Marks a [`PerChannelConfig`] as BatchNorm's.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BatchKind;
+/// Marks a [`PerChannelConfig`] as InstanceNorm's.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct InstanceKind;
+
+/// Arguments of `BatchNorm{1,2,3}d`, with PyTorch's defaults.
+pub type BatchNormConfig = PerChannelConfig<BatchKind>;
+/// Arguments of `InstanceNorm{1,2,3}d`, with PyTorch's defaults.
+pub type InstanceNormConfig = PerChannelConfig<InstanceKind>;
+
+impl PerChannelConfig<BatchKind> {
+    /// PyTorch's BatchNorm defaults for `num_features` channels: eps 1e-5, momentum 0.1,
+    /// affine, tracking running statistics.
+    pub fn new(num_features: usize) -> Self {
+        Self::with_defaults(num_features, true)
+    }
+}
+
+impl PerChannelConfig<InstanceKind> {
+    /// PyTorch's InstanceNorm defaults for `num_features` channels: eps 1e-5, momentum 0.1, no
+    /// affine, no running statistics.
+    pub fn new(num_features: usize) -> Self {
+        Self::with_defaults(num_features, false)
+    }
+}
+
+impl<K> PerChannelConfig<K> {
+    fn with_defaults(num_features: usize, on: bool) -> Self {
+        PerChannelConfig {
+            num_features,
+            eps: 1e-5,
+            momentum: Some(0.1),
+            affine: on,
+            track_running_stats: on,
+            kind: std::marker::PhantomData,
+        }
+    }
+    /// Sets `eps`.
+    pub fn with_eps(mut self, eps: f64) -> Self {
+        self.eps = eps;
+        self
+    }
+    /// Sets `momentum` (`None`: see the field).
+    pub fn with_momentum(mut self, momentum: Option<f64>) -> Self {
+        self.momentum = momentum;
+        self
+    }
+    /// Sets `affine`.
+    pub fn with_affine(mut self, affine: bool) -> Self {
+        self.affine = affine;
+        self
+    }
+    /// Sets `track_running_stats`.
+    pub fn with_track_running_stats(mut self, track: bool) -> Self {
+        self.track_running_stats = track;
+        self
+    }
+}
 
 /// One entry of a [`StateDict`]: a float tensor, or `num_batches_tracked` (a long tensor in
 /// PyTorch).

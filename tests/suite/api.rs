@@ -393,3 +393,16 @@ fn parameters_in_the_inputs_dtype() {
     case::<f16>();
     case::<bf16>();
 }
+
+/// One config type, PyTorch's two sets of defaults.
+#[test]
+fn batch_and_instance_norm_configs_keep_pytorchs_defaults() {
+    let b = BatchNormConfig::new(3);
+    let i = InstanceNormConfig::new(3);
+    assert!(b.affine && b.track_running_stats, "{b:?}");
+    assert!(!i.affine && !i.track_running_stats, "{i:?}");
+    assert_eq!((b.eps, b.momentum), (1e-5, Some(0.1)));
+    assert_eq!((i.eps, i.momentum), (1e-5, Some(0.1)));
+    assert_eq!(BatchNorm2d::new(3).unwrap().state_dict().len(), 5);
+    assert_eq!(InstanceNorm2d::new(3).unwrap().state_dict().len(), 0);
+}
