@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """PyTorch's side of `cunorm bench --compare`: the same cases (op x dtype x memory format x stage
 over the standard shapes), timed the same way on the same GPU: torch.nn.functional ops, CUDA
-events, 3 warm-up runs, median of 20 timed runs, L2 flushed before each timed run.
+events, 3 warm-up runs, median of 20 timed runs, L2 flushed before each timed run. Weight and
+bias are in the input's dtype, as PyTorch's CUDA LayerNorm/GroupNorm read gamma (running
+statistics stay f32). OUT.json is rewritten after every case, so a run cut short keeps what it
+measured.
 
 usage: python3 benches/torch_compare.py OUT.json [--quick] [--reps N]
 Keys match cunorm's BenchRow::key(): op|dtype|format|[shape]|stage.
 """
 import json
+import os
 import sys
 
 import torch
@@ -59,8 +63,8 @@ def main():
                     dy = dy.contiguous(memory_format=torch.channels_last)
                 c, last = shape[1], shape[-1]
                 pc = last if op in ("layer_norm", "rms_norm") else c
-                w = torch.ones(pc, device=dev, requires_grad=True)
-                b = torch.zeros(pc, device=dev, requires_grad=True)
+                w = torch.ones(pc, device=dev, dtype=dt, requires_grad=True)
+                b = torch.zeros(pc, device=dev, dtype=dt, requires_grad=True)
                 rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
                 if op == "layer_norm":
                     fwd = lambda x: F.layer_norm(x, (last,), w, b, 1e-5)
@@ -75,22 +79,37 @@ def main():
                     fwd = lambda x: F.instance_norm(x, None, None, w, b, True, 0.1, 1e-5)
                     ev = lambda x: F.instance_norm(x, rm, rv, w, b, False, 0.1, 1e-5)
                 key = lambda stage: f"{op}|{dname}|{fmt}|{list(shape)}|{stage}"
-                try:
-                    with torch.no_grad():
-                        results.append({"key": key("forward"), "ms": median(lambda: fwd(x))})
-                        if op in ("batch_norm", "instance_norm"):
-                            results.append({"key": key("eval"), "ms": median(lambda: ev(x))})
-                    xg = x.detach().requires_grad_(True)
-                    y = fwd(xg)
-                    results.append({"key": key("backward"),
-                                    "ms": median(lambda: torch.autograd.grad(y, (xg, w, b) if op != "rms_norm" else (xg, w), dy, retain_graph=True))})
-                except RuntimeError as e:  # e.g. a dtype PyTorch does not support for this op
-                    print(f"skip {key('*')}: {e}", file=sys.stderr)
-                print(results[-1]["key"], f"{results[-1]['ms']:.4f} ms", flush=True)
-                del x, dy
+                xg = x.detach().requires_grad_(True)
+                params = (xg, w, b) if op != "rms_norm" else (xg, w)
+                stages = [("forward", lambda: fwd(x))]
+                if op in ("batch_norm", "instance_norm"):
+                    stages.append(("eval", lambda: ev(x)))
+                stages.append(("backward", None))
+                for stage, f in stages:
+                    try:
+                        if f is None:
+                            y = fwd(xg)
+                            ms = median(lambda: torch.autograd.grad(y, params, dy, retain_graph=True))
+                        else:
+                            with torch.no_grad():
+                                ms = median(f)
+                    except RuntimeError as e:  # e.g. a dtype PyTorch does not support for this op
+                        print(f"skip {key(stage)}: {e}", file=sys.stderr, flush=True)
+                        continue
+                    results.append({"key": key(stage), "ms": ms})
+                    print(key(stage), f"{ms:.4f} ms", flush=True)
+                    save(out, results)
+                del x, dy, xg
                 torch.cuda.empty_cache()
-    with open(out, "w") as fh:
-        json.dump({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "results": results}, fh, indent=1)
+    save(out, results)
+
+
+def save(out, results):
+    tmp = out + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"torch": torch.__version__, "device": torch.cuda.get_device_name(),
+                   "results": results}, fh, indent=1)
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":

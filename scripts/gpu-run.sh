@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs on a GPU machine from a folder made by scripts/gpu-bundle.sh; builds nothing.
-# usage: gpu-run.sh LOG_DIR [GROUP...]     GROUP: verify, perf, sanitize (default: all three)
+# usage: gpu-run.sh OUT [GROUP...]     GROUP: verify, perf, sanitize, profile
+#                                      (default: verify perf)
 #
 # verify:   device info, NVRTC compile test, cold/warm start (`demo` with an empty, then a warm
 #           kernel cache), the whole CUDA test suite with CUNORM_REQUIRE_CUDA=1, `cunorm check`,
@@ -8,24 +9,40 @@
 # perf:     benches/torch_compare.py (when PyTorch sees a GPU), then `cunorm bench --compare`
 #           (table in bench.log, JSON in bench.json);
 # sanitize: compute-sanitizer memcheck, initcheck, synccheck, racecheck over the CUDA sweep
-#           (CUNORM_CHECK_QUICK=1).
+#           (CUNORM_CHECK_QUICK=1);
+# profile:  ncu (SpeedOfLight, MemoryWorkloadAnalysis, Occupancy) over the first launches of
+#           `cunorm bench` on the standard cases.
+#
+# Two calls of the device tool cover everything, each within its 600 s:
+#   gpu-bundle/gpu-run.sh "$OUT" verify perf        then   gpu-bundle/gpu-run.sh "$OUT" sanitize profile
 #
 # Every step has its own time limit and the run a deadline (GPU_RUN_DEADLINE seconds, default
 # 560, under the device tool's 600 s per call): a step that would start past it is skipped and
 # says so, so one slow step cannot take the rest down; rerun the missing group in another call.
-# Every log goes to LOG_DIR; LOG_DIR/summary.txt has one line per step (rc, time).
+# Logs are written to a work folder, then packed into ONE file, OUT/gpu-run-<groups>.tar.gz
+# (the device tool returns at most 8 files), with OUT/summary-<groups>.txt (one line per step:
+# rc, time) beside it. The kernel cache stays outside OUT.
 # GPU_RUN_BENCH_ARGS adds arguments to `cunorm bench` (e.g. "--quick --reps 1" for a smoke run
 # of this script on scripts/fake-cuda's driver).
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-out=${1:?usage: gpu-run.sh LOG_DIR [verify|perf|sanitize]...}
+dest=${1:?usage: gpu-run.sh OUT [verify|perf|sanitize|profile]...}
 shift
-groups=${*:-verify perf sanitize}
-mkdir -p "$out"
+groups=${*:-verify perf}
+tag=$(echo "$groups" | tr ' ' '-')
+mkdir -p "$dest"
+out=$(mktemp -d "${TMPDIR:-/tmp}/cunorm-gpu-run.XXXXXX")
 export CUNORM_REQUIRE_CUDA=1 CUNORM_REQUIRE_NVRTC=1
-export CUNORM_CACHE_DIR=${CUNORM_CACHE_DIR:-$out/kernel-cache}
+export CUNORM_CACHE_DIR=${CUNORM_CACHE_DIR:-${TMPDIR:-/tmp}/cunorm-kernel-cache}
 [ -d /usr/local/cuda/lib64 ] && export CUNORM_NVRTC_DIR=${CUNORM_NVRTC_DIR:-/usr/local/cuda/lib64}
 [ -d /usr/local/cuda/bin ] && export PATH="$PATH:/usr/local/cuda/bin"  # compute-sanitizer
+# Pack whatever is there on any exit (a step killed by the deadline included).
+pack() {
+  [ -d "$out" ] || return
+  cp "$out/summary.txt" "$dest/summary-$tag.txt" 2>/dev/null
+  tar czf "$dest/gpu-run-$tag.tar.gz" -C "$out" . && rm -rf "$out"
+}
+trap pack EXIT
 read -r -a bench_args <<< "${GPU_RUN_BENCH_ARGS:-}"
 deadline=$(( $(date +%s) + ${GPU_RUN_DEADLINE:-560} ))
 status=0
@@ -91,5 +108,15 @@ if has sanitize; then
   fi
 fi
 
+if has profile; then
+  if command -v ncu > /dev/null; then
+    run 420 ncu ncu --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+      --launch-count 60 --csv --page details "$here/cunorm" bench --reps 1 "${bench_args[@]}"
+  else
+    echo "ncu not found on PATH: profile step not run" | tee -a "$out/summary.txt"
+    status=1
+  fi
+fi
+
 echo "overall status: $status" | tee -a "$out/summary.txt"
-exit $status
+exit $status  # the EXIT trap packs the logs

@@ -13,11 +13,12 @@ static int failures = 0, checks = 0;
 static const int SMS = 3;  // a small "GPU" so grid-stride loops and chunking are exercised
 static const size_t SMEM_OPTIN = 227 * 1024;  // H100's opt-in shared memory per block
 
-// As raw::rows_fwd_config: threads, whether the row is cached, blocks.
+// As rows_fwd_config (src/ops/rows/cuda.rs): threads, whether the row is cached (it fits the
+// dynamic shared memory left beside the kernel's static scratch, 384 B), blocks.
 template <class T> void rows_cfg(size_t rows, int cols, unsigned* threads, int* cache, unsigned* blocks) {
     const int PN = 16 / sizeof(T);
     *threads = std::min<size_t>(1024, std::max<size_t>(32, ((cols + PN - 1) / PN + 31) / 32 * 32));
-    *cache = (size_t)cols * sizeof(T) + 1024 <= SMEM_OPTIN;
+    *cache = (size_t)cols * sizeof(T) + 384 <= SMEM_OPTIN;
     *blocks = std::min<size_t>(rows, SMS * 32);
 }
 

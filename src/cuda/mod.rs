@@ -53,6 +53,9 @@ pub fn probe() -> Result<usize> {
 pub(crate) struct Kernel {
     pub(crate) func: CudaFunction,
     pub(crate) max_threads: u32,
+    /// Dynamic shared memory a launch may use: the device's opt-in limit less the kernel's
+    /// static shared memory, opted in once when the kernel is loaded.
+    pub(crate) max_dynamic_smem: usize,
 }
 
 struct Inner {
@@ -157,9 +160,25 @@ impl CudaDevice {
         let max_threads = func
             .max_threads_per_block()
             .map_err(|e| driver_err("reading a kernel's thread limit", e))?;
+        // Opt in to the most dynamic shared memory once, here, rather than per launch: a
+        // per-launch attribute set races when two host threads launch the kernel with
+        // different sizes.
+        let static_smem = func
+            .shared_size_bytes()
+            .map_err(|e| driver_err("reading a kernel's static shared memory", e))?;
+        let max_dynamic_smem = self
+            .inner
+            .smem_optin
+            .saturating_sub(static_smem.max(0) as usize);
+        func.set_attribute(
+            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            max_dynamic_smem as i32,
+        )
+        .map_err(|e| driver_err("opting in to shared memory", e))?;
         let k = Kernel {
             func,
             max_threads: max_threads.clamp(32, 1024) as u32,
+            max_dynamic_smem,
         };
         lock()?.insert(name.to_string(), k.clone());
         Ok(k)

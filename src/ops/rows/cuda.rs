@@ -10,7 +10,7 @@
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use crate::cuda::launch::{arg_or_null, block_threads, check_len, grid, launch_err, pack, to_i32};
-use crate::cuda::{driver_err, CudaDevice, Kernel};
+use crate::cuda::{CudaDevice, Kernel};
 use crate::dtype::Element;
 use crate::error::Result;
 use crate::ops::{kernels, Gradients, NormOutput, SavedStats};
@@ -152,12 +152,9 @@ pub(crate) fn backward<T: Element>(
 // The launch layer over cudarc views
 // ---------------------------------------------------------------------------------------------
 
-/// Shared memory a block uses without opting in.
-const DEFAULT_SMEM: usize = 48 * 1024;
-
 /// Launch configuration of the row forward kernel. The row stays on chip (as T) when it fits in
-/// the device's opt-in shared memory next to the 384-byte reduction scratch; above 48 KiB the
-/// kernel is opted in first.
+/// the dynamic shared memory the kernel was opted in to at load (the device's limit less the
+/// kernel's static reduction scratch).
 pub(crate) fn rows_fwd_config<T: Element>(
     dev: &CudaDevice,
     k: &Kernel,
@@ -167,14 +164,7 @@ pub(crate) fn rows_fwd_config<T: Element>(
     let packs = cols.div_ceil(pack::<T>());
     let threads = block_threads(k, packs);
     let smem = cols * T::DTYPE.size();
-    let cache = smem + 1024 <= dev.smem_per_block();
-    if cache && smem + 1024 > DEFAULT_SMEM {
-        k.func.set_attribute(
-            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .map_err(|e| driver_err("opting in to shared memory", e))?;
-    }
+    let cache = smem <= k.max_dynamic_smem;
     let blocks = rows.min(dev.sm_count() as usize * 32);
     Ok((
         LaunchConfig {
