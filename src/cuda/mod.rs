@@ -16,6 +16,20 @@ use cudarc::nvrtc::Ptx;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 
+/// Whether `lib<name>.so` (or `.so.<major>` for one of `majors`) can be loaded: the names cudarc
+/// opens the library by under dynamic loading. cunorm's own probe, so that it works whatever
+/// cudarc linking mode the dependency graph selects (`fallback-dynamic-loading` beside candle's
+/// `dynamic-linking`): cudarc's first FFI call panics when the library is missing.
+pub(crate) fn loadable(name: &str, majors: &[u32]) -> bool {
+    let names = std::iter::once(format!("lib{name}.so"))
+        .chain(majors.iter().map(|m| format!("lib{name}.so.{m}")));
+    names.into_iter().any(|n| {
+        // SAFETY: loading NVIDIA's driver or NVRTC library, whose initializers have no
+        // preconditions; the handle is closed again at once.
+        unsafe { libloading::Library::new(n) }.is_ok()
+    })
+}
+
 pub(crate) fn driver_err(context: &str, e: cudarc::driver::DriverError) -> Error {
     Error::Cuda {
         context: context.to_string(),
@@ -26,8 +40,7 @@ pub(crate) fn driver_err(context: &str, e: cudarc::driver::DriverError) -> Error
 /// Whether the CUDA driver library can be loaded and reports at least one device.
 /// On failure the message explains what is missing.
 pub fn probe() -> Result<usize> {
-    // SAFETY: only attempts to dlopen the driver library by its usual names.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !loadable("cuda", &[1]) {
         return Err(Error::Unavailable(
             "no CUDA driver: libcuda.so could not be loaded (install the NVIDIA driver; cunorm \
              needs no CUDA toolkit)"
@@ -416,5 +429,13 @@ impl<T: Element> CudaBuffer<T> {
         Arc::get_mut(&mut self.slice).ok_or_else(|| {
             Error::Unavailable("device buffer is shared and cannot be written".into())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn probing_a_missing_library_is_false_not_a_panic() {
+        assert!(!super::loadable("cunorm-no-such-library", &[13, 12]));
     }
 }

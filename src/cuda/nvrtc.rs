@@ -106,8 +106,20 @@ fn open_global(_path: &Path) -> std::result::Result<(), String> {
     Err("loading NVRTC by path is only supported on Unix; put it on PATH".into())
 }
 
-/// The CUDA major version this build's cudarc bindings target (the `cuda-12` / `cuda-13` feature).
-const CUDA_MAJOR: u32 = if cfg!(feature = "cuda-13") { 13 } else { 12 };
+/// The CUDA major versions this build's cudarc bindings accept: the `cuda-13` / `cuda-12`
+/// feature's, or either with `cuda-version-from-build-system`.
+const CUDA_MAJORS: &[u32] = if cfg!(feature = "cuda-13") {
+    &[13]
+} else if cfg!(feature = "cuda-12") {
+    &[12]
+} else {
+    &[13, 12]
+};
+
+/// Whether cudarc can now open libnvrtc by name.
+fn nvrtc_loadable() -> bool {
+    super::loadable("nvrtc", CUDA_MAJORS)
+}
 
 /// Makes libnvrtc loadable by cudarc without LD_LIBRARY_PATH. On failure the error lists every
 /// place that was searched and how to fix it. Runs the search once per process.
@@ -115,8 +127,7 @@ pub fn ensure_nvrtc() -> Result<()> {
     static STATE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
     STATE
         .get_or_init(|| {
-            // SAFETY: only attempts to dlopen libnvrtc by its usual names.
-            if unsafe { sys::is_culib_present() } {
+            if nvrtc_loadable() {
                 return Ok(());
             }
             let mut tried = Vec::new();
@@ -134,14 +145,13 @@ pub fn ensure_nvrtc() -> Result<()> {
                     }
                 }
                 match open_global(&lib) {
-                    // SAFETY: as above.
-                    Ok(()) if unsafe { sys::is_culib_present() } => return Ok(()),
+                    Ok(()) if nvrtc_loadable() => return Ok(()),
                     Ok(()) => tried.push(format!(
                         "{} (loaded, but this build of cunorm uses CUDA {major} and needs \
                          libnvrtc.so.{major}: point CUNORM_NVRTC_DIR at a CUDA {major} NVRTC \
                          or build with the feature matching this one)",
                         lib.display(),
-                        major = CUDA_MAJOR
+                        major = CUDA_MAJORS[0]
                     )),
                     Err(e) => tried.push(format!("{} ({e})", lib.display())),
                 }
