@@ -19,6 +19,8 @@ mod demo;
 
 mod api;
 mod architecture;
+#[cfg(feature = "candle")]
+mod candle_ops;
 mod cpu_paths;
 mod cuda;
 mod errors;
