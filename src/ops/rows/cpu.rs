@@ -172,7 +172,8 @@ multiversion! {
 }
 
 /// LayerNorm (`mean` given) or RMSNorm (`mean = None`) backward over contiguous rows.
-/// Returns (dx, Σ_rows g·x̂, Σ_rows g), the sums in f64 and in a fixed block order.
+/// Returns (dx, Σ_rows g·x̂, Σ_rows g), the sums in f64 and in a fixed block order (zeros when
+/// `param_grads` is false: not computed).
 pub(crate) fn norm_rows_backward<T: Element>(
     g: &[T],
     x: &[T],
@@ -180,6 +181,7 @@ pub(crate) fn norm_rows_backward<T: Element>(
     mean: Option<&[f32]>,
     rstd: &[f32],
     weight: Option<&[f32]>,
+    param_grads: bool,
 ) -> (Vec<T>, Vec<f64>, Vec<f64>) {
     if x.is_empty() || cols == 0 {
         return (
@@ -199,8 +201,11 @@ pub(crate) fn norm_rows_backward<T: Element>(
             .enumerate()
             .map(|(blk, (db, (gb, xb)))| {
                 let (r0, r1) = (blk * br, blk * br + db.len() / cols);
-                let mut pw = vec![0f64; cols];
-                let mut pb = vec![0f64; cols];
+                // Without a weight or bias nobody needs the column sums: skip them (empty
+                // slices make the kernel's column loop empty).
+                let n = if param_grads { cols } else { 0 };
+                let mut pw = vec![0f64; n];
+                let mut pb = vec![0f64; n];
                 let m = mean.map(|m| &m[r0..r1]);
                 norm_rows_bwd(gb, xb, db, cols, m, &rstd[r0..r1], w, &mut pw, &mut pb);
                 (pw, pb)
@@ -210,7 +215,7 @@ pub(crate) fn norm_rows_backward<T: Element>(
     let mut dw = vec![0f64; cols];
     let mut db = vec![0f64; cols];
     for (pw, pb) in parts {
-        for j in 0..cols {
+        for j in 0..pw.len() {
             dw[j] += pw[j];
             db[j] += pb[j];
         }

@@ -130,7 +130,8 @@ pub(crate) fn backward<T: Element>(
         let (gs, xs) = (dy.cpu_slice()?, x.cpu_slice()?);
         let w = weight.map(|t| t.cpu_slice()).transpose()?;
         let m = mean.map(|m| m.cpu_slice()).transpose()?;
-        let (dx, dw, db) = cpu::norm_rows_backward(gs, xs, cols, m, rstd.cpu_slice()?, w);
+        let want = weight.is_some() || has_bias;
+        let (dx, dw, db) = cpu::norm_rows_backward(gs, xs, cols, m, rstd.cpu_slice()?, w, want);
         let param =
             |v: Vec<f64>| f32_tensor(v.into_iter().map(|v| v as f32).collect(), &Device::Cpu);
         Gradients {
