@@ -71,13 +71,13 @@ __device__ __forceinline__ Welford welford_empty() {
 // Finite (not ±inf, not NaN), without a math header.
 __device__ __forceinline__ bool is_finite(float v) { return fabsf(v) <= 3.402823466e+38f; }
 
-// An infinite or NaN input or mean makes the deviation non-finite: the mean then follows a
-// plain average (+inf stays +inf, +inf with -inf is NaN, as PyTorch's sums give; the Welford
-// step would turn +inf into inf − inf = NaN) and the variance becomes NaN.
+// An infinite or NaN input or mean: the mean then follows a plain average (+inf stays +inf,
+// +inf with -inf is NaN, as PyTorch's sums give; the Welford step would turn +inf into
+// inf − inf = NaN) and the variance becomes NaN.
 __device__ __forceinline__ void welford_add(Welford& w, float x) {
     w.n += 1.f;
     float d = x - w.mean;
-    if (is_finite(d)) {
+    if (is_finite(x) && is_finite(w.mean)) {
         w.mean += d / w.n;
         w.m2 += d * (x - w.mean);
     } else {
@@ -94,7 +94,7 @@ __device__ __forceinline__ Welford welford_merge(Welford a, Welford b) {
     r.n = a.n + b.n;
     float d = b.mean - a.mean;
     float fb = b.n / r.n;
-    if (is_finite(d)) {
+    if (is_finite(a.mean) && is_finite(b.mean)) {
         r.mean = a.mean + d * fb;
         r.m2 = a.m2 + b.m2 + d * d * a.n * fb;
     } else {  // a non-finite mean: as in welford_add

@@ -373,11 +373,9 @@ impl<T: Element> Tensor<T> {
         }
     }
 
-    /// Sets every element to `value` (on the tensor's device); on an `Err` the tensor is
-    /// unchanged.
-    pub(crate) fn fill(&mut self, value: T) -> Result<()> {
-        *self = Tensor::full(&self.shape, value)?.to_device(&self.device())?;
-        Ok(())
+    /// A tensor of the same shape and device with every element `value`.
+    pub(crate) fn filled(&self, value: T) -> Result<Tensor<T>> {
+        Tensor::full(&self.shape, value)?.to_device(&self.device())
     }
 }
 

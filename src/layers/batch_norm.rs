@@ -101,17 +101,27 @@ impl<const D: usize> BatchNorm<D> {
         let training = self.state.training;
         let momentum = self.config.momentum;
         let (eps, state) = (self.config.eps, &mut self.state);
+        // The step counter after this step, checked before anything changes.
+        let counted = match &state.running {
+            Some(r) if training => Some(r.num_batches_tracked.checked_add(1).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "{}: num_batches_tracked is at its maximum; reset_running_stats() or set it",
+                    state.name
+                ))
+            })?),
+            _ => None,
+        };
         // The update factor of this step: momentum, or a cumulative average over the steps.
-        let factor = match (&state.running, momentum) {
+        let factor = match (counted, momentum) {
             (_, Some(m)) => m,
-            (Some(r), None) if training => 1.0 / (r.num_batches_tracked as f64 + 1.0),
+            (Some(n), None) => 1.0 / n as f64,
             _ => 0.0,
         };
         let use_batch = training || state.running.is_none();
         let (w, b, rm, rv) = state.op_args();
         let out = batch_norm(x, rm, rv, w, b, use_batch, factor, eps)?;
-        if let (true, Some(r)) = (training, &mut state.running) {
-            r.num_batches_tracked += 1;
+        if let (Some(n), Some(r)) = (counted, &mut state.running) {
+            r.num_batches_tracked = n;
         }
         Ok(out)
     }

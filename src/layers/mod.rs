@@ -496,22 +496,19 @@ impl Module for State {
     }
 
     fn reset_running_stats(&mut self) -> Result<()> {
+        // Both replacements are made before either is assigned: an Err changes nothing.
         if let Some(r) = &mut self.running {
-            r.mean.fill(0.0)?;
-            r.var.fill(1.0)?;
-            r.num_batches_tracked = 0;
+            let (mean, var) = (r.mean.filled(0.0)?, r.var.filled(1.0)?);
+            (r.mean, r.var, r.num_batches_tracked) = (mean, var, 0);
         }
         Ok(())
     }
 
     fn reset_parameters(&mut self) -> Result<()> {
+        let w = self.weight.as_ref().map(|w| w.filled(1.0)).transpose()?;
+        let b = self.bias.as_ref().map(|b| b.filled(0.0)).transpose()?;
         self.reset_running_stats()?;
-        if let Some(w) = &mut self.weight {
-            w.fill(1.0)?;
-        }
-        if let Some(b) = &mut self.bias {
-            b.fill(0.0)?;
-        }
+        (self.weight, self.bias) = (w, b);
         Ok(())
     }
 

@@ -165,8 +165,31 @@ fn gradients_through_candle_autograd() {
                 &want.dbias.unwrap().to_vec().unwrap(),
                 1e-6,
             );
-        } else {
-            assert!(grads.get(bv.as_tensor()).is_none());
+        }
+        // Finite differences in the weight and bias (first and last entries): the op reads the
+        // Vars' current values, so perturbing them in place moves the loss.
+        let gb = (name != "rms_norm").then(|| vec(grads.get(bv.as_tensor()).unwrap()));
+        for (var, g, what) in [(&wv, Some(gw.clone()), "weight"), (&bv, gb, "bias")] {
+            let Some(g) = g else { continue };
+            let base = vec(var.as_tensor());
+            for i in [0, base.len() - 1] {
+                let h = 1e-2f32;
+                let at = |d: f32| {
+                    let mut v = base.clone();
+                    v[i] += d;
+                    var.set(&Tensor::from_vec(v, base.len(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    loss(ours.as_ref(), x.as_tensor())
+                };
+                let fd = ((at(h) - at(-h)) / (2.0 * h as f64)) as f32;
+                var.set(&Tensor::from_vec(base.clone(), base.len(), &Device::Cpu).unwrap())
+                    .unwrap();
+                assert!(
+                    (fd - g[i]).abs() <= 2e-2 * g[i].abs().max(1.0),
+                    "{name}: d loss/d{what}[{i}] autograd {} vs finite difference {fd}",
+                    g[i]
+                );
+            }
         }
         // Finite differences in x on a few elements (f32 forward, h = 1e-2).
         let base = vec(x.as_tensor());

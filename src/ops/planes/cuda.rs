@@ -41,8 +41,9 @@ pub(crate) fn forward<T: Element>(
         s.c
     };
     let mut y = dev.alloc::<T>(numel)?;
-    let mut mean = dev.alloc::<f32>(ng)?;
-    let mut rstd = dev.alloc::<f32>(ng)?;
+    // Zeroed, not uninitialized: an empty input launches nothing that would write them.
+    let mut mean = dev.zeros::<f32>(ng)?;
+    let mut rstd = dev.zeros::<f32>(ng)?;
     let xv = tensor_view(x)?;
     let wv = weight.map(tensor_view).transpose()?;
     let bv = bias.map(tensor_view).transpose()?;
@@ -300,7 +301,7 @@ pub fn planes_forward<T: Element>(
     rstd: &mut CudaViewMut<f32>,
 ) -> Result<()> {
     let s = shape;
-    let numel = s.numel();
+    let numel = s.checked_numel()?;
     check_len("x", x.len(), numel)?;
     check_len("y", y.len(), numel)?;
     for (name, p) in [("weight", &weight), ("bias", &bias)] {
@@ -309,6 +310,17 @@ pub fn planes_forward<T: Element>(
         }
     }
     groups.check("cuda launch", s.c)?;
+    // Running statistics average per-sample statistics over the batch only when a group is one
+    // channel (InstanceNorm); other per-sample groupings have no per-channel running statistics.
+    if let (Source::Input { running: Some(_) }, Grouping::Groups(g)) = (&stats, groups) {
+        if g != s.c {
+            return Err(Error::InvalidArgument(format!(
+                "cuda launch: running statistics need per-channel statistics: Grouping::Channel \
+                 or Grouping::Groups(C = {}), got Groups({g})",
+                s.c
+            )));
+        }
+    }
     let (n_i, c_i, s_i, cl) = s.kernel_args()?;
     let stream = dev.stream();
     let g_code = match stats {
@@ -445,7 +457,8 @@ pub fn planes_backward<T: Element>(
     dbias: &mut CudaViewMut<f32>,
 ) -> Result<()> {
     let s = shape;
-    let numel = s.numel();
+    let numel = s.checked_numel()?;
+    groups.check("cuda launch", s.c)?;
     check_len("dy", dy.len(), numel)?;
     check_len("x", x.len(), numel)?;
     check_len("dx", dx.len(), numel)?;

@@ -51,6 +51,20 @@ impl PlaneShape {
         self.n * self.c * self.s
     }
 
+    /// `N·C·S` for the launch layer, whose shapes come from the caller: an `Err` when it (or
+    /// `N·C`) overflows or does not fit the kernels' 64-bit indices.
+    pub(crate) fn checked_numel(&self) -> Result<usize> {
+        self.n
+            .checked_mul(self.c)
+            .and_then(|nc| nc.checked_mul(self.s))
+            .filter(|&e| e <= i64::MAX as usize)
+            .ok_or_else(|| {
+                Error::Shape(format!(
+                    "cuda launch: N·C·S of {self:?} overflows; split the input"
+                ))
+            })
+    }
+
     pub(crate) fn channels_last(&self) -> bool {
         self.format == MemoryFormat::ChannelsLast
     }

@@ -222,7 +222,14 @@ fn rows_forward<T: Element>(
     mean: Option<&mut CudaViewMut<f32>>,
     rstd: &mut CudaViewMut<f32>,
 ) -> Result<()> {
-    let numel = rows * cols;
+    let numel = rows
+        .checked_mul(cols)
+        .filter(|&e| e <= i64::MAX as usize)
+        .ok_or_else(|| {
+            crate::Error::Shape(format!(
+                "cuda launch: {rows} rows of {cols} overflow; split the input"
+            ))
+        })?;
     check_len("x", x.len(), numel)?;
     check_len("y", y.len(), numel)?;
     check_len("rstd", rstd.len(), rows)?;
@@ -325,7 +332,14 @@ fn rows_backward<T: Element>(
     dweight: &mut CudaViewMut<f32>,
     dbias: &mut CudaViewMut<f32>,
 ) -> Result<()> {
-    let numel = rows * cols;
+    let numel = rows
+        .checked_mul(cols)
+        .filter(|&e| e <= i64::MAX as usize)
+        .ok_or_else(|| {
+            crate::Error::Shape(format!(
+                "cuda launch: {rows} rows of {cols} overflow; split the input"
+            ))
+        })?;
     check_len("dy", dy.len(), numel)?;
     check_len("x", x.len(), numel)?;
     check_len("dx", dx.len(), numel)?;
