@@ -327,6 +327,9 @@ pub fn planes_forward<T: Element>(
         Source::Input { .. } => groups.code(),
         Source::Fixed { .. } => 0,
     };
+    // The running-statistics update is queued last, after every other launch was accepted, so
+    // that a failed call leaves the running statistics as they were.
+    let mut pending = None;
     match stats {
         Source::Input { running } => {
             let ng = groups.num_groups(&s);
@@ -389,10 +392,7 @@ pub fn planes_forward<T: Element>(
             b.arg(&n_i).arg(&c_i).arg(&chunks_i).arg(&g_code).arg(&eps);
             // SAFETY: matches planes_finalize_f32; mean/rstd/varu hold the group count.
             unsafe { b.launch(small_config(ng)?) }.map_err(launch_err)?;
-
-            if let Some(r) = running {
-                running_update(dev, &s, groups, r, &mean.as_view(), &varu)?;
-            }
+            pending = running.map(|r| (r, varu));
         }
         Source::Fixed { mean: rm, var: rv } => {
             check_len("running_mean", rm.len(), s.c)?;
@@ -436,6 +436,9 @@ pub fn planes_forward<T: Element>(
         .arg(&cl);
     // SAFETY: matches planes_apply_*; coefficient buffers hold N·C floats.
     unsafe { b.launch(apply_config::<T>(dev, numel)?) }.map_err(launch_err)?;
+    if let Some((r, varu)) = pending {
+        running_update(dev, &s, groups, r, &mean.as_view(), &varu)?;
+    }
     Ok(())
 }
 
