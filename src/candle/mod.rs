@@ -226,6 +226,22 @@ impl NormOp {
     }
 }
 
+/// Calls `self.method::<T>(args)` for the element type of candle dtype `dt` (f32, f16, bf16),
+/// an error naming the op for any other.
+macro_rules! by_dtype {
+    ($self:ident, $dt:expr, $method:ident($($arg:expr),*)) => {
+        match $dt {
+            candle_core::DType::F32 => $self.$method::<f32>($($arg),*),
+            candle_core::DType::F16 => $self.$method::<f16>($($arg),*),
+            candle_core::DType::BF16 => $self.$method::<bf16>($($arg),*),
+            d => Err(candle_core::Error::Msg(format!(
+                "cunorm: {} takes f32, f16 or bf16, got {d:?}",
+                $self.name()
+            ))),
+        }
+    };
+}
+
 impl CustomOp3 for NormOp {
     fn name(&self) -> &'static str {
         match self.kind {
@@ -244,15 +260,7 @@ impl CustomOp3 for NormOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match s1.dtype() {
-            candle_core::DType::F32 => self.cpu_fwd_t::<f32>(s1, l1, s2, l2, s3, l3),
-            candle_core::DType::F16 => self.cpu_fwd_t::<f16>(s1, l1, s2, l2, s3, l3),
-            candle_core::DType::BF16 => self.cpu_fwd_t::<bf16>(s1, l1, s2, l2, s3, l3),
-            d => Err(candle_core::Error::Msg(format!(
-                "cunorm: {} takes f32, f16 or bf16, got {d:?}",
-                self.name()
-            ))),
-        }
+        by_dtype!(self, s1.dtype(), cpu_fwd_t(s1, l1, s2, l2, s3, l3))
     }
 
     fn bwd(
@@ -263,15 +271,7 @@ impl CustomOp3 for NormOp {
         _res: &CTensor,
         grad: &CTensor,
     ) -> candle_core::Result<(Option<CTensor>, Option<CTensor>, Option<CTensor>)> {
-        match x.dtype() {
-            candle_core::DType::F32 => self.bwd_t::<f32>(x, w, b, grad),
-            candle_core::DType::F16 => self.bwd_t::<f16>(x, w, b, grad),
-            candle_core::DType::BF16 => self.bwd_t::<bf16>(x, w, b, grad),
-            d => Err(candle_core::Error::Msg(format!(
-                "cunorm: {} takes f32, f16 or bf16, got {d:?}",
-                self.name()
-            ))),
-        }
+        by_dtype!(self, x.dtype(), bwd_t(x, w, b, grad))
     }
 }
 

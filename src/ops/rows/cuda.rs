@@ -152,6 +152,18 @@ pub(crate) fn backward<T: Element>(
 // The launch layer over cudarc views
 // ---------------------------------------------------------------------------------------------
 
+/// `rows·cols` for the launch layer, whose sizes come from the caller: an `Err` when it
+/// overflows or does not fit the kernels' 64-bit indices.
+fn rows_numel(rows: usize, cols: usize) -> Result<usize> {
+    rows.checked_mul(cols)
+        .filter(|&e| e <= i64::MAX as usize)
+        .ok_or_else(|| {
+            crate::Error::Shape(format!(
+                "cuda launch: {rows} rows of {cols} overflow; split the input"
+            ))
+        })
+}
+
 /// Launch configuration of the row forward kernel. The row stays on chip (as T) when it fits in
 /// the dynamic shared memory the kernel was opted in to at load (the device's limit less the
 /// kernel's static reduction scratch).
@@ -222,14 +234,7 @@ fn rows_forward<T: Element>(
     mean: Option<&mut CudaViewMut<f32>>,
     rstd: &mut CudaViewMut<f32>,
 ) -> Result<()> {
-    let numel = rows
-        .checked_mul(cols)
-        .filter(|&e| e <= i64::MAX as usize)
-        .ok_or_else(|| {
-            crate::Error::Shape(format!(
-                "cuda launch: {rows} rows of {cols} overflow; split the input"
-            ))
-        })?;
+    let numel = rows_numel(rows, cols)?;
     check_len("x", x.len(), numel)?;
     check_len("y", y.len(), numel)?;
     check_len("rstd", rstd.len(), rows)?;
@@ -332,14 +337,7 @@ fn rows_backward<T: Element>(
     dweight: &mut CudaViewMut<f32>,
     dbias: &mut CudaViewMut<f32>,
 ) -> Result<()> {
-    let numel = rows
-        .checked_mul(cols)
-        .filter(|&e| e <= i64::MAX as usize)
-        .ok_or_else(|| {
-            crate::Error::Shape(format!(
-                "cuda launch: {rows} rows of {cols} overflow; split the input"
-            ))
-        })?;
+    let numel = rows_numel(rows, cols)?;
     check_len("dy", dy.len(), numel)?;
     check_len("x", x.len(), numel)?;
     check_len("dx", dx.len(), numel)?;
