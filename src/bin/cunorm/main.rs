@@ -1,8 +1,9 @@
-//! The cunorm command line: `demo`, `info`, `check`, `bench`.
+//! The cunorm command line: `demo`, `info`, `check`, `bench`, `cpu-bench`, `kernels`.
 
 use std::process::ExitCode;
 
 mod bench;
+mod cpu_bench;
 // Parts of these are used only by the test suite (tests/suite/main.rs includes them).
 #[allow(dead_code)]
 mod check;
@@ -79,6 +80,19 @@ enum Command {
         /// Only these ops (layer_norm, rms_norm, group_norm, batch_norm, instance_norm)
         #[arg(long, value_delimiter = ',')]
         ops: Vec<String>,
+    },
+    /// Time CPU cases listed in a JSON file (written by benches/cpu_compare.py) and print
+    /// `{key: {threads: median ms}}` as JSON: the cunorm side of the PyTorch CPU comparison
+    CpuBench {
+        /// The case list
+        #[arg(long)]
+        cases: std::path::PathBuf,
+        /// Thread counts to time each case at
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2])]
+        threads: Vec<usize>,
+        /// Timed runs per case (after two warm-up runs)
+        #[arg(long, default_value_t = 10)]
+        reps: usize,
     },
     /// Compile every kernel module with NVRTC (no GPU needed) and write the PTX of each to a
     /// folder, for ptxas reports
@@ -206,6 +220,18 @@ fn run(cli: Cli) -> cunorm::Result<()> {
             } else {
                 print!("{}", bench::table(copy, &name, &rows));
             }
+        }
+        Command::CpuBench {
+            cases,
+            threads,
+            reps,
+        } => {
+            let text = std::fs::read_to_string(&cases)?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                cunorm::Error::InvalidArgument(format!("{}: not JSON: {e}", cases.display()))
+            })?;
+            let list = cpu_bench::parse_cases(&v)?;
+            println!("{}", cpu_bench::run(&list, &threads, reps)?);
         }
         Command::Kernels { arch, ptx_dir } => {
             for module in nvrtc::module_names() {

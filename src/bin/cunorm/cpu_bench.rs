@@ -1,0 +1,201 @@
+//! `cunorm cpu-bench`: the cunorm side of `benches/cpu_compare.py`. Reads a list of cases
+//! (JSON), times each on the CPU at the requested thread counts and prints one JSON object
+//! `{key: {"1": ms, "2": ms}}` of medians.
+//!
+//! Timed the way `benches/cpu_compare.py` times PyTorch: the input, `dy` and the saved
+//! statistics are made before the timing; the op's outputs are allocated inside it; a few
+//! warm-up calls, then the median of `reps` calls. Parameters are affine (weight, and bias
+//! where the op has one), as in the modules' defaults.
+
+use std::time::Instant;
+
+use cunorm::functional as F;
+use cunorm::{bf16, f16, Element, Error, MemoryFormat, Result, Tensor};
+use serde_json::{json, Value};
+
+/// One case of the comparison.
+#[derive(Clone, Debug)]
+pub struct Case {
+    /// The key both sides report under.
+    pub key: String,
+    /// `layer_norm`, `rms_norm`, `group_norm`, `batch_norm`, `instance_norm`.
+    pub op: String,
+    /// `f32`, `f16`, `bf16`.
+    pub dtype: String,
+    /// `nchw` or `nhwc`.
+    pub format: String,
+    /// The input shape.
+    pub shape: Vec<usize>,
+    /// `forward` (training statistics) or `backward`.
+    pub stage: String,
+    /// GroupNorm's groups.
+    pub groups: usize,
+}
+
+fn field<'a>(v: &'a Value, name: &str) -> Result<&'a Value> {
+    v.get(name)
+        .ok_or_else(|| Error::InvalidArgument(format!("cpu-bench case {v}: no field `{name}`")))
+}
+
+fn text(v: &Value, name: &str) -> Result<String> {
+    field(v, name)?
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| Error::InvalidArgument(format!("cpu-bench case {v}: `{name}` not text")))
+}
+
+/// Parses the case list written by `benches/cpu_compare.py`.
+pub fn parse_cases(v: &Value) -> Result<Vec<Case>> {
+    let list = v
+        .as_array()
+        .ok_or_else(|| Error::InvalidArgument("cpu-bench cases: expected a JSON list".into()))?;
+    list.iter()
+        .map(|c| {
+            let shape = field(c, "shape")?
+                .as_array()
+                .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+                .ok_or_else(|| {
+                    Error::InvalidArgument(format!("cpu-bench case {c}: bad `shape`"))
+                })?;
+            Ok(Case {
+                key: text(c, "key")?,
+                op: text(c, "op")?,
+                dtype: text(c, "dtype")?,
+                format: text(c, "format")?,
+                shape,
+                stage: text(c, "stage")?,
+                groups: c.get("groups").and_then(Value::as_u64).unwrap_or(1) as usize,
+            })
+        })
+        .collect()
+}
+
+fn median_ms(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..2 {
+        f()?;
+    }
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let start = Instant::now();
+        f()?;
+        t.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+fn tensor<T: Element>(shape: &[usize], seed: u64, format: MemoryFormat) -> Result<Tensor<T>> {
+    let x = Tensor::<f32>::randn(shape, seed)?;
+    let v: Vec<T> = x.to_vec()?.into_iter().map(T::from_f32).collect();
+    let t = Tensor::from_vec(v, shape)?;
+    if shape.len() >= 3 {
+        t.to_format(format)
+    } else {
+        Ok(t)
+    }
+}
+
+/// Times one case at one thread count (the caller installs the thread pool).
+fn time_case<T: Element>(c: &Case, reps: usize) -> Result<f64> {
+    let format = match c.format.as_str() {
+        "nchw" => MemoryFormat::Contiguous,
+        "nhwc" => MemoryFormat::ChannelsLast,
+        f => return Err(Error::InvalidArgument(format!("cpu-bench: format `{f}`"))),
+    };
+    let x = tensor::<T>(&c.shape, 1, format)?;
+    let dy = tensor::<T>(&c.shape, 2, format)?;
+    let last = *c.shape.last().unwrap_or(&1);
+    let params = match c.op.as_str() {
+        "layer_norm" | "rms_norm" => last,
+        _ => c.shape.get(1).copied().unwrap_or(1),
+    };
+    let w = Tensor::<f32>::full(&[params], 1.0)?;
+    let b = Tensor::<f32>::full(&[params], 0.0)?;
+    let eps = 1e-5;
+    let backward = match c.stage.as_str() {
+        "forward" => false,
+        "backward" => true,
+        s => return Err(Error::InvalidArgument(format!("cpu-bench: stage `{s}`"))),
+    };
+    match c.op.as_str() {
+        "layer_norm" => {
+            let fwd = || F::layer_norm(&x, &[last], Some(&w), Some(&b), eps);
+            if backward {
+                let o = fwd()?;
+                median_ms(reps, || {
+                    F::layer_norm_backward(&dy, &x, &[last], Some(&w), true, &o.stats).map(drop)
+                })
+            } else {
+                median_ms(reps, || fwd().map(drop))
+            }
+        }
+        "rms_norm" => {
+            let fwd = || F::rms_norm(&x, &[last], Some(&w), Some(eps));
+            if backward {
+                let o = fwd()?;
+                median_ms(reps, || {
+                    F::rms_norm_backward(&dy, &x, &[last], Some(&w), &o.stats).map(drop)
+                })
+            } else {
+                median_ms(reps, || fwd().map(drop))
+            }
+        }
+        "group_norm" => {
+            let fwd = || F::group_norm(&x, c.groups, Some(&w), Some(&b), eps);
+            if backward {
+                let o = fwd()?;
+                median_ms(reps, || {
+                    F::group_norm_backward(&dy, &x, c.groups, Some(&w), &o.stats).map(drop)
+                })
+            } else {
+                median_ms(reps, || fwd().map(drop))
+            }
+        }
+        "batch_norm" => {
+            let fwd = || F::batch_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, eps);
+            if backward {
+                let o = fwd()?;
+                median_ms(reps, || {
+                    F::batch_norm_backward(&dy, &x, Some(&w), &o.stats).map(drop)
+                })
+            } else {
+                median_ms(reps, || fwd().map(drop))
+            }
+        }
+        "instance_norm" => {
+            let fwd = || F::instance_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, eps);
+            if backward {
+                let o = fwd()?;
+                median_ms(reps, || {
+                    F::instance_norm_backward(&dy, &x, Some(&w), &o.stats).map(drop)
+                })
+            } else {
+                median_ms(reps, || fwd().map(drop))
+            }
+        }
+        op => Err(Error::InvalidArgument(format!("cpu-bench: op `{op}`"))),
+    }
+}
+
+/// Times every case at every thread count; returns `{key: {"<threads>": ms}}`.
+pub fn run(cases: &[Case], threads: &[usize], reps: usize) -> Result<Value> {
+    let mut out = serde_json::Map::new();
+    for c in cases {
+        let mut row = serde_json::Map::new();
+        for &t in threads {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .map_err(|e| Error::InvalidArgument(format!("cpu-bench: thread pool: {e}")))?;
+            let ms = pool.install(|| match c.dtype.as_str() {
+                "f32" => time_case::<f32>(c, reps),
+                "f16" => time_case::<f16>(c, reps),
+                "bf16" => time_case::<bf16>(c, reps),
+                d => Err(Error::InvalidArgument(format!("cpu-bench: dtype `{d}`"))),
+            })?;
+            row.insert(t.to_string(), json!(ms));
+        }
+        out.insert(c.key.clone(), Value::Object(row));
+    }
+    Ok(Value::Object(out))
+}
