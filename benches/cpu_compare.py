@@ -11,7 +11,7 @@ allocator asks for on large outputs). The three sides run in turn, round after r
 
   python3 benches/cpu_compare.py                 # the whole table (~10 min on 2 cores)
   python3 benches/cpu_compare.py --quick         # one round, 3 reps, for a first look
-  python3 benches/cpu_compare.py --only group_norm --markdown docs/cpu_table.md --json out.json
+  python3 benches/cpu_compare.py --only 'group_norm.*(bf16|f16)' --markdown docs/cpu_table.md --json out.json
 
 Ratio = PyTorch time / cunorm time (> 1: cunorm faster). Needs `cargo build --release` first
 (or --bin) and PyTorch in this python (or --python). Backward on the PyTorch side is
@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -150,7 +151,7 @@ def main():
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--quick", action="store_true", help="one round of 3 reps")
-    ap.add_argument("--only", default="", help="keep the cases whose key contains this text")
+    ap.add_argument("--only", default="", help="keep the cases whose key matches this regex")
     ap.add_argument("--bin", default="target/release/cunorm")
     ap.add_argument("--python", default=sys.executable, help="the python that has PyTorch")
     ap.add_argument("--json", help="write every measurement here")
@@ -165,7 +166,7 @@ def main():
     if a.quick:
         a.rounds, a.reps = 1, 3
     threads = [int(v) for v in a.threads.split(",")]
-    todo = [c for c in cases() if a.only in c["key"]]
+    todo = [c for c in cases() if re.search(a.only, c["key"])]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(todo, fh)
         case_file = fh.name

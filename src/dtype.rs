@@ -1,5 +1,7 @@
 //! Element types: `f32`, `half::f16` and `half::bf16`.
 
+use std::mem::MaybeUninit;
+
 use half::{bf16, f16};
 
 /// The element type of a [`Tensor`](crate::Tensor).
@@ -38,10 +40,27 @@ impl std::fmt::Display for DType {
     }
 }
 
-/// An element type cunorm normalizes. Statistics are always computed in a wider type; values
-/// are converted on load and the output is rounded once to `Self`.
+mod sealed {
+    /// Only the three types the kernels exist for are elements.
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+
+/// An element type cunorm normalizes: `f32`, `f16` or `bf16` (sealed: the kernels exist for
+/// these three). Statistics are always computed in a wider type; values are converted on load
+/// and the output is rounded once to `Self`.
 pub trait Element:
-    Copy + Default + Send + Sync + PartialEq + std::fmt::Debug + 'static + cudarc::driver::DeviceRepr
+    sealed::Sealed
+    + Copy
+    + Default
+    + Send
+    + Sync
+    + PartialEq
+    + std::fmt::Debug
+    + 'static
+    + cudarc::driver::DeviceRepr
 {
     /// The runtime tag of this type.
     const DTYPE: DType;
@@ -55,6 +74,24 @@ pub trait Element:
     #[inline(always)]
     fn to_f64(self) -> f64 {
         self.to_f32() as f64
+    }
+    /// Widens a run to f32 in bulk (`dst` as long as `src`): the CPU engines' load.
+    #[doc(hidden)]
+    fn widen(src: &[Self], dst: &mut [f32]);
+    /// Rounds a run of f32 to `Self` in bulk, to nearest even: the CPU engines' store.
+    #[doc(hidden)]
+    fn narrow(src: &[f32], dst: &mut [MaybeUninit<Self>]);
+    /// The run itself when `Self` is f32, so that loads need no copy.
+    #[doc(hidden)]
+    #[inline(always)]
+    fn as_f32s(_x: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    /// The output run itself when `Self` is f32, so that stores need no copy.
+    #[doc(hidden)]
+    #[inline(always)]
+    fn as_f32s_out(_x: &mut [MaybeUninit<Self>]) -> Option<&mut [MaybeUninit<f32>]> {
+        None
     }
 }
 
@@ -72,6 +109,24 @@ impl Element for f32 {
     fn from_f64(v: f64) -> Self {
         v as f32
     }
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn narrow(src: &[f32], dst: &mut [MaybeUninit<Self>]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            d.write(*s);
+        }
+    }
+    #[inline(always)]
+    fn as_f32s(x: &[Self]) -> Option<&[f32]> {
+        Some(x)
+    }
+    #[inline(always)]
+    fn as_f32s_out(x: &mut [MaybeUninit<Self>]) -> Option<&mut [MaybeUninit<f32>]> {
+        Some(x)
+    }
 }
 
 impl Element for f16 {
@@ -88,6 +143,28 @@ impl Element for f16 {
     fn from_f64(v: f64) -> Self {
         f16::from_f64(v)
     }
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if f16c::available() {
+            // SAFETY: the CPU has F16C and AVX (checked just above).
+            return unsafe { f16c::widen(src, dst) };
+        }
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
+        }
+    }
+    #[inline(always)]
+    fn narrow(src: &[f32], dst: &mut [MaybeUninit<Self>]) {
+        #[cfg(target_arch = "x86_64")]
+        if f16c::available() {
+            // SAFETY: the CPU has F16C and AVX (checked just above).
+            return unsafe { f16c::narrow(src, dst) };
+        }
+        for (d, s) in dst.iter_mut().zip(src) {
+            d.write(f16::from_f32(*s));
+        }
+    }
 }
 
 impl Element for bf16 {
@@ -103,5 +180,131 @@ impl Element for bf16 {
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         bf16::from_f64(v)
+    }
+    /// A bf16 is the top half of an f32: a shift, which vectorizes.
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits((s.to_bits() as u32) << 16);
+        }
+    }
+    /// Round to nearest even on the bits, branch-free so that it vectorizes; NaN stays a quiet
+    /// NaN with its sign (`half::bf16::from_f32`'s results, bit for bit).
+    #[inline(always)]
+    fn narrow(src: &[f32], dst: &mut [MaybeUninit<Self>]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            let b = s.to_bits();
+            let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+            let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+            let bits = if nan { (b >> 16) | 0x40 } else { rounded };
+            d.write(bf16::from_bits(bits as u16));
+        }
+    }
+}
+
+/// Bulk f16 ↔ f32 with the F16C instructions (x86-64; every AVX2 CPU has them).
+#[cfg(target_arch = "x86_64")]
+mod f16c {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    pub fn available() -> bool {
+        std::is_x86_feature_detected!("f16c") && std::is_x86_feature_detected!("avx")
+    }
+
+    /// # Safety
+    /// The CPU must support F16C and AVX.
+    #[target_feature(enable = "avx,f16c")]
+    pub unsafe fn widen(src: &[f16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let (head, tail) = (n / 8 * 8, n % 8);
+        for i in (0..head).step_by(8) {
+            // SAFETY: i + 8 <= n, within both slices; unaligned loads and stores.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(i).cast());
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+        }
+        for i in head..head + tail {
+            dst[i] = src[i].to_f32();
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support F16C and AVX.
+    #[target_feature(enable = "avx,f16c")]
+    pub unsafe fn narrow(src: &[f32], dst: &mut [MaybeUninit<f16>]) {
+        let n = src.len().min(dst.len());
+        let (head, tail) = (n / 8 * 8, n % 8);
+        for i in (0..head).step_by(8) {
+            // SAFETY: i + 8 <= n, within both slices; unaligned loads and stores. The store
+            // writes 8 initialized f16 into the MaybeUninit slots.
+            unsafe {
+                let v = _mm256_loadu_ps(src.as_ptr().add(i));
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                _mm_storeu_si128(dst.as_mut_ptr().add(i).cast(), h);
+            }
+        }
+        for i in head..head + tail {
+            dst[i].write(f16::from_f32(src[i]));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bit_patterns() -> Vec<f32> {
+        let mut v: Vec<f32> = [
+            0.0,
+            -0.0,
+            1.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+            65504.0,
+            65520.0,
+            6e-8,
+            3e-8,
+        ]
+        .to_vec();
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            v.push(f32::from_bits(s as u32));
+            // Values near halfway points and in f16's subnormal range.
+            v.push(f32::from_bits((s as u32 & 0x807f_ffff) | 0x3300_0000));
+        }
+        v
+    }
+
+    fn check<T: Element>(one: impl Fn(f32) -> T, bits: impl Fn(T) -> u64) {
+        let v = bit_patterns();
+        let mut out = vec![MaybeUninit::<T>::uninit(); v.len()];
+        T::narrow(&v, &mut out);
+        let got: Vec<T> = out.iter().map(|o| unsafe { o.assume_init() }).collect();
+        for (x, g) in v.iter().zip(&got) {
+            assert_eq!(bits(*g), bits(one(*x)), "narrow {x:e} ({:#x})", x.to_bits());
+        }
+        let mut back = vec![0f32; got.len()];
+        T::widen(&got, &mut back);
+        for (g, b) in got.iter().zip(&back) {
+            assert_eq!(b.to_bits(), g.to_f32().to_bits(), "widen {g:?}");
+        }
+    }
+
+    #[test]
+    fn bulk_conversions_match_half_bit_for_bit() {
+        check::<bf16>(bf16::from_f32, |v| v.to_bits() as u64);
+        check::<f16>(f16::from_f32, |v| v.to_bits() as u64);
+        check::<f32>(|v| v, |v| v.to_bits() as u64);
     }
 }

@@ -121,6 +121,8 @@ pub(crate) mod simd {
         /// `a·b + c`: fused where the CPU has FMA (the fused form also lets LLVM vectorize the
         /// reductions), plain otherwise (a software fma would be slow).
         fn fma(a: f64, b: f64, c: f64) -> f64;
+        /// The same in f32, for the element work.
+        fn fma32(a: f32, b: f32, c: f32) -> f32;
     }
     pub struct Plain;
     pub struct Fma;
@@ -129,10 +131,18 @@ pub(crate) mod simd {
         fn fma(a: f64, b: f64, c: f64) -> f64 {
             a * b + c
         }
+        #[inline(always)]
+        fn fma32(a: f32, b: f32, c: f32) -> f32 {
+            a * b + c
+        }
     }
     impl Isa for Fma {
         #[inline(always)]
         fn fma(a: f64, b: f64, c: f64) -> f64 {
+            a.mul_add(b, c)
+        }
+        #[inline(always)]
+        fn fma32(a: f32, b: f32, c: f32) -> f32 {
             a.mul_add(b, c)
         }
     }
@@ -186,28 +196,184 @@ pub(crate) fn filled_vec<T: Element>(n: usize, fill: impl FnOnce(&mut [Out<T>]))
     v
 }
 
-/// Σ x over a run.
+// ---------------------------------------------------------------------------------------------
+// f32 tiles. Element work runs on f32 values: each run is widened to f32 a tile at a time
+// (bulk conversion, F16C for f16, a shift for bf16; f32 passes through uncopied), statistics
+// accumulate those f32 values in f64 lanes, and outputs are computed in f32 lanes and rounded
+// once to the element type a tile at a time.
+// ---------------------------------------------------------------------------------------------
+
+/// Values per tile: 2 KiB of f32, well inside L1.
+pub(crate) const TILE: usize = 512;
+
+/// Calls `f(offset, tile)` on consecutive tiles of `x` as f32.
 #[inline(always)]
-pub(crate) fn sum_body<T: Element>(x: &[T]) -> f64 {
-    let (chunks, tail) = x.as_chunks::<LANES>();
-    let mut acc = [0f64; LANES];
-    for ch in chunks {
-        for i in 0..LANES {
-            acc[i] += ch[i].to_f64();
+pub(crate) fn for_tiles<T: Element>(x: &[T], mut f: impl FnMut(usize, &[f32])) {
+    if let Some(x) = T::as_f32s(x) {
+        for (k, t) in x.chunks(TILE).enumerate() {
+            f(k * TILE, t);
         }
+        return;
     }
-    lanes_sum(acc) + tail.iter().map(|v| v.to_f64()).sum::<f64>()
+    let mut buf = [0f32; TILE];
+    for (k, t) in x.chunks(TILE).enumerate() {
+        let b = &mut buf[..t.len()];
+        T::widen(t, b);
+        f(k * TILE, b);
+    }
 }
 
-/// (Σ (x − m), Σ (x − m)²) over a run.
+/// Calls `f(offset, g_tile, x_tile)` on consecutive tiles of two equally long runs as f32.
 #[inline(always)]
-pub(crate) fn dev_sums_body<T: Element, I: simd::Isa>(x: &[T], m: f64) -> (f64, f64) {
-    let (chunks, tail) = x.as_chunks::<LANES>();
-    let mut a1 = [0f64; LANES];
-    let mut a2 = [0f64; LANES];
+pub(crate) fn for_tiles2<T: Element>(g: &[T], x: &[T], mut f: impl FnMut(usize, &[f32], &[f32])) {
+    let (mut gb, mut xb) = ([0f32; TILE], [0f32; TILE]);
+    for (k, (gc, xc)) in g.chunks(TILE).zip(x.chunks(TILE)).enumerate() {
+        let gt = widened(gc, &mut gb);
+        let xt = widened(xc, &mut xb);
+        f(k * TILE, gt, xt);
+    }
+}
+
+/// A run of at most TILE values as f32: itself for f32, else widened into `buf`.
+#[inline(always)]
+fn widened<'a, T: Element>(x: &'a [T], buf: &'a mut [f32; TILE]) -> &'a [f32] {
+    match T::as_f32s(x) {
+        Some(t) => t,
+        None => {
+            let b = &mut buf[..x.len()];
+            T::widen(x, b);
+            b
+        }
+    }
+}
+
+/// An f32 output tile: the caller writes every element.
+pub(crate) type OutTile = [Out<f32>];
+
+/// Tile bounds over `len` values: a short first tile that brings `out` to a 64-byte boundary
+/// (so that the vector stores of every later tile do not straddle cache lines), then full tiles.
+#[inline(always)]
+fn out_tiles<T>(out: &[Out<T>]) -> impl Iterator<Item = (usize, usize)> {
+    let size = std::mem::size_of::<T>();
+    let mis = out.as_ptr() as usize % 64;
+    let head = if mis.is_multiple_of(size) {
+        ((64 - mis) % 64) / size
+    } else {
+        0
+    };
+    let len = out.len();
+    let head = head.min(len);
+    std::iter::once((0, head)).filter(|&(_, e)| e > 0).chain(
+        (head..len)
+            .step_by(TILE)
+            .map(move |s| (s, (s + TILE).min(len))),
+    )
+}
+
+/// `out = f(x)` tile by tile: `f(offset, x_tile, y_tile)` writes every element of the f32
+/// tile, which is the output itself for f32 and is otherwise rounded once to T.
+#[inline(always)]
+pub(crate) fn map_tiles<T: Element>(
+    x: &[T],
+    out: &mut [Out<T>],
+    mut f: impl FnMut(usize, &[f32], &mut OutTile),
+) {
+    let mut xb = [0f32; TILE];
+    let mut yb = [Out::new(0f32); TILE];
+    for (s, e) in out_tiles(out) {
+        let xt = widened(&x[s..e], &mut xb);
+        store_tile(&mut out[s..e], &mut yb, |yt| f(s, xt, yt));
+    }
+}
+
+/// `out = f(g, x)` tile by tile, as [`map_tiles`] with two inputs.
+#[inline(always)]
+pub(crate) fn map_tiles2<T: Element>(
+    g: &[T],
+    x: &[T],
+    out: &mut [Out<T>],
+    mut f: impl FnMut(usize, &[f32], &[f32], &mut OutTile),
+) {
+    let (mut gb, mut xb) = ([0f32; TILE], [0f32; TILE]);
+    let mut yb = [Out::new(0f32); TILE];
+    for (s, e) in out_tiles(out) {
+        let gt = widened(&g[s..e], &mut gb);
+        let xt = widened(&x[s..e], &mut xb);
+        store_tile(&mut out[s..e], &mut yb, |yt| f(s, gt, xt, yt));
+    }
+}
+
+/// Lets `fill` write an output tile: straight into `out` for f32, else into `buf` (always
+/// initialized) and then rounded to T.
+#[inline(always)]
+fn store_tile<T: Element>(
+    out: &mut [Out<T>],
+    buf: &mut [Out<f32>; TILE],
+    fill: impl FnOnce(&mut OutTile),
+) {
+    if let Some(o) = T::as_f32s_out(out) {
+        return fill(o);
+    }
+    let yt = &mut buf[..out.len()];
+    fill(yt);
+    // SAFETY: `buf` was created initialized (`Out::new`) and only ever written with values,
+    // so every element is an initialized f32.
+    let yt: &[f32] = unsafe { &*(yt as *const [Out<f32>] as *const [f32]) };
+    T::narrow(yt, out);
+}
+
+/// A mean split into f32 `hi + lo`: `(x − hi) − lo` in f32 keeps the deviation of an f32 `x`
+/// from an f64 mean to f32 accuracy even when |mean| ≫ std (x − hi is exact near the mean).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SplitMean {
+    pub hi: f32,
+    pub lo: f32,
+}
+
+impl SplitMean {
+    #[inline(always)]
+    pub fn new(m: f64) -> SplitMean {
+        let hi = m as f32;
+        let lo = if hi.is_finite() {
+            (m - hi as f64) as f32
+        } else {
+            0.0
+        };
+        SplitMean { hi, lo }
+    }
+
+    #[inline(always)]
+    pub fn dev(self, x: f32) -> f32 {
+        (x - self.hi) - self.lo
+    }
+}
+
+/// Adds the f32 values of a tile into f64 lanes.
+#[inline(always)]
+pub(crate) fn acc_sum(acc: &mut [f64; LANES], t: &[f32]) {
+    let (chunks, tail) = t.as_chunks::<LANES>();
+    for ch in chunks {
+        for i in 0..LANES {
+            acc[i] += ch[i] as f64;
+        }
+    }
+    for (a, v) in acc.iter_mut().zip(tail) {
+        *a += *v as f64;
+    }
+}
+
+/// Adds Σ (x − m) and Σ (x − m)² of a tile into f64 lanes.
+#[inline(always)]
+pub(crate) fn acc_dev<I: simd::Isa>(
+    a1: &mut [f64; LANES],
+    a2: &mut [f64; LANES],
+    t: &[f32],
+    m: f64,
+) {
+    let (chunks, tail) = t.as_chunks::<LANES>();
     for ch in chunks {
         // One loop per accumulator: the form the SLP vectorizer turns into packed f64 ops.
-        let d: [f64; LANES] = std::array::from_fn(|i| ch[i].to_f64() - m);
+        let d: [f64; LANES] = std::array::from_fn(|i| ch[i] as f64 - m);
         for i in 0..LANES {
             a1[i] += d[i];
         }
@@ -215,13 +381,47 @@ pub(crate) fn dev_sums_body<T: Element, I: simd::Isa>(x: &[T], m: f64) -> (f64, 
             a2[i] = I::fma(d[i], d[i], a2[i]);
         }
     }
-    let (mut t1, mut t2) = (0.0, 0.0);
-    for v in tail {
-        let d = v.to_f64() - m;
-        t1 += d;
-        t2 += d * d;
+    for ((s1, s2), v) in a1.iter_mut().zip(a2.iter_mut()).zip(tail) {
+        let d = *v as f64 - m;
+        *s1 += d;
+        *s2 += d * d;
     }
-    (lanes_sum(a1) + t1, lanes_sum(a2) + t2)
+}
+
+/// Asks for the `len` values after `x` (the next row) to be brought into cache while this
+/// one is worked on: one prefetch per 64-byte line. A hint only: addresses past the end of the
+/// data are never dereferenced.
+#[inline(always)]
+pub(crate) fn prefetch_after<T>(x: &[T], len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let start = x.as_ptr_range().end as *const i8;
+        let bytes = len * std::mem::size_of::<T>();
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: prefetch never faults and never reads the address architecturally.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(off)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (x, len);
+}
+
+/// Σ x over a run.
+#[inline(always)]
+pub(crate) fn sum_body<T: Element>(x: &[T]) -> f64 {
+    let mut acc = [0f64; LANES];
+    for_tiles(x, |_, t| acc_sum(&mut acc, t));
+    lanes_sum(acc)
+}
+
+/// (Σ (x − m), Σ (x − m)²) over a run.
+#[inline(always)]
+pub(crate) fn dev_sums_body<T: Element, I: simd::Isa>(x: &[T], m: f64) -> (f64, f64) {
+    let mut a1 = [0f64; LANES];
+    let mut a2 = [0f64; LANES];
+    for_tiles(x, |_, t| acc_dev::<I>(&mut a1, &mut a2, t, m));
+    (lanes_sum(a1), lanes_sum(a2))
 }
 
 /// Moments of a run by the corrected two-pass algorithm.

@@ -17,6 +17,9 @@ fn param_or(p: Option<&[f32]>, cols: usize, neutral: f32) -> std::borrow::Cow<'_
     }
 }
 
+/// Rows up to this many values have the next row prefetched while they are worked on.
+const PREFETCH_ROW: usize = 8192;
+
 fn row_min_len(cols: usize) -> usize {
     (MIN_TASK / cols.max(1)).max(1)
 }
@@ -27,17 +30,25 @@ fn grad_block_rows(rows: usize) -> usize {
 }
 
 multiversion! {
-    /// One LayerNorm row: `y = (x − μ)·rstd·w + b`; returns (μ, rstd).
+    /// One LayerNorm row: `y = (x − μ)·rstd·w + b` (statistics in f64, element work in f32);
+    /// returns (μ, rstd).
     fn layer_norm_row<T: Element>(x: &[T], y: &mut [Out<T>], w: &[f32], b: &[f32], eps: f64) -> (f64, f64) {
+        if x.len() <= PREFETCH_ROW {
+            prefetch_after(x, x.len());
+        }
         let mo = if x.len() <= RUN_CHUNK {
             moments_body::<T, I>(x)
         } else {
             x.chunks(RUN_CHUNK).map(moments_body::<T, I>).fold(Moments::default(), Moments::merge)
         };
         let (mean, rstd) = (mo.mean, 1.0 / (mo.var_biased() + eps).sqrt());
-        for (((yv, xv), wv), bv) in y.iter_mut().zip(x).zip(w).zip(b) {
-            yv.write(T::from_f64((xv.to_f64() - mean) * rstd * *wv as f64 + *bv as f64));
-        }
+        let (m, r) = (SplitMean::new(mean), rstd as f32);
+        map_tiles(x, y, |o, xt, yt| {
+            let (w, b) = (&w[o..o + xt.len()], &b[o..o + xt.len()]);
+            for (((yv, xv), wv), bv) in yt.iter_mut().zip(xt).zip(w).zip(b) {
+                yv.write(I::fma32(m.dev(*xv) * r, *wv, *bv));
+            }
+        });
         (mean, rstd)
     }
 }
@@ -45,19 +56,26 @@ multiversion! {
 multiversion! {
     /// One RMSNorm row: `y = x·rstd·w`; returns rstd.
     fn rms_norm_row<T: Element>(x: &[T], y: &mut [Out<T>], w: &[f32], eps: f64) -> f64 {
-        let (chunks, tail) = x.as_chunks::<LANES>();
         let mut acc = [0f64; LANES];
-        for ch in chunks {
-            let v: [f64; LANES] = std::array::from_fn(|i| ch[i].to_f64());
-            for i in 0..LANES {
-                acc[i] = I::fma(v[i], v[i], acc[i]);
+        for_tiles(x, |_, t| {
+            let (chunks, tail) = t.as_chunks::<LANES>();
+            for ch in chunks {
+                let v: [f64; LANES] = std::array::from_fn(|i| ch[i] as f64);
+                for i in 0..LANES {
+                    acc[i] = I::fma(v[i], v[i], acc[i]);
+                }
             }
-        }
-        let ss = lanes_sum(acc) + tail.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>();
-        let r = 1.0 / (ss / x.len() as f64 + eps).sqrt();
-        for ((yv, xv), wv) in y.iter_mut().zip(x).zip(w) {
-            yv.write(T::from_f64(xv.to_f64() * r * *wv as f64));
-        }
+            for (a, v) in acc.iter_mut().zip(tail) {
+                *a += *v as f64 * *v as f64;
+            }
+        });
+        let r = 1.0 / (lanes_sum(acc) / x.len() as f64 + eps).sqrt();
+        let r32 = r as f32;
+        map_tiles(x, y, |o, xt, yt| {
+            for ((yv, xv), wv) in yt.iter_mut().zip(xt).zip(&w[o..o + xt.len()]) {
+                yv.write(*xv * r32 * *wv);
+            }
+        });
         r
     }
 }
@@ -116,8 +134,10 @@ pub(crate) fn rms_norm_fwd<T: Element>(
 }
 
 multiversion! {
-    /// LayerNorm (`center`) or RMSNorm backward of one block of rows: writes dx, accumulates
-    /// Σ g·x̂ into `dw` and Σ g into `db`.
+    /// LayerNorm (`mean` given) or RMSNorm backward of one block of rows: writes dx and, when
+    /// `dw`/`db` are not empty, accumulates Σ g·x̂ into `dw` and Σ g into `db`. Two passes over
+    /// each row (which stays in cache): row and column sums, then dx; element work in f32,
+    /// sums in f64.
     fn norm_rows_bwd<T: Element>(
         g: &[T],
         x: &[T],
@@ -130,43 +150,59 @@ multiversion! {
         db: &mut [f64],
     ) {
         let n = cols as f64;
+        let col_sums = !dw.is_empty();
         let rows = dx.chunks_exact_mut(cols).zip(g.chunks_exact(cols).zip(x.chunks_exact(cols)));
         for (r, (dr, (gr, xr))) in rows.enumerate() {
-            let mu = mean.map_or(0.0, |m| m[r] as f64);
-            let rs = rstd[r] as f64;
-            // Row sums Σu, Σu·x̂ (u = g·w) in lanes; column sums Σg·x̂, Σg elementwise.
+            let m = SplitMean::new(mean.map_or(0.0, |m| m[r] as f64));
+            let rs = rstd[r];
+            // Row sums Σu, Σu·x̂ (u = g·w) in f64 lanes; column sums Σg·x̂, Σg.
             let mut s1 = [0f64; LANES];
             let mut s2 = [0f64; LANES];
-            let (gc, gt) = gr.as_chunks::<LANES>();
-            let (xc, xt) = xr.as_chunks::<LANES>();
-            let (wc, wt) = w.as_chunks::<LANES>();
-            for ((gv, xv), wv) in gc.iter().zip(xc).zip(wc) {
-                let u: [f64; LANES] = std::array::from_fn(|i| gv[i].to_f64() * wv[i] as f64);
-                let xh: [f64; LANES] = std::array::from_fn(|i| (xv[i].to_f64() - mu) * rs);
-                for i in 0..LANES {
-                    s1[i] += u[i];
+            let mut u = [0f32; TILE];
+            let mut xh = [0f32; TILE];
+            for_tiles2(gr, xr, |o, gt, xt| {
+                let len = gt.len();
+                let (u, xh) = (&mut u[..len], &mut xh[..len]);
+                for (((uv, hv), (gv, xv)), wv) in
+                    u.iter_mut().zip(xh.iter_mut()).zip(gt.iter().zip(xt)).zip(&w[o..o + len])
+                {
+                    *uv = gv * wv;
+                    *hv = m.dev(*xv) * rs;
                 }
-                for i in 0..LANES {
-                    s2[i] = I::fma(u[i], xh[i], s2[i]);
+                let (uc, ut) = u.as_chunks::<LANES>();
+                let (hc, ht) = xh.as_chunks::<LANES>();
+                for (uv, hv) in uc.iter().zip(hc) {
+                    for i in 0..LANES {
+                        s1[i] += uv[i] as f64;
+                    }
+                    for i in 0..LANES {
+                        s2[i] = I::fma(uv[i] as f64, hv[i] as f64, s2[i]);
+                    }
                 }
-            }
-            let (mut t1, mut t2) = (0.0, 0.0);
-            for ((gv, xv), wv) in gt.iter().zip(xt).zip(wt) {
-                let u = gv.to_f64() * *wv as f64;
-                t1 += u;
-                t2 += u * (xv.to_f64() - mu) * rs;
-            }
-            let (s1, s2) = (lanes_sum(s1) + t1, lanes_sum(s2) + t2);
-            for (((gv, xv), dwv), dbv) in gr.iter().zip(xr).zip(dw.iter_mut()).zip(db.iter_mut()) {
-                let gg = gv.to_f64();
-                *dwv += gg * (xv.to_f64() - mu) * rs;
-                *dbv += gg;
-            }
-            let (m1, m2) = (if mean.is_some() { s1 / n } else { 0.0 }, s2 / n);
-            for (((dv, gv), xv), wv) in dr.iter_mut().zip(gr).zip(xr).zip(w) {
-                let xh = (xv.to_f64() - mu) * rs;
-                dv.write(T::from_f64(rs * (gv.to_f64() * *wv as f64 - m1 - xh * m2)));
-            }
+                for (i, (uv, hv)) in ut.iter().zip(ht).enumerate() {
+                    s1[i] += *uv as f64;
+                    s2[i] += *uv as f64 * *hv as f64;
+                }
+                if col_sums {
+                    let (dw, db) = (&mut dw[o..o + len], &mut db[o..o + len]);
+                    for (((dwv, dbv), gv), hv) in dw.iter_mut().zip(db.iter_mut()).zip(gt).zip(&*xh) {
+                        *dwv = I::fma(*gv as f64, *hv as f64, *dwv);
+                        *dbv += *gv as f64;
+                    }
+                }
+            });
+            let (s1, s2) = (lanes_sum(s1), lanes_sum(s2));
+            let m1 = if mean.is_some() { (s1 / n) as f32 } else { 0.0 };
+            let m2 = (s2 / n) as f32;
+            map_tiles2(gr, xr, dr, |o, gt, xt, yt| {
+                let w = &w[o..o + gt.len()];
+                for (((yv, gv), xv), wv) in yt.iter_mut().zip(gt).zip(xt).zip(w) {
+                    // u rounded as in the sums pass (a fused g·w − m1 would leave the rounding
+                    // of u, times rstd, where the exact result is 0).
+                    let (u, xh) = (*gv * *wv, m.dev(*xv) * rs);
+                    yv.write(rs * (u - I::fma32(xh, m2, m1)));
+                }
+            });
         }
     }
 }
