@@ -206,37 +206,107 @@ pub(crate) fn filled_vec<T: Element>(n: usize, fill: impl FnOnce(&mut [Out<T>]))
 /// Values per tile: 2 KiB of f32, well inside L1.
 pub(crate) const TILE: usize = 512;
 
-/// Calls `f(offset, tile)` on consecutive tiles of `x` as f32.
-#[inline(always)]
-pub(crate) fn for_tiles<T: Element>(x: &[T], mut f: impl FnMut(usize, &[f32])) {
-    if let Some(x) = T::as_f32s(x) {
-        for (k, t) in x.chunks(TILE).enumerate() {
-            f(k * TILE, t);
+// The tile loops are macros, not functions taking closures: a closure is compiled as a
+// function of its own, without the AVX2/FMA features of the multiversioned kernel around it,
+// and LLVM does not always inline it back (a software `fma` call per element, seen in a
+// profile). A macro puts the loop body in the kernel itself.
+
+/// `for_tiles!(x, |offset, tile| body)`: runs `body` on consecutive tiles of `x` as f32.
+macro_rules! for_tiles {
+    ($bufs:expr, $x:expr, |$o:pat_param, $t:ident| $body:expr) => {{
+        let (bufs, x): (&mut $crate::ops::engine::Bufs, _) = ($bufs, $x);
+        for (k, c) in x.chunks($crate::ops::engine::TILE).enumerate() {
+            let $o = k * $crate::ops::engine::TILE;
+            let $t: &[f32] = $crate::ops::engine::widened(c, &mut bufs.x);
+            $body;
         }
-        return;
-    }
-    let mut buf = [0f32; TILE];
-    for (k, t) in x.chunks(TILE).enumerate() {
-        let b = &mut buf[..t.len()];
-        T::widen(t, b);
-        f(k * TILE, b);
-    }
+    }};
+}
+pub(crate) use for_tiles;
+
+/// `for_tiles2!(g, x, |offset, g_tile, x_tile| body)`: the same over two equally long runs.
+macro_rules! for_tiles2 {
+    ($bufs:expr, $g:expr, $x:expr, |$o:pat_param, $gt:ident, $xt:ident| $body:expr) => {{
+        let (bufs, g, x): (&mut $crate::ops::engine::Bufs, _, _) = ($bufs, $g, $x);
+        let tiles = g
+            .chunks($crate::ops::engine::TILE)
+            .zip(x.chunks($crate::ops::engine::TILE));
+        for (k, (gc, xc)) in tiles.enumerate() {
+            let $o = k * $crate::ops::engine::TILE;
+            let $gt: &[f32] = $crate::ops::engine::widened(gc, &mut bufs.g);
+            let $xt: &[f32] = $crate::ops::engine::widened(xc, &mut bufs.x);
+            $body;
+        }
+    }};
+}
+pub(crate) use for_tiles2;
+
+/// `map_tiles!(x, out, |offset, x_tile, y_tile| body)`: `body` writes every element of the f32
+/// output tile (`&mut [Out<f32>]`), which is `out` itself for f32 and is otherwise rounded once
+/// to the element type. Tiles are laid out so that `out`'s vector stores are 64-byte aligned.
+macro_rules! map_tiles {
+    ($bufs:expr, $x:expr, $out:expr, |$o:pat_param, $xt:ident, $yt:ident| $body:expr) => {{
+        let (bufs, x, out): (&mut $crate::ops::engine::Bufs, _, _) = ($bufs, $x, $out);
+        for (s, e) in $crate::ops::engine::out_tiles(out) {
+            let $o = s;
+            let $xt: &[f32] = $crate::ops::engine::widened(&x[s..e], &mut bufs.x);
+            let direct = $crate::ops::engine::is_f32_out(out);
+            {
+                let $yt = $crate::ops::engine::out_tile(&mut out[s..e], &mut bufs.y);
+                $body;
+            }
+            if !direct {
+                $crate::ops::engine::flush(&bufs.y[..e - s], &mut out[s..e]);
+            }
+        }
+    }};
+}
+pub(crate) use map_tiles;
+
+/// `map_tiles2!(g, x, out, |offset, g_tile, x_tile, y_tile| body)`: [`map_tiles!`] with two
+/// inputs.
+macro_rules! map_tiles2 {
+    ($bufs:expr, $g:expr, $x:expr, $out:expr, |$o:pat_param, $gt:ident, $xt:ident, $yt:ident| $body:expr) => {{
+        let (bufs, g, x, out): (&mut $crate::ops::engine::Bufs, _, _, _) = ($bufs, $g, $x, $out);
+        for (s, e) in $crate::ops::engine::out_tiles(out) {
+            let $o = s;
+            let $gt: &[f32] = $crate::ops::engine::widened(&g[s..e], &mut bufs.g);
+            let $xt: &[f32] = $crate::ops::engine::widened(&x[s..e], &mut bufs.x);
+            let direct = $crate::ops::engine::is_f32_out(out);
+            {
+                let $yt = $crate::ops::engine::out_tile(&mut out[s..e], &mut bufs.y);
+                $body;
+            }
+            if !direct {
+                $crate::ops::engine::flush(&bufs.y[..e - s], &mut out[s..e]);
+            }
+        }
+    }};
+}
+pub(crate) use map_tiles2;
+
+/// The f32 tiles of a kernel: made once per task (zeroing them per row would cost more than
+/// a short row's work) and passed to the tile macros.
+pub(crate) struct Bufs {
+    pub g: [f32; TILE],
+    pub x: [f32; TILE],
+    pub y: [Out<f32>; TILE],
 }
 
-/// Calls `f(offset, g_tile, x_tile)` on consecutive tiles of two equally long runs as f32.
-#[inline(always)]
-pub(crate) fn for_tiles2<T: Element>(g: &[T], x: &[T], mut f: impl FnMut(usize, &[f32], &[f32])) {
-    let (mut gb, mut xb) = ([0f32; TILE], [0f32; TILE]);
-    for (k, (gc, xc)) in g.chunks(TILE).zip(x.chunks(TILE)).enumerate() {
-        let gt = widened(gc, &mut gb);
-        let xt = widened(xc, &mut xb);
-        f(k * TILE, gt, xt);
+impl Bufs {
+    #[inline(always)]
+    pub fn new() -> Bufs {
+        Bufs {
+            g: [0.0; TILE],
+            x: [0.0; TILE],
+            y: [Out::new(0.0); TILE],
+        }
     }
 }
 
 /// A run of at most TILE values as f32: itself for f32, else widened into `buf`.
 #[inline(always)]
-fn widened<'a, T: Element>(x: &'a [T], buf: &'a mut [f32; TILE]) -> &'a [f32] {
+pub(crate) fn widened<'a, T: Element>(x: &'a [T], buf: &'a mut [f32; TILE]) -> &'a [f32] {
     match T::as_f32s(x) {
         Some(t) => t,
         None => {
@@ -250,10 +320,10 @@ fn widened<'a, T: Element>(x: &'a [T], buf: &'a mut [f32; TILE]) -> &'a [f32] {
 /// An f32 output tile: the caller writes every element.
 pub(crate) type OutTile = [Out<f32>];
 
-/// Tile bounds over `len` values: a short first tile that brings `out` to a 64-byte boundary
-/// (so that the vector stores of every later tile do not straddle cache lines), then full tiles.
+/// Tile bounds over `out`: a short first tile that brings `out` to a 64-byte boundary (so that
+/// the vector stores of every later tile do not straddle cache lines), then full tiles.
 #[inline(always)]
-fn out_tiles<T>(out: &[Out<T>]) -> impl Iterator<Item = (usize, usize)> {
+pub(crate) fn out_tiles<T>(out: &[Out<T>]) -> impl Iterator<Item = (usize, usize)> {
     let size = std::mem::size_of::<T>();
     let mis = out.as_ptr() as usize % 64;
     let head = if mis.is_multiple_of(size) {
@@ -270,55 +340,30 @@ fn out_tiles<T>(out: &[Out<T>]) -> impl Iterator<Item = (usize, usize)> {
     )
 }
 
-/// `out = f(x)` tile by tile: `f(offset, x_tile, y_tile)` writes every element of the f32
-/// tile, which is the output itself for f32 and is otherwise rounded once to T.
 #[inline(always)]
-pub(crate) fn map_tiles<T: Element>(
-    x: &[T],
-    out: &mut [Out<T>],
-    mut f: impl FnMut(usize, &[f32], &mut OutTile),
-) {
-    let mut xb = [0f32; TILE];
-    let mut yb = [Out::new(0f32); TILE];
-    for (s, e) in out_tiles(out) {
-        let xt = widened(&x[s..e], &mut xb);
-        store_tile(&mut out[s..e], &mut yb, |yt| f(s, xt, yt));
+pub(crate) fn is_f32_out<T: Element>(_: &[Out<T>]) -> bool {
+    T::DTYPE == crate::DType::F32
+}
+
+/// Where an output tile is computed: `out` itself for f32, else `buf` (always initialized).
+#[inline(always)]
+pub(crate) fn out_tile<'a, T: Element>(
+    out: &'a mut [Out<T>],
+    buf: &'a mut [Out<f32>; TILE],
+) -> &'a mut OutTile {
+    let n = out.len();
+    match T::as_f32s_out(out) {
+        Some(o) => o,
+        None => &mut buf[..n],
     }
 }
 
-/// `out = f(g, x)` tile by tile, as [`map_tiles`] with two inputs.
+/// Rounds a computed tile (`buf`) into `out`.
 #[inline(always)]
-pub(crate) fn map_tiles2<T: Element>(
-    g: &[T],
-    x: &[T],
-    out: &mut [Out<T>],
-    mut f: impl FnMut(usize, &[f32], &[f32], &mut OutTile),
-) {
-    let (mut gb, mut xb) = ([0f32; TILE], [0f32; TILE]);
-    let mut yb = [Out::new(0f32); TILE];
-    for (s, e) in out_tiles(out) {
-        let gt = widened(&g[s..e], &mut gb);
-        let xt = widened(&x[s..e], &mut xb);
-        store_tile(&mut out[s..e], &mut yb, |yt| f(s, gt, xt, yt));
-    }
-}
-
-/// Lets `fill` write an output tile: straight into `out` for f32, else into `buf` (always
-/// initialized) and then rounded to T.
-#[inline(always)]
-fn store_tile<T: Element>(
-    out: &mut [Out<T>],
-    buf: &mut [Out<f32>; TILE],
-    fill: impl FnOnce(&mut OutTile),
-) {
-    if let Some(o) = T::as_f32s_out(out) {
-        return fill(o);
-    }
-    let yt = &mut buf[..out.len()];
-    fill(yt);
-    // SAFETY: `buf` was created initialized (`Out::new`) and only ever written with values,
-    // so every element is an initialized f32.
-    let yt: &[f32] = unsafe { &*(yt as *const [Out<f32>] as *const [f32]) };
+pub(crate) fn flush<T: Element>(buf: &[Out<f32>], out: &mut [Out<T>]) {
+    // SAFETY: the buffer was created initialized (`Out::new`) and only ever written with
+    // values, so every element is an initialized f32.
+    let yt: &[f32] = unsafe { &*(buf as *const [Out<f32>] as *const [f32]) };
     T::narrow(yt, out);
 }
 
@@ -409,29 +454,33 @@ pub(crate) fn prefetch_after<T>(x: &[T], len: usize) {
 
 /// Σ x over a run.
 #[inline(always)]
-pub(crate) fn sum_body<T: Element>(x: &[T]) -> f64 {
+pub(crate) fn sum_body<T: Element>(bufs: &mut Bufs, x: &[T]) -> f64 {
     let mut acc = [0f64; LANES];
-    for_tiles(x, |_, t| acc_sum(&mut acc, t));
+    for_tiles!(bufs, x, |_, t| acc_sum(&mut acc, t));
     lanes_sum(acc)
 }
 
 /// (Σ (x − m), Σ (x − m)²) over a run.
 #[inline(always)]
-pub(crate) fn dev_sums_body<T: Element, I: simd::Isa>(x: &[T], m: f64) -> (f64, f64) {
+pub(crate) fn dev_sums_body<T: Element, I: simd::Isa>(
+    bufs: &mut Bufs,
+    x: &[T],
+    m: f64,
+) -> (f64, f64) {
     let mut a1 = [0f64; LANES];
     let mut a2 = [0f64; LANES];
-    for_tiles(x, |_, t| acc_dev::<I>(&mut a1, &mut a2, t, m));
+    for_tiles!(bufs, x, |_, t| acc_dev::<I>(&mut a1, &mut a2, t, m));
     (lanes_sum(a1), lanes_sum(a2))
 }
 
 /// Moments of a run by the corrected two-pass algorithm.
 #[inline(always)]
-pub(crate) fn moments_body<T: Element, I: simd::Isa>(x: &[T]) -> Moments {
+pub(crate) fn moments_body<T: Element, I: simd::Isa>(bufs: &mut Bufs, x: &[T]) -> Moments {
     if x.is_empty() {
         return Moments::default();
     }
     let n = x.len() as f64;
-    let m = sum_body(x) / n;
-    let (d1, d2) = dev_sums_body::<T, I>(x, m);
+    let m = sum_body(bufs, x) / n;
+    let (d1, d2) = dev_sums_body::<T, I>(bufs, x, m);
     Moments::two_pass(n, m, d1, d2)
 }

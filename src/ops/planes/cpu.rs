@@ -10,131 +10,239 @@ use crate::tensor::MemoryFormat;
 
 multiversion! {
     /// Moments of a run (two-pass), long runs in fixed pieces merged in order.
-    pub(crate) fn run_moments<T: Element>(x: &[T]) -> Moments {
+    pub(crate) fn run_moments<T: Element>(bufs: &mut Bufs, x: &[T]) -> Moments {
         if x.len() <= RUN_CHUNK {
-            return moments_body::<T, I>(x);
+            return moments_body::<T, I>(bufs, x);
         }
         let mut acc = Moments::default();
         for piece in x.chunks(RUN_CHUNK) {
-            acc = acc.merge(moments_body::<T, I>(piece));
+            acc = acc.merge(moments_body::<T, I>(bufs, piece));
         }
         acc
     }
 }
 
 multiversion! {
-    /// `y = a·(x − m) + b` over a run, in f64, rounded once.
-    fn run_affine<T: Element>(x: &[T], y: &mut [Out<T>], a: f64, m: f64, b: f64) {
-        for (yv, xv) in y.iter_mut().zip(x) {
-            yv.write(T::from_f64(a * (xv.to_f64() - m) + b));
-        }
+    /// `y = a·(x − m) + b` over a run, in f32 lanes (the mean split so that |mean| ≫ std keeps
+    /// f32 accuracy), rounded once.
+    fn run_affine<T: Element>(bufs: &mut Bufs, x: &[T], y: &mut [Out<T>], a: f64, m: f64, b: f64) {
+        let (a, m, b) = (a as f32, SplitMean::new(m), b as f32);
+        map_tiles!(bufs, x, y, |_, xt, yt| {
+            for (yv, xv) in yt.iter_mut().zip(xt) {
+                yv.write(I::fma32(a, m.dev(*xv), b));
+            }
+        });
     }
 }
 
 multiversion! {
-    /// (Σ g, Σ g·(x − m)) over a run.
-    fn run_grad_sums<T: Element>(g: &[T], x: &[T], m: f64) -> (f64, f64) {
-        let (gc, gt) = g.as_chunks::<LANES>();
-        let (xc, xt) = x.as_chunks::<LANES>();
+    /// (Σ g, Σ g·(x − m)) over a run, in f64 lanes.
+    fn run_grad_sums<T: Element>(bufs: &mut Bufs, g: &[T], x: &[T], m: f64) -> (f64, f64) {
         let mut a1 = [0f64; LANES];
         let mut a2 = [0f64; LANES];
-        for (gv, xv) in gc.iter().zip(xc) {
-            let gg: [f64; LANES] = std::array::from_fn(|i| gv[i].to_f64());
-            let d: [f64; LANES] = std::array::from_fn(|i| xv[i].to_f64() - m);
-            for i in 0..LANES {
-                a1[i] += gg[i];
+        for_tiles2!(bufs, g, x, |_, gt, xt| {
+            let (gc, gtl) = gt.as_chunks::<LANES>();
+            let (xc, xtl) = xt.as_chunks::<LANES>();
+            for (gv, xv) in gc.iter().zip(xc) {
+                let gg: [f64; LANES] = std::array::from_fn(|i| gv[i] as f64);
+                let d: [f64; LANES] = std::array::from_fn(|i| xv[i] as f64 - m);
+                for i in 0..LANES {
+                    a1[i] += gg[i];
+                }
+                for i in 0..LANES {
+                    a2[i] = I::fma(gg[i], d[i], a2[i]);
+                }
             }
-            for i in 0..LANES {
-                a2[i] = I::fma(gg[i], d[i], a2[i]);
+            for (i, (gv, xv)) in gtl.iter().zip(xtl).enumerate() {
+                a1[i] += *gv as f64;
+                a2[i] += *gv as f64 * (*xv as f64 - m);
             }
-        }
-        let (mut t1, mut t2) = (0.0, 0.0);
-        for (gv, xv) in gt.iter().zip(xt) {
-            t1 += gv.to_f64();
-            t2 += gv.to_f64() * (xv.to_f64() - m);
-        }
-        (lanes_sum(a1) + t1, lanes_sum(a2) + t2)
+        });
+        (lanes_sum(a1), lanes_sum(a2))
     }
 }
 
 multiversion! {
-    /// `dx = a·g + b·(x − m) + k` over a run.
-    fn run_grad_apply<T: Element>(g: &[T], x: &[T], dx: &mut [Out<T>], a: f64, b: f64, m: f64, k: f64) {
-        for ((dv, gv), xv) in dx.iter_mut().zip(g).zip(x) {
-            dv.write(T::from_f64(a * gv.to_f64() + b * (xv.to_f64() - m) + k));
-        }
+    /// `dx = a·g + b·(x − m) + k` over a run, in f32 lanes.
+    fn run_grad_apply<T: Element>(bufs: &mut Bufs, g: &[T], x: &[T], dx: &mut [Out<T>], a: f64, b: f64, m: f64, k: f64) {
+        let (a, b, m, k) = (a as f32, b as f32, SplitMean::new(m), k as f32);
+        map_tiles2!(bufs, g, x, dx, |_, gt, xt, yt| {
+            for ((yv, gv), xv) in yt.iter_mut().zip(gt).zip(xt) {
+                yv.write(I::fma32(a, *gv, I::fma32(b, m.dev(*xv), k)));
+            }
+        });
     }
 }
 
+/// Per-column f64 accumulators of a channels-last task, reused across the rows of the task.
+struct ColumnSums {
+    s1: Vec<f64>,
+    s2: Vec<f64>,
+}
+
 multiversion! {
-    /// Per-column moments of a row-major `(rows, cols)` block by the corrected two-pass.
+    /// Per-column moments of a row-major `(rows, cols)` block by the corrected two-pass (the
+    /// block is small enough to stay in cache between the passes).
     fn columns_moments<T: Element>(block: &[T], cols: usize) -> Vec<Moments> {
         let rows = block.len() / cols.max(1);
-        let mut sum = vec![0f64; cols];
+        let mut acc = ColumnSums { s1: vec![0f64; cols], s2: vec![0f64; cols] };
+        let mut mean = vec![0f64; cols];
+        let bufs = &mut Bufs::new();
         for row in block.chunks_exact(cols) {
-            for (a, v) in sum.iter_mut().zip(row) {
-                *a += v.to_f64();
-            }
+            for_tiles!(bufs, row, |o, t| {
+                for (a, v) in acc.s1[o..o + t.len()].iter_mut().zip(t) {
+                    *a += *v as f64;
+                }
+            });
         }
         let n = rows as f64;
-        let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
-        let mut d1 = vec![0f64; cols];
-        let mut d2 = vec![0f64; cols];
+        for (m, s) in mean.iter_mut().zip(&acc.s1) {
+            *m = s / n;
+        }
+        acc.s1.fill(0.0);
         for row in block.chunks_exact(cols) {
-            for (((a1, a2), v), m) in d1.iter_mut().zip(d2.iter_mut()).zip(row).zip(&mean) {
-                let d = v.to_f64() - m;
-                *a1 += d;
-                *a2 += d * d;
-            }
+            for_tiles!(bufs, row, |o, t| {
+                let len = t.len();
+                let cols = acc.s1[o..o + len].iter_mut().zip(acc.s2[o..o + len].iter_mut());
+                for ((a1, a2), (v, m)) in cols.zip(t.iter().zip(&mean[o..o + len])) {
+                    let d = *v as f64 - m;
+                    *a1 += d;
+                    *a2 = I::fma(d, d, *a2);
+                }
+            });
         }
         (0..cols)
-            .map(|c| Moments::two_pass(n, mean[c], d1[c], d2[c]))
+            .map(|c| Moments::two_pass(n, mean[c], acc.s1[c], acc.s2[c]))
             .collect()
     }
 }
 
+/// Per-`(n, c)` coefficients of the channels-last element loops, in f32 (the mean split).
+struct ColCoef {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    hi: Vec<f32>,
+    lo: Vec<f32>,
+    k: Vec<f32>,
+}
+
+impl ColCoef {
+    fn new(a: &[f64], b: &[f64], m: &[f64], k: &[f64]) -> ColCoef {
+        let f = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+        let split: Vec<SplitMean> = m.iter().map(|&m| SplitMean::new(m)).collect();
+        ColCoef {
+            a: f(a),
+            b: f(b),
+            hi: split.iter().map(|s| s.hi).collect(),
+            lo: split.iter().map(|s| s.lo).collect(),
+            k: f(k),
+        }
+    }
+}
+
+/// The coefficient offset `n·C` of each of `rows` rows from `r0` of a channels-last
+/// `(N·S, C)` view (no division per row; an iterator, not a closure, so that the row loop stays
+/// inside the multiversioned kernel).
+struct SampleOffsets {
+    n: usize,
+    left: usize,
+    s: usize,
+    c: usize,
+    rows: usize,
+}
+
+impl SampleOffsets {
+    fn new(r0: usize, rows: usize, s: usize, c: usize) -> SampleOffsets {
+        let s = s.max(1);
+        SampleOffsets {
+            n: r0 / s,
+            left: s - r0 % s,
+            s,
+            c,
+            rows,
+        }
+    }
+}
+
+impl Iterator for SampleOffsets {
+    type Item = usize;
+    #[inline(always)]
+    fn next(&mut self) -> Option<usize> {
+        if self.rows == 0 {
+            return None;
+        }
+        self.rows -= 1;
+        let o = self.n * self.c;
+        self.left -= 1;
+        if self.left == 0 {
+            self.n += 1;
+            self.left = self.s;
+        }
+        Some(o)
+    }
+}
+
 multiversion! {
-    /// Channels-last rows `r0..` of `(N·S, C)`: `y = a·(x − m) + b` with per-(n, c) coefficients.
-    fn rows_affine<T: Element>(x: &[T], y: &mut [Out<T>], c: usize, r0: usize, s: usize, a: &[f64], m: &[f64], b: &[f64]) {
-        for (r, (yr, xr)) in y.chunks_exact_mut(c).zip(x.chunks_exact(c)).enumerate() {
-            let o = ((r0 + r) / s) * c;
-            let (ar, mr, br) = (&a[o..o + c], &m[o..o + c], &b[o..o + c]);
-            for ((((yv, xv), av), mv), bv) in yr.iter_mut().zip(xr).zip(ar).zip(mr).zip(br) {
-                yv.write(T::from_f64(av * (xv.to_f64() - mv) + bv));
-            }
+    /// Channels-last rows `r0..` of `(N·S, C)`: `y = a·(x − m) + b` with per-(n, c)
+    /// coefficients (`coef.a`, the split mean, `coef.b`), in f32 lanes.
+    fn rows_affine<T: Element>(x: &[T], y: &mut [Out<T>], c: usize, r0: usize, s: usize, coef: &ColCoef) {
+        let rows = x.len() / c.max(1);
+        let bufs = &mut Bufs::new();
+        for (r, o) in SampleOffsets::new(r0, rows, s, c).enumerate() {
+            let (xr, yr) = (&x[r * c..(r + 1) * c], &mut y[r * c..(r + 1) * c]);
+            map_tiles!(bufs, xr, yr, |off, xt, yt| {
+                let at = o + off..o + off + xt.len();
+                let (a, hi, lo, b) = (&coef.a[at.clone()], &coef.hi[at.clone()], &coef.lo[at.clone()], &coef.b[at]);
+                for (((yv, xv), (av, bv)), (h, l)) in
+                    yt.iter_mut().zip(xt).zip(a.iter().zip(b)).zip(hi.iter().zip(lo))
+                {
+                    yv.write(I::fma32(*av, (*xv - *h) - *l, *bv));
+                }
+            });
         }
     }
 }
 
 multiversion! {
-    /// Channels-last block of one sample: per-column (Σ g, Σ g·(x − m[c])).
+    /// Channels-last block of one sample: per-column (Σ g, Σ g·(x − m[c])), in f64.
     fn columns_grad_sums<T: Element>(g: &[T], x: &[T], m: &[f64]) -> (Vec<f64>, Vec<f64>) {
         let c = m.len();
         let mut s1 = vec![0f64; c];
         let mut s2 = vec![0f64; c];
+        let bufs = &mut Bufs::new();
         for (gr, xr) in g.chunks_exact(c).zip(x.chunks_exact(c)) {
-            for ((((a1, a2), gv), xv), mv) in s1.iter_mut().zip(s2.iter_mut()).zip(gr).zip(xr).zip(m) {
-                let gg = gv.to_f64();
-                *a1 += gg;
-                *a2 += gg * (xv.to_f64() - mv);
-            }
+            for_tiles2!(bufs, gr, xr, |o, gt, xt| {
+                let len = gt.len();
+                let acc = s1[o..o + len].iter_mut().zip(s2[o..o + len].iter_mut());
+                for ((a1, a2), ((gv, xv), mv)) in acc.zip(gt.iter().zip(xt).zip(&m[o..o + len])) {
+                    let gg = *gv as f64;
+                    *a1 += gg;
+                    *a2 = I::fma(gg, *xv as f64 - mv, *a2);
+                }
+            });
         }
         (s1, s2)
     }
 }
 
 multiversion! {
-    /// Channels-last rows `r0..`: `dx = a·g + b·(x − m) + k` with per-(n, c) coefficients.
-    fn rows_grad_apply<T: Element>(g: &[T], x: &[T], dx: &mut [Out<T>], c: usize, r0: usize, s: usize, coef: [&[f64]; 4]) {
-        let [a, b, m, k] = coef;
-        let rows = dx.chunks_exact_mut(c).zip(g.chunks_exact(c).zip(x.chunks_exact(c)));
-        for (r, (dr, (gr, xr))) in rows.enumerate() {
-            let o = ((r0 + r) / s) * c;
-            for j in 0..c {
-                dr[j].write(T::from_f64(
-                    a[o + j] * gr[j].to_f64() + b[o + j] * (xr[j].to_f64() - m[o + j]) + k[o + j],
-                ));
-            }
+    /// Channels-last rows `r0..`: `dx = a·g + b·(x − m) + k` with per-(n, c) coefficients,
+    /// in f32 lanes.
+    fn rows_grad_apply<T: Element>(g: &[T], x: &[T], dx: &mut [Out<T>], c: usize, r0: usize, s: usize, coef: &ColCoef) {
+        let rows = x.len() / c.max(1);
+        let bufs = &mut Bufs::new();
+        for (r, o) in SampleOffsets::new(r0, rows, s, c).enumerate() {
+            let span = r * c..(r + 1) * c;
+            let (gr, xr, dr) = (&g[span.clone()], &x[span.clone()], &mut dx[span]);
+            map_tiles2!(bufs, gr, xr, dr, |off, gt, xt, yt| {
+                let at = o + off..o + off + xt.len();
+                let (a, b, k) = (&coef.a[at.clone()], &coef.b[at.clone()], &coef.k[at.clone()]);
+                let (hi, lo) = (&coef.hi[at.clone()], &coef.lo[at]);
+                let coefs = a.iter().zip(b).zip(k).zip(hi.iter().zip(lo));
+                for (((yv, gv), xv), (((av, bv), kv), (h, l))) in yt.iter_mut().zip(gt).zip(xt).zip(coefs) {
+                    yv.write(I::fma32(*av, *gv, I::fma32(*bv, (*xv - *h) - *l, *kv)));
+                }
+            });
         }
     }
 }
@@ -154,7 +262,7 @@ pub(crate) fn plane_moments<T: Element>(x: &[T], p: PlaneShape) -> Vec<Moments> 
             let min_len = (MIN_TASK / p.s.max(1)).max(1);
             x.par_chunks(p.s.max(1))
                 .with_min_len(min_len)
-                .map(run_moments)
+                .map_init(Bufs::new, |b, r| run_moments(b, r))
                 .collect()
         }
         MemoryFormat::ChannelsLast => {
@@ -212,14 +320,17 @@ pub(crate) fn plane_affine<T: Element>(
                     .zip(x.par_chunks(s))
                     .enumerate()
                     .with_min_len((MIN_TASK / s).max(1))
-                    .for_each(|(i, (yr, xr))| run_affine(xr, yr, a[i], m[i], b[i]));
+                    .for_each_init(Bufs::new, |bufs, (i, (yr, xr))| {
+                        run_affine(bufs, xr, yr, a[i], m[i], b[i])
+                    });
             }
             MemoryFormat::ChannelsLast => {
                 let c = p.c;
+                let coef = ColCoef::new(a, b, m, &[]);
                 y.par_chunks_mut(ROW_CHUNK * c)
                     .zip(x.par_chunks(ROW_CHUNK * c))
                     .enumerate()
-                    .for_each(|(k, (yb, xb))| rows_affine(xb, yb, c, k * ROW_CHUNK, p.s, a, m, b));
+                    .for_each(|(k, (yb, xb))| rows_affine(xb, yb, c, k * ROW_CHUNK, p.s, &coef));
             }
         }
     })
@@ -244,10 +355,10 @@ pub(crate) fn plane_grad_sums<T: Element>(
                 .zip(x.par_chunks(s))
                 .enumerate()
                 .with_min_len((MIN_TASK / s).max(1))
-                .map(|(i, (gr, xr))| {
+                .map_init(Bufs::new, |bufs, (i, (gr, xr))| {
                     gr.chunks(RUN_CHUNK)
                         .zip(xr.chunks(RUN_CHUNK))
-                        .map(|(gc, xc)| run_grad_sums(gc, xc, m[i]))
+                        .map(|(gc, xc)| run_grad_sums(bufs, gc, xc, m[i]))
                         .fold((0.0, 0.0), |u, w| (u.0 + w.0, u.1 + w.1))
                 })
                 .collect();
@@ -299,17 +410,18 @@ pub(crate) fn plane_grad_apply<T: Element>(
                     .zip(g.par_chunks(s).zip(x.par_chunks(s)))
                     .enumerate()
                     .with_min_len((MIN_TASK / s).max(1))
-                    .for_each(|(i, (dr, (gr, xr)))| {
-                        run_grad_apply(gr, xr, dr, a[i], b[i], m[i], k[i])
+                    .for_each_init(Bufs::new, |bufs, (i, (dr, (gr, xr)))| {
+                        run_grad_apply(bufs, gr, xr, dr, a[i], b[i], m[i], k[i])
                     });
             }
             MemoryFormat::ChannelsLast => {
                 let c = p.c;
+                let coef = ColCoef::new(a, b, m, k);
                 dx.par_chunks_mut(ROW_CHUNK * c)
                     .zip(g.par_chunks(ROW_CHUNK * c).zip(x.par_chunks(ROW_CHUNK * c)))
                     .enumerate()
                     .for_each(|(t, (db, (gb, xb)))| {
-                        rows_grad_apply(gb, xb, db, c, t * ROW_CHUNK, p.s, coef)
+                        rows_grad_apply(gb, xb, db, c, t * ROW_CHUNK, p.s, &coef)
                     });
             }
         }
@@ -339,8 +451,8 @@ pub(crate) fn groups_fused<T: Element>(
             .zip(x.par_chunks(len))
             .enumerate()
             .with_min_len((MIN_TASK / len).max(1))
-            .map(|(gi, (yg, xg))| {
-                let m = run_moments(xg);
+            .map_init(Bufs::new, |bufs, (gi, (yg, xg))| {
+                let m = run_moments(bufs, xg);
                 let rstd = 1.0 / (m.var_biased() + eps).sqrt();
                 let c0 = (gi % groups) * d;
                 for (j, (yc, xc)) in yg
@@ -348,13 +460,66 @@ pub(crate) fn groups_fused<T: Element>(
                     .zip(xg.chunks(p.s.max(1)))
                     .enumerate()
                 {
-                    run_affine(xc, yc, rstd * w[c0 + j], m.mean, b[c0 + j]);
+                    run_affine(bufs, xc, yc, rstd * w[c0 + j], m.mean, b[c0 + j]);
                 }
                 m
             })
             .collect();
     });
     (y, moments)
+}
+
+/// Fused GroupNorm/InstanceNorm backward for contiguous input with batch statistics: each
+/// `(n, group)` run of `C/G · S` values is summed and then differentiated while it is in cache
+/// (dy and x are read from memory once). `mean`/`rstd` are per `(n, group)`, `w` per channel.
+/// Returns dx and the per-plane (Σ g, Σ g·(x − m)) for the parameter gradients.
+pub(crate) fn groups_backward_fused<T: Element>(
+    g: &[T],
+    x: &[T],
+    p: PlaneShape,
+    groups: usize,
+    w: &[f64],
+    mean: &[f32],
+    rstd: &[f32],
+) -> (Vec<T>, Vec<f64>, Vec<f64>) {
+    let d = p.c / groups.max(1);
+    let s = p.s.max(1);
+    let len = (d * s).max(1);
+    let cnt = (d * p.s) as f64;
+    let mut sums: Vec<Vec<(f64, f64)>> = Vec::new();
+    let dx = filled_vec(x.len(), |dx| {
+        if x.is_empty() {
+            return;
+        }
+        sums = dx
+            .par_chunks_mut(len)
+            .zip(g.par_chunks(len).zip(x.par_chunks(len)))
+            .enumerate()
+            .with_min_len((MIN_TASK / len).max(1))
+            .map_init(Bufs::new, |bufs, (gi, (dg, (gg, xg)))| {
+                let (m, r) = (mean[gi] as f64, rstd[gi] as f64);
+                let c0 = (gi % groups) * d;
+                let per: Vec<(f64, f64)> = gg
+                    .chunks(s)
+                    .zip(xg.chunks(s))
+                    .map(|(gc, xc)| run_grad_sums(bufs, gc, xc, m))
+                    .collect();
+                let (mut ga, mut gb) = (0.0, 0.0);
+                for (j, (sg, sgx)) in per.iter().enumerate() {
+                    ga += w[c0 + j] * sg;
+                    gb += w[c0 + j] * sgx;
+                }
+                let (b, k) = (-r * r * r * gb / cnt, -r * ga / cnt);
+                let planes = dg.chunks_mut(s).zip(gg.chunks(s).zip(xg.chunks(s)));
+                for (j, (dc, (gc, xc))) in planes.enumerate() {
+                    run_grad_apply(bufs, gc, xc, dc, r * w[c0 + j], b, m, k);
+                }
+                per
+            })
+            .collect();
+    });
+    let (sg, sgx) = sums.into_iter().flatten().unzip();
+    (dx, sg, sgx)
 }
 
 #[cfg(test)]
@@ -366,10 +531,10 @@ mod tests {
         let v: Vec<f32> = (0..1000)
             .map(|i| ((i * 37) % 101) as f32 * 0.25 + 1e4)
             .collect();
-        let whole = run_moments(&v);
+        let whole = run_moments(&mut Bufs::new(), &v);
         let parts = v
             .chunks(77)
-            .map(run_moments)
+            .map(|c| run_moments(&mut Bufs::new(), c))
             .fold(Moments::default(), Moments::merge);
         assert!((whole.mean - parts.mean).abs() < 1e-9 * whole.mean.abs());
         assert!((whole.m2 - parts.m2).abs() < 1e-9 * whole.m2);

@@ -414,12 +414,58 @@ pub(crate) fn backward<T: Element>(
             r[n * p.c + c] = rstd[g] as f64;
         }
     }
-    let (sg, sgx) = cpu::plane_grad_sums(gs, xs, p, &m);
+    let (dx, sg, sgx) = match grouping {
+        // Each (n, group) is one contiguous run: sum and differentiate it while it is in cache.
+        Grouping::Groups(groups) if stats.from_input && p.format == MemoryFormat::Contiguous => {
+            cpu::groups_backward_fused(gs, xs, p, groups, &w, mean, rstd)
+        }
+        _ => backward_two_pass(gs, xs, p, grouping, &w, stats.from_input, &m, &r),
+    };
 
+    let (dweight, dbias) = if affine {
+        let mut dw = vec![0f64; p.c];
+        let mut db = vec![0f64; p.c];
+        for n in 0..p.n {
+            for c in 0..p.c {
+                let i = n * p.c + c;
+                dw[c] += r[i] * sgx[i];
+                db[c] += sg[i];
+            }
+        }
+        (
+            Some(f32_tensor(dw.iter().map(|&v| v as f32).collect(), &device)?),
+            Some(f32_tensor(db.iter().map(|&v| v as f32).collect(), &device)?),
+        )
+    } else {
+        (None, None)
+    };
+    Ok(Gradients {
+        dx: Tensor::from_parts(x.shape().to_vec(), x.format(), Storage::Cpu(dx)),
+        dweight,
+        dbias,
+    })
+}
+
+/// The CPU backward in two passes over memory (BatchNorm, channels-last, fixed statistics):
+/// per-plane sums, then dx from per-plane coefficients. `m`/`r` are per plane. Returns dx and
+/// the per-plane (Σ g, Σ g·(x − m)).
+#[allow(clippy::too_many_arguments)]
+fn backward_two_pass<T: Element>(
+    gs: &[T],
+    xs: &[T],
+    p: PlaneShape,
+    grouping: Grouping,
+    w: &[f64],
+    from_input: bool,
+    m: &[f64],
+    r: &[f64],
+) -> (Vec<T>, Vec<f64>, Vec<f64>) {
+    let planes = p.n * p.c;
+    let (sg, sgx) = cpu::plane_grad_sums(gs, xs, p, m);
     let mut a = vec![0f64; planes];
     let mut b = vec![0f64; planes];
     let mut k = vec![0f64; planes];
-    if stats.from_input {
+    if from_input {
         let groups = grouping.num_groups(&p);
         let mut ga = vec![0f64; groups];
         let mut gb = vec![0f64; groups];
@@ -448,27 +494,5 @@ pub(crate) fn backward<T: Element>(
         }
     }
     let dx = cpu::plane_grad_apply(gs, xs, p, [&a, &b, &m, &k]);
-
-    let (dweight, dbias) = if affine {
-        let mut dw = vec![0f64; p.c];
-        let mut db = vec![0f64; p.c];
-        for n in 0..p.n {
-            for c in 0..p.c {
-                let i = n * p.c + c;
-                dw[c] += r[i] * sgx[i];
-                db[c] += sg[i];
-            }
-        }
-        (
-            Some(f32_tensor(dw.iter().map(|&v| v as f32).collect(), &device)?),
-            Some(f32_tensor(db.iter().map(|&v| v as f32).collect(), &device)?),
-        )
-    } else {
-        (None, None)
-    };
-    Ok(Gradients {
-        dx: Tensor::from_parts(x.shape().to_vec(), x.format(), Storage::Cpu(dx)),
-        dweight,
-        dbias,
-    })
+    (dx, sg, sgx)
 }

@@ -32,18 +32,18 @@ fn grad_block_rows(rows: usize) -> usize {
 multiversion! {
     /// One LayerNorm row: `y = (x − μ)·rstd·w + b` (statistics in f64, element work in f32);
     /// returns (μ, rstd).
-    fn layer_norm_row<T: Element>(x: &[T], y: &mut [Out<T>], w: &[f32], b: &[f32], eps: f64) -> (f64, f64) {
+    fn layer_norm_row<T: Element>(bufs: &mut Bufs, x: &[T], y: &mut [Out<T>], w: &[f32], b: &[f32], eps: f64) -> (f64, f64) {
         if x.len() <= PREFETCH_ROW {
             prefetch_after(x, x.len());
         }
         let mo = if x.len() <= RUN_CHUNK {
-            moments_body::<T, I>(x)
+            moments_body::<T, I>(bufs, x)
         } else {
-            x.chunks(RUN_CHUNK).map(moments_body::<T, I>).fold(Moments::default(), Moments::merge)
+            x.chunks(RUN_CHUNK).map(|c| moments_body::<T, I>(bufs, c)).fold(Moments::default(), Moments::merge)
         };
         let (mean, rstd) = (mo.mean, 1.0 / (mo.var_biased() + eps).sqrt());
         let (m, r) = (SplitMean::new(mean), rstd as f32);
-        map_tiles(x, y, |o, xt, yt| {
+        map_tiles!(bufs, x, y, |o, xt, yt| {
             let (w, b) = (&w[o..o + xt.len()], &b[o..o + xt.len()]);
             for (((yv, xv), wv), bv) in yt.iter_mut().zip(xt).zip(w).zip(b) {
                 yv.write(I::fma32(m.dev(*xv) * r, *wv, *bv));
@@ -55,9 +55,9 @@ multiversion! {
 
 multiversion! {
     /// One RMSNorm row: `y = x·rstd·w`; returns rstd.
-    fn rms_norm_row<T: Element>(x: &[T], y: &mut [Out<T>], w: &[f32], eps: f64) -> f64 {
+    fn rms_norm_row<T: Element>(bufs: &mut Bufs, x: &[T], y: &mut [Out<T>], w: &[f32], eps: f64) -> f64 {
         let mut acc = [0f64; LANES];
-        for_tiles(x, |_, t| {
+        for_tiles!(bufs, x, |_, t| {
             let (chunks, tail) = t.as_chunks::<LANES>();
             for ch in chunks {
                 let v: [f64; LANES] = std::array::from_fn(|i| ch[i] as f64);
@@ -71,7 +71,7 @@ multiversion! {
         });
         let r = 1.0 / (lanes_sum(acc) / x.len() as f64 + eps).sqrt();
         let r32 = r as f32;
-        map_tiles(x, y, |o, xt, yt| {
+        map_tiles!(bufs, x, y, |o, xt, yt| {
             for ((yv, xv), wv) in yt.iter_mut().zip(xt).zip(&w[o..o + xt.len()]) {
                 yv.write(*xv * r32 * *wv);
             }
@@ -99,8 +99,8 @@ pub(crate) fn layer_norm_fwd<T: Element>(
             .par_chunks_mut(cols)
             .zip(x.par_chunks(cols))
             .with_min_len(row_min_len(cols))
-            .map(|(yr, xr)| {
-                let (m, r) = layer_norm_row(xr, yr, w, b, eps);
+            .map_init(Bufs::new, |bufs, (yr, xr)| {
+                let (m, r) = layer_norm_row(bufs, xr, yr, w, b, eps);
                 (m as f32, r as f32)
             })
             .collect();
@@ -127,7 +127,9 @@ pub(crate) fn rms_norm_fwd<T: Element>(
             .par_chunks_mut(cols)
             .zip(x.par_chunks(cols))
             .with_min_len(row_min_len(cols))
-            .map(|(yr, xr)| rms_norm_row(xr, yr, w, eps) as f32)
+            .map_init(Bufs::new, |bufs, (yr, xr)| {
+                rms_norm_row(bufs, xr, yr, w, eps) as f32
+            })
             .collect();
     });
     (y, rstd)
@@ -151,6 +153,7 @@ multiversion! {
     ) {
         let n = cols as f64;
         let col_sums = !dw.is_empty();
+        let bufs = &mut Bufs::new();
         let rows = dx.chunks_exact_mut(cols).zip(g.chunks_exact(cols).zip(x.chunks_exact(cols)));
         for (r, (dr, (gr, xr))) in rows.enumerate() {
             let m = SplitMean::new(mean.map_or(0.0, |m| m[r] as f64));
@@ -160,7 +163,7 @@ multiversion! {
             let mut s2 = [0f64; LANES];
             let mut u = [0f32; TILE];
             let mut xh = [0f32; TILE];
-            for_tiles2(gr, xr, |o, gt, xt| {
+            for_tiles2!(bufs, gr, xr, |o, gt, xt| {
                 let len = gt.len();
                 let (u, xh) = (&mut u[..len], &mut xh[..len]);
                 for (((uv, hv), (gv, xv)), wv) in
@@ -194,7 +197,7 @@ multiversion! {
             let (s1, s2) = (lanes_sum(s1), lanes_sum(s2));
             let m1 = if mean.is_some() { (s1 / n) as f32 } else { 0.0 };
             let m2 = (s2 / n) as f32;
-            map_tiles2(gr, xr, dr, |o, gt, xt, yt| {
+            map_tiles2!(bufs, gr, xr, dr, |o, gt, xt, yt| {
                 let w = &w[o..o + gt.len()];
                 for (((yv, gv), xv), wv) in yt.iter_mut().zip(gt).zip(xt).zip(w) {
                     // u rounded as in the sums pass (a fused g·w − m1 would leave the rounding
