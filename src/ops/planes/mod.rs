@@ -493,6 +493,6 @@ fn backward_two_pass<T: Element>(
             }
         }
     }
-    let dx = cpu::plane_grad_apply(gs, xs, p, [&a, &b, &m, &k]);
+    let dx = cpu::plane_grad_apply(gs, xs, p, [&a, &b, m, &k]);
     (dx, sg, sgx)
 }
