@@ -452,35 +452,19 @@ pub(crate) fn prefetch_after<T>(x: &[T], len: usize) {
     let _ = (x, len);
 }
 
-/// Σ x over a run.
-#[inline(always)]
-pub(crate) fn sum_body<T: Element>(bufs: &mut Bufs, x: &[T]) -> f64 {
-    let mut acc = [0f64; LANES];
-    for_tiles!(bufs, x, |_, t| acc_sum(&mut acc, t));
-    lanes_sum(acc)
-}
-
-/// (Σ (x − m), Σ (x − m)²) over a run.
-#[inline(always)]
-pub(crate) fn dev_sums_body<T: Element, I: simd::Isa>(
-    bufs: &mut Bufs,
-    x: &[T],
-    m: f64,
-) -> (f64, f64) {
-    let mut a1 = [0f64; LANES];
-    let mut a2 = [0f64; LANES];
-    for_tiles!(bufs, x, |_, t| acc_dev::<I>(&mut a1, &mut a2, t, m));
-    (lanes_sum(a1), lanes_sum(a2))
-}
-
-/// Moments of a run by the corrected two-pass algorithm.
+/// Moments of a run: the corrected two-pass algorithm on each f32 tile while it is in L1
+/// (the run is widened and read once), tiles merged in order with Chan's formula.
 #[inline(always)]
 pub(crate) fn moments_body<T: Element, I: simd::Isa>(bufs: &mut Bufs, x: &[T]) -> Moments {
-    if x.is_empty() {
-        return Moments::default();
-    }
-    let n = x.len() as f64;
-    let m = sum_body(bufs, x) / n;
-    let (d1, d2) = dev_sums_body::<T, I>(bufs, x, m);
-    Moments::two_pass(n, m, d1, d2)
+    let mut acc = Moments::default();
+    for_tiles!(bufs, x, |_, t| {
+        let n = t.len() as f64;
+        let mut s = [0f64; LANES];
+        acc_sum(&mut s, t);
+        let m = lanes_sum(s) / n;
+        let (mut a1, mut a2) = ([0f64; LANES], [0f64; LANES]);
+        acc_dev::<I>(&mut a1, &mut a2, t, m);
+        acc = acc.merge(Moments::two_pass(n, m, lanes_sum(a1), lanes_sum(a2)));
+    });
+    acc
 }
