@@ -172,8 +172,7 @@ def main():
         case_file = fh.name
     me = os.path.abspath(__file__)
     sides = {
-        "cunorm": ([a.bin, "cpu-bench", "--cases", case_file, "--threads", a.threads,
-                    "--reps", str(a.reps)], None),
+        "cunorm": None,  # one process per thread count: rayon's global pool is sized once
         "torch": ([a.python, me, "--torch-side", case_file, a.threads, str(a.reps)],
                   {**os.environ, "THP_MEM_ALLOC_ENABLE": "0"}),
         "torch_thp": ([a.python, me, "--torch-side", case_file, a.threads, str(a.reps)],
@@ -181,10 +180,19 @@ def main():
     }
     runs = {s: [] for s in sides}
     for r in range(a.rounds):
-        for name, (cmd, env) in sides.items():
+        for name, side in sides.items():
             print(f"round {r + 1}/{a.rounds}: {name} ({len(todo)} cases)", file=sys.stderr,
                   flush=True)
-            runs[name].append(run_side(cmd, env))
+            if side is None:
+                merged = {}
+                for t in threads:
+                    part = run_side([a.bin, "cpu-bench", "--cases", case_file, "--threads",
+                                     str(t), "--reps", str(a.reps)])
+                    for k, v in part.items():
+                        merged.setdefault(k, {}).update(v)
+                runs[name].append(merged)
+            else:
+                runs[name].append(run_side(*side))
     os.unlink(case_file)
     med = {s: {c["key"]: {str(t): statistics.median(run[c["key"]][str(t)] for run in runs[s])
                           for t in threads} for c in todo} for s in sides}

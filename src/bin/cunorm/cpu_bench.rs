@@ -1,6 +1,6 @@
 //! `cunorm cpu-bench`: the cunorm side of `benches/cpu_compare.py`. Reads a list of cases
-//! (JSON), times each on the CPU at the requested thread counts and prints one JSON object
-//! `{key: {"1": ms, "2": ms}}` of medians.
+//! (JSON), times each on the CPU with the requested number of threads and prints one JSON
+//! object `{key: {"<threads>": ms}}` of medians.
 //!
 //! Timed the way `benches/cpu_compare.py` times PyTorch: the input, `dy` and the saved
 //! statistics are made before the timing; the op's outputs are allocated inside it; a few
@@ -95,7 +95,7 @@ fn tensor<T: Element>(shape: &[usize], seed: u64, format: MemoryFormat) -> Resul
     }
 }
 
-/// Times one case at one thread count (the caller installs the thread pool).
+/// Times one case on rayon's global pool.
 fn time_case<T: Element>(c: &Case, reps: usize) -> Result<f64> {
     let format = match c.format.as_str() {
         "nchw" => MemoryFormat::Contiguous,
@@ -177,25 +177,27 @@ fn time_case<T: Element>(c: &Case, reps: usize) -> Result<f64> {
     }
 }
 
-/// Times every case at every thread count; returns `{key: {"<threads>": ms}}`.
-pub fn run(cases: &[Case], threads: &[usize], reps: usize) -> Result<Value> {
+/// Times every case with `threads` worker threads; returns `{key: {"<threads>": ms}}`.
+///
+/// The ops are called from this (the main) thread with rayon's global pool sized to
+/// `threads`, as a program that sets `RAYON_NUM_THREADS` runs them, and as PyTorch's side runs
+/// after `torch.set_num_threads`. (Inside `ThreadPool::install` the op would run on a worker
+/// thread, whose glibc arena returns a freed 16 MB output to the kernel at once: every call
+/// would then fault its output in afresh, which no caller on the main thread sees.)
+pub fn run(cases: &[Case], threads: usize, reps: usize) -> Result<Value> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| Error::InvalidArgument(format!("cpu-bench: thread pool: {e}")))?;
     let mut out = serde_json::Map::new();
     for c in cases {
-        let mut row = serde_json::Map::new();
-        for &t in threads {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(t)
-                .build()
-                .map_err(|e| Error::InvalidArgument(format!("cpu-bench: thread pool: {e}")))?;
-            let ms = pool.install(|| match c.dtype.as_str() {
-                "f32" => time_case::<f32>(c, reps),
-                "f16" => time_case::<f16>(c, reps),
-                "bf16" => time_case::<bf16>(c, reps),
-                d => Err(Error::InvalidArgument(format!("cpu-bench: dtype `{d}`"))),
-            })?;
-            row.insert(t.to_string(), json!(ms));
-        }
-        out.insert(c.key.clone(), Value::Object(row));
+        let ms = match c.dtype.as_str() {
+            "f32" => time_case::<f32>(c, reps),
+            "f16" => time_case::<f16>(c, reps),
+            "bf16" => time_case::<bf16>(c, reps),
+            d => Err(Error::InvalidArgument(format!("cpu-bench: dtype `{d}`"))),
+        }?;
+        out.insert(c.key.clone(), json!({ threads.to_string(): ms }));
     }
     Ok(Value::Object(out))
 }

@@ -87,9 +87,9 @@ enum Command {
         /// The case list
         #[arg(long)]
         cases: std::path::PathBuf,
-        /// Thread counts to time each case at
-        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2])]
-        threads: Vec<usize>,
+        /// Worker threads (rayon's global pool; one count per process)
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
         /// Timed runs per case (after two warm-up runs)
         #[arg(long, default_value_t = 10)]
         reps: usize,
@@ -231,7 +231,7 @@ fn run(cli: Cli) -> cunorm::Result<()> {
                 cunorm::Error::InvalidArgument(format!("{}: not JSON: {e}", cases.display()))
             })?;
             let list = cpu_bench::parse_cases(&v)?;
-            println!("{}", cpu_bench::run(&list, &threads, reps)?);
+            println!("{}", cpu_bench::run(&list, threads, reps)?);
         }
         Command::Kernels { arch, ptx_dir } => {
             for module in nvrtc::module_names() {

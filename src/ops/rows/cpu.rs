@@ -17,6 +17,9 @@ fn param_or(p: Option<&[f32]>, cols: usize, neutral: f32) -> std::borrow::Cow<'_
     }
 }
 
+/// Rows summed in f32 per column before their dγ/dβ partials are added into f64.
+const COL_FLUSH: usize = 8;
+
 /// Rows up to this many values have the next row prefetched while they are worked on.
 const PREFETCH_ROW: usize = 8192;
 
@@ -154,47 +157,50 @@ multiversion! {
         let n = cols as f64;
         let col_sums = !dw.is_empty();
         let bufs = &mut Bufs::new();
+        // Column sums Σg·x̂, Σg: f32 over COL_FLUSH rows, then added into the f64 sums.
+        let (mut cw, mut cb) = (vec![0f32; dw.len()], vec![0f32; db.len()]);
         let rows = dx.chunks_exact_mut(cols).zip(g.chunks_exact(cols).zip(x.chunks_exact(cols)));
         for (r, (dr, (gr, xr))) in rows.enumerate() {
             let m = SplitMean::new(mean.map_or(0.0, |m| m[r] as f64));
             let rs = rstd[r];
-            // Row sums Σu, Σu·x̂ (u = g·w) in f64 lanes; column sums Σg·x̂, Σg.
-            let mut s1 = [0f64; LANES];
-            let mut s2 = [0f64; LANES];
-            let mut u = [0f32; TILE];
-            let mut xh = [0f32; TILE];
+            // Row sums Σu, Σu·x̂ (u = g·w): f32 lanes within a tile, f64 across tiles.
+            let (mut s1, mut s2) = (0f64, 0f64);
             for_tiles2!(bufs, gr, xr, |o, gt, xt| {
                 let len = gt.len();
-                let (u, xh) = (&mut u[..len], &mut xh[..len]);
-                for (((uv, hv), (gv, xv)), wv) in
-                    u.iter_mut().zip(xh.iter_mut()).zip(gt.iter().zip(xt)).zip(&w[o..o + len])
-                {
-                    *uv = gv * wv;
-                    *hv = m.dev(*xv) * rs;
-                }
-                let (uc, ut) = u.as_chunks::<LANES>();
-                let (hc, ht) = xh.as_chunks::<LANES>();
-                for (uv, hv) in uc.iter().zip(hc) {
-                    for i in 0..LANES {
-                        s1[i] += uv[i] as f64;
-                    }
-                    for i in 0..LANES {
-                        s2[i] = I::fma(uv[i] as f64, hv[i] as f64, s2[i]);
+                let wt = &w[o..o + len];
+                let mut a1 = [0f32; 2 * LANES];
+                let mut a2 = [0f32; 2 * LANES];
+                let (gc, gtl) = gt.as_chunks::<{ 2 * LANES }>();
+                let (xc, xtl) = xt.as_chunks::<{ 2 * LANES }>();
+                let (wc, wtl) = wt.as_chunks::<{ 2 * LANES }>();
+                for ((gv, xv), wv) in gc.iter().zip(xc).zip(wc) {
+                    for i in 0..2 * LANES {
+                        let (u, h) = (gv[i] * wv[i], m.dev(xv[i]) * rs);
+                        a1[i] += u;
+                        a2[i] = I::fma32(u, h, a2[i]);
                     }
                 }
-                for (i, (uv, hv)) in ut.iter().zip(ht).enumerate() {
-                    s1[i] += *uv as f64;
-                    s2[i] += *uv as f64 * *hv as f64;
+                for (i, ((gv, xv), wv)) in gtl.iter().zip(xtl).zip(wtl).enumerate() {
+                    let (u, h) = (gv * wv, m.dev(*xv) * rs);
+                    a1[i] += u;
+                    a2[i] = I::fma32(u, h, a2[i]);
                 }
+                s1 += a1.iter().map(|&v| v as f64).sum::<f64>();
+                s2 += a2.iter().map(|&v| v as f64).sum::<f64>();
                 if col_sums {
-                    let (dw, db) = (&mut dw[o..o + len], &mut db[o..o + len]);
-                    for (((dwv, dbv), gv), hv) in dw.iter_mut().zip(db.iter_mut()).zip(gt).zip(&*xh) {
-                        *dwv = I::fma(*gv as f64, *hv as f64, *dwv);
-                        *dbv += *gv as f64;
+                    let (cw, cb) = (&mut cw[o..o + len], &mut cb[o..o + len]);
+                    for (((cwv, cbv), gv), xv) in cw.iter_mut().zip(cb.iter_mut()).zip(gt).zip(xt) {
+                        *cwv = I::fma32(*gv, m.dev(*xv) * rs, *cwv);
+                        *cbv += *gv;
                     }
                 }
             });
-            let (s1, s2) = (lanes_sum(s1), lanes_sum(s2));
+            if col_sums && ((r + 1) % COL_FLUSH == 0 || r + 1 == rstd.len()) {
+                for (((dwv, dbv), cwv), cbv) in dw.iter_mut().zip(db.iter_mut()).zip(&mut cw).zip(&mut cb) {
+                    *dwv += std::mem::take(cwv) as f64;
+                    *dbv += std::mem::take(cbv) as f64;
+                }
+            }
             let m1 = if mean.is_some() { (s1 / n) as f32 } else { 0.0 };
             let m2 = (s2 / n) as f32;
             map_tiles2!(bufs, gr, xr, dr, |o, gt, xt, yt| {
@@ -232,29 +238,29 @@ pub(crate) fn norm_rows_backward<T: Element>(
     let w = param_or(weight, cols, 1.0);
     let w = &w[..];
     let br = grad_block_rows(x.len() / cols);
-    let mut parts: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
+    // Without a weight or bias nobody needs the column sums: skip them (empty slices make the
+    // kernel's column loop empty). The partial sums of all blocks live in one allocation.
+    let n = if param_grads { cols } else { 0 };
+    let blocks = (x.len() / cols).div_ceil(br);
+    // One slot of 2·max(n, 1) per block, so that every block has one even when n = 0.
+    let mut parts = vec![0f64; 2 * n.max(1) * blocks];
     let dx = filled_vec(x.len(), |dx| {
-        parts = dx
-            .par_chunks_mut(br * cols)
+        dx.par_chunks_mut(br * cols)
             .zip(g.par_chunks(br * cols).zip(x.par_chunks(br * cols)))
+            .zip(parts.par_chunks_mut(2 * n.max(1)))
             .enumerate()
-            .map(|(blk, (db, (gb, xb)))| {
+            .for_each(|(blk, ((db, (gb, xb)), part))| {
                 let (r0, r1) = (blk * br, blk * br + db.len() / cols);
-                // Without a weight or bias nobody needs the column sums: skip them (empty
-                // slices make the kernel's column loop empty).
-                let n = if param_grads { cols } else { 0 };
-                let mut pw = vec![0f64; n];
-                let mut pb = vec![0f64; n];
+                let (pw, pb) = part.split_at_mut(n);
                 let m = mean.map(|m| &m[r0..r1]);
-                norm_rows_bwd(gb, xb, db, cols, m, &rstd[r0..r1], w, &mut pw, &mut pb);
-                (pw, pb)
-            })
-            .collect();
+                norm_rows_bwd(gb, xb, db, cols, m, &rstd[r0..r1], w, pw, &mut pb[..n]);
+            });
     });
     let mut dw = vec![0f64; cols];
     let mut db = vec![0f64; cols];
-    for (pw, pb) in parts {
-        for j in 0..pw.len() {
+    for part in parts.chunks_exact(2 * n.max(1)).filter(|_| n > 0) {
+        let (pw, pb) = part.split_at(n);
+        for j in 0..n {
             dw[j] += pw[j];
             db[j] += pb[j];
         }
