@@ -74,46 +74,70 @@ multiversion! {
     }
 }
 
-/// Per-column f64 accumulators of a channels-last task, reused across the rows of the task.
-struct ColumnSums {
-    s1: Vec<f64>,
-    s2: Vec<f64>,
+/// Columns reduced together by `columns_moments`: one 64-byte line of f32 per row.
+const COL_GROUP: usize = 16;
+
+/// A block as f32: itself for f32 input, else widened into `buf` (reused across tasks).
+#[inline(always)]
+fn block_f32<'a, T: Element>(block: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32] {
+    if let Some(b) = T::as_f32s(block) {
+        return b;
+    }
+    // Resized only when the length changes: the widening overwrites every element.
+    if buf.len() != block.len() {
+        buf.clear();
+        buf.resize(block.len(), 0.0);
+    }
+    T::widen(block, buf);
+    buf
 }
 
 multiversion! {
-    /// Per-column moments of a row-major `(rows, cols)` block by the corrected two-pass (the
-    /// block is small enough to stay in cache between the passes).
-    fn columns_moments<T: Element>(block: &[T], cols: usize) -> Vec<Moments> {
+    /// Per-column moments of a row-major `(rows, cols)` block by the corrected two-pass: the
+    /// block is widened to f32 once, then each group of 8 columns is reduced down the rows
+    /// with its sums in registers (f64), the block staying in cache between the two passes.
+    fn columns_moments<T: Element>(block: &[T], cols: usize, buf: &mut Vec<f32>) -> Vec<Moments> {
         let rows = block.len() / cols.max(1);
-        let mut acc = ColumnSums { s1: vec![0f64; cols], s2: vec![0f64; cols] };
-        let mut mean = vec![0f64; cols];
-        let bufs = &mut Bufs::new();
-        for row in block.chunks_exact(cols) {
-            for_tiles!(bufs, row, |o, t| {
-                for (a, v) in acc.s1[o..o + t.len()].iter_mut().zip(t) {
-                    *a += *v as f64;
-                }
-            });
-        }
+        let xf = block_f32(block, buf);
         let n = rows as f64;
-        for (m, s) in mean.iter_mut().zip(&acc.s1) {
-            *m = s / n;
-        }
-        acc.s1.fill(0.0);
-        for row in block.chunks_exact(cols) {
-            for_tiles!(bufs, row, |o, t| {
-                let len = t.len();
-                let cols = acc.s1[o..o + len].iter_mut().zip(acc.s2[o..o + len].iter_mut());
-                for ((a1, a2), (v, m)) in cols.zip(t.iter().zip(&mean[o..o + len])) {
-                    let d = *v as f64 - m;
-                    *a1 += d;
-                    *a2 = I::fma(d, d, *a2);
+        let mut out = Vec::with_capacity(cols);
+        let (full, _) = (cols / COL_GROUP, cols % COL_GROUP);
+        // Groups of COL_GROUP columns (one 64-byte line of f32 per row), then the rest one by one.
+        for g in 0..full {
+            let c0 = g * COL_GROUP;
+            let mut s = [0f64; COL_GROUP];
+            for row in xf.chunks_exact(cols) {
+                let v: &[f32; COL_GROUP] = row[c0..c0 + COL_GROUP].try_into().unwrap();
+                for i in 0..COL_GROUP {
+                    s[i] += v[i] as f64;
                 }
-            });
+            }
+            let mean: [f64; COL_GROUP] = std::array::from_fn(|i| s[i] / n);
+            let (mut d1, mut d2) = ([0f64; COL_GROUP], [0f64; COL_GROUP]);
+            for row in xf.chunks_exact(cols) {
+                let v: &[f32; COL_GROUP] = row[c0..c0 + COL_GROUP].try_into().unwrap();
+                let d: [f64; COL_GROUP] = std::array::from_fn(|i| v[i] as f64 - mean[i]);
+                for i in 0..COL_GROUP {
+                    d1[i] += d[i];
+                }
+                for i in 0..COL_GROUP {
+                    d2[i] = I::fma(d[i], d[i], d2[i]);
+                }
+            }
+            out.extend((0..COL_GROUP).map(|i| Moments::two_pass(n, mean[i], d1[i], d2[i])));
         }
-        (0..cols)
-            .map(|c| Moments::two_pass(n, mean[c], acc.s1[c], acc.s2[c]))
-            .collect()
+        for c in full * COL_GROUP..cols {
+            let s: f64 = xf.chunks_exact(cols).map(|row| row[c] as f64).sum();
+            let mean = s / n;
+            let (mut d1, mut d2) = (0f64, 0f64);
+            for row in xf.chunks_exact(cols) {
+                let d = row[c] as f64 - mean;
+                d1 += d;
+                d2 = I::fma(d, d, d2);
+            }
+            out.push(Moments::two_pass(n, mean, d1, d2));
+        }
+        out
     }
 }
 
@@ -182,44 +206,96 @@ impl Iterator for SampleOffsets {
     }
 }
 
-multiversion! {
-    /// Channels-last rows `r0..` of `(N·S, C)`: `y = a·(x − m) + b` with per-(n, c)
-    /// coefficients (`coef.a`, the split mean, `coef.b`), in f32 lanes.
-    fn rows_affine<T: Element>(x: &[T], y: &mut [Out<T>], c: usize, r0: usize, s: usize, coef: &ColCoef) {
-        let rows = x.len() / c.max(1);
-        let bufs = &mut Bufs::new();
-        for (r, o) in SampleOffsets::new(r0, rows, s, c).enumerate() {
-            let (xr, yr) = (&x[r * c..(r + 1) * c], &mut y[r * c..(r + 1) * c]);
-            map_tiles!(bufs, xr, yr, |off, xt, yt| {
-                let at = o + off..o + off + xt.len();
-                let (a, hi, lo, b) = (&coef.a[at.clone()], &coef.hi[at.clone()], &coef.lo[at.clone()], &coef.b[at]);
-                for (((yv, xv), (av, bv)), (h, l)) in
-                    yt.iter_mut().zip(xt).zip(a.iter().zip(b)).zip(hi.iter().zip(lo))
-                {
-                    yv.write(I::fma32(*av, (*xv - *h) - *l, *bv));
-                }
-            });
+/// Buffers of a channels-last task, reused across the tasks of one rayon split.
+#[derive(Default)]
+struct BlockBufs {
+    x: Vec<f32>,
+    g: Vec<f32>,
+    y: Vec<Out<f32>>,
+}
+
+/// Where a block's f32 output is computed: `out` itself for f32, else `buf`.
+#[inline(always)]
+fn out_block<'a, T: Element>(
+    out: &'a mut [Out<T>],
+    buf: &'a mut Vec<Out<f32>>,
+) -> &'a mut [Out<f32>] {
+    let n = out.len();
+    match T::as_f32s_out(out) {
+        Some(o) => o,
+        None => {
+            // Resized only when the length changes: the kernels write every element.
+            if buf.len() != n {
+                buf.clear();
+                buf.resize(n, Out::new(0.0));
+            }
+            buf
         }
     }
 }
 
 multiversion! {
-    /// Channels-last block of one sample: per-column (Σ g, Σ g·(x − m[c])), in f64.
-    fn columns_grad_sums<T: Element>(g: &[T], x: &[T], m: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    /// Channels-last rows `r0..` of `(N·S, C)`: `y = a·(x − m) + b` with per-(n, c)
+    /// coefficients (`coef.a`, the split mean, `coef.b`), in f32 lanes. The block is widened
+    /// and rounded in one piece each.
+    fn rows_affine<T: Element>(x: &[T], y: &mut [Out<T>], c: usize, r0: usize, s: usize, coef: &ColCoef, bb: &mut BlockBufs) {
+        let sub = sub_rows(c);
+        for (k, (x, y)) in x.chunks(sub * c).zip(y.chunks_mut(sub * c)).enumerate() {
+        let rows = x.len() / c.max(1);
+        let xf = block_f32(x, &mut bb.x);
+        let direct = engine_is_f32::<T>();
+        let yf = out_block(y, &mut bb.y);
+        for (r, o) in SampleOffsets::new(r0 + k * sub, rows, s, c).enumerate() {
+            let (xr, yr) = (&xf[r * c..(r + 1) * c], &mut yf[r * c..(r + 1) * c]);
+            let at = o..o + c;
+            let (a, hi, lo, b) = (&coef.a[at.clone()], &coef.hi[at.clone()], &coef.lo[at.clone()], &coef.b[at]);
+            for (((yv, xv), (av, bv)), (h, l)) in yr.iter_mut().zip(xr).zip(a.iter().zip(b)).zip(hi.iter().zip(lo)) {
+                yv.write(I::fma32(*av, (*xv - *h) - *l, *bv));
+            }
+        }
+        if !direct {
+            flush(&bb.y, y);
+        }
+        }
+    }
+}
+
+multiversion! {
+    /// Channels-last block of one sample: per-column (Σ g, Σ g·(x − m[c])), in f64, each
+    /// group of 16 columns reduced down the rows in registers.
+    fn columns_grad_sums<T: Element>(g: &[T], x: &[T], m: &[f64], bb: &mut BlockBufs) -> (Vec<f64>, Vec<f64>) {
         let c = m.len();
-        let mut s1 = vec![0f64; c];
-        let mut s2 = vec![0f64; c];
-        let bufs = &mut Bufs::new();
-        for (gr, xr) in g.chunks_exact(c).zip(x.chunks_exact(c)) {
-            for_tiles2!(bufs, gr, xr, |o, gt, xt| {
-                let len = gt.len();
-                let acc = s1[o..o + len].iter_mut().zip(s2[o..o + len].iter_mut());
-                for ((a1, a2), ((gv, xv), mv)) in acc.zip(gt.iter().zip(xt).zip(&m[o..o + len])) {
-                    let gg = *gv as f64;
-                    *a1 += gg;
-                    *a2 = I::fma(gg, *xv as f64 - mv, *a2);
+        let gf = block_f32(g, &mut bb.g);
+        let xf = block_f32(x, &mut bb.x);
+        let (mut s1, mut s2) = (Vec::with_capacity(c), Vec::with_capacity(c));
+        let full = c / COL_GROUP;
+        for grp in 0..full {
+            let c0 = grp * COL_GROUP;
+            let mv: &[f64; COL_GROUP] = m[c0..c0 + COL_GROUP].try_into().unwrap();
+            let (mut a1, mut a2) = ([0f64; COL_GROUP], [0f64; COL_GROUP]);
+            for (gr, xr) in gf.chunks_exact(c).zip(xf.chunks_exact(c)) {
+                let gv: &[f32; COL_GROUP] = gr[c0..c0 + COL_GROUP].try_into().unwrap();
+                let xv: &[f32; COL_GROUP] = xr[c0..c0 + COL_GROUP].try_into().unwrap();
+                let gg: [f64; COL_GROUP] = std::array::from_fn(|i| gv[i] as f64);
+                let d: [f64; COL_GROUP] = std::array::from_fn(|i| xv[i] as f64 - mv[i]);
+                for i in 0..COL_GROUP {
+                    a1[i] += gg[i];
                 }
-            });
+                for i in 0..COL_GROUP {
+                    a2[i] = I::fma(gg[i], d[i], a2[i]);
+                }
+            }
+            s1.extend_from_slice(&a1);
+            s2.extend_from_slice(&a2);
+        }
+        for j in full * COL_GROUP..c {
+            let (mut a1, mut a2) = (0f64, 0f64);
+            for (gr, xr) in gf.chunks_exact(c).zip(xf.chunks_exact(c)) {
+                a1 += gr[j] as f64;
+                a2 = I::fma(gr[j] as f64, xr[j] as f64 - m[j], a2);
+            }
+            s1.push(a1);
+            s2.push(a2);
         }
         (s1, s2)
     }
@@ -227,24 +303,44 @@ multiversion! {
 
 multiversion! {
     /// Channels-last rows `r0..`: `dx = a·g + b·(x − m) + k` with per-(n, c) coefficients,
-    /// in f32 lanes.
-    fn rows_grad_apply<T: Element>(g: &[T], x: &[T], dx: &mut [Out<T>], c: usize, r0: usize, s: usize, coef: &ColCoef) {
+    /// in f32 lanes, the block widened and rounded in one piece each.
+    fn rows_grad_apply<T: Element>(g: &[T], x: &[T], dx: &mut [Out<T>], c: usize, r0: usize, s: usize, coef: &ColCoef, bb: &mut BlockBufs) {
+        let sub = sub_rows(c);
+        let blocks = g.chunks(sub * c).zip(x.chunks(sub * c)).zip(dx.chunks_mut(sub * c));
+        for (kb, ((g, x), dx)) in blocks.enumerate() {
         let rows = x.len() / c.max(1);
-        let bufs = &mut Bufs::new();
-        for (r, o) in SampleOffsets::new(r0, rows, s, c).enumerate() {
+        let gf = block_f32(g, &mut bb.g);
+        let xf = block_f32(x, &mut bb.x);
+        let direct = engine_is_f32::<T>();
+        let yf = out_block(dx, &mut bb.y);
+        for (r, o) in SampleOffsets::new(r0 + kb * sub, rows, s, c).enumerate() {
             let span = r * c..(r + 1) * c;
-            let (gr, xr, dr) = (&g[span.clone()], &x[span.clone()], &mut dx[span]);
-            map_tiles2!(bufs, gr, xr, dr, |off, gt, xt, yt| {
-                let at = o + off..o + off + xt.len();
-                let (a, b, k) = (&coef.a[at.clone()], &coef.b[at.clone()], &coef.k[at.clone()]);
-                let (hi, lo) = (&coef.hi[at.clone()], &coef.lo[at]);
-                let coefs = a.iter().zip(b).zip(k).zip(hi.iter().zip(lo));
-                for (((yv, gv), xv), (((av, bv), kv), (h, l))) in yt.iter_mut().zip(gt).zip(xt).zip(coefs) {
-                    yv.write(I::fma32(*av, *gv, I::fma32(*bv, (*xv - *h) - *l, *kv)));
-                }
-            });
+            let (gr, xr, dr) = (&gf[span.clone()], &xf[span.clone()], &mut yf[span]);
+            let at = o..o + c;
+            let (a, b, k) = (&coef.a[at.clone()], &coef.b[at.clone()], &coef.k[at.clone()]);
+            let (hi, lo) = (&coef.hi[at.clone()], &coef.lo[at]);
+            let coefs = a.iter().zip(b).zip(k).zip(hi.iter().zip(lo));
+            for (((yv, gv), xv), (((av, bv), kv), (h, l))) in dr.iter_mut().zip(gr).zip(xr).zip(coefs) {
+                yv.write(I::fma32(*av, *gv, I::fma32(*bv, (*xv - *h) - *l, *kv)));
+            }
+        }
+        if !direct {
+            flush(&bb.y, dx);
+        }
         }
     }
+}
+
+/// Rows of a channels-last element loop converted in one piece: about 2 K values, so that
+/// the f32 copies stay in L1.
+#[inline(always)]
+fn sub_rows(c: usize) -> usize {
+    (2048 / c.max(1)).max(1)
+}
+
+#[inline(always)]
+fn engine_is_f32<T: Element>() -> bool {
+    T::DTYPE == crate::DType::F32
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -270,11 +366,11 @@ pub(crate) fn plane_moments<T: Element>(x: &[T], p: PlaneShape) -> Vec<Moments> 
             let chunks = p.s.div_ceil(ROW_CHUNK).max(1);
             let parts: Vec<Vec<Moments>> = (0..p.n * chunks)
                 .into_par_iter()
-                .map(|t| {
+                .map_init(Vec::new, |buf, t| {
                     let (n, k) = (t / chunks, t % chunks);
                     let r0 = k * ROW_CHUNK;
                     let r1 = (r0 + ROW_CHUNK).min(p.s);
-                    columns_moments(&x[(n * p.s + r0) * p.c..(n * p.s + r1) * p.c], p.c)
+                    columns_moments(&x[(n * p.s + r0) * p.c..(n * p.s + r1) * p.c], p.c, buf)
                 })
                 .collect();
             let mut out = vec![Moments::default(); planes];
@@ -330,7 +426,9 @@ pub(crate) fn plane_affine<T: Element>(
                 y.par_chunks_mut(ROW_CHUNK * c)
                     .zip(x.par_chunks(ROW_CHUNK * c))
                     .enumerate()
-                    .for_each(|(k, (yb, xb))| rows_affine(xb, yb, c, k * ROW_CHUNK, p.s, &coef));
+                    .for_each_init(BlockBufs::default, |bb, (k, (yb, xb))| {
+                        rows_affine(xb, yb, c, k * ROW_CHUNK, p.s, &coef, bb)
+                    });
             }
         }
     })
@@ -369,12 +467,12 @@ pub(crate) fn plane_grad_sums<T: Element>(
             let chunks = p.s.div_ceil(ROW_CHUNK).max(1);
             let parts: Vec<(Vec<f64>, Vec<f64>)> = (0..p.n * chunks)
                 .into_par_iter()
-                .map(|t| {
+                .map_init(BlockBufs::default, |bb, t| {
                     let (n, k) = (t / chunks, t % chunks);
                     let r0 = k * ROW_CHUNK;
                     let r1 = (r0 + ROW_CHUNK).min(p.s);
                     let range = (n * p.s + r0) * c..(n * p.s + r1) * c;
-                    columns_grad_sums(&g[range.clone()], &x[range], &m[n * c..n * c + c])
+                    columns_grad_sums(&g[range.clone()], &x[range], &m[n * c..n * c + c], bb)
                 })
                 .collect();
             let mut sg = vec![0f64; planes];
@@ -420,8 +518,8 @@ pub(crate) fn plane_grad_apply<T: Element>(
                 dx.par_chunks_mut(ROW_CHUNK * c)
                     .zip(g.par_chunks(ROW_CHUNK * c).zip(x.par_chunks(ROW_CHUNK * c)))
                     .enumerate()
-                    .for_each(|(t, (db, (gb, xb)))| {
-                        rows_grad_apply(gb, xb, db, c, t * ROW_CHUNK, p.s, &coef)
+                    .for_each_init(BlockBufs::default, |bb, (t, (db, (gb, xb)))| {
+                        rows_grad_apply(gb, xb, db, c, t * ROW_CHUNK, p.s, &coef, bb)
                     });
             }
         }
