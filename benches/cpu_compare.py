@@ -2,7 +2,8 @@
 """cunorm's CPU path against PyTorch's CPU, side by side, on one machine, in one run.
 
 Every op x {f32, bf16, f16} x {NCHW, NHWC (the planes ops)} x {forward, backward} x {1, 2
-threads} on the standard CPU shapes plus small in-cache ones. Both sides are timed the same
+threads} on the standard CPU shapes plus small in-cache ones (benches/cpu_cases.json, which
+`cargo bench --bench cpu` also reads). Both sides are timed the same
 way: inputs, dy and the saved forward state made before the timing, the op's outputs allocated
 inside it, two warm-up calls, then the median of --reps calls. PyTorch is timed twice, with its
 default allocator and with transparent huge pages (THP_MEM_ALLOC_ENABLE=1, which cunorm's
@@ -28,36 +29,12 @@ import subprocess
 import sys
 import tempfile
 
-ROW_SHAPES = [("layer_norm", [4096, 1024]), ("layer_norm", [64, 1024]), ("rms_norm", [4096, 1024])]
-PLANE_SHAPES = [
-    ("batch_norm", [32, 64, 56, 56], 1),
-    ("group_norm", [8, 256, 64, 64], 32),
-    ("group_norm", [1, 256, 16, 16], 32),
-    ("group_norm", [4, 256, 32, 32], 32),
-    ("instance_norm", [8, 64, 64, 64], 1),
-]
-DTYPES = ["f32", "bf16", "f16"]
-STAGES = ["forward", "backward"]
+# The cases, shared with `cunorm cpu-bench` and `cargo bench --bench cpu`.
+CASES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_cases.json")
 
 
 def cases():
-    out = []
-
-    def add(op, shape, dtype, fmt, stage, groups=1):
-        key = f"{op}|{dtype}|{fmt}|{'x'.join(map(str, shape))}|{stage}"
-        out.append(dict(key=key, op=op, dtype=dtype, format=fmt, shape=shape, stage=stage,
-                        groups=groups))
-
-    for op, shape in ROW_SHAPES:
-        for dtype in DTYPES:
-            for stage in STAGES:
-                add(op, shape, dtype, "nchw", stage)
-    for op, shape, groups in PLANE_SHAPES:
-        for dtype in DTYPES:
-            for fmt in ["nchw", "nhwc"]:
-                for stage in STAGES:
-                    add(op, shape, dtype, fmt, stage, groups)
-    return out
+    return json.load(open(CASES_FILE))
 
 
 # ------------------------------------------------------------------------------------------

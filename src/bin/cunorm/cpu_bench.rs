@@ -95,8 +95,21 @@ fn tensor<T: Element>(shape: &[usize], seed: u64, format: MemoryFormat) -> Resul
     }
 }
 
-/// Times one case on rayon's global pool.
-fn time_case<T: Element>(c: &Case, reps: usize) -> Result<f64> {
+/// One prepared case: a call of the op on inputs made beforehand.
+pub type Call = Box<dyn FnMut() -> Result<()>>;
+
+/// Makes the inputs of a case (x, dy, parameters, and for backward the forward's saved
+/// statistics) and returns the call to time.
+pub fn prepare(c: &Case) -> Result<Call> {
+    match c.dtype.as_str() {
+        "f32" => prepare_t::<f32>(c),
+        "f16" => prepare_t::<f16>(c),
+        "bf16" => prepare_t::<bf16>(c),
+        d => Err(Error::InvalidArgument(format!("cpu-bench: dtype `{d}`"))),
+    }
+}
+
+fn prepare_t<T: Element>(c: &Case) -> Result<Call> {
     let format = match c.format.as_str() {
         "nchw" => MemoryFormat::Contiguous,
         "nhwc" => MemoryFormat::ChannelsLast,
@@ -117,64 +130,46 @@ fn time_case<T: Element>(c: &Case, reps: usize) -> Result<f64> {
         "backward" => true,
         s => return Err(Error::InvalidArgument(format!("cpu-bench: stage `{s}`"))),
     };
-    match c.op.as_str() {
-        "layer_norm" => {
-            let fwd = || F::layer_norm(&x, &[last], Some(&w), Some(&b), eps);
-            if backward {
-                let o = fwd()?;
-                median_ms(reps, || {
-                    F::layer_norm_backward(&dy, &x, &[last], Some(&w), true, &o.stats).map(drop)
-                })
-            } else {
-                median_ms(reps, || fwd().map(drop))
-            }
+    let groups = c.groups;
+    let call: Call = match (c.op.as_str(), backward) {
+        ("layer_norm", false) => {
+            Box::new(move || F::layer_norm(&x, &[last], Some(&w), Some(&b), eps).map(drop))
         }
-        "rms_norm" => {
-            let fwd = || F::rms_norm(&x, &[last], Some(&w), Some(eps));
-            if backward {
-                let o = fwd()?;
-                median_ms(reps, || {
-                    F::rms_norm_backward(&dy, &x, &[last], Some(&w), &o.stats).map(drop)
-                })
-            } else {
-                median_ms(reps, || fwd().map(drop))
-            }
+        ("layer_norm", true) => {
+            let s = F::layer_norm(&x, &[last], Some(&w), Some(&b), eps)?.stats;
+            Box::new(move || F::layer_norm_backward(&dy, &x, &[last], Some(&w), true, &s).map(drop))
         }
-        "group_norm" => {
-            let fwd = || F::group_norm(&x, c.groups, Some(&w), Some(&b), eps);
-            if backward {
-                let o = fwd()?;
-                median_ms(reps, || {
-                    F::group_norm_backward(&dy, &x, c.groups, Some(&w), &o.stats).map(drop)
-                })
-            } else {
-                median_ms(reps, || fwd().map(drop))
-            }
+        ("rms_norm", false) => {
+            Box::new(move || F::rms_norm(&x, &[last], Some(&w), Some(eps)).map(drop))
         }
-        "batch_norm" => {
-            let fwd = || F::batch_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, eps);
-            if backward {
-                let o = fwd()?;
-                median_ms(reps, || {
-                    F::batch_norm_backward(&dy, &x, Some(&w), &o.stats).map(drop)
-                })
-            } else {
-                median_ms(reps, || fwd().map(drop))
-            }
+        ("rms_norm", true) => {
+            let s = F::rms_norm(&x, &[last], Some(&w), Some(eps))?.stats;
+            Box::new(move || F::rms_norm_backward(&dy, &x, &[last], Some(&w), &s).map(drop))
         }
-        "instance_norm" => {
-            let fwd = || F::instance_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, eps);
-            if backward {
-                let o = fwd()?;
-                median_ms(reps, || {
-                    F::instance_norm_backward(&dy, &x, Some(&w), &o.stats).map(drop)
-                })
-            } else {
-                median_ms(reps, || fwd().map(drop))
-            }
+        ("group_norm", false) => {
+            Box::new(move || F::group_norm(&x, groups, Some(&w), Some(&b), eps).map(drop))
         }
-        op => Err(Error::InvalidArgument(format!("cpu-bench: op `{op}`"))),
-    }
+        ("group_norm", true) => {
+            let s = F::group_norm(&x, groups, Some(&w), Some(&b), eps)?.stats;
+            Box::new(move || F::group_norm_backward(&dy, &x, groups, Some(&w), &s).map(drop))
+        }
+        ("batch_norm", false) => Box::new(move || {
+            F::batch_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, eps).map(drop)
+        }),
+        ("batch_norm", true) => {
+            let s = F::batch_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, eps)?.stats;
+            Box::new(move || F::batch_norm_backward(&dy, &x, Some(&w), &s).map(drop))
+        }
+        ("instance_norm", false) => Box::new(move || {
+            F::instance_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, eps).map(drop)
+        }),
+        ("instance_norm", true) => {
+            let s = F::instance_norm(&x, None, None, Some(&w), Some(&b), true, 0.1, eps)?.stats;
+            Box::new(move || F::instance_norm_backward(&dy, &x, Some(&w), &s).map(drop))
+        }
+        (op, _) => return Err(Error::InvalidArgument(format!("cpu-bench: op `{op}`"))),
+    };
+    Ok(call)
 }
 
 /// Times every case with `threads` worker threads; returns `{key: {"<threads>": ms}}`.
@@ -191,12 +186,7 @@ pub fn run(cases: &[Case], threads: usize, reps: usize) -> Result<Value> {
         .map_err(|e| Error::InvalidArgument(format!("cpu-bench: thread pool: {e}")))?;
     let mut out = serde_json::Map::new();
     for c in cases {
-        let ms = match c.dtype.as_str() {
-            "f32" => time_case::<f32>(c, reps),
-            "f16" => time_case::<f16>(c, reps),
-            "bf16" => time_case::<bf16>(c, reps),
-            d => Err(Error::InvalidArgument(format!("cpu-bench: dtype `{d}`"))),
-        }?;
+        let ms = median_ms(reps, prepare(c)?)?;
         out.insert(c.key.clone(), json!({ threads.to_string(): ms }));
     }
     Ok(Value::Object(out))
