@@ -87,6 +87,24 @@ pub trait Element:
     fn as_f32s(_x: &[Self]) -> Option<&[f32]> {
         None
     }
+    /// Whether [`widen1`](Element::widen1) and [`narrow1`](Element::narrow1) are plain bit
+    /// operations that LLVM vectorizes inside an element loop (f32, bf16), so that a kernel can
+    /// convert in registers instead of through an f32 tile.
+    #[doc(hidden)]
+    const FUSED: bool = false;
+    /// One value to f32 (for [`FUSED`](Element::FUSED) types: vectorizable).
+    #[doc(hidden)]
+    #[inline(always)]
+    fn widen1(self) -> f32 {
+        self.to_f32()
+    }
+    /// One f32 rounded to `Self`, nearest even (for [`FUSED`](Element::FUSED) types:
+    /// vectorizable, and the same bits as [`narrow`](Element::narrow)).
+    #[doc(hidden)]
+    #[inline(always)]
+    fn narrow1(v: f32) -> Self {
+        Self::from_f32(v)
+    }
     /// The output run itself when `Self` is f32, so that stores need no copy.
     #[doc(hidden)]
     #[inline(always)]
@@ -122,6 +140,15 @@ impl Element for f32 {
     #[inline(always)]
     fn as_f32s(x: &[Self]) -> Option<&[f32]> {
         Some(x)
+    }
+    const FUSED: bool = true;
+    #[inline(always)]
+    fn widen1(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn narrow1(v: f32) -> Self {
+        v
     }
     #[inline(always)]
     fn as_f32s_out(x: &mut [MaybeUninit<Self>]) -> Option<&mut [MaybeUninit<f32>]> {
@@ -185,19 +212,28 @@ impl Element for bf16 {
     #[inline(always)]
     fn widen(src: &[Self], dst: &mut [f32]) {
         for (d, s) in dst.iter_mut().zip(src) {
-            *d = f32::from_bits((s.to_bits() as u32) << 16);
+            *d = s.widen1();
         }
+    }
+    const FUSED: bool = true;
+    #[inline(always)]
+    fn widen1(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn narrow1(v: f32) -> Self {
+        let b = v.to_bits();
+        let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+        let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+        let bits = if nan { (b >> 16) | 0x40 } else { rounded };
+        bf16::from_bits(bits as u16)
     }
     /// Round to nearest even on the bits, branch-free so that it vectorizes; NaN stays a quiet
     /// NaN with its sign (`half::bf16::from_f32`'s results, bit for bit).
     #[inline(always)]
     fn narrow(src: &[f32], dst: &mut [MaybeUninit<Self>]) {
         for (d, s) in dst.iter_mut().zip(src) {
-            let b = s.to_bits();
-            let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
-            let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
-            let bits = if nan { (b >> 16) | 0x40 } else { rounded };
-            d.write(bf16::from_bits(bits as u16));
+            d.write(Self::narrow1(*s));
         }
     }
 }
@@ -294,10 +330,14 @@ mod tests {
         for (x, g) in v.iter().zip(&got) {
             assert_eq!(bits(*g), bits(one(*x)), "narrow {x:e} ({:#x})", x.to_bits());
         }
+        for (x, g) in v.iter().zip(&got) {
+            assert_eq!(bits(T::narrow1(*x)), bits(*g), "narrow1 {x:e}");
+        }
         let mut back = vec![0f32; got.len()];
         T::widen(&got, &mut back);
         for (g, b) in got.iter().zip(&back) {
             assert_eq!(b.to_bits(), g.to_f32().to_bits(), "widen {g:?}");
+            assert_eq!(g.widen1().to_bits(), g.to_f32().to_bits(), "widen1 {g:?}");
         }
     }
 

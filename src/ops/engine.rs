@@ -117,12 +117,18 @@ pub(crate) use multiversion;
 
 pub(crate) mod simd {
     /// What a kernel body may assume of the instruction set.
-    pub trait Isa {
+    pub trait Isa: Sized {
         /// `a·b + c`: fused where the CPU has FMA (the fused form also lets LLVM vectorize the
         /// reductions), plain otherwise (a software fma would be slow).
         fn fma(a: f64, b: f64, c: f64) -> f64;
         /// The same in f32, for the element work.
         fn fma32(a: f32, b: f32, c: f32) -> f32;
+        /// Adds Σ (x − m) and Σ (x − m)² of an f32 tile into f64 lanes (lane `i` takes the
+        /// values at `i mod 8`).
+        #[inline(always)]
+        fn acc_dev(a1: &mut [f64; super::LANES], a2: &mut [f64; super::LANES], t: &[f32], m: f64) {
+            super::acc_dev_portable::<Self>(a1, a2, t, m)
+        }
     }
     pub struct Plain;
     pub struct Fma;
@@ -144,6 +150,85 @@ pub(crate) mod simd {
         #[inline(always)]
         fn fma32(a: f32, b: f32, c: f32) -> f32 {
             a.mul_add(b, c)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        fn acc_dev(a1: &mut [f64; super::LANES], a2: &mut [f64; super::LANES], t: &[f32], m: f64) {
+            // SAFETY: `Fma` is only used by the kernels' AVX2+FMA version, which runs only
+            // where `has_avx2()` holds.
+            unsafe { avx2::acc_dev(a1, a2, t, m) }
+        }
+    }
+
+    /// Hand-written AVX2 loops where LLVM's vectorizer leaves half-width or scalar code (seen
+    /// in profiles: the f64 deviation sums came out as a mix of 128-bit and scalar ops).
+    #[cfg(target_arch = "x86_64")]
+    mod avx2 {
+        use super::super::LANES;
+        use std::arch::x86_64::*;
+
+        /// # Safety
+        /// The CPU must support AVX2 and FMA.
+        #[target_feature(enable = "avx,avx2,fma")]
+        pub unsafe fn acc_dev(a1: &mut [f64; LANES], a2: &mut [f64; LANES], t: &[f32], m: f64) {
+            let mv = _mm256_set1_pd(m);
+            let (chunks, tail) = t.as_chunks::<LANES>();
+            // Two sets of accumulators (even and odd chunks) so that consecutive adds do not
+            // wait on each other; added together, in a fixed order, at the end.
+            let (p1, p2) = (a1.as_mut_ptr(), a2.as_mut_ptr());
+            // SAFETY (all loads and stores below): `a1`/`a2` hold 8 f64 (two vectors each),
+            // every chunk holds 8 f32; unaligned accesses.
+            let (mut s0, mut s1, mut q0, mut q1) = unsafe {
+                (
+                    _mm256_loadu_pd(p1),
+                    _mm256_loadu_pd(p1.add(4)),
+                    _mm256_loadu_pd(p2),
+                    _mm256_loadu_pd(p2.add(4)),
+                )
+            };
+            let z = _mm256_setzero_pd();
+            let (mut s2, mut s3, mut q2, mut q3) = (z, z, z, z);
+            let mut pairs = chunks.chunks_exact(2);
+            for pair in &mut pairs {
+                let (v, w) = unsafe {
+                    (
+                        _mm256_loadu_ps(pair[0].as_ptr()),
+                        _mm256_loadu_ps(pair[1].as_ptr()),
+                    )
+                };
+                let vl = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), mv);
+                let vh = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)), mv);
+                let wl = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(w)), mv);
+                let wh = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(w)), mv);
+                s0 = _mm256_add_pd(s0, vl);
+                s1 = _mm256_add_pd(s1, vh);
+                s2 = _mm256_add_pd(s2, wl);
+                s3 = _mm256_add_pd(s3, wh);
+                q0 = _mm256_fmadd_pd(vl, vl, q0);
+                q1 = _mm256_fmadd_pd(vh, vh, q1);
+                q2 = _mm256_fmadd_pd(wl, wl, q2);
+                q3 = _mm256_fmadd_pd(wh, wh, q3);
+            }
+            for ch in pairs.remainder() {
+                let v = unsafe { _mm256_loadu_ps(ch.as_ptr()) };
+                let vl = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), mv);
+                let vh = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)), mv);
+                s0 = _mm256_add_pd(s0, vl);
+                s1 = _mm256_add_pd(s1, vh);
+                q0 = _mm256_fmadd_pd(vl, vl, q0);
+                q1 = _mm256_fmadd_pd(vh, vh, q1);
+            }
+            unsafe {
+                _mm256_storeu_pd(p1, _mm256_add_pd(s0, s2));
+                _mm256_storeu_pd(p1.add(4), _mm256_add_pd(s1, s3));
+                _mm256_storeu_pd(p2, _mm256_add_pd(q0, q2));
+                _mm256_storeu_pd(p2.add(4), _mm256_add_pd(q1, q3));
+            }
+            for ((x1, x2), v) in a1.iter_mut().zip(a2.iter_mut()).zip(tail) {
+                let d = *v as f64 - m;
+                *x1 += d;
+                *x2 = d.mul_add(d, *x2);
+            }
         }
     }
 
@@ -304,6 +389,78 @@ impl Bufs {
     }
 }
 
+/// `map_elems!(bufs, x, out, [c = coef_slice, ...], |v| expr)`: `out[k] = expr` for each
+/// value `v = x[k]` as f32, with `c = coef_slice[k]` for each listed slice (as long as `x`),
+/// rounded once to the element type. For f32 and bf16 ([`Element::FUSED`]) one loop converts
+/// in registers; for f16 the run goes through f32 tiles (bulk F16C conversion). Every slice is
+/// cut to the loop's length first, so the indexing has no bounds checks left to stop LLVM
+/// vectorizing.
+macro_rules! map_elems {
+    ($bufs:expr, $x:expr, $out:expr, [$($cv:ident = $c:expr),*], |$v:ident| $body:expr) => {{
+        let (bufs, x, out): (&mut $crate::ops::engine::Bufs, _, _) = ($bufs, $x, $out);
+        if $crate::ops::engine::fused(x) {
+            let n = out.len().min(x.len());
+            let (out, x) = (&mut out[..n], &x[..n]);
+            $(let $cv: &[f32] = &$c[..n];)*
+            for k in 0..n {
+                $(let $cv = $cv[k];)*
+                let $v = $crate::dtype::Element::widen1(x[k]);
+                out[k].write($crate::dtype::Element::narrow1($body));
+            }
+        } else {
+            $crate::ops::engine::map_tiles!(bufs, x, out, |off, xt, yt| {
+                let n = yt.len().min(xt.len());
+                let (yt, xt) = (&mut yt[..n], &xt[..n]);
+                let _ = off;
+                $(let $cv: &[f32] = &$c[off..off + n];)*
+                for k in 0..n {
+                    $(let $cv = $cv[k];)*
+                    let $v = xt[k];
+                    yt[k].write($body);
+                }
+            });
+        }
+    }};
+}
+pub(crate) use map_elems;
+
+/// `map_elems2!(bufs, g, x, out, [c = coef_slice, ...], |gv, xv| expr)`: [`map_elems!`] with
+/// two inputs.
+macro_rules! map_elems2 {
+    ($bufs:expr, $g:expr, $x:expr, $out:expr, [$($cv:ident = $c:expr),*], |$gv:ident, $xv:ident| $body:expr) => {{
+        let (bufs, g, x, out): (&mut $crate::ops::engine::Bufs, _, _, _) = ($bufs, $g, $x, $out);
+        if $crate::ops::engine::fused(x) {
+            let n = out.len().min(x.len()).min(g.len());
+            let (out, g, x) = (&mut out[..n], &g[..n], &x[..n]);
+            $(let $cv: &[f32] = &$c[..n];)*
+            for k in 0..n {
+                $(let $cv = $cv[k];)*
+                let $gv = $crate::dtype::Element::widen1(g[k]);
+                let $xv = $crate::dtype::Element::widen1(x[k]);
+                out[k].write($crate::dtype::Element::narrow1($body));
+            }
+        } else {
+            $crate::ops::engine::map_tiles2!(bufs, g, x, out, |off, gt, xt, yt| {
+                let n = yt.len().min(xt.len()).min(gt.len());
+                let (yt, gt, xt) = (&mut yt[..n], &gt[..n], &xt[..n]);
+                let _ = off;
+                $(let $cv: &[f32] = &$c[off..off + n];)*
+                for k in 0..n {
+                    $(let $cv = $cv[k];)*
+                    let ($gv, $xv) = (gt[k], xt[k]);
+                    yt[k].write($body);
+                }
+            });
+        }
+    }};
+}
+pub(crate) use map_elems2;
+
+#[inline(always)]
+pub(crate) fn fused<T: Element>(_: &[T]) -> bool {
+    T::FUSED
+}
+
 /// A run of at most TILE values as f32: itself for f32, else widened into `buf`.
 #[inline(always)]
 pub(crate) fn widened<'a, T: Element>(x: &'a [T], buf: &'a mut [f32; TILE]) -> &'a [f32] {
@@ -393,23 +550,20 @@ impl SplitMean {
     }
 }
 
-/// Adds the f32 values of a tile into f64 lanes.
-#[inline(always)]
-pub(crate) fn acc_sum(acc: &mut [f64; LANES], t: &[f32]) {
-    let (chunks, tail) = t.as_chunks::<LANES>();
-    for ch in chunks {
-        for i in 0..LANES {
-            acc[i] += ch[i] as f64;
-        }
-    }
-    for (a, v) in acc.iter_mut().zip(tail) {
-        *a += *v as f64;
-    }
-}
-
 /// Adds Σ (x − m) and Σ (x − m)² of a tile into f64 lanes.
 #[inline(always)]
 pub(crate) fn acc_dev<I: simd::Isa>(
+    a1: &mut [f64; LANES],
+    a2: &mut [f64; LANES],
+    t: &[f32],
+    m: f64,
+) {
+    I::acc_dev(a1, a2, t, m)
+}
+
+/// [`acc_dev`] in portable code.
+#[inline(always)]
+pub(crate) fn acc_dev_portable<I: simd::Isa>(
     a1: &mut [f64; LANES],
     a2: &mut [f64; LANES],
     t: &[f32],
@@ -452,19 +606,42 @@ pub(crate) fn prefetch_after<T>(x: &[T], len: usize) {
     let _ = (x, len);
 }
 
-/// Moments of a run: the corrected two-pass algorithm on each f32 tile while it is in L1
-/// (the run is widened and read once), tiles merged in order with Chan's formula.
+/// f32 lanes of the per-tile sums: two vectors of 8, so that two adds are in flight.
+const LANES32: usize = 16;
+
+/// The corrected two-pass moments of one f32 tile: a provisional mean `m` from f32 lanes
+/// (cheap; its rounding does not matter), then Σ (x − m) and Σ (x − m)² in f64 lanes, and the
+/// correction `m + Σ(x − m)/n`, `Σ(x − m)² − (Σ(x − m))²/n`: f64 accuracy, never
+/// E[x²] − E[x]². At most TILE values, so each f32 lane sums at most 32 terms.
+#[inline(always)]
+pub(crate) fn tile_moments<I: simd::Isa>(t: &[f32]) -> Moments {
+    let n = t.len() as f64;
+    let (chunks, tail) = t.as_chunks::<LANES32>();
+    let mut s = [0f32; LANES32];
+    for ch in chunks {
+        for i in 0..LANES32 {
+            s[i] += ch[i];
+        }
+    }
+    for (a, v) in s.iter_mut().zip(tail) {
+        *a += *v;
+    }
+    let m = s.iter().map(|&v| v as f64).sum::<f64>() / n;
+    // A non-finite provisional mean would make every deviation NaN: shift by 0 instead (the
+    // f64 deviations then carry the infinities and NaNs as the plain sums do).
+    let m = if m.is_finite() { m } else { 0.0 };
+    let (mut a1, mut a2) = ([0f64; LANES], [0f64; LANES]);
+    acc_dev::<I>(&mut a1, &mut a2, t, m);
+    Moments::two_pass(n, m, lanes_sum(a1), lanes_sum(a2))
+}
+
+/// Moments of a run: the corrected two-pass on each f32 tile while it is in L1 (the run is
+/// widened and read once), tiles merged in order with Chan's formula in f64.
 #[inline(always)]
 pub(crate) fn moments_body<T: Element, I: simd::Isa>(bufs: &mut Bufs, x: &[T]) -> Moments {
     let mut acc = Moments::default();
     for_tiles!(bufs, x, |_, t| {
-        let n = t.len() as f64;
-        let mut s = [0f64; LANES];
-        acc_sum(&mut s, t);
-        let m = lanes_sum(s) / n;
-        let (mut a1, mut a2) = ([0f64; LANES], [0f64; LANES]);
-        acc_dev::<I>(&mut a1, &mut a2, t, m);
-        acc = acc.merge(Moments::two_pass(n, m, lanes_sum(a1), lanes_sum(a2)));
+        acc = acc.merge(tile_moments::<I>(t));
     });
     acc
 }

@@ -27,11 +27,7 @@ multiversion! {
     /// f32 accuracy), rounded once.
     fn run_affine<T: Element>(bufs: &mut Bufs, x: &[T], y: &mut [Out<T>], a: f64, m: f64, b: f64) {
         let (a, m, b) = (a as f32, SplitMean::new(m), b as f32);
-        map_tiles!(bufs, x, y, |_, xt, yt| {
-            for (yv, xv) in yt.iter_mut().zip(xt) {
-                yv.write(I::fma32(a, m.dev(*xv), b));
-            }
-        });
+        map_elems!(bufs, x, y, [], |v| I::fma32(a, m.dev(v), b));
     }
 }
 
@@ -66,11 +62,7 @@ multiversion! {
     /// `dx = a·g + b·(x − m) + k` over a run, in f32 lanes.
     fn run_grad_apply<T: Element>(bufs: &mut Bufs, g: &[T], x: &[T], dx: &mut [Out<T>], a: f64, b: f64, m: f64, k: f64) {
         let (a, b, m, k) = (a as f32, b as f32, SplitMean::new(m), k as f32);
-        map_tiles2!(bufs, g, x, dx, |_, gt, xt, yt| {
-            for ((yv, gv), xv) in yt.iter_mut().zip(gt).zip(xt) {
-                yv.write(I::fma32(a, *gv, I::fma32(b, m.dev(*xv), k)));
-            }
-        });
+        map_elems2!(bufs, g, x, dx, [], |gv, xv| I::fma32(a, gv, I::fma32(b, m.dev(xv), k)));
     }
 }
 
@@ -239,6 +231,19 @@ multiversion! {
     /// coefficients (`coef.a`, the split mean, `coef.b`), in f32 lanes. The block is widened
     /// and rounded in one piece each.
     fn rows_affine<T: Element>(x: &[T], y: &mut [Out<T>], c: usize, r0: usize, s: usize, coef: &ColCoef, bb: &mut BlockBufs) {
+        if T::FUSED {
+            // Converted in registers, row by row.
+            let rows = x.len() / c.max(1);
+            for (r, o) in SampleOffsets::new(r0, rows, s, c).enumerate() {
+                let (xr, yr) = (&x[r * c..(r + 1) * c], &mut y[r * c..(r + 1) * c]);
+                let at = o..o + c;
+                let (a, hi, lo, b) = (&coef.a[at.clone()], &coef.hi[at.clone()], &coef.lo[at.clone()], &coef.b[at]);
+                for k in 0..c {
+                    yr[k].write(T::narrow1(I::fma32(a[k], (xr[k].widen1() - hi[k]) - lo[k], b[k])));
+                }
+            }
+            return;
+        }
         let sub = sub_rows(c);
         for (k, (x, y)) in x.chunks(sub * c).zip(y.chunks_mut(sub * c)).enumerate() {
         let rows = x.len() / c.max(1);
@@ -305,6 +310,22 @@ multiversion! {
     /// Channels-last rows `r0..`: `dx = a·g + b·(x − m) + k` with per-(n, c) coefficients,
     /// in f32 lanes, the block widened and rounded in one piece each.
     fn rows_grad_apply<T: Element>(g: &[T], x: &[T], dx: &mut [Out<T>], c: usize, r0: usize, s: usize, coef: &ColCoef, bb: &mut BlockBufs) {
+        if T::FUSED {
+            // Converted in registers, row by row.
+            let rows = x.len() / c.max(1);
+            for (r, o) in SampleOffsets::new(r0, rows, s, c).enumerate() {
+                let span = r * c..(r + 1) * c;
+                let (gr, xr, dr) = (&g[span.clone()], &x[span.clone()], &mut dx[span]);
+                let at = o..o + c;
+                let (a, b, k) = (&coef.a[at.clone()], &coef.b[at.clone()], &coef.k[at.clone()]);
+                let (hi, lo) = (&coef.hi[at.clone()], &coef.lo[at]);
+                for j in 0..c {
+                    let d = (xr[j].widen1() - hi[j]) - lo[j];
+                    dr[j].write(T::narrow1(I::fma32(a[j], gr[j].widen1(), I::fma32(b[j], d, k[j]))));
+                }
+            }
+            return;
+        }
         let sub = sub_rows(c);
         let blocks = g.chunks(sub * c).zip(x.chunks(sub * c)).zip(dx.chunks_mut(sub * c));
         for (kb, ((g, x), dx)) in blocks.enumerate() {

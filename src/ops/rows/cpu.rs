@@ -46,12 +46,7 @@ multiversion! {
         };
         let (mean, rstd) = (mo.mean, 1.0 / (mo.var_biased() + eps).sqrt());
         let (m, r) = (SplitMean::new(mean), rstd as f32);
-        map_tiles!(bufs, x, y, |o, xt, yt| {
-            let (w, b) = (&w[o..o + xt.len()], &b[o..o + xt.len()]);
-            for (((yv, xv), wv), bv) in yt.iter_mut().zip(xt).zip(w).zip(b) {
-                yv.write(I::fma32(m.dev(*xv) * r, *wv, *bv));
-            }
-        });
+        map_elems!(bufs, x, y, [wv = w, bv = b], |v| I::fma32(m.dev(v) * r, wv, bv));
         (mean, rstd)
     }
 }
@@ -74,11 +69,7 @@ multiversion! {
         });
         let r = 1.0 / (lanes_sum(acc) / x.len() as f64 + eps).sqrt();
         let r32 = r as f32;
-        map_tiles!(bufs, x, y, |o, xt, yt| {
-            for ((yv, xv), wv) in yt.iter_mut().zip(xt).zip(&w[o..o + xt.len()]) {
-                yv.write(*xv * r32 * *wv);
-            }
-        });
+        map_elems!(bufs, x, y, [wv = w], |v| v * r32 * wv);
         r
     }
 }
@@ -203,14 +194,11 @@ multiversion! {
             }
             let m1 = if mean.is_some() { (s1 / n) as f32 } else { 0.0 };
             let m2 = (s2 / n) as f32;
-            map_tiles2!(bufs, gr, xr, dr, |o, gt, xt, yt| {
-                let w = &w[o..o + gt.len()];
-                for (((yv, gv), xv), wv) in yt.iter_mut().zip(gt).zip(xt).zip(w) {
-                    // u rounded as in the sums pass (a fused g·w − m1 would leave the rounding
-                    // of u, times rstd, where the exact result is 0).
-                    let (u, xh) = (*gv * *wv, m.dev(*xv) * rs);
-                    yv.write(rs * (u - I::fma32(xh, m2, m1)));
-                }
+            // u rounded as in the sums pass (a fused g·w − m1 would leave the rounding of u,
+            // times rstd, where the exact result is 0).
+            map_elems2!(bufs, gr, xr, dr, [wv = w], |gv, xv| {
+                let (u, xh) = (gv * wv, m.dev(xv) * rs);
+                rs * (u - I::fma32(xh, m2, m1))
             });
         }
     }
