@@ -216,9 +216,16 @@ impl Element for bf16 {
         }
     }
     const FUSED: bool = true;
+    /// A signaling NaN comes out quiet, as from `half::bf16::to_f32`.
     #[inline(always)]
     fn widen1(self) -> f32 {
-        f32::from_bits((self.to_bits() as u32) << 16)
+        let b = (self.to_bits() as u32) << 16;
+        let quiet = if (b & 0x7fff_ffff) > 0x7f80_0000 {
+            0x0040_0000
+        } else {
+            0
+        };
+        f32::from_bits(b | quiet)
     }
     #[inline(always)]
     fn narrow1(v: f32) -> Self {
@@ -338,6 +345,30 @@ mod tests {
         for (g, b) in got.iter().zip(&back) {
             assert_eq!(b.to_bits(), g.to_f32().to_bits(), "widen {g:?}");
             assert_eq!(g.widen1().to_bits(), g.to_f32().to_bits(), "widen1 {g:?}");
+        }
+    }
+
+    /// Every f16 and every bf16 widened, and every f16 value, its negation and the midpoint
+    /// to its neighbour (the rounding cases) narrowed, against `half`.
+    #[test]
+    fn scalar_conversions_are_exhaustively_exact() {
+        for b in 0..=u16::MAX {
+            let (h, g) = (f16::from_bits(b), bf16::from_bits(b));
+            assert_eq!(h.widen1().to_bits(), h.to_f32().to_bits(), "f16 {b:#x}");
+            assert_eq!(g.widen1().to_bits(), g.to_f32().to_bits(), "bf16 {b:#x}");
+            let (lo, hi) = (h.to_f32(), f16::from_bits(b.wrapping_add(1)).to_f32());
+            for v in [lo, (lo as f64 * 0.5 + hi as f64 * 0.5) as f32, -lo] {
+                assert_eq!(
+                    f16::narrow1(v).to_bits(),
+                    f16::from_f32(v).to_bits(),
+                    "{v:e}"
+                );
+                assert_eq!(
+                    bf16::narrow1(v).to_bits(),
+                    bf16::from_f32(v).to_bits(),
+                    "{v:e}"
+                );
+            }
         }
     }
 
