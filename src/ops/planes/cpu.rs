@@ -97,14 +97,19 @@ multiversion! {
         // Groups of COL_GROUP columns (one 64-byte line of f32 per row), then the rest one by one.
         for g in 0..full {
             let c0 = g * COL_GROUP;
-            let mut s = [0f64; COL_GROUP];
+            // A provisional mean from f32 sums (its rounding is corrected by the f64 pass).
+            let mut s = [0f32; COL_GROUP];
             for row in xf.chunks_exact(cols) {
                 let v: &[f32; COL_GROUP] = row[c0..c0 + COL_GROUP].try_into().unwrap();
                 for i in 0..COL_GROUP {
-                    s[i] += v[i] as f64;
+                    s[i] += v[i];
                 }
             }
-            let mean: [f64; COL_GROUP] = std::array::from_fn(|i| s[i] / n);
+            let mean: [f64; COL_GROUP] = std::array::from_fn(|i| {
+                let m = s[i] as f64 / n;
+                // A sum that overflowed f32 would make every deviation infinite: shift by 0.
+                if m.is_finite() { m } else { 0.0 }
+            });
             let (mut d1, mut d2) = ([0f64; COL_GROUP], [0f64; COL_GROUP]);
             for row in xf.chunks_exact(cols) {
                 let v: &[f32; COL_GROUP] = row[c0..c0 + COL_GROUP].try_into().unwrap();
@@ -377,23 +382,27 @@ pub(crate) fn plane_moments<T: Element>(x: &[T], p: PlaneShape) -> Vec<Moments> 
     match p.format {
         MemoryFormat::Contiguous => {
             let min_len = (MIN_TASK / p.s.max(1)).max(1);
-            x.par_chunks(p.s.max(1))
-                .with_min_len(min_len)
-                .map_init(Bufs::new, |b, r| run_moments(b, r))
-                .collect()
+            collect_init(
+                x.par_chunks(p.s.max(1)).with_min_len(min_len),
+                x.len(),
+                Bufs::new,
+                |b, r| run_moments(b, r),
+            )
         }
         MemoryFormat::ChannelsLast => {
             // Each task takes ROW_CHUNK rows of one sample's (S, C) block: a per-column two-pass.
             let chunks = p.s.div_ceil(ROW_CHUNK).max(1);
-            let parts: Vec<Vec<Moments>> = (0..p.n * chunks)
-                .into_par_iter()
-                .map_init(Vec::new, |buf, t| {
+            let parts: Vec<Vec<Moments>> = collect_init(
+                (0..p.n * chunks).into_par_iter(),
+                x.len(),
+                Vec::new,
+                |buf, t| {
                     let (n, k) = (t / chunks, t % chunks);
                     let r0 = k * ROW_CHUNK;
                     let r1 = (r0 + ROW_CHUNK).min(p.s);
                     columns_moments(&x[(n * p.s + r0) * p.c..(n * p.s + r1) * p.c], p.c, buf)
-                })
-                .collect();
+                },
+            );
             let mut out = vec![Moments::default(); planes];
             for (t, part) in parts.iter().enumerate() {
                 let n = t / chunks;
@@ -433,23 +442,27 @@ pub(crate) fn plane_affine<T: Element>(
         match p.format {
             MemoryFormat::Contiguous => {
                 let s = p.s.max(1);
-                y.par_chunks_mut(s)
-                    .zip(x.par_chunks(s))
-                    .enumerate()
-                    .with_min_len((MIN_TASK / s).max(1))
-                    .for_each_init(Bufs::new, |bufs, (i, (yr, xr))| {
-                        run_affine(bufs, xr, yr, a[i], m[i], b[i])
-                    });
+                for_each_init(
+                    y.par_chunks_mut(s)
+                        .zip(x.par_chunks(s))
+                        .enumerate()
+                        .with_min_len((MIN_TASK / s).max(1)),
+                    x.len(),
+                    Bufs::new,
+                    |bufs, (i, (yr, xr))| run_affine(bufs, xr, yr, a[i], m[i], b[i]),
+                );
             }
             MemoryFormat::ChannelsLast => {
                 let c = p.c;
                 let coef = ColCoef::new(a, b, m, &[]);
-                y.par_chunks_mut(ROW_CHUNK * c)
-                    .zip(x.par_chunks(ROW_CHUNK * c))
-                    .enumerate()
-                    .for_each_init(BlockBufs::default, |bb, (k, (yb, xb))| {
-                        rows_affine(xb, yb, c, k * ROW_CHUNK, p.s, &coef, bb)
-                    });
+                for_each_init(
+                    y.par_chunks_mut(ROW_CHUNK * c)
+                        .zip(x.par_chunks(ROW_CHUNK * c))
+                        .enumerate(),
+                    x.len(),
+                    BlockBufs::default,
+                    |bb, (k, (yb, xb))| rows_affine(xb, yb, c, k * ROW_CHUNK, p.s, &coef, bb),
+                );
             }
         }
     })
@@ -469,33 +482,37 @@ pub(crate) fn plane_grad_sums<T: Element>(
     match p.format {
         MemoryFormat::Contiguous => {
             let s = p.s.max(1);
-            let v: Vec<(f64, f64)> = g
-                .par_chunks(s)
-                .zip(x.par_chunks(s))
-                .enumerate()
-                .with_min_len((MIN_TASK / s).max(1))
-                .map_init(Bufs::new, |bufs, (i, (gr, xr))| {
+            let v: Vec<(f64, f64)> = collect_init(
+                g.par_chunks(s)
+                    .zip(x.par_chunks(s))
+                    .enumerate()
+                    .with_min_len((MIN_TASK / s).max(1)),
+                x.len(),
+                Bufs::new,
+                |bufs, (i, (gr, xr))| {
                     gr.chunks(RUN_CHUNK)
                         .zip(xr.chunks(RUN_CHUNK))
                         .map(|(gc, xc)| run_grad_sums(bufs, gc, xc, m[i]))
                         .fold((0.0, 0.0), |u, w| (u.0 + w.0, u.1 + w.1))
-                })
-                .collect();
+                },
+            );
             v.into_iter().unzip()
         }
         MemoryFormat::ChannelsLast => {
             let c = p.c;
             let chunks = p.s.div_ceil(ROW_CHUNK).max(1);
-            let parts: Vec<(Vec<f64>, Vec<f64>)> = (0..p.n * chunks)
-                .into_par_iter()
-                .map_init(BlockBufs::default, |bb, t| {
+            let parts: Vec<(Vec<f64>, Vec<f64>)> = collect_init(
+                (0..p.n * chunks).into_par_iter(),
+                x.len(),
+                BlockBufs::default,
+                |bb, t| {
                     let (n, k) = (t / chunks, t % chunks);
                     let r0 = k * ROW_CHUNK;
                     let r1 = (r0 + ROW_CHUNK).min(p.s);
                     let range = (n * p.s + r0) * c..(n * p.s + r1) * c;
                     columns_grad_sums(&g[range.clone()], &x[range], &m[n * c..n * c + c], bb)
-                })
-                .collect();
+                },
+            );
             let mut sg = vec![0f64; planes];
             let mut sgx = vec![0f64; planes];
             for (t, (s1, s2)) in parts.iter().enumerate() {
@@ -525,23 +542,31 @@ pub(crate) fn plane_grad_apply<T: Element>(
         match p.format {
             MemoryFormat::Contiguous => {
                 let s = p.s.max(1);
-                dx.par_chunks_mut(s)
-                    .zip(g.par_chunks(s).zip(x.par_chunks(s)))
-                    .enumerate()
-                    .with_min_len((MIN_TASK / s).max(1))
-                    .for_each_init(Bufs::new, |bufs, (i, (dr, (gr, xr)))| {
+                for_each_init(
+                    dx.par_chunks_mut(s)
+                        .zip(g.par_chunks(s).zip(x.par_chunks(s)))
+                        .enumerate()
+                        .with_min_len((MIN_TASK / s).max(1)),
+                    x.len(),
+                    Bufs::new,
+                    |bufs, (i, (dr, (gr, xr)))| {
                         run_grad_apply(bufs, gr, xr, dr, a[i], b[i], m[i], k[i])
-                    });
+                    },
+                );
             }
             MemoryFormat::ChannelsLast => {
                 let c = p.c;
                 let coef = ColCoef::new(a, b, m, k);
-                dx.par_chunks_mut(ROW_CHUNK * c)
-                    .zip(g.par_chunks(ROW_CHUNK * c).zip(x.par_chunks(ROW_CHUNK * c)))
-                    .enumerate()
-                    .for_each_init(BlockBufs::default, |bb, (t, (db, (gb, xb)))| {
+                for_each_init(
+                    dx.par_chunks_mut(ROW_CHUNK * c)
+                        .zip(g.par_chunks(ROW_CHUNK * c).zip(x.par_chunks(ROW_CHUNK * c)))
+                        .enumerate(),
+                    x.len(),
+                    BlockBufs::default,
+                    |bb, (t, (db, (gb, xb)))| {
                         rows_grad_apply(gb, xb, db, c, t * ROW_CHUNK, p.s, &coef, bb)
-                    });
+                    },
+                );
             }
         }
     })
@@ -565,12 +590,14 @@ pub(crate) fn groups_fused<T: Element>(
         if x.is_empty() {
             return;
         }
-        moments = y
-            .par_chunks_mut(len)
-            .zip(x.par_chunks(len))
-            .enumerate()
-            .with_min_len((MIN_TASK / len).max(1))
-            .map_init(Bufs::new, |bufs, (gi, (yg, xg))| {
+        moments = collect_init(
+            y.par_chunks_mut(len)
+                .zip(x.par_chunks(len))
+                .enumerate()
+                .with_min_len((MIN_TASK / len).max(1)),
+            x.len(),
+            Bufs::new,
+            |bufs, (gi, (yg, xg))| {
                 let m = run_moments(bufs, xg);
                 let rstd = 1.0 / (m.var_biased() + eps).sqrt();
                 let c0 = (gi % groups) * d;
@@ -582,8 +609,8 @@ pub(crate) fn groups_fused<T: Element>(
                     run_affine(bufs, xc, yc, rstd * w[c0 + j], m.mean, b[c0 + j]);
                 }
                 m
-            })
-            .collect();
+            },
+        );
     });
     (y, moments)
 }
@@ -610,12 +637,14 @@ pub(crate) fn groups_backward_fused<T: Element>(
         if x.is_empty() {
             return;
         }
-        sums = dx
-            .par_chunks_mut(len)
-            .zip(g.par_chunks(len).zip(x.par_chunks(len)))
-            .enumerate()
-            .with_min_len((MIN_TASK / len).max(1))
-            .map_init(Bufs::new, |bufs, (gi, (dg, (gg, xg)))| {
+        sums = collect_init(
+            dx.par_chunks_mut(len)
+                .zip(g.par_chunks(len).zip(x.par_chunks(len)))
+                .enumerate()
+                .with_min_len((MIN_TASK / len).max(1)),
+            x.len(),
+            Bufs::new,
+            |bufs, (gi, (dg, (gg, xg)))| {
                 let (m, r) = (mean[gi] as f64, rstd[gi] as f64);
                 let c0 = (gi % groups) * d;
                 let per: Vec<(f64, f64)> = gg
@@ -634,8 +663,8 @@ pub(crate) fn groups_backward_fused<T: Element>(
                     run_grad_apply(bufs, gc, xc, dc, r * w[c0 + j], b, m, k);
                 }
                 per
-            })
-            .collect();
+            },
+        );
     });
     let (sg, sgx) = sums.into_iter().flatten().unzip();
     (dx, sg, sgx)

@@ -89,15 +89,17 @@ pub(crate) fn layer_norm_fwd<T: Element>(
     let (w, b) = (&w[..], &b[..]);
     let mut stats = Vec::new();
     let y = filled_vec(x.len(), |y| {
-        stats = y
-            .par_chunks_mut(cols)
-            .zip(x.par_chunks(cols))
-            .with_min_len(row_min_len(cols))
-            .map_init(Bufs::new, |bufs, (yr, xr)| {
+        stats = collect_init(
+            y.par_chunks_mut(cols)
+                .zip(x.par_chunks(cols))
+                .with_min_len(row_min_len(cols)),
+            x.len(),
+            Bufs::new,
+            |bufs, (yr, xr)| {
                 let (m, r) = layer_norm_row(bufs, xr, yr, w, b, eps);
                 (m as f32, r as f32)
-            })
-            .collect();
+            },
+        );
     });
     let (mean, rstd) = stats.into_iter().unzip();
     (y, mean, rstd)
@@ -117,14 +119,14 @@ pub(crate) fn rms_norm_fwd<T: Element>(
     let w = &w[..];
     let mut rstd = Vec::new();
     let y = filled_vec(x.len(), |y| {
-        rstd = y
-            .par_chunks_mut(cols)
-            .zip(x.par_chunks(cols))
-            .with_min_len(row_min_len(cols))
-            .map_init(Bufs::new, |bufs, (yr, xr)| {
-                rms_norm_row(bufs, xr, yr, w, eps) as f32
-            })
-            .collect();
+        rstd = collect_init(
+            y.par_chunks_mut(cols)
+                .zip(x.par_chunks(cols))
+                .with_min_len(row_min_len(cols)),
+            x.len(),
+            Bufs::new,
+            |bufs, (yr, xr)| rms_norm_row(bufs, xr, yr, w, eps) as f32,
+        );
     });
     (y, rstd)
 }
@@ -233,16 +235,20 @@ pub(crate) fn norm_rows_backward<T: Element>(
     // One slot of 2·max(n, 1) per block, so that every block has one even when n = 0.
     let mut parts = vec![0f64; 2 * n.max(1) * blocks];
     let dx = filled_vec(x.len(), |dx| {
-        dx.par_chunks_mut(br * cols)
-            .zip(g.par_chunks(br * cols).zip(x.par_chunks(br * cols)))
-            .zip(parts.par_chunks_mut(2 * n.max(1)))
-            .enumerate()
-            .for_each(|(blk, ((db, (gb, xb)), part))| {
+        for_each_init(
+            dx.par_chunks_mut(br * cols)
+                .zip(g.par_chunks(br * cols).zip(x.par_chunks(br * cols)))
+                .zip(parts.par_chunks_mut(2 * n.max(1)))
+                .enumerate(),
+            x.len(),
+            || (),
+            |_, (blk, ((db, (gb, xb)), part))| {
                 let (r0, r1) = (blk * br, blk * br + db.len() / cols);
                 let (pw, pb) = part.split_at_mut(n);
                 let m = mean.map(|m| &m[r0..r1]);
                 norm_rows_bwd(gb, xb, db, cols, m, &rstd[r0..r1], w, pw, &mut pb[..n]);
-            });
+            },
+        );
     });
     let mut dw = vec![0f64; cols];
     let mut db = vec![0f64; cols];
