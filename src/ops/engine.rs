@@ -23,13 +23,13 @@ pub(crate) const RUN_CHUNK: usize = 1 << 16;
 /// Smallest number of elements worth a rayon task.
 pub(crate) const MIN_TASK: usize = 1 << 14;
 
-/// Whether a loop over `elems` values is worth rayon: more than one thread, and work for at
-/// least two tasks. Otherwise the loop runs in the calling thread: handing a job to rayon's pool
-/// from outside it costs two thread switches (~10 µs seen in profiles), more than a small op.
-/// Either way the work is cut into the same pieces and merged in the same order, so the
-/// results are the same bits.
+/// Whether a loop over `elems` values is worth rayon: more than one thread, and 128 K values
+/// or more. Otherwise the loop runs in the calling thread: handing a job to rayon's pool from
+/// outside it costs two thread switches (~10 µs seen in profiles), more than a small op saves
+/// (LayerNorm [64, 1024] took longer on 2 threads than on 1). Either way the work is cut into
+/// the same pieces and merged in the same order, so the results are the same bits.
 pub(crate) fn worth_parallel(elems: usize) -> bool {
-    elems >= 2 * MIN_TASK && rayon::current_num_threads() > 1
+    elems >= 8 * MIN_TASK && rayon::current_num_threads() > 1
 }
 
 /// `iter.map_init(init, f).collect()`: on rayon's pool when [`worth_parallel`], else in this

@@ -248,7 +248,9 @@ fn run_all(x: &Tensor<f32>, dy: &Tensor<f32>) -> Vec<Vec<f32>> {
 
 #[test]
 fn deterministic_across_calls_and_thread_counts() {
-    let shape = [6, 4, 37, 53];
+    // Over 128 K values, so that 3 threads really split the work (smaller inputs run in the
+    // calling thread) while 1 thread runs it in order.
+    let shape = [6, 4, 74, 107];
     let n: usize = shape.iter().product();
     for fmt in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
         let x = tensor::<f32>(&randn(n, 1, 0.5, 2.0), &shape, fmt);

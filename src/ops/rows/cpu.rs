@@ -27,9 +27,10 @@ fn row_min_len(cols: usize) -> usize {
     (MIN_TASK / cols.max(1)).max(1)
 }
 
-/// Rows per block of the column reduction for dγ/dβ: at most 64 blocks, fixed by the shape.
+/// Rows per block of the column reduction for dγ/dβ: at most 64 blocks and at least
+/// 16 rows a block (each block has its own column partials to add up), fixed by the shape.
 fn grad_block_rows(rows: usize) -> usize {
-    rows.div_ceil(64).max(1)
+    rows.div_ceil(64).max(16)
 }
 
 multiversion! {
