@@ -191,6 +191,18 @@ pub(crate) mod simd {
         fn acc_dev(a1: &mut [f64; super::LANES], a2: &mut [f64; super::LANES], t: &[f32], m: f64) {
             super::acc_dev_portable::<Self>(a1, a2, t, m)
         }
+        /// Adds Σ g and Σ g·(x − m) of two f32 tiles into f64 lanes (lane `i` takes the
+        /// values at `i mod 8`).
+        #[inline(always)]
+        fn acc_grad(
+            a1: &mut [f64; super::LANES],
+            a2: &mut [f64; super::LANES],
+            g: &[f32],
+            x: &[f32],
+            m: f64,
+        ) {
+            super::acc_grad_portable::<Self>(a1, a2, g, x, m)
+        }
     }
     pub struct Plain;
     pub struct Fma;
@@ -219,6 +231,18 @@ pub(crate) mod simd {
             // SAFETY: `Fma` is only used by the kernels' AVX2+FMA version, which runs only
             // where `has_avx2()` holds.
             unsafe { avx2::acc_dev(a1, a2, t, m) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        fn acc_grad(
+            a1: &mut [f64; super::LANES],
+            a2: &mut [f64; super::LANES],
+            g: &[f32],
+            x: &[f32],
+            m: f64,
+        ) {
+            // SAFETY: as for `acc_dev`.
+            unsafe { avx2::acc_grad(a1, a2, g, x, m) }
         }
     }
 
@@ -290,6 +314,55 @@ pub(crate) mod simd {
                 let d = *v as f64 - m;
                 *x1 += d;
                 *x2 = d.mul_add(d, *x2);
+            }
+        }
+
+        /// # Safety
+        /// The CPU must support AVX2 and FMA.
+        #[target_feature(enable = "avx,avx2,fma")]
+        pub unsafe fn acc_grad(
+            a1: &mut [f64; LANES],
+            a2: &mut [f64; LANES],
+            g: &[f32],
+            x: &[f32],
+            m: f64,
+        ) {
+            let n = g.len().min(x.len());
+            let (g, x) = (&g[..n], &x[..n]);
+            let mv = _mm256_set1_pd(m);
+            let (p1, p2) = (a1.as_mut_ptr(), a2.as_mut_ptr());
+            // SAFETY (all loads and stores below): `a1`/`a2` hold 8 f64, each chunk 8 f32.
+            let (mut s0, mut s1, mut q0, mut q1) = unsafe {
+                (
+                    _mm256_loadu_pd(p1),
+                    _mm256_loadu_pd(p1.add(4)),
+                    _mm256_loadu_pd(p2),
+                    _mm256_loadu_pd(p2.add(4)),
+                )
+            };
+            let (gc, gt) = g.as_chunks::<LANES>();
+            let (xc, xt) = x.as_chunks::<LANES>();
+            for (gv, xv) in gc.iter().zip(xc) {
+                let (gv, xv) =
+                    unsafe { (_mm256_loadu_ps(gv.as_ptr()), _mm256_loadu_ps(xv.as_ptr())) };
+                let gl = _mm256_cvtps_pd(_mm256_castps256_ps128(gv));
+                let gh = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(gv));
+                let dl = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(xv)), mv);
+                let dh = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(xv)), mv);
+                s0 = _mm256_add_pd(s0, gl);
+                s1 = _mm256_add_pd(s1, gh);
+                q0 = _mm256_fmadd_pd(gl, dl, q0);
+                q1 = _mm256_fmadd_pd(gh, dh, q1);
+            }
+            unsafe {
+                _mm256_storeu_pd(p1, s0);
+                _mm256_storeu_pd(p1.add(4), s1);
+                _mm256_storeu_pd(p2, q0);
+                _mm256_storeu_pd(p2.add(4), q1);
+            }
+            for (i, (gv, xv)) in gt.iter().zip(xt).enumerate() {
+                a1[i] += *gv as f64;
+                a2[i] = (*gv as f64).mul_add(*xv as f64 - m, a2[i]);
             }
         }
     }
@@ -621,6 +694,33 @@ pub(crate) fn acc_dev<I: simd::Isa>(
     m: f64,
 ) {
     I::acc_dev(a1, a2, t, m)
+}
+
+/// [`simd::Isa::acc_grad`] in portable code.
+#[inline(always)]
+pub(crate) fn acc_grad_portable<I: simd::Isa>(
+    a1: &mut [f64; LANES],
+    a2: &mut [f64; LANES],
+    g: &[f32],
+    x: &[f32],
+    m: f64,
+) {
+    let (gc, gtl) = g.as_chunks::<LANES>();
+    let (xc, xtl) = x.as_chunks::<LANES>();
+    for (gv, xv) in gc.iter().zip(xc) {
+        let gg: [f64; LANES] = std::array::from_fn(|i| gv[i] as f64);
+        let d: [f64; LANES] = std::array::from_fn(|i| xv[i] as f64 - m);
+        for i in 0..LANES {
+            a1[i] += gg[i];
+        }
+        for i in 0..LANES {
+            a2[i] = I::fma(gg[i], d[i], a2[i]);
+        }
+    }
+    for (i, (gv, xv)) in gtl.iter().zip(xtl).enumerate() {
+        a1[i] += *gv as f64;
+        a2[i] = I::fma(*gv as f64, *xv as f64 - m, a2[i]);
+    }
 }
 
 /// [`acc_dev`] in portable code.

@@ -36,24 +36,7 @@ multiversion! {
     fn run_grad_sums<T: Element>(bufs: &mut Bufs, g: &[T], x: &[T], m: f64) -> (f64, f64) {
         let mut a1 = [0f64; LANES];
         let mut a2 = [0f64; LANES];
-        for_tiles2!(bufs, g, x, |_, gt, xt| {
-            let (gc, gtl) = gt.as_chunks::<LANES>();
-            let (xc, xtl) = xt.as_chunks::<LANES>();
-            for (gv, xv) in gc.iter().zip(xc) {
-                let gg: [f64; LANES] = std::array::from_fn(|i| gv[i] as f64);
-                let d: [f64; LANES] = std::array::from_fn(|i| xv[i] as f64 - m);
-                for i in 0..LANES {
-                    a1[i] += gg[i];
-                }
-                for i in 0..LANES {
-                    a2[i] = I::fma(gg[i], d[i], a2[i]);
-                }
-            }
-            for (i, (gv, xv)) in gtl.iter().zip(xtl).enumerate() {
-                a1[i] += *gv as f64;
-                a2[i] += *gv as f64 * (*xv as f64 - m);
-            }
-        });
+        for_tiles2!(bufs, g, x, |_, gt, xt| I::acc_grad(&mut a1, &mut a2, gt, xt, m));
         (lanes_sum(a1), lanes_sum(a2))
     }
 }
