@@ -253,6 +253,41 @@ pub(crate) mod simd {
         use super::super::LANES;
         use std::arch::x86_64::*;
 
+        /// The 8 f64 lanes as two vectors.
+        #[inline]
+        #[target_feature(enable = "avx,avx2,fma")]
+        fn load_lanes(a: &[f64; LANES]) -> (__m256d, __m256d) {
+            // SAFETY: `a` holds 8 f64: two unaligned 4-lane loads.
+            unsafe {
+                (
+                    _mm256_loadu_pd(a.as_ptr()),
+                    _mm256_loadu_pd(a.as_ptr().add(4)),
+                )
+            }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx,avx2,fma")]
+        fn store_lanes(a: &mut [f64; LANES], lo: __m256d, hi: __m256d) {
+            // SAFETY: `a` holds 8 f64: two unaligned 4-lane stores.
+            unsafe {
+                _mm256_storeu_pd(a.as_mut_ptr(), lo);
+                _mm256_storeu_pd(a.as_mut_ptr().add(4), hi);
+            }
+        }
+
+        /// 8 f32 as f64 in two vectors, minus `m`.
+        #[inline]
+        #[target_feature(enable = "avx,avx2,fma")]
+        fn halves(v: &[f32; LANES], m: __m256d) -> (__m256d, __m256d) {
+            // SAFETY: `v` holds 8 f32: one unaligned load.
+            let v = unsafe { _mm256_loadu_ps(v.as_ptr()) };
+            (
+                _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), m),
+                _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)), m),
+            )
+        }
+
         /// # Safety
         /// The CPU must support AVX2 and FMA.
         #[target_feature(enable = "avx,avx2,fma")]
@@ -261,31 +296,12 @@ pub(crate) mod simd {
             let (chunks, tail) = t.as_chunks::<LANES>();
             // Two sets of accumulators (even and odd chunks) so that consecutive adds do not
             // wait on each other; added together, in a fixed order, at the end.
-            let (p1, p2) = (a1.as_mut_ptr(), a2.as_mut_ptr());
-            // SAFETY (all loads and stores below): `a1`/`a2` hold 8 f64 (two vectors each),
-            // every chunk holds 8 f32; unaligned accesses.
-            let (mut s0, mut s1, mut q0, mut q1) = unsafe {
-                (
-                    _mm256_loadu_pd(p1),
-                    _mm256_loadu_pd(p1.add(4)),
-                    _mm256_loadu_pd(p2),
-                    _mm256_loadu_pd(p2.add(4)),
-                )
-            };
+            let ((mut s0, mut s1), (mut q0, mut q1)) = (load_lanes(a1), load_lanes(a2));
             let z = _mm256_setzero_pd();
             let (mut s2, mut s3, mut q2, mut q3) = (z, z, z, z);
             let mut pairs = chunks.chunks_exact(2);
             for pair in &mut pairs {
-                let (v, w) = unsafe {
-                    (
-                        _mm256_loadu_ps(pair[0].as_ptr()),
-                        _mm256_loadu_ps(pair[1].as_ptr()),
-                    )
-                };
-                let vl = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), mv);
-                let vh = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)), mv);
-                let wl = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(w)), mv);
-                let wh = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(w)), mv);
+                let ((vl, vh), (wl, wh)) = (halves(&pair[0], mv), halves(&pair[1], mv));
                 s0 = _mm256_add_pd(s0, vl);
                 s1 = _mm256_add_pd(s1, vh);
                 s2 = _mm256_add_pd(s2, wl);
@@ -296,20 +312,14 @@ pub(crate) mod simd {
                 q3 = _mm256_fmadd_pd(wh, wh, q3);
             }
             for ch in pairs.remainder() {
-                let v = unsafe { _mm256_loadu_ps(ch.as_ptr()) };
-                let vl = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), mv);
-                let vh = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)), mv);
+                let (vl, vh) = halves(ch, mv);
                 s0 = _mm256_add_pd(s0, vl);
                 s1 = _mm256_add_pd(s1, vh);
                 q0 = _mm256_fmadd_pd(vl, vl, q0);
                 q1 = _mm256_fmadd_pd(vh, vh, q1);
             }
-            unsafe {
-                _mm256_storeu_pd(p1, _mm256_add_pd(s0, s2));
-                _mm256_storeu_pd(p1.add(4), _mm256_add_pd(s1, s3));
-                _mm256_storeu_pd(p2, _mm256_add_pd(q0, q2));
-                _mm256_storeu_pd(p2.add(4), _mm256_add_pd(q1, q3));
-            }
+            store_lanes(a1, _mm256_add_pd(s0, s2), _mm256_add_pd(s1, s3));
+            store_lanes(a2, _mm256_add_pd(q0, q2), _mm256_add_pd(q1, q3));
             for ((x1, x2), v) in a1.iter_mut().zip(a2.iter_mut()).zip(tail) {
                 let d = *v as f64 - m;
                 *x1 += d;
@@ -329,37 +339,19 @@ pub(crate) mod simd {
         ) {
             let n = g.len().min(x.len());
             let (g, x) = (&g[..n], &x[..n]);
-            let mv = _mm256_set1_pd(m);
-            let (p1, p2) = (a1.as_mut_ptr(), a2.as_mut_ptr());
-            // SAFETY (all loads and stores below): `a1`/`a2` hold 8 f64, each chunk 8 f32.
-            let (mut s0, mut s1, mut q0, mut q1) = unsafe {
-                (
-                    _mm256_loadu_pd(p1),
-                    _mm256_loadu_pd(p1.add(4)),
-                    _mm256_loadu_pd(p2),
-                    _mm256_loadu_pd(p2.add(4)),
-                )
-            };
+            let (mv, zero) = (_mm256_set1_pd(m), _mm256_setzero_pd());
+            let ((mut s0, mut s1), (mut q0, mut q1)) = (load_lanes(a1), load_lanes(a2));
             let (gc, gt) = g.as_chunks::<LANES>();
             let (xc, xt) = x.as_chunks::<LANES>();
             for (gv, xv) in gc.iter().zip(xc) {
-                let (gv, xv) =
-                    unsafe { (_mm256_loadu_ps(gv.as_ptr()), _mm256_loadu_ps(xv.as_ptr())) };
-                let gl = _mm256_cvtps_pd(_mm256_castps256_ps128(gv));
-                let gh = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(gv));
-                let dl = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(xv)), mv);
-                let dh = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(xv)), mv);
+                let ((gl, gh), (dl, dh)) = (halves(gv, zero), halves(xv, mv));
                 s0 = _mm256_add_pd(s0, gl);
                 s1 = _mm256_add_pd(s1, gh);
                 q0 = _mm256_fmadd_pd(gl, dl, q0);
                 q1 = _mm256_fmadd_pd(gh, dh, q1);
             }
-            unsafe {
-                _mm256_storeu_pd(p1, s0);
-                _mm256_storeu_pd(p1.add(4), s1);
-                _mm256_storeu_pd(p2, q0);
-                _mm256_storeu_pd(p2.add(4), q1);
-            }
+            store_lanes(a1, s0, s1);
+            store_lanes(a2, q0, q1);
             for (i, (gv, xv)) in gt.iter().zip(xt).enumerate() {
                 a1[i] += *gv as f64;
                 a2[i] = (*gv as f64).mul_add(*xv as f64 - m, a2[i]);
@@ -461,6 +453,23 @@ macro_rules! for_tiles2 {
 }
 pub(crate) use for_tiles2;
 
+/// `with_out_tile!(bufs, out, s, e, |y_tile| body)`: `body` fills `out[s..e]` as an f32 tile,
+/// written in place for f32, else computed in `bufs.y` and rounded into `out`.
+macro_rules! with_out_tile {
+    ($bufs:expr, $out:expr, $s:expr, $e:expr, |$yt:ident| $body:expr) => {{
+        let (s, e) = ($s, $e);
+        let direct = $crate::ops::engine::is_f32_out($out);
+        {
+            let $yt = $crate::ops::engine::out_tile(&mut $out[s..e], &mut $bufs.y);
+            $body;
+        }
+        if !direct {
+            $crate::ops::engine::flush(&$bufs.y[..e - s], &mut $out[s..e]);
+        }
+    }};
+}
+pub(crate) use with_out_tile;
+
 /// `map_tiles!(x, out, |offset, x_tile, y_tile| body)`: `body` writes every element of the f32
 /// output tile (`&mut [Out<f32>]`), which is `out` itself for f32 and is otherwise rounded once
 /// to the element type. Tiles are laid out so that `out`'s vector stores are 64-byte aligned.
@@ -470,14 +479,7 @@ macro_rules! map_tiles {
         for (s, e) in $crate::ops::engine::out_tiles(out) {
             let $o = s;
             let $xt: &[f32] = $crate::ops::engine::widened(&x[s..e], &mut bufs.x);
-            let direct = $crate::ops::engine::is_f32_out(out);
-            {
-                let $yt = $crate::ops::engine::out_tile(&mut out[s..e], &mut bufs.y);
-                $body;
-            }
-            if !direct {
-                $crate::ops::engine::flush(&bufs.y[..e - s], &mut out[s..e]);
-            }
+            $crate::ops::engine::with_out_tile!(bufs, out, s, e, |$yt| $body);
         }
     }};
 }
@@ -492,14 +494,7 @@ macro_rules! map_tiles2 {
             let $o = s;
             let $gt: &[f32] = $crate::ops::engine::widened(&g[s..e], &mut bufs.g);
             let $xt: &[f32] = $crate::ops::engine::widened(&x[s..e], &mut bufs.x);
-            let direct = $crate::ops::engine::is_f32_out(out);
-            {
-                let $yt = $crate::ops::engine::out_tile(&mut out[s..e], &mut bufs.y);
-                $body;
-            }
-            if !direct {
-                $crate::ops::engine::flush(&bufs.y[..e - s], &mut out[s..e]);
-            }
+            $crate::ops::engine::with_out_tile!(bufs, out, s, e, |$yt| $body);
         }
     }};
 }
