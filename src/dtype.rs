@@ -105,6 +105,18 @@ pub trait Element:
     fn narrow1(v: f32) -> Self {
         Self::from_f32(v)
     }
+    /// The run's bits when `Self` is f16, for kernels that convert them with F16C in registers.
+    #[doc(hidden)]
+    #[inline(always)]
+    fn f16_bits(_x: &[Self]) -> Option<&[u16]> {
+        None
+    }
+    /// The output run as f16 bits when `Self` is f16.
+    #[doc(hidden)]
+    #[inline(always)]
+    fn f16_bits_out(_x: &mut [MaybeUninit<Self>]) -> Option<&mut [MaybeUninit<u16>]> {
+        None
+    }
     /// The output run itself when `Self` is f32, so that stores need no copy.
     #[doc(hidden)]
     #[inline(always)]
@@ -169,6 +181,17 @@ impl Element for f16 {
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         f16::from_f64(v)
+    }
+    #[inline(always)]
+    fn f16_bits(x: &[Self]) -> Option<&[u16]> {
+        use half::slice::HalfFloatSliceExt;
+        Some(x.reinterpret_cast())
+    }
+    #[inline(always)]
+    fn f16_bits_out(x: &mut [MaybeUninit<Self>]) -> Option<&mut [MaybeUninit<u16>]> {
+        // SAFETY: `f16` is `repr(transparent)` over `u16`, so `MaybeUninit<f16>` and
+        // `MaybeUninit<u16>` have the same size, alignment and validity; the length is kept.
+        Some(unsafe { &mut *(x as *mut [MaybeUninit<f16>] as *mut [MaybeUninit<u16>]) })
     }
     #[inline(always)]
     fn widen(src: &[Self], dst: &mut [f32]) {

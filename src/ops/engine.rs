@@ -161,13 +161,13 @@ macro_rules! multiversion {
             fn body<T: Element, I: $crate::ops::engine::simd::Isa>($($a: $t),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx,avx2,fma")]
+                #[target_feature(enable = "avx,avx2,fma,f16c")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2<T: Element>($($a: $t),*) $(-> $ret)? {
                     body::<T, $crate::ops::engine::simd::Fma>($($a),*)
                 }
                 if $crate::ops::engine::simd::has_avx2() {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked by has_avx2).
+                    // SAFETY: the CPU supports AVX2, FMA and F16C (checked by has_avx2).
                     return unsafe { avx2::<T>($($a),*) };
                 }
             }
@@ -190,6 +190,21 @@ pub(crate) mod simd {
         #[inline(always)]
         fn acc_dev(a1: &mut [f64; super::LANES], a2: &mut [f64; super::LANES], t: &[f32], m: f64) {
             super::acc_dev_portable::<Self>(a1, a2, t, m)
+        }
+        /// Whether [`f16x8`](Isa::f16x8) and [`to_f16x8`](Isa::to_f16x8) are single F16C
+        /// instructions (the AVX2 kernels), so that f16 can be converted in registers.
+        const F16C: bool = false;
+        /// 8 f16 (bits) as f32.
+        #[inline(always)]
+        fn f16x8(h: &[u16; 8]) -> [f32; 8] {
+            std::array::from_fn(|i| half::f16::from_bits(h[i]).to_f32())
+        }
+        /// 8 f32 rounded to f16 (nearest even), written to `dst[..8]`.
+        #[inline(always)]
+        fn to_f16x8(v: &[f32; 8], dst: &mut [std::mem::MaybeUninit<u16>; 8]) {
+            for (d, v) in dst.iter_mut().zip(v) {
+                d.write(half::f16::from_f32(*v).to_bits());
+            }
         }
         /// Adds Σ g and Σ g·(x − m) of two f32 tiles into f64 lanes (lane `i` takes the
         /// values at `i mod 8`).
@@ -233,6 +248,20 @@ pub(crate) mod simd {
             unsafe { avx2::acc_dev(a1, a2, t, m) }
         }
         #[cfg(target_arch = "x86_64")]
+        const F16C: bool = true;
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        fn f16x8(h: &[u16; 8]) -> [f32; 8] {
+            // SAFETY: as for `acc_dev` (`has_avx2()` also requires F16C).
+            unsafe { avx2::f16x8(h) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        fn to_f16x8(v: &[f32; 8], dst: &mut [std::mem::MaybeUninit<u16>; 8]) {
+            // SAFETY: as for `f16x8`.
+            unsafe { avx2::to_f16x8(v, dst) }
+        }
+        #[cfg(target_arch = "x86_64")]
         #[inline(always)]
         fn acc_grad(
             a1: &mut [f64; super::LANES],
@@ -252,6 +281,32 @@ pub(crate) mod simd {
     mod avx2 {
         use super::super::LANES;
         use std::arch::x86_64::*;
+
+        /// # Safety
+        /// The CPU must support F16C and AVX.
+        #[inline]
+        #[target_feature(enable = "avx,avx2,fma,f16c")]
+        pub unsafe fn f16x8(h: &[u16; 8]) -> [f32; 8] {
+            let mut out = [0f32; 8];
+            // SAFETY: 8 u16 in, 8 f32 out; unaligned.
+            unsafe {
+                let v = _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast()));
+                _mm256_storeu_ps(out.as_mut_ptr(), v);
+            }
+            out
+        }
+
+        /// # Safety
+        /// The CPU must support F16C and AVX.
+        #[inline]
+        #[target_feature(enable = "avx,avx2,fma,f16c")]
+        pub unsafe fn to_f16x8(v: &[f32; 8], dst: &mut [std::mem::MaybeUninit<u16>; 8]) {
+            // SAFETY: 8 f32 in, 8 initialized u16 written; unaligned.
+            unsafe {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(v.as_ptr()));
+                _mm_storeu_si128(dst.as_mut_ptr().cast(), h);
+            }
+        }
 
         /// The 8 f64 lanes as two vectors.
         #[inline]
@@ -359,9 +414,12 @@ pub(crate) mod simd {
         }
     }
 
+    /// AVX2, FMA and F16C (every AVX2 CPU has F16C; the AVX2 kernels convert f16 with it).
     #[cfg(target_arch = "x86_64")]
     pub fn has_avx2() -> bool {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
     }
 }
 
@@ -537,6 +595,32 @@ macro_rules! map_elems {
                 let $v = $crate::dtype::Element::widen1(x[k]);
                 out[k].write($crate::dtype::Element::narrow1($body));
             }
+        } else if let (true, Some(xb), Some(ob)) = (
+            <I as $crate::ops::engine::simd::Isa>::F16C,
+            $crate::dtype::Element::f16_bits(x),
+            $crate::dtype::Element::f16_bits_out(&mut *out),
+        ) {
+            // f16 with F16C: 8 values converted in registers at a time, the rest one by one.
+            let n = ob.len().min(xb.len());
+            let (ob, xb) = (&mut ob[..n], &xb[..n]);
+            $(let $cv: &[f32] = &$c[..n];)*
+            let full = n / 8 * 8;
+            for k0 in (0..full).step_by(8) {
+                let xs = <I as $crate::ops::engine::simd::Isa>::f16x8(xb[k0..k0 + 8].try_into().unwrap());
+                $(let $cv: &[f32; 8] = $cv[k0..k0 + 8].try_into().unwrap();)*
+                let mut ys = [0f32; 8];
+                for l in 0..8 {
+                    $(let $cv = $cv[l];)*
+                    let $v = xs[l];
+                    ys[l] = $body;
+                }
+                <I as $crate::ops::engine::simd::Isa>::to_f16x8(&ys, (&mut ob[k0..k0 + 8]).try_into().unwrap());
+            }
+            for k in full..n {
+                $(let $cv = $cv[k];)*
+                let $v = half::f16::from_bits(xb[k]).to_f32();
+                ob[k].write(half::f16::from_f32($body).to_bits());
+            }
         } else {
             $crate::ops::engine::map_tiles!(bufs, x, out, |off, xt, yt| {
                 let n = yt.len().min(xt.len());
@@ -568,6 +652,34 @@ macro_rules! map_elems2 {
                 let $gv = $crate::dtype::Element::widen1(g[k]);
                 let $xv = $crate::dtype::Element::widen1(x[k]);
                 out[k].write($crate::dtype::Element::narrow1($body));
+            }
+        } else if let (true, Some(gb), Some(xb), Some(ob)) = (
+            <I as $crate::ops::engine::simd::Isa>::F16C,
+            $crate::dtype::Element::f16_bits(g),
+            $crate::dtype::Element::f16_bits(x),
+            $crate::dtype::Element::f16_bits_out(&mut *out),
+        ) {
+            // f16 with F16C: 8 values converted in registers at a time, the rest one by one.
+            let n = ob.len().min(xb.len()).min(gb.len());
+            let (ob, gb, xb) = (&mut ob[..n], &gb[..n], &xb[..n]);
+            $(let $cv: &[f32] = &$c[..n];)*
+            let full = n / 8 * 8;
+            for k0 in (0..full).step_by(8) {
+                let gs = <I as $crate::ops::engine::simd::Isa>::f16x8(gb[k0..k0 + 8].try_into().unwrap());
+                let xs = <I as $crate::ops::engine::simd::Isa>::f16x8(xb[k0..k0 + 8].try_into().unwrap());
+                $(let $cv: &[f32; 8] = $cv[k0..k0 + 8].try_into().unwrap();)*
+                let mut ys = [0f32; 8];
+                for l in 0..8 {
+                    $(let $cv = $cv[l];)*
+                    let ($gv, $xv) = (gs[l], xs[l]);
+                    ys[l] = $body;
+                }
+                <I as $crate::ops::engine::simd::Isa>::to_f16x8(&ys, (&mut ob[k0..k0 + 8]).try_into().unwrap());
+            }
+            for k in full..n {
+                $(let $cv = $cv[k];)*
+                let ($gv, $xv) = (half::f16::from_bits(gb[k]).to_f32(), half::f16::from_bits(xb[k]).to_f32());
+                ob[k].write(half::f16::from_f32($body).to_bits());
             }
         } else {
             $crate::ops::engine::map_tiles2!(bufs, g, x, out, |off, gt, xt, yt| {
