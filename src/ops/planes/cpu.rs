@@ -191,64 +191,18 @@ impl Iterator for SampleOffsets {
 struct BlockBufs {
     x: Vec<f32>,
     g: Vec<f32>,
-    y: Vec<Out<f32>>,
-}
-
-/// Where a block's f32 output is computed: `out` itself for f32, else `buf`.
-#[inline(always)]
-fn out_block<'a, T: Element>(
-    out: &'a mut [Out<T>],
-    buf: &'a mut Vec<Out<f32>>,
-) -> &'a mut [Out<f32>] {
-    let n = out.len();
-    match T::as_f32s_out(out) {
-        Some(o) => o,
-        None => {
-            // Resized only when the length changes: the kernels write every element.
-            if buf.len() != n {
-                buf.clear();
-                buf.resize(n, Out::new(0.0));
-            }
-            buf
-        }
-    }
 }
 
 multiversion! {
     /// Channels-last rows `r0..` of `(N·S, C)`: `y = a·(x − m) + b` with per-(n, c)
-    /// coefficients (`coef.a`, the split mean, `coef.b`), in f32 lanes. The block is widened
-    /// and rounded in one piece each.
-    fn rows_affine<T: Element>(x: &[T], y: &mut [Out<T>], c: usize, r0: usize, s: usize, coef: &ColCoef, bb: &mut BlockBufs) {
-        if T::FUSED {
-            // Converted in registers, row by row.
-            let rows = x.len() / c.max(1);
-            for (r, o) in SampleOffsets::new(r0, rows, s, c).enumerate() {
-                let (xr, yr) = (&x[r * c..(r + 1) * c], &mut y[r * c..(r + 1) * c]);
-                let at = o..o + c;
-                let (a, hi, lo, b) = (&coef.a[at.clone()], &coef.hi[at.clone()], &coef.lo[at.clone()], &coef.b[at]);
-                for k in 0..c {
-                    yr[k].write(T::narrow1(I::fma32(a[k], (xr[k].widen1() - hi[k]) - lo[k], b[k])));
-                }
-            }
-            return;
-        }
-        let sub = sub_rows(c);
-        for (k, (x, y)) in x.chunks(sub * c).zip(y.chunks_mut(sub * c)).enumerate() {
+    /// coefficients (`coef.a`, the split mean, `coef.b`), in f32 lanes, row by row.
+    fn rows_affine<T: Element>(x: &[T], y: &mut [Out<T>], c: usize, r0: usize, s: usize, coef: &ColCoef, bufs: &mut Bufs) {
         let rows = x.len() / c.max(1);
-        let xf = block_f32(x, &mut bb.x);
-        let direct = engine_is_f32::<T>();
-        let yf = out_block(y, &mut bb.y);
-        for (r, o) in SampleOffsets::new(r0 + k * sub, rows, s, c).enumerate() {
-            let (xr, yr) = (&xf[r * c..(r + 1) * c], &mut yf[r * c..(r + 1) * c]);
+        for (r, o) in SampleOffsets::new(r0, rows, s, c).enumerate() {
+            let (xr, yr) = (&x[r * c..(r + 1) * c], &mut y[r * c..(r + 1) * c]);
             let at = o..o + c;
             let (a, hi, lo, b) = (&coef.a[at.clone()], &coef.hi[at.clone()], &coef.lo[at.clone()], &coef.b[at]);
-            for (((yv, xv), (av, bv)), (h, l)) in yr.iter_mut().zip(xr).zip(a.iter().zip(b)).zip(hi.iter().zip(lo)) {
-                yv.write(I::fma32(*av, (*xv - *h) - *l, *bv));
-            }
-        }
-        if !direct {
-            flush(&bb.y, y);
-        }
+            map_elems!(bufs, xr, yr, [av = a, hv = hi, lv = lo, bv = b], |v| I::fma32(av, (v - hv) - lv, bv));
         }
     }
 }
@@ -296,60 +250,20 @@ multiversion! {
 
 multiversion! {
     /// Channels-last rows `r0..`: `dx = a·g + b·(x − m) + k` with per-(n, c) coefficients,
-    /// in f32 lanes, the block widened and rounded in one piece each.
-    fn rows_grad_apply<T: Element>(g: &[T], x: &[T], dx: &mut [Out<T>], c: usize, r0: usize, s: usize, coef: &ColCoef, bb: &mut BlockBufs) {
-        if T::FUSED {
-            // Converted in registers, row by row.
-            let rows = x.len() / c.max(1);
-            for (r, o) in SampleOffsets::new(r0, rows, s, c).enumerate() {
-                let span = r * c..(r + 1) * c;
-                let (gr, xr, dr) = (&g[span.clone()], &x[span.clone()], &mut dx[span]);
-                let at = o..o + c;
-                let (a, b, k) = (&coef.a[at.clone()], &coef.b[at.clone()], &coef.k[at.clone()]);
-                let (hi, lo) = (&coef.hi[at.clone()], &coef.lo[at]);
-                for j in 0..c {
-                    let d = (xr[j].widen1() - hi[j]) - lo[j];
-                    dr[j].write(T::narrow1(I::fma32(a[j], gr[j].widen1(), I::fma32(b[j], d, k[j]))));
-                }
-            }
-            return;
-        }
-        let sub = sub_rows(c);
-        let blocks = g.chunks(sub * c).zip(x.chunks(sub * c)).zip(dx.chunks_mut(sub * c));
-        for (kb, ((g, x), dx)) in blocks.enumerate() {
+    /// in f32 lanes, row by row.
+    fn rows_grad_apply<T: Element>(g: &[T], x: &[T], dx: &mut [Out<T>], c: usize, r0: usize, s: usize, coef: &ColCoef, bufs: &mut Bufs) {
         let rows = x.len() / c.max(1);
-        let gf = block_f32(g, &mut bb.g);
-        let xf = block_f32(x, &mut bb.x);
-        let direct = engine_is_f32::<T>();
-        let yf = out_block(dx, &mut bb.y);
-        for (r, o) in SampleOffsets::new(r0 + kb * sub, rows, s, c).enumerate() {
+        for (r, o) in SampleOffsets::new(r0, rows, s, c).enumerate() {
             let span = r * c..(r + 1) * c;
-            let (gr, xr, dr) = (&gf[span.clone()], &xf[span.clone()], &mut yf[span]);
+            let (gr, xr, dr) = (&g[span.clone()], &x[span.clone()], &mut dx[span]);
             let at = o..o + c;
             let (a, b, k) = (&coef.a[at.clone()], &coef.b[at.clone()], &coef.k[at.clone()]);
             let (hi, lo) = (&coef.hi[at.clone()], &coef.lo[at]);
-            let coefs = a.iter().zip(b).zip(k).zip(hi.iter().zip(lo));
-            for (((yv, gv), xv), (((av, bv), kv), (h, l))) in dr.iter_mut().zip(gr).zip(xr).zip(coefs) {
-                yv.write(I::fma32(*av, *gv, I::fma32(*bv, (*xv - *h) - *l, *kv)));
-            }
-        }
-        if !direct {
-            flush(&bb.y, dx);
-        }
+            map_elems2!(bufs, gr, xr, dr, [av = a, bv = b, kv = k, hv = hi, lv = lo], |gv, xv| {
+                I::fma32(av, gv, I::fma32(bv, (xv - hv) - lv, kv))
+            });
         }
     }
-}
-
-/// Rows of a channels-last element loop converted in one piece: about 2 K values, so that
-/// the f32 copies stay in L1.
-#[inline(always)]
-fn sub_rows(c: usize) -> usize {
-    (2048 / c.max(1)).max(1)
-}
-
-#[inline(always)]
-fn engine_is_f32<T: Element>() -> bool {
-    T::DTYPE == crate::DType::F32
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -443,8 +357,8 @@ pub(crate) fn plane_affine<T: Element>(
                         .zip(x.par_chunks(ROW_CHUNK * c))
                         .enumerate(),
                     x.len(),
-                    BlockBufs::default,
-                    |bb, (k, (yb, xb))| rows_affine(xb, yb, c, k * ROW_CHUNK, p.s, &coef, bb),
+                    Bufs::new,
+                    |bufs, (k, (yb, xb))| rows_affine(xb, yb, c, k * ROW_CHUNK, p.s, &coef, bufs),
                 );
             }
         }
@@ -545,9 +459,9 @@ pub(crate) fn plane_grad_apply<T: Element>(
                         .zip(g.par_chunks(ROW_CHUNK * c).zip(x.par_chunks(ROW_CHUNK * c)))
                         .enumerate(),
                     x.len(),
-                    BlockBufs::default,
-                    |bb, (t, (db, (gb, xb)))| {
-                        rows_grad_apply(gb, xb, db, c, t * ROW_CHUNK, p.s, &coef, bb)
+                    Bufs::new,
+                    |bufs, (t, (db, (gb, xb)))| {
+                        rows_grad_apply(gb, xb, db, c, t * ROW_CHUNK, p.s, &coef, bufs)
                     },
                 );
             }
