@@ -5,8 +5,8 @@
 //! inputs in contiguous (NCHW) or channels-last (NHWC) layout.
 //!
 //! Two backends sit behind one API, chosen by where the input lives ([`Device`]):
-//! - the **CPU** path (f64 statistics, parallel with rayon), always available, and the oracle
-//!   the CUDA output is tested against;
+//! - the **CPU** path (exact statistics, f32 element work, parallel with rayon), always
+//!   available, and the oracle the CUDA output is tested against;
 //! - the **CUDA** path: hand-written kernels compiled at run time by NVRTC.
 //!
 //! ```

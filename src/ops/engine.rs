@@ -1,5 +1,5 @@
-//! What the two CPU engines share: f64 moments with Chan's merge, the run kernels they are
-//! built from, and the AVX2/FMA multiversioning.
+//! What the two CPU engines share: exact moments with Chan's merge, the f32 tile and element
+//! loops they are built from, and the AVX2/FMA/F16C multiversioning.
 //!
 //! - the **planes engine** (`ops/planes/cpu.rs`) works on an `(N, C, S)` view in either memory
 //!   format and reduces per `(n, c)` plane; BatchNorm, InstanceNorm and GroupNorm differ only in
@@ -7,11 +7,13 @@
 //! - the **rows engine** (`ops/rows/cpu.rs`) works on `(rows, cols)` contiguous data for
 //!   LayerNorm and RMSNorm.
 //!
-//! Accuracy first: every sum is accumulated in f64 (8 independent lanes, added in a fixed
-//! order), variance is the corrected two-pass over deviations (never E[x²] − E[x]²) and pieces
-//! are merged with Chan's formula; outputs are computed in f64 and rounded once. Work is split
-//! into pieces whose boundaries depend only on the shape, and partials are merged in index order,
-//! so results are bitwise identical for any thread count.
+//! Accuracy first, speed second: the statistics are the corrected two-pass per 512-value tile (a
+//! provisional mean from f32 lanes, deviation sums in f64 lanes added in a fixed order; never
+//! E[x²] − E[x]²), tiles and pieces merged with Chan's formula in f64; element work (loads,
+//! the affine apply, the backward formula) runs in f32 lanes with the mean subtracted as an f32
+//! hi + lo pair, and each output is rounded once from its f32 value. Work is split into pieces
+//! whose boundaries depend only on the shape, and partials are merged in index order, so
+//! results are bitwise identical for any thread count.
 
 use crate::dtype::Element;
 

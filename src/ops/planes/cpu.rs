@@ -324,7 +324,7 @@ pub(crate) fn group_moments(planes: &[Moments], p: PlaneShape, grouping: Groupin
     out
 }
 
-/// `y = a[n·C+c]·(x − m[n·C+c]) + b[n·C+c]` over every plane, computed in f64, rounded once.
+/// `y = a[n·C+c]·(x − m[n·C+c]) + b[n·C+c]` over every plane, computed in f32, rounded once.
 pub(crate) fn plane_affine<T: Element>(
     x: &[T],
     p: PlaneShape,
@@ -424,7 +424,7 @@ pub(crate) fn plane_grad_sums<T: Element>(
     }
 }
 
-/// `dx = a·g + b·(x − m) + k`, per-plane coefficients, computed in f64, rounded once.
+/// `dx = a·g + b·(x − m) + k`, per-plane coefficients, computed in f32, rounded once.
 pub(crate) fn plane_grad_apply<T: Element>(
     g: &[T],
     x: &[T],
