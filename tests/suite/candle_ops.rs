@@ -36,24 +36,19 @@ fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     }
 }
 
-/// The three ops with random weight and bias, and candle-nn's layer for the same.
-#[allow(clippy::type_complexity)]
-fn cases() -> Vec<(
+/// One op: its name, input shape, cunorm's module, candle-nn's module, weight, bias.
+type Case = (
     &'static str,
     Vec<usize>,
     Box<dyn Module>,
     Box<dyn Module>,
     Var,
     Var,
-)> {
-    let mut v: Vec<(
-        &'static str,
-        Vec<usize>,
-        Box<dyn Module>,
-        Box<dyn Module>,
-        Var,
-        Var,
-    )> = Vec::new();
+);
+
+/// The three ops with random weight and bias, and candle-nn's layer for the same.
+fn cases() -> Vec<Case> {
+    let mut v: Vec<Case> = Vec::new();
     let (w, b) = (randn(&[16], 1), randn(&[16], 2));
     let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
     v.push((

@@ -75,6 +75,30 @@ multiversion! {
     }
 }
 
+/// The forward driver of both row ops: `f(bufs, x_row, y_row)` normalizes one row and returns
+/// its statistics; rows run in parallel when worth it. Returns (y, per-row results).
+fn map_rows<T: Element, R: Send>(
+    x: &[T],
+    cols: usize,
+    f: impl Fn(&mut Bufs, &[T], &mut [Out<T>]) -> R + Sync + Send,
+) -> (Vec<T>, Vec<R>) {
+    let mut stats = Vec::new();
+    let y = filled_vec(x.len(), |y| {
+        if x.is_empty() || cols == 0 {
+            return;
+        }
+        stats = collect_init(
+            y.par_chunks_mut(cols)
+                .zip(x.par_chunks(cols))
+                .with_min_len(row_min_len(cols)),
+            x.len(),
+            Bufs::new,
+            |bufs, (yr, xr)| f(bufs, xr, yr),
+        );
+    });
+    (y, stats)
+}
+
 /// LayerNorm forward over contiguous rows. Returns (y, mean, rstd).
 pub(crate) fn layer_norm_fwd<T: Element>(
     x: &[T],
@@ -83,24 +107,11 @@ pub(crate) fn layer_norm_fwd<T: Element>(
     bias: Option<&[f32]>,
     eps: f64,
 ) -> (Vec<T>, Vec<f32>, Vec<f32>) {
-    if x.is_empty() || cols == 0 {
-        return (filled_vec(x.len(), |_| {}), Vec::new(), Vec::new());
-    }
     let (w, b) = (param_or(weight, cols, 1.0), param_or(bias, cols, 0.0));
     let (w, b) = (&w[..], &b[..]);
-    let mut stats = Vec::new();
-    let y = filled_vec(x.len(), |y| {
-        stats = collect_init(
-            y.par_chunks_mut(cols)
-                .zip(x.par_chunks(cols))
-                .with_min_len(row_min_len(cols)),
-            x.len(),
-            Bufs::new,
-            |bufs, (yr, xr)| {
-                let (m, r) = layer_norm_row(bufs, xr, yr, w, b, eps);
-                (m as f32, r as f32)
-            },
-        );
+    let (y, stats) = map_rows(x, cols, |bufs, xr, yr| {
+        let (m, r) = layer_norm_row(bufs, xr, yr, w, b, eps);
+        (m as f32, r as f32)
     });
     let (mean, rstd) = stats.into_iter().unzip();
     (y, mean, rstd)
@@ -113,23 +124,11 @@ pub(crate) fn rms_norm_fwd<T: Element>(
     weight: Option<&[f32]>,
     eps: f64,
 ) -> (Vec<T>, Vec<f32>) {
-    if x.is_empty() || cols == 0 {
-        return (filled_vec(x.len(), |_| {}), Vec::new());
-    }
     let w = param_or(weight, cols, 1.0);
     let w = &w[..];
-    let mut rstd = Vec::new();
-    let y = filled_vec(x.len(), |y| {
-        rstd = collect_init(
-            y.par_chunks_mut(cols)
-                .zip(x.par_chunks(cols))
-                .with_min_len(row_min_len(cols)),
-            x.len(),
-            Bufs::new,
-            |bufs, (yr, xr)| rms_norm_row(bufs, xr, yr, w, eps) as f32,
-        );
-    });
-    (y, rstd)
+    map_rows(x, cols, |bufs, xr, yr| {
+        rms_norm_row(bufs, xr, yr, w, eps) as f32
+    })
 }
 
 multiversion! {
