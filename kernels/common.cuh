@@ -71,6 +71,12 @@ __device__ __forceinline__ Welford welford_empty() {
 // Finite (not ±inf, not NaN), without a math header.
 __device__ __forceinline__ bool is_finite(float v) { return fabsf(v) <= 3.402823466e+38f; }
 
+// NaN for ±inf, else `v`: a LayerNorm or GroupNorm mean of a set holding an infinity, which
+// PyTorch's Welford merges make NaN.
+__device__ __forceinline__ float nan_if_inf(float v) {
+    return (!is_finite(v) && v == v) ? __uint_as_float(0x7fc00000u) : v;
+}
+
 // An infinite or NaN input or mean: the mean then follows a plain average (+inf stays +inf,
 // +inf with -inf is NaN, as PyTorch's sums give; the Welford step would turn +inf into
 // inf − inf = NaN) and the variance becomes NaN.

@@ -118,10 +118,13 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
 // ---------------------------------------------------------------------------------------------
 
 // One thread per group: merges its (plane, chunk) partials in index order; writes mean,
-// rstd = 1/sqrt(biased var + eps) and the unbiased variance (for running statistics).
+// rstd = 1/sqrt(biased var + eps) and the unbiased variance (for running statistics). With
+// `nan_inf_mean` (GroupNorm) the mean of a group holding an infinity is NaN, as PyTorch's Welford
+// merges make it; without (BatchNorm, InstanceNorm) it stays ±inf, as PyTorch's sums make it.
 extern "C" __global__ void planes_finalize_f32(const float* __restrict__ part, float* __restrict__ mean_g,
                                           float* __restrict__ rstd_g, float* __restrict__ varu_g,
-                                          i64 N, int C, int chunks, int G, float eps) {
+                                          i64 N, int C, int chunks, int G, float eps,
+                                          int nan_inf_mean) {
     const i64 groups = G == 0 ? C : N * G;
     const i64 gi = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (gi >= groups) return;
@@ -145,7 +148,7 @@ extern "C" __global__ void planes_finalize_f32(const float* __restrict__ part, f
                 t = welford_merge(t, w);
             }
     }
-    mean_g[gi] = t.mean;
+    mean_g[gi] = nan_inf_mean ? nan_if_inf(t.mean) : t.mean;
     rstd_g[gi] = rsqrtf(t.m2 / t.n + eps);
     varu_g[gi] = t.m2 / (t.n - 1.f);
 }

@@ -8,14 +8,16 @@
 // The affine parameter of element j of row r is w[(r % cycle)·(cols/seg) + j/seg]: LayerNorm
 // uses seg = cycle = 1 (elementwise); GroupNorm/InstanceNorm on contiguous input treat each
 // (n, group) as a row of C/G·S values with seg = S (per channel) and cycle = G. `varu`, when
-// given, receives the unbiased variance (running statistics).
+// given, receives the unbiased variance (running statistics). With `nan_inf_mean` (LayerNorm,
+// GroupNorm) the saved mean of a row holding an infinity is NaN, as PyTorch's Welford merges make
+// it; without (InstanceNorm) it stays ±inf, as PyTorch's sums make it.
 // Bytes: rows·cols·sizeof(T) read + the same written + 8 bytes of statistics per row.
 template <typename T, bool CENTER>
 __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict__ y,
                                          const float* __restrict__ w, const float* __restrict__ b,
                                          float* __restrict__ mean_out, float* __restrict__ rstd_out,
                                          float* __restrict__ varu_out, i64 rows, int cols, int seg,
-                                         int cycle, float eps, int cache) {
+                                         int cycle, float eps, int cache, int nan_inf_mean) {
     // The row as T (exact: every T converts to f32 without loss), so a 2-byte type caches rows
     // twice as long as f32 storage would allow.
     extern __shared__ __align__(16) unsigned char row_cache_bytes[];
@@ -61,7 +63,7 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
             rstd = rsqrtf(t / (float)cols + eps);
         }
         if (threadIdx.x == 0) {
-            if (CENTER) mean_out[row] = mean;
+            if (CENTER) mean_out[row] = nan_inf_mean ? nan_if_inf(mean) : mean;
             rstd_out[row] = rstd;
             if (varu_out) varu_out[row] = t_m2 / (float)(cols - 1);
         }
@@ -191,17 +193,18 @@ extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, floa
     extern "C" __global__ void layer_norm_fwd_##NAME(                                           \
         const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, i64 rows,   \
         int cols, float eps, int cache) {                                                       \
-        rows_fwd<T, true>(x, y, w, b, mean, rstd, 0, rows, cols, 1, 1, eps, cache);            \
+        rows_fwd<T, true>(x, y, w, b, mean, rstd, 0, rows, cols, 1, 1, eps, cache, 1);         \
     }                                                                                           \
     extern "C" __global__ void rms_norm_fwd_##NAME(const T* x, T* y, const float* w,           \
                                                    float* rstd, i64 rows, int cols, float eps,  \
                                                    int cache) {                                 \
-        rows_fwd<T, false>(x, y, w, 0, 0, rstd, 0, rows, cols, 1, 1, eps, cache);              \
+        rows_fwd<T, false>(x, y, w, 0, 0, rstd, 0, rows, cols, 1, 1, eps, cache, 0);           \
     }                                                                                           \
     extern "C" __global__ void group_norm_fwd_##NAME(                                           \
         const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, float* varu, \
-        i64 rows, int cols, int seg, int cycle, float eps, int cache) {                         \
-        rows_fwd<T, true>(x, y, w, b, mean, rstd, varu, rows, cols, seg, cycle, eps, cache);   \
+        i64 rows, int cols, int seg, int cycle, float eps, int cache, int nan_inf_mean) {       \
+        rows_fwd<T, true>(x, y, w, b, mean, rstd, varu, rows, cols, seg, cycle, eps, cache,    \
+                          nan_inf_mean);                                                        \
     }                                                                                           \
     extern "C" __global__ void layer_norm_bwd_##NAME(                                           \
         const T* dy, const T* x, const float* w, const float* mean, const float* rstd, T* dx,   \

@@ -52,7 +52,7 @@ pub use error::{Error, Result};
 pub use layers::*;
 pub use ops::kernels;
 pub use ops::planes::{Grouping, PlaneShape, Running, Source};
-pub use ops::{Gradients, NormOutput, Param, SavedStats};
+pub use ops::{Gradients, NormOp, NormOutput, Param, SavedStats};
 
 /// The launch layer over cudarc buffers, for code that already holds `CudaSlice`/`CudaView`s:
 /// every function checks lengths (an `Err`, never a panic or an out-of-bounds launch), queues

@@ -1,9 +1,9 @@
 //! `batch_norm` / `batch_norm_backward` (PyTorch's `F.batch_norm`).
 
-use super::planes::{self, Grouping};
+use super::planes;
 use super::{
-    check_grad, check_stats, check_vec, empty_grads, param_f32, Gradients, NormOutput, Param,
-    SavedStats,
+    check_grad, check_stats, check_vec, empty_grads, param_f32, Gradients, NormOp, NormOutput,
+    Param, SavedStats,
 };
 use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
@@ -65,11 +65,11 @@ pub fn batch_norm<T: Element>(
         momentum,
         eps,
     )?;
-    planes::forward(x, Grouping::Channel, weight, bias, eps, source)
+    planes::forward(x, NormOp::BatchNorm, weight, bias, eps, source)
 }
 
 /// Backward of [`batch_norm`]: `dx`, and `dweight`/`dbias` (`[C]`) when `weight` is given.
-/// Differentiates through the batch statistics when `stats.from_input` (training), else treats
+/// Differentiates through the batch statistics when `stats.from_input()` (training), else treats
 /// the running statistics as constants (eval).
 pub fn batch_norm_backward<T: Element>(
     dy: &Tensor<T>,
@@ -85,9 +85,9 @@ pub fn batch_norm_backward<T: Element>(
     if let Some(t) = weight {
         check_vec(OP, "weight", t, c, &x.device())?;
     }
+    check_stats(NormOp::BatchNorm, stats, c, x)?;
     if x.numel() == 0 {
         return empty_grads(x, &[c], weight.is_some(), weight.is_some());
     }
-    check_stats(OP, stats, c, &x.device(), true)?;
-    planes::backward(dy, x, Grouping::Channel, weight, weight.is_some(), stats)
+    planes::backward(dy, x, weight, weight.is_some(), stats)
 }

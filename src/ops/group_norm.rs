@@ -1,9 +1,9 @@
 //! `group_norm` / `group_norm_backward` (PyTorch's `F.group_norm`).
 
-use super::planes::{self, Grouping, PlaneShape, Source};
+use super::planes::{self, PlaneShape, Source};
 use super::{
-    check_eps, check_grad, check_stats, check_vec, empty_grads, param_f32, Gradients, NormOutput,
-    Param, SavedStats,
+    check_eps, check_grad, check_stats, check_vec, empty_grads, param_f32, Gradients, NormOp,
+    NormOutput, Param, SavedStats,
 };
 use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
@@ -70,7 +70,7 @@ pub fn group_norm<T: Element>(
     }
     planes::forward(
         x,
-        Grouping::Groups(num_groups),
+        NormOp::GroupNorm { num_groups },
         weight,
         bias,
         eps,
@@ -93,22 +93,9 @@ pub fn group_norm_backward<T: Element>(
     if let Some(t) = weight {
         check_vec(OP, "weight", t, d.c, &x.device())?;
     }
+    check_stats(NormOp::GroupNorm { num_groups }, stats, d.n * num_groups, x)?;
     if x.numel() == 0 {
         return empty_grads(x, &[d.c], weight.is_some(), weight.is_some());
     }
-    if !stats.from_input {
-        return Err(Error::InvalidArgument(format!(
-            "{OP} backward: these statistics are fixed running statistics, but group_norm always \
-             normalizes with the input's; pass the stats returned by group_norm on this input"
-        )));
-    }
-    check_stats(OP, stats, d.n * num_groups, &x.device(), true)?;
-    planes::backward(
-        dy,
-        x,
-        Grouping::Groups(num_groups),
-        weight,
-        weight.is_some(),
-        stats,
-    )
+    planes::backward(dy, x, weight, weight.is_some(), stats)
 }

@@ -1,9 +1,9 @@
 //! `instance_norm` / `instance_norm_backward` (PyTorch's `F.instance_norm`).
 
-use super::planes::{self, Grouping, PlaneShape};
+use super::planes::{self, PlaneShape};
 use super::{
-    check_grad, check_stats, check_vec, empty_grads, param_f32, Gradients, NormOutput, Param,
-    SavedStats,
+    check_grad, check_stats, check_vec, empty_grads, param_f32, Gradients, NormOp, NormOutput,
+    Param, SavedStats,
 };
 use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
@@ -65,7 +65,7 @@ pub fn instance_norm<T: Element>(
         momentum,
         eps,
     )?;
-    planes::forward(x, Grouping::Groups(d.c), weight, bias, eps, source)
+    planes::forward(x, NormOp::InstanceNorm, weight, bias, eps, source)
 }
 
 /// Backward of [`instance_norm`]: `dx`, and `dweight`/`dbias` (`[C]`, summed over the batch)
@@ -84,17 +84,10 @@ pub fn instance_norm_backward<T: Element>(
     if let Some(t) = weight {
         check_vec(OP, "weight", t, d.c, &x.device())?;
     }
+    let groups = if stats.from_input() { d.n * d.c } else { d.c };
+    check_stats(NormOp::InstanceNorm, stats, groups, x)?;
     if x.numel() == 0 {
         return empty_grads(x, &[d.c], weight.is_some(), weight.is_some());
     }
-    let groups = if stats.from_input { d.n * d.c } else { d.c };
-    check_stats(OP, stats, groups, &x.device(), true)?;
-    planes::backward(
-        dy,
-        x,
-        Grouping::Groups(d.c),
-        weight,
-        weight.is_some(),
-        stats,
-    )
+    planes::backward(dy, x, weight, weight.is_some(), stats)
 }

@@ -2,8 +2,8 @@
 
 use super::rows::{self, check_param, rows_cols};
 use super::{
-    check_eps, check_grad, check_stats, empty_grads, param_f32, Gradients, NormOutput, Param,
-    SavedStats,
+    check_eps, check_grad, check_stats, empty_grads, param_f32, Gradients, NormOp, NormOutput,
+    Param, SavedStats,
 };
 use crate::dtype::Element;
 use crate::error::Result;
@@ -34,7 +34,10 @@ pub fn layer_norm<T: Element>(
     if let Some(t) = bias {
         check_param(OP, "bias", t, normalized_shape, &dev)?;
     }
-    rows::forward(x, cols, weight, bias, eps, true)
+    let op = NormOp::LayerNorm {
+        normalized_dims: normalized_shape.len(),
+    };
+    rows::forward(x, cols, weight, bias, eps, op)
 }
 
 /// Backward of [`layer_norm`]: `dx` (contiguous), `dweight` when `weight` is given and `dbias`
@@ -55,9 +58,20 @@ pub fn layer_norm_backward<T: Element>(
     if let Some(t) = weight {
         check_param(OP, "weight", t, normalized_shape, &dev)?;
     }
+    let op = NormOp::LayerNorm {
+        normalized_dims: normalized_shape.len(),
+    };
+    let mean = check_stats(op, stats, nrows, x)?;
     if x.numel() == 0 {
         return empty_grads(x, normalized_shape, weight.is_some(), has_bias);
     }
-    let mean = check_stats(OP, stats, nrows, &dev, true)?;
-    rows::backward(dy, x, normalized_shape, weight, has_bias, mean, &stats.rstd)
+    rows::backward(
+        dy,
+        x,
+        normalized_shape,
+        weight,
+        has_bias,
+        mean,
+        stats.rstd(),
+    )
 }

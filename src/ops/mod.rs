@@ -27,20 +27,126 @@ use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
 use crate::tensor::Tensor;
 
-/// Statistics saved by a forward pass for its backward pass (all f32).
+/// The op that saved a set of statistics ([`SavedStats::op`]), with what fixes their layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NormOp {
+    /// `batch_norm`: one statistic per channel.
+    BatchNorm,
+    /// `instance_norm`: one per (sample, channel) from the input, one per channel in eval mode.
+    InstanceNorm,
+    /// `group_norm` with `num_groups` groups: one per (sample, group).
+    GroupNorm {
+        /// The number of groups the forward pass used.
+        num_groups: usize,
+    },
+    /// `layer_norm` over the trailing `normalized_dims` dimensions: one per row.
+    LayerNorm {
+        /// The length of `normalized_shape` in the forward pass.
+        normalized_dims: usize,
+    },
+    /// `rms_norm` over the trailing `normalized_dims` dimensions: one per row (no mean).
+    RmsNorm {
+        /// The length of `normalized_shape` in the forward pass.
+        normalized_dims: usize,
+    },
+}
+
+impl NormOp {
+    /// The functional op's name (`"batch_norm"`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            NormOp::BatchNorm => "batch_norm",
+            NormOp::InstanceNorm => "instance_norm",
+            NormOp::GroupNorm { .. } => "group_norm",
+            NormOp::LayerNorm { .. } => "layer_norm",
+            NormOp::RmsNorm { .. } => "rms_norm",
+        }
+    }
+
+    /// PyTorch computes LayerNorm and GroupNorm statistics with Welford merges, so a set holding
+    /// an infinity gets a NaN mean; BatchNorm and InstanceNorm sum, so their mean stays ±inf
+    /// (and `running_mean` with it). The saved mean follows each (a NaN variance either way).
+    pub(crate) fn welford_mean(self) -> bool {
+        matches!(self, NormOp::GroupNorm { .. } | NormOp::LayerNorm { .. })
+    }
+}
+
+impl std::fmt::Display for NormOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            NormOp::GroupNorm { num_groups } => write!(f, "group_norm (num_groups = {num_groups})"),
+            NormOp::LayerNorm { normalized_dims: k } | NormOp::RmsNorm { normalized_dims: k } => {
+                write!(
+                    f,
+                    "{} (over the last {k} dimension{})",
+                    self.name(),
+                    if k == 1 { "" } else { "s" }
+                )
+            }
+            _ => f.write_str(self.name()),
+        }
+    }
+}
+
+/// Statistics saved by a forward pass for its backward pass (all f32), with what they were made
+/// for: the op ([`NormOp`]) and the input's shape. A backward pass checks both, so statistics of
+/// another op, another grouping or another input shape are an `Err`, never a wrong gradient.
+/// Only a forward pass makes them.
 ///
 /// `mean` and `rstd` have one entry per normalized set: BatchNorm `C`, InstanceNorm `N·C`,
 /// GroupNorm `N·G`, LayerNorm and RMSNorm one per row (RMSNorm has no mean).
 #[derive(Clone, Debug)]
 pub struct SavedStats {
+    op: NormOp,
+    input_shape: Vec<usize>,
+    mean: Option<Tensor<f32>>,
+    rstd: Tensor<f32>,
+    from_input: bool,
+}
+
+impl SavedStats {
+    pub(crate) fn new(
+        op: NormOp,
+        input_shape: &[usize],
+        mean: Option<Tensor<f32>>,
+        rstd: Tensor<f32>,
+        from_input: bool,
+    ) -> SavedStats {
+        SavedStats {
+            op,
+            input_shape: input_shape.to_vec(),
+            mean,
+            rstd,
+            from_input,
+        }
+    }
+
+    /// The op whose forward pass saved these statistics.
+    pub fn op(&self) -> NormOp {
+        self.op
+    }
+
+    /// The shape of the input they were computed for.
+    pub fn input_shape(&self) -> &[usize] {
+        &self.input_shape
+    }
+
     /// Mean of each normalized set (`None` for RMSNorm).
-    pub mean: Option<Tensor<f32>>,
+    pub fn mean(&self) -> Option<&Tensor<f32>> {
+        self.mean.as_ref()
+    }
+
     /// `1/√(var + eps)` of each normalized set (RMSNorm: `1/√(mean(x²) + eps)`).
-    pub rstd: Tensor<f32>,
+    pub fn rstd(&self) -> &Tensor<f32> {
+        &self.rstd
+    }
+
     /// `true` when the statistics were computed from the input (training mode), so the backward
     /// pass differentiates through them; `false` when they were fixed running statistics
     /// (BatchNorm/InstanceNorm in eval mode).
-    pub from_input: bool,
+    pub fn from_input(&self) -> bool {
+        self.from_input
+    }
 }
 
 /// The result of a forward pass.
@@ -196,33 +302,51 @@ pub(crate) fn check_grad<T: Element>(op: &str, dy: &Tensor<T>, x: &Tensor<T>) ->
     check_same_device(op, "grad_output", &dy.device(), &x.device())
 }
 
-/// Checks saved statistics: `groups` entries each, on the input's device, with a mean when the op
-/// needs one (every op but RMSNorm). Returns the mean.
-pub(crate) fn check_stats<'a>(
-    op: &str,
+/// Checks that saved statistics were made by `op`'s forward pass on an input of `x`'s shape, on
+/// `x`'s device, with `groups` entries each when `x` is not empty (and a mean for every op but
+/// RMSNorm). Returns the mean.
+pub(crate) fn check_stats<'a, T: Element>(
+    op: NormOp,
     stats: &'a SavedStats,
     groups: usize,
-    x: &Device,
-    need_mean: bool,
+    x: &Tensor<T>,
 ) -> Result<Option<&'a Tensor<f32>>> {
-    let fix = format!("pass the stats returned by the {op} forward call on this input");
-    if need_mean && stats.mean.is_none() {
+    let name = op.name();
+    let fix = format!("pass the stats returned by the {name} forward call on this input");
+    if stats.op != op {
         return Err(Error::InvalidArgument(format!(
-            "{op} backward: the saved statistics carry no mean (RMSNorm's have none); {fix}"
+            "{name} backward: these statistics were saved by {} but this backward is {op}; {fix}",
+            stats.op
+        )));
+    }
+    if stats.input_shape != x.shape() {
+        return Err(Error::Shape(format!(
+            "{name} backward: the saved statistics were computed for an input of size {} but \
+             this input has size {}; {fix}",
+            fmt_shape(&stats.input_shape),
+            fmt_shape(x.shape())
+        )));
+    }
+    let need_mean = !matches!(op, NormOp::RmsNorm { .. });
+    if need_mean != stats.mean.is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "{name} backward: the saved statistics {} a mean; {fix}",
+            if need_mean { "carry no" } else { "carry" }
         )));
     }
     let mut parts = vec![("rstd", &stats.rstd)];
     if let Some(m) = &stats.mean {
         parts.push(("mean", m));
     }
-    for (name, t) in parts {
-        if t.numel() != groups {
+    for (part, t) in parts {
+        // An empty input's statistics may be empty whatever the set count: nothing reads them.
+        if t.numel() != groups && x.numel() != 0 {
             return Err(Error::Shape(format!(
-                "{op} backward: saved {name} has {} entries but this input needs {groups}; {fix}",
+                "{name} backward: saved {part} has {} entries but this input needs {groups}; {fix}",
                 t.numel()
             )));
         }
-        check_same_device(op, name, &t.device(), x)?;
+        check_same_device(name, part, &t.device(), &x.device())?;
     }
     Ok(stats.mean.as_ref())
 }

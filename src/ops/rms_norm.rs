@@ -2,8 +2,8 @@
 
 use super::rows::{self, check_param, rows_cols};
 use super::{
-    check_eps, check_grad, check_stats, empty_grads, param_f32, Gradients, NormOutput, Param,
-    SavedStats,
+    check_eps, check_grad, check_stats, empty_grads, param_f32, Gradients, NormOp, NormOutput,
+    Param, SavedStats,
 };
 use crate::dtype::Element;
 use crate::error::Result;
@@ -34,7 +34,10 @@ pub fn rms_norm<T: Element>(
     if let Some(t) = weight {
         check_param(OP, "weight", t, normalized_shape, &dev)?;
     }
-    rows::forward(x, cols, weight, None, eps, false)
+    let op = NormOp::RmsNorm {
+        normalized_dims: normalized_shape.len(),
+    };
+    rows::forward(x, cols, weight, None, eps, op)
 }
 
 /// Backward of [`rms_norm`]: `dx` (contiguous) and `dweight` (shape `normalized_shape`) when
@@ -54,9 +57,12 @@ pub fn rms_norm_backward<T: Element>(
     if let Some(t) = weight {
         check_param(OP, "weight", t, normalized_shape, &dev)?;
     }
+    let op = NormOp::RmsNorm {
+        normalized_dims: normalized_shape.len(),
+    };
+    check_stats(op, stats, nrows, x)?;
     if x.numel() == 0 {
         return empty_grads(x, normalized_shape, weight.is_some(), false);
     }
-    check_stats(OP, stats, nrows, &dev, false)?;
-    rows::backward(dy, x, normalized_shape, weight, false, None, &stats.rstd)
+    rows::backward(dy, x, normalized_shape, weight, false, None, stats.rstd())
 }

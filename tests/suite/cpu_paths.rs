@@ -118,7 +118,7 @@ fn check_op<T: Element>(
     compare("y", &out.output.to_f32_vec().unwrap(), &want_y, atol, rtol)?;
     compare(
         "rstd",
-        &out.stats.rstd.to_vec().unwrap(),
+        &out.stats.rstd().to_vec().unwrap(),
         &f32s(&f.rstd),
         1e-6,
         1e-6,

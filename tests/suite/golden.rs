@@ -16,6 +16,8 @@ use std::result::Result;
 struct Golden {
     blob: Vec<f32>,
     cases: Vec<Value>,
+    /// Cases with NaN/±inf inputs, which also carry PyTorch's saved statistics.
+    nonfinite: Vec<Value>,
 }
 
 fn load() -> Golden {
@@ -31,6 +33,7 @@ fn load() -> Golden {
     Golden {
         blob,
         cases: index["cases"].as_array().unwrap().clone(),
+        nonfinite: index["nonfinite"].as_array().unwrap().clone(),
     }
 }
 
@@ -112,7 +115,12 @@ fn build(case: &Value) -> AnyLayer {
     }
 }
 
-fn run_case<T: Element>(g: &Golden, case: &Value, format: MemoryFormat) -> Result<(), String> {
+fn run_case<T: Element>(
+    g: &Golden,
+    case: &Value,
+    format: MemoryFormat,
+    dev: &Device,
+) -> Result<(), String> {
     let shape = usizes(&case["shape"]);
     let mut layer = build(case);
     if let Some(w) = case.get("weight") {
@@ -127,15 +135,17 @@ fn run_case<T: Element>(g: &Golden, case: &Value, format: MemoryFormat) -> Resul
         );
         layer.set_params(w, b).map_err(|e| e.to_string())?;
     }
+    layer.move_to(dev).map_err(|e| e.to_string())?;
     let (atol, rtol) = tol(T::DTYPE);
     let scale = 1.0 + case["mean"].as_f64().unwrap().abs() / case["std"].as_f64().unwrap();
     let tensor = |v: Vec<f32>| -> Tensor<T> {
         let t = Tensor::from_vec(v.into_iter().map(T::from_f32).collect(), &shape).unwrap();
-        if shape.len() >= 3 {
+        let t = if shape.len() >= 3 {
             t.to_format(format).unwrap()
         } else {
             t
-        }
+        };
+        t.to_device(dev).unwrap()
     };
     for (k, step) in case["steps"].as_array().unwrap().iter().enumerate() {
         let train = step["train"].as_bool().unwrap();
@@ -159,6 +169,17 @@ fn run_case<T: Element>(g: &Golden, case: &Value, format: MemoryFormat) -> Resul
             atol,
             rtol,
         )?;
+        for (name, got) in [("mean", out.stats.mean()), ("rstd", Some(out.stats.rstd()))] {
+            if let (Some(want), Some(got)) = (step.get(name), got) {
+                compare(
+                    &format!("step {k} saved {name}"),
+                    &got.to_vec().unwrap(),
+                    &g.arr(want),
+                    1e-5 * scale,
+                    1e-5,
+                )?;
+            }
+        }
         let grads = layer
             .backward(&dy, &x, &out.stats)
             .map_err(|e| format!("step {k} backward: {e}"))?;
@@ -228,9 +249,13 @@ fn run_case<T: Element>(g: &Golden, case: &Value, format: MemoryFormat) -> Resul
 
 fn run_layer(layer: &str) {
     let g = load();
+    run_cases(&g, &g.cases, layer, 10, &Device::Cpu);
+}
+
+fn run_cases(g: &Golden, cases: &[Value], layer: &str, at_least: usize, dev: &Device) {
     let mut failures = Vec::new();
     let mut ran = 0;
-    for case in g.cases.iter().filter(|c| c["layer"] == layer) {
+    for case in cases.iter().filter(|c| c["layer"] == layer) {
         let rank = case["shape"].as_array().unwrap().len();
         let formats: &[MemoryFormat] = if rank >= 3 {
             &[MemoryFormat::Contiguous, MemoryFormat::ChannelsLast]
@@ -239,9 +264,9 @@ fn run_layer(layer: &str) {
         };
         for &fmt in formats {
             let r = match case["dtype"].as_str().unwrap() {
-                "f32" => run_case::<f32>(&g, case, fmt),
-                "f16" => run_case::<f16>(&g, case, fmt),
-                _ => run_case::<bf16>(&g, case, fmt),
+                "f32" => run_case::<f32>(g, case, fmt, dev),
+                "f16" => run_case::<f16>(g, case, fmt, dev),
+                _ => run_case::<bf16>(g, case, fmt, dev),
             };
             ran += 1;
             if let Err(e) = r {
@@ -253,7 +278,7 @@ fn run_layer(layer: &str) {
             }
         }
     }
-    assert!(ran >= 10, "only {ran} {layer} cases ran");
+    assert!(ran >= at_least, "only {ran} {layer} cases ran");
     assert!(
         failures.is_empty(),
         "{} of {ran} {layer} cases failed:\n{}",
@@ -285,4 +310,25 @@ fn golden_group_norm() {
 #[test]
 fn golden_rms_norm() {
     run_layer("rms_norm");
+}
+
+/// NaN and ±inf propagate as in PyTorch (CPU): outputs, gradients, saved statistics and running
+/// statistics, including which of NaN, +inf and -inf each one is.
+#[test]
+fn golden_nonfinite() {
+    golden_nonfinite_on(&Device::Cpu);
+}
+
+/// The non-finite cases on `dev` (the CUDA suite runs them on the device).
+pub fn golden_nonfinite_on(dev: &Device) {
+    let g = load();
+    for layer in [
+        "batch_norm",
+        "instance_norm",
+        "layer_norm",
+        "group_norm",
+        "rms_norm",
+    ] {
+        run_cases(&g, &g.nonfinite, layer, 3, dev);
+    }
 }

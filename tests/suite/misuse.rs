@@ -40,44 +40,90 @@ fn x(shape: &[usize]) -> Tensor<f32> {
 fn saved_statistics_of_another_op_are_an_err() {
     let x4 = x(&[2, 4, 3]);
     let dy = x(&[2, 4, 3]);
-    // RMSNorm's statistics carry no mean.
-    let rms = F::rms_norm(&x(&[2, 4, 3]), &[3], None, None).unwrap().stats;
-    let no_mean = SavedStats {
-        mean: None,
-        rstd: Tensor::full(&[4], 1.0).unwrap(),
-        from_input: true,
-    };
-    for (name, stats) in [("rms stats", &rms), ("hand-built", &no_mean)] {
-        err_with(
-            name,
-            no_panic(name, || F::batch_norm_backward(&dy, &x4, None, stats)),
-            &["no mean"],
-        );
-        err_with(
-            name,
-            no_panic(name, || F::group_norm_backward(&dy, &x4, 2, None, stats)),
-            &["no mean", "group_norm"],
-        );
-        err_with(
-            name,
-            no_panic(name, || F::instance_norm_backward(&dy, &x4, None, stats)),
-            &["no mean"],
-        );
-    }
-    // Eval-mode statistics (per channel) whose count equals N·G but not C.
-    let x8 = x(&[2, 8, 3]);
-    let fixed = SavedStats {
-        mean: Some(Tensor::full(&[4], 0.0).unwrap()),
-        rstd: Tensor::full(&[4], 1.0).unwrap(),
-        from_input: false,
-    };
+    // RMSNorm's statistics (no mean) in the backward of an op that needs a mean.
+    let rms = F::rms_norm(&x4, &[3], None, None).unwrap().stats;
+    assert_eq!(rms.op(), NormOp::RmsNorm { normalized_dims: 1 });
+    assert!(rms.mean().is_none());
+    let needles = ["saved by rms_norm", "pass the stats returned by"];
     err_with(
-        "group_norm eval stats",
-        no_panic("group_norm eval stats", || {
+        "rms stats in batch_norm",
+        no_panic("rms bn", || F::batch_norm_backward(&dy, &x4, None, &rms)),
+        &needles,
+    );
+    err_with(
+        "rms stats in group_norm",
+        no_panic("rms gn", || F::group_norm_backward(&dy, &x4, 2, None, &rms)),
+        &needles,
+    );
+    err_with(
+        "rms stats in instance_norm",
+        no_panic("rms in", || F::instance_norm_backward(&dy, &x4, None, &rms)),
+        &needles,
+    );
+    // Eval-mode BatchNorm statistics (per channel, 4 entries) where GroupNorm needs N·G = 4.
+    let x8 = x(&[2, 8, 3]);
+    let mut bn = BatchNorm1d::new(4).unwrap();
+    bn.eval();
+    let fixed = bn.forward_with_stats(&x4).unwrap().stats;
+    assert!(!fixed.from_input());
+    err_with(
+        "group_norm given batch_norm eval stats",
+        no_panic("gn eval stats", || {
             F::group_norm_backward(&x8, &x8, 2, None, &fixed)
         }),
-        &["running statistics", "group_norm"],
+        &["saved by batch_norm", "group_norm"],
     );
+    // The same count and kind, made for something else: caught by the recorded origin.
+    // BatchNorm (C = 4) and InstanceNorm (N·C = 4 with N = 1) on [1, 4, 6].
+    let x146 = x(&[1, 4, 6]);
+    let bn_stats = F::batch_norm(&x146, None, None, None, None, true, 0.1, 1e-5)
+        .unwrap()
+        .stats;
+    err_with(
+        "batch_norm stats in instance_norm",
+        no_panic("bn in", || {
+            F::instance_norm_backward(&x146, &x146, None, &bn_stats)
+        }),
+        &["saved by batch_norm", "instance_norm"],
+    );
+    // GroupNorm with 2 groups on [2, 4, 3] (N·G = 4) against 1 group on [4, 4, 3] (N·G = 4).
+    let gn2 = F::group_norm(&x4, 2, None, None, 1e-5).unwrap().stats;
+    let x443 = x(&[4, 4, 3]);
+    err_with(
+        "group_norm stats of other groups",
+        no_panic("gn groups", || {
+            F::group_norm_backward(&x443, &x443, 1, None, &gn2)
+        }),
+        &["num_groups = 2", "num_groups = 1"],
+    );
+    // LayerNorm over [3] of [2, 4, 3] (8 rows) against [4, 2, 3] (8 rows): another input shape.
+    let ln = F::layer_norm(&x4, &[3], None, None, 1e-5).unwrap().stats;
+    let x423 = x(&[4, 2, 3]);
+    err_with(
+        "layer_norm stats of another shape",
+        no_panic("ln shape", || {
+            F::layer_norm_backward(&x423, &x423, &[3], None, false, &ln)
+        }),
+        &["[2, 4, 3]", "[4, 2, 3]"],
+    );
+    // LayerNorm over [4, 3] (2 rows) of [2, 4, 3] against normalized_shape [3]: other dims.
+    let ln2 = F::layer_norm(&x4, &[4, 3], None, None, 1e-5).unwrap().stats;
+    err_with(
+        "layer_norm stats over other dims",
+        no_panic("ln dims", || {
+            F::layer_norm_backward(&dy, &x4, &[3], None, false, &ln2)
+        }),
+        &["last 2 dimensions", "last 1 dimension"],
+    );
+    // LayerNorm's statistics in RMSNorm's backward, same rows.
+    err_with(
+        "layer_norm stats in rms_norm",
+        no_panic("ln rms", || F::rms_norm_backward(&dy, &x4, &[3], None, &ln)),
+        &["saved by layer_norm", "rms_norm"],
+    );
+    // The right statistics pass.
+    assert!(F::layer_norm_backward(&dy, &x4, &[3], None, false, &ln).is_ok());
+    assert!(F::group_norm_backward(&dy, &x4, 2, None, &gn2).is_ok());
 }
 
 #[test]
@@ -290,8 +336,9 @@ fn missing_nvrtc_is_a_short_sentence_then_the_paths() {
 
 /// NaN and ±inf statistics propagate as in PyTorch (issue 9's measurements on PyTorch's CPU
 /// path): a NaN makes its set's mean and rstd NaN (was an rstd of 1/√eps, the NaN clamped away)
-/// and the running statistics NaN; a +inf makes the mean +inf (was NaN) and the variance NaN.
-/// Other sets stay finite.
+/// and the running statistics NaN; a +inf makes a BatchNorm mean +inf (was NaN) and the variance
+/// NaN. Other sets stay finite. (`golden::golden_nonfinite` checks every op against PyTorch's
+/// values.)
 #[test]
 fn nan_and_inf_statistics_propagate() {
     let nan = f32::NAN;
@@ -300,7 +347,10 @@ fn nan_and_inf_statistics_propagate() {
     v[1] = nan;
     let x = Tensor::from_vec(v.clone(), &[3, 4]).unwrap();
     let s = F::layer_norm(&x, &[4], None, None, 1e-5).unwrap().stats;
-    let (mean, rstd) = (s.mean.unwrap().to_vec().unwrap(), s.rstd.to_vec().unwrap());
+    let (mean, rstd) = (
+        s.mean().unwrap().to_vec().unwrap(),
+        s.rstd().to_vec().unwrap(),
+    );
     assert!(
         mean[0].is_nan() && rstd[0].is_nan(),
         "row 0: {mean:?} {rstd:?}"
@@ -309,7 +359,7 @@ fn nan_and_inf_statistics_propagate() {
     // GroupNorm: a NaN in group (0, 0).
     let xg = Tensor::from_vec(v.clone(), &[1, 4, 3]).unwrap();
     let s = F::group_norm(&xg, 2, None, None, 1e-5).unwrap().stats;
-    let rstd = s.rstd.to_vec().unwrap();
+    let rstd = s.rstd().to_vec().unwrap();
     assert!(rstd[0].is_nan() && rstd[1].is_finite(), "{rstd:?}");
     // BatchNorm1d on [1, 2, 4] with one NaN in channel 0: running statistics NaN there.
     let mut xb: Vec<f32> = (0..8).map(|i| i as f32 * 0.5).collect();
@@ -324,7 +374,7 @@ fn nan_and_inf_statistics_propagate() {
     );
     assert!(rm[0].is_nan() && rv[0].is_nan(), "{rm:?} {rv:?}");
     assert!(rm[1].is_finite() && rv[1].is_finite(), "{rm:?} {rv:?}");
-    assert!(out.stats.rstd.to_vec().unwrap()[0].is_nan());
+    assert!(out.stats.rstd().to_vec().unwrap()[0].is_nan());
     // +inf in channel 1: mean +inf (saved and running), variance NaN.
     xb[2] = 1.0;
     xb[5] = f32::INFINITY;
@@ -332,7 +382,7 @@ fn nan_and_inf_statistics_propagate() {
     let out = bn
         .forward_with_stats(&Tensor::from_vec(xb, &[1, 2, 4]).unwrap())
         .unwrap();
-    let mean = out.stats.mean.unwrap().to_vec().unwrap();
+    let mean = out.stats.mean().unwrap().to_vec().unwrap();
     assert_eq!(mean[1], f32::INFINITY, "{mean:?}");
     assert!(mean[0].is_finite());
     assert_eq!(
@@ -340,7 +390,7 @@ fn nan_and_inf_statistics_propagate() {
         f32::INFINITY
     );
     assert!(bn.running_var().unwrap().to_vec().unwrap()[1].is_nan());
-    assert!(out.stats.rstd.to_vec().unwrap()[1].is_nan());
+    assert!(out.stats.rstd().to_vec().unwrap()[1].is_nan());
 }
 
 /// A bounded random misuse fuzz: random ops on random shapes (empty and single-element
@@ -465,7 +515,7 @@ pub fn misuse_fuzz_on(device: &Device, cases: usize) -> usize {
             0 => F::batch_norm_backward(&dy, &x, Some(&params.0), stats),
             1 => F::instance_norm_backward(&dy, &x, Some(&params.0), stats),
             2 => {
-                let g = out.stats.rstd.numel() / shape[0].max(1);
+                let g = out.stats.rstd().numel() / shape[0].max(1);
                 F::group_norm_backward(&dy, &x, g.max(1), Some(&params.0), stats)
             }
             3 => {
@@ -494,10 +544,10 @@ pub fn misuse_fuzz_on(device: &Device, cases: usize) -> usize {
         let want = oracle::forward(&spec, &x64, Some(&w64), b64.as_deref(), eps);
         let want_y: Vec<f32> = want.y.iter().map(|&v| v as f32).collect();
         compare(&what, &out.output.to_vec().unwrap(), &want_y, 1e-4, 1e-4).unwrap();
-        // Another call's statistics of the same count and kind cannot be told apart (RMSNorm's
-        // of another input with as many rows): nothing to assert then.
-        let same_kind = other.rstd.numel() == out.stats.rstd.numel()
-            && other.mean.is_some() == out.stats.mean.is_some();
+        // Another call's statistics made by the same op for the same input shape are valid
+        // statistics (of other values): nothing to assert then. Any other origin is an Err.
+        let same_kind =
+            other.op() == out.stats.op() && other.input_shape() == out.stats.input_shape();
         if wrong_stats && same_kind {
             continue;
         }

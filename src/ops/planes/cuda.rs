@@ -16,7 +16,7 @@ use crate::cuda::CudaDevice;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ops::rows::cuda::rows_fwd_config;
-use crate::ops::{kernels, Gradients, NormOutput, SavedStats};
+use crate::ops::{kernels, Gradients, NormOp, NormOutput, SavedStats};
 use crate::tensor::{tensor_view, MemoryFormat, Tensor};
 
 /// Where the launch layer's forward statistics come from: the input (running statistics, when
@@ -26,12 +26,13 @@ pub type ViewSource<'a, 'b> = Source<&'a mut CudaViewMut<'b, f32>, &'a CudaView<
 pub(crate) fn forward<T: Element>(
     dev: &CudaDevice,
     x: &Tensor<T>,
-    grouping: Grouping,
+    op: NormOp,
     weight: Option<&Tensor<f32>>,
     bias: Option<&Tensor<f32>>,
     eps: f64,
     source: TensorSource<'_>,
 ) -> Result<NormOutput<T>> {
+    let grouping = Grouping::of(op);
     let s = PlaneShape::of(x.shape(), x.format());
     let numel = x.numel();
     let from_input = matches!(source, Source::Input { .. });
@@ -92,16 +93,18 @@ pub(crate) fn forward<T: Element>(
     }
     Ok(NormOutput {
         output: Tensor::from_cuda(dev, y, x.shape(), x.format()),
-        stats: SavedStats {
-            mean: Some(Tensor::from_cuda(
+        stats: SavedStats::new(
+            op,
+            x.shape(),
+            Some(Tensor::from_cuda(
                 dev,
                 mean,
                 &[ng],
                 MemoryFormat::Contiguous,
             )),
-            rstd: Tensor::from_cuda(dev, rstd, &[ng], MemoryFormat::Contiguous),
+            Tensor::from_cuda(dev, rstd, &[ng], MemoryFormat::Contiguous),
             from_input,
-        },
+        ),
     })
 }
 
@@ -109,22 +112,22 @@ pub(crate) fn backward<T: Element>(
     dev: &CudaDevice,
     dy: &Tensor<T>,
     x: &Tensor<T>,
-    grouping: Grouping,
     weight: Option<&Tensor<f32>>,
     affine: bool,
     stats: &SavedStats,
 ) -> Result<Gradients<T>> {
+    let grouping = Grouping::of(stats.op());
     let s = PlaneShape::of(x.shape(), x.format());
     let numel = x.numel();
     let mut dx = dev.alloc::<T>(numel)?;
     let mut dw = dev.alloc::<f32>(s.c)?;
     let mut db = dev.alloc::<f32>(s.c)?;
-    let mean = stats.mean.as_ref().ok_or_else(|| {
+    let mean = stats.mean().ok_or_else(|| {
         crate::Error::InvalidArgument("backward: the saved statistics carry no mean".into())
     })?;
     {
         let (xv, gv) = (tensor_view(x)?, tensor_view(dy)?);
-        let (mv, rv) = (tensor_view(mean)?, tensor_view(&stats.rstd)?);
+        let (mv, rv) = (tensor_view(mean)?, tensor_view(stats.rstd())?);
         let wv = weight.map(tensor_view).transpose()?;
         let (mut dxv, mut dwv, mut dbv) = (
             dx.slice_mut(0..numel),
@@ -140,7 +143,7 @@ pub(crate) fn backward<T: Element>(
             wv.as_ref(),
             &mv,
             &rv,
-            stats.from_input,
+            stats.from_input(),
             &mut dxv,
             &mut dwv,
             &mut dbv,
@@ -268,7 +271,7 @@ fn running_update(
     check_len("running_var", rv.len(), s.c)?;
     let (n_i, c_i, _, _) = s.kernel_args()?;
     // InstanceNorm (per-sample groups) averages its per-plane statistics over the batch.
-    let per = matches!(groups, Grouping::Groups(_)) as i32;
+    let per = (groups == Grouping::Instance) as i32;
     let f = dev.function("planes", "planes_running_update_f32")?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(rm)
@@ -313,18 +316,15 @@ pub fn planes_forward<T: Element>(
     // Running statistics average per-sample statistics over the batch only when a group is one
     // channel (InstanceNorm); other per-sample groupings have no per-channel running statistics.
     if let (Source::Input { running: Some(_) }, Grouping::Groups(g)) = (&stats, groups) {
-        if g != s.c {
-            return Err(Error::InvalidArgument(format!(
-                "cuda launch: running statistics need per-channel statistics: Grouping::Channel \
-                 or Grouping::Groups(C = {}), got Groups({g})",
-                s.c
-            )));
-        }
+        return Err(Error::InvalidArgument(format!(
+            "cuda launch: running statistics need per-channel statistics: Grouping::Channel \
+             (BatchNorm) or Grouping::Instance (InstanceNorm), got Groups({g})"
+        )));
     }
     let (n_i, c_i, s_i, cl) = s.kernel_args()?;
     let stream = dev.stream();
     let g_code = match stats {
-        Source::Input { .. } => groups.code(),
+        Source::Input { .. } => groups.code(s.c),
         Source::Fixed { .. } => 0,
     };
     // The running-statistics update is queued last, after every other launch was accepted, so
@@ -338,7 +338,7 @@ pub fn planes_forward<T: Element>(
             if numel == 0 {
                 return Ok(());
             }
-            if let (Grouping::Groups(g), false) = (groups, s.channels_last()) {
+            if let (Some(g), false) = (groups.per_sample(s.c), s.channels_last()) {
                 // Contiguous GroupNorm/InstanceNorm: each (n, group) is one contiguous row of
                 // C/G·S values; one pass computes its statistics and output (x read once when
                 // the row fits on chip).
@@ -346,11 +346,12 @@ pub fn planes_forward<T: Element>(
                 let k = dev.kernel("rows", &kernels::name::<T>("group_norm_fwd"))?;
                 let cols = (s.c / g) * s.s;
                 let (cfg, cache) = rows_fwd_config::<T>(dev, &k, ng, cols)?;
-                let (rows_i, cols_i, seg_i, g_i) = (
+                let (rows_i, cols_i, seg_i, g_i, nan_i) = (
                     ng as i64,
                     to_i32("C/G·S", cols)?,
                     to_i32("S", s.s)?,
                     g as i32,
+                    groups.welford_mean() as i32,
                 );
                 let mut b = stream.launch_builder(&k.func);
                 b.arg(x).arg(&mut *y);
@@ -362,7 +363,8 @@ pub fn planes_forward<T: Element>(
                     .arg(&seg_i)
                     .arg(&g_i)
                     .arg(&eps)
-                    .arg(&cache);
+                    .arg(&cache)
+                    .arg(&nan_i);
                 // SAFETY: matches rows.cu's group_norm_fwd; x/y hold N·C·S, stats N·G elements.
                 unsafe { b.launch(cfg) }.map_err(launch_err)?;
                 if let Some(r) = running {
@@ -389,7 +391,13 @@ pub fn planes_forward<T: Element>(
             let f = dev.function("planes", "planes_finalize_f32")?;
             let mut b = stream.launch_builder(&f);
             b.arg(&part).arg(&mut *mean).arg(&mut *rstd).arg(&mut varu);
-            b.arg(&n_i).arg(&c_i).arg(&chunks_i).arg(&g_code).arg(&eps);
+            let nan_i = groups.welford_mean() as i32;
+            b.arg(&n_i)
+                .arg(&c_i)
+                .arg(&chunks_i)
+                .arg(&g_code)
+                .arg(&eps)
+                .arg(&nan_i);
             // SAFETY: matches planes_finalize_f32; mean/rstd/varu hold the group count.
             unsafe { b.launch(small_config(ng)?) }.map_err(launch_err)?;
             pending = running.map(|r| (r, varu));
@@ -470,7 +478,7 @@ pub fn planes_backward<T: Element>(
     if let Some(w) = weight {
         check_len("weight", w.len(), s.c)?;
     }
-    let g_code = if from_input { groups.code() } else { 0 };
+    let g_code = if from_input { groups.code(s.c) } else { 0 };
     let ng = if from_input {
         groups.num_groups(&s)
     } else {

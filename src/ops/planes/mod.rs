@@ -14,7 +14,7 @@
 pub(crate) mod cpu;
 pub(crate) mod cuda;
 
-use super::{f32_tensor, Gradients, NormOutput, SavedStats};
+use super::{f32_tensor, Gradients, NormOp, NormOutput, SavedStats};
 use crate::device::Device;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -81,12 +81,18 @@ impl PlaneShape {
 }
 
 /// How the `(n, c)` planes form statistic groups.
+///
+/// `Instance` and `Groups(C)` group alike; they differ, as in PyTorch, in a set holding an
+/// infinity: InstanceNorm (like BatchNorm) sums, so its mean is ±inf, GroupNorm merges Welford
+/// partials, so its mean is NaN (the variance is NaN either way).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Grouping {
     /// One group per channel over the whole batch (BatchNorm): `C` statistics, group index `c`.
     Channel,
-    /// `G` groups of `C/G` channels per sample (GroupNorm; InstanceNorm is `G = C`): `N·G`
-    /// statistics, group index `n·G + c/(C/G)`.
+    /// One group per plane (InstanceNorm): `N·C` statistics, group index `n·C + c`.
+    Instance,
+    /// `G` groups of `C/G` channels per sample (GroupNorm): `N·G` statistics, group index
+    /// `n·G + c/(C/G)`.
     Groups(usize),
 }
 
@@ -95,6 +101,7 @@ impl Grouping {
     pub fn num_groups(self, p: &PlaneShape) -> usize {
         match self {
             Grouping::Channel => p.c,
+            Grouping::Instance => p.n * p.c,
             Grouping::Groups(g) => p.n * g,
         }
     }
@@ -103,15 +110,37 @@ impl Grouping {
     pub(crate) fn group_of(self, p: &PlaneShape, n: usize, c: usize) -> usize {
         match self {
             Grouping::Channel => c,
+            Grouping::Instance => n * p.c + c,
             Grouping::Groups(g) => n * g + c / (p.c / g),
         }
     }
 
-    /// The kernels' code: 0 for per-channel, else `G`.
-    pub(crate) fn code(self) -> i32 {
+    /// The kernels' code for `c` channels: 0 for per-channel, else the groups per sample.
+    pub(crate) fn code(self, c: usize) -> i32 {
+        self.per_sample(c).map_or(0, |g| g as i32)
+    }
+
+    /// The groups per sample of a per-sample grouping (`C` for `Instance`); `None` for
+    /// `Channel`.
+    pub(crate) fn per_sample(self, c: usize) -> Option<usize> {
         match self {
-            Grouping::Channel => 0,
-            Grouping::Groups(g) => g as i32,
+            Grouping::Channel => None,
+            Grouping::Instance => Some(c),
+            Grouping::Groups(g) => Some(g),
+        }
+    }
+
+    /// Whether a set holding an infinity gets a NaN mean (GroupNorm) rather than ±inf.
+    pub(crate) fn welford_mean(self) -> bool {
+        matches!(self, Grouping::Groups(_))
+    }
+
+    /// The grouping of an op of the planes family.
+    pub(crate) fn of(op: NormOp) -> Grouping {
+        match op {
+            NormOp::InstanceNorm => Grouping::Instance,
+            NormOp::GroupNorm { num_groups } => Grouping::Groups(num_groups),
+            _ => Grouping::Channel,
         }
     }
 
@@ -234,6 +263,7 @@ fn param_f64(t: Option<&Tensor<f32>>, c: usize, default: f64) -> Result<Vec<f64>
 fn group_count(p: &PlaneShape, grouping: Grouping) -> f64 {
     match grouping {
         Grouping::Channel => (p.n * p.s) as f64,
+        Grouping::Instance => p.s as f64,
         Grouping::Groups(g) => ((p.c / g) * p.s) as f64,
     }
 }
@@ -241,15 +271,16 @@ fn group_count(p: &PlaneShape, grouping: Grouping) -> f64 {
 /// Normalizes `x`. Shapes were checked by the caller.
 pub(crate) fn forward<T: Element>(
     x: &Tensor<T>,
-    grouping: Grouping,
+    op: NormOp,
     weight: Option<&Tensor<f32>>,
     bias: Option<&Tensor<f32>>,
     eps: f64,
     mut source: TensorSource<'_>,
 ) -> Result<NormOutput<T>> {
+    let grouping = Grouping::of(op);
     let device = x.device();
     if let Device::Cuda(dev) = &device {
-        return cuda::forward(dev, x, grouping, weight, bias, eps, source);
+        return cuda::forward(dev, x, op, weight, bias, eps, source);
     }
     let p = PlaneShape::of(x.shape(), x.format());
     let xs = x.cpu_slice()?;
@@ -260,8 +291,8 @@ pub(crate) fn forward<T: Element>(
     let mut coef_m = vec![0f64; planes];
     let mut coef_b = vec![0f64; planes];
 
-    if let (Source::Input { running }, Grouping::Groups(g), MemoryFormat::Contiguous) =
-        (&mut source, grouping, p.format)
+    if let (Source::Input { running }, Some(g), MemoryFormat::Contiguous) =
+        (&mut source, grouping.per_sample(p.c), p.format)
     {
         // Each group is one contiguous run: statistics and output in one pass over memory.
         let (y, gm) = cpu::groups_fused(xs, p, g, &w, &b, eps);
@@ -270,7 +301,7 @@ pub(crate) fn forward<T: Element>(
                 update_running(r, &gm, &p, grouping)?;
             }
         }
-        let stats = saved_from_moments(&gm, eps, &device)?;
+        let stats = saved_from_moments(op, x.shape(), &gm, eps, &device)?;
         return Ok(NormOutput {
             output: Tensor::from_parts(x.shape().to_vec(), x.format(), Storage::Cpu(y)),
             stats,
@@ -298,7 +329,7 @@ pub(crate) fn forward<T: Element>(
                     update_running(r, &gm, &p, grouping)?;
                 }
             }
-            saved_from_moments(&gm, eps, &device)?
+            saved_from_moments(op, x.shape(), &gm, eps, &device)?
         }
         Source::Fixed { mean, var } => {
             let rm = mean.cpu_slice()?;
@@ -312,11 +343,13 @@ pub(crate) fn forward<T: Element>(
                     coef_b[i] = b[c];
                 }
             }
-            SavedStats {
-                mean: Some(mean.clone()),
-                rstd: f32_tensor(rstd.iter().map(|&v| v as f32).collect(), &device)?,
-                from_input: false,
-            }
+            SavedStats::new(
+                op,
+                x.shape(),
+                Some(mean.clone()),
+                f32_tensor(rstd.iter().map(|&v| v as f32).collect(), &device)?,
+                false,
+            )
         }
     };
     let y = cpu::plane_affine(xs, p, &coef_a, &coef_m, &coef_b);
@@ -327,23 +360,27 @@ pub(crate) fn forward<T: Element>(
 }
 
 fn saved_from_moments(
+    op: NormOp,
+    shape: &[usize],
     gm: &[crate::ops::engine::Moments],
     eps: f64,
     device: &Device,
 ) -> Result<SavedStats> {
-    Ok(SavedStats {
-        mean: Some(f32_tensor(
-            gm.iter().map(|m| m.mean as f32).collect(),
-            device,
-        )?),
-        rstd: f32_tensor(
-            gm.iter()
-                .map(|m| (1.0 / (m.var_biased() + eps).sqrt()) as f32)
-                .collect(),
-            device,
-        )?,
-        from_input: true,
-    })
+    let mut mean: Vec<f32> = gm.iter().map(|m| m.mean as f32).collect();
+    if op.welford_mean() {
+        crate::ops::rows::nan_for_infinite(&mut mean);
+    }
+    let rstd = gm
+        .iter()
+        .map(|m| (1.0 / (m.var_biased() + eps).sqrt()) as f32)
+        .collect();
+    Ok(SavedStats::new(
+        op,
+        shape,
+        Some(f32_tensor(mean, device)?),
+        f32_tensor(rstd, device)?,
+        true,
+    ))
 }
 
 fn update_running(
@@ -355,7 +392,7 @@ fn update_running(
     // BatchNorm: one group per channel. InstanceNorm: groups are planes, averaged over n.
     let (mean, var): (Vec<f64>, Vec<f64>) = match grouping {
         Grouping::Channel => gm.iter().map(|m| (m.mean, m.var_unbiased())).unzip(),
-        Grouping::Groups(_) => (0..p.c)
+        _ => (0..p.c)
             .map(|c| {
                 let (mut sm, mut sv) = (0.0, 0.0);
                 for n in 0..p.n {
@@ -375,31 +412,32 @@ fn update_running(
     Ok(())
 }
 
-/// Backward of [`forward`]: `dx`, and per-channel `dweight`/`dbias` when `affine`.
+/// Backward of [`forward`] (the grouping is the saved statistics' op's, checked by the front):
+/// `dx`, and per-channel `dweight`/`dbias` when `affine`.
 pub(crate) fn backward<T: Element>(
     dy: &Tensor<T>,
     x: &Tensor<T>,
-    grouping: Grouping,
     weight: Option<&Tensor<f32>>,
     affine: bool,
     stats: &SavedStats,
 ) -> Result<Gradients<T>> {
+    let grouping = Grouping::of(stats.op());
     let device = x.device();
     if let Device::Cuda(dev) = &device {
-        return cuda::backward(dev, dy, x, grouping, weight, affine, stats);
+        return cuda::backward(dev, dy, x, weight, affine, stats);
     }
     let p = PlaneShape::of(x.shape(), x.format());
     let (gs, xs) = (dy.cpu_slice()?, x.cpu_slice()?);
     let w = param_f64(weight, p.c, 1.0)?;
-    let mean = match &stats.mean {
+    let mean = match stats.mean() {
         Some(m) => m.cpu_slice()?,
         None => &[][..],
     };
-    let rstd = stats.rstd.cpu_slice()?;
+    let rstd = stats.rstd().cpu_slice()?;
     let planes = p.n * p.c;
     // Statistic index of each plane: its group for batch statistics, its channel for fixed ones.
     let gidx = |n: usize, c: usize| {
-        if stats.from_input {
+        if stats.from_input() {
             grouping.group_of(&p, n, c)
         } else {
             c
@@ -414,12 +452,12 @@ pub(crate) fn backward<T: Element>(
             r[n * p.c + c] = rstd[g] as f64;
         }
     }
-    let (dx, sg, sgx) = match grouping {
+    let (dx, sg, sgx) = match grouping.per_sample(p.c) {
         // Each (n, group) is one contiguous run: sum and differentiate it while it is in cache.
-        Grouping::Groups(groups) if stats.from_input && p.format == MemoryFormat::Contiguous => {
+        Some(groups) if stats.from_input() && p.format == MemoryFormat::Contiguous => {
             cpu::groups_backward_fused(gs, xs, p, groups, &w, mean, rstd)
         }
-        _ => backward_two_pass(gs, xs, p, grouping, &w, stats.from_input, &m, &r),
+        _ => backward_two_pass(gs, xs, p, grouping, &w, stats.from_input(), &m, &r),
     };
 
     let (dweight, dbias) = if affine {

@@ -13,7 +13,7 @@ use crate::cuda::launch::{arg_or_null, block_threads, check_len, grid, launch_er
 use crate::cuda::{CudaDevice, Kernel};
 use crate::dtype::Element;
 use crate::error::Result;
-use crate::ops::{kernels, Gradients, NormOutput, SavedStats};
+use crate::ops::{kernels, Gradients, NormOp, NormOutput, SavedStats};
 use crate::tensor::{tensor_view, MemoryFormat, Tensor};
 
 /// Tensor-level forward (see [`super::forward`]).
@@ -24,8 +24,9 @@ pub(crate) fn forward<T: Element>(
     weight: Option<&Tensor<f32>>,
     bias: Option<&Tensor<f32>>,
     eps: f64,
-    center: bool,
+    op: NormOp,
 ) -> Result<NormOutput<T>> {
+    let center = op.welford_mean();
     let numel = x.numel();
     let rows = numel.checked_div(cols).unwrap_or(0);
     let mut y = dev.alloc::<T>(numel)?;
@@ -68,11 +69,13 @@ pub(crate) fn forward<T: Element>(
     }
     Ok(NormOutput {
         output: Tensor::from_cuda(dev, y, x.shape(), MemoryFormat::Contiguous),
-        stats: SavedStats {
-            mean: center.then(|| Tensor::from_cuda(dev, mean, &[rows], MemoryFormat::Contiguous)),
-            rstd: Tensor::from_cuda(dev, rstd, &[rows], MemoryFormat::Contiguous),
-            from_input: true,
-        },
+        stats: SavedStats::new(
+            op,
+            x.shape(),
+            center.then(|| Tensor::from_cuda(dev, mean, &[rows], MemoryFormat::Contiguous)),
+            Tensor::from_cuda(dev, rstd, &[rows], MemoryFormat::Contiguous),
+            true,
+        ),
     })
 }
 

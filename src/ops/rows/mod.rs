@@ -8,7 +8,7 @@
 pub(crate) mod cpu;
 pub(crate) mod cuda;
 
-use super::{check_same_device, f32_tensor, Gradients, NormOutput, SavedStats};
+use super::{check_same_device, f32_tensor, Gradients, NormOp, NormOutput, SavedStats};
 use crate::device::Device;
 use crate::dtype::Element;
 use crate::error::{fmt_shape, Error, Result};
@@ -71,26 +71,28 @@ pub(crate) fn contiguous<T: Element>(x: &Tensor<T>) -> Result<std::borrow::Cow<'
     })
 }
 
-/// Normalizes the rows of `x` (checked by the front): LayerNorm when `center`, else RMSNorm
-/// (no mean, no bias).
+/// Normalizes the rows of `x` (checked by the front): `op` is LayerNorm or RMSNorm (no mean, no
+/// bias).
 pub(crate) fn forward<T: Element>(
     x: &Tensor<T>,
     cols: usize,
     weight: Option<&Tensor<f32>>,
     bias: Option<&Tensor<f32>>,
     eps: f64,
-    center: bool,
+    op: NormOp,
 ) -> Result<NormOutput<T>> {
+    let center = op.welford_mean();
     let x = contiguous(x)?;
     let dev = x.device();
     if let Device::Cuda(d) = &dev {
-        return cuda::forward(d, &x, cols, weight, bias, eps, center);
+        return cuda::forward(d, &x, cols, weight, bias, eps, op);
     }
     let xs = x.cpu_slice()?;
     let w = weight.map(|t| t.cpu_slice()).transpose()?;
     let (y, mean, rstd) = if center {
         let b = bias.map(|t| t.cpu_slice()).transpose()?;
-        let (y, mean, rstd) = cpu::layer_norm_fwd(xs, cols, w, b, eps);
+        let (y, mut mean, rstd) = cpu::layer_norm_fwd(xs, cols, w, b, eps);
+        nan_for_infinite(&mut mean);
         (y, Some(mean), rstd)
     } else {
         let (y, rstd) = cpu::rms_norm_fwd(xs, cols, w, eps);
@@ -102,12 +104,22 @@ pub(crate) fn forward<T: Element>(
             MemoryFormat::Contiguous,
             Storage::Cpu(y),
         ),
-        stats: SavedStats {
-            mean: mean.map(|m| f32_tensor(m, &dev)).transpose()?,
-            rstd: f32_tensor(rstd, &dev)?,
-            from_input: true,
-        },
+        stats: SavedStats::new(
+            op,
+            x.shape(),
+            mean.map(|m| f32_tensor(m, &dev)).transpose()?,
+            f32_tensor(rstd, &dev)?,
+            true,
+        ),
     })
+}
+
+/// A LayerNorm or GroupNorm mean of a set holding an infinity is NaN, as PyTorch's Welford merges
+/// make it (see [`NormOp::welford_mean`]).
+pub(crate) fn nan_for_infinite(mean: &mut [f32]) {
+    for m in mean.iter_mut().filter(|m| m.is_infinite()) {
+        *m = f32::NAN;
+    }
 }
 
 /// Backward of [`forward`] (arguments checked by the front; `mean` is `None` for RMSNorm):

@@ -29,9 +29,10 @@ pub fn compare(what: &str, got: &[f32], want: &[f32], atol: f64, rtol: f64) -> R
         let (g, w) = (g as f64, w as f64);
         let bound = atol + rtol * w.abs();
         let err = (g - w).abs();
-        let both_nan = g.is_nan() && w.is_nan();
+        // NaN matches NaN, and an infinity the same infinity.
+        let same_special = (g.is_nan() && w.is_nan()) || g == w;
         let within = err <= bound;
-        let bad = !within && !both_nan;
+        let bad = !within && !same_special;
         if bad && worst.is_none_or(|(_, e)| err / bound > e) {
             worst = Some((i, err / bound));
         }
