@@ -417,6 +417,8 @@ API cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     LOCK;
     NEED_INIT;
     void* m = nullptr;
+    // More than the device's memory (cuDeviceTotalMem) is out of memory, as on a GPU.
+    if (n > (80ull << 30)) return CUDA_ERROR_OUT_OF_MEMORY;
     if (n == 0 || posix_memalign(&m, 256, n) != 0) return n == 0 ? CUDA_ERROR_INVALID_VALUE : CUDA_ERROR_OUT_OF_MEMORY;
     std::memset(m, 0xa5, n);  // uninitialized device memory is garbage, not zeros
     allocs[(uintptr_t)m] = n;

@@ -30,6 +30,24 @@ pub(crate) fn loadable(name: &str, majors: &[u32]) -> bool {
     })
 }
 
+/// The error of a failed allocation of `n` elements of `T`: out of memory says how much was asked
+/// and what to do (an `Err` the caller can handle, never an abort).
+fn alloc_err<T>(n: usize, e: cudarc::driver::DriverError) -> Error {
+    let bytes = n.saturating_mul(std::mem::size_of::<T>());
+    let context = format!("allocating {bytes} bytes of device memory");
+    if e.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
+        return Error::Cuda {
+            context,
+            message: format!(
+                "{e}: {:.2} GiB is more than the device has free; use a smaller batch, or drop \
+                 device tensors no longer needed",
+                bytes as f64 / (1u64 << 30) as f64
+            ),
+        };
+    }
+    driver_err(&context, e)
+}
+
 pub(crate) fn driver_err(context: &str, e: cudarc::driver::DriverError) -> Error {
     Error::Cuda {
         context: context.to_string(),
@@ -329,8 +347,8 @@ impl CudaDevice {
         let stream = &self.inner.stream;
         // SAFETY: every caller passes the buffer to a kernel that writes all n elements before
         // anything reads it.
-        let mut slice = unsafe { stream.alloc::<T>(n.max(1)) }
-            .map_err(|e| driver_err("allocating device memory", e))?;
+        let mut slice =
+            unsafe { stream.alloc::<T>(n.max(1)) }.map_err(|e| alloc_err::<T>(n.max(1), e))?;
         if self.inner.poison.load(std::sync::atomic::Ordering::Relaxed) {
             use cudarc::driver::DevicePtrMut;
             let bytes = slice.len() * std::mem::size_of::<T>();
@@ -353,7 +371,7 @@ impl CudaDevice {
         self.inner
             .stream
             .alloc_zeros::<T>(n.max(1))
-            .map_err(|e| driver_err("allocating device memory", e))
+            .map_err(|e| alloc_err::<T>(n.max(1), e))
     }
 
     pub(crate) fn upload<T: Element>(&self, data: &[T]) -> Result<CudaBuffer<T>> {

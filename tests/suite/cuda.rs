@@ -425,6 +425,27 @@ fn cuda_misuse_cases() {
     );
 }
 
+/// An allocation larger than the device's memory is an `Err` that says so (cuMemAlloc's out of
+/// memory; the fake driver has 80 GiB), never an abort, and the device stays usable after it.
+#[test]
+fn cuda_out_of_memory_is_an_err() {
+    let Some(dev) = device_or_skip("cuda_out_of_memory_is_an_err") else {
+        return;
+    };
+    let n = 1usize << 40; // 4 TiB of f32, more than any GPU has
+    let e = dev.zeros::<f32>(n).unwrap_err().to_string();
+    assert!(
+        e.contains("out of memory") && e.contains(&format!("{} bytes", n * 4)),
+        "{e}"
+    );
+    let x = Tensor::<f32>::randn(&[4, 8], 5)
+        .unwrap()
+        .to_device(&Device::Cuda(dev))
+        .unwrap();
+    let y = F::layer_norm(&x, &[8], None, None, 1e-5).unwrap().output;
+    assert_eq!(y.to_vec().unwrap().len(), 32);
+}
+
 /// The PyTorch golden cases with NaN/±inf inputs (tests/data, see `golden.rs`) on the device:
 /// outputs, gradients, saved and running statistics, NaN against NaN and inf against inf.
 #[test]
