@@ -25,21 +25,28 @@
 //! # }
 //! ```
 //!
-//! This first version runs on candle's CPU device (the crate's CPU engines); on a CUDA device
-//! the ops return an error naming the fix (move the tensors to the CPU).
+//! BatchNorm and InstanceNorm ([`batch_norm`], [`instance_norm`], [`batch_norm_op`],
+//! [`instance_norm_op`]) update their running statistics in place in training mode, as
+//! PyTorch's do. Inputs may be contiguous or have channels-last strides (read in place).
+//!
+//! This version runs on candle's CPU device (the crate's CPU engines; each op copies its input
+//! once); on a CUDA device the ops return an error naming the fix (move the tensors to the CPU).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor as CTensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor as CTensor, Var};
 
 use crate::dtype::Element;
 use crate::ops::{Gradients, NormOutput, Param, SavedStats};
-use crate::tensor::Tensor;
+use crate::tensor::{MemoryFormat, Tensor};
 use crate::{bf16, f16};
 
 mod modules;
-pub use modules::{group_norm, layer_norm, rms_norm, GroupNorm, LayerNorm, RmsNorm};
+pub use modules::{
+    batch_norm, group_norm, instance_norm, layer_norm, rms_norm, BatchNorm, GroupNorm,
+    InstanceNorm, InstanceNormConfig, LayerNorm, RmsNorm,
+};
 
 fn err(e: crate::Error) -> candle_core::Error {
     candle_core::Error::Msg(format!("cunorm: {e}"))
@@ -70,13 +77,32 @@ candle_elem!(f32, F32);
 candle_elem!(f16, F16);
 candle_elem!(bf16, BF16);
 
-/// A contiguous candle CPU storage as a cunorm tensor of `T` (one copy of the used range).
+/// Whether a layout is channels-last (NHWC-style): dimension 1 (channels) has stride 1 and the
+/// others are ordered N, spatial..., C in memory with no gaps (dimensions of size 1 may have any
+/// stride). candle gives this layout to `x.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3,
+/// 1, 2))?`, the usual way to hold NHWC data as an NCHW-shaped tensor.
+fn is_channels_last(l: &Layout) -> bool {
+    let (dims, strides) = (l.dims(), l.stride());
+    if dims.len() < 3 || l.is_contiguous() {
+        return false;
+    }
+    // Memory order: C fastest, then the spatial dimensions from the last, then N.
+    let mut order: Vec<usize> = vec![1];
+    order.extend((2..dims.len()).rev());
+    order.push(0);
+    let mut want = 1usize;
+    for &d in &order {
+        if dims[d] != 1 && strides[d] != want {
+            return false;
+        }
+        want = want.saturating_mul(dims[d]);
+    }
+    true
+}
+
+/// A candle CPU storage as a cunorm tensor of `T` (one copy of the used range): contiguous, or
+/// channels-last when its strides are (see [`is_channels_last`]).
 fn from_storage<T: CandleElem>(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor<T>> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        return Err(candle_core::Error::Msg(
-            "cunorm: the op needs a contiguous input; call .contiguous() first".into(),
-        ));
-    };
     let Some(v) = T::slice(s) else {
         return Err(candle_core::Error::Msg(format!(
             "cunorm: expected {} storage, got {:?}",
@@ -84,7 +110,20 @@ fn from_storage<T: CandleElem>(s: &CpuStorage, l: &Layout) -> candle_core::Resul
             s.dtype()
         )));
     };
-    Tensor::from_vec(v[a..b].to_vec(), l.dims()).map_err(err)
+    if let Some((a, b)) = l.contiguous_offsets() {
+        return Tensor::from_vec(v[a..b].to_vec(), l.dims()).map_err(err);
+    }
+    if is_channels_last(l) {
+        let (a, n) = (l.start_offset(), l.shape().elem_count());
+        let data = v.get(a..a + n).ok_or_else(|| {
+            candle_core::Error::Msg("cunorm: the input's layout runs past its storage".into())
+        })?;
+        return Tensor::from_vec_with_format(data.to_vec(), l.dims(), MemoryFormat::ChannelsLast)
+            .map_err(err);
+    }
+    Err(candle_core::Error::Msg(
+        "cunorm: the op needs a contiguous or channels-last input; call .contiguous() first".into(),
+    ))
 }
 
 /// A candle tensor (any device) as a cunorm CPU tensor of `T`.
@@ -103,49 +142,121 @@ fn to_candle<T: CandleElem>(t: &Tensor<T>, like: &CTensor) -> candle_core::Resul
 }
 
 /// Which normalization an op runs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 enum Kind {
     /// LayerNorm over the last `cols` elements of each row (`center`), or RMSNorm (no mean).
     Rows { center: bool },
     /// GroupNorm with `groups` groups over dimension 1.
     Groups(usize),
+    /// BatchNorm, or InstanceNorm (`instance`), in training mode (`training`: input statistics)
+    /// or eval mode (the running statistics; InstanceNorm without them uses the input's).
+    Planes {
+        instance: bool,
+        training: bool,
+        momentum: f64,
+        running: Option<Arc<Mutex<Running>>>,
+    },
+}
+
+/// Running statistics as f32 values: read by the op, and updated by it in training mode. The
+/// module writes them back to its candle `Var`s after the op.
+#[derive(Clone, Debug)]
+struct Running {
+    mean: Vec<f32>,
+    var: Vec<f32>,
 }
 
 /// One forward of `kind` on (x, weight, bias); keeps the statistics for its backward.
-struct NormOp {
+struct CandleNorm {
     kind: Kind,
     eps: f64,
+    has_weight: bool,
     has_bias: bool,
     saved: Mutex<Option<SavedStats>>,
 }
 
-impl NormOp {
+fn poisoned<T>(_: T) -> candle_core::Error {
+    candle_core::Error::Msg("cunorm: a lock was poisoned by an earlier panic".into())
+}
+
+impl CandleNorm {
     fn new(kind: Kind, eps: f64, has_bias: bool) -> Self {
-        NormOp {
+        CandleNorm {
             kind,
             eps,
+            has_weight: true,
             has_bias,
             saved: Mutex::new(None),
         }
     }
 
+    /// The forward pass. `update_running`: write the updated running statistics back (the
+    /// op's own forward); a backward that recomputes the statistics leaves them alone.
     fn forward<T: Element>(
         &self,
         x: &Tensor<T>,
         w: &Tensor<T>,
         b: &Tensor<T>,
+        update_running: bool,
     ) -> crate::Result<NormOutput<T>> {
+        let weight = self.has_weight.then_some(w as &dyn Param);
         let bias = self.has_bias.then_some(b as &dyn Param);
-        match self.kind {
+        match &self.kind {
             Kind::Rows { center } => {
                 let ns = w.shape().to_vec();
-                if center {
-                    crate::functional::layer_norm(x, &ns, Some(w), bias, self.eps)
+                if *center {
+                    crate::functional::layer_norm(x, &ns, weight, bias, self.eps)
                 } else {
-                    crate::functional::rms_norm(x, &ns, Some(w), Some(self.eps))
+                    crate::functional::rms_norm(x, &ns, weight, Some(self.eps))
                 }
             }
-            Kind::Groups(g) => crate::functional::group_norm(x, g, Some(w), bias, self.eps),
+            Kind::Groups(g) => crate::functional::group_norm(x, *g, weight, bias, self.eps),
+            Kind::Planes {
+                instance,
+                training,
+                momentum,
+                running,
+            } => {
+                let mut guard = running
+                    .as_ref()
+                    .map(|r| r.lock())
+                    .transpose()
+                    .map_err(|_| {
+                        crate::Error::InvalidArgument(
+                            "cunorm: running statistics lock poisoned".into(),
+                        )
+                    })?;
+                let mut rs = match guard.as_deref() {
+                    Some(r) => {
+                        let c = r.mean.len();
+                        Some((
+                            Tensor::from_vec(r.mean.clone(), &[c])?,
+                            Tensor::from_vec(r.var.clone(), &[c])?,
+                        ))
+                    }
+                    None => None,
+                };
+                let (rm, rv) = match rs.as_mut() {
+                    Some((m, v)) => (Some(m), Some(v)),
+                    None => (None, None),
+                };
+                let out = if *instance {
+                    crate::functional::instance_norm(
+                        x, rm, rv, weight, bias, *training, *momentum, self.eps,
+                    )?
+                } else {
+                    crate::functional::batch_norm(
+                        x, rm, rv, weight, bias, *training, *momentum, self.eps,
+                    )?
+                };
+                if let (true, true, Some(r), Some((m, v))) =
+                    (update_running, *training, guard.as_deref_mut(), rs)
+                {
+                    r.mean = m.to_vec()?;
+                    r.var = v.to_vec()?;
+                }
+                Ok(out)
+            }
         }
     }
 
@@ -156,16 +267,21 @@ impl NormOp {
         w: &Tensor<T>,
         stats: &SavedStats,
     ) -> crate::Result<Gradients<T>> {
-        match self.kind {
+        let weight = self.has_weight.then_some(w as &dyn Param);
+        match &self.kind {
             Kind::Rows { center } => {
                 let ns = w.shape().to_vec();
-                if center {
-                    crate::functional::layer_norm_backward(dy, x, &ns, Some(w), true, stats)
+                if *center {
+                    crate::functional::layer_norm_backward(dy, x, &ns, weight, self.has_bias, stats)
                 } else {
-                    crate::functional::rms_norm_backward(dy, x, &ns, Some(w), stats)
+                    crate::functional::rms_norm_backward(dy, x, &ns, weight, stats)
                 }
             }
-            Kind::Groups(g) => crate::functional::group_norm_backward(dy, x, g, Some(w), stats),
+            Kind::Groups(g) => crate::functional::group_norm_backward(dy, x, *g, weight, stats),
+            Kind::Planes { instance: true, .. } => {
+                crate::functional::instance_norm_backward(dy, x, weight, stats)
+            }
+            Kind::Planes { .. } => crate::functional::batch_norm_backward(dy, x, weight, stats),
         }
     }
 
@@ -183,11 +299,9 @@ impl NormOp {
             from_storage::<T>(s2, l2)?,
             from_storage::<T>(s3, l3)?,
         );
-        let out = self.forward(&x, &w, &b).map_err(err)?;
-        *self
-            .saved
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("cunorm: poisoned".into()))? = Some(out.stats);
+        let out = self.forward(&x, &w, &b, true).map_err(err)?;
+        *self.saved.lock().map_err(poisoned)? = Some(out.stats);
+        // candle takes the result as contiguous: a channels-last output is reordered once.
         let y = out.output.to_vec().map_err(err)?;
         Ok((T::storage(y), Shape::from(l1.dims())))
     }
@@ -205,19 +319,18 @@ impl NormOp {
             from_candle::<T>(b)?,
             from_candle::<T>(grad)?,
         );
-        let saved = self
-            .saved
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("cunorm: poisoned".into()))?
-            .clone();
+        let saved = self.saved.lock().map_err(poisoned)?.clone();
         let stats = match saved {
             Some(s) => s,
-            None => self.forward(&xc, &wc, &bc).map_err(err)?.stats,
+            None => self.forward(&xc, &wc, &bc, false).map_err(err)?.stats,
         };
         let g = self.backward(&dy, &xc, &wc, &stats).map_err(err)?;
         let (dw, db) = g.param_grads_as::<T>().map_err(err)?;
         let dx = to_candle(&g.dx, x)?;
-        let dw = dw.map(|t| to_candle(&t, w)).transpose()?;
+        let dw = match (self.has_weight, dw) {
+            (true, Some(t)) => Some(to_candle(&t, w)?),
+            _ => None,
+        };
         let db = match (self.has_bias, db) {
             (true, Some(t)) => Some(to_candle(&t, b)?),
             _ => None,
@@ -242,12 +355,14 @@ macro_rules! by_dtype {
     };
 }
 
-impl CustomOp3 for NormOp {
+impl CustomOp3 for CandleNorm {
     fn name(&self) -> &'static str {
         match self.kind {
             Kind::Rows { center: true } => "cunorm-layer-norm",
             Kind::Rows { center: false } => "cunorm-rms-norm",
             Kind::Groups(_) => "cunorm-group-norm",
+            Kind::Planes { instance: true, .. } => "cunorm-instance-norm",
+            Kind::Planes { .. } => "cunorm-batch-norm",
         }
     }
 
@@ -275,7 +390,8 @@ impl CustomOp3 for NormOp {
     }
 }
 
-/// Parameters in the input's dtype and contiguous, the input contiguous: what the op reads.
+/// Parameters in the input's dtype and contiguous, the input contiguous or channels-last: what
+/// the op reads.
 fn prepare(
     x: &CTensor,
     w: &CTensor,
@@ -286,7 +402,12 @@ fn prepare(
         Some(b) => b.to_dtype(x.dtype())?.contiguous()?,
         None => w.zeros_like()?,
     };
-    Ok((x.contiguous()?, w, b))
+    let x = if is_channels_last(x.layout()) {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
+    Ok((x, w, b))
 }
 
 /// LayerNorm over the last dimension(s) of `x` matching `weight`'s shape: `(x − mean)/√(var +
@@ -301,7 +422,7 @@ pub fn layer_norm_op(
     x.apply_op3(
         &w,
         &b,
-        NormOp::new(Kind::Rows { center: true }, eps, bias.is_some()),
+        CandleNorm::new(Kind::Rows { center: true }, eps, bias.is_some()),
     )
 }
 
@@ -312,7 +433,7 @@ pub fn rms_norm_op(x: &CTensor, weight: &CTensor, eps: f64) -> candle_core::Resu
     x.apply_op3(
         &w,
         &b,
-        NormOp::new(Kind::Rows { center: false }, eps, false),
+        CandleNorm::new(Kind::Rows { center: false }, eps, false),
     )
 }
 
@@ -329,6 +450,160 @@ pub fn group_norm_op(
     x.apply_op3(
         &w,
         &b,
-        NormOp::new(Kind::Groups(num_groups), eps, bias.is_some()),
+        CandleNorm::new(Kind::Groups(num_groups), eps, bias.is_some()),
+    )
+}
+
+/// The f32 values of a running statistic `Var` (any float dtype).
+fn var_values(v: &Var) -> candle_core::Result<Vec<f32>> {
+    v.as_tensor()
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()
+}
+
+/// BatchNorm or InstanceNorm through the op, then the running statistics written back.
+#[allow(clippy::too_many_arguments)]
+fn planes_op(
+    instance: bool,
+    x: &CTensor,
+    running: Option<(&Var, &Var)>,
+    weight: Option<&CTensor>,
+    bias: Option<&CTensor>,
+    training: bool,
+    momentum: f64,
+    eps: f64,
+) -> candle_core::Result<CTensor> {
+    let name = if instance {
+        "instance_norm"
+    } else {
+        "batch_norm"
+    };
+    if x.rank() < 2 {
+        candle_core::bail!(
+            "cunorm {name}: expected an (N, C, *) input, got shape {:?}",
+            x.shape()
+        )
+    }
+    let c = x.dim(1)?;
+    let shared = match running {
+        Some((m, v)) => Some(Arc::new(Mutex::new(Running {
+            mean: var_values(m)?,
+            var: var_values(v)?,
+        }))),
+        None => None,
+    };
+    // Without a weight the op still reads one (ones; a bias alone needs it for its gradient)
+    // and returns no gradient for it.
+    let ones;
+    let w = match weight {
+        Some(w) => w,
+        None => {
+            ones = CTensor::ones(c, x.dtype(), x.device())?;
+            &ones
+        }
+    };
+    let (xp, w, b) = prepare(x, w, bias)?;
+    let op = CandleNorm {
+        kind: Kind::Planes {
+            instance,
+            training,
+            momentum,
+            running: shared.clone(),
+        },
+        eps,
+        has_weight: weight.is_some() || bias.is_some(),
+        has_bias: bias.is_some(),
+        saved: Mutex::new(None),
+    };
+    let weight_grad = weight.is_some();
+    let y = xp.apply_op3(&w, &b, WeightGrad { op, weight_grad })?;
+    if let (true, Some((m, v)), Some(r)) = (training, running, shared) {
+        let r = r.lock().map_err(poisoned)?;
+        for (var, vals) in [(m, &r.mean), (v, &r.var)] {
+            let t =
+                CTensor::from_vec(vals.clone(), var.dims(), var.device())?.to_dtype(var.dtype())?;
+            var.set(&t)?;
+        }
+    }
+    Ok(y)
+}
+
+/// A [`CandleNorm`] whose weight gradient is dropped when the caller gave no weight (the op
+/// then reads ones in its place).
+struct WeightGrad {
+    op: CandleNorm,
+    weight_grad: bool,
+}
+
+impl CustomOp3 for WeightGrad {
+    fn name(&self) -> &'static str {
+        self.op.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.op.cpu_fwd(s1, l1, s2, l2, s3, l3)
+    }
+
+    fn bwd(
+        &self,
+        x: &CTensor,
+        w: &CTensor,
+        b: &CTensor,
+        res: &CTensor,
+        grad: &CTensor,
+    ) -> candle_core::Result<(Option<CTensor>, Option<CTensor>, Option<CTensor>)> {
+        let (dx, dw, db) = self.op.bwd(x, w, b, res, grad)?;
+        Ok((dx, dw.filter(|_| self.weight_grad), db))
+    }
+}
+
+/// BatchNorm of an `(N, C, *)` input, like `torch.nn.functional.batch_norm`: in training mode
+/// with the batch's statistics, and, when `running` (`running_mean`, `running_var`, `[C]`) is
+/// given, those updated in place (`r = (1 − momentum)·r + momentum·s`, the unbiased variance);
+/// in eval mode with `running`. Optional per-channel `weight` and `bias`. Backward gives
+/// gradients for the input, weight and bias (through the batch statistics in training mode).
+pub fn batch_norm_op(
+    x: &CTensor,
+    running: Option<(&Var, &Var)>,
+    weight: Option<&CTensor>,
+    bias: Option<&CTensor>,
+    training: bool,
+    momentum: f64,
+    eps: f64,
+) -> candle_core::Result<CTensor> {
+    planes_op(false, x, running, weight, bias, training, momentum, eps)
+}
+
+/// InstanceNorm of an `(N, C, *)` input (`N, C` and at least one spatial dimension), like
+/// `torch.nn.functional.instance_norm`: each (sample, channel) normalized with its own
+/// statistics when `use_input_stats` (the running statistics, when given, updated in place
+/// with their batch average), else with `running`. Backward as [`batch_norm_op`].
+pub fn instance_norm_op(
+    x: &CTensor,
+    running: Option<(&Var, &Var)>,
+    weight: Option<&CTensor>,
+    bias: Option<&CTensor>,
+    use_input_stats: bool,
+    momentum: f64,
+    eps: f64,
+) -> candle_core::Result<CTensor> {
+    planes_op(
+        true,
+        x,
+        running,
+        weight,
+        bias,
+        use_input_stats,
+        momentum,
+        eps,
     )
 }

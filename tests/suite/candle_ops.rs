@@ -1,8 +1,11 @@
 //! `cunorm::candle` (feature `candle`) on candle's CPU device: forwards equal to candle-nn's own
-//! layers, gradients through candle's autograd equal to cunorm's backward and to finite
-//! differences, every dtype, the VarBuilder names of candle-nn, misuse as an `Err`.
+//! layers (or, for InstanceNorm, which candle-nn lacks, to a composition of candle ops),
+//! gradients through candle's autograd equal to cunorm's backward and to finite differences,
+//! every dtype, channels-last strides, BatchNorm/InstanceNorm running statistics and gradients
+//! against PyTorch's goldens over several steps, the VarBuilder names of candle-nn, misuse as an
+//! `Err` that changes no running statistic.
 
-use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_core::{DType, Device, Module, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use cunorm::candle as cc;
 use cunorm::functional as F;
@@ -33,6 +36,40 @@ fn close(what: &str, got: &[f32], want: &[f32], tol: f32) {
             (g - w).abs() <= tol * w.abs().max(1.0),
             "{what}[{i}]: {g} vs {w}"
         );
+    }
+}
+
+/// A `ModuleT` in training mode as a `Module`.
+struct Train<M>(M);
+
+impl<M: ModuleT> Module for Train<M> {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.0.forward_t(x, true)
+    }
+}
+
+/// InstanceNorm composed of candle ops (an independent reference: mean and biased variance of
+/// each (n, c) over the spatial dimensions), then the affine.
+struct ComposedInstanceNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Module for ComposedInstanceNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, c) = (x.dim(0)?, x.dim(1)?);
+        let f = x.reshape((n, c, ()))?.to_dtype(DType::F64)?;
+        let mean = f.mean_keepdim(2)?;
+        let d = f.broadcast_sub(&mean)?;
+        let var = d.sqr()?.mean_keepdim(2)?;
+        let xhat = d.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let w = self.weight.to_dtype(DType::F64)?.reshape((1, c, 1))?;
+        let b = self.bias.to_dtype(DType::F64)?.reshape((1, c, 1))?;
+        xhat.broadcast_mul(&w)?
+            .broadcast_add(&b)?
+            .reshape(x.shape())?
+            .to_dtype(x.dtype())
     }
 }
 
@@ -86,7 +123,112 @@ fn cases() -> Vec<Case> {
         wv,
         bv,
     ));
+    // BatchNorm in training mode (batch statistics; the running ones are updated as a side
+    // effect), against candle-nn's.
+    let (w, b) = (randn(&[4], 7), randn(&[4], 8));
+    let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+    let stats = || {
+        (
+            Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+            Tensor::ones(4, DType::F32, &Device::Cpu).unwrap(),
+        )
+    };
+    let ((m1, v1), (m2, v2)) = (stats(), stats());
+    v.push((
+        "batch_norm",
+        vec![3, 4, 5, 2],
+        Box::new(Train(
+            cc::BatchNorm::new(
+                4,
+                m1,
+                v1,
+                wv.as_tensor().clone(),
+                bv.as_tensor().clone(),
+                1e-5,
+            )
+            .unwrap(),
+        )),
+        Box::new(Train(
+            candle_nn::BatchNorm::new(4, m2, v2, w.clone(), b.clone(), 1e-5).unwrap(),
+        )),
+        wv,
+        bv,
+    ));
+    // InstanceNorm (affine, training mode), against the composition of candle ops.
+    let (w, b) = (randn(&[3], 9), randn(&[3], 10));
+    let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    let config = cc::InstanceNormConfig {
+        affine: true,
+        ..Default::default()
+    };
+    let inorm = cc::instance_norm(3, config, vb).unwrap();
+    let mut map = map;
+    map.set_one("weight", wv.as_tensor()).unwrap();
+    map.set_one("bias", bv.as_tensor()).unwrap();
+    // The module reads the VarMap's Vars: point the case's Vars at them.
+    let data = map.data().lock().unwrap();
+    let (wv, bv) = (data["weight"].clone(), data["bias"].clone());
+    drop(data);
+    v.push((
+        "instance_norm",
+        vec![2, 3, 4, 5],
+        Box::new(Train(inorm)),
+        Box::new(ComposedInstanceNorm {
+            weight: w,
+            bias: b,
+            eps: 1e-5,
+        }),
+        wv,
+        bv,
+    ));
     v
+}
+
+/// `x` with channels-last strides (NHWC memory, NCHW shape), as candle gives it after
+/// `permute`s; the same logical values.
+fn channels_last(x: &Tensor) -> Tensor {
+    let r = x.rank();
+    let mut to: Vec<usize> = vec![0];
+    to.extend(2..r);
+    to.push(1);
+    let mut back: Vec<usize> = vec![0, r - 1];
+    back.extend(1..r - 1);
+    x.permute(to)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .permute(back)
+        .unwrap()
+}
+
+/// A channels-last input gives the same output (and gradients) as the contiguous one; the planes
+/// ops read it in place.
+#[test]
+fn channels_last_strides() {
+    for (name, shape, ours, _, wv, _) in cases() {
+        if shape.len() < 3 {
+            continue;
+        }
+        let x = Var::from_tensor(&randn(&shape, 20)).unwrap();
+        let xc = channels_last(x.as_tensor());
+        assert!(!xc.is_contiguous(), "{name}: the input is strided");
+        let r = randn(&shape, 21);
+        let want = ours.forward(x.as_tensor()).unwrap();
+        let got = ours.forward(&xc).unwrap();
+        close(&format!("{name} y"), &vec(&got), &vec(&want), 1e-6);
+        let g1 = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (got * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (what, t) in [("dx", x.as_tensor()), ("dweight", wv.as_tensor())] {
+            close(
+                &format!("{name} {what}"),
+                &vec(g2.get(t).unwrap()),
+                &vec(g1.get(t).unwrap()),
+                1e-6,
+            );
+        }
+    }
 }
 
 #[test]
@@ -140,9 +282,19 @@ fn gradients_through_candle_autograd() {
                 let o = F::rms_norm(&xc, &[16], Some(&wc), Some(1e-6)).unwrap();
                 F::rms_norm_backward(&dy, &xc, &[16], Some(&wc), &o.stats).unwrap()
             }
-            _ => {
+            "group_norm" => {
                 let o = F::group_norm(&xc, 3, Some(&wc), Some(&bc), 1e-5).unwrap();
                 F::group_norm_backward(&dy, &xc, 3, Some(&wc), &o.stats).unwrap()
+            }
+            "batch_norm" => {
+                let o =
+                    F::batch_norm(&xc, None, None, Some(&wc), Some(&bc), true, 0.1, 1e-5).unwrap();
+                F::batch_norm_backward(&dy, &xc, Some(&wc), &o.stats).unwrap()
+            }
+            _ => {
+                let o = F::instance_norm(&xc, None, None, Some(&wc), Some(&bc), true, 0.1, 1e-5)
+                    .unwrap();
+                F::instance_norm_backward(&dy, &xc, Some(&wc), &o.stats).unwrap()
             }
         };
         close(&format!("{name} dx"), &gx, &want.dx.to_vec().unwrap(), 1e-6);
@@ -230,9 +382,17 @@ fn var_builder_names_match_candle_nn() {
     cc::layer_norm(8, 1e-5, vb(&ours).pp("ln")).unwrap();
     cc::rms_norm(8, 1e-6, vb(&ours).pp("rms")).unwrap();
     cc::group_norm(2, 4, 1e-5, vb(&ours).pp("gn")).unwrap();
+    cc::batch_norm(4, 1e-5, vb(&ours).pp("bn")).unwrap();
+    let no_affine = candle_nn::BatchNormConfig {
+        affine: false,
+        ..Default::default()
+    };
+    cc::batch_norm(3, no_affine, vb(&ours).pp("bn2")).unwrap();
     candle_nn::layer_norm(8, 1e-5, vb(&theirs).pp("ln")).unwrap();
     candle_nn::rms_norm(8, 1e-6, vb(&theirs).pp("rms")).unwrap();
     candle_nn::group_norm(2, 4, 1e-5, vb(&theirs).pp("gn")).unwrap();
+    candle_nn::batch_norm(4, 1e-5, vb(&theirs).pp("bn")).unwrap();
+    candle_nn::batch_norm(3, no_affine, vb(&theirs).pp("bn2")).unwrap();
     let names = |m: &VarMap| {
         let data = m.data().lock().unwrap();
         let mut v: Vec<(String, Vec<f32>)> = data
@@ -255,4 +415,163 @@ fn misuse_is_an_err() {
     assert!(cc::GroupNorm::new(randn(&[6], 1), randn(&[6], 2), 6, 4, 1e-5).is_err());
     let ints = Tensor::zeros((2, 6), DType::U32, &Device::Cpu).unwrap();
     assert!(cc::layer_norm_op(&ints, &randn(&[6], 3), None, 1e-5).is_err());
+}
+
+/// BatchNorm and InstanceNorm modules built from a `VarBuilder` run PyTorch's golden cases
+/// (tests/data, f32, every case with running statistics): each step's output and gradients
+/// (candle's autograd), then the running statistics in the `VarMap`, as PyTorch left them. Both
+/// layouts (channels-last strides for the 4-D and 5-D cases).
+#[test]
+fn golden_running_statistics_through_candle() {
+    let g = crate::golden::load();
+    let mut ran = 0;
+    for case in &g.cases {
+        let layer = case["layer"].as_str().unwrap();
+        let cfg = &case["config"];
+        let momentum = cfg["momentum"].as_f64();
+        if !matches!(layer, "batch_norm" | "instance_norm")
+            || case["dtype"] != "f32"
+            || !cfg["track_running_stats"].as_bool().unwrap()
+            || momentum.is_none()
+        {
+            continue;
+        }
+        let shape: Vec<usize> = case["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        let c = shape[1];
+        let (eps, affine) = (
+            cfg["eps"].as_f64().unwrap(),
+            cfg["affine"].as_bool().unwrap(),
+        );
+        let scale = 1.0 + case["mean"].as_f64().unwrap().abs() / case["std"].as_f64().unwrap();
+        for strided in [false, true] {
+            if strided && shape.len() < 3 {
+                continue;
+            }
+            let name = format!("{} strided {strided}", case["name"].as_str().unwrap());
+            let mut map = VarMap::new();
+            let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+            let m: Box<dyn ModuleT> = if layer == "batch_norm" {
+                let config = candle_nn::BatchNormConfig {
+                    eps,
+                    remove_mean: true,
+                    affine,
+                    momentum: momentum.unwrap(),
+                };
+                Box::new(cc::batch_norm(c, config, vb).unwrap())
+            } else {
+                let config = cc::InstanceNormConfig {
+                    eps,
+                    momentum: momentum.unwrap(),
+                    affine,
+                    track_running_stats: true,
+                };
+                Box::new(cc::instance_norm(c, config, vb).unwrap())
+            };
+            let t = |v: Vec<f32>, s: &[usize]| Tensor::from_vec(v, s, &Device::Cpu).unwrap();
+            for (key, name) in [("weight", "weight"), ("bias", "bias")] {
+                if let Some(v) = case.get(key) {
+                    map.set_one(name, t(g.arr(v), &[c])).unwrap();
+                }
+            }
+            let var = |k: &str| map.data().lock().unwrap().get(k).cloned();
+            for (k, step) in case["steps"].as_array().unwrap().iter().enumerate() {
+                let train = step["train"].as_bool().unwrap();
+                let x = Var::from_tensor(&t(g.arr(&step["x"]), &shape)).unwrap();
+                let xin = if strided {
+                    channels_last(x.as_tensor())
+                } else {
+                    x.as_tensor().clone()
+                };
+                let y = m.forward_t(&xin, train).unwrap();
+                close(
+                    &format!("{name} step {k} y"),
+                    &vec(&y),
+                    &g.arr(&step["y"]),
+                    2e-5,
+                );
+                let dy = t(g.arr(&step["dy"]), &shape);
+                let grads = (y * dy).unwrap().sum_all().unwrap().backward().unwrap();
+                close(
+                    &format!("{name} step {k} dx"),
+                    &vec(grads.get(x.as_tensor()).unwrap()),
+                    &g.arr(&step["dx"]),
+                    2e-5 * scale as f32,
+                );
+                for key in ["weight", "bias"] {
+                    if let (Some(want), Some(v)) = (step.get(format!("d{key}")), var(key)) {
+                        close(
+                            &format!("{name} step {k} d{key}"),
+                            &vec(grads.get(v.as_tensor()).unwrap()),
+                            &g.arr(want),
+                            2e-5 * scale as f32,
+                        );
+                    }
+                }
+            }
+            for key in ["running_mean", "running_var"] {
+                close(
+                    &format!("{name} {key}"),
+                    &vec(var(key).unwrap().as_tensor()),
+                    &g.arr(&case[key]),
+                    1e-6 * scale as f32,
+                );
+            }
+            ran += 1;
+        }
+    }
+    assert!(ran >= 8, "only {ran} golden runs");
+}
+
+/// Misuse of the BatchNorm/InstanceNorm modules and ops is an `Err`, and a failed training
+/// forward leaves the running statistics as they were.
+#[test]
+fn planes_misuse_is_an_err_and_changes_nothing() {
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    let bn = cc::batch_norm(4, 1e-5, vb.pp("bn")).unwrap();
+    let before = (vec(bn.running_mean()), vec(bn.running_var()));
+    for x in [randn(&[2, 3, 5], 30), randn(&[4], 31)] {
+        assert!(bn.forward_t(&x, true).is_err(), "{:?}", x.shape());
+        assert!(bn.forward_t(&x, false).is_err(), "{:?}", x.shape());
+    }
+    // One value per channel in training mode (PyTorch's "Expected more than 1 value").
+    assert!(bn.forward_t(&randn(&[1, 4], 32), true).is_err());
+    assert_eq!((vec(bn.running_mean()), vec(bn.running_var())), before);
+    let remove_mean = candle_nn::BatchNormConfig {
+        remove_mean: false,
+        ..Default::default()
+    };
+    assert!(cc::batch_norm(4, remove_mean, vb.pp("bn2")).is_err());
+    assert!(cc::BatchNorm::new(
+        4,
+        randn(&[3], 1),
+        randn(&[4], 2),
+        randn(&[4], 3),
+        randn(&[4], 4),
+        1e-5
+    )
+    .is_err());
+    let config = cc::InstanceNormConfig {
+        track_running_stats: true,
+        ..Default::default()
+    };
+    let inorm = cc::instance_norm(3, config, vb.pp("in")).unwrap();
+    let (m, v) = inorm.running_stats().unwrap();
+    let before = (vec(m), vec(v));
+    assert!(inorm.forward_t(&randn(&[2, 4, 5], 33), true).is_err());
+    assert!(inorm.forward_t(&randn(&[2, 3, 1], 34), true).is_err());
+    let (m, v) = inorm.running_stats().unwrap();
+    assert_eq!((vec(m), vec(v)), before);
+    let bad_eps = cc::InstanceNormConfig {
+        eps: -1.0,
+        ..Default::default()
+    };
+    assert!(cc::instance_norm(3, bad_eps, vb.pp("in2")).is_err());
+    let ints = Tensor::zeros((2, 3, 4), DType::U32, &Device::Cpu).unwrap();
+    assert!(cc::batch_norm_op(&ints, None, None, None, true, 0.1, 1e-5).is_err());
 }

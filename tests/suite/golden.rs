@@ -13,14 +13,14 @@ use cunorm::*;
 use serde_json::Value;
 use std::result::Result;
 
-struct Golden {
+pub(crate) struct Golden {
     blob: Vec<f32>,
-    cases: Vec<Value>,
+    pub(crate) cases: Vec<Value>,
     /// Cases with NaN/±inf inputs, which also carry PyTorch's saved statistics.
     nonfinite: Vec<Value>,
 }
 
-fn load() -> Golden {
+pub(crate) fn load() -> Golden {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
     let bytes = std::fs::read(format!("{dir}/golden.bin")).expect("tests/data/golden.bin");
     let blob = bytes
@@ -38,7 +38,7 @@ fn load() -> Golden {
 }
 
 impl Golden {
-    fn arr(&self, v: &Value) -> Vec<f32> {
+    pub(crate) fn arr(&self, v: &Value) -> Vec<f32> {
         let (off, len) = (
             v[0].as_u64().unwrap() as usize,
             v[1].as_u64().unwrap() as usize,
