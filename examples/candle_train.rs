@@ -137,7 +137,8 @@ fn main() -> Result<()> {
     println!(
         "loss {first:.4} -> {last:.4}; eval accuracy {correct}/{BATCH}; |running_mean| sum {rm:.4}"
     );
-    if !(last < 0.5 * first) || rm == 0.0 {
+    let learned = last < 0.5 * first; // false for a NaN loss too
+    if !learned || rm == 0.0 {
         eprintln!("candle_train: the loss did not halve, or the running statistics did not move");
         std::process::exit(1);
     }
