@@ -379,12 +379,16 @@ impl<T: Element> Tensor<T> {
     }
 }
 
-/// The element count of `shape`, or an `Err` when it overflows `usize`.
+/// The element count of `shape`, or an `Err` when it overflows `usize`. The product of the
+/// non-zero sizes must fit too (as the strides of the shape must, in PyTorch): then every
+/// partial product (`N·C`, `∏spatial`, rows, columns) fits, empty or not.
 pub(crate) fn checked_numel(shape: &[usize]) -> Result<usize> {
     shape
         .iter()
+        .filter(|&&d| d != 0)
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| too_big(shape))
+        .ok_or_else(|| too_big(shape))?;
+    Ok(shape.iter().product())
 }
 
 pub(crate) fn too_big(shape: &[usize]) -> Error {

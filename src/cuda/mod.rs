@@ -32,20 +32,38 @@ pub(crate) fn loadable(name: &str, majors: &[u32]) -> bool {
 
 /// The error of a failed allocation of `n` elements of `T`: out of memory says how much was asked
 /// and what to do (an `Err` the caller can handle, never an abort).
-fn alloc_err<T>(n: usize, e: cudarc::driver::DriverError) -> Error {
-    let bytes = n.saturating_mul(std::mem::size_of::<T>());
+fn alloc_err<T>(n: usize, e: Option<cudarc::driver::DriverError>) -> Error {
+    let bytes = n as u128 * std::mem::size_of::<T>() as u128;
     let context = format!("allocating {bytes} bytes of device memory");
-    if e.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
-        return Error::Cuda {
+    let oom = cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY;
+    match e {
+        Some(e) if e.0 != oom => driver_err(&context, e),
+        _ => Error::Cuda {
             context,
             message: format!(
-                "{e}: {:.2} GiB is more than the device has free; use a smaller batch, or drop \
-                 device tensors no longer needed",
-                bytes as f64 / (1u64 << 30) as f64
+                "out of memory: {} is more than the device has free; use a smaller batch, or \
+                 drop device tensors no longer needed",
+                fmt_bytes(bytes)
             ),
-        };
+        },
     }
-    driver_err(&context, e)
+}
+
+/// `n` elements of `T` as a byte count cudarc can take (it multiplies unchecked): an `Err`
+/// (out of memory) when it would overflow.
+fn alloc_len<T>(n: usize) -> Result<usize> {
+    n.checked_mul(std::mem::size_of::<T>())
+        .filter(|&b| b <= isize::MAX as usize)
+        .map(|_| n)
+        .ok_or_else(|| alloc_err::<T>(n, None))
+}
+
+fn fmt_bytes(b: u128) -> String {
+    if b >= 1 << 30 {
+        format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{b} bytes")
+    }
 }
 
 pub(crate) fn driver_err(context: &str, e: cudarc::driver::DriverError) -> Error {
@@ -347,8 +365,8 @@ impl CudaDevice {
         let stream = &self.inner.stream;
         // SAFETY: every caller passes the buffer to a kernel that writes all n elements before
         // anything reads it.
-        let mut slice =
-            unsafe { stream.alloc::<T>(n.max(1)) }.map_err(|e| alloc_err::<T>(n.max(1), e))?;
+        let n = alloc_len::<T>(n.max(1))?;
+        let mut slice = unsafe { stream.alloc::<T>(n) }.map_err(|e| alloc_err::<T>(n, Some(e)))?;
         if self.inner.poison.load(std::sync::atomic::Ordering::Relaxed) {
             use cudarc::driver::DevicePtrMut;
             let bytes = slice.len() * std::mem::size_of::<T>();
@@ -370,8 +388,8 @@ impl CudaDevice {
     ) -> Result<CudaSlice<T>> {
         self.inner
             .stream
-            .alloc_zeros::<T>(n.max(1))
-            .map_err(|e| alloc_err::<T>(n.max(1), e))
+            .alloc_zeros::<T>(alloc_len::<T>(n.max(1))?)
+            .map_err(|e| alloc_err::<T>(n.max(1), Some(e)))
     }
 
     pub(crate) fn upload<T: Element>(&self, data: &[T]) -> Result<CudaBuffer<T>> {

@@ -138,7 +138,8 @@ impl<const D: usize> BatchNorm<D> {
         self.check_dim(x.rank())?;
         if self.state.training && self.state.running.is_some() {
             return Err(Error::InvalidArgument(format!(
-                "{}: forward_eval cannot update the running statistics of a training-mode                  module; call eval() first, or forward() (which takes &mut self)",
+                "{}: forward_eval cannot update the running statistics of a training-mode \
+                 module; call eval() first, or forward() (which takes &mut self)",
                 self.state.name
             )));
         }

@@ -228,6 +228,17 @@ pub trait Norm<T: Element>: Module {
     fn backward(&self, dy: &Tensor<T>, x: &Tensor<T>, stats: &SavedStats) -> Result<Gradients<T>>;
 }
 
+/// `num_batches_tracked` is a step count: `Err` when negative.
+fn check_count(layer: &str, n: i64) -> Result<()> {
+    if n < 0 {
+        return Err(Error::InvalidArgument(format!(
+            "{layer}: num_batches_tracked counts steps and cannot be negative, got {n}; use 0 \
+             for a fresh start"
+        )));
+    }
+    Ok(())
+}
+
 /// Parameters and running statistics of a norm layer: the state all five share.
 #[derive(Clone, Debug)]
 pub(crate) struct State {
@@ -360,8 +371,11 @@ impl State {
         Ok(())
     }
 
-    /// Sets `num_batches_tracked`, which exists only when running statistics are tracked.
+    /// Sets `num_batches_tracked`, which exists only when running statistics are tracked; an
+    /// `Err` for a negative count (a step count; with `momentum = None` the next step would
+    /// average with a weight of 1/0).
     pub fn set_num_batches_tracked(&mut self, n: i64) -> Result<()> {
+        check_count(&self.name, n)?;
         match &mut self.running {
             Some(r) => {
                 r.num_batches_tracked = n;
@@ -472,7 +486,10 @@ impl Module for State {
                     }
                     tensors.push((key.as_str(), t.to_device(&cur.device())?));
                 }
-                (StateEntry::Count(n), StateEntry::Count(_)) => count = Some(*n),
+                (StateEntry::Count(n), StateEntry::Count(_)) => {
+                    check_count(&layer, *n)?;
+                    count = Some(*n)
+                }
                 _ => {
                     return Err(Error::InvalidArgument(format!(
                         "{layer}: state_dict entry {key} has the wrong kind (num_batches_tracked \

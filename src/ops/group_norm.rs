@@ -25,11 +25,19 @@ fn check_input<T: Element>(x: &Tensor<T>, num_groups: usize) -> Result<PlaneShap
             "{OP}: num_groups must be at least 1"
         )));
     }
-    let d = PlaneShape::of(x.shape(), x.format());
+    let d = PlaneShape::of(x.shape(), x.format())?;
     if !d.c.is_multiple_of(num_groups) {
         return Err(Error::Shape(format!(
             "Expected number of channels in input to be divisible by num_groups, but got input \
              of shape {} and num_groups={num_groups}",
+            fmt_shape(x.shape())
+        )));
+    }
+    if d.n.checked_mul(num_groups).is_none() {
+        return Err(Error::Shape(format!(
+            "{OP}: N·num_groups = {}·{num_groups} statistics overflow for input of size {}; use \
+             fewer groups",
+            d.n,
             fmt_shape(x.shape())
         )));
     }

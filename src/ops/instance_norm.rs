@@ -46,7 +46,7 @@ pub fn instance_norm<T: Element>(
     let bias = param_f32(bias)?;
     let bias = bias.as_deref();
     check_input(x)?;
-    let d = PlaneShape::of(x.shape(), x.format());
+    let d = PlaneShape::of(x.shape(), x.format())?;
     if use_input_stats && d.s == 1 {
         return Err(Error::Shape(format!(
             "Expected more than 1 spatial element when training, got input size {} \
@@ -80,7 +80,7 @@ pub fn instance_norm_backward<T: Element>(
     let weight = weight.as_deref();
     check_input(x)?;
     check_grad(OP, dy, x)?;
-    let d = PlaneShape::of(x.shape(), x.format());
+    let d = PlaneShape::of(x.shape(), x.format())?;
     if let Some(t) = weight {
         check_vec(OP, "weight", t, d.c, &x.device())?;
     }

@@ -371,6 +371,25 @@ pub(crate) fn empty_grads<T: Element>(
     })
 }
 
+/// The forward of an empty input (the front has checked it): an empty output of its shape and
+/// format, and empty statistics, allocating nothing per channel or column (those may number
+/// 2⁶² when another dimension is 0). A backward reads no statistic of an empty input.
+pub(crate) fn empty_output<T: Element>(
+    x: &Tensor<T>,
+    op: NormOp,
+    from_input: bool,
+) -> Result<NormOutput<T>> {
+    let device = x.device();
+    let empty = || f32_tensor(Vec::new(), &device);
+    let mean = (!matches!(op, NormOp::RmsNorm { .. }))
+        .then(empty)
+        .transpose()?;
+    Ok(NormOutput {
+        output: x.clone(),
+        stats: SavedStats::new(op, x.shape(), mean, empty()?, from_input),
+    })
+}
+
 pub(crate) fn f32_tensor(v: Vec<f32>, device: &Device) -> Result<Tensor<f32>> {
     let n = v.len();
     Tensor::from_vec(v, &[n])?.to_device(device)

@@ -247,10 +247,17 @@ fn forwards_through_shared_references() {
 #[test]
 fn failed_forward_changes_no_state() {
     let mut bn = BatchNorm2d::from_config(BatchNormConfig::new(3).with_momentum(None)).unwrap();
-    bn.set_num_batches_tracked(-1).unwrap();
+    // A negative step count is refused where it is set (with momentum None it would make the
+    // next step's factor 1/0), and the refusal changes nothing.
+    let before = values(&bn);
+    let e = bn.set_num_batches_tracked(-1).unwrap_err().to_string();
+    assert!(e.contains("cannot be negative"), "{e}");
+    assert_eq!(values(&bn), before);
+    // A counter at its maximum makes the training forward an Err, before anything changes.
+    bn.set_num_batches_tracked(i64::MAX).unwrap();
     let before = values(&bn);
     let x = Tensor::<f32>::randn(&[2, 3, 2, 2], 4).unwrap();
-    assert!(bn.forward(&x).is_err(), "factor 1/0 must be an Err");
+    assert!(bn.forward(&x).is_err(), "the step count cannot grow");
     assert_eq!(values(&bn), before);
     // A wrong channel count fails before anything changes too.
     bn.set_num_batches_tracked(0).unwrap();

@@ -438,6 +438,9 @@ fn cuda_out_of_memory_is_an_err() {
         e.contains("out of memory") && e.contains(&format!("{} bytes", n * 4)),
         "{e}"
     );
+    // A byte count that overflows usize is refused before the driver (cudarc would wrap it).
+    let e = dev.zeros::<f32>((1 << 62) + 1).unwrap_err().to_string();
+    assert!(e.contains("out of memory"), "{e}");
     let x = Tensor::<f32>::randn(&[4, 8], 5)
         .unwrap()
         .to_device(&Device::Cuda(dev))

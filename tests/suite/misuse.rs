@@ -179,6 +179,97 @@ fn overflowing_and_huge_shapes_are_an_err() {
     );
 }
 
+/// Found by reading the code after the listed items were fixed (issue 9: "go looking for the
+/// ones nobody listed").
+#[test]
+fn empty_inputs_with_huge_other_dimensions() {
+    // An empty input whose channel or column count is huge: an empty output, nothing allocated
+    // per channel or column (was a capacity-overflow panic or a 4 TiB abort).
+    let huge = 1usize << 62;
+    let e2 = Tensor::<f32>::from_vec(vec![], &[0, huge]).unwrap();
+    let e3 = Tensor::<f32>::from_vec(vec![], &[0, huge, 2]).unwrap();
+    let ln = no_panic("ln", || F::layer_norm(&e2, &[huge], None, None, 1e-5)).unwrap();
+    assert_eq!(ln.output.shape(), &[0, huge]);
+    assert!(no_panic("rms", || F::rms_norm(&e2, &[huge], None, None)).is_ok());
+    let bn = no_panic("bn", || {
+        F::batch_norm(&e2, None, None, None, None, true, 0.1, 1e-5)
+    })
+    .unwrap();
+    assert_eq!(bn.output.shape(), &[0, huge]);
+    let g = no_panic("bn bwd", || {
+        F::batch_norm_backward(&e2, &e2, None, &bn.stats)
+    })
+    .unwrap();
+    assert_eq!(g.dx.shape(), &[0, huge]);
+    assert!(no_panic("in", || {
+        F::instance_norm(&e3, None, None, None, None, true, 0.1, 1e-5)
+    })
+    .is_ok());
+    assert!(no_panic("gn", || F::group_norm(&e3, 2, None, None, 1e-5)).is_ok());
+    let cl = Tensor::<f32>::from_vec(vec![], &[0, huge, 2, 1])
+        .unwrap()
+        .to_format(MemoryFormat::ChannelsLast)
+        .unwrap();
+    assert!(no_panic("gn cl", || F::group_norm(&cl, 4, None, None, 1e-5)).is_ok());
+    let mut m =
+        LayerNorm::from_config(LayerNormConfig::new(&[huge]).with_elementwise_affine(false))
+            .unwrap();
+    assert!(no_panic("LayerNorm module", || m.forward(&e2)).is_ok());
+    // C = 0 divides by any num_groups: N·G must still fit (was a capacity overflow, or on CUDA
+    // a wrapped allocation size).
+    let c0 = Tensor::<f32>::from_vec(vec![], &[2, 0, 2]).unwrap();
+    assert!(no_panic("gn c0", || F::group_norm(&c0, 1 << 62, None, None, 1e-5)).is_ok());
+    err_with(
+        "gn N·G overflow",
+        no_panic("gn c0 max", || {
+            F::group_norm(&c0, usize::MAX, None, None, 1e-5)
+        }),
+        &["overflow", "fewer groups"],
+    );
+    // Sizes whose non-zero product overflows are refused even when one size is 0 (every
+    // partial product, N·C or the spatial size, must fit).
+    err_with(
+        "empty with overflowing strides",
+        no_panic("from_vec", || {
+            Tensor::<f32>::from_vec(vec![], &[0, 1, 1 << 32, 1 << 32])
+        }),
+        &["smaller shape"],
+    );
+    // The public plane view of a shape: an Err, not an index panic.
+    err_with(
+        "PlaneShape of rank 1",
+        no_panic("plane shape", || {
+            PlaneShape::of(&[4], MemoryFormat::Contiguous)
+        }),
+        &["at least 2 dimensions", "[4]"],
+    );
+}
+
+/// A negative step count is refused where it enters: set or loaded.
+#[test]
+fn negative_num_batches_tracked_is_an_err() {
+    let mut bn = BatchNorm2d::new(3).unwrap();
+    err_with(
+        "set -1",
+        bn.set_num_batches_tracked(-1),
+        &["cannot be negative", "-1"],
+    );
+    let mut sd = bn.state_dict();
+    for (k, v) in sd.iter_mut() {
+        if k == "num_batches_tracked" {
+            *v = StateEntry::Count(-5);
+        }
+    }
+    let before = bn.state_dict().len();
+    err_with(
+        "load -5",
+        bn.load_state_dict(&sd),
+        &["cannot be negative", "-5"],
+    );
+    assert_eq!(bn.num_batches_tracked(), Some(0));
+    assert_eq!(bn.state_dict().len(), before);
+}
+
 #[test]
 fn empty_normalized_shape_in_the_functional_ops_is_an_err() {
     let t = x(&[2, 3]);

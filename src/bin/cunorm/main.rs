@@ -78,7 +78,7 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         reps: usize,
         /// Only these ops (layer_norm, rms_norm, group_norm, batch_norm, instance_norm)
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', value_parser = ["layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm"])]
         ops: Vec<String>,
     },
     /// Time CPU cases listed in a JSON file (written by benches/cpu_compare.py) and print
@@ -87,8 +87,8 @@ enum Command {
         /// The case list
         #[arg(long)]
         cases: std::path::PathBuf,
-        /// Worker threads (rayon's global pool; one count per process)
-        #[arg(long, default_value_t = 1)]
+        /// Worker threads (rayon's global pool; one count per process), at least 1
+        #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         threads: usize,
         /// Timed runs per case (after two warm-up runs)
         #[arg(long, default_value_t = 10)]

@@ -33,7 +33,7 @@ pub(crate) fn forward<T: Element>(
     source: TensorSource<'_>,
 ) -> Result<NormOutput<T>> {
     let grouping = Grouping::of(op);
-    let s = PlaneShape::of(x.shape(), x.format());
+    let s = PlaneShape::of(x.shape(), x.format())?;
     let numel = x.numel();
     let from_input = matches!(source, Source::Input { .. });
     let ng = if from_input {
@@ -117,7 +117,7 @@ pub(crate) fn backward<T: Element>(
     stats: &SavedStats,
 ) -> Result<Gradients<T>> {
     let grouping = Grouping::of(stats.op());
-    let s = PlaneShape::of(x.shape(), x.format());
+    let s = PlaneShape::of(x.shape(), x.format())?;
     let numel = x.numel();
     let mut dx = dev.alloc::<T>(numel)?;
     let mut dw = dev.alloc::<f32>(s.c)?;
@@ -320,6 +320,11 @@ pub fn planes_forward<T: Element>(
             "cuda launch: running statistics need per-channel statistics: Grouping::Channel \
              (BatchNorm) or Grouping::Instance (InstanceNorm), got Groups({g})"
         )));
+    }
+    // Every length is checked before the first launch: a failed call writes nothing.
+    if let Source::Input { running: Some(r) } = &stats {
+        check_len("running_mean", r.mean.len(), s.c)?;
+        check_len("running_var", r.var.len(), s.c)?;
     }
     let (n_i, c_i, s_i, cl) = s.kernel_args()?;
     let stream = dev.stream();

@@ -35,20 +35,27 @@ pub struct PlaneShape {
 }
 
 impl PlaneShape {
-    /// The view of a tensor `shape` of rank ≥ 2 in `format`. The caller has checked the rank
-    /// and that the element count fits `usize` (every [`crate::Tensor`] does).
-    pub fn of(shape: &[usize], format: MemoryFormat) -> PlaneShape {
-        PlaneShape {
-            n: shape[0],
-            c: shape[1],
-            s: shape[2..].iter().product(),
+    /// The view of a tensor `shape` in `format`: an `Err` unless the rank is at least 2 and
+    /// every product fits `usize` (every [`crate::Tensor`]'s shape does).
+    pub fn of(shape: &[usize], format: MemoryFormat) -> Result<PlaneShape> {
+        let [n, c, spatial @ ..] = shape else {
+            return Err(Error::Shape(format!(
+                "an (N, C, *) input needs at least 2 dimensions, got size {}",
+                crate::error::fmt_shape(shape)
+            )));
+        };
+        crate::tensor::checked_numel(shape)?;
+        Ok(PlaneShape {
+            n: *n,
+            c: *c,
+            s: crate::tensor::checked_numel(spatial)?,
             format,
-        }
+        })
     }
 
-    /// `N·C·S`.
+    /// `N·C·S`, saturating at `usize::MAX` (the launch layer checks it).
     pub fn numel(&self) -> usize {
-        self.n * self.c * self.s
+        self.n.saturating_mul(self.c).saturating_mul(self.s)
     }
 
     /// `N·C·S` for the launch layer, whose shapes come from the caller: an `Err` when it (or
@@ -97,12 +104,13 @@ pub enum Grouping {
 }
 
 impl Grouping {
-    /// Number of statistics: `C` for [`Grouping::Channel`], `N·G` for [`Grouping::Groups`].
+    /// Number of statistics: `C` for [`Grouping::Channel`], `N·C` for [`Grouping::Instance`],
+    /// `N·G` for [`Grouping::Groups`] (saturating at `usize::MAX`, which no buffer matches).
     pub fn num_groups(self, p: &PlaneShape) -> usize {
         match self {
             Grouping::Channel => p.c,
-            Grouping::Instance => p.n * p.c,
-            Grouping::Groups(g) => p.n * g,
+            Grouping::Instance => p.n.saturating_mul(p.c),
+            Grouping::Groups(g) => p.n.saturating_mul(g),
         }
     }
 
@@ -279,10 +287,13 @@ pub(crate) fn forward<T: Element>(
 ) -> Result<NormOutput<T>> {
     let grouping = Grouping::of(op);
     let device = x.device();
+    let p = PlaneShape::of(x.shape(), x.format())?;
+    if p.numel() == 0 {
+        return super::empty_output(x, op, matches!(source, Source::Input { .. }));
+    }
     if let Device::Cuda(dev) = &device {
         return cuda::forward(dev, x, op, weight, bias, eps, source);
     }
-    let p = PlaneShape::of(x.shape(), x.format());
     let xs = x.cpu_slice()?;
     let w = param_f64(weight, p.c, 1.0)?;
     let b = param_f64(bias, p.c, 0.0)?;
@@ -426,7 +437,7 @@ pub(crate) fn backward<T: Element>(
     if let Device::Cuda(dev) = &device {
         return cuda::backward(dev, dy, x, weight, affine, stats);
     }
-    let p = PlaneShape::of(x.shape(), x.format());
+    let p = PlaneShape::of(x.shape(), x.format())?;
     let (gs, xs) = (dy.cpu_slice()?, x.cpu_slice()?);
     let w = param_f64(weight, p.c, 1.0)?;
     let mean = match stats.mean() {

@@ -82,6 +82,11 @@ pub(crate) fn forward<T: Element>(
     op: NormOp,
 ) -> Result<NormOutput<T>> {
     let center = op.welford_mean();
+    if x.numel() == 0 {
+        // Contiguous like every rows output (an empty tensor has no data to move).
+        let x = contiguous(x)?.into_owned();
+        return super::empty_output(&x, op, true);
+    }
     let x = contiguous(x)?;
     let dev = x.device();
     if let Device::Cuda(d) = &dev {
