@@ -211,9 +211,8 @@ fn empty_inputs_with_huge_other_dimensions() {
         .to_format(MemoryFormat::ChannelsLast)
         .unwrap();
     assert!(no_panic("gn cl", || F::group_norm(&cl, 4, None, None, 1e-5)).is_ok());
-    let mut m =
-        LayerNorm::from_config(LayerNormConfig::new(&[huge]).with_elementwise_affine(false))
-            .unwrap();
+    let m = LayerNorm::from_config(LayerNormConfig::new(&[huge]).with_elementwise_affine(false))
+        .unwrap();
     assert!(no_panic("LayerNorm module", || m.forward(&e2)).is_ok());
     // C = 0 divides by any num_groups: N·G must still fit (was a capacity overflow, or on CUDA
     // a wrapped allocation size).
