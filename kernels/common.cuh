@@ -71,6 +71,45 @@ __device__ __forceinline__ Welford welford_empty() {
 // Finite (not ±inf, not NaN), without a math header.
 __device__ __forceinline__ bool is_finite(float v) { return fabsf(v) <= 3.402823466e+38f; }
 
+// Division of 64-bit indices by a per-launch divisor without the 64-bit integer division
+// subroutine (a called routine of ~70 instructions on the GPU: a throughput cliff in a loop):
+// the quotient is estimated with a double reciprocal made once per thread (`fast_div`), then
+// fixed up exactly in integers. Exact for 0 <= n < 2^53 (the launch layer refuses larger
+// tensors) and d >= 1: d = 1 is exact, and for d >= 2 the quotient is below 2^52 and the two
+// roundings (1/d, then n·(1/d)) move it by less than 1, so the truncated estimate is off by at
+// most 1. The fix-up steps are straight-line (a loop would be turned back into a division by
+// the compiler), one more each way than needed.
+struct FastDiv {
+    i64 d;
+    double inv;
+};
+
+__device__ __forceinline__ FastDiv fast_div(i64 d) {
+    FastDiv f;
+    f.d = d;
+    f.inv = 1.0 / (double)d;
+    return f;
+}
+
+// n / f.d, and n % f.d into *rem when given.
+__device__ __forceinline__ i64 div_of(i64 n, FastDiv f, i64* rem = 0) {
+    i64 q = (i64)((double)n * f.inv);
+    i64 r = n - q * f.d;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (r < 0) {
+            --q;
+            r += f.d;
+        }
+        if (r >= f.d) {
+            ++q;
+            r -= f.d;
+        }
+    }
+    if (rem) *rem = r;
+    return q;
+}
+
 // NaN for ±inf, else `v`: a LayerNorm or GroupNorm mean of a set holding an infinity, which
 // PyTorch's Welford merges make NaN.
 __device__ __forceinline__ float nan_if_inf(float v) {

@@ -17,10 +17,11 @@ __device__ __forceinline__ int group_of(i64 n, int c, int C, int G) {
     return G == 0 ? c : (int)(n * G + c / (C / G));
 }
 
-// Spatial range of chunk k: [k·len, min(S, (k+1)·len)), len a multiple of the pack size.
+// Spatial range of chunk k: [k·len, min(S, (k+1)·len)), len a multiple of the pack size `pn`
+// (a power of two).
 __device__ __forceinline__ void chunk_range(i64 S, int chunks, int k, int pn, i64* s0, i64* s1) {
-    i64 len = (S + chunks - 1) / chunks;
-    len = (len + pn - 1) / pn * pn;
+    i64 len = div_of(S + chunks - 1, fast_div(chunks));
+    len = (len + pn - 1) & ~(i64)(pn - 1);
     *s0 = min(S, (i64)k * len);
     *s1 = min(S, *s0 + len);
 }
@@ -53,6 +54,9 @@ struct GradAcc {
     static const int WIDTH = 2;
 };
 
+// Loads each thread issues before using any, in the reduction loops.
+#define UNROLL 4
+
 // GRAD = false: x only (StatAcc). GRAD = true: x and dy, shift m per plane (GradAcc).
 template <typename T, typename Acc, bool GRAD>
 __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* __restrict__ dy,
@@ -64,7 +68,7 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
         __shared__ Acc scratch[32];
         const i64 plane = blockIdx.x / chunks;
         const int k = blockIdx.x % chunks;
-        const bool vec = (S % PN == 0) && aligned16(x) && (!GRAD || aligned16(dy));
+        const bool vec = ((S & (PN - 1)) == 0) && aligned16(x) && (!GRAD || aligned16(dy));
         i64 s0, s1;
         chunk_range(S, chunks, k, vec ? PN : 1, &s0, &s1);
         const T* xp = x + plane * S;
@@ -72,16 +76,32 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
         Acc acc;
         acc.init();
         if constexpr (GRAD) acc.m = mplane[plane];
+        // Loops unrolled by hand, UNROLL packs loaded before any is used (several 16-byte
+        // loads in flight); `unroll 1` on the outer loops keeps the compiler from computing a
+        // trip count, a 64-bit division.
         if (vec) {
-            for (i64 s = s0 + (i64)threadIdx.x * PN; s < s1; s += (i64)blockDim.x * PN) {
-                Pack<T> xv = *reinterpret_cast<const Pack<T>*>(xp + s);
-                Pack<T> gv;
-                if (GRAD) gv = *reinterpret_cast<const Pack<T>*>(gp + s);
+            const i64 step = (i64)blockDim.x * PN;
+#pragma unroll 1
+            for (i64 s = s0 + (i64)threadIdx.x * PN; s < s1; s += UNROLL * step) {
+                Pack<T> xv[UNROLL], gv[UNROLL];
 #pragma unroll
-                for (int i = 0; i < PN; ++i)
-                    acc.add(to_float(xv.v[i]), GRAD ? to_float(gv.v[i]) : 0.f);
+                for (int u = 0; u < UNROLL; ++u) {
+                    if (s + u * step < s1) {
+                        xv[u] = *reinterpret_cast<const Pack<T>*>(xp + s + u * step);
+                        if (GRAD) gv[u] = *reinterpret_cast<const Pack<T>*>(gp + s + u * step);
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) {
+                    if (s + u * step < s1) {
+#pragma unroll
+                        for (int i = 0; i < PN; ++i)
+                            acc.add(to_float(xv[u].v[i]), GRAD ? to_float(gv[u].v[i]) : 0.f);
+                    }
+                }
             }
         } else {
+#pragma unroll 1
             for (i64 s = s0 + threadIdx.x; s < s1; s += blockDim.x)
                 acc.add(to_float(xp[s]), GRAD ? to_float(gp[s]) : 0.f);
         }
@@ -98,9 +118,21 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
         acc.init();
         if (c < C) {
             if constexpr (GRAD) acc.m = mplane[n * C + c];
-            for (i64 s = s0 + threadIdx.y; s < s1; s += blockDim.y) {
-                i64 e = (n * S + s) * C + c;
-                acc.add(to_float(x[e]), GRAD ? to_float(dy[e]) : 0.f);
+            const i64 step = blockDim.y;
+#pragma unroll 1
+            for (i64 s = s0 + threadIdx.y; s < s1; s += UNROLL * step) {
+                T xv[UNROLL], gv[UNROLL];
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) {
+                    if (s + u * step < s1) {
+                        const i64 e = (n * S + s + u * step) * C + c;
+                        xv[u] = x[e];
+                        if (GRAD) gv[u] = dy[e];
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u)
+                    if (s + u * step < s1) acc.add(to_float(xv[u]), GRAD ? to_float(gv[u]) : 0.f);
             }
         }
         tile[threadIdx.y][threadIdx.x] = acc;
@@ -129,6 +161,8 @@ extern "C" __global__ void planes_finalize_f32(const float* __restrict__ part, f
     const i64 gi = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (gi >= groups) return;
     Welford t = welford_empty();
+    i64 g_in_n = 0;
+    const i64 n_of_g = G == 0 ? 0 : div_of(gi, fast_div(G), &g_in_n);
     if (G == 0) {
         for (i64 n = 0; n < N; ++n)
             for (int k = 0; k < chunks; ++k) {
@@ -138,8 +172,8 @@ extern "C" __global__ void planes_finalize_f32(const float* __restrict__ part, f
                 t = welford_merge(t, w);
             }
     } else {
-        const i64 n = gi / G;
-        const int D = C / G, c0 = (int)(gi % G) * D;
+        const i64 n = n_of_g;
+        const int D = C / G, c0 = (int)g_in_n * D;
         for (int c = c0; c < c0 + D; ++c)
             for (int k = 0; k < chunks; ++k) {
                 const float* p = part + ((n * C + c) * chunks + k) * 3;
@@ -196,8 +230,9 @@ extern "C" __global__ void planes_coef_f32(const float* __restrict__ mean_g, con
                                       float* __restrict__ k, i64 N, int C, int G) {
     const i64 p = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (p >= N * C) return;
-    const i64 n = p / C;
-    const int c = (int)(p % C);
+    i64 c64;
+    const i64 n = div_of(p, fast_div(C), &c64);
+    const int c = (int)c64;
     const int g = group_of(n, c, C, G);
     a[p] = rstd_g[g] * (w ? w[c] : 1.f);
     m[p] = mean_g[g];
@@ -214,9 +249,10 @@ extern "C" __global__ void planes_grad_finalize_f32(const float* __restrict__ pa
     const i64 groups = G == 0 ? C : N * G;
     const i64 gi = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (gi >= groups) return;
-    const i64 n0 = G == 0 ? 0 : gi / G, n1 = G == 0 ? N : n0 + 1;
+    i64 g_in_n = 0;
+    const i64 n0 = G == 0 ? 0 : div_of(gi, fast_div(G), &g_in_n), n1 = G == 0 ? N : n0 + 1;
     const int D = G == 0 ? 1 : C / G;
-    const int c0 = G == 0 ? (int)gi : (int)(gi % G) * D;
+    const int c0 = G == 0 ? (int)gi : (int)g_in_n * D;
     float A = 0.f, B = 0.f;
     for (i64 n = n0; n < n1; ++n)
         for (int c = c0; c < c0 + D; ++c) {
@@ -269,8 +305,12 @@ extern "C" __global__ void planes_grad_params_f32(const float* __restrict__ part
 // Bytes: x (and dy) read once, y (dx) written once; coefficients stay in L1/L2.
 // ---------------------------------------------------------------------------------------------
 
-__device__ __forceinline__ i64 plane_of(i64 e, int C, i64 S, int cl) {
-    return cl ? (e / (S * C)) * C + (e % C) : e / S;
+// The plane n·C + c of element e: contiguous e / S; channels-last (e / C / S)·C + e % C.
+__device__ __forceinline__ i64 plane_of(i64 e, FastDiv dc, FastDiv ds, int cl) {
+    if (!cl) return div_of(e, ds);
+    i64 c;
+    const i64 ns = div_of(e, dc, &c);  // n·S + s
+    return div_of(ns, ds) * dc.d + c;
 }
 
 template <typename T, bool GRAD>
@@ -283,15 +323,18 @@ __device__ __forceinline__ void planes_apply(const T* __restrict__ x, const T* _
     const int PN = Pack<T>::N;
     const i64 total = N * C * S;
     const i64 stride = (i64)gridDim.x * blockDim.x;
-    const bool vec = (cl ? (C % PN == 0) : (S % PN == 0)) && aligned16(x) && aligned16(out) &&
+    const bool vec = (cl ? (C % PN == 0) : ((S & (PN - 1)) == 0)) && aligned16(x) && aligned16(out) &&
                      (!GRAD || aligned16(dy));
+    const FastDiv dc = fast_div(C), ds = fast_div(S);
+    // `unroll 1`: no trip count (a 64-bit division) computed for the grid-stride loops.
     if (vec) {
+#pragma unroll 1
         for (i64 q = (i64)blockIdx.x * blockDim.x + threadIdx.x; q < total / PN; q += stride) {
             const i64 e0 = q * PN;
             Pack<T> xv = reinterpret_cast<const Pack<T>*>(x)[q];
             Pack<T> gv, ov;
             if (GRAD) gv = reinterpret_cast<const Pack<T>*>(dy)[q];
-            const i64 p0 = plane_of(e0, C, S, cl);
+            const i64 p0 = plane_of(e0, dc, ds, cl);
 #pragma unroll
             for (int i = 0; i < PN; ++i) {
                 const i64 p = cl ? p0 + i : p0;
@@ -302,8 +345,9 @@ __device__ __forceinline__ void planes_apply(const T* __restrict__ x, const T* _
             reinterpret_cast<Pack<T>*>(out)[q] = ov;
         }
     } else {
+#pragma unroll 1
         for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-            const i64 p = plane_of(e, C, S, cl);
+            const i64 p = plane_of(e, dc, ds, cl);
             const float xm = to_float(x[e]) - m[p];
             const float o = GRAD ? a[p] * to_float(dy[e]) + bc[p] * xm + k[p] : a[p] * xm + k[p];
             out[e] = from_float<T>(o);

@@ -24,12 +24,15 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
     T* row_cache = reinterpret_cast<T*>(row_cache_bytes);
     __shared__ Welford scratch[32];
     const int PN = Pack<T>::N;
+    const FastDiv dcycle = fast_div(cycle);
     for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
         const T* xr = x + row * (i64)cols;
         T* yr = y + row * (i64)cols;
         // A pack never straddles two affine segments: seg % PN == 0 (or seg == 1).
         const bool vec = aligned16(xr) && aligned16(yr) && (cols % PN == 0) && (seg == 1 || seg % PN == 0);
-        const int p0 = (int)(row % cycle) * (cols / seg);
+        i64 in_cycle;
+        div_of(row, dcycle, &in_cycle);
+        const int p0 = (int)in_cycle * (cols / seg);
         Welford acc = welford_empty();
         float ss = 0.f;
         if (vec) {

@@ -118,8 +118,8 @@ void rows_case(size_t rows, int cols, bool center, bool affine) {
     const float* wp = affine ? w.data() : nullptr;
     const float* bp = affine && center ? b.data() : nullptr;
     emu_launch({blocks}, {threads}, cache ? cols * sizeof(T) : 0, [&] {
-        if (center) rows_fwd<T, true>(x.data(), y.data(), wp, bp, mean.data(), rstd.data(), nullptr, rows, cols, 1, 1, eps, cache);
-        else rows_fwd<T, false>(x.data(), y.data(), wp, nullptr, nullptr, rstd.data(), nullptr, rows, cols, 1, 1, eps, cache);
+        if (center) rows_fwd<T, true>(x.data(), y.data(), wp, bp, mean.data(), rstd.data(), nullptr, rows, cols, 1, 1, eps, cache, 1);
+        else rows_fwd<T, false>(x.data(), y.data(), wp, nullptr, nullptr, rstd.data(), nullptr, rows, cols, 1, 1, eps, cache, 0);
     });
     // backward, as raw::rows_backward
     size_t parts = std::max<size_t>(1, std::min<size_t>(rows, std::max<size_t>(1, std::min<size_t>(SMS * 4, (1u << 24) / cols))));
@@ -191,14 +191,14 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
         int cache;
         rows_cfg<T>(groups, cols, &threads, &cache, &blocks);
         emu_launch({blocks}, {threads}, cache ? cols * sizeof(T) : 0, [&] {
-            rows_fwd<T, true>(x.data(), y.data(), w.data(), b.data(), mean.data(), rstd.data(), varu.data(), groups, cols, S, G, eps, cache);
+            rows_fwd<T, true>(x.data(), y.data(), w.data(), b.data(), mean.data(), rstd.data(), varu.data(), groups, cols, S, G, eps, cache, 1);
         });
         if (G == C)
             emu_launch(small(C), {256}, 0, [&] { planes_running_update_f32(rm.data(), rv.data(), mean.data(), varu.data(), N, C, 1, factor); });
     } else if (!eval) {
         std::vector<float> part(N * C * chunks * 3, NAN), varu(groups);
         emu_launch(rgrid, rblock, 0, [&] { planes_reduce<T, StatAcc, false>(x.data(), nullptr, nullptr, part.data(), N, C, S, cl, chunks); });
-        emu_launch(small(groups), {256}, 0, [&] { planes_finalize_f32(part.data(), mean.data(), rstd.data(), varu.data(), N, C, chunks, G, eps); });
+        emu_launch(small(groups), {256}, 0, [&] { planes_finalize_f32(part.data(), mean.data(), rstd.data(), varu.data(), N, C, chunks, G, eps, 1); });
         if (G == 0 || G == C)
             emu_launch(small(C), {256}, 0, [&] { planes_running_update_f32(rm.data(), rv.data(), mean.data(), varu.data(), N, C, G == C, factor); });
     } else {

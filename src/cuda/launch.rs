@@ -7,6 +7,11 @@ use super::{driver_err, Kernel};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 
+/// Element counts (and so indices) a launch may have: below 2⁵³. The kernels divide 64-bit
+/// indices with a double reciprocal and an exact fix-up (`common.cuh` `div_of`, no 64-bit
+/// division subroutine), exact in that range; no GPU holds a tensor that large.
+pub(crate) const MAX_ELEMENTS: usize = 1 << 53;
+
 const NULL: u64 = 0;
 
 pub(crate) fn check_len(what: &str, got: usize, want: usize) -> Result<()> {

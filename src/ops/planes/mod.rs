@@ -59,12 +59,12 @@ impl PlaneShape {
     }
 
     /// `N·C·S` for the launch layer, whose shapes come from the caller: an `Err` when it (or
-    /// `N·C`) overflows or does not fit the kernels' 64-bit indices.
+    /// `N·C`) overflows or reaches the kernels' index limit (2⁵³).
     pub(crate) fn checked_numel(&self) -> Result<usize> {
         self.n
             .checked_mul(self.c)
             .and_then(|nc| nc.checked_mul(self.s))
-            .filter(|&e| e <= i64::MAX as usize)
+            .filter(|&e| e < crate::cuda::launch::MAX_ELEMENTS)
             .ok_or_else(|| {
                 Error::Shape(format!(
                     "cuda launch: N·C·S of {self:?} overflows; split the input"

@@ -156,10 +156,10 @@ pub(crate) fn backward<T: Element>(
 // ---------------------------------------------------------------------------------------------
 
 /// `rows·cols` for the launch layer, whose sizes come from the caller: an `Err` when it
-/// overflows or does not fit the kernels' 64-bit indices.
+/// overflows or reaches [`MAX_ELEMENTS`](crate::cuda::launch::MAX_ELEMENTS).
 fn rows_numel(rows: usize, cols: usize) -> Result<usize> {
     rows.checked_mul(cols)
-        .filter(|&e| e <= i64::MAX as usize)
+        .filter(|&e| e < crate::cuda::launch::MAX_ELEMENTS)
         .ok_or_else(|| {
             crate::Error::Shape(format!(
                 "cuda launch: {rows} rows of {cols} overflow; split the input"
