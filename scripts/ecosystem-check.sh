@@ -7,6 +7,14 @@
 #     cunorm's matching feature (the CUDA version from CUDARC_CUDA_VERSION, as a toolkit-less CI
 #     sets it; with a toolkit, nvcc gives it).
 # `cargo check` on a throwaway crate for each, in BUILD_DIR (default target/ecosystem).
+#
+# With CUNORM_CHECK_CANDLE_CUDA=1 it also checks a crate that depends on cunorm with feature
+# `candle-cuda` beside candle-core with feature `cuda` itself: cunorm's candle ops on candle's
+# CUDA storage type-check against candle's real CUDA backend. candle's build compiles its kernels
+# with nvcc, so the CUDA 13.0 wheels (nvcc, runtime headers, CCCL, crt, nvvm: one release, as
+# mixed releases fail) go into BUILD_DIR/cuda-venv, with CUDA_ROOT pointing at them and
+# CUDA_COMPUTE_CAP=90 (no GPU to ask). That build takes ~19 minutes on 2 cores (candle's
+# quantized-matmul kernels), too long for every CI run; run it when the candle CUDA code changes.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${1:-$root/target/ecosystem}
@@ -40,3 +48,31 @@ check cubecl-loading '"cuda-version-from-build-system"' \
   '"std", "driver", "nvrtc", "fallback-dynamic-loading", "cuda-version-from-build-system"' \
   CUDARC_CUDA_VERSION=13000
 echo "ecosystem: cunorm builds beside candle's and cubecl's cudarc settings"
+
+if [ "${CUNORM_CHECK_CANDLE_CUDA:-0}" = 1 ]; then
+  venv="$build/cuda-venv"
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "nvidia-cuda-nvcc==13.0.*" \
+    "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-crt==13.0.*" "nvidia-nvvm==13.0.*"
+  cuda=$(cd "$(dirname "$(find "$venv" -path '*nvidia/cu13/bin/nvcc' | head -n 1)")/.." && pwd)
+  mkdir -p "$build/candle-cuda/src"
+  cat > "$build/candle-cuda/Cargo.toml" <<TOML
+[package]
+name = "candle-cuda"
+version = "0.0.0"
+edition = "2021"
+publish = false
+
+[dependencies]
+cunorm = { path = "$root", features = ["candle-cuda"] }
+candle-core = { version = "0.11", features = ["cuda"] }
+
+[workspace]
+TOML
+  echo 'fn main() { let _ = candle_core::Device::new_cuda(0); let (dev, _why) = cunorm::Device::auto(); println!("{dev}"); }' \
+    > "$build/candle-cuda/src/main.rs"
+  echo "-- candle-cuda (candle-core cuda, CUDA wheels in $cuda)"
+  (cd "$build/candle-cuda" && CUDA_ROOT="$cuda" CUDA_PATH="$cuda" CUDA_COMPUTE_CAP=90 \
+    PATH="$cuda/bin:$PATH" cargo check --quiet)
+  echo "ecosystem: cunorm's candle CUDA ops build beside candle-core's cuda feature"
+fi

@@ -42,6 +42,8 @@ use crate::ops::{Gradients, NormOutput, Param, SavedStats};
 use crate::tensor::{MemoryFormat, Tensor};
 use crate::{bf16, f16};
 
+#[cfg(feature = "candle-cuda")]
+mod cuda;
 mod modules;
 pub use modules::{
     batch_norm, group_norm, instance_norm, layer_norm, rms_norm, BatchNorm, GroupNorm,
@@ -166,13 +168,17 @@ struct Running {
     var: Vec<f32>,
 }
 
-/// One forward of `kind` on (x, weight, bias); keeps the statistics for its backward.
+/// One forward of `kind` on (x, weight, bias); keeps the statistics for its backward. The
+/// parameters reach the op as f32 (candle's autograd takes their gradients back to the
+/// parameters' own dtype through the conversion).
 struct CandleNorm {
     kind: Kind,
     eps: f64,
     has_weight: bool,
     has_bias: bool,
     saved: Mutex<Option<SavedStats>>,
+    #[cfg(feature = "candle-cuda")]
+    saved_cuda: Mutex<Option<Arc<cuda::SavedCuda>>>,
 }
 
 fn poisoned<T>(_: T) -> candle_core::Error {
@@ -187,6 +193,8 @@ impl CandleNorm {
             has_weight: true,
             has_bias,
             saved: Mutex::new(None),
+            #[cfg(feature = "candle-cuda")]
+            saved_cuda: Mutex::new(None),
         }
     }
 
@@ -195,8 +203,8 @@ impl CandleNorm {
     fn forward<T: Element>(
         &self,
         x: &Tensor<T>,
-        w: &Tensor<T>,
-        b: &Tensor<T>,
+        w: &Tensor<f32>,
+        b: &Tensor<f32>,
         update_running: bool,
     ) -> crate::Result<NormOutput<T>> {
         let weight = self.has_weight.then_some(w as &dyn Param);
@@ -264,7 +272,7 @@ impl CandleNorm {
         &self,
         dy: &Tensor<T>,
         x: &Tensor<T>,
-        w: &Tensor<T>,
+        w: &Tensor<f32>,
         stats: &SavedStats,
     ) -> crate::Result<Gradients<T>> {
         let weight = self.has_weight.then_some(w as &dyn Param);
@@ -296,8 +304,8 @@ impl CandleNorm {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w, b) = (
             from_storage::<T>(s1, l1)?,
-            from_storage::<T>(s2, l2)?,
-            from_storage::<T>(s3, l3)?,
+            from_storage::<f32>(s2, l2)?,
+            from_storage::<f32>(s3, l3)?,
         );
         let out = self.forward(&x, &w, &b, true).map_err(err)?;
         *self.saved.lock().map_err(poisoned)? = Some(out.stats);
@@ -313,10 +321,14 @@ impl CandleNorm {
         b: &CTensor,
         grad: &CTensor,
     ) -> candle_core::Result<(Option<CTensor>, Option<CTensor>, Option<CTensor>)> {
+        #[cfg(feature = "candle-cuda")]
+        if x.device().is_cuda() {
+            return self.cuda_bwd(x, w, grad);
+        }
         let (xc, wc, bc, dy) = (
             from_candle::<T>(x)?,
-            from_candle::<T>(w)?,
-            from_candle::<T>(b)?,
+            from_candle::<f32>(w)?,
+            from_candle::<f32>(b)?,
             from_candle::<T>(grad)?,
         );
         let saved = self.saved.lock().map_err(poisoned)?.clone();
@@ -325,7 +337,7 @@ impl CandleNorm {
             None => self.forward(&xc, &wc, &bc, false).map_err(err)?.stats,
         };
         let g = self.backward(&dy, &xc, &wc, &stats).map_err(err)?;
-        let (dw, db) = g.param_grads_as::<T>().map_err(err)?;
+        let (dw, db) = (g.dweight, g.dbias);
         let dx = to_candle(&g.dx, x)?;
         let dw = match (self.has_weight, dw) {
             (true, Some(t)) => Some(to_candle(&t, w)?),
@@ -388,21 +400,101 @@ impl CustomOp3 for CandleNorm {
     ) -> candle_core::Result<(Option<CTensor>, Option<CTensor>, Option<CTensor>)> {
         by_dtype!(self, x.dtype(), bwd_t(x, w, b, grad))
     }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        by_dtype!(self, s1.dtype(), cuda_fwd_t(s1, l1, s2, l2, s3, l3))
+    }
 }
 
-/// Parameters in the input's dtype and contiguous, the input contiguous or channels-last: what
+#[cfg(feature = "candle-cuda")]
+impl CandleNorm {
+    fn cuda_fwd_t<T: cuda::CudaElem>(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (y, shape, saved) = cuda::forward::<T>(
+            &self.kind,
+            self.eps,
+            self.has_weight,
+            self.has_bias,
+            s1,
+            l1,
+            s2,
+            l2,
+            s3,
+            l3,
+        )?;
+        *self.saved_cuda.lock().map_err(poisoned)? = Some(Arc::new(saved));
+        Ok((y, shape))
+    }
+
+    /// The backward on candle's CUDA device: `dx` from the gradient op, then `dweight` and
+    /// `dbias` taken from its slot (see `cuda.rs`).
+    fn cuda_bwd(
+        &self,
+        x: &CTensor,
+        w: &CTensor,
+        grad: &CTensor,
+    ) -> candle_core::Result<(Option<CTensor>, Option<CTensor>, Option<CTensor>)> {
+        let saved = self
+            .saved_cuda
+            .lock()
+            .map_err(poisoned)?
+            .clone()
+            .ok_or_else(|| {
+                candle_core::Error::Msg("cunorm: backward before a forward on CUDA".into())
+            })?;
+        let params = Arc::new(Mutex::new((None, None)));
+        let op = cuda::GradOp {
+            kind: self.kind.clone(),
+            has_weight: self.has_weight,
+            weight: Some(w.clone()),
+            saved,
+            params: params.clone(),
+        };
+        let dx = x.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
+        let take = |bias: bool| -> candle_core::Result<CTensor> {
+            let t = x.apply_op1_no_bwd(&cuda::TakeOp {
+                params: params.clone(),
+                bias,
+                len: w.elem_count(),
+            })?;
+            t.reshape(w.shape())
+        };
+        let dw = self.has_weight.then(|| take(false)).transpose()?;
+        let db = self.has_bias.then(|| take(true)).transpose()?;
+        Ok((Some(dx), dw, db))
+    }
+}
+
+/// Parameters as f32 and contiguous, the input contiguous or (on the CPU) channels-last: what
 /// the op reads.
 fn prepare(
     x: &CTensor,
     w: &CTensor,
     b: Option<&CTensor>,
 ) -> candle_core::Result<(CTensor, CTensor, CTensor)> {
-    let w = w.to_dtype(x.dtype())?.contiguous()?;
+    let f32 = candle_core::DType::F32;
+    let w = w.to_dtype(f32)?.contiguous()?;
     let b = match b {
-        Some(b) => b.to_dtype(x.dtype())?.contiguous()?,
+        Some(b) => b.to_dtype(f32)?.contiguous()?,
         None => w.zeros_like()?,
     };
-    let x = if is_channels_last(x.layout()) {
+    let x = if x.device().is_cpu() && is_channels_last(x.layout()) {
         x.clone()
     } else {
         x.contiguous()?
@@ -499,7 +591,7 @@ fn planes_op(
     let w = match weight {
         Some(w) => w,
         None => {
-            ones = CTensor::ones(c, x.dtype(), x.device())?;
+            ones = CTensor::ones(c, candle_core::DType::F32, x.device())?;
             &ones
         }
     };
@@ -515,6 +607,8 @@ fn planes_op(
         has_weight: weight.is_some() || bias.is_some(),
         has_bias: bias.is_some(),
         saved: Mutex::new(None),
+        #[cfg(feature = "candle-cuda")]
+        saved_cuda: Mutex::new(None),
     };
     let weight_grad = weight.is_some();
     let y = xp.apply_op3(&w, &b, WeightGrad { op, weight_grad })?;
@@ -563,6 +657,19 @@ impl CustomOp3 for WeightGrad {
     ) -> candle_core::Result<(Option<CTensor>, Option<CTensor>, Option<CTensor>)> {
         let (dx, dw, db) = self.op.bwd(x, w, b, res, grad)?;
         Ok((dx, dw.filter(|_| self.weight_grad), db))
+    }
+
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.op.cuda_fwd(s1, l1, s2, l2, s3, l3)
     }
 }
 
