@@ -29,8 +29,11 @@
 //! [`instance_norm_op`]) update their running statistics in place in training mode, as
 //! PyTorch's do. Inputs may be contiguous or have channels-last strides (read in place).
 //!
-//! This version runs on candle's CPU device (the crate's CPU engines; each op copies its input
-//! once); on a CUDA device the ops return an error naming the fix (move the tensors to the CPU).
+//! On candle's CPU device the ops run the crate's CPU engines (each op copies its input once).
+//! With feature `candle-cuda`, LayerNorm, RMSNorm and GroupNorm also run on candle's CUDA device:
+//! cunorm's kernels on candle's own stream, over candle's storage, forward and backward (built
+//! against candle-core's CUDA backend, not yet run on a GPU). BatchNorm and InstanceNorm on a
+//! CUDA device, and any op without that feature, return an error naming the fix.
 
 use std::sync::{Arc, Mutex};
 
