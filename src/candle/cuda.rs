@@ -37,6 +37,11 @@ fn msg(s: impl Into<String>) -> candle_core::Error {
     candle_core::Error::Msg(s.into())
 }
 
+/// The gradient ops run only on candle's CUDA device (the CPU backward is `CandleNorm::bwd_t`).
+fn cpu_tensors() -> candle_core::Error {
+    msg("cunorm: the CUDA gradient op got CPU tensors")
+}
+
 /// The cunorm device on a candle device's stream (made once per stream).
 fn device(c: &candle_core::CudaDevice) -> candle_core::Result<CudaDevice> {
     static CACHE: OnceLock<Mutex<HashMap<usize, CudaDevice>>> = OnceLock::new();
@@ -329,7 +334,7 @@ impl CustomOp2 for GradOp {
         _: &candle_core::CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
-        Err(msg("cunorm: the CUDA gradient op got CPU tensors"))
+        Err(cpu_tensors())
     }
 
     fn cuda_fwd(
@@ -367,7 +372,7 @@ impl CustomOp1 for TakeOp {
         _: &candle_core::CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
-        Err(msg("cunorm: the CUDA gradient op got CPU tensors"))
+        Err(cpu_tensors())
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {

@@ -177,7 +177,10 @@ struct Running {
 struct CandleNorm {
     kind: Kind,
     eps: f64,
+    /// The op reads a weight (ones when the caller gave only a bias: its gradient needs one).
     has_weight: bool,
+    /// The caller gave a weight: its gradient is returned.
+    weight_grad: bool,
     has_bias: bool,
     saved: Mutex<Option<SavedStats>>,
     #[cfg(feature = "candle-cuda")]
@@ -194,6 +197,7 @@ impl CandleNorm {
             kind,
             eps,
             has_weight: true,
+            weight_grad: true,
             has_bias,
             saved: Mutex::new(None),
             #[cfg(feature = "candle-cuda")]
@@ -342,7 +346,7 @@ impl CandleNorm {
         let g = self.backward(&dy, &xc, &wc, &stats).map_err(err)?;
         let (dw, db) = (g.dweight, g.dbias);
         let dx = to_candle(&g.dx, x)?;
-        let dw = match (self.has_weight, dw) {
+        let dw = match (self.weight_grad, dw) {
             (true, Some(t)) => Some(to_candle(&t, w)?),
             _ => None,
         };
@@ -478,7 +482,7 @@ impl CandleNorm {
             })?;
             t.reshape(w.shape())
         };
-        let dw = self.has_weight.then(|| take(false)).transpose()?;
+        let dw = self.weight_grad.then(|| take(false)).transpose()?;
         let db = self.has_bias.then(|| take(true)).transpose()?;
         Ok((Some(dx), dw, db))
     }
@@ -589,7 +593,7 @@ fn planes_op(
         None => None,
     };
     // Without a weight the op still reads one (ones; a bias alone needs it for its gradient)
-    // and returns no gradient for it.
+    // and returns no gradient for it (`weight_grad`).
     let ones;
     let w = match weight {
         Some(w) => w,
@@ -608,13 +612,13 @@ fn planes_op(
         },
         eps,
         has_weight: weight.is_some() || bias.is_some(),
+        weight_grad: weight.is_some(),
         has_bias: bias.is_some(),
         saved: Mutex::new(None),
         #[cfg(feature = "candle-cuda")]
         saved_cuda: Mutex::new(None),
     };
-    let weight_grad = weight.is_some();
-    let y = xp.apply_op3(&w, &b, WeightGrad { op, weight_grad })?;
+    let y = xp.apply_op3(&w, &b, op)?;
     if let (true, Some((m, v)), Some(r)) = (training, running, shared) {
         let r = r.lock().map_err(poisoned)?;
         for (var, vals) in [(m, &r.mean), (v, &r.var)] {
@@ -624,56 +628,6 @@ fn planes_op(
         }
     }
     Ok(y)
-}
-
-/// A [`CandleNorm`] whose weight gradient is dropped when the caller gave no weight (the op
-/// then reads ones in its place).
-struct WeightGrad {
-    op: CandleNorm,
-    weight_grad: bool,
-}
-
-impl CustomOp3 for WeightGrad {
-    fn name(&self) -> &'static str {
-        self.op.name()
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.op.cpu_fwd(s1, l1, s2, l2, s3, l3)
-    }
-
-    fn bwd(
-        &self,
-        x: &CTensor,
-        w: &CTensor,
-        b: &CTensor,
-        res: &CTensor,
-        grad: &CTensor,
-    ) -> candle_core::Result<(Option<CTensor>, Option<CTensor>, Option<CTensor>)> {
-        let (dx, dw, db) = self.op.bwd(x, w, b, res, grad)?;
-        Ok((dx, dw.filter(|_| self.weight_grad), db))
-    }
-
-    #[cfg(feature = "candle-cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.op.cuda_fwd(s1, l1, s2, l2, s3, l3)
-    }
 }
 
 /// BatchNorm of an `(N, C, *)` input, like `torch.nn.functional.batch_norm`: in training mode

@@ -183,17 +183,20 @@ pub struct BatchNorm {
     momentum: f64,
 }
 
+/// candle-nn's checks (and messages) of eps and momentum, for layer `name`.
+fn check_eps_momentum(name: &str, eps: f64, momentum: f64) -> Result<()> {
+    if eps.is_nan() || eps < 0. {
+        candle_core::bail!("{name} eps cannot be negative {eps}")
+    }
+    if !(0.0..=1.0).contains(&momentum) {
+        candle_core::bail!("{name} momentum must be between 0 and 1, is {momentum}")
+    }
+    Ok(())
+}
+
 impl BatchNorm {
     fn checked(self, num_features: usize) -> Result<Self> {
-        if self.eps.is_nan() || self.eps < 0. {
-            candle_core::bail!("batch-norm eps cannot be negative {}", self.eps)
-        }
-        if !(0.0..=1.0).contains(&self.momentum) {
-            candle_core::bail!(
-                "batch-norm momentum must be between 0 and 1, is {}",
-                self.momentum
-            )
-        }
+        check_eps_momentum("batch-norm", self.eps, self.momentum)?;
         let mut named = vec![
             ("running mean", self.running_mean.as_tensor()),
             ("running variance", self.running_var.as_tensor()),
@@ -253,14 +256,8 @@ impl BatchNorm {
         eps: f64,
         momentum: f64,
     ) -> Result<Self> {
-        BatchNorm {
-            running_mean: Var::from_tensor(&running_mean)?,
-            running_var: Var::from_tensor(&running_var)?,
-            weight_and_bias: Some((weight, bias)),
-            eps,
-            momentum,
-        }
-        .checked(num_features)
+        let stats = (running_mean, running_var);
+        Self::from_parts(num_features, stats, Some((weight, bias)), eps, momentum)
     }
 
     /// Like `candle_nn::BatchNorm::new_no_bias_with_momentum`.
@@ -271,10 +268,28 @@ impl BatchNorm {
         eps: f64,
         momentum: f64,
     ) -> Result<Self> {
+        Self::from_parts(
+            num_features,
+            (running_mean, running_var),
+            None,
+            eps,
+            momentum,
+        )
+    }
+
+    /// The running statistics become `Var`s (shared with the `VarMap` they came from, if any),
+    /// then every shape and option is checked.
+    fn from_parts(
+        num_features: usize,
+        (mean, var): (Tensor, Tensor),
+        weight_and_bias: Option<(Tensor, Tensor)>,
+        eps: f64,
+        momentum: f64,
+    ) -> Result<Self> {
         BatchNorm {
-            running_mean: Var::from_tensor(&running_mean)?,
-            running_var: Var::from_tensor(&running_var)?,
-            weight_and_bias: None,
+            running_mean: Var::from_tensor(&mean)?,
+            running_var: Var::from_tensor(&var)?,
+            weight_and_bias,
             eps,
             momentum,
         }
@@ -355,14 +370,13 @@ pub fn batch_norm<C: Into<BatchNormConfig>>(
     } else {
         None
     };
-    BatchNorm {
-        running_mean: Var::from_tensor(&running_mean)?,
-        running_var: Var::from_tensor(&running_var)?,
+    BatchNorm::from_parts(
+        num_features,
+        (running_mean, running_var),
         weight_and_bias,
-        eps: config.eps,
-        momentum: config.momentum,
-    }
-    .checked(num_features)
+        config.eps,
+        config.momentum,
+    )
 }
 
 /// InstanceNorm's options, with PyTorch's defaults (`torch.nn.InstanceNorm2d`): eps 1e-5,
@@ -457,15 +471,7 @@ pub fn instance_norm<C: Into<InstanceNormConfig>>(
     vb: VarBuilder,
 ) -> Result<InstanceNorm> {
     let config = config.into();
-    if config.eps.is_nan() || config.eps < 0. {
-        candle_core::bail!("instance-norm eps cannot be negative {}", config.eps)
-    }
-    if !(0.0..=1.0).contains(&config.momentum) {
-        candle_core::bail!(
-            "instance-norm momentum must be between 0 and 1, is {}",
-            config.momentum
-        )
-    }
+    check_eps_momentum("instance-norm", config.eps, config.momentum)?;
     let weight_and_bias = if config.affine {
         Some((
             vb.get_with_hints(num_features, "weight", Init::Const(1.))?,
