@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::cuda::CudaDType;
-use candle_core::{CudaStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor as CTensor};
+use candle_core::{CudaStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor as CTensor};
 use cudarc::driver::{CudaSlice, CudaView};
 
 use crate::cuda::CudaDevice;
@@ -54,6 +54,8 @@ fn device(c: &candle_core::CudaDevice) -> candle_core::Result<CudaDevice> {
     if let Some(d) = cache.get(&key) {
         return Ok(d.clone());
     }
+    // Streams only the cache still holds belong to candle devices that are gone.
+    cache.retain(|_, d| Arc::strong_count(d.stream()) > 1);
     let d = CudaDevice::from_parts(stream.context().clone(), stream).map_err(err)?;
     cache.insert(key, d.clone());
     Ok(d)
@@ -113,6 +115,68 @@ fn plane_shape(dims: &[usize], cl: bool) -> candle_core::Result<PlaneShape> {
     PlaneShape::of(dims, format).map_err(err)
 }
 
+/// The checks the CPU fronts make, on shapes: the same `Err`s on CUDA, never a launch that
+/// reads a parameter of the wrong length. `w` and `b` always reach the op (ones and zeros in
+/// place of absent ones), shaped like the parameters.
+fn check(kind: &Kind, eps: f64, x: &[usize], w: &[usize], b: &[usize]) -> candle_core::Result<()> {
+    crate::ops::check_eps("cunorm", eps).map_err(err)?;
+    if w != b {
+        return Err(msg(format!(
+            "cunorm: weight of shape {w:?} and bias of shape {b:?} must match"
+        )));
+    }
+    match kind {
+        Kind::Rows { .. } => {
+            if w.is_empty() || !x.ends_with(w) {
+                return Err(msg(format!(
+                    "cunorm: input of shape {x:?} must end in the weight's shape {w:?} \
+                     (normalized_shape, at least one dimension)"
+                )));
+            }
+        }
+        _ => {
+            let [n, c, spatial @ ..] = x else {
+                return Err(msg(format!(
+                    "cunorm: expected an (N, C, *) input, got shape {x:?}"
+                )));
+            };
+            if w != [*c] {
+                return Err(msg(format!(
+                    "cunorm: weight should contain {c} elements (one per channel of the input \
+                     of shape {x:?}), got shape {w:?}"
+                )));
+            }
+            let s: usize = spatial.iter().product();
+            let per_set = match kind {
+                Kind::Groups(g) => {
+                    if *g == 0 || c % g != 0 {
+                        return Err(msg(format!(
+                            "cunorm: num_groups ({g}) must divide the {c} channels"
+                        )));
+                    }
+                    c / g * s
+                }
+                Kind::Planes { instance: true, .. } => s,
+                _ => n * s,
+            };
+            let training = !matches!(
+                kind,
+                Kind::Planes {
+                    training: false,
+                    ..
+                }
+            );
+            if training && per_set == 1 {
+                return Err(msg(format!(
+                    "cunorm: expected more than 1 value per normalized set when training, got \
+                     input of shape {x:?}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The forward of `kind` on CUDA: `y` and the statistics for the backward.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn forward<T: CudaElem>(
@@ -127,6 +191,7 @@ pub(super) fn forward<T: CudaElem>(
     s3: &CudaStorage,
     l3: &Layout,
 ) -> candle_core::Result<(CudaStorage, Shape, SavedCuda)> {
+    check(kind, eps, l1.dims(), l2.dims(), l3.dims())?;
     let cdev = s1.device.clone();
     let dev = device(&cdev)?;
     let (x, cl) = view::<T>(s1, l1)?;
@@ -186,28 +251,122 @@ pub(super) fn forward<T: CudaElem>(
                 rstd,
             }
         }
-        Kind::Planes { .. } => {
-            return Err(msg(
-                "cunorm: BatchNorm and InstanceNorm run on candle's CPU device for now (their \
-                 running statistics are candle Vars); move the tensors to the CPU, or use \
-                 candle_nn's layers on CUDA",
-            ))
+        Kind::Planes {
+            instance,
+            training,
+            momentum,
+            device_running,
+            ..
+        } => {
+            let shape = plane_shape(dims, cl)?;
+            let grouping = if *instance {
+                Grouping::Instance
+            } else {
+                Grouping::Channel
+            };
+            let ng = if *training {
+                grouping.num_groups(&shape)
+            } else {
+                shape.c
+            };
+            let mut mean = cdev.alloc_zeros::<f32>(ng.max(1))?;
+            let mut rstd = cdev.alloc_zeros::<f32>(ng.max(1))?;
+            // The op updates copies of the running statistics; the module writes them back.
+            let mut copies = match device_running {
+                Some(r) => Some((copy_of(&r.mean, &cdev)?, copy_of(&r.var, &cdev)?)),
+                None => None,
+            };
+            let c = shape.c;
+            let (mut rm, mut rv, fixed);
+            let source: crate::raw::ViewSource =
+                match (copies.as_mut(), *training) {
+                    (Some((m, v)), true) => {
+                        rm = m.slice_mut(0..c);
+                        rv = v.slice_mut(0..c);
+                        Source::Input {
+                            running: Some(crate::raw::Running {
+                                mean: &mut rm,
+                                var: &mut rv,
+                                factor: *momentum,
+                            }),
+                        }
+                    }
+                    (None, true) => Source::Input { running: None },
+                    (Some((m, v)), false) => {
+                        fixed = (m.slice(0..c), v.slice(0..c));
+                        Source::Fixed {
+                            mean: &fixed.0,
+                            var: &fixed.1,
+                        }
+                    }
+                    (None, false) => return Err(msg(
+                        "cunorm: eval mode needs running statistics (use the input's statistics \
+                         when the layer does not track them)",
+                    )),
+                };
+            crate::raw::planes_forward(
+                &dev,
+                &x,
+                &mut y.slice_mut(0..numel),
+                shape,
+                grouping,
+                w,
+                b,
+                eps as f32,
+                source,
+                &mut mean.slice_mut(0..ng),
+                &mut rstd.slice_mut(0..ng),
+            )
+            .map_err(err)?;
+            if let (true, Some(r), Some((m, v))) = (*training, device_running, copies) {
+                put(&r.new_mean, m)?;
+                put(&r.new_var, v)?;
+            }
+            SavedCuda {
+                mean: Some(mean),
+                rstd,
+            }
         }
     };
     Ok((T::wrap_cuda_slice(y, cdev), Shape::from(dims), saved))
+}
+
+/// The grouping of a planes-family op, and whether its statistics came from the input.
+fn planes_grouping(kind: &Kind) -> Option<(Grouping, bool)> {
+    match kind {
+        Kind::Groups(g) => Some((Grouping::Groups(*g), true)),
+        Kind::Planes {
+            instance, training, ..
+        } => Some((
+            if *instance {
+                Grouping::Instance
+            } else {
+                Grouping::Channel
+            },
+            *training,
+        )),
+        Kind::Rows { .. } => None,
+    }
 }
 
 /// The gradient op: `dx` as its output (from `x`, `dy`), `dweight`/`dbias` into `params`.
 pub(super) struct GradOp {
     pub(super) kind: Kind,
     pub(super) has_weight: bool,
-    pub(super) weight: Option<CTensor>,
     pub(super) saved: Arc<SavedCuda>,
-    pub(super) params: Arc<Mutex<ParamGrads>>,
+    pub(super) dw: Slot,
+    pub(super) db: Slot,
 }
 
-/// `dweight` and `dbias` of a [`GradOp`], until each [`TakeOp`] takes its own.
-pub(super) type ParamGrads = (Option<CudaSlice<f32>>, Option<CudaSlice<f32>>);
+/// A device buffer one op leaves for another (a [`TakeOp`]) to hand to candle.
+pub(super) type Slot = Arc<Mutex<Option<CudaSlice<f32>>>>;
+
+fn put(slot: &Slot, v: CudaSlice<f32>) -> candle_core::Result<()> {
+    *slot
+        .lock()
+        .map_err(|_| msg("cunorm: a buffer slot was poisoned"))? = Some(v);
+    Ok(())
+}
 
 impl GradOp {
     fn run<T: CudaElem>(
@@ -216,6 +375,8 @@ impl GradOp {
         l1: &Layout,
         s2: &CudaStorage,
         l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let cdev = s1.device.clone();
         let dev = device(&cdev)?;
@@ -224,17 +385,8 @@ impl GradOp {
         if cl != cl_dy {
             return Err(msg("cunorm: x and dy have different layouts"));
         }
-        let wst = match (&self.weight, self.has_weight) {
-            (Some(w), true) => Some(w.storage_and_layout()),
-            _ => None,
-        };
-        let wv = match &wst {
-            Some((s, l)) => match &**s {
-                candle_core::Storage::Cuda(s) => Some(view::<f32>(s, l)?.0),
-                _ => return Err(msg("cunorm: the weight is not on the input's CUDA device")),
-            },
-            None => None,
-        };
+        let (w, _) = view::<f32>(s3, l3)?;
+        let wv = self.has_weight.then_some(w);
         let dims = l1.dims();
         let numel = x.len();
         // SAFETY: the launches below write every element of dx, dw and db.
@@ -243,12 +395,7 @@ impl GradOp {
         let rstd = self.saved.rstd.as_view();
         let (dw, db) = match &self.kind {
             Kind::Rows { center } => {
-                let cols = self
-                    .weight
-                    .as_ref()
-                    .map(|w| w.elem_count())
-                    .ok_or_else(|| msg("cunorm: a rows op always has a weight"))?;
-                let (rows, cols) = rows_cols(dims, cols)?;
+                let (rows, cols) = rows_cols(dims, l3.shape().elem_count())?;
                 let mut dw = cdev.alloc_zeros::<f32>(cols.max(1))?;
                 let mut db = cdev.alloc_zeros::<f32>(cols.max(1))?;
                 let (mut dwv, mut dbv) = (dw.slice_mut(0..cols), db.slice_mut(0..cols));
@@ -283,14 +430,20 @@ impl GradOp {
                 .map_err(err)?;
                 (dw, db)
             }
-            Kind::Groups(g) => {
+            kind => {
                 let shape = plane_shape(dims, cl)?;
-                let ng = shape.n * g;
+                let (grouping, from_input) = planes_grouping(kind)
+                    .ok_or_else(|| msg("cunorm: not an op of the planes family"))?;
+                let ng = if from_input {
+                    grouping.num_groups(&shape)
+                } else {
+                    shape.c
+                };
                 let mean = self
                     .saved
                     .mean
                     .as_ref()
-                    .ok_or_else(|| msg("cunorm: GroupNorm statistics carry a mean"))?;
+                    .ok_or_else(|| msg("cunorm: these statistics carry a mean"))?;
                 let mut dw = cdev.alloc_zeros::<f32>(shape.c.max(1))?;
                 let mut db = cdev.alloc_zeros::<f32>(shape.c.max(1))?;
                 crate::raw::planes_backward(
@@ -298,11 +451,11 @@ impl GradOp {
                     &dy,
                     &x,
                     shape,
-                    Grouping::Groups(*g),
+                    grouping,
                     wv.as_ref(),
                     &mean.slice(0..ng),
                     &rstd.slice(0..ng),
-                    true,
+                    from_input,
                     &mut dxv,
                     &mut dw.slice_mut(0..shape.c),
                     &mut db.slice_mut(0..shape.c),
@@ -310,25 +463,22 @@ impl GradOp {
                 .map_err(err)?;
                 (dw, db)
             }
-            Kind::Planes { .. } => {
-                return Err(msg("cunorm: BatchNorm/InstanceNorm run on the CPU"))
-            }
         };
-        *self
-            .params
-            .lock()
-            .map_err(|_| msg("cunorm: gradient slot poisoned"))? = (Some(dw), Some(db));
+        put(&self.dw, dw)?;
+        put(&self.db, db)?;
         Ok((T::wrap_cuda_slice(dx, cdev), Shape::from(dims)))
     }
 }
 
-impl CustomOp2 for GradOp {
+impl CustomOp3 for GradOp {
     fn name(&self) -> &'static str {
         "cunorm-grad"
     }
 
     fn cpu_fwd(
         &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
         _: &candle_core::CpuStorage,
         _: &Layout,
         _: &candle_core::CpuStorage,
@@ -343,28 +493,29 @@ impl CustomOp2 for GradOp {
         l1: &Layout,
         s2: &CudaStorage,
         l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         match s1.dtype() {
-            candle_core::DType::F32 => self.run::<f32>(s1, l1, s2, l2),
-            candle_core::DType::F16 => self.run::<crate::f16>(s1, l1, s2, l2),
-            candle_core::DType::BF16 => self.run::<crate::bf16>(s1, l1, s2, l2),
+            candle_core::DType::F32 => self.run::<f32>(s1, l1, s2, l2, s3, l3),
+            candle_core::DType::F16 => self.run::<crate::f16>(s1, l1, s2, l2, s3, l3),
+            candle_core::DType::BF16 => self.run::<crate::bf16>(s1, l1, s2, l2, s3, l3),
             d => Err(msg(format!("cunorm: takes f32, f16 or bf16, got {d:?}"))),
         }
     }
 }
 
-/// Hands one of the parameter gradients a [`GradOp`] left in its slot to candle, as an f32
-/// tensor of `len` elements (its input only names the device).
+/// Hands the buffer a previous op left in `slot` to candle, as an f32 tensor of `len` elements
+/// (its input only names the device).
 pub(super) struct TakeOp {
-    pub(super) params: Arc<Mutex<ParamGrads>>,
-    pub(super) bias: bool,
+    pub(super) slot: Slot,
     pub(super) len: usize,
 }
 
 impl CustomOp1 for TakeOp {
     fn name(&self) -> &'static str {
-        "cunorm-take-grad"
+        "cunorm-take"
     }
 
     fn cpu_fwd(
@@ -376,19 +527,77 @@ impl CustomOp1 for TakeOp {
     }
 
     fn cuda_fwd(&self, s: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let mut slot = self
-            .params
+        let buf = self
+            .slot
             .lock()
-            .map_err(|_| msg("cunorm: gradient slot poisoned"))?;
-        let mine = if self.bias {
-            slot.1.take()
-        } else {
-            slot.0.take()
-        };
-        let mine = mine.ok_or_else(|| msg("cunorm: no parameter gradient was computed"))?;
+            .map_err(|_| msg("cunorm: a buffer slot was poisoned"))?
+            .take()
+            .ok_or_else(|| msg("cunorm: the buffer was never written"))?;
+        if buf.len() < self.len {
+            return Err(msg("cunorm: the buffer is shorter than its tensor"));
+        }
         Ok((
-            <f32 as CudaDType>::wrap_cuda_slice(mine, s.device.clone()),
+            <f32 as CudaDType>::wrap_cuda_slice(buf, s.device.clone()),
             Shape::from(self.len),
         ))
     }
+}
+
+/// A candle tensor as the cunorm op's slot content: `x.apply_op1_no_bwd(TakeOp)` on any tensor
+/// of the device.
+pub(super) fn take(like: &CTensor, slot: &Slot, len: usize) -> candle_core::Result<CTensor> {
+    like.apply_op1_no_bwd(&TakeOp {
+        slot: slot.clone(),
+        len,
+    })
+}
+
+/// BatchNorm/InstanceNorm running statistics on CUDA: f32 device tensors the op reads, and the
+/// slots its updated copies go to (the op cannot write a candle `Var`; the module sets them).
+#[derive(Clone, Debug)]
+pub(super) struct DeviceRunning {
+    mean: CTensor,
+    var: CTensor,
+    new_mean: Slot,
+    new_var: Slot,
+}
+
+impl DeviceRunning {
+    pub(super) fn new(m: &candle_core::Var, v: &candle_core::Var) -> candle_core::Result<Self> {
+        let f32 = candle_core::DType::F32;
+        Ok(DeviceRunning {
+            mean: m.as_tensor().to_dtype(f32)?.contiguous()?,
+            var: v.as_tensor().to_dtype(f32)?.contiguous()?,
+            new_mean: Arc::new(Mutex::new(None)),
+            new_var: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// After a training forward: the updated copies into the `Var`s, in their own dtype.
+    pub(super) fn write_back(
+        &self,
+        like: &CTensor,
+        m: &candle_core::Var,
+        v: &candle_core::Var,
+    ) -> candle_core::Result<()> {
+        for (var, slot) in [(m, &self.new_mean), (v, &self.new_var)] {
+            let t = take(like, slot, var.elem_count())?;
+            var.set(&t.reshape(var.shape())?.to_dtype(var.dtype())?)?;
+        }
+        Ok(())
+    }
+}
+
+/// A device copy of an f32 CUDA tensor's values (contiguous).
+fn copy_of(t: &CTensor, cdev: &candle_core::CudaDevice) -> candle_core::Result<CudaSlice<f32>> {
+    let (st, l) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*st else {
+        return Err(msg(
+            "cunorm: the running statistics are not on the input's CUDA device",
+        ));
+    };
+    let (v, _) = view::<f32>(s, l)?;
+    let mut out = cdev.alloc_zeros::<f32>(v.len().max(1))?;
+    cdev.memcpy_dtod(&v, &mut out.slice_mut(0..v.len()))?;
+    Ok(out)
 }

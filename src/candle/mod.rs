@@ -30,10 +30,10 @@
 //! PyTorch's do. Inputs may be contiguous or have channels-last strides (read in place).
 //!
 //! On candle's CPU device the ops run the crate's CPU engines (each op copies its input once).
-//! With feature `candle-cuda`, LayerNorm, RMSNorm and GroupNorm also run on candle's CUDA device:
-//! cunorm's kernels on candle's own stream, over candle's storage, forward and backward (built
-//! against candle-core's CUDA backend, not yet run on a GPU). BatchNorm and InstanceNorm on a
-//! CUDA device, and any op without that feature, return an error naming the fix.
+//! With feature `candle-cuda`, all five also run on candle's CUDA device: cunorm's kernels on
+//! candle's own stream, over candle's storage, forward and backward, running statistics updated
+//! (built against candle-core's CUDA backend, not yet run on a GPU). Without that feature an op
+//! on a CUDA device returns candle's error.
 
 use std::sync::{Arc, Mutex};
 
@@ -160,6 +160,10 @@ enum Kind {
         training: bool,
         momentum: f64,
         running: Option<Arc<Mutex<Running>>>,
+        /// On CUDA: the running statistics as f32 device tensors (read by the op), and the slots
+        /// the op leaves their updated copies in (training mode).
+        #[cfg(feature = "candle-cuda")]
+        device_running: Option<cuda::DeviceRunning>,
     },
 }
 
@@ -231,6 +235,7 @@ impl CandleNorm {
                 training,
                 momentum,
                 running,
+                ..
             } => {
                 let mut guard = running
                     .as_ref()
@@ -330,7 +335,7 @@ impl CandleNorm {
     ) -> candle_core::Result<(Option<CTensor>, Option<CTensor>, Option<CTensor>)> {
         #[cfg(feature = "candle-cuda")]
         if x.device().is_cuda() {
-            return self.cuda_bwd(x, w, grad);
+            return self.cuda_bwd(x, w, b, grad);
         }
         let (xc, wc, bc, dy) = (
             from_candle::<T>(x)?,
@@ -455,6 +460,7 @@ impl CandleNorm {
         &self,
         x: &CTensor,
         w: &CTensor,
+        b: &CTensor,
         grad: &CTensor,
     ) -> candle_core::Result<(Option<CTensor>, Option<CTensor>, Option<CTensor>)> {
         let saved = self
@@ -465,25 +471,20 @@ impl CandleNorm {
             .ok_or_else(|| {
                 candle_core::Error::Msg("cunorm: backward before a forward on CUDA".into())
             })?;
-        let params = Arc::new(Mutex::new((None, None)));
         let op = cuda::GradOp {
             kind: self.kind.clone(),
             has_weight: self.has_weight,
-            weight: Some(w.clone()),
             saved,
-            params: params.clone(),
+            dw: Arc::new(Mutex::new(None)),
+            db: Arc::new(Mutex::new(None)),
         };
-        let dx = x.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
-        let take = |bias: bool| -> candle_core::Result<CTensor> {
-            let t = x.apply_op1_no_bwd(&cuda::TakeOp {
-                params: params.clone(),
-                bias,
-                len: w.elem_count(),
-            })?;
-            t.reshape(w.shape())
+        // The weight is the op's third input, so candle holds its storage (no second lock).
+        let dx = x.apply_op3_no_bwd(&grad.contiguous()?, w, &op)?;
+        let take = |slot: &cuda::Slot, p: &CTensor| -> candle_core::Result<CTensor> {
+            cuda::take(x, slot, p.elem_count())?.reshape(p.shape())
         };
-        let dw = self.weight_grad.then(|| take(false)).transpose()?;
-        let db = self.has_bias.then(|| take(true)).transpose()?;
+        let dw = self.weight_grad.then(|| take(&op.dw, w)).transpose()?;
+        let db = self.has_bias.then(|| take(&op.db, b)).transpose()?;
         Ok((Some(dx), dw, db))
     }
 }
@@ -585,12 +586,18 @@ fn planes_op(
         )
     }
     let c = x.dim(1)?;
+    let on_cpu = x.device().is_cpu();
     let shared = match running {
-        Some((m, v)) => Some(Arc::new(Mutex::new(Running {
+        Some((m, v)) if on_cpu => Some(Arc::new(Mutex::new(Running {
             mean: var_values(m)?,
             var: var_values(v)?,
         }))),
-        None => None,
+        _ => None,
+    };
+    #[cfg(feature = "candle-cuda")]
+    let device_running = match running {
+        Some((m, v)) if !on_cpu => Some(cuda::DeviceRunning::new(m, v)?),
+        _ => None,
     };
     // Without a weight the op still reads one (ones; a bias alone needs it for its gradient)
     // and returns no gradient for it (`weight_grad`).
@@ -609,6 +616,8 @@ fn planes_op(
             training,
             momentum,
             running: shared.clone(),
+            #[cfg(feature = "candle-cuda")]
+            device_running: device_running.clone(),
         },
         eps,
         has_weight: weight.is_some() || bias.is_some(),
@@ -619,6 +628,10 @@ fn planes_op(
         saved_cuda: Mutex::new(None),
     };
     let y = xp.apply_op3(&w, &b, op)?;
+    #[cfg(feature = "candle-cuda")]
+    if let (true, Some((m, v)), Some(d)) = (training, running, device_running) {
+        d.write_back(&y, m, v)?;
+    }
     if let (true, Some((m, v)), Some(r)) = (training, running, shared) {
         let r = r.lock().map_err(poisoned)?;
         for (var, vals) in [(m, &r.mean), (v, &r.var)] {
