@@ -5,15 +5,16 @@
 //! One cunorm [`CudaDevice`] per candle stream, cached: it wraps candle's context and stream, so
 //! cunorm's launches are ordered with candle's own work and need no synchronization.
 //!
-//! LayerNorm, RMSNorm and GroupNorm run here, forward and backward, on contiguous inputs (a
-//! channels-last input is made contiguous first: candle reads a custom op's output as
-//! contiguous). BatchNorm and InstanceNorm
-//! (whose running statistics live in candle `Var`s a custom op cannot write) return an error
-//! on a CUDA device for now.
+//! All five norms run here, forward and backward, on contiguous inputs (a channels-last input is
+//! made contiguous first: candle reads a custom op's output as contiguous). The shapes are
+//! checked as the CPU fronts check them before anything is launched.
 //!
-//! Backward: candle's `CustomOp3::bwd` returns three tensors, a custom op one. The gradient op
-//! ([`GradOp`]) computes `dx` as its output and leaves `dweight`/`dbias` in a shared slot that a
-//! second op ([`TakeOp`]) hands to candle as tensors.
+//! A custom op returns one tensor; two things here need more, so an op leaves extra device
+//! buffers in shared slots and [`TakeOp`] hands each to candle as a tensor:
+//! - backward: the gradient op ([`GradOp`]) returns `dx` and leaves `dweight`/`dbias`;
+//! - BatchNorm/InstanceNorm in training mode: the forward updates device copies of the running
+//!   statistics (a custom op cannot write a candle `Var`) and leaves them; the module then sets
+//!   its `Var`s from them ([`DeviceRunning::write_back`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
