@@ -183,6 +183,17 @@ pub struct BatchNorm {
     momentum: f64,
 }
 
+/// `weight` (ones) and `bias` (zeros) of `n` channels from `vb` when `affine`.
+fn affine_params(vb: &VarBuilder, n: usize, affine: bool) -> Result<Option<(Tensor, Tensor)>> {
+    if !affine {
+        return Ok(None);
+    }
+    Ok(Some((
+        vb.get_with_hints(n, "weight", Init::Const(1.))?,
+        vb.get_with_hints(n, "bias", Init::Const(0.))?,
+    )))
+}
+
 /// candle-nn's checks (and messages) of eps and momentum, for layer `name`.
 fn check_eps_momentum(name: &str, eps: f64, momentum: f64) -> Result<()> {
     if eps.is_nan() || eps < 0. {
@@ -362,14 +373,7 @@ pub fn batch_norm<C: Into<BatchNormConfig>>(
     }
     let running_mean = vb.get_with_hints(num_features, "running_mean", Init::Const(0.))?;
     let running_var = vb.get_with_hints(num_features, "running_var", Init::Const(1.))?;
-    let weight_and_bias = if config.affine {
-        Some((
-            vb.get_with_hints(num_features, "weight", Init::Const(1.))?,
-            vb.get_with_hints(num_features, "bias", Init::Const(0.))?,
-        ))
-    } else {
-        None
-    };
+    let weight_and_bias = affine_params(&vb, num_features, config.affine)?;
     BatchNorm::from_parts(
         num_features,
         (running_mean, running_var),
@@ -472,14 +476,7 @@ pub fn instance_norm<C: Into<InstanceNormConfig>>(
 ) -> Result<InstanceNorm> {
     let config = config.into();
     check_eps_momentum("instance-norm", config.eps, config.momentum)?;
-    let weight_and_bias = if config.affine {
-        Some((
-            vb.get_with_hints(num_features, "weight", Init::Const(1.))?,
-            vb.get_with_hints(num_features, "bias", Init::Const(0.))?,
-        ))
-    } else {
-        None
-    };
+    let weight_and_bias = affine_params(&vb, num_features, config.affine)?;
     let running = if config.track_running_stats {
         let m = vb.get_with_hints(num_features, "running_mean", Init::Const(0.))?;
         let v = vb.get_with_hints(num_features, "running_var", Init::Const(1.))?;
