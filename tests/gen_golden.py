@@ -66,18 +66,24 @@ def defaults(layer, **kw):
     return base
 
 
+def init_params(m, case):
+    """Random weight (1 + 0.5·N(0, 1)) and bias (0.5·N(0, 1)), f32 values in the module's own
+    dtype, stored in the case."""
+    with torch.no_grad():
+        if getattr(m, "weight", None) is not None:
+            m.weight.copy_((1.0 + 0.5 * torch.randn(m.weight.shape)).float())
+            case["weight"] = put(m.weight)
+        if getattr(m, "bias", None) is not None:
+            m.bias.copy_((0.5 * torch.randn(m.bias.shape)).float())
+            case["bias"] = put(m.bias)
+
+
 def run_case(name, layer, dim, cfg, shape, dtype, train_steps=2, eval_steps=1, mean=0.0, std=1.0):
     dt = DTYPES[dtype]
     m = make(layer, dim, cfg).double()
     case = {"name": f"{name}/{dtype}", "layer": layer, "dim": dim, "dtype": dtype, "config": cfg,
             "shape": list(shape), "mean": mean, "std": std, "steps": []}
-    with torch.no_grad():
-        if getattr(m, "weight", None) is not None:
-            m.weight.copy_((1.0 + 0.5 * torch.randn(m.weight.shape)).float().double())
-            case["weight"] = put(m.weight)
-        if getattr(m, "bias", None) is not None:
-            m.bias.copy_((0.5 * torch.randn(m.bias.shape)).float().double())
-            case["bias"] = put(m.bias)
+    init_params(m, case)
     for step in range(train_steps + eval_steps):
         training = step < train_steps
         m.train(training)
@@ -183,13 +189,7 @@ def run_nonfinite(name, layer, dim, cfg, shape, dtype, inject):
     m = make(layer, dim, cfg)
     case = {"name": f"{name}/{dtype}", "layer": layer, "dim": dim, "dtype": dtype, "config": cfg,
             "shape": list(shape), "mean": 0.0, "std": 1.0, "steps": []}
-    with torch.no_grad():
-        if getattr(m, "weight", None) is not None:
-            m.weight.copy_(1.0 + 0.5 * torch.randn(m.weight.shape))
-            case["weight"] = put(m.weight)
-        if getattr(m, "bias", None) is not None:
-            m.bias.copy_(0.5 * torch.randn(m.bias.shape))
-            case["bias"] = put(m.bias)
+    init_params(m, case)
     has_running = getattr(m, "running_mean", None) is not None
     for training in [True, False] if has_running else [True]:
         m.train(training)

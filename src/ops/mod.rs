@@ -71,6 +71,14 @@ impl NormOp {
     }
 }
 
+/// A LayerNorm or GroupNorm mean of a set holding an infinity is NaN, as PyTorch's Welford merges
+/// make it (see [`NormOp::welford_mean`]); the CPU engines of both families apply it.
+pub(crate) fn nan_for_infinite(mean: &mut [f32]) {
+    for m in mean.iter_mut().filter(|m| m.is_infinite()) {
+        *m = f32::NAN;
+    }
+}
+
 impl std::fmt::Display for NormOp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match *self {

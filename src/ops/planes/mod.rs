@@ -379,7 +379,7 @@ fn saved_from_moments(
 ) -> Result<SavedStats> {
     let mut mean: Vec<f32> = gm.iter().map(|m| m.mean as f32).collect();
     if op.welford_mean() {
-        crate::ops::rows::nan_for_infinite(&mut mean);
+        super::nan_for_infinite(&mut mean);
     }
     let rstd = gm
         .iter()

@@ -97,7 +97,7 @@ pub(crate) fn forward<T: Element>(
     let (y, mean, rstd) = if center {
         let b = bias.map(|t| t.cpu_slice()).transpose()?;
         let (y, mut mean, rstd) = cpu::layer_norm_fwd(xs, cols, w, b, eps);
-        nan_for_infinite(&mut mean);
+        super::nan_for_infinite(&mut mean);
         (y, Some(mean), rstd)
     } else {
         let (y, rstd) = cpu::rms_norm_fwd(xs, cols, w, eps);
@@ -117,14 +117,6 @@ pub(crate) fn forward<T: Element>(
             true,
         ),
     })
-}
-
-/// A LayerNorm or GroupNorm mean of a set holding an infinity is NaN, as PyTorch's Welford merges
-/// make it (see [`NormOp::welford_mean`]).
-pub(crate) fn nan_for_infinite(mean: &mut [f32]) {
-    for m in mean.iter_mut().filter(|m| m.is_infinite()) {
-        *m = f32::NAN;
-    }
 }
 
 /// Backward of [`forward`] (arguments checked by the front; `mean` is `None` for RMSNorm):
