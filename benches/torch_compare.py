@@ -2,9 +2,9 @@
 """PyTorch's side of `cunorm bench --compare`: the same cases (op x dtype x memory format x stage
 over the standard shapes), timed the same way on the same GPU: torch.nn.functional ops, CUDA
 events, 3 warm-up runs, median of 20 timed runs, L2 flushed before each timed run. Weight and
-bias are in the input's dtype, as PyTorch's CUDA LayerNorm/GroupNorm read gamma (running
-statistics stay f32). OUT.json is rewritten after every case, so a run cut short keeps what it
-measured.
+bias are in the input's dtype, as PyTorch's CUDA LayerNorm/GroupNorm read gamma, except
+BatchNorm's, which stay f32 beside its running statistics (mixed precision's layout). OUT.json
+is rewritten after every case, so a run cut short keeps what it measured.
 
 usage: python3 benches/torch_compare.py OUT.json [--quick] [--reps N]
 Keys match cunorm's BenchRow::key(): op|dtype|format|[shape]|stage.
@@ -63,8 +63,11 @@ def main():
                     dy = dy.contiguous(memory_format=torch.channels_last)
                 c, last = shape[1], shape[-1]
                 pc = last if op in ("layer_norm", "rms_norm") else c
-                w = torch.ones(pc, device=dev, dtype=dt, requires_grad=True)
-                b = torch.zeros(pc, device=dev, dtype=dt, requires_grad=True)
+                # BatchNorm keeps f32 parameters beside its f32 running statistics, as mixed
+                # precision runs it (PyTorch's CUDA backward refuses f16 weights with f32 stats).
+                pdt = torch.float32 if op == "batch_norm" else dt
+                w = torch.ones(pc, device=dev, dtype=pdt, requires_grad=True)
+                b = torch.zeros(pc, device=dev, dtype=pdt, requires_grad=True)
                 rm, rv = torch.zeros(c, device=dev), torch.ones(c, device=dev)
                 if op == "layer_norm":
                     fwd = lambda x: F.layer_norm(x, (last,), w, b, 1e-5)

@@ -149,42 +149,51 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
 // Stage B: per-group statistics, running statistics, per-plane coefficients (tiny kernels).
 // ---------------------------------------------------------------------------------------------
 
-// One thread per group: merges its (plane, chunk) partials in index order; writes mean,
+// One block (FIN_THREADS threads) per group: thread t merges the group's (plane, chunk) partials
+// t, t + FIN_THREADS, ... in index order, then the block merges the threads' results by a fixed
+// butterfly (block_merge): deterministic, and no thread merges more than items / FIN_THREADS
+// partials (a BatchNorm channel of [256,64,112,112] channels-last has 12 544). Writes mean,
 // rstd = 1/sqrt(biased var + eps) and the unbiased variance (for running statistics). With
 // `nan_inf_mean` (GroupNorm) the mean of a group holding an infinity is NaN, as PyTorch's Welford
 // merges make it; without (BatchNorm, InstanceNorm) it stays ±inf, as PyTorch's sums make it.
+// The group's partials: BatchNorm (G == 0), items (n, k) at ((n·C + g)·chunks + k); per sample,
+// items (c − c0, k), consecutive from ((n·C + c0)·chunks).
+#define FIN_THREADS 256
+__device__ __forceinline__ const float* group_part(const float* part, i64 g, i64 it, FastDiv dk,
+                                                   i64 N, int C, int chunks, int G, int width) {
+    if (G == 0) {
+        i64 k;
+        const i64 n = div_of(it, dk, &k);
+        return part + ((n * C + g) * chunks + k) * width;
+    }
+    i64 g_in_n;
+    const i64 n = div_of(g, fast_div(G), &g_in_n);
+    const i64 c0 = g_in_n * (C / G);
+    return part + ((n * C + c0) * chunks + it) * width;
+}
+
 extern "C" __global__ void planes_finalize_f32(const float* __restrict__ part, float* __restrict__ mean_g,
                                           float* __restrict__ rstd_g, float* __restrict__ varu_g,
                                           i64 N, int C, int chunks, int G, float eps,
                                           int nan_inf_mean) {
-    const i64 groups = G == 0 ? C : N * G;
-    const i64 gi = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (gi >= groups) return;
+    __shared__ Welford scratch[32];
+    const i64 gi = blockIdx.x;
+    const i64 items = (G == 0 ? N : (i64)(C / G)) * chunks;
+    const FastDiv dk = fast_div(chunks);
     Welford t = welford_empty();
-    i64 g_in_n = 0;
-    const i64 n_of_g = G == 0 ? 0 : div_of(gi, fast_div(G), &g_in_n);
-    if (G == 0) {
-        for (i64 n = 0; n < N; ++n)
-            for (int k = 0; k < chunks; ++k) {
-                const float* p = part + ((n * C + gi) * chunks + k) * 3;
-                Welford w;
-                w.n = p[0]; w.mean = p[1]; w.m2 = p[2];
-                t = welford_merge(t, w);
-            }
-    } else {
-        const i64 n = n_of_g;
-        const int D = C / G, c0 = (int)g_in_n * D;
-        for (int c = c0; c < c0 + D; ++c)
-            for (int k = 0; k < chunks; ++k) {
-                const float* p = part + ((n * C + c) * chunks + k) * 3;
-                Welford w;
-                w.n = p[0]; w.mean = p[1]; w.m2 = p[2];
-                t = welford_merge(t, w);
-            }
+#pragma unroll 1
+    for (i64 it = threadIdx.x; it < items; it += blockDim.x) {
+        const float* p = group_part(part, gi, it, dk, N, C, chunks, G, 3);
+        Welford w;
+        w.n = p[0]; w.mean = p[1]; w.m2 = p[2];
+        t = welford_merge(t, w);
     }
-    mean_g[gi] = nan_inf_mean ? nan_if_inf(t.mean) : t.mean;
-    rstd_g[gi] = rsqrtf(t.m2 / t.n + eps);
-    varu_g[gi] = t.m2 / (t.n - 1.f);
+    t = block_reduce_welford(t, scratch);
+    if (threadIdx.x == 0) {
+        mean_g[gi] = nan_inf_mean ? nan_if_inf(t.mean) : t.mean;
+        rstd_g[gi] = rsqrtf(t.m2 / t.n + eps);
+        varu_g[gi] = t.m2 / (t.n - 1.f);
+    }
 }
 
 // One thread per channel: r = (1 − f)·r + f·stat. per_sample (InstanceNorm): the statistic is
@@ -239,52 +248,56 @@ extern "C" __global__ void planes_coef_f32(const float* __restrict__ mean_g, con
     k[p] = b ? b[c] : 0.f;
 }
 
-// Backward, one thread per group: A = Σ w_c·Σg, B = Σ w_c·Σg(x − μ) over the group's planes;
-// then for each plane b = −rstd³·B/cnt and k = −rstd·A/cnt (zero for fixed statistics), so that
-// dx = a·dy + b·(x − μ) + k with a = rstd·w_c from planes_coef_f32.
+// Backward, one block per group (as planes_finalize_f32): A = Σ w_c·Σg, B = Σ w_c·Σg(x − μ)
+// over the group's partials; then for each plane b = −rstd³·B/cnt and k = −rstd·A/cnt (zero for
+// fixed statistics), so that dx = a·dy + b·(x − μ) + k with a = rstd·w_c from planes_coef_f32.
 extern "C" __global__ void planes_grad_finalize_f32(const float* __restrict__ part, const float* __restrict__ w,
                                          const float* __restrict__ rstd_g, float* __restrict__ bcoef,
                                          float* __restrict__ kcoef, i64 N, int C, i64 S,
                                          int chunks, int G, int from_input) {
-    const i64 groups = G == 0 ? C : N * G;
-    const i64 gi = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (gi >= groups) return;
+    __shared__ float scratch[32];
+    const i64 gi = blockIdx.x;
+    const int D = G == 0 ? 1 : C / G;
+    const i64 items = (G == 0 ? N : (i64)D) * chunks;
+    const FastDiv dk = fast_div(chunks);
     i64 g_in_n = 0;
     const i64 n0 = G == 0 ? 0 : div_of(gi, fast_div(G), &g_in_n), n1 = G == 0 ? N : n0 + 1;
-    const int D = G == 0 ? 1 : C / G;
     const int c0 = G == 0 ? (int)gi : (int)g_in_n * D;
     float A = 0.f, B = 0.f;
-    for (i64 n = n0; n < n1; ++n)
-        for (int c = c0; c < c0 + D; ++c) {
-            float sg = 0.f, sgx = 0.f;
-            for (int k = 0; k < chunks; ++k) {
-                const float* p = part + ((n * C + c) * chunks + k) * 2;
-                sg += p[0];
-                sgx += p[1];
-            }
-            const float wc = w ? w[c] : 1.f;
-            A += wc * sg;
-            B += wc * sgx;
-        }
+#pragma unroll 1
+    for (i64 it = threadIdx.x; it < items; it += blockDim.x) {
+        const float* p = group_part(part, gi, it, dk, N, C, chunks, G, 2);
+        const int c = G == 0 ? c0 : c0 + (int)div_of(it, dk);
+        const float wc = w ? w[c] : 1.f;
+        A += wc * p[0];
+        B += wc * p[1];
+    }
+    A = block_reduce_sum(A, scratch);
+    B = block_reduce_sum(B, scratch);
     const float r = rstd_g[gi];
     const float cnt = (float)((n1 - n0) * D) * (float)S;
     const float bb = from_input ? -r * r * r * B / cnt : 0.f;
     const float kk = from_input ? -r * A / cnt : 0.f;
-    for (i64 n = n0; n < n1; ++n)
-        for (int c = c0; c < c0 + D; ++c) {
-            bcoef[n * C + c] = bb;
-            kcoef[n * C + c] = kk;
-        }
+    // The group's planes: (n, c0) for every n (BatchNorm), or (n0, c0 .. c0 + D − 1).
+    const i64 planes = G == 0 ? N : D;
+#pragma unroll 1
+    for (i64 q = threadIdx.x; q < planes; q += blockDim.x) {
+        const i64 pl = G == 0 ? q * C + c0 : n0 * C + c0 + q;
+        bcoef[pl] = bb;
+        kcoef[pl] = kk;
+    }
 }
 
-// One thread per channel: dw_c = Σ_n rstd(n, c)·Σg(x − μ), db_c = Σ_n Σg, in order.
+// One block per channel: dw_c = Σ_n rstd(n, c)·Σg(x − μ), db_c = Σ_n Σg; thread t takes samples
+// t, t + blockDim.x, ... (each plane's chunks in order), then a fixed-order block sum.
 extern "C" __global__ void planes_grad_params_f32(const float* __restrict__ part, const float* __restrict__ rstd_g,
                                        float* __restrict__ dw, float* __restrict__ db, i64 N,
                                        int C, int chunks, int G) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
+    __shared__ float scratch[32];
+    const int c = blockIdx.x;
     float sw = 0.f, sb = 0.f;
-    for (i64 n = 0; n < N; ++n) {
+#pragma unroll 1
+    for (i64 n = threadIdx.x; n < N; n += blockDim.x) {
         float sg = 0.f, sgx = 0.f;
         for (int k = 0; k < chunks; ++k) {
             const float* p = part + ((n * C + c) * chunks + k) * 2;
@@ -294,8 +307,12 @@ extern "C" __global__ void planes_grad_params_f32(const float* __restrict__ part
         sw += rstd_g[group_of(n, c, C, G)] * sgx;
         sb += sg;
     }
-    dw[c] = sw;
-    db[c] = sb;
+    sw = block_reduce_sum(sw, scratch);
+    sb = block_reduce_sum(sb, scratch);
+    if (threadIdx.x == 0) {
+        dw[c] = sw;
+        db[c] = sb;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ __device__ __forceinline__ void rows_bwd(const T* __restrict__ dy, const T* __re
         auto terms = [&](int j, float& g, float& xh, float& u) {
             g = to_float(gr[j]);
             xh = (to_float(xr[j]) - mu) * rs;
-            u = w ? g * w[j] : g;
+            u = w ? __fmul_rn(g, w[j]) : g;  // rounded alone: see rows_bwd_reg
         };
         float s1 = 0.f, s2 = 0.f;
         auto accumulate = [&](int j, float& cw, float& cb) {
@@ -182,14 +182,239 @@ __device__ __forceinline__ void rows_bwd(const T* __restrict__ dy, const T* __re
     }
 }
 
-// out[j] = Σ_p part[p·cols + j], p in order: the deterministic end of every column reduction.
+// ---------------------------------------------------------------------------------------------
+// Register-resident rows: the path for rows of up to ROWS_REG_K (forward) or 16/PN (backward)
+// 16-byte packs per thread. A team of `tpr` threads holds one row: either a warp (tpr = 32,
+// several teams per block, warp shuffles only) or the whole block (tpr = blockDim.x). Thread t
+// of a team owns packs t, t + tpr, ..., t + (K−1)·tpr, and issues all its loads before using any.
+// Statistics are two passes over the registers (Σx, then Σ(x − mean)²): no division per
+// element and no cancellation. Team geometry and the grid come from the shape alone (the host),
+// so every GPU gives the same bits.
+#define ROWS_REG_K 4
+
+// Pack p of a row: 16 bytes when `vec`, else element by element with zeros past `cols`.
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack(const T* __restrict__ r, int p, int cols, bool vec) {
+    Pack<T> pk;
+    if (vec) return reinterpret_cast<const Pack<T>*>(r)[p];
+#pragma unroll
+    for (int i = 0; i < Pack<T>::N; ++i) {
+        int j = p * Pack<T>::N + i;
+        pk.v[i] = j < cols ? r[j] : from_float<T>(0.f);
+    }
+    return pk;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* __restrict__ r, int p, const Pack<T>& pk, int cols,
+                                           bool vec) {
+    if (vec) {
+        reinterpret_cast<Pack<T>*>(r)[p] = pk;
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < Pack<T>::N; ++i) {
+        int j = p * Pack<T>::N + i;
+        if (j < cols) r[j] = pk.v[i];
+    }
+}
+
+// Sum over a team: a warp (tpr == 32) or the whole block. Synchronizes the block when tpr > 32.
+__device__ __forceinline__ float team_sum(float v, int tpr, float* scratch) {
+    return tpr == 32 ? warp_reduce_sum(v) : block_reduce_sum(v, scratch);
+}
+
+// Forward: y = (x − mean)·rstd·w + b (RMSNorm: x·rstd·w), saved mean (LayerNorm) and rstd.
+// Bytes: x read once, y written once, 8 bytes of statistics per row.
+template <typename T, bool CENTER>
+__device__ __forceinline__ void rows_fwd_reg(const T* __restrict__ x, T* __restrict__ y,
+                                             const float* __restrict__ w,
+                                             const float* __restrict__ b,
+                                             float* __restrict__ mean_out,
+                                             float* __restrict__ rstd_out, i64 rows, int cols,
+                                             float eps, int tpr, int K) {
+    __shared__ float scratch[32];
+    const int PN = Pack<T>::N;
+    const int teams = blockDim.x / tpr, team = threadIdx.x / tpr, t = threadIdx.x % tpr;
+    const int packs = (cols + PN - 1) / PN;
+    const bool vec = aligned16(x) && aligned16(y) && cols % PN == 0;
+#pragma unroll 1
+    for (i64 row = (i64)blockIdx.x * teams + team; row < rows; row += (i64)gridDim.x * teams) {
+        const T* xr = x + row * (i64)cols;
+        T* yr = y + row * (i64)cols;
+        Pack<T> r[ROWS_REG_K];
+#pragma unroll
+        for (int k = 0; k < ROWS_REG_K; ++k) {
+            const int p = t + k * tpr;
+            if (k < K && p < packs) r[k] = load_pack(xr, p, cols, vec);
+        }
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < ROWS_REG_K; ++k) {
+            const int p = t + k * tpr;
+            if (k < K && p < packs) {
+#pragma unroll
+                for (int i = 0; i < PN; ++i) {
+                    float v = to_float(r[k].v[i]);
+                    s += CENTER ? v : v * v;  // zeros past cols add nothing
+                }
+            }
+        }
+        s = team_sum(s, tpr, scratch);
+        float mean = 0.f, var;
+        if (CENTER) {
+            mean = s / (float)cols;
+            float m2 = 0.f;
+#pragma unroll
+            for (int k = 0; k < ROWS_REG_K; ++k) {
+                const int p = t + k * tpr;
+                if (k < K && p < packs) {
+#pragma unroll
+                    for (int i = 0; i < PN; ++i) {
+                        float d = to_float(r[k].v[i]) - mean;
+                        if (p * PN + i < cols) m2 += d * d;
+                    }
+                }
+            }
+            var = team_sum(m2, tpr, scratch) / (float)cols;
+        } else {
+            var = s / (float)cols;
+        }
+        const float rstd = rsqrtf(var + eps);
+        if (t == 0) {
+            if (CENTER) mean_out[row] = nan_if_inf(mean);
+            rstd_out[row] = rstd;
+        }
+#pragma unroll
+        for (int k = 0; k < ROWS_REG_K; ++k) {
+            const int p = t + k * tpr;
+            if (k < K && p < packs) {
+                Pack<T> o;
+                const int j0 = p * PN;  // parameters past cols: not read (the value is not stored)
+#pragma unroll
+                for (int i = 0; i < PN; ++i) {
+                    const bool in = j0 + i < cols;
+                    float v = (to_float(r[k].v[i]) - mean) * rstd;
+                    if (w) v *= in ? w[j0 + i] : 0.f;
+                    if (b) v += in ? b[j0 + i] : 0.f;
+                    o.v[i] = from_float<T>(v);
+                }
+                store_pack(yr, p, o, cols, vec);
+            }
+        }
+    }
+}
+
+// Backward: per row Σu and Σu·x̂ (u = dy·w, x̂ = (x − mean)·rstd), dx = rstd·(u − Σu/n −
+// x̂·Σu·x̂/n) (RMSNorm: no Σu/n term) from the registers; per owned column the thread adds
+// dy·x̂ and dy over the team's rows, and writes them to row (team index) of dw_part/db_part for
+// rows_col_sum_f32. u is rounded on its own (__fmul_rn): a fused multiply-add would leave the
+// product's rounding error in u − Σu/n, which a row of one element turns into a nonzero dx.
+// Bytes: x and dy read once, dx written once, 8·cols bytes of partials per team.
+template <typename T, bool CENTER>
+__device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* __restrict__ x,
+                                             const float* __restrict__ w,
+                                             const float* __restrict__ mean,
+                                             const float* __restrict__ rstd, T* __restrict__ dx,
+                                             float* __restrict__ dw_part,
+                                             float* __restrict__ db_part, i64 rows, int cols,
+                                             int tpr, int K) {
+    __shared__ float scratch[32];
+    const int PN = Pack<T>::N;
+    const int KB = 8 / PN > 0 ? 8 / PN : 1;  // packs per thread: 8 accumulated columns (f32: 2)
+    const int teams = blockDim.x / tpr, team = threadIdx.x / tpr, t = threadIdx.x % tpr;
+    const int packs = (cols + PN - 1) / PN;
+    const bool vec = aligned16(x) && aligned16(dy) && aligned16(dx) && cols % PN == 0;
+    float aw[8], ab[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        aw[i] = 0.f;
+        ab[i] = 0.f;
+    }
+#pragma unroll 1
+    for (i64 row = (i64)blockIdx.x * teams + team; row < rows; row += (i64)gridDim.x * teams) {
+        const T* gr = dy + row * (i64)cols;
+        const T* xr = x + row * (i64)cols;
+        Pack<T> rg[KB], rx[KB];
+#pragma unroll
+        for (int k = 0; k < KB; ++k) {
+            const int p = t + k * tpr;
+            if (k < K && p < packs) {
+                rg[k] = load_pack(gr, p, cols, vec);
+                rx[k] = load_pack(xr, p, cols, vec);
+            }
+        }
+        const float mu = CENTER ? mean[row] : 0.f, rs = rstd[row];
+        float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+        for (int k = 0; k < KB; ++k) {
+            const int p = t + k * tpr;
+            if (k < K && p < packs) {
+                const int j0 = p * PN;
+#pragma unroll
+                for (int i = 0; i < PN; ++i) {
+                    const float g = to_float(rg[k].v[i]);  // zero past cols
+                    const float xh = (to_float(rx[k].v[i]) - mu) * rs;
+                    const float u = w ? __fmul_rn(g, j0 + i < cols ? w[j0 + i] : 0.f) : g;
+                    s1 += u;
+                    s2 += u * xh;
+                    aw[k * PN + i] += g * xh;
+                    ab[k * PN + i] += g;
+                }
+            }
+        }
+        s1 = team_sum(s1, tpr, scratch);
+        s2 = team_sum(s2, tpr, scratch);
+        const float m1 = CENTER ? s1 / (float)cols : 0.f, m2 = s2 / (float)cols;
+        T* dr = dx + row * (i64)cols;
+#pragma unroll
+        for (int k = 0; k < KB; ++k) {
+            const int p = t + k * tpr;
+            if (k < K && p < packs) {
+                Pack<T> o;
+                const int j0 = p * PN;
+#pragma unroll
+                for (int i = 0; i < PN; ++i) {
+                    const float g = to_float(rg[k].v[i]);
+                    const float xh = (to_float(rx[k].v[i]) - mu) * rs;
+                    const float u = w ? __fmul_rn(g, j0 + i < cols ? w[j0 + i] : 0.f) : g;
+                    o.v[i] = from_float<T>(rs * (u - m1 - xh * m2));
+                }
+                store_pack(dr, p, o, cols, vec);
+            }
+        }
+    }
+    const i64 part = (i64)blockIdx.x * teams + team;
+    float* pw = dw_part + part * cols;
+    float* pb = db_part + part * cols;
+#pragma unroll
+    for (int k = 0; k < KB; ++k) {
+        const int p = t + k * tpr;
+        if (k < K && p < packs) {
+#pragma unroll
+            for (int i = 0; i < PN; ++i) {
+                const int j = p * PN + i;
+                if (j < cols) {
+                    pw[j] = aw[k * PN + i];
+                    pb[j] = ab[k * PN + i];
+                }
+            }
+        }
+    }
+}
+
+// out[c·cols + j] = Σ part[p·cols + j] over p in chunk c = blockIdx.y (parts c·chunk ..
+// min(parts, (c+1)·chunk) − 1), in order: the deterministic end of every column reduction. One
+// chunk (chunk = parts) sums everything; many partial rows are summed in two launches, chunks
+// first, so that no thread adds more than ~64 values in sequence.
 extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, float* __restrict__ out,
-                                       int parts, int cols) {
+                                       int parts, int cols, int chunk) {
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= cols) return;
+    const int p0 = blockIdx.y * chunk, p1 = min(parts, p0 + chunk);
     float s = 0.f;
-    for (int p = 0; p < parts; ++p) s += part[(i64)p * cols + j];
-    out[j] = s;
+    for (int p = p0; p < p1; ++p) s += part[(i64)p * cols + j];
+    out[(i64)blockIdx.y * cols + j] = s;
 }
 
 #define ROWS_ENTRIES(T, NAME)                                                                   \
@@ -218,6 +443,26 @@ extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, floa
                                                    const float* rstd, T* dx, float* dw_part,    \
                                                    float* db_part, i64 rows, int cols) {        \
         rows_bwd<T, false>(dy, x, w, 0, rstd, dx, dw_part, db_part, rows, cols);               \
+    } \
+    extern "C" __global__ void layer_norm_fwd_reg_##NAME(                                       \
+        const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, i64 rows,   \
+        int cols, float eps, int tpr, int k) {                                                  \
+        rows_fwd_reg<T, true>(x, y, w, b, mean, rstd, rows, cols, eps, tpr, k);                \
+    }                                                                                           \
+    extern "C" __global__ void rms_norm_fwd_reg_##NAME(const T* x, T* y, const float* w,       \
+                                                       float* rstd, i64 rows, int cols,         \
+                                                       float eps, int tpr, int k) {             \
+        rows_fwd_reg<T, false>(x, y, w, 0, 0, rstd, rows, cols, eps, tpr, k);                  \
+    }                                                                                           \
+    extern "C" __global__ void layer_norm_bwd_reg_##NAME(                                       \
+        const T* dy, const T* x, const float* w, const float* mean, const float* rstd, T* dx,   \
+        float* dw_part, float* db_part, i64 rows, int cols, int tpr, int k) {                   \
+        rows_bwd_reg<T, true>(dy, x, w, mean, rstd, dx, dw_part, db_part, rows, cols, tpr, k); \
+    }                                                                                           \
+    extern "C" __global__ void rms_norm_bwd_reg_##NAME(                                         \
+        const T* dy, const T* x, const float* w, const float* rstd, T* dx, float* dw_part,      \
+        float* db_part, i64 rows, int cols, int tpr, int k) {                                   \
+        rows_bwd_reg<T, false>(dy, x, w, 0, rstd, dx, dw_part, db_part, rows, cols, tpr, k);   \
     }
 
 CUNORM_FOR_DTYPES(ROWS_ENTRIES)

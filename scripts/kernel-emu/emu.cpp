@@ -129,8 +129,8 @@ void rows_case(size_t rows, int cols, bool center, bool affine) {
         if (center) rows_bwd<T, true>(g.data(), x.data(), wp, mean.data(), rstd.data(), dx.data(), pw.data(), pb.data(), rows, cols);
         else rows_bwd<T, false>(g.data(), x.data(), wp, nullptr, rstd.data(), dx.data(), pw.data(), pb.data(), rows, cols);
     });
-    emu_launch({(unsigned)((cols + 255) / 256)}, {256}, 0, [&] { rows_col_sum_f32(pw.data(), dw.data(), parts, cols); });
-    emu_launch({(unsigned)((cols + 255) / 256)}, {256}, 0, [&] { rows_col_sum_f32(pb.data(), db.data(), parts, cols); });
+    emu_launch({(unsigned)((cols + 255) / 256)}, {256}, 0, [&] { rows_col_sum_f32(pw.data(), dw.data(), parts, cols, parts); });
+    emu_launch({(unsigned)((cols + 255) / 256)}, {256}, 0, [&] { rows_col_sum_f32(pb.data(), db.data(), parts, cols, parts); });
     std::vector<double>* wr = affine ? &wd : nullptr;
     std::vector<double>* br = affine && center ? &bd : nullptr;
     Ref r = reference(xd, gd, wr, br, rows, cols, [&](size_t i) { return i / cols; },
@@ -142,6 +142,59 @@ void rows_case(size_t rows, int cols, bool center, bool affine) {
     expect(tag + " dx", widen(dx), round(r.dx), tol_abs<T>() * 5, tol_rel<T>() * 5);
     expect(tag + " dw", widen(dw), r.dw, 1e-3, 1e-4);
     expect(tag + " db", widen(db), r.db, 1e-3, 1e-4);
+
+    // The register-resident kernels, as raw::rows_forward/rows_backward launch them when a row
+    // fits (RegTeam in src/ops/rows/cuda.rs, with 1024 threads allowed).
+    const int PN = 16 / sizeof(T);
+    const size_t packs = (cols + PN - 1) / PN;
+    auto team = [&](size_t max_k, size_t* tpr, size_t* k, size_t* per_block) {
+        if (packs <= 32 * max_k) { *tpr = 32; *k = std::max<size_t>(1, (packs + 31) / 32); *per_block = 4; return true; }
+        *tpr = ((packs + max_k - 1) / max_k + 31) / 32 * 32;
+        *k = (packs + *tpr - 1) / *tpr;
+        *per_block = 1;
+        return *tpr <= 1024;
+    };
+    size_t tpr, k, per_block;
+    if (team(4, &tpr, &k, &per_block)) {
+        std::fill(y.begin(), y.end(), from_float<T>(NAN));
+        std::fill(mean.begin(), mean.end(), NAN);
+        std::fill(rstd.begin(), rstd.end(), NAN);
+        unsigned blocks_r = (unsigned)std::min<size_t>((rows + per_block - 1) / per_block, 1u << 20);
+        emu_launch({blocks_r}, {(unsigned)(tpr * per_block)}, 0, [&] {
+            if (center) rows_fwd_reg<T, true>(x.data(), y.data(), wp, bp, mean.data(), rstd.data(), rows, cols, eps, (int)tpr, (int)k);
+            else rows_fwd_reg<T, false>(x.data(), y.data(), wp, nullptr, nullptr, rstd.data(), rows, cols, eps, (int)tpr, (int)k);
+        });
+        expect(tag + " reg y", widen(y), round(r.y), tol_abs<T>(), tol_rel<T>());
+        if (center) expect(tag + " reg mean", widen(mean), r.mean, 1e-5, 1e-5);
+        expect(tag + " reg rstd", widen(rstd), r.rstd, 1e-5, 1e-4);
+    }
+    if (team(std::max(1, 8 / PN), &tpr, &k, &per_block)) {
+        std::fill(dx.begin(), dx.end(), from_float<T>(NAN));
+        size_t teams = std::max<size_t>(1, std::min<size_t>(rows, std::min<size_t>(8192, ((1u << 22) + cols - 1) / cols)));
+        size_t blocks_r = (teams + per_block - 1) / per_block, parts_r = blocks_r * per_block;
+        std::vector<float> qw(parts_r * cols, NAN), qb(parts_r * cols, NAN);
+        emu_launch({(unsigned)blocks_r}, {(unsigned)(tpr * per_block)}, 0, [&] {
+            if (center) rows_bwd_reg<T, true>(g.data(), x.data(), wp, mean.data(), rstd.data(), dx.data(), qw.data(), qb.data(), rows, cols, (int)tpr, (int)k);
+            else rows_bwd_reg<T, false>(g.data(), x.data(), wp, nullptr, rstd.data(), dx.data(), qw.data(), qb.data(), rows, cols, (int)tpr, (int)k);
+        });
+        // Two-stage column sums when there are more than 64 partial rows (col_sum in cuda.rs).
+        auto col_sum = [&](std::vector<float>& part, std::vector<float>& out) {
+            int P = (int)parts_r, C = cols;
+            if (P <= 64) {
+                emu_launch({(unsigned)((C + 255) / 256)}, {256}, 0, [&] { rows_col_sum_f32(part.data(), out.data(), P, C, P); });
+                return;
+            }
+            int chunks = (P + 63) / 64;
+            std::vector<float> mid((size_t)chunks * C, NAN);
+            emu_launch({(unsigned)((C + 255) / 256), (unsigned)chunks}, {256}, 0, [&] { rows_col_sum_f32(part.data(), mid.data(), P, C, 64); });
+            emu_launch({(unsigned)((C + 255) / 256)}, {256}, 0, [&] { rows_col_sum_f32(mid.data(), out.data(), chunks, C, chunks); });
+        };
+        col_sum(qw, dw);
+        col_sum(qb, db);
+        expect(tag + " reg dx", widen(dx), round(r.dx), tol_abs<T>() * 5, tol_rel<T>() * 5);
+        expect(tag + " reg dw", widen(dw), r.dw, 1e-3, 1e-4);
+        expect(tag + " reg db", widen(db), r.db, 1e-3, 1e-4);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -198,7 +251,7 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
     } else if (!eval) {
         std::vector<float> part(N * C * chunks * 3, NAN), varu(groups);
         emu_launch(rgrid, rblock, 0, [&] { planes_reduce<T, StatAcc, false>(x.data(), nullptr, nullptr, part.data(), N, C, S, cl, chunks); });
-        emu_launch(small(groups), {256}, 0, [&] { planes_finalize_f32(part.data(), mean.data(), rstd.data(), varu.data(), N, C, chunks, G, eps, 1); });
+        emu_launch({(unsigned)groups}, {256}, 0, [&] { planes_finalize_f32(part.data(), mean.data(), rstd.data(), varu.data(), N, C, chunks, G, eps, 1); });
         if (G == 0 || G == C)
             emu_launch(small(C), {256}, 0, [&] { planes_running_update_f32(rm.data(), rv.data(), mean.data(), varu.data(), N, C, G == C, factor); });
     } else {
@@ -215,8 +268,8 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
     emu_launch(small(N * C), {256}, 0, [&] { planes_coef_f32(mean.data(), rstd.data(), w.data(), nullptr, a.data(), m.data(), k.data(), N, C, gcode); });
     std::vector<float> part2(N * C * chunks * 2, 0.f);
     emu_launch(rgrid, rblock, 0, [&] { planes_reduce<T, GradAcc, true>(x.data(), g.data(), m.data(), part2.data(), N, C, S, cl, chunks); });
-    emu_launch(small(groups), {256}, 0, [&] { planes_grad_finalize_f32(part2.data(), w.data(), rstd.data(), bc.data(), kc.data(), N, C, S, chunks, gcode, !eval); });
-    emu_launch(small(C), {256}, 0, [&] { planes_grad_params_f32(part2.data(), rstd.data(), dw.data(), db.data(), N, C, chunks, gcode); });
+    emu_launch({(unsigned)groups}, {256}, 0, [&] { planes_grad_finalize_f32(part2.data(), w.data(), rstd.data(), bc.data(), kc.data(), N, C, S, chunks, gcode, !eval); });
+    emu_launch({(unsigned)C}, {256}, 0, [&] { planes_grad_params_f32(part2.data(), rstd.data(), dw.data(), db.data(), N, C, chunks, gcode); });
     emu_launch(agrid, {256}, 0, [&] { planes_apply<T, true>(x.data(), g.data(), dx.data(), a.data(), bc.data(), m.data(), kc.data(), N, C, S, cl); });
 
     // Reference on logical data.
@@ -275,7 +328,7 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
 }
 
 template <class T> void all() {
-    for (auto [rows, cols] : std::vector<std::pair<size_t, int>>{{5, 13}, {7, 1}, {3, 4099}, {2, 1024}, {9, 64}, {2, 12289}})
+    for (auto [rows, cols] : std::vector<std::pair<size_t, int>>{{5, 13}, {7, 1}, {3, 4099}, {2, 1024}, {9, 64}, {2, 12289}, {300, 128}, {70, 96}})
         for (bool center : {true, false})
             for (bool affine : {true, false}) rows_case<T>(rows, cols, center, affine);
     struct P { long n; int c; long s; int g; };

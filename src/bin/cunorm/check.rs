@@ -268,6 +268,14 @@ pub fn cases(quick: bool) -> Result<Vec<(AnyNorm, Vec<usize>, f32)>> {
             0.0,
         ),
         (AnyNorm::Rms(RMSNorm::new(&[33_333])?), vec![2, 33_333], 0.0),
+        // Rows too long for the register-resident kernels (more than 8 packs per thread of
+        // 1024): the shared-memory kernels, cached (f16/bf16) and re-read (f32).
+        (
+            AnyNorm::Ln(LayerNorm::new(&[70_000])?),
+            vec![2, 70_000],
+            0.0,
+        ),
+        (AnyNorm::Rms(RMSNorm::new(&[70_001])?), vec![2, 70_001], 0.0),
         (AnyNorm::Gn(GroupNorm::new(2, 4)?), vec![1, 4, 8_000], 0.0),
     ];
     // Seeded random shapes: odd, prime and 1-sized dimensions in every position.

@@ -161,12 +161,16 @@ pub(crate) fn backward<T: Element>(
 // The launch layer over cudarc views
 // ---------------------------------------------------------------------------------------------
 
-fn reduce_chunks(dev: &CudaDevice, s: &PlaneShape) -> usize {
+/// Blocks a contiguous reduction aims for (about two per SM of an H100).
+const REDUCE_BLOCKS: usize = 264;
+
+fn reduce_chunks(s: &PlaneShape) -> usize {
     if s.channels_last() {
         s.s.div_ceil(256).max(1)
     } else {
+        // From the shape alone (not the SM count), so that every GPU adds in the same order.
         let planes = (s.n * s.c).max(1);
-        let want = (2 * dev.sm_count() as usize).div_ceil(planes);
+        let want = REDUCE_BLOCKS.div_ceil(planes);
         want.clamp(1, (s.s / 4096).max(1))
     }
 }
@@ -204,6 +208,15 @@ fn channel_tiles(c: usize) -> Result<u32> {
 fn small_config(n: usize) -> Result<LaunchConfig> {
     Ok(LaunchConfig {
         grid_dim: (grid(n.div_ceil(256))?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// One block of 256 threads (planes.cu `FIN_THREADS`) per group or channel: the finalize kernels.
+fn block_per_config(n: usize) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (grid(n)?, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     })
@@ -377,7 +390,7 @@ pub fn planes_forward<T: Element>(
                 }
                 return Ok(());
             }
-            let chunks = reduce_chunks(dev, &s);
+            let chunks = reduce_chunks(&s);
             let chunks_i = to_i32("chunks", chunks)?;
             let mut part = dev.alloc::<f32>(s.n * s.c * chunks * 3)?;
             let f = dev.function("planes", &kernels::name::<T>("planes_stats"))?;
@@ -404,7 +417,7 @@ pub fn planes_forward<T: Element>(
                 .arg(&eps)
                 .arg(&nan_i);
             // SAFETY: matches planes_finalize_f32; mean/rstd/varu hold the group count.
-            unsafe { b.launch(small_config(ng)?) }.map_err(launch_err)?;
+            unsafe { b.launch(block_per_config(ng)?) }.map_err(launch_err)?;
             pending = running.map(|r| (r, varu));
         }
         Source::Fixed { mean: rm, var: rv } => {
@@ -493,7 +506,7 @@ pub fn planes_backward<T: Element>(
     check_len("rstd", rstd.len(), ng)?;
     let (n_i, c_i, s_i, cl) = s.kernel_args()?;
     let stream = dev.stream();
-    let chunks = reduce_chunks(dev, &s);
+    let chunks = reduce_chunks(&s);
     let chunks_i = to_i32("chunks", chunks)?;
     let [a, m, _] = coef(dev, &s, g_code, mean, rstd, weight, None)?;
     let mut part = dev.zeros::<f32>(s.n * s.c * chunks * 2)?;
@@ -530,7 +543,7 @@ pub fn planes_backward<T: Element>(
         .arg(&g_code)
         .arg(&fi);
     // SAFETY: matches planes_grad_finalize_f32; coefficient buffers hold N·C floats.
-    unsafe { b.launch(small_config(ng)?) }.map_err(launch_err)?;
+    unsafe { b.launch(block_per_config(ng)?) }.map_err(launch_err)?;
 
     let f = dev.function("planes", "planes_grad_params_f32")?;
     let mut b = stream.launch_builder(&f);
@@ -543,7 +556,7 @@ pub fn planes_backward<T: Element>(
         .arg(&chunks_i)
         .arg(&g_code);
     // SAFETY: matches planes_grad_params_f32; dweight/dbias hold C floats.
-    unsafe { b.launch(small_config(s.c)?) }.map_err(launch_err)?;
+    unsafe { b.launch(block_per_config(s.c)?) }.map_err(launch_err)?;
 
     if numel > 0 {
         let f = dev.function("planes", &kernels::name::<T>("planes_grad_apply"))?;

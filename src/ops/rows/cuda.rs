@@ -254,6 +254,42 @@ fn rows_forward<T: Element>(
     }
     let (rows_i, cols_i) = (rows as i64, to_i32("cols", cols)?);
     let center = mean.is_some();
+    let reg = kernels::name::<T>(if center {
+        "layer_norm_fwd_reg"
+    } else {
+        "rms_norm_fwd_reg"
+    });
+    let k = dev.kernel("rows", &reg)?;
+    let packs = cols.div_ceil(pack::<T>());
+    if let Some(team) = RegTeam::of(packs, FWD_REG_K, k.max_threads as usize) {
+        let stream = dev.stream();
+        let mut b = stream.launch_builder(&k.func);
+        b.arg(x).arg(y);
+        arg_or_null(&mut b, weight);
+        if let Some(m) = mean {
+            arg_or_null(&mut b, bias);
+            b.arg(m);
+        }
+        let (tpr, kk) = (team.tpr as i32, team.k as i32);
+        b.arg(rstd)
+            .arg(&rows_i)
+            .arg(&cols_i)
+            .arg(&eps)
+            .arg(&tpr)
+            .arg(&kk);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                grid(rows.div_ceil(team.per_block).min(MAX_ROW_BLOCKS))?,
+                1,
+                1,
+            ),
+            block_dim: (team.block_threads(), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches rows.cu's rows_fwd_reg entry points; lengths checked above.
+        unsafe { b.launch(cfg) }.map_err(launch_err)?;
+        return Ok(());
+    }
     let name = kernels::name::<T>(if center {
         "layer_norm_fwd"
     } else {
@@ -354,16 +390,59 @@ fn rows_backward<T: Element>(
         return Ok(());
     }
     let cols_i = to_i32("cols", cols)?;
-    // Partial column sums: one row per block, bounded to 16M floats per buffer.
-    let parts = rows.clamp(
-        1,
-        (dev.sm_count() as usize * 4).min((1 << 24) / cols).max(1),
-    );
+    let center = mean.is_some();
+    let stream = dev.stream();
+    let reg = kernels::name::<T>(if center {
+        "layer_norm_bwd_reg"
+    } else {
+        "rms_norm_bwd_reg"
+    });
+    let k = dev.kernel("rows", &reg)?;
+    let packs = cols.div_ceil(pack::<T>());
+    let max_k = (BWD_REG_COLS / pack::<T>()).max(1);
+    if let Some(team) = RegTeam::of(packs, max_k, k.max_threads as usize) {
+        // One partial row of column sums per team; as many teams as fill a large GPU, bounded
+        // to 4M floats per buffer, from the shape alone.
+        let teams = rows.clamp(1, (1usize << 22).div_ceil(cols).min(BWD_MAX_TEAMS));
+        let blocks = teams.div_ceil(team.per_block);
+        let parts = blocks * team.per_block;
+        let mut pw = dev.alloc::<f32>(parts * cols)?;
+        let mut pb = dev.alloc::<f32>(parts * cols)?;
+        if rows > 0 {
+            let (rows_i, tpr, kk) = (rows as i64, team.tpr as i32, team.k as i32);
+            let mut b = stream.launch_builder(&k.func);
+            b.arg(dy).arg(x);
+            arg_or_null(&mut b, weight);
+            if let Some(m) = mean {
+                b.arg(m);
+            }
+            b.arg(rstd)
+                .arg(dx)
+                .arg(&mut pw)
+                .arg(&mut pb)
+                .arg(&rows_i)
+                .arg(&cols_i)
+                .arg(&tpr)
+                .arg(&kk);
+            let cfg = LaunchConfig {
+                grid_dim: (grid(blocks)?, 1, 1),
+                block_dim: (team.block_threads(), 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches rows.cu's rows_bwd_reg entry points; the partial buffers hold
+            // one row per team of the grid.
+            unsafe { b.launch(cfg) }.map_err(launch_err)?;
+        }
+        let used = if rows == 0 { 0 } else { parts };
+        col_sum(dev, &pw, used, cols, dweight)?;
+        return col_sum(dev, &pb, used, cols, dbias);
+    }
+    // Partial column sums: one row per block, bounded to 16M floats per buffer (a fixed count,
+    // not the SM count, so that every GPU adds in the same order).
+    let parts = rows.clamp(1, 512.min((1 << 24) / cols).max(1));
     let mut pw = dev.alloc::<f32>(parts * cols)?;
     let mut pb = dev.alloc::<f32>(parts * cols)?;
-    let stream = dev.stream();
     if rows > 0 {
-        let center = mean.is_some();
         let name = kernels::name::<T>(if center {
             "layer_norm_bwd"
         } else {
@@ -393,27 +472,151 @@ fn rows_backward<T: Element>(
         // SAFETY: matches rows.cu's signature; buffers sized above.
         unsafe { b.launch(cfg) }.map_err(launch_err)?;
     }
-    let used = if rows == 0 { 0 } else { parts } as i32;
-    col_sum(dev, &pw, used, cols_i, dweight)?;
-    col_sum(dev, &pb, used, cols_i, dbias)
+    let used = if rows == 0 { 0 } else { parts };
+    col_sum(dev, &pw, used, cols, dweight)?;
+    col_sum(dev, &pb, used, cols, dbias)
 }
 
+/// Threads per block of the register-resident row kernels when a team is one warp.
+const WARP_TEAM_BLOCK: usize = 128;
+/// Packs of x per thread in the register-resident forward: rows.cu's `ROWS_REG_K` (the two must
+/// agree; the kernel emulator and the fake driver's suite fail otherwise).
+const FWD_REG_K: usize = 4;
+/// Columns accumulated per thread in the register-resident backward (rows.cu `rows_bwd_reg`'s
+/// `aw`/`ab`): 8 / pack packs of x and of dy.
+const BWD_REG_COLS: usize = 8;
+/// Most blocks of a row forward launch (the kernels loop over further rows).
+const MAX_ROW_BLOCKS: usize = 1 << 20;
+/// Most teams (partial rows of column sums) of a register-resident backward.
+const BWD_MAX_TEAMS: usize = 8192;
+/// Partial rows one thread of `rows_col_sum_f32` adds in sequence in the first of two stages.
+const COL_SUM_CHUNK: usize = 64;
+
+/// The team of the register-resident row kernels (rows.cu): `tpr` threads per row, each holding
+/// `k` 16-byte packs, `per_block` teams per block (a warp each, or one team of the whole block).
+/// Derived from the row length alone, so every GPU runs the same reduction order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RegTeam {
+    pub tpr: usize,
+    pub k: usize,
+    pub per_block: usize,
+}
+
+impl RegTeam {
+    /// A row of `packs` packs with at most `max_k` per thread, or None when it needs more
+    /// threads than `max_threads` (then the shared-memory kernels run).
+    pub(crate) fn of(packs: usize, max_k: usize, max_threads: usize) -> Option<RegTeam> {
+        if packs <= 32 * max_k {
+            let per_block = (max_threads.min(WARP_TEAM_BLOCK) / 32).max(1);
+            return Some(RegTeam {
+                tpr: 32,
+                k: packs.div_ceil(32).max(1),
+                per_block,
+            });
+        }
+        let tpr = packs.div_ceil(max_k).next_multiple_of(32);
+        (tpr <= max_threads).then(|| RegTeam {
+            tpr,
+            k: packs.div_ceil(tpr),
+            per_block: 1,
+        })
+    }
+
+    fn block_threads(&self) -> u32 {
+        (self.tpr * self.per_block) as u32
+    }
+}
+
+/// out[j] = Σ_p part[p·cols + j] in a fixed order: in one launch for up to COL_SUM_CHUNK partial
+/// rows, else chunk sums first (one thread per column and chunk), then their sum.
 fn col_sum(
     dev: &CudaDevice,
     part: &cudarc::driver::CudaSlice<f32>,
-    parts: i32,
-    cols: i32,
+    parts: usize,
+    cols: usize,
     out: &mut CudaViewMut<f32>,
 ) -> Result<()> {
+    if parts <= COL_SUM_CHUNK {
+        return col_sum_launch(dev, &part.slice(..), parts, cols, parts.max(1), out);
+    }
+    let chunks = parts.div_ceil(COL_SUM_CHUNK);
+    let mut mid = dev.alloc::<f32>(chunks * cols)?;
+    col_sum_launch(
+        dev,
+        &part.slice(..),
+        parts,
+        cols,
+        COL_SUM_CHUNK,
+        &mut mid.slice_mut(..),
+    )?;
+    col_sum_launch(dev, &mid.slice(..), chunks, cols, chunks, out)
+}
+
+fn col_sum_launch(
+    dev: &CudaDevice,
+    part: &CudaView<f32>,
+    parts: usize,
+    cols: usize,
+    chunk: usize,
+    out: &mut CudaViewMut<f32>,
+) -> Result<()> {
+    let chunks = parts.div_ceil(chunk).max(1);
+    check_len("column partials", part.len(), parts * cols)?;
+    check_len("column sums", out.len(), chunks * cols)?;
     let f = dev.function("rows", "rows_col_sum_f32")?;
+    let (parts_i, cols_i, chunk_i) = (
+        to_i32("parts", parts)?,
+        to_i32("cols", cols)?,
+        to_i32("chunk", chunk)?,
+    );
     let mut b = dev.stream().launch_builder(&f);
-    b.arg(part).arg(out).arg(&parts).arg(&cols);
+    b.arg(part)
+        .arg(out)
+        .arg(&parts_i)
+        .arg(&cols_i)
+        .arg(&chunk_i);
     let cfg = LaunchConfig {
-        grid_dim: (grid((cols as usize).div_ceil(256))?, 1, 1),
+        grid_dim: (grid(cols.div_ceil(256))?, to_u32_grid(chunks)?, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: part holds parts·cols floats, out holds cols (checked by the callers).
+    // SAFETY: part holds parts·cols floats, out one row per chunk (checked above).
     unsafe { b.launch(cfg) }.map_err(launch_err)?;
     Ok(())
+}
+
+fn to_u32_grid(n: usize) -> Result<u32> {
+    u32::try_from(n)
+        .ok()
+        .filter(|&g| g <= 65_535)
+        .ok_or_else(|| {
+            crate::Error::Shape(format!("cuda launch: {n} column chunks; split the input"))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RegTeam;
+
+    #[test]
+    fn reg_team_covers_the_row_within_its_limits() {
+        for max_k in [1, 2, 4] {
+            for max_threads in [288, 512, 1024] {
+                for packs in (1..5000).step_by(7) {
+                    match RegTeam::of(packs, max_k, max_threads) {
+                        Some(t) => {
+                            assert!(t.tpr % 32 == 0 && t.tpr <= max_threads.max(32));
+                            assert!(t.k >= 1 && t.k <= max_k, "{t:?} for {packs} packs");
+                            assert!(t.tpr * t.k >= packs, "{t:?} misses packs of {packs}");
+                            // No idle pack slot column: the last pack slot is needed.
+                            assert!(t.tpr * (t.k - 1) < packs);
+                            assert!(t.per_block == 1 || t.tpr == 32);
+                            assert!(t.tpr * t.per_block <= max_threads.max(32));
+                        }
+                        None => assert!(packs.div_ceil(max_k) > max_threads - 31),
+                    }
+                }
+            }
+        }
+    }
 }
