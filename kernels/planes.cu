@@ -29,9 +29,9 @@ __device__ __forceinline__ void chunk_range(i64 S, int chunks, int k, int pn, i6
 // ---------------------------------------------------------------------------------------------
 // Stage A: per-(plane, chunk) partials.
 // Contiguous: one block (256 threads) per (plane, chunk), 16-byte packs when S allows.
-// Channels-last: grid (N·chunks, ceil(C/32)), block (32, 8): thread (tx, ty) takes channel
-// blockIdx.y·32 + tx and rows ty, ty + 8, ... of the chunk (32 channels = one coalesced read),
-// then the 8 row-partials of a channel are merged in order through shared memory.
+// Channels-last: grid (N·chunks, channel tiles), block (TW, 256/TW): thread (tx, ty) takes the
+// 16-byte pack of channels blockIdx.y·TW + tx and rows ty, ty + 256/TW, ... of the chunk, then
+// the row-partials of a channel are merged in order through shared memory.
 // Bytes: x (and dy) read once.
 // ---------------------------------------------------------------------------------------------
 
@@ -108,39 +108,68 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
         acc = block_merge(acc, scratch);
         if (threadIdx.x == 0) acc.store(part + (plane * chunks + k) * Acc::WIDTH);
     } else {
-        __shared__ Acc tile[8][32];
+        // Channels-last: block (TW, RH), TW·RH = 256, TW a power of two ≤ 32 chosen by the host
+        // from C alone. Thread (tx, ty) owns the PN channels of pack blockIdx.y·TW + tx and rows
+        // ty, ty + RH, ... of the chunk: a 16-byte load per row when C % PN == 0 (else PN
+        // scalar loads), UNROLL rows in flight. The RH row-partials of a channel are then merged
+        // in order through shared memory.
+        __shared__ Acc tile[256 * Pack<T>::N];
+        const int TW = blockDim.x, RH = blockDim.y;
         const i64 n = blockIdx.x / chunks;
         const int k = blockIdx.x % chunks;
-        const int c = blockIdx.y * 32 + threadIdx.x;
+        const int c0 = (blockIdx.y * TW + threadIdx.x) * PN;
+        const bool vec = (C % PN == 0) && aligned16(x) && (!GRAD || aligned16(dy));
         i64 s0, s1;
         chunk_range(S, chunks, k, 1, &s0, &s1);
-        Acc acc;
-        acc.init();
-        if (c < C) {
-            if constexpr (GRAD) acc.m = mplane[n * C + c];
-            const i64 step = blockDim.y;
+        Acc acc[PN];
+#pragma unroll
+        for (int i = 0; i < PN; ++i) {
+            acc[i].init();
+            if constexpr (GRAD) acc[i].m = c0 + i < C ? mplane[n * C + c0 + i] : 0.f;
+        }
+        if (c0 < C) {
+            const i64 step = RH;
 #pragma unroll 1
             for (i64 s = s0 + threadIdx.y; s < s1; s += UNROLL * step) {
-                T xv[UNROLL], gv[UNROLL];
+                Pack<T> xv[UNROLL], gv[UNROLL];
 #pragma unroll
                 for (int u = 0; u < UNROLL; ++u) {
                     if (s + u * step < s1) {
-                        const i64 e = (n * S + s + u * step) * C + c;
-                        xv[u] = x[e];
-                        if (GRAD) gv[u] = dy[e];
+                        const i64 e = (n * S + s + u * step) * C + c0;
+                        if (vec) {
+                            xv[u] = *reinterpret_cast<const Pack<T>*>(x + e);
+                            if (GRAD) gv[u] = *reinterpret_cast<const Pack<T>*>(dy + e);
+                        } else {
+#pragma unroll
+                            for (int i = 0; i < PN; ++i) {
+                                const bool in = c0 + i < C;
+                                xv[u].v[i] = in ? x[e + i] : from_float<T>(0.f);
+                                if (GRAD) gv[u].v[i] = in ? dy[e + i] : from_float<T>(0.f);
+                            }
+                        }
                     }
                 }
 #pragma unroll
                 for (int u = 0; u < UNROLL; ++u)
-                    if (s + u * step < s1) acc.add(to_float(xv[u]), GRAD ? to_float(gv[u]) : 0.f);
+                    if (s + u * step < s1) {
+#pragma unroll
+                        for (int i = 0; i < PN; ++i)
+                            acc[i].add(to_float(xv[u].v[i]), GRAD ? to_float(gv[u].v[i]) : 0.f);
+                    }
             }
         }
-        tile[threadIdx.y][threadIdx.x] = acc;
+        const int slot = (threadIdx.y * TW + threadIdx.x) * PN;
+#pragma unroll
+        for (int i = 0; i < PN; ++i) tile[slot + i] = acc[i];
         __syncthreads();
-        if (threadIdx.y == 0 && c < C) {
-            Acc t = tile[0][threadIdx.x];
-            for (int r = 1; r < (int)blockDim.y; ++r) t.merge(tile[r][threadIdx.x]);
-            t.store(part + ((n * C + c) * chunks + k) * Acc::WIDTH);
+        if (threadIdx.y == 0) {
+#pragma unroll
+            for (int i = 0; i < PN; ++i) {
+                if (c0 + i >= C) break;
+                Acc t = tile[threadIdx.x * PN + i];
+                for (int r = 1; r < RH; ++r) t.merge(tile[(r * TW + threadIdx.x) * PN + i]);
+                t.store(part + ((n * C + c0 + i) * chunks + k) * Acc::WIDTH);
+            }
         }
     }
 }
@@ -330,6 +359,13 @@ __device__ __forceinline__ i64 plane_of(i64 e, FastDiv dc, FastDiv ds, int cl) {
     return div_of(ns, ds) * dc.d + c;
 }
 
+// Four floats from a 16-byte aligned address, in one 16-byte load.
+__device__ __forceinline__ void load4(float* dst, const float* __restrict__ src) {
+    const Pack<float> v = *reinterpret_cast<const Pack<float>*>(src);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dst[i] = v.v[i];
+}
+
 template <typename T, bool GRAD>
 __device__ __forceinline__ void planes_apply(const T* __restrict__ x, const T* __restrict__ dy,
                                              T* __restrict__ out, const float* __restrict__ a,
@@ -343,6 +379,7 @@ __device__ __forceinline__ void planes_apply(const T* __restrict__ x, const T* _
     const bool vec = (cl ? (C % PN == 0) : ((S & (PN - 1)) == 0)) && aligned16(x) && aligned16(out) &&
                      (!GRAD || aligned16(dy));
     const FastDiv dc = fast_div(C), ds = fast_div(S);
+    const bool coef_vec = aligned16(a) && aligned16(m) && aligned16(k) && (!GRAD || aligned16(bc));
     // `unroll 1`: no trip count (a 64-bit division) computed for the grid-stride loops.
     if (vec) {
 #pragma unroll 1
@@ -352,11 +389,32 @@ __device__ __forceinline__ void planes_apply(const T* __restrict__ x, const T* _
             Pack<T> gv, ov;
             if (GRAD) gv = reinterpret_cast<const Pack<T>*>(dy)[q];
             const i64 p0 = plane_of(e0, dc, ds, cl);
+            // The pack's coefficients: one plane (contiguous), or PN consecutive planes
+            // (channels-last; p0 is a multiple of PN, so 16-byte loads when the arrays are
+            // 16-byte aligned, as device allocations are).
+            float ca[PN], cm[PN], ck[PN], cb[PN];
+            if (cl && coef_vec) {
+#pragma unroll
+                for (int i = 0; i < PN; i += 4) {
+                    load4(ca + i, a + p0 + i);
+                    load4(cm + i, m + p0 + i);
+                    load4(ck + i, k + p0 + i);
+                    if (GRAD) load4(cb + i, bc + p0 + i);
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < PN; ++i) {
+                    const i64 p = cl ? p0 + i : p0;
+                    ca[i] = a[p];
+                    cm[i] = m[p];
+                    ck[i] = k[p];
+                    if (GRAD) cb[i] = bc[p];
+                }
+            }
 #pragma unroll
             for (int i = 0; i < PN; ++i) {
-                const i64 p = cl ? p0 + i : p0;
-                const float xm = to_float(xv.v[i]) - m[p];
-                const float o = GRAD ? a[p] * to_float(gv.v[i]) + bc[p] * xm + k[p] : a[p] * xm + k[p];
+                const float xm = to_float(xv.v[i]) - cm[i];
+                const float o = GRAD ? ca[i] * to_float(gv.v[i]) + cb[i] * xm + ck[i] : ca[i] * xm + ck[i];
                 ov.v[i] = from_float<T>(o);
             }
             reinterpret_cast<Pack<T>*>(out)[q] = ov;

@@ -18,7 +18,7 @@ src = src.replace('asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));', "r.b
 dyn = "extern __shared__ __align__(16) unsigned char row_cache_bytes[];"
 assert dyn in src, "the dynamic shared memory declaration changed: update prep.py"
 src = src.replace(dyn, "unsigned char* row_cache_bytes = emu_dyn_smem;")
-src, packs = re.subn(r"reinterpret_cast<((?:const )?Pack<T>)\*>\(", r"emu_pack_ptr<\1>(", src)
+src, packs = re.subn(r"reinterpret_cast<((?:const )?Pack<\w+>)\*>\(", r"emu_pack_ptr<\1>(", src)
 assert packs >= 5, f"expected the Pack casts of rows.cu and planes.cu, found {packs}"
 assert "asm(" not in src, "unhandled inline asm"
 out_src.write_text(src)

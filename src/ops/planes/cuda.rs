@@ -175,11 +175,17 @@ fn reduce_chunks(s: &PlaneShape) -> usize {
     }
 }
 
-fn reduce_config(s: &PlaneShape, chunks: usize) -> Result<LaunchConfig> {
+/// The reduction launch (planes.cu `planes_reduce`). Channels-last: blocks of (TW, 256/TW)
+/// threads, TW packs of `pn` channels across (the smallest power of two covering C, at most 32),
+/// one grid row per TW packs.
+fn reduce_config(s: &PlaneShape, chunks: usize, pn: usize) -> Result<LaunchConfig> {
     Ok(if s.channels_last() {
+        channel_tiles(s.c)?; // the documented channel limit
+        let packs = s.c.div_ceil(pn).max(1);
+        let tw = packs.next_power_of_two().min(32);
         LaunchConfig {
-            grid_dim: (grid(s.n * chunks)?, channel_tiles(s.c)?, 1),
-            block_dim: (32, 8, 1),
+            grid_dim: (grid(s.n * chunks)?, packs.div_ceil(tw) as u32, 1),
+            block_dim: (tw as u32, (256 / tw) as u32, 1),
             shared_mem_bytes: 0,
         }
     } else {
@@ -403,7 +409,7 @@ pub fn planes_forward<T: Element>(
                 .arg(&cl)
                 .arg(&chunks_i);
             // SAFETY: matches planes_stats_*; part holds N·C·chunks·3 floats.
-            unsafe { b.launch(reduce_config(&s, chunks)?) }.map_err(launch_err)?;
+            unsafe { b.launch(reduce_config(&s, chunks, pack::<T>())?) }.map_err(launch_err)?;
 
             let mut varu = dev.alloc::<f32>(ng)?;
             let f = dev.function("planes", "planes_finalize_f32")?;
@@ -523,7 +529,7 @@ pub fn planes_backward<T: Element>(
             .arg(&cl)
             .arg(&chunks_i);
         // SAFETY: matches planes_grad_sums_*; part holds N·C·chunks·2 floats.
-        unsafe { b.launch(reduce_config(&s, chunks)?) }.map_err(launch_err)?;
+        unsafe { b.launch(reduce_config(&s, chunks, pack::<T>())?) }.map_err(launch_err)?;
     }
     let planes = s.n * s.c;
     let mut bc = dev.alloc::<f32>(planes)?;
