@@ -183,14 +183,15 @@ __device__ __forceinline__ void rows_bwd(const T* __restrict__ dy, const T* __re
 }
 
 // ---------------------------------------------------------------------------------------------
-// Register-resident rows: the path for rows of up to ROWS_REG_K (forward) or 16/PN (backward)
-// 16-byte packs per thread. A team of `tpr` threads holds one row: either a warp (tpr = 32,
-// several teams per block, warp shuffles only) or the whole block (tpr = blockDim.x). Thread t
-// of a team owns packs t, t + tpr, ..., t + (K−1)·tpr, and issues all its loads before using any.
-// Statistics are two passes over the registers (Σx, then Σ(x − mean)²): no division per
-// element and no cancellation. Team geometry and the grid come from the shape alone (the host),
-// so every GPU gives the same bits.
-#define ROWS_REG_K 4
+// Register-resident rows: the path for rows of up to KM 16-byte packs per thread of a block.
+// A team of `tpr` threads holds one row: either a warp (tpr = 32, several teams per block, warp
+// shuffles only) or the whole block (tpr = blockDim.x). Thread t of a team owns packs t, t + tpr,
+// ..., t + (K−1)·tpr (K ≤ KM, KM a template parameter so that short rows pay only for the
+// registers they use), issues all its loads before using any, and loads the team's next row
+// before reducing the current one (one row in flight while the other is reduced). Statistics
+// are two passes over the registers (Σx, then Σ(x − mean)²): no division per element and no
+// cancellation. Team geometry and the grid come from the shape alone (the host), so every GPU
+// gives the same bits.
 
 // Pack p of a row: 16 bytes when `vec`, else element by element with zeros past `cols`.
 template <typename T>
@@ -224,9 +225,20 @@ __device__ __forceinline__ float team_sum(float v, int tpr, float* scratch) {
     return tpr == 32 ? warp_reduce_sum(v) : block_reduce_sum(v, scratch);
 }
 
+// The packs a thread owns of row `r` (K of KM slots).
+template <typename T, int KM>
+__device__ __forceinline__ void load_owned(Pack<T> (&dst)[KM], const T* __restrict__ r, int t,
+                                           int tpr, int K, int packs, int cols, bool vec) {
+#pragma unroll
+    for (int k = 0; k < KM; ++k) {
+        const int p = t + k * tpr;
+        if (k < K && p < packs) dst[k] = load_pack(r, p, cols, vec);
+    }
+}
+
 // Forward: y = (x − mean)·rstd·w + b (RMSNorm: x·rstd·w), saved mean (LayerNorm) and rstd.
 // Bytes: x read once, y written once, 8 bytes of statistics per row.
-template <typename T, bool CENTER>
+template <typename T, bool CENTER, int KM>
 __device__ __forceinline__ void rows_fwd_reg(const T* __restrict__ x, T* __restrict__ y,
                                              const float* __restrict__ w,
                                              const float* __restrict__ b,
@@ -238,19 +250,18 @@ __device__ __forceinline__ void rows_fwd_reg(const T* __restrict__ x, T* __restr
     const int teams = blockDim.x / tpr, team = threadIdx.x / tpr, t = threadIdx.x % tpr;
     const int packs = (cols + PN - 1) / PN;
     const bool vec = aligned16(x) && aligned16(y) && cols % PN == 0;
+    const i64 stride = (i64)gridDim.x * teams;
+    i64 row = (i64)blockIdx.x * teams + team;
+    Pack<T> r[KM];
+    if (row < rows) load_owned<T, KM>(r, x + row * (i64)cols, t, tpr, K, packs, cols, vec);
 #pragma unroll 1
-    for (i64 row = (i64)blockIdx.x * teams + team; row < rows; row += (i64)gridDim.x * teams) {
-        const T* xr = x + row * (i64)cols;
-        T* yr = y + row * (i64)cols;
-        Pack<T> r[ROWS_REG_K];
-#pragma unroll
-        for (int k = 0; k < ROWS_REG_K; ++k) {
-            const int p = t + k * tpr;
-            if (k < K && p < packs) r[k] = load_pack(xr, p, cols, vec);
-        }
+    for (; row < rows; row += stride) {
+        Pack<T> nx[KM];
+        const bool more = row + stride < rows;
+        if (more) load_owned<T, KM>(nx, x + (row + stride) * (i64)cols, t, tpr, K, packs, cols, vec);
         float s = 0.f;
 #pragma unroll
-        for (int k = 0; k < ROWS_REG_K; ++k) {
+        for (int k = 0; k < KM; ++k) {
             const int p = t + k * tpr;
             if (k < K && p < packs) {
 #pragma unroll
@@ -266,7 +277,7 @@ __device__ __forceinline__ void rows_fwd_reg(const T* __restrict__ x, T* __restr
             mean = s / (float)cols;
             float m2 = 0.f;
 #pragma unroll
-            for (int k = 0; k < ROWS_REG_K; ++k) {
+            for (int k = 0; k < KM; ++k) {
                 const int p = t + k * tpr;
                 if (k < K && p < packs) {
 #pragma unroll
@@ -285,8 +296,9 @@ __device__ __forceinline__ void rows_fwd_reg(const T* __restrict__ x, T* __restr
             if (CENTER) mean_out[row] = nan_if_inf(mean);
             rstd_out[row] = rstd;
         }
+        T* yr = y + row * (i64)cols;
 #pragma unroll
-        for (int k = 0; k < ROWS_REG_K; ++k) {
+        for (int k = 0; k < KM; ++k) {
             const int p = t + k * tpr;
             if (k < K && p < packs) {
                 Pack<T> o;
@@ -302,16 +314,42 @@ __device__ __forceinline__ void rows_fwd_reg(const T* __restrict__ x, T* __restr
                 store_pack(yr, p, o, cols, vec);
             }
         }
+        if (more) {
+#pragma unroll
+            for (int k = 0; k < KM; ++k) r[k] = nx[k];
+        }
+    }
+}
+
+// Σ over a thread's pack of columns kept in shared memory (dγ or dβ partials): 16-byte accesses
+// when `vec` (the slot is then 16-byte aligned), else one float at a time.
+template <int PN>
+__device__ __forceinline__ void smem_add(float* __restrict__ slot, const float (&v)[PN], int n,
+                                         bool vec) {
+    if (vec) {
+#pragma unroll
+        for (int i = 0; i < PN; i += 4) {
+            Pack<float> a = *reinterpret_cast<Pack<float>*>(slot + i);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) a.v[q] += v[i + q];
+            *reinterpret_cast<Pack<float>*>(slot + i) = a;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < PN; ++i)
+            if (i < n) slot[i] += v[i];
     }
 }
 
 // Backward: per row Σu and Σu·x̂ (u = dy·w, x̂ = (x − mean)·rstd), dx = rstd·(u − Σu/n −
-// x̂·Σu·x̂/n) (RMSNorm: no Σu/n term) from the registers; per owned column the thread adds
-// dy·x̂ and dy over the team's rows, and writes them to row (team index) of dw_part/db_part for
-// rows_col_sum_f32. u is rounded on its own (__fmul_rn): a fused multiply-add would leave the
-// product's rounding error in u − Σu/n, which a row of one element turns into a nonzero dx.
+// x̂·Σu·x̂/n) (RMSNorm: no Σu/n term) from the registers. Per owned column the thread adds dy·x̂
+// and dy over the team's rows in the team's slice of shared memory (2·cols floats: only the
+// owning thread touches a column, so no barrier), then writes them to row (team index) of
+// dw_part/db_part for rows_col_sum_f32. u is rounded on its own (__fmul_rn): a fused
+// multiply-add would leave the product's rounding error in u − Σu/n, which a row of one element
+// turns into a nonzero dx.
 // Bytes: x and dy read once, dx written once, 8·cols bytes of partials per team.
-template <typename T, bool CENTER>
+template <typename T, bool CENTER, int KM>
 __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* __restrict__ x,
                                              const float* __restrict__ w,
                                              const float* __restrict__ mean,
@@ -320,37 +358,46 @@ __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* 
                                              float* __restrict__ db_part, i64 rows, int cols,
                                              int tpr, int K) {
     __shared__ float scratch[32];
+    extern __shared__ __align__(16) unsigned char row_cache_bytes[];
     const int PN = Pack<T>::N;
-    const int KB = 8 / PN > 0 ? 8 / PN : 1;  // packs per thread: 8 accumulated columns (f32: 2)
     const int teams = blockDim.x / tpr, team = threadIdx.x / tpr, t = threadIdx.x % tpr;
     const int packs = (cols + PN - 1) / PN;
     const bool vec = aligned16(x) && aligned16(dy) && aligned16(dx) && cols % PN == 0;
-    float aw[8], ab[8];
+    float* acc_w = reinterpret_cast<float*>(row_cache_bytes) + (i64)team * 2 * cols;
+    float* acc_b = acc_w + cols;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        aw[i] = 0.f;
-        ab[i] = 0.f;
+    for (int k = 0; k < KM; ++k) {
+        const int p = t + k * tpr;
+        if (k < K && p < packs) {
+            for (int i = 0; i < PN && p * PN + i < cols; ++i) {
+                acc_w[p * PN + i] = 0.f;
+                acc_b[p * PN + i] = 0.f;
+            }
+        }
+    }
+    const i64 stride = (i64)gridDim.x * teams;
+    i64 row = (i64)blockIdx.x * teams + team;
+    Pack<T> rg[KM], rx[KM];
+    if (row < rows) {
+        load_owned<T, KM>(rg, dy + row * (i64)cols, t, tpr, K, packs, cols, vec);
+        load_owned<T, KM>(rx, x + row * (i64)cols, t, tpr, K, packs, cols, vec);
     }
 #pragma unroll 1
-    for (i64 row = (i64)blockIdx.x * teams + team; row < rows; row += (i64)gridDim.x * teams) {
-        const T* gr = dy + row * (i64)cols;
-        const T* xr = x + row * (i64)cols;
-        Pack<T> rg[KB], rx[KB];
-#pragma unroll
-        for (int k = 0; k < KB; ++k) {
-            const int p = t + k * tpr;
-            if (k < K && p < packs) {
-                rg[k] = load_pack(gr, p, cols, vec);
-                rx[k] = load_pack(xr, p, cols, vec);
-            }
+    for (; row < rows; row += stride) {
+        Pack<T> ng[KM], nx[KM];
+        const bool more = row + stride < rows;
+        if (more) {
+            load_owned<T, KM>(ng, dy + (row + stride) * (i64)cols, t, tpr, K, packs, cols, vec);
+            load_owned<T, KM>(nx, x + (row + stride) * (i64)cols, t, tpr, K, packs, cols, vec);
         }
         const float mu = CENTER ? mean[row] : 0.f, rs = rstd[row];
         float s1 = 0.f, s2 = 0.f;
 #pragma unroll
-        for (int k = 0; k < KB; ++k) {
+        for (int k = 0; k < KM; ++k) {
             const int p = t + k * tpr;
             if (k < K && p < packs) {
                 const int j0 = p * PN;
+                float cw[PN], cb[PN];
 #pragma unroll
                 for (int i = 0; i < PN; ++i) {
                     const float g = to_float(rg[k].v[i]);  // zero past cols
@@ -358,9 +405,11 @@ __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* 
                     const float u = w ? __fmul_rn(g, j0 + i < cols ? w[j0 + i] : 0.f) : g;
                     s1 += u;
                     s2 += u * xh;
-                    aw[k * PN + i] += g * xh;
-                    ab[k * PN + i] += g;
+                    cw[i] = g * xh;
+                    cb[i] = g;
                 }
+                smem_add<PN>(acc_w + j0, cw, cols - j0, vec);
+                smem_add<PN>(acc_b + j0, cb, cols - j0, vec);
             }
         }
         s1 = team_sum(s1, tpr, scratch);
@@ -368,7 +417,7 @@ __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* 
         const float m1 = CENTER ? s1 / (float)cols : 0.f, m2 = s2 / (float)cols;
         T* dr = dx + row * (i64)cols;
 #pragma unroll
-        for (int k = 0; k < KB; ++k) {
+        for (int k = 0; k < KM; ++k) {
             const int p = t + k * tpr;
             if (k < K && p < packs) {
                 Pack<T> o;
@@ -383,21 +432,24 @@ __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* 
                 store_pack(dr, p, o, cols, vec);
             }
         }
+        if (more) {
+#pragma unroll
+            for (int k = 0; k < KM; ++k) {
+                rg[k] = ng[k];
+                rx[k] = nx[k];
+            }
+        }
     }
     const i64 part = (i64)blockIdx.x * teams + team;
     float* pw = dw_part + part * cols;
     float* pb = db_part + part * cols;
 #pragma unroll
-    for (int k = 0; k < KB; ++k) {
+    for (int k = 0; k < KM; ++k) {
         const int p = t + k * tpr;
         if (k < K && p < packs) {
-#pragma unroll
-            for (int i = 0; i < PN; ++i) {
-                const int j = p * PN + i;
-                if (j < cols) {
-                    pw[j] = aw[k * PN + i];
-                    pb[j] = ab[k * PN + i];
-                }
+            for (int i = 0; i < PN && p * PN + i < cols; ++i) {
+                pw[p * PN + i] = acc_w[p * PN + i];
+                pb[p * PN + i] = acc_b[p * PN + i];
             }
         }
     }
@@ -443,26 +495,35 @@ extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, floa
                                                    const float* rstd, T* dx, float* dw_part,    \
                                                    float* db_part, i64 rows, int cols) {        \
         rows_bwd<T, false>(dy, x, w, 0, rstd, dx, dw_part, db_part, rows, cols);               \
-    } \
-    extern "C" __global__ void layer_norm_fwd_reg_##NAME(                                       \
-        const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, i64 rows,   \
-        int cols, float eps, int tpr, int k) {                                                  \
-        rows_fwd_reg<T, true>(x, y, w, b, mean, rstd, rows, cols, eps, tpr, k);                \
-    }                                                                                           \
-    extern "C" __global__ void rms_norm_fwd_reg_##NAME(const T* x, T* y, const float* w,       \
-                                                       float* rstd, i64 rows, int cols,         \
-                                                       float eps, int tpr, int k) {             \
-        rows_fwd_reg<T, false>(x, y, w, 0, 0, rstd, rows, cols, eps, tpr, k);                  \
-    }                                                                                           \
-    extern "C" __global__ void layer_norm_bwd_reg_##NAME(                                       \
-        const T* dy, const T* x, const float* w, const float* mean, const float* rstd, T* dx,   \
-        float* dw_part, float* db_part, i64 rows, int cols, int tpr, int k) {                   \
-        rows_bwd_reg<T, true>(dy, x, w, mean, rstd, dx, dw_part, db_part, rows, cols, tpr, k); \
-    }                                                                                           \
-    extern "C" __global__ void rms_norm_bwd_reg_##NAME(                                         \
-        const T* dy, const T* x, const float* w, const float* rstd, T* dx, float* dw_part,      \
-        float* db_part, i64 rows, int cols, int tpr, int k) {                                   \
-        rows_bwd_reg<T, false>(dy, x, w, 0, rstd, dx, dw_part, db_part, rows, cols, tpr, k);   \
     }
 
+#define ROWS_REG_ENTRIES(T, NAME, KM)                                                           \
+    extern "C" __global__ void layer_norm_fwd_reg##KM##_##NAME(                                  \
+        const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, i64 rows,   \
+        int cols, float eps, int tpr, int k) {                                                  \
+        rows_fwd_reg<T, true, KM>(x, y, w, b, mean, rstd, rows, cols, eps, tpr, k);            \
+    }                                                                                           \
+    extern "C" __global__ void rms_norm_fwd_reg##KM##_##NAME(const T* x, T* y, const float* w,  \
+                                                          float* rstd, i64 rows, int cols,      \
+                                                          float eps, int tpr, int k) {          \
+        rows_fwd_reg<T, false, KM>(x, y, w, 0, 0, rstd, rows, cols, eps, tpr, k);              \
+    }                                                                                           \
+    extern "C" __global__ void layer_norm_bwd_reg##KM##_##NAME(                                  \
+        const T* dy, const T* x, const float* w, const float* mean, const float* rstd, T* dx,   \
+        float* dw_part, float* db_part, i64 rows, int cols, int tpr, int k) {                   \
+        rows_bwd_reg<T, true, KM>(dy, x, w, mean, rstd, dx, dw_part, db_part, rows, cols, tpr, \
+                                  k);                                                           \
+    }                                                                                           \
+    extern "C" __global__ void rms_norm_bwd_reg##KM##_##NAME(                                    \
+        const T* dy, const T* x, const float* w, const float* rstd, T* dx, float* dw_part,      \
+        float* db_part, i64 rows, int cols, int tpr, int k) {                                   \
+        rows_bwd_reg<T, false, KM>(dy, x, w, 0, rstd, dx, dw_part, db_part, rows, cols, tpr,   \
+                                   k);                                                          \
+    }
+
+#define ROWS_REG_ENTRIES_K(T, NAME) \
+    ROWS_REG_ENTRIES(T, NAME, 1) ROWS_REG_ENTRIES(T, NAME, 2) ROWS_REG_ENTRIES(T, NAME, 4)
+
 CUNORM_FOR_DTYPES(ROWS_ENTRIES)
+CUNORM_FOR_DTYPES(ROWS_REG_ENTRIES_K)
+

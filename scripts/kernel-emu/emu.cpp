@@ -160,23 +160,35 @@ void rows_case(size_t rows, int cols, bool center, bool affine) {
         std::fill(mean.begin(), mean.end(), NAN);
         std::fill(rstd.begin(), rstd.end(), NAN);
         unsigned blocks_r = (unsigned)std::min<size_t>((rows + per_block - 1) / per_block, 1u << 20);
-        emu_launch({blocks_r}, {(unsigned)(tpr * per_block)}, 0, [&] {
-            if (center) rows_fwd_reg<T, true>(x.data(), y.data(), wp, bp, mean.data(), rstd.data(), rows, cols, eps, (int)tpr, (int)k);
-            else rows_fwd_reg<T, false>(x.data(), y.data(), wp, nullptr, nullptr, rstd.data(), rows, cols, eps, (int)tpr, (int)k);
-        });
+        auto fwd = [&]<int KM>() {
+            emu_launch({blocks_r}, {(unsigned)(tpr * per_block)}, 0, [&] {
+                if (center) rows_fwd_reg<T, true, KM>(x.data(), y.data(), wp, bp, mean.data(), rstd.data(), rows, cols, eps, (int)tpr, (int)k);
+                else rows_fwd_reg<T, false, KM>(x.data(), y.data(), wp, nullptr, nullptr, rstd.data(), rows, cols, eps, (int)tpr, (int)k);
+            });
+        };
+        if (k == 1) fwd.template operator()<1>();
+        else if (k == 2) fwd.template operator()<2>();
+        else fwd.template operator()<4>();
         expect(tag + " reg y", widen(y), round(r.y), tol_abs<T>(), tol_rel<T>());
         if (center) expect(tag + " reg mean", widen(mean), r.mean, 1e-5, 1e-5);
         expect(tag + " reg rstd", widen(rstd), r.rstd, 1e-5, 1e-4);
     }
-    if (team(std::max(1, 8 / PN), &tpr, &k, &per_block)) {
+    if (team(4, &tpr, &k, &per_block)) {
         std::fill(dx.begin(), dx.end(), from_float<T>(NAN));
-        size_t teams = std::max<size_t>(1, std::min<size_t>(rows, std::min<size_t>(8192, ((1u << 22) + cols - 1) / cols)));
+        // teams as raw::rows_backward, with a smaller floor so that small row counts still
+        // spread over several teams here
+        size_t teams = std::max<size_t>(1, std::min<size_t>(rows, std::max<size_t>(3, std::min<size_t>(8192, rows * 3 * sizeof(T) / 128))));
         size_t blocks_r = (teams + per_block - 1) / per_block, parts_r = blocks_r * per_block;
         std::vector<float> qw(parts_r * cols, NAN), qb(parts_r * cols, NAN);
-        emu_launch({(unsigned)blocks_r}, {(unsigned)(tpr * per_block)}, 0, [&] {
-            if (center) rows_bwd_reg<T, true>(g.data(), x.data(), wp, mean.data(), rstd.data(), dx.data(), qw.data(), qb.data(), rows, cols, (int)tpr, (int)k);
-            else rows_bwd_reg<T, false>(g.data(), x.data(), wp, nullptr, rstd.data(), dx.data(), qw.data(), qb.data(), rows, cols, (int)tpr, (int)k);
-        });
+        auto bwd = [&]<int KM>() {
+            emu_launch({(unsigned)blocks_r}, {(unsigned)(tpr * per_block)}, per_block * 2 * cols * sizeof(float), [&] {
+                if (center) rows_bwd_reg<T, true, KM>(g.data(), x.data(), wp, mean.data(), rstd.data(), dx.data(), qw.data(), qb.data(), rows, cols, (int)tpr, (int)k);
+                else rows_bwd_reg<T, false, KM>(g.data(), x.data(), wp, nullptr, rstd.data(), dx.data(), qw.data(), qb.data(), rows, cols, (int)tpr, (int)k);
+            });
+        };
+        if (k == 1) bwd.template operator()<1>();
+        else if (k == 2) bwd.template operator()<2>();
+        else bwd.template operator()<4>();
         // Two-stage column sums when there are more than 64 partial rows (col_sum in cuda.rs).
         auto col_sum = [&](std::vector<float>& part, std::vector<float>& out) {
             int P = (int)parts_r, C = cols;
@@ -333,7 +345,7 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
 }
 
 template <class T> void all() {
-    for (auto [rows, cols] : std::vector<std::pair<size_t, int>>{{5, 13}, {7, 1}, {3, 4099}, {2, 1024}, {9, 64}, {2, 12289}, {300, 128}, {70, 96}})
+    for (auto [rows, cols] : std::vector<std::pair<size_t, int>>{{5, 13}, {7, 1}, {3, 4099}, {2, 1024}, {9, 64}, {2, 12289}, {300, 128}, {70, 96}, {3000, 40}})
         for (bool center : {true, false})
             for (bool affine : {true, false}) rows_case<T>(rows, cols, center, affine);
     struct P { long n; int c; long s; int g; };

@@ -254,14 +254,9 @@ fn rows_forward<T: Element>(
     }
     let (rows_i, cols_i) = (rows as i64, to_i32("cols", cols)?);
     let center = mean.is_some();
-    let reg = kernels::name::<T>(if center {
-        "layer_norm_fwd_reg"
-    } else {
-        "rms_norm_fwd_reg"
-    });
-    let k = dev.kernel("rows", &reg)?;
+    let op = if center { "layer_norm" } else { "rms_norm" };
     let packs = cols.div_ceil(pack::<T>());
-    if let Some(team) = RegTeam::of(packs, FWD_REG_K, k.max_threads as usize) {
+    if let Some((team, k)) = reg_kernel::<T>(dev, op, "fwd", packs, FWD_REG_K, 0)? {
         let stream = dev.stream();
         let mut b = stream.launch_builder(&k.func);
         b.arg(x).arg(y);
@@ -392,18 +387,17 @@ fn rows_backward<T: Element>(
     let cols_i = to_i32("cols", cols)?;
     let center = mean.is_some();
     let stream = dev.stream();
-    let reg = kernels::name::<T>(if center {
-        "layer_norm_bwd_reg"
-    } else {
-        "rms_norm_bwd_reg"
-    });
-    let k = dev.kernel("rows", &reg)?;
+    let op = if center { "layer_norm" } else { "rms_norm" };
     let packs = cols.div_ceil(pack::<T>());
-    let max_k = (BWD_REG_COLS / pack::<T>()).max(1);
-    if let Some(team) = RegTeam::of(packs, max_k, k.max_threads as usize) {
-        // One partial row of column sums per team; as many teams as fill a large GPU, bounded
-        // to 4M floats per buffer, from the shape alone.
-        let teams = rows.clamp(1, (1usize << 22).div_ceil(cols).min(BWD_MAX_TEAMS));
+    // Shared memory: dγ and dβ partials of the block's teams, 2·cols floats each.
+    let smem_per_team = 2 * cols * 4;
+    if let Some((team, k)) = reg_kernel::<T>(dev, op, "bwd", packs, BWD_REG_K, smem_per_team)? {
+        // One partial row of column sums per team: enough teams to keep the GPU busy, few
+        // enough that the partials (written, then read by the column sum) stay near a tenth of
+        // the minimum traffic; from the shape alone.
+        let teams = (rows * 3 * T::DTYPE.size() / 128)
+            .clamp(BWD_MIN_TEAMS, BWD_MAX_TEAMS)
+            .clamp(1, rows.max(1));
         let blocks = teams.div_ceil(team.per_block);
         let parts = blocks * team.per_block;
         let mut pw = dev.alloc::<f32>(parts * cols)?;
@@ -427,10 +421,10 @@ fn rows_backward<T: Element>(
             let cfg = LaunchConfig {
                 grid_dim: (grid(blocks)?, 1, 1),
                 block_dim: (team.block_threads(), 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: (team.per_block * smem_per_team) as u32,
             };
             // SAFETY: matches rows.cu's rows_bwd_reg entry points; the partial buffers hold
-            // one row per team of the grid.
+            // one row per team of the grid, shared memory 2·cols floats per team.
             unsafe { b.launch(cfg) }.map_err(launch_err)?;
         }
         let used = if rows == 0 { 0 } else { parts };
@@ -479,12 +473,12 @@ fn rows_backward<T: Element>(
 
 /// Threads per block of the register-resident row kernels when a team is one warp.
 const WARP_TEAM_BLOCK: usize = 128;
-/// Packs of x per thread in the register-resident forward: rows.cu's `ROWS_REG_K` (the two must
-/// agree; the kernel emulator and the fake driver's suite fail otherwise).
+/// Most 16-byte packs of x per thread in the register-resident forward and of x and dy in the
+/// backward: the largest `KM` rows.cu instantiates (`ROWS_REG_ENTRIES_K`: 1, 2, 4).
 const FWD_REG_K: usize = 4;
-/// Columns accumulated per thread in the register-resident backward (rows.cu `rows_bwd_reg`'s
-/// `aw`/`ab`): 8 / pack packs of x and of dy.
-const BWD_REG_COLS: usize = 8;
+const BWD_REG_K: usize = 4;
+/// Fewest teams (partial rows) of a register-resident backward, when there are as many rows.
+const BWD_MIN_TEAMS: usize = 264;
 /// Most blocks of a row forward launch (the kernels loop over further rows).
 const MAX_ROW_BLOCKS: usize = 1 << 20;
 /// Most teams (partial rows of column sums) of a register-resident backward.
@@ -525,6 +519,31 @@ impl RegTeam {
     fn block_threads(&self) -> u32 {
         (self.tpr * self.per_block) as u32
     }
+}
+
+/// The register-resident kernel for rows of `packs` packs (`<op>_<stage>_reg<KM>_<dtype>`, KM the
+/// packs per thread rounded up to 1, 2 or 4) and its team, or None when the row needs more
+/// threads, or the team more shared memory, than the kernel allows (then the shared-memory
+/// kernels run).
+fn reg_kernel<T: Element>(
+    dev: &CudaDevice,
+    op: &str,
+    stage: &str,
+    packs: usize,
+    max_k: usize,
+    smem_per_team: usize,
+) -> Result<Option<(RegTeam, Kernel)>> {
+    let Some(team) = RegTeam::of(packs, max_k, 1024) else {
+        return Ok(None);
+    };
+    let km = team.k.next_power_of_two();
+    let k = dev.kernel(
+        "rows",
+        &kernels::name::<T>(&format!("{op}_{stage}_reg{km}")),
+    )?;
+    let fits = team.block_threads() <= k.max_threads
+        && team.per_block * smem_per_team <= k.max_dynamic_smem;
+    Ok(fits.then_some((team, k)))
 }
 
 /// out[j] = Σ_p part[p·cols + j] in a fixed order: in one launch for up to COL_SUM_CHUNK partial
