@@ -58,13 +58,15 @@ struct GradAcc {
 #define UNROLL 4
 
 // GRAD = false: x only (StatAcc). GRAD = true: x and dy, shift m per plane (GradAcc).
-template <typename T, typename Acc, bool GRAD>
+// CL: the channels-last layout, a separate entry point (its per-channel accumulators would
+// otherwise raise the contiguous path's register count, and with it cut its occupancy).
+template <typename T, typename Acc, bool GRAD, bool CL>
 __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* __restrict__ dy,
                                               const float* __restrict__ mplane,
                                               float* __restrict__ part, i64 N, int C, i64 S,
-                                              int cl, int chunks) {
+                                              int chunks) {
     const int PN = Pack<T>::N;
-    if (!cl) {
+    if constexpr (!CL) {
         __shared__ Acc scratch[32];
         const i64 plane = blockIdx.x / chunks;
         const int k = blockIdx.x % chunks;
@@ -158,17 +160,27 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
                     }
             }
         }
+        // Rows merged by a fixed tree (row r takes row r + h, h = RH/2, RH/4, ..., 1): every
+        // thread works, log2(RH) merges of its PN channels each, instead of one thread per
+        // channel merging RH rows in sequence.
         const int slot = (threadIdx.y * TW + threadIdx.x) * PN;
 #pragma unroll
         for (int i = 0; i < PN; ++i) tile[slot + i] = acc[i];
+#pragma unroll 1
+        for (int h = RH / 2; h > 0; h /= 2) {
+            __syncthreads();
+            if ((int)threadIdx.y < h) {
+                const int other = ((threadIdx.y + h) * TW + threadIdx.x) * PN;
+#pragma unroll
+                for (int i = 0; i < PN; ++i) tile[slot + i].merge(tile[other + i]);
+            }
+        }
         __syncthreads();
         if (threadIdx.y == 0) {
 #pragma unroll
             for (int i = 0; i < PN; ++i) {
                 if (c0 + i >= C) break;
-                Acc t = tile[threadIdx.x * PN + i];
-                for (int r = 1; r < RH; ++r) t.merge(tile[(r * TW + threadIdx.x) * PN + i]);
-                t.store(part + ((n * C + c0 + i) * chunks + k) * Acc::WIDTH);
+                tile[threadIdx.x * PN + i].store(part + ((n * C + c0 + i) * chunks + k) * Acc::WIDTH);
             }
         }
     }
@@ -432,13 +444,22 @@ __device__ __forceinline__ void planes_apply(const T* __restrict__ x, const T* _
 
 #define PLANES_ENTRIES(T, NAME)                                                                 \
     extern "C" __global__ void planes_stats_##NAME(const T* x, float* part, i64 N, int C, i64 S, \
-                                                  int cl, int chunks) {                         \
-        planes_reduce<T, StatAcc, false>(x, 0, 0, part, N, C, S, cl, chunks);                  \
+                                                  int chunks) {                                 \
+        planes_reduce<T, StatAcc, false, false>(x, 0, 0, part, N, C, S, chunks);               \
+    }                                                                                           \
+    extern "C" __global__ void planes_stats_cl_##NAME(const T* x, float* part, i64 N, int C,     \
+                                                     i64 S, int chunks) {                       \
+        planes_reduce<T, StatAcc, false, true>(x, 0, 0, part, N, C, S, chunks);                \
     }                                                                                           \
     extern "C" __global__ void planes_grad_sums_##NAME(const T* dy, const T* x, const float* m,  \
-                                                      float* part, i64 N, int C, i64 S, int cl, \
+                                                      float* part, i64 N, int C, i64 S,         \
                                                       int chunks) {                             \
-        planes_reduce<T, GradAcc, true>(x, dy, m, part, N, C, S, cl, chunks);                  \
+        planes_reduce<T, GradAcc, true, false>(x, dy, m, part, N, C, S, chunks);               \
+    }                                                                                           \
+    extern "C" __global__ void planes_grad_sums_cl_##NAME(const T* dy, const T* x,               \
+                                                         const float* m, float* part, i64 N,    \
+                                                         int C, i64 S, int chunks) {            \
+        planes_reduce<T, GradAcc, true, true>(x, dy, m, part, N, C, S, chunks);                \
     }                                                                                           \
     extern "C" __global__ void planes_apply_##NAME(const T* x, T* y, const float* a,             \
                                                   const float* m, const float* k, i64 N, int C, \

@@ -2,9 +2,10 @@
 #include "common.cuh"
 
 // Forward. One block per row, grid-stride over rows; threads map to 16-byte packs (scalar
-// path when the row is misaligned or cols is not a multiple of the pack). Statistics are f32
-// Welford (LayerNorm) or a sum of squares (RMSNorm), merged in a fixed tree. With `cache` the
-// row stays in shared memory (f32) between the two passes: x is read from DRAM once.
+// path when the row is misaligned or cols is not a multiple of the pack). Statistics are f32,
+// merged in a fixed tree: two passes over the cached row (LayerNorm/GroupNorm with `cache`),
+// one Welford pass (without), or a sum of squares (RMSNorm). With `cache` the row stays in
+// shared memory (in its own type) between the passes: x is read from DRAM once.
 // The affine parameter of element j of row r is w[(r % cycle)·(cols/seg) + j/seg]: LayerNorm
 // uses seg = cycle = 1 (elementwise); GroupNorm/InstanceNorm on contiguous input treat each
 // (n, group) as a row of C/G·S values with seg = S (per channel) and cycle = G. `varu`, when
@@ -33,6 +34,10 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
         i64 in_cycle;
         div_of(row, dcycle, &in_cycle);
         const int p0 = (int)in_cycle * (cols / seg);
+        // With the row cached, LayerNorm/GroupNorm statistics take two passes (Σx, then
+        // Σ(x − mean)² over the thread's own cached values): no division per element. Without,
+        // one Welford pass over DRAM.
+        const bool two_pass = CENTER && cache;
         Welford acc = welford_empty();
         float ss = 0.f;
         if (vec) {
@@ -43,19 +48,43 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
 #pragma unroll
                 for (int i = 0; i < PN; ++i) {
                     float v = to_float(pk.v[i]);
-                    if (CENTER) welford_add(acc, v); else ss += v * v;
+                    if (two_pass) ss += v;
+                    else if (CENTER) welford_add(acc, v);
+                    else ss += v * v;
                 }
             }
         } else {
             for (int j = threadIdx.x; j < cols; j += blockDim.x) {
                 T raw = xr[j];
                 float v = to_float(raw);
-                if (CENTER) welford_add(acc, v); else ss += v * v;
+                if (two_pass) ss += v;
+                else if (CENTER) welford_add(acc, v);
+                else ss += v * v;
                 if (cache) row_cache[j] = raw;
             }
         }
         float mean = 0.f, rstd, t_m2;
-        if (CENTER) {
+        if (two_pass) {
+            mean = block_reduce_sum(ss, reinterpret_cast<float*>(scratch)) / (float)cols;
+            float m2 = 0.f;
+            if (vec) {
+                for (int p = threadIdx.x; p < cols / PN; p += blockDim.x) {
+                    const Pack<T> pk = reinterpret_cast<const Pack<T>*>(row_cache)[p];
+#pragma unroll
+                    for (int i = 0; i < PN; ++i) {
+                        const float d = to_float(pk.v[i]) - mean;
+                        m2 += d * d;
+                    }
+                }
+            } else {
+                for (int j = threadIdx.x; j < cols; j += blockDim.x) {
+                    const float d = to_float(row_cache[j]) - mean;
+                    m2 += d * d;
+                }
+            }
+            t_m2 = block_reduce_sum(m2, reinterpret_cast<float*>(scratch));
+            rstd = rsqrtf(t_m2 / (float)cols + eps);
+        } else if (CENTER) {
             Welford t = block_reduce_welford(acc, scratch);
             mean = t.mean;
             t_m2 = t.m2;
@@ -497,7 +526,7 @@ extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, floa
         rows_bwd<T, false>(dy, x, w, 0, rstd, dx, dw_part, db_part, rows, cols);               \
     }
 
-#define ROWS_REG_ENTRIES(T, NAME, KM)                                                           \
+#define ROWS_REG_FWD(T, NAME, KM)                                                               \
     extern "C" __global__ void layer_norm_fwd_reg##KM##_##NAME(                                  \
         const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, i64 rows,   \
         int cols, float eps, int tpr, int k) {                                                  \
@@ -507,7 +536,9 @@ extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, floa
                                                           float* rstd, i64 rows, int cols,      \
                                                           float eps, int tpr, int k) {          \
         rows_fwd_reg<T, false, KM>(x, y, w, 0, 0, rstd, rows, cols, eps, tpr, k);              \
-    }                                                                                           \
+    }
+
+#define ROWS_REG_BWD(T, NAME, KM)                                                               \
     extern "C" __global__ void layer_norm_bwd_reg##KM##_##NAME(                                  \
         const T* dy, const T* x, const float* w, const float* mean, const float* rstd, T* dx,   \
         float* dw_part, float* db_part, i64 rows, int cols, int tpr, int k) {                   \
@@ -521,9 +552,14 @@ extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, floa
                                    k);                                                          \
     }
 
-#define ROWS_REG_ENTRIES_K(T, NAME) \
-    ROWS_REG_ENTRIES(T, NAME, 1) ROWS_REG_ENTRIES(T, NAME, 2) ROWS_REG_ENTRIES(T, NAME, 4)
+// The forward runs the register-resident kernel for f16/bf16 only with one pack per lane
+// (src/ops/rows/cuda.rs `fwd_prefers_reg`), so only f32 has the forward with 2 and 4.
+#define ROWS_REG_ENTRIES_K(T, NAME)                                                             \
+    ROWS_REG_FWD(T, NAME, 1) ROWS_REG_BWD(T, NAME, 1) ROWS_REG_BWD(T, NAME, 2)                 \
+    ROWS_REG_BWD(T, NAME, 4)
 
 CUNORM_FOR_DTYPES(ROWS_ENTRIES)
 CUNORM_FOR_DTYPES(ROWS_REG_ENTRIES_K)
+ROWS_REG_FWD(float, f32, 2)
+ROWS_REG_FWD(float, f32, 4)
 

@@ -267,7 +267,10 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
             emu_launch(small(C), {256}, 0, [&] { planes_running_update_f32(rm.data(), rv.data(), mean.data(), varu.data(), N, C, 1, factor); });
     } else if (!eval) {
         std::vector<float> part(N * C * chunks * 3, NAN), varu(groups);
-        emu_launch(rgrid, rblock, 0, [&] { planes_reduce<T, StatAcc, false>(x.data(), nullptr, nullptr, part.data(), N, C, S, cl, chunks); });
+        emu_launch(rgrid, rblock, 0, [&] {
+            if (cl) planes_reduce<T, StatAcc, false, true>(x.data(), nullptr, nullptr, part.data(), N, C, S, chunks);
+            else planes_reduce<T, StatAcc, false, false>(x.data(), nullptr, nullptr, part.data(), N, C, S, chunks);
+        });
         emu_launch({(unsigned)groups}, {256}, 0, [&] { planes_finalize_f32(part.data(), mean.data(), rstd.data(), varu.data(), N, C, chunks, G, eps, 1); });
         if (G == 0 || G == C)
             emu_launch(small(C), {256}, 0, [&] { planes_running_update_f32(rm.data(), rv.data(), mean.data(), varu.data(), N, C, G == C, factor); });
@@ -284,7 +287,10 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
     // backward
     emu_launch(small(N * C), {256}, 0, [&] { planes_coef_f32(mean.data(), rstd.data(), w.data(), nullptr, a.data(), m.data(), k.data(), N, C, gcode); });
     std::vector<float> part2(N * C * chunks * 2, 0.f);
-    emu_launch(rgrid, rblock, 0, [&] { planes_reduce<T, GradAcc, true>(x.data(), g.data(), m.data(), part2.data(), N, C, S, cl, chunks); });
+    emu_launch(rgrid, rblock, 0, [&] {
+        if (cl) planes_reduce<T, GradAcc, true, true>(x.data(), g.data(), m.data(), part2.data(), N, C, S, chunks);
+        else planes_reduce<T, GradAcc, true, false>(x.data(), g.data(), m.data(), part2.data(), N, C, S, chunks);
+    });
     emu_launch({(unsigned)groups}, {256}, 0, [&] { planes_grad_finalize_f32(part2.data(), w.data(), rstd.data(), bc.data(), kc.data(), N, C, S, chunks, gcode, !eval); });
     emu_launch({(unsigned)C}, {256}, 0, [&] { planes_grad_params_f32(part2.data(), rstd.data(), dw.data(), db.data(), N, C, chunks, gcode); });
     emu_launch(agrid, {256}, 0, [&] { planes_apply<T, true>(x.data(), g.data(), dx.data(), a.data(), bc.data(), m.data(), kc.data(), N, C, S, cl); });

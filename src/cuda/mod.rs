@@ -102,6 +102,8 @@ pub fn probe() -> Result<usize> {
 pub(crate) struct Kernel {
     pub(crate) func: CudaFunction,
     pub(crate) max_threads: u32,
+    /// Registers per thread (the driver's count for the loaded CUBIN).
+    pub(crate) regs: u32,
     /// Dynamic shared memory a launch may use: the device's opt-in limit less the kernel's
     /// static shared memory, opted in once when the kernel is loaded.
     pub(crate) max_dynamic_smem: usize,
@@ -209,6 +211,9 @@ impl CudaDevice {
         let max_threads = func
             .max_threads_per_block()
             .map_err(|e| driver_err("reading a kernel's thread limit", e))?;
+        let regs = func
+            .num_regs()
+            .map_err(|e| driver_err("reading a kernel's register count", e))?;
         // Opt in to the most dynamic shared memory once, here, rather than per launch: a
         // per-launch attribute set races when two host threads launch the kernel with
         // different sizes.
@@ -227,6 +232,7 @@ impl CudaDevice {
         let k = Kernel {
             func,
             max_threads: max_threads.clamp(32, 1024) as u32,
+            regs: regs.max(0) as u32,
             max_dynamic_smem,
         };
         lock()?.insert(name.to_string(), k.clone());

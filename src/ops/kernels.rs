@@ -11,7 +11,7 @@ struct Module {
     name: &'static str,
     /// Templated kernels, instantiated once per dtype as `<kernel>_<dtype>`.
     per_dtype: &'static [&'static str],
-    /// Kernels on f32 statistics only.
+    /// Kernels instantiated once: on f32 statistics only, or for f32 data only.
     f32_only: &'static [&'static str],
 }
 
@@ -25,11 +25,7 @@ const MODULES: [Module; 2] = [
             "layer_norm_bwd",
             "rms_norm_bwd",
             "layer_norm_fwd_reg1",
-            "layer_norm_fwd_reg2",
-            "layer_norm_fwd_reg4",
             "rms_norm_fwd_reg1",
-            "rms_norm_fwd_reg2",
-            "rms_norm_fwd_reg4",
             "layer_norm_bwd_reg1",
             "layer_norm_bwd_reg2",
             "layer_norm_bwd_reg4",
@@ -37,13 +33,21 @@ const MODULES: [Module; 2] = [
             "rms_norm_bwd_reg2",
             "rms_norm_bwd_reg4",
         ],
-        f32_only: &["rows_col_sum_f32"],
+        f32_only: &[
+            "rows_col_sum_f32",
+            "layer_norm_fwd_reg2_f32",
+            "layer_norm_fwd_reg4_f32",
+            "rms_norm_fwd_reg2_f32",
+            "rms_norm_fwd_reg4_f32",
+        ],
     },
     Module {
         name: "planes",
         per_dtype: &[
             "planes_stats",
+            "planes_stats_cl",
             "planes_grad_sums",
+            "planes_grad_sums_cl",
             "planes_apply",
             "planes_grad_apply",
         ],

@@ -161,6 +161,15 @@ pub(crate) fn backward<T: Element>(
 // The launch layer over cudarc views
 // ---------------------------------------------------------------------------------------------
 
+/// The reduction entry point for the layout: `<kernel>` (contiguous) or `<kernel>_cl`.
+fn reduce_kernel(s: &PlaneShape, kernel: &'static str) -> &'static str {
+    match (s.channels_last(), kernel) {
+        (true, "planes_stats") => "planes_stats_cl",
+        (true, "planes_grad_sums") => "planes_grad_sums_cl",
+        _ => kernel,
+    }
+}
+
 /// Blocks a contiguous reduction aims for (about two per SM of an H100).
 const REDUCE_BLOCKS: usize = 264;
 
@@ -399,16 +408,18 @@ pub fn planes_forward<T: Element>(
             let chunks = reduce_chunks(&s);
             let chunks_i = to_i32("chunks", chunks)?;
             let mut part = dev.alloc::<f32>(s.n * s.c * chunks * 3)?;
-            let f = dev.function("planes", &kernels::name::<T>("planes_stats"))?;
+            let f = dev.function(
+                "planes",
+                &kernels::name::<T>(reduce_kernel(&s, "planes_stats")),
+            )?;
             let mut b = stream.launch_builder(&f);
             b.arg(x)
                 .arg(&mut part)
                 .arg(&n_i)
                 .arg(&c_i)
                 .arg(&s_i)
-                .arg(&cl)
                 .arg(&chunks_i);
-            // SAFETY: matches planes_stats_*; part holds N·C·chunks·3 floats.
+            // SAFETY: matches planes_stats[_cl]_*; part holds N·C·chunks·3 floats.
             unsafe { b.launch(reduce_config(&s, chunks, pack::<T>())?) }.map_err(launch_err)?;
 
             let mut varu = dev.alloc::<f32>(ng)?;
@@ -517,7 +528,10 @@ pub fn planes_backward<T: Element>(
     let [a, m, _] = coef(dev, &s, g_code, mean, rstd, weight, None)?;
     let mut part = dev.zeros::<f32>(s.n * s.c * chunks * 2)?;
     if numel > 0 {
-        let f = dev.function("planes", &kernels::name::<T>("planes_grad_sums"))?;
+        let f = dev.function(
+            "planes",
+            &kernels::name::<T>(reduce_kernel(&s, "planes_grad_sums")),
+        )?;
         let mut b = stream.launch_builder(&f);
         b.arg(dy)
             .arg(x)
@@ -526,9 +540,8 @@ pub fn planes_backward<T: Element>(
             .arg(&n_i)
             .arg(&c_i)
             .arg(&s_i)
-            .arg(&cl)
             .arg(&chunks_i);
-        // SAFETY: matches planes_grad_sums_*; part holds N·C·chunks·2 floats.
+        // SAFETY: matches planes_grad_sums[_cl]_*; part holds N·C·chunks·2 floats.
         unsafe { b.launch(reduce_config(&s, chunks, pack::<T>())?) }.map_err(launch_err)?;
     }
     let planes = s.n * s.c;

@@ -177,7 +177,10 @@ pub(crate) fn rows_fwd_config<T: Element>(
     cols: usize,
 ) -> Result<(LaunchConfig, i32)> {
     let packs = cols.div_ceil(pack::<T>());
-    let threads = block_threads(k, packs);
+    // Above 32 registers a 1024-thread block leaves an SM half empty (65 536 registers hold one
+    // such block): 512 threads let three or more blocks share it.
+    let cap = if k.regs > 32 { 512 } else { 1024 };
+    let threads = block_threads(k, packs).min(cap);
     let smem = cols * T::DTYPE.size();
     let cache = smem <= k.max_dynamic_smem;
     let blocks = rows.min(dev.sm_count() as usize * 32);
@@ -256,34 +259,36 @@ fn rows_forward<T: Element>(
     let center = mean.is_some();
     let op = if center { "layer_norm" } else { "rms_norm" };
     let packs = cols.div_ceil(pack::<T>());
-    if let Some((team, k)) = reg_kernel::<T>(dev, op, "fwd", packs, FWD_REG_K, 0)? {
-        let stream = dev.stream();
-        let mut b = stream.launch_builder(&k.func);
-        b.arg(x).arg(y);
-        arg_or_null(&mut b, weight);
-        if let Some(m) = mean {
-            arg_or_null(&mut b, bias);
-            b.arg(m);
+    if fwd_prefers_reg(T::DTYPE.size(), packs) {
+        if let Some((team, k)) = reg_kernel::<T>(dev, op, "fwd", packs, FWD_REG_K, 0)? {
+            let stream = dev.stream();
+            let mut b = stream.launch_builder(&k.func);
+            b.arg(x).arg(y);
+            arg_or_null(&mut b, weight);
+            if let Some(m) = mean {
+                arg_or_null(&mut b, bias);
+                b.arg(m);
+            }
+            let (tpr, kk) = (team.tpr as i32, team.k as i32);
+            b.arg(rstd)
+                .arg(&rows_i)
+                .arg(&cols_i)
+                .arg(&eps)
+                .arg(&tpr)
+                .arg(&kk);
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    grid(rows.div_ceil(team.per_block).min(MAX_ROW_BLOCKS))?,
+                    1,
+                    1,
+                ),
+                block_dim: (team.block_threads(), 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches rows.cu's rows_fwd_reg entry points; lengths checked above.
+            unsafe { b.launch(cfg) }.map_err(launch_err)?;
+            return Ok(());
         }
-        let (tpr, kk) = (team.tpr as i32, team.k as i32);
-        b.arg(rstd)
-            .arg(&rows_i)
-            .arg(&cols_i)
-            .arg(&eps)
-            .arg(&tpr)
-            .arg(&kk);
-        let cfg = LaunchConfig {
-            grid_dim: (
-                grid(rows.div_ceil(team.per_block).min(MAX_ROW_BLOCKS))?,
-                1,
-                1,
-            ),
-            block_dim: (team.block_threads(), 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: matches rows.cu's rows_fwd_reg entry points; lengths checked above.
-        unsafe { b.launch(cfg) }.map_err(launch_err)?;
-        return Ok(());
     }
     let name = kernels::name::<T>(if center {
         "layer_norm_fwd"
@@ -473,6 +478,15 @@ fn rows_backward<T: Element>(
 
 /// Threads per block of the register-resident row kernels when a team is one warp.
 const WARP_TEAM_BLOCK: usize = 128;
+/// Whether the forward runs the register-resident kernel rather than the block-per-row one,
+/// from the H200 timings of 2026-11-26 (`docs/PERF.md`): the register-resident kernel won for
+/// rows of one pack per lane (≤ 32 packs) and for f32 rows up to 4096 columns; the block-per-row
+/// kernel (one pack per thread of up to 1024, row cached in shared memory, higher occupancy) won
+/// for longer f16/bf16 rows and for 8192-column f32 rows.
+fn fwd_prefers_reg(elem_size: usize, packs: usize) -> bool {
+    packs <= 32 || (elem_size == 4 && packs <= 1024)
+}
+
 /// Most 16-byte packs of x per thread in the register-resident forward and of x and dy in the
 /// backward: the largest `KM` rows.cu instantiates (`ROWS_REG_ENTRIES_K`: 1, 2, 4).
 const FWD_REG_K: usize = 4;
