@@ -219,8 +219,11 @@ __device__ __forceinline__ void rows_bwd(const T* __restrict__ dy, const T* __re
 // registers they use), issues all its loads before using any, and loads the team's next row
 // before reducing the current one (one row in flight while the other is reduced). Statistics
 // are two passes over the registers (Σx, then Σ(x − mean)²): no division per element and no
-// cancellation. Team geometry and the grid come from the shape alone (the host), so every GPU
-// gives the same bits.
+// cancellation. Team geometry and the grid come from the shape (the host), so every GPU of a
+// model gives the same bits; another model can take another path where a kernel's thread,
+// register or shared-memory limit differs (src/ops/rows/cuda.rs `reg_kernel`). Σx is a plain f32
+// sum: finite inputs whose sum exceeds 3.4e38 (|x|·cols beyond it) give an infinite mean, where
+// a Welford pass would not.
 
 // Pack p of a row: 16 bytes when `vec`, else element by element with zeros past `cols`.
 template <typename T>
@@ -490,7 +493,7 @@ __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* 
 // first, so that no thread adds more than ~64 values in sequence.
 extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, float* __restrict__ out,
                                        int parts, int cols, int chunk) {
-    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    const i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x;  // no wrap near cols = 2^31
     if (j >= cols) return;
     const int p0 = blockIdx.y * chunk, p1 = min(parts, p0 + chunk);
     float s = 0.f;

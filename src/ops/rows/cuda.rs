@@ -502,7 +502,8 @@ const COL_SUM_CHUNK: usize = 64;
 
 /// The team of the register-resident row kernels (rows.cu): `tpr` threads per row, each holding
 /// `k` 16-byte packs, `per_block` teams per block (a warp each, or one team of the whole block).
-/// Derived from the row length alone, so every GPU runs the same reduction order.
+/// Derived from the row length alone (whether the kernel can take it depends on its thread and
+/// shared-memory limits: `reg_kernel`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RegTeam {
     pub tpr: usize,
