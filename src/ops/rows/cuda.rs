@@ -7,7 +7,7 @@
 //! synchronizing. Element type `T` is `f32`, `f16` or `bf16`; parameters, statistics and
 //! parameter gradients are `f32`.
 
-use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use crate::cuda::launch::{arg_or_null, block_threads, check_len, grid, launch_err, pack, to_i32};
 use crate::cuda::{CudaDevice, Kernel};
@@ -410,19 +410,15 @@ fn rows_backward<T: Element>(
         if rows > 0 {
             let (rows_i, tpr, kk) = (rows as i64, team.tpr as i32, team.k as i32);
             let mut b = stream.launch_builder(&k.func);
-            b.arg(dy).arg(x);
-            arg_or_null(&mut b, weight);
-            if let Some(m) = mean {
-                b.arg(m);
-            }
-            b.arg(rstd)
-                .arg(dx)
-                .arg(&mut pw)
-                .arg(&mut pb)
-                .arg(&rows_i)
-                .arg(&cols_i)
-                .arg(&tpr)
-                .arg(&kk);
+            let bufs = BwdBufs {
+                dy,
+                x,
+                weight,
+                mean,
+                rstd,
+            };
+            bufs.push(&mut b, dx, &mut pw, &mut pb, &rows_i, &cols_i);
+            b.arg(&tpr).arg(&kk);
             let cfg = LaunchConfig {
                 grid_dim: (grid(blocks)?, 1, 1),
                 block_dim: (team.block_threads(), 1, 1),
@@ -452,17 +448,14 @@ fn rows_backward<T: Element>(
         let threads = block_threads(&k, cols.div_ceil(8));
         let rows_i = rows as i64;
         let mut b = stream.launch_builder(&k.func);
-        b.arg(dy).arg(x);
-        arg_or_null(&mut b, weight);
-        if let Some(m) = mean {
-            b.arg(m);
-        }
-        b.arg(rstd)
-            .arg(dx)
-            .arg(&mut pw)
-            .arg(&mut pb)
-            .arg(&rows_i)
-            .arg(&cols_i);
+        let bufs = BwdBufs {
+            dy,
+            x,
+            weight,
+            mean,
+            rstd,
+        };
+        bufs.push(&mut b, dx, &mut pw, &mut pb, &rows_i, &cols_i);
         let cfg = LaunchConfig {
             grid_dim: (grid(parts)?, 1, 1),
             block_dim: (threads, 1, 1),
@@ -474,6 +467,38 @@ fn rows_backward<T: Element>(
     let used = if rows == 0 { 0 } else { parts };
     col_sum(dev, &pw, used, cols, dweight)?;
     col_sum(dev, &pb, used, cols, dbias)
+}
+
+/// The inputs every row backward kernel takes first, in rows.cu's order (`layer_norm_bwd*`:
+/// dy, x, w, mean, rstd, dx, dw_part, db_part, rows, cols; `rms_norm_bwd*` without mean).
+struct BwdBufs<'a, 'v, T> {
+    dy: &'a CudaView<'v, T>,
+    x: &'a CudaView<'v, T>,
+    weight: Option<&'a CudaView<'v, f32>>,
+    mean: Option<&'a CudaView<'v, f32>>,
+    rstd: &'a CudaView<'v, f32>,
+}
+
+impl<'a, 'v, T: Element> BwdBufs<'a, 'v, T> {
+    #[allow(clippy::too_many_arguments)]
+    fn push<'l, 'm>(
+        &self,
+        b: &mut LaunchArgs<'l>,
+        dx: &'l mut CudaViewMut<'m, T>,
+        pw: &'l mut CudaSlice<f32>,
+        pb: &'l mut CudaSlice<f32>,
+        rows: &'l i64,
+        cols: &'l i32,
+    ) where
+        'a: 'l,
+    {
+        b.arg(self.dy).arg(self.x);
+        arg_or_null(b, self.weight);
+        if let Some(m) = self.mean {
+            b.arg(m);
+        }
+        b.arg(self.rstd).arg(dx).arg(pw).arg(pb).arg(rows).arg(cols);
+    }
 }
 
 /// Threads per block of the register-resident row kernels when a team is one warp.
