@@ -34,8 +34,93 @@ impl MemoryFormat {
 /// Where a tensor's elements live.
 #[derive(Clone, Debug)]
 pub(crate) enum Storage<T: Element> {
-    Cpu(Vec<T>),
+    Cpu(CpuData<T>),
     Cuda(CudaBuffer<T>),
+}
+
+/// A CPU tensor's elements: owned, or borrowed from a caller's slice for the length of one call
+/// ([`Tensor::with_borrowed`], how the candle ops read candle's storage without copying it).
+///
+/// A borrowed one never outlives its slice: `with_borrowed` lends the tensor to a closure only as
+/// `&Tensor` (so the closure's result cannot hold it), a clone is an owned copy, and a write
+/// first makes an owned copy.
+pub(crate) struct CpuData<T> {
+    owned: Vec<T>,
+    /// When set, the elements (and `owned` is empty).
+    borrowed: Option<Borrowed<T>>,
+}
+
+/// A slice's address and length, alive while [`Tensor::with_borrowed`] runs its closure.
+pub(crate) struct Borrowed<T> {
+    ptr: std::ptr::NonNull<T>,
+    len: usize,
+}
+
+// SAFETY: a `Borrowed` stands for a shared `&[T]` whose lifetime `with_borrowed` enforces; a
+// `&[T]` may be sent or shared across threads when `T: Sync`.
+unsafe impl<T: Sync> Send for Borrowed<T> {}
+// SAFETY: as above: only shared reads go through it.
+unsafe impl<T: Sync> Sync for Borrowed<T> {}
+
+impl<T> std::ops::Deref for CpuData<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match &self.borrowed {
+            // SAFETY: made from a live `&[T]` in `with_borrowed`, which outlives every tensor
+            // holding it (see `CpuData`).
+            Some(b) => unsafe { std::slice::from_raw_parts(b.ptr.as_ptr(), b.len) },
+            None => &self.owned,
+        }
+    }
+}
+
+impl<T: Clone> CpuData<T> {
+    /// The elements, writable: a borrowed slice is copied first (copy on write).
+    fn make_mut(&mut self) -> &mut Vec<T> {
+        if self.borrowed.is_some() {
+            let copy = self.to_vec();
+            self.borrowed = None;
+            self.owned = copy;
+        }
+        &mut self.owned
+    }
+}
+
+impl<T: Clone> CpuData<T> {
+    /// The elements as a `Vec`: moved when owned, copied when borrowed.
+    fn into_vec(self) -> Vec<T> {
+        match self.borrowed {
+            Some(_) => self.to_vec(),
+            None => self.owned,
+        }
+    }
+}
+
+impl<T: Clone> Clone for CpuData<T> {
+    /// Always an owned copy: a borrowed slice must not outlive its call.
+    fn clone(&self) -> Self {
+        self.to_vec().into()
+    }
+}
+
+impl<T> From<Vec<T>> for CpuData<T> {
+    fn from(owned: Vec<T>) -> Self {
+        CpuData {
+            owned,
+            borrowed: None,
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for CpuData<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.borrowed.is_some() {
+            "borrowed"
+        } else {
+            "owned"
+        };
+        write!(f, "CpuData({kind}, {} elements)", self.len())
+    }
 }
 
 /// A dense tensor with a shape, a memory format and a device.
@@ -112,8 +197,39 @@ impl<T: Element> Tensor<T> {
         Ok(Tensor {
             shape: shape.to_vec(),
             format,
-            storage: Storage::Cpu(data),
+            storage: Storage::Cpu(data.into()),
         })
+    }
+
+    /// Runs `f` on a CPU tensor over `data` (in the physical order of `format`) without copying
+    /// it: the tensor lives only for the call, lent as `&Tensor`, so nothing `f` returns can hold
+    /// it (a clone of it is an owned copy). An `Err` when `data` does not fit `shape`.
+    pub(crate) fn with_borrowed<R>(
+        data: &[T],
+        shape: &[usize],
+        format: MemoryFormat,
+        f: impl FnOnce(&Tensor<T>) -> R,
+    ) -> Result<R> {
+        let numel = checked_numel(shape)?;
+        if data.len() != numel {
+            return Err(Error::Shape(format!(
+                "shape {} needs {numel} elements but the data has {}",
+                fmt_shape(shape),
+                data.len()
+            )));
+        }
+        let t = Tensor {
+            shape: shape.to_vec(),
+            format: check_format(shape, format)?,
+            storage: Storage::Cpu(CpuData {
+                owned: Vec::new(),
+                borrowed: Some(Borrowed {
+                    ptr: std::ptr::NonNull::from(data).cast(),
+                    len: data.len(),
+                }),
+            }),
+        };
+        Ok(f(&t))
     }
 
     /// A CPU tensor of the given shape filled with `value`. An `Err` (never an abort) when the
@@ -126,7 +242,7 @@ impl<T: Element> Tensor<T> {
         Ok(Tensor {
             shape: shape.to_vec(),
             format: MemoryFormat::Contiguous,
-            storage: Storage::Cpu(data),
+            storage: Storage::Cpu(data.into()),
         })
     }
 
@@ -209,7 +325,7 @@ impl<T: Element> Tensor<T> {
 
     pub(crate) fn cpu_slice_mut(&mut self) -> Result<&mut [T]> {
         match &mut self.storage {
-            Storage::Cpu(v) => Ok(v),
+            Storage::Cpu(v) => Ok(v.make_mut()),
             Storage::Cuda(_) => Err(not_on_cpu()),
         }
     }
@@ -226,7 +342,7 @@ impl<T: Element> Tensor<T> {
     /// The elements in physical order (copied back from the device if needed).
     pub fn to_vec_physical(&self) -> Result<Vec<T>> {
         match &self.storage {
-            Storage::Cpu(v) => Ok(v.clone()),
+            Storage::Cpu(v) => Ok(v.to_vec()),
             Storage::Cuda(b) => b.to_host(),
         }
     }
@@ -238,6 +354,18 @@ impl<T: Element> Tensor<T> {
             MemoryFormat::Contiguous => phys,
             MemoryFormat::ChannelsLast => permute_layout(&phys, &self.shape, false),
         })
+    }
+
+    /// The elements in logical order, moved out without a copy when the tensor owns contiguous
+    /// CPU storage.
+    pub(crate) fn into_vec(self) -> Result<Vec<T>> {
+        if self.format != MemoryFormat::Contiguous {
+            return self.to_vec();
+        }
+        match self.storage {
+            Storage::Cpu(d) => Ok(d.into_vec()),
+            Storage::Cuda(b) => b.to_host(),
+        }
     }
 
     /// The elements converted to f32 in logical order.
@@ -265,7 +393,7 @@ impl<T: Element> Tensor<T> {
             (Device::Cpu, Storage::Cuda(b)) => Ok(Tensor {
                 shape: self.shape.clone(),
                 format: self.format,
-                storage: Storage::Cpu(b.to_host()?),
+                storage: Storage::Cpu(b.to_host()?.into()),
             }),
             (Device::Cuda(dev), Storage::Cpu(v)) => Ok(Tensor {
                 shape: self.shape.clone(),
@@ -368,7 +496,7 @@ impl<T: Element> Tensor<T> {
     /// GPU): for in-place updates such as an optimizer step on a parameter.
     pub fn as_mut_slice(&mut self) -> Option<&mut [T]> {
         match &mut self.storage {
-            Storage::Cpu(v) => Some(v),
+            Storage::Cpu(v) => Some(v.make_mut()),
             Storage::Cuda(_) => None,
         }
     }
@@ -453,5 +581,54 @@ pub(crate) fn tensor_view<T: Element>(t: &Tensor<T>) -> Result<cudarc::driver::C
         Storage::Cpu(_) => Err(Error::DeviceMismatch(
             "a CPU tensor was passed to a CUDA op; move it with .to_device()".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A borrowed tensor reads the caller's slice in place, in the given format.
+    #[test]
+    fn borrowed_reads_in_place() {
+        let data: Vec<f32> = (0..24).map(|v| v as f32).collect();
+        let seen = Tensor::with_borrowed(&data, &[2, 3, 4], MemoryFormat::ChannelsLast, |t| {
+            let s = t.as_slice().expect("on the CPU");
+            (s.as_ptr(), t.format(), t.to_vec().expect("cpu"))
+        })
+        .expect("fits");
+        assert_eq!(seen.0, data.as_ptr(), "no copy of the slice");
+        assert_eq!(seen.1, MemoryFormat::ChannelsLast);
+        let logical = Tensor::from_vec_with_format(data.clone(), &[2, 3, 4], seen.1)
+            .and_then(|t| t.to_vec())
+            .expect("cpu");
+        assert_eq!(seen.2, logical);
+    }
+
+    /// What leaves the closure is an owned copy, and a write never reaches the slice.
+    #[test]
+    fn borrowed_clones_and_writes_copy() {
+        let data = vec![1.0f32, 2.0, 3.0];
+        let (kept, written) = Tensor::with_borrowed(&data, &[3], MemoryFormat::Contiguous, |t| {
+            let kept = t.clone();
+            let mut w = t.clone();
+            w.as_mut_slice().expect("cpu")[0] = 9.0;
+            (kept, w)
+        })
+        .expect("fits");
+        assert_eq!(data, [1.0, 2.0, 3.0], "the borrowed slice is unchanged");
+        assert_ne!(kept.as_slice().expect("cpu").as_ptr(), data.as_ptr());
+        assert_eq!(kept.to_vec().expect("cpu"), data);
+        assert_eq!(written.to_vec().expect("cpu"), [9.0, 2.0, 3.0]);
+        assert_eq!(kept.into_vec().expect("cpu"), data);
+    }
+
+    /// A slice that does not fit the shape is an `Err`, not a tensor over the wrong length.
+    #[test]
+    fn borrowed_length_is_checked() {
+        let data = [0.0f32; 5];
+        let e = Tensor::with_borrowed(&data, &[2, 3], MemoryFormat::Contiguous, |_| ())
+            .expect_err("5 elements for [2, 3]");
+        assert!(e.to_string().contains("[2, 3]"), "{e}");
     }
 }

@@ -29,7 +29,10 @@
 //! [`instance_norm_op`]) update their running statistics in place in training mode, as
 //! PyTorch's do. Inputs may be contiguous or have channels-last strides (read in place).
 //!
-//! On candle's CPU device the ops run the crate's CPU engines (each op copies its input once).
+//! On candle's CPU device the ops run the crate's CPU engines on candle's storage in place: the
+//! forward and the backward read x (and dy) without copying them, and the output moves into
+//! candle (a channels-last output is reordered once: candle reads a custom op's output as
+//! contiguous).
 //! With feature `candle-cuda`, all five also run on candle's CUDA device: cunorm's kernels on
 //! candle's own stream, over candle's storage, forward and backward, running statistics updated
 //! (built against candle-core's CUDA backend, not yet run on a GPU). Without that feature an op
@@ -105,9 +108,13 @@ fn is_channels_last(l: &Layout) -> bool {
     true
 }
 
-/// A candle CPU storage as a cunorm tensor of `T` (one copy of the used range): contiguous, or
-/// channels-last when its strides are (see [`is_channels_last`]).
-fn from_storage<T: CandleElem>(s: &CpuStorage, l: &Layout) -> candle_core::Result<Tensor<T>> {
+/// Runs `f` on a candle CPU storage as a cunorm tensor of `T`, read in place (no copy):
+/// contiguous, or channels-last when its strides are (see [`is_channels_last`]).
+fn with_storage<T: CandleElem, R>(
+    s: &CpuStorage,
+    l: &Layout,
+    f: impl FnOnce(&Tensor<T>) -> R,
+) -> candle_core::Result<R> {
     let Some(v) = T::slice(s) else {
         return Err(candle_core::Error::Msg(format!(
             "cunorm: expected {} storage, got {:?}",
@@ -115,35 +122,50 @@ fn from_storage<T: CandleElem>(s: &CpuStorage, l: &Layout) -> candle_core::Resul
             s.dtype()
         )));
     };
-    if let Some((a, b)) = l.contiguous_offsets() {
-        return Tensor::from_vec(v[a..b].to_vec(), l.dims()).map_err(err);
-    }
-    if is_channels_last(l) {
-        let (a, n) = (l.start_offset(), l.shape().elem_count());
-        let data = v.get(a..a + n).ok_or_else(|| {
-            candle_core::Error::Msg("cunorm: the input's layout runs past its storage".into())
-        })?;
-        return Tensor::from_vec_with_format(data.to_vec(), l.dims(), MemoryFormat::ChannelsLast)
-            .map_err(err);
-    }
-    Err(candle_core::Error::Msg(
-        "cunorm: the op needs a contiguous or channels-last input; call .contiguous() first".into(),
-    ))
+    let (range, format) = if let Some((a, b)) = l.contiguous_offsets() {
+        (a..b, MemoryFormat::Contiguous)
+    } else if is_channels_last(l) {
+        let a = l.start_offset();
+        (a..a + l.shape().elem_count(), MemoryFormat::ChannelsLast)
+    } else {
+        return Err(candle_core::Error::Msg(
+            "cunorm: the op needs a contiguous or channels-last input; call .contiguous() first"
+                .into(),
+        ));
+    };
+    let data = v.get(range).ok_or_else(|| {
+        candle_core::Error::Msg("cunorm: the input's layout runs past its storage".into())
+    })?;
+    Tensor::with_borrowed(data, l.dims(), format, f).map_err(err)
 }
 
-/// A candle tensor (any device) as a cunorm CPU tensor of `T`.
-fn from_candle<T: CandleElem>(t: &CTensor) -> candle_core::Result<Tensor<T>> {
-    let v = t
-        .flatten_all()?
-        .to_dtype(<T as candle_core::WithDType>::DTYPE)?
-        .to_vec1::<T>()?;
-    Tensor::from_vec(v, t.dims()).map_err(err)
+/// `grad` in `x`'s layout, as the backward reads both: as it is when they already agree
+/// (candle's usual contiguous case, no copy), else rearranged once.
+fn grad_like(grad: &CTensor, x: &CTensor) -> candle_core::Result<CTensor> {
+    if is_channels_last(x.layout()) {
+        if is_channels_last(grad.layout()) {
+            return Ok(grad.clone());
+        }
+        // (N, C, *s) → (N, *s, C), made contiguous, then viewed back as (N, C, *s).
+        let r = grad.rank();
+        let to_last: Vec<usize> = [0].into_iter().chain(2..r).chain([1]).collect();
+        let back: Vec<usize> = [0, r - 1].into_iter().chain(1..r - 1).collect();
+        return grad.permute(to_last)?.contiguous()?.permute(back);
+    }
+    grad.contiguous()
 }
 
-/// A cunorm tensor as a candle tensor on `like`'s device, in `like`'s dtype.
-fn to_candle<T: CandleElem>(t: &Tensor<T>, like: &CTensor) -> candle_core::Result<CTensor> {
-    let v = t.to_vec().map_err(err)?;
-    CTensor::from_vec(v, t.shape(), like.device())?.to_dtype(like.dtype())
+/// A cunorm tensor's elements as candle CPU storage in logical (contiguous) order: moved when
+/// the tensor is contiguous, reordered once when it is channels-last (candle reads a custom
+/// op's output as contiguous).
+fn into_storage<T: CandleElem>(t: Tensor<T>) -> candle_core::Result<CpuStorage> {
+    Ok(T::storage(t.into_vec().map_err(err)?))
+}
+
+/// An f32 parameter gradient as a candle tensor in `like`'s shape, device and dtype.
+fn param_grad(t: Tensor<f32>, like: &CTensor) -> candle_core::Result<CTensor> {
+    CTensor::from_vec(t.into_vec().map_err(err)?, like.shape(), like.device())?
+        .to_dtype(like.dtype())
 }
 
 /// Which normalization an op runs.
@@ -314,19 +336,17 @@ impl CandleNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (
-            from_storage::<T>(s1, l1)?,
-            from_storage::<f32>(s2, l2)?,
-            from_storage::<f32>(s3, l3)?,
-        );
-        let out = self.forward(&x, &w, &b, true).map_err(err)?;
+        let out = with_storage::<T, _>(s1, l1, |x| {
+            with_storage::<f32, _>(s2, l2, |w| {
+                with_storage::<f32, _>(s3, l3, |b| self.forward(x, w, b, true).map_err(err))?
+            })?
+        })??;
         *self.saved.lock().map_err(poisoned)? = Some(out.stats);
-        // candle takes the result as contiguous: a channels-last output is reordered once.
-        let y = out.output.to_vec().map_err(err)?;
-        Ok((T::storage(y), Shape::from(l1.dims())))
+        Ok((into_storage(out.output)?, Shape::from(l1.dims())))
     }
 
-    fn bwd_t<T: CandleElem>(
+    /// The CPU backward: [`CpuGrad`] reads x and dy in candle's storage (no copy).
+    fn bwd_t(
         &self,
         x: &CTensor,
         w: &CTensor,
@@ -337,29 +357,86 @@ impl CandleNorm {
         if x.device().is_cuda() {
             return self.cuda_bwd(x, w, b, grad);
         }
-        let (xc, wc, bc, dy) = (
-            from_candle::<T>(x)?,
-            from_candle::<f32>(w)?,
-            from_candle::<f32>(b)?,
-            from_candle::<T>(grad)?,
-        );
-        let saved = self.saved.lock().map_err(poisoned)?.clone();
-        let stats = match saved {
-            Some(s) => s,
-            None => self.forward(&xc, &wc, &bc, false).map_err(err)?.stats,
+        let op = CpuGrad {
+            norm: self,
+            params: Mutex::new(None),
         };
-        let g = self.backward(&dy, &xc, &wc, &stats).map_err(err)?;
-        let (dw, db) = (g.dweight, g.dbias);
-        let dx = to_candle(&g.dx, x)?;
+        let dx = x.apply_op3_no_bwd(&grad_like(grad, x)?, w, &op)?;
+        let (dw, db) = op.params.lock().map_err(poisoned)?.take().ok_or_else(|| {
+            candle_core::Error::Msg("cunorm: the gradient op left no parameter gradients".into())
+        })?;
         let dw = match (self.weight_grad, dw) {
-            (true, Some(t)) => Some(to_candle(&t, w)?),
+            (true, Some(t)) => Some(param_grad(t, w)?),
             _ => None,
         };
         let db = match (self.has_bias, db) {
-            (true, Some(t)) => Some(to_candle(&t, b)?),
+            (true, Some(t)) => Some(param_grad(t, b)?),
             _ => None,
         };
         Ok((Some(dx), dw, db))
+    }
+}
+
+/// The CPU gradient op on (x, dy, weight): `dx` as its output, `dweight`/`dbias` left in
+/// `params`. As a candle op it is handed the storages, so x and dy are read where they are.
+struct CpuGrad<'a> {
+    norm: &'a CandleNorm,
+    #[allow(clippy::type_complexity)]
+    params: Mutex<Option<(Option<Tensor<f32>>, Option<Tensor<f32>>)>>,
+}
+
+impl CpuGrad<'_> {
+    fn run<T: CandleElem>(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let norm = self.norm;
+        let saved = norm.saved.lock().map_err(poisoned)?.clone();
+        let g = with_storage::<T, _>(s1, l1, |x| {
+            with_storage::<T, _>(s2, l2, |dy| {
+                with_storage::<f32, _>(s3, l3, |w| {
+                    let stats = match &saved {
+                        Some(s) => s.clone(),
+                        // The bias does not enter the statistics: the weight stands in for it.
+                        None => norm.forward(x, w, w, false)?.stats,
+                    };
+                    norm.backward(dy, x, w, &stats)
+                })?
+                .map_err(err)
+            })?
+        })??;
+        *self.params.lock().map_err(poisoned)? = Some((g.dweight, g.dbias));
+        Ok((into_storage(g.dx)?, Shape::from(l1.dims())))
+    }
+}
+
+impl CustomOp3 for CpuGrad<'_> {
+    fn name(&self) -> &'static str {
+        "cunorm-cpu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        match s1.dtype() {
+            candle_core::DType::F32 => self.run::<f32>(s1, l1, s2, l2, s3, l3),
+            candle_core::DType::F16 => self.run::<f16>(s1, l1, s2, l2, s3, l3),
+            candle_core::DType::BF16 => self.run::<bf16>(s1, l1, s2, l2, s3, l3),
+            d => Err(candle_core::Error::Msg(format!(
+                "cunorm: takes f32, f16 or bf16, got {d:?}"
+            ))),
+        }
     }
 }
 
@@ -410,7 +487,7 @@ impl CustomOp3 for CandleNorm {
         _res: &CTensor,
         grad: &CTensor,
     ) -> candle_core::Result<(Option<CTensor>, Option<CTensor>, Option<CTensor>)> {
-        by_dtype!(self, x.dtype(), bwd_t(x, w, b, grad))
+        self.bwd_t(x, w, b, grad)
     }
 
     #[cfg(feature = "candle-cuda")]

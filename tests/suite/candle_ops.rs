@@ -575,3 +575,104 @@ fn planes_misuse_is_an_err_and_changes_nothing() {
     let ints = Tensor::zeros((2, 3, 4), DType::U32, &Device::Cpu).unwrap();
     assert!(cc::batch_norm_op(&ints, None, None, None, true, 0.1, 1e-5).is_err());
 }
+
+/// With feature `candle-cuda` and a GPU: every op on candle's CUDA device (cunorm's kernels on
+/// candle's stream) against the same op on candle's CPU device (cunorm's CPU engines), forward,
+/// backward through candle's autograd (dx, dweight, dbias) and the running statistics of
+/// BatchNorm/InstanceNorm, in f32, f16 and bf16, contiguous and channels-last. Skips without a
+/// CUDA device (`CUNORM_REQUIRE_CUDA=1` makes that a failure).
+#[cfg(feature = "candle-cuda")]
+#[test]
+fn cuda_matches_cpu() {
+    let gpu = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            if std::env::var("CUNORM_REQUIRE_CUDA").as_deref() == Ok("1") {
+                panic!("CUNORM_REQUIRE_CUDA=1 but candle has no CUDA device: {e}");
+            }
+            eprintln!("cuda_matches_cpu skipped: candle has no CUDA device ({e})");
+            return;
+        }
+    };
+    type Op = fn(&Tensor, &Tensor, &Tensor, &Var, &Var) -> candle_core::Result<Tensor>;
+    let ops: [(&str, Vec<usize>, usize, Op); 7] = [
+        ("layer_norm", vec![6, 5, 96], 96, |x, w, b, _, _| {
+            cc::layer_norm_op(x, w, Some(b), 1e-5)
+        }),
+        ("rms_norm", vec![9, 1030], 1030, |x, w, _, _, _| {
+            cc::rms_norm_op(x, w, 1e-6)
+        }),
+        ("group_norm", vec![3, 8, 7, 5], 8, |x, w, b, _, _| {
+            cc::group_norm_op(x, 4, w, Some(b), 1e-5)
+        }),
+        ("batch_norm train", vec![4, 6, 9, 7], 6, |x, w, b, m, v| {
+            cc::batch_norm_op(x, Some((m, v)), Some(w), Some(b), true, 0.1, 1e-5)
+        }),
+        ("batch_norm eval", vec![4, 6, 9, 7], 6, |x, w, b, m, v| {
+            cc::batch_norm_op(x, Some((m, v)), Some(w), Some(b), false, 0.1, 1e-5)
+        }),
+        ("batch_norm 3d", vec![2, 3, 4, 5, 6], 3, |x, w, b, m, v| {
+            cc::batch_norm_op(x, Some((m, v)), Some(w), Some(b), true, 0.1, 1e-5)
+        }),
+        ("instance_norm", vec![3, 5, 11, 4], 5, |x, w, b, m, v| {
+            cc::instance_norm_op(x, Some((m, v)), Some(w), Some(b), true, 0.1, 1e-5)
+        }),
+    ];
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        // Bounds relative to max(1, |value|), as the CPU suite's per-dtype bounds.
+        let tol = match dt {
+            DType::F32 => 1e-4,
+            DType::F16 => 4e-3,
+            _ => 3e-2,
+        };
+        for (name, shape, c, op) in &ops {
+            for strided in [false, true] {
+                if strided && shape.len() < 3 {
+                    continue;
+                }
+                let what = format!(
+                    "{name} {dt:?}{}",
+                    if strided { " channels-last" } else { "" }
+                );
+                let run = |dev: &Device| {
+                    let on = |t: Tensor| t.to_device(dev).unwrap();
+                    let xv = Var::from_tensor(&on(randn(shape, 31).to_dtype(dt).unwrap())).unwrap();
+                    let x = if strided {
+                        channels_last(xv.as_tensor())
+                    } else {
+                        xv.as_tensor().clone()
+                    };
+                    let w = Var::from_tensor(&on(randn(&[*c], 32))).unwrap();
+                    let b = Var::from_tensor(&on(randn(&[*c], 33))).unwrap();
+                    let m = Var::from_tensor(&on(randn(&[*c], 34))).unwrap();
+                    let v = Var::from_tensor(&on(randn(&[*c], 35).abs().unwrap())).unwrap();
+                    let r = on(randn(shape, 36).to_dtype(dt).unwrap());
+                    let y = op(&x, w.as_tensor(), b.as_tensor(), &m, &v).unwrap();
+                    assert_eq!(y.dtype(), dt, "{what}");
+                    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    let grad = |t: &Var| g.get(t.as_tensor()).map(vec);
+                    (
+                        vec(&y),
+                        grad(&xv),
+                        grad(&w),
+                        grad(&b),
+                        vec(m.as_tensor()),
+                        vec(v.as_tensor()),
+                    )
+                };
+                let (want, got) = (run(&Device::Cpu), run(&gpu));
+                close(&format!("{what} y"), &got.0, &want.0, tol);
+                let pairs = [("dx", &got.1, &want.1), ("dweight", &got.2, &want.2)];
+                for (part, g, w) in pairs.into_iter().chain([("dbias", &got.3, &want.3)]) {
+                    match (g, w) {
+                        (Some(g), Some(w)) => close(&format!("{what} {part}"), g, w, tol),
+                        (None, None) if part == "dbias" && *name == "rms_norm" => {}
+                        _ => panic!("{what} {part}: a gradient on one device only"),
+                    }
+                }
+                close(&format!("{what} running_mean"), &got.4, &want.4, 1e-5);
+                close(&format!("{what} running_var"), &got.5, &want.5, 1e-5);
+            }
+        }
+    }
+}

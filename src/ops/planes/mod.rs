@@ -314,7 +314,7 @@ pub(crate) fn forward<T: Element>(
         }
         let stats = saved_from_moments(op, x.shape(), &gm, eps, &device)?;
         return Ok(NormOutput {
-            output: Tensor::from_parts(x.shape().to_vec(), x.format(), Storage::Cpu(y)),
+            output: Tensor::from_parts(x.shape().to_vec(), x.format(), Storage::Cpu(y.into())),
             stats,
         });
     }
@@ -365,7 +365,7 @@ pub(crate) fn forward<T: Element>(
     };
     let y = cpu::plane_affine(xs, p, &coef_a, &coef_m, &coef_b);
     Ok(NormOutput {
-        output: Tensor::from_parts(x.shape().to_vec(), x.format(), Storage::Cpu(y)),
+        output: Tensor::from_parts(x.shape().to_vec(), x.format(), Storage::Cpu(y.into())),
         stats,
     })
 }
@@ -489,7 +489,7 @@ pub(crate) fn backward<T: Element>(
         (None, None)
     };
     Ok(Gradients {
-        dx: Tensor::from_parts(x.shape().to_vec(), x.format(), Storage::Cpu(dx)),
+        dx: Tensor::from_parts(x.shape().to_vec(), x.format(), Storage::Cpu(dx.into())),
         dweight,
         dbias,
     })

@@ -107,7 +107,7 @@ pub(crate) fn forward<T: Element>(
         output: Tensor::from_parts(
             x.shape().to_vec(),
             MemoryFormat::Contiguous,
-            Storage::Cpu(y),
+            Storage::Cpu(y.into()),
         ),
         stats: SavedStats::new(
             op,
@@ -147,7 +147,7 @@ pub(crate) fn backward<T: Element>(
             dx: Tensor::from_parts(
                 x.shape().to_vec(),
                 MemoryFormat::Contiguous,
-                Storage::Cpu(dx),
+                Storage::Cpu(dx.into()),
             ),
             dweight: Some(param(dw)?),
             dbias: Some(param(db)?),
