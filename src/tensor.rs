@@ -86,6 +86,7 @@ impl<T: Clone> CpuData<T> {
     }
 }
 
+#[cfg(any(feature = "candle", test))]
 impl<T: Clone> CpuData<T> {
     /// The elements as a `Vec`: moved when owned, copied when borrowed.
     fn into_vec(self) -> Vec<T> {
@@ -204,6 +205,7 @@ impl<T: Element> Tensor<T> {
     /// Runs `f` on a CPU tensor over `data` (in the physical order of `format`) without copying
     /// it: the tensor lives only for the call, lent as `&Tensor`, so nothing `f` returns can hold
     /// it (a clone of it is an owned copy). An `Err` when `data` does not fit `shape`.
+    #[cfg(any(feature = "candle", test))]
     pub(crate) fn with_borrowed<R>(
         data: &[T],
         shape: &[usize],
@@ -356,12 +358,10 @@ impl<T: Element> Tensor<T> {
         })
     }
 
-    /// The elements in logical order, moved out without a copy when the tensor owns contiguous
-    /// CPU storage.
-    pub(crate) fn into_vec(self) -> Result<Vec<T>> {
-        if self.format != MemoryFormat::Contiguous {
-            return self.to_vec();
-        }
+    /// The elements in physical order (that of its format), moved out without a copy when the
+    /// tensor owns CPU storage.
+    #[cfg(any(feature = "candle", test))]
+    pub(crate) fn into_physical_vec(self) -> Result<Vec<T>> {
         match self.storage {
             Storage::Cpu(d) => Ok(d.into_vec()),
             Storage::Cuda(b) => b.to_host(),
@@ -620,7 +620,7 @@ mod tests {
         assert_ne!(kept.as_slice().expect("cpu").as_ptr(), data.as_ptr());
         assert_eq!(kept.to_vec().expect("cpu"), data);
         assert_eq!(written.to_vec().expect("cpu"), [9.0, 2.0, 3.0]);
-        assert_eq!(kept.into_vec().expect("cpu"), data);
+        assert_eq!(kept.into_physical_vec().expect("cpu"), data);
     }
 
     /// A slice that does not fit the shape is an `Err`, not a tensor over the wrong length.

@@ -5,9 +5,10 @@
 //! One cunorm [`CudaDevice`] per candle stream, cached: it wraps candle's context and stream, so
 //! cunorm's launches are ordered with candle's own work and need no synchronization.
 //!
-//! All five norms run here, forward and backward, on contiguous inputs (a channels-last input is
-//! made contiguous first: candle reads a custom op's output as contiguous). The shapes are
-//! checked as the CPU fronts check them before anything is launched.
+//! All five norms run here, forward and backward. GroupNorm, BatchNorm and InstanceNorm read a
+//! channels-last input in place and give a channels-last output (returned in its memory order
+//! and viewed back by the module, see `op_shape`); LayerNorm and RMSNorm read a contiguous one.
+//! The shapes are checked as the CPU fronts check them before anything is launched.
 //!
 //! A custom op returns one tensor; two things here need more, so an op leaves extra device
 //! buffers in shared slots and [`TakeOp`] hands each to candle as a tensor:
@@ -68,8 +69,8 @@ impl CudaElem for f32 {}
 impl CudaElem for crate::f16 {}
 impl CudaElem for crate::bf16 {}
 
-/// The used range of a contiguous storage as a view. (Channels-last inputs are made contiguous
-/// before the op on CUDA: candle reads a custom op's output as contiguous.)
+/// The used range of a storage as a view, and whether its layout is channels-last (read in
+/// place, see `is_channels_last`); any other strides are an `Err`.
 fn view<'a, T: CudaElem>(
     s: &'a CudaStorage,
     l: &Layout,
@@ -77,9 +78,14 @@ fn view<'a, T: CudaElem>(
     let slice = T::as_cuda_slice(s)?;
     let (a, b, cl) = match l.contiguous_offsets() {
         Some((a, b)) => (a, b, false),
+        None if super::is_channels_last(l) => {
+            let a = l.start_offset();
+            (a, a + l.shape().elem_count(), true)
+        }
         None => {
             return Err(msg(
-                "cunorm: the op needs a contiguous input on CUDA; call .contiguous() first",
+                "cunorm: the op needs a contiguous or channels-last input on CUDA; call \
+                 .contiguous() first",
             ))
         }
     };
@@ -196,6 +202,9 @@ pub(super) fn forward<T: CudaElem>(
     let cdev = s1.device.clone();
     let dev = device(&cdev)?;
     let (x, cl) = view::<T>(s1, l1)?;
+    if cl && matches!(kind, Kind::Rows { .. }) {
+        return Err(msg("cunorm: LayerNorm/RMSNorm read a contiguous input"));
+    }
     let (w, _) = view::<f32>(s2, l2)?;
     let (b, _) = view::<f32>(s3, l3)?;
     let (w, b) = (has_weight.then_some(&w), has_bias.then_some(&b));
@@ -329,7 +338,11 @@ pub(super) fn forward<T: CudaElem>(
             }
         }
     };
-    Ok((T::wrap_cuda_slice(y, cdev), Shape::from(dims), saved))
+    Ok((
+        T::wrap_cuda_slice(y, cdev),
+        super::op_shape(dims, cl),
+        saved,
+    ))
 }
 
 /// The grouping of a planes-family op, and whether its statistics came from the input.
@@ -385,6 +398,9 @@ impl GradOp {
         let (dy, cl_dy) = view::<T>(s2, l2)?;
         if cl != cl_dy {
             return Err(msg("cunorm: x and dy have different layouts"));
+        }
+        if cl && matches!(self.kind, Kind::Rows { .. }) {
+            return Err(msg("cunorm: LayerNorm/RMSNorm read a contiguous input"));
         }
         let (w, _) = view::<f32>(s3, l3)?;
         let wv = self.has_weight.then_some(w);
@@ -467,7 +483,7 @@ impl GradOp {
         };
         put(&self.dw, dw)?;
         put(&self.db, db)?;
-        Ok((T::wrap_cuda_slice(dx, cdev), Shape::from(dims)))
+        Ok((T::wrap_cuda_slice(dx, cdev), super::op_shape(dims, cl)))
     }
 }
 

@@ -2,9 +2,9 @@
 //! candle's autograd (feature `candle`).
 //!
 //! candle-nn's fused LayerNorm and RmsNorm are applied without a backward (contiguous inputs cut
-//! the graph), compute the LayerNorm variance as E[x²] − E[x]², and candle has no fused GroupNorm.
+//! the graph), compute the LayerNorm variance as E\[x²\] − E\[x\]², and candle has no fused GroupNorm.
 //! These ops keep candle's graph (gradients for input, weight and bias), with cunorm's statistics
-//! (f64 on the CPU, corrected two-pass; never E[x²] − E[x]²).
+//! (f64 on the CPU, corrected two-pass; never E\[x²\] − E\[x\]²).
 //!
 //! Switching a candle model is one line: `candle_nn::layer_norm(..)` →
 //! `cunorm::candle::layer_norm(..)`, same arguments, same tensor names in the `VarBuilder`.
@@ -148,24 +148,54 @@ fn grad_like(grad: &CTensor, x: &CTensor) -> candle_core::Result<CTensor> {
         }
         // (N, C, *s) → (N, *s, C), made contiguous, then viewed back as (N, C, *s).
         let r = grad.rank();
-        let to_last: Vec<usize> = [0].into_iter().chain(2..r).chain([1]).collect();
-        let back: Vec<usize> = [0, r - 1].into_iter().chain(1..r - 1).collect();
-        return grad.permute(to_last)?.contiguous()?.permute(back);
+        return grad
+            .permute(to_last(r))?
+            .contiguous()?
+            .permute(from_last(r));
     }
     grad.contiguous()
 }
 
-/// A cunorm tensor's elements as candle CPU storage in logical (contiguous) order: moved when
-/// the tensor is contiguous, reordered once when it is channels-last (candle reads a custom
-/// op's output as contiguous).
-fn into_storage<T: CandleElem>(t: Tensor<T>) -> candle_core::Result<CpuStorage> {
-    Ok(T::storage(t.into_vec().map_err(err)?))
+/// The dimension order that takes `(N, C, *s)` to its memory order `(N, *s, C)`, and back.
+fn to_last(rank: usize) -> Vec<usize> {
+    [0].into_iter().chain(2..rank).chain([1]).collect()
+}
+fn from_last(rank: usize) -> Vec<usize> {
+    [0, rank - 1].into_iter().chain(1..rank - 1).collect()
+}
+
+/// The shape an op returns its output in: `dims` for a contiguous output; for a channels-last
+/// one (`cl`), its memory order `(N, *s, C)`, which [`CandleNorm::view`] turns back into `(N, C, *s)`
+/// with channels-last strides (candle reads a custom op's output as contiguous in the shape it
+/// returns, so no reorder is needed).
+fn op_shape(dims: &[usize], cl: bool) -> Shape {
+    if cl {
+        Shape::from(
+            to_last(dims.len())
+                .iter()
+                .map(|&d| dims[d])
+                .collect::<Vec<_>>(),
+        )
+    } else {
+        Shape::from(dims)
+    }
+}
+
+/// A cunorm tensor's elements moved into candle CPU storage, with the shape [`op_shape`] gives
+/// for its format.
+fn into_output<T: CandleElem>(t: Tensor<T>) -> candle_core::Result<(CpuStorage, Shape)> {
+    let shape = op_shape(t.shape(), t.format() == MemoryFormat::ChannelsLast);
+    Ok((T::storage(t.into_physical_vec().map_err(err)?), shape))
 }
 
 /// An f32 parameter gradient as a candle tensor in `like`'s shape, device and dtype.
 fn param_grad(t: Tensor<f32>, like: &CTensor) -> candle_core::Result<CTensor> {
-    CTensor::from_vec(t.into_vec().map_err(err)?, like.shape(), like.device())?
-        .to_dtype(like.dtype())
+    CTensor::from_vec(
+        t.into_physical_vec().map_err(err)?,
+        like.shape(),
+        like.device(),
+    )?
+    .to_dtype(like.dtype())
 }
 
 /// Which normalization an op runs.
@@ -342,7 +372,45 @@ impl CandleNorm {
             })?
         })??;
         *self.saved.lock().map_err(poisoned)? = Some(out.stats);
-        Ok((into_storage(out.output)?, Shape::from(l1.dims())))
+        into_output(out.output)
+    }
+
+    /// Whether the op's output on `x` is channels-last (returned as `(N, *s, C)`, see
+    /// [`op_shape`]): a planes op (GroupNorm, BatchNorm, InstanceNorm) keeps a channels-last
+    /// input's layout, as PyTorch's do; LayerNorm and RMSNorm give a contiguous output.
+    fn keeps_channels_last(&self, x: &CTensor) -> bool {
+        !matches!(self.kind, Kind::Rows { .. }) && is_channels_last(x.layout())
+    }
+
+    /// The op's output (or the gradient op's `dx`) `y` on input `x` as an `(N, C, *s)` tensor:
+    /// itself, or a channels-last view of it (see [`op_shape`]).
+    fn view(&self, x: &CTensor, y: CTensor) -> candle_core::Result<CTensor> {
+        if self.keeps_channels_last(x) {
+            y.permute(from_last(y.rank()))
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// The gradient of the op's output (in the shape the op returned) as an `(N, C, *s)` tensor
+    /// in `x`'s layout: in place when it already is (a contiguous gradient of a contiguous
+    /// output, or a channels-last one), else rearranged once.
+    fn grad_of(&self, x: &CTensor, grad: &CTensor) -> candle_core::Result<CTensor> {
+        if self.keeps_channels_last(x) {
+            return grad_like(&grad.permute(from_last(grad.rank()))?, x);
+        }
+        grad_like(grad, x)
+    }
+
+    /// Runs the op on the prepared inputs ([`prepare`]) with candle's autograd.
+    fn apply(self, x: &CTensor, w: &CTensor, b: &CTensor) -> candle_core::Result<CTensor> {
+        let cl = self.keeps_channels_last(x);
+        let y = x.apply_op3(w, b, self)?;
+        if cl {
+            y.permute(from_last(y.rank()))
+        } else {
+            Ok(y)
+        }
     }
 
     /// The CPU backward: [`CpuGrad`] reads x and dy in candle's storage (no copy).
@@ -361,7 +429,8 @@ impl CandleNorm {
             norm: self,
             params: Mutex::new(None),
         };
-        let dx = x.apply_op3_no_bwd(&grad_like(grad, x)?, w, &op)?;
+        let dx = x.apply_op3_no_bwd(&self.grad_of(x, grad)?, w, &op)?;
+        let dx = self.view(x, dx)?;
         let (dw, db) = op.params.lock().map_err(poisoned)?.take().ok_or_else(|| {
             candle_core::Error::Msg("cunorm: the gradient op left no parameter gradients".into())
         })?;
@@ -411,7 +480,7 @@ impl CpuGrad<'_> {
             })?
         })??;
         *self.params.lock().map_err(poisoned)? = Some((g.dweight, g.dbias));
-        Ok((into_storage(g.dx)?, Shape::from(l1.dims())))
+        into_output(g.dx)
     }
 }
 
@@ -556,7 +625,8 @@ impl CandleNorm {
             db: Arc::new(Mutex::new(None)),
         };
         // The weight is the op's third input, so candle holds its storage (no second lock).
-        let dx = x.apply_op3_no_bwd(&grad.contiguous()?, w, &op)?;
+        let dx = x.apply_op3_no_bwd(&self.grad_of(x, grad)?, w, &op)?;
+        let dx = self.view(x, dx)?;
         let take = |slot: &cuda::Slot, p: &CTensor| -> candle_core::Result<CTensor> {
             cuda::take(x, slot, p.elem_count())?.reshape(p.shape())
         };
@@ -566,12 +636,13 @@ impl CandleNorm {
     }
 }
 
-/// Parameters as f32 and contiguous, the input contiguous or (on the CPU) channels-last: what
-/// the op reads.
+/// Parameters as f32 and contiguous, the input as the op reads it: a channels-last input in
+/// place for a planes op (`keep_channels_last`), else contiguous (a no-op when it is).
 fn prepare(
     x: &CTensor,
     w: &CTensor,
     b: Option<&CTensor>,
+    keep_channels_last: bool,
 ) -> candle_core::Result<(CTensor, CTensor, CTensor)> {
     let f32 = candle_core::DType::F32;
     let w = w.to_dtype(f32)?.contiguous()?;
@@ -579,7 +650,7 @@ fn prepare(
         Some(b) => b.to_dtype(f32)?.contiguous()?,
         None => w.zeros_like()?,
     };
-    let x = if x.device().is_cpu() && is_channels_last(x.layout()) {
+    let x = if keep_channels_last && is_channels_last(x.layout()) {
         x.clone()
     } else {
         x.contiguous()?
@@ -595,23 +666,15 @@ pub fn layer_norm_op(
     bias: Option<&CTensor>,
     eps: f64,
 ) -> candle_core::Result<CTensor> {
-    let (x, w, b) = prepare(x, weight, bias)?;
-    x.apply_op3(
-        &w,
-        &b,
-        CandleNorm::new(Kind::Rows { center: true }, eps, bias.is_some()),
-    )
+    let (x, w, b) = prepare(x, weight, bias, false)?;
+    CandleNorm::new(Kind::Rows { center: true }, eps, bias.is_some()).apply(&x, &w, &b)
 }
 
 /// RMSNorm over the last dimension(s) of `x` matching `weight`'s shape: `x/√(mean(x²) + eps)·weight`,
 /// with backward (input, weight).
 pub fn rms_norm_op(x: &CTensor, weight: &CTensor, eps: f64) -> candle_core::Result<CTensor> {
-    let (x, w, b) = prepare(x, weight, None)?;
-    x.apply_op3(
-        &w,
-        &b,
-        CandleNorm::new(Kind::Rows { center: false }, eps, false),
-    )
+    let (x, w, b) = prepare(x, weight, None, false)?;
+    CandleNorm::new(Kind::Rows { center: false }, eps, false).apply(&x, &w, &b)
 }
 
 /// GroupNorm of an `(N, C, *)` input with `num_groups` groups and per-channel `weight` and
@@ -623,12 +686,8 @@ pub fn group_norm_op(
     bias: Option<&CTensor>,
     eps: f64,
 ) -> candle_core::Result<CTensor> {
-    let (x, w, b) = prepare(x, weight, bias)?;
-    x.apply_op3(
-        &w,
-        &b,
-        CandleNorm::new(Kind::Groups(num_groups), eps, bias.is_some()),
-    )
+    let (x, w, b) = prepare(x, weight, bias, true)?;
+    CandleNorm::new(Kind::Groups(num_groups), eps, bias.is_some()).apply(&x, &w, &b)
 }
 
 /// The f32 values of a running statistic `Var` (any float dtype).
@@ -686,7 +745,7 @@ fn planes_op(
             &ones
         }
     };
-    let (xp, w, b) = prepare(x, w, bias)?;
+    let (xp, w, b) = prepare(x, w, bias, true)?;
     let op = CandleNorm {
         kind: Kind::Planes {
             instance,
@@ -704,7 +763,7 @@ fn planes_op(
         #[cfg(feature = "candle-cuda")]
         saved_cuda: Mutex::new(None),
     };
-    let y = xp.apply_op3(&w, &b, op)?;
+    let y = op.apply(&xp, &w, &b)?;
     #[cfg(feature = "candle-cuda")]
     if let (true, Some((m, v)), Some(d)) = (training, running, device_running) {
         d.write_back(&y, m, v)?;

@@ -204,7 +204,7 @@ fn channels_last(x: &Tensor) -> Tensor {
 }
 
 /// A channels-last input gives the same output (and gradients) as the contiguous one; the planes
-/// ops read it in place.
+/// ops read it in place and give a channels-last output.
 #[test]
 fn channels_last_strides() {
     for (name, shape, ours, _, wv, _) in cases() {
@@ -218,6 +218,13 @@ fn channels_last_strides() {
         let want = ours.forward(x.as_tensor()).unwrap();
         let got = ours.forward(&xc).unwrap();
         close(&format!("{name} y"), &vec(&got), &vec(&want), 1e-6);
+        // GroupNorm/BatchNorm/InstanceNorm keep the input's layout (PyTorch's channels_last
+        // propagation, no reorder); LayerNorm/RMSNorm give a contiguous output.
+        if name.contains("layer") || name.contains("rms") {
+            assert!(got.is_contiguous(), "{name}: a contiguous output");
+        } else {
+            assert_eq!(got.stride(), xc.stride(), "{name}: a channels-last output");
+        }
         let g1 = (want * &r).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (got * &r).unwrap().sum_all().unwrap().backward().unwrap();
         for (what, t) in [("dx", x.as_tensor()), ("dweight", wv.as_tensor())] {
@@ -576,26 +583,12 @@ fn planes_misuse_is_an_err_and_changes_nothing() {
     assert!(cc::batch_norm_op(&ints, None, None, None, true, 0.1, 1e-5).is_err());
 }
 
-/// With feature `candle-cuda` and a GPU: every op on candle's CUDA device (cunorm's kernels on
-/// candle's stream) against the same op on candle's CPU device (cunorm's CPU engines), forward,
-/// backward through candle's autograd (dx, dweight, dbias) and the running statistics of
-/// BatchNorm/InstanceNorm, in f32, f16 and bf16, contiguous and channels-last. Skips without a
-/// CUDA device (`CUNORM_REQUIRE_CUDA=1` makes that a failure).
-#[cfg(feature = "candle-cuda")]
-#[test]
-fn cuda_matches_cpu() {
-    let gpu = match Device::new_cuda(0) {
-        Ok(d) => d,
-        Err(e) => {
-            if std::env::var("CUNORM_REQUIRE_CUDA").as_deref() == Ok("1") {
-                panic!("CUNORM_REQUIRE_CUDA=1 but candle has no CUDA device: {e}");
-            }
-            eprintln!("cuda_matches_cpu skipped: candle has no CUDA device ({e})");
-            return;
-        }
-    };
-    type Op = fn(&Tensor, &Tensor, &Tensor, &Var, &Var) -> candle_core::Result<Tensor>;
-    let ops: [(&str, Vec<usize>, usize, Op); 7] = [
+/// One functional op on (x, weight, bias, running_mean, running_var).
+type Op = fn(&Tensor, &Tensor, &Tensor, &Var, &Var) -> candle_core::Result<Tensor>;
+
+/// Every functional op: name, input shape, channels, the call.
+fn functional_ops() -> Vec<(&'static str, Vec<usize>, usize, Op)> {
+    vec![
         ("layer_norm", vec![6, 5, 96], 96, |x, w, b, _, _| {
             cc::layer_norm_op(x, w, Some(b), 1e-5)
         }),
@@ -614,18 +607,118 @@ fn cuda_matches_cpu() {
         ("batch_norm 3d", vec![2, 3, 4, 5, 6], 3, |x, w, b, m, v| {
             cc::batch_norm_op(x, Some((m, v)), Some(w), Some(b), true, 0.1, 1e-5)
         }),
-        ("instance_norm", vec![3, 5, 11, 4], 5, |x, w, b, m, v| {
+        ("instance_norm 1d", vec![3, 5, 11], 5, |x, w, b, m, v| {
             cc::instance_norm_op(x, Some((m, v)), Some(w), Some(b), true, 0.1, 1e-5)
         }),
+    ]
+}
+
+/// What one op gives on `dev`: y, the gradients of x, weight and bias through candle's
+/// autograd of sum(y·r), and the running statistics after the call.
+type Outcome = (
+    Vec<f32>,
+    Option<Vec<f32>>,
+    Option<Vec<f32>>,
+    Option<Vec<f32>>,
+    Vec<f32>,
+    Vec<f32>,
+);
+
+fn run_op(dev: &Device, dt: DType, shape: &[usize], c: usize, op: Op, strided: bool) -> Outcome {
+    let on = |t: Tensor| t.to_device(dev).unwrap();
+    let xv = Var::from_tensor(&on(randn(shape, 31).to_dtype(dt).unwrap())).unwrap();
+    let x = if strided {
+        channels_last(xv.as_tensor())
+    } else {
+        xv.as_tensor().clone()
+    };
+    let w = Var::from_tensor(&on(randn(&[c], 32))).unwrap();
+    let b = Var::from_tensor(&on(randn(&[c], 33))).unwrap();
+    let m = Var::from_tensor(&on(randn(&[c], 34))).unwrap();
+    let v = Var::from_tensor(&on(randn(&[c], 35).abs().unwrap())).unwrap();
+    let r = on(randn(shape, 36).to_dtype(dt).unwrap());
+    let y = op(&x, w.as_tensor(), b.as_tensor(), &m, &v).unwrap();
+    assert_eq!(y.dtype(), dt);
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let grad = |t: &Var| g.get(t.as_tensor()).map(vec);
+    (
+        vec(&y),
+        grad(&xv),
+        grad(&w),
+        grad(&b),
+        vec(m.as_tensor()),
+        vec(v.as_tensor()),
+    )
+}
+
+/// Two outcomes of the same op agree within `tol` (relative to max(1, |value|)).
+fn same_outcome(what: &str, got: &Outcome, want: &Outcome, tol: f32) {
+    close(&format!("{what} y"), &got.0, &want.0, tol);
+    let parts = [
+        ("dx", &got.1, &want.1),
+        ("dweight", &got.2, &want.2),
+        ("dbias", &got.3, &want.3),
     ];
+    for (part, g, w) in parts {
+        match (g, w) {
+            (Some(g), Some(w)) => close(&format!("{what} {part}"), g, w, tol),
+            (None, None) if part == "dbias" && what.starts_with("rms_norm") => {}
+            _ => panic!("{what} {part}: a gradient on one side only"),
+        }
+    }
+    close(&format!("{what} running_mean"), &got.4, &want.4, 1e-5);
+    close(&format!("{what} running_var"), &got.5, &want.5, 1e-5);
+}
+
+/// On the CPU, in f32, f16 and bf16: every functional op (BatchNorm 2d/3d in training and eval
+/// mode, InstanceNorm 1d, GroupNorm) on a channels-last input equals the op on the contiguous
+/// one: output, gradients and running statistics.
+#[test]
+fn layouts_agree_on_cpu() {
     for dt in [DType::F32, DType::F16, DType::BF16] {
-        // Bounds relative to max(1, |value|), as the CPU suite's per-dtype bounds.
+        for (name, shape, c, op) in functional_ops() {
+            if shape.len() < 3 {
+                continue;
+            }
+            let want = run_op(&Device::Cpu, dt, &shape, c, op, false);
+            let got = run_op(&Device::Cpu, dt, &shape, c, op, true);
+            // One rounding of the output type apart at most (the layouts sum in other orders).
+            let tol = match dt {
+                DType::F32 => 1e-6,
+                DType::F16 => 1e-3,
+                _ => 8e-3,
+            };
+            same_outcome(&format!("{name} {dt:?} channels-last"), &got, &want, tol);
+        }
+    }
+}
+
+/// With feature `candle-cuda` and a GPU: every op on candle's CUDA device (cunorm's kernels on
+/// candle's stream) against the same op on candle's CPU device (cunorm's CPU engines), forward,
+/// backward through candle's autograd (dx, dweight, dbias) and the running statistics of
+/// BatchNorm/InstanceNorm, in f32, f16 and bf16, contiguous and channels-last. Skips without a
+/// CUDA device (`CUNORM_REQUIRE_CUDA=1` makes that a failure).
+#[cfg(feature = "candle-cuda")]
+#[test]
+fn cuda_matches_cpu() {
+    let gpu = match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            if std::env::var("CUNORM_REQUIRE_CUDA").as_deref() == Ok("1") {
+                panic!("CUNORM_REQUIRE_CUDA=1 but candle has no CUDA device: {e}");
+            }
+            eprintln!("cuda_matches_cpu skipped: candle has no CUDA device ({e})");
+            return;
+        }
+    };
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        // The per-dtype bounds of the CUDA suite, relative to max(1, |value|).
         let tol = match dt {
             DType::F32 => 1e-4,
             DType::F16 => 4e-3,
             _ => 3e-2,
         };
-        for (name, shape, c, op) in &ops {
+        for (name, shape, c, op) in functional_ops() {
             for strided in [false, true] {
                 if strided && shape.len() < 3 {
                     continue;
@@ -634,44 +727,9 @@ fn cuda_matches_cpu() {
                     "{name} {dt:?}{}",
                     if strided { " channels-last" } else { "" }
                 );
-                let run = |dev: &Device| {
-                    let on = |t: Tensor| t.to_device(dev).unwrap();
-                    let xv = Var::from_tensor(&on(randn(shape, 31).to_dtype(dt).unwrap())).unwrap();
-                    let x = if strided {
-                        channels_last(xv.as_tensor())
-                    } else {
-                        xv.as_tensor().clone()
-                    };
-                    let w = Var::from_tensor(&on(randn(&[*c], 32))).unwrap();
-                    let b = Var::from_tensor(&on(randn(&[*c], 33))).unwrap();
-                    let m = Var::from_tensor(&on(randn(&[*c], 34))).unwrap();
-                    let v = Var::from_tensor(&on(randn(&[*c], 35).abs().unwrap())).unwrap();
-                    let r = on(randn(shape, 36).to_dtype(dt).unwrap());
-                    let y = op(&x, w.as_tensor(), b.as_tensor(), &m, &v).unwrap();
-                    assert_eq!(y.dtype(), dt, "{what}");
-                    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-                    let grad = |t: &Var| g.get(t.as_tensor()).map(vec);
-                    (
-                        vec(&y),
-                        grad(&xv),
-                        grad(&w),
-                        grad(&b),
-                        vec(m.as_tensor()),
-                        vec(v.as_tensor()),
-                    )
-                };
-                let (want, got) = (run(&Device::Cpu), run(&gpu));
-                close(&format!("{what} y"), &got.0, &want.0, tol);
-                let pairs = [("dx", &got.1, &want.1), ("dweight", &got.2, &want.2)];
-                for (part, g, w) in pairs.into_iter().chain([("dbias", &got.3, &want.3)]) {
-                    match (g, w) {
-                        (Some(g), Some(w)) => close(&format!("{what} {part}"), g, w, tol),
-                        (None, None) if part == "dbias" && *name == "rms_norm" => {}
-                        _ => panic!("{what} {part}: a gradient on one device only"),
-                    }
-                }
-                close(&format!("{what} running_mean"), &got.4, &want.4, 1e-5);
-                close(&format!("{what} running_var"), &got.5, &want.5, 1e-5);
+                let want = run_op(&Device::Cpu, dt, &shape, c, op, strided);
+                let got = run_op(&gpu, dt, &shape, c, op, strided);
+                same_outcome(&what, &got, &want, tol);
             }
         }
     }
