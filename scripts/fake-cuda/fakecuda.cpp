@@ -17,6 +17,10 @@
 // Environment: FAKECUDA_SMS (SM count, default 4), FAKECUDA_ORDER=reverse (threads and blocks
 // in reverse order: a race shows as a changed result), FAKECUDA_LOG=1 (print every launch),
 // FAKECUDA_COVERAGE=FILE (append "kernel launches" lines at exit).
+//
+// Built with -DEMU_TRAFFIC and the kernels instrumented (traffic.h, run.sh), it also counts each
+// launch's device memory traffic; `fakecuda_traffic_take` (exported beside the driver API) hands
+// the totals since its last call to `cunorm bench --traffic`.
 #include "shim.h"
 #include "kernels_emu.inc"
 
@@ -56,6 +60,34 @@ constexpr int DEFAULT_SMEM = 48 * 1024;
 std::recursive_mutex mu;
 bool initialized = false;
 std::map<uintptr_t, size_t> allocs;  // device allocations: base -> bytes
+
+#ifdef EMU_TRAFFIC
+unsigned long long traffic_totals[4] = {};  // see fakecuda_traffic_take
+
+// Runs one launch with traffic counting on, over the allocations live now.
+template <class F> void traffic_launch(F&& run) {
+    std::vector<uintptr_t> lo, hi;
+    std::vector<unsigned char> big;
+    for (auto& [base, n] : allocs) {
+        lo.push_back(base);
+        hi.push_back(base + n);
+        big.push_back(n > (1u << 20));
+    }
+    EmuTraffic& t = emu_traffic;
+    t.lo = lo.data();
+    t.hi = hi.data();
+    t.big = big.data();
+    t.ranges = (int)lo.size();
+    t.loaded = t.stored = t.max_thread = 0;
+    t.on = true;
+    run();
+    t.on = false;
+    traffic_totals[0] += 1;
+    traffic_totals[1] += t.loaded;
+    traffic_totals[2] += t.stored;
+    traffic_totals[3] = std::max(traffic_totals[3], t.max_thread);
+}
+#endif
 
 int sms() {
     const char* s = std::getenv("FAKECUDA_SMS");
@@ -565,9 +597,25 @@ API cuLaunchKernel(void* fp, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
         std::abort();  // a GPU would fault and poison the context
     }
     ++launch_counts[f->name];
+#ifdef EMU_TRAFFIC
+    traffic_launch([&] { emu_launch({gx, gy, gz}, {bx, by, bz}, smem, call); });
+#else
     emu_launch({gx, gy, gz}, {bx, by, bz}, smem, call);
+#endif
     return CUDA_SUCCESS;
 }
+
+#ifdef EMU_TRAFFIC
+// Totals since the last call: out[0] launches, out[1] bytes loaded from and out[2] bytes stored
+// to allocations larger than 1 MiB, out[3] the most accesses one thread made to device memory
+// in any of those launches. Returns 0; only the traffic build exports it.
+extern "C" __attribute__((visibility("default"))) int fakecuda_traffic_take(unsigned long long* out) {
+    LOCK;
+    for (int i = 0; i < 4; ++i) out[i] = traffic_totals[i];
+    for (auto& v : traffic_totals) v = 0;
+    return 0;
+}
+#endif
 
 // NVRTC itself opens libcuda and asks for the driver's private export tables; a fake has none,
 // and NVRTC compiles without them.

@@ -2,8 +2,10 @@
 # Runs cunorm's whole CUDA path on the CPU through a fake CUDA driver (fakecuda.cpp: a
 # libcuda.so.1 that executes the kernels' own source): the CUDA test suite with
 # CUNORM_REQUIRE_CUDA=1, `cunorm demo --device cuda` (must print what the CPU demo prints),
-# `cunorm check`, then the CUDA tests again with the driver under AddressSanitizer (every kernel
-# access bounds-checked). Fails if any kernel entry point was never launched.
+# `cunorm check`, the bench's smoke run, the traffic build's counts of the first standard shapes
+# (traffic.sh; rows forwards and evals must stay within 1.05x the minimum bytes), then the CUDA
+# tests again with the driver under AddressSanitizer (every kernel access bounds-checked). Fails
+# if any kernel entry point was never launched.
 # Not a GPU: proves the Rust side (discovery, CUBIN loading, argument packing, launch limits,
 # copies) and kernel logic, not hardware behaviour or speed.
 #
@@ -67,6 +69,20 @@ tail -n 3 "$build/check.txt"
 echo "-- cunorm bench smoke run (events, copy reference, L2 flush, JSON; timings meaningless)"
 plain target/release/cunorm bench --quick --reps 1 --ops rms_norm --json > "$build/bench.json"
 python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(len(d["results"]), "bench rows")' "$build/bench.json"
+
+echo "-- traffic build: counted DRAM traffic of the first standard shape of each op (scaled"
+echo "   along N), rows forward and every eval at most 1.05x the minimum bytes"
+"$here/traffic.sh" "$build" --quick --traffic-cap 65536 --json-out "$build/traffic.json" > "$build/traffic.md"
+python3 - "$build/traffic.json" <<'PY'
+import json, sys
+rows = json.load(open(sys.argv[1]))["results"]
+assert rows and all(r["traffic"] and r["traffic"]["launches"] > 0 for r in rows), "no traffic counted"
+bad = [(r["key"], round(r["traffic"]["ratio"], 3)) for r in rows
+       if (r["op"] in ("layer_norm", "rms_norm") and r["stage"] == "forward") or r["stage"] == "eval"
+       if r["traffic"]["ratio"] > 1.05]
+print(len(rows), "stages counted;", "over 1.05:", bad or "none")
+sys.exit(1 if bad else 0)
+PY
 
 echo "-- CUDA test suite under AddressSanitizer"
 LD_LIBRARY_PATH="$build/asan${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \

@@ -11,7 +11,7 @@ import sys
 
 kdir, out_src, out_reg = map(pathlib.Path, sys.argv[1:4])
 src = (kdir / "common.cuh").read_text()
-for f in ["rows.cu", "planes.cu"]:
+for f in ["rows.cu", "planes.cu", "util.cu"]:
     src += "\n" + (kdir / f).read_text().replace('#include "common.cuh"', "")
 src = src.replace('asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));', "f = emu_h2f(v.bits);")
 src = src.replace('asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));', "r.bits = emu_f2h(v);")

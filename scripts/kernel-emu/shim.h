@@ -19,6 +19,10 @@
 #include <sys/mman.h>
 #include <vector>
 
+#ifdef EMU_TRAFFIC
+#include "traffic.h"
+#endif
+
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
 #define EMU_ASAN 1
@@ -114,6 +118,9 @@ inline EmuBlock emu_block;
 inline void emu_enter_fiber(unsigned i) {
     EmuBlock& b = emu_block;
     b.cur = i;
+#ifdef EMU_TRAFFIC
+    emu_traffic.cur = i;
+#endif
     threadIdx = {i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
 #if EMU_ASAN
     __sanitizer_start_switch_fiber(&b.sched_fake, b.fibers[i].stack, EmuBlock::STACK);
@@ -177,6 +184,17 @@ inline void emu_run_block(unsigned n, const std::function<void()>& kernel) {
         for (int r = 0; r < 6; ++r) top[r] = nullptr;
         f.sp = top;
     }
+#ifdef EMU_TRAFFIC
+    for (unsigned i = 0; i < n; ++i) emu_traffic.thread_accesses[i] = 0;
+    struct MaxAccesses {
+        unsigned n;
+        ~MaxAccesses() {
+            for (unsigned i = 0; i < n; ++i)
+                if (emu_traffic.thread_accesses[i] > emu_traffic.max_thread)
+                    emu_traffic.max_thread = emu_traffic.thread_accesses[i];
+        }
+    } max_accesses{n};
+#endif
     const unsigned warps = (n + 31) / 32;
     for (;;) {
         for (unsigned wk = 0; wk < warps; ++wk) {

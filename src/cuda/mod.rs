@@ -423,6 +423,49 @@ pub(crate) struct CudaBuffer<T: Element> {
     device: CudaDevice,
 }
 
+/// The benchmark's L2 flush: a buffer bigger than L2 and a kernel (`kernels/util.cu`) that only
+/// reads it, so the flush evicts L2 without leaving dirty lines for the next timed kernel to
+/// write back (a memset would).
+pub struct L2Flush {
+    dev: CudaDevice,
+    buf: cudarc::driver::CudaSlice<u8>,
+    sink: cudarc::driver::CudaSlice<u32>,
+}
+
+impl L2Flush {
+    /// A flush over `bytes` (rounded up to 16) of zeros on `dev`.
+    pub fn new(dev: &CudaDevice, bytes: usize) -> Result<L2Flush> {
+        Ok(L2Flush {
+            dev: dev.clone(),
+            buf: dev.zeros::<u8>(bytes.max(16).next_multiple_of(16))?,
+            sink: dev.zeros::<u32>(1)?,
+        })
+    }
+
+    /// Queues the read of the whole buffer on the device's stream.
+    pub fn run(&mut self) -> Result<()> {
+        use cudarc::driver::{LaunchConfig, PushKernelArg};
+        let k = self.dev.kernel("util", "l2_flush_read")?;
+        let words = (self.buf.len() / 16) as u64;
+        let threads = launch::block_threads(&k, 256);
+        let blocks = launch::grid((words as usize).div_ceil(4 * threads as usize))?;
+        // The buffer holds zeros, so the fold of what a thread reads is 0, never 1.
+        let never = 1u32;
+        let stream = self.dev.stream().clone();
+        let mut b = stream.launch_builder(&k.func);
+        b.arg(&self.buf).arg(&words).arg(&never).arg(&mut self.sink);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches util.cu's l2_flush_read: `words` 16-byte words of `buf` (its length
+        // is a multiple of 16, and allocations are 256-byte aligned), one u32 in `sink`.
+        unsafe { b.launch(cfg) }.map_err(launch::launch_err)?;
+        Ok(())
+    }
+}
+
 impl<T: Element> std::fmt::Debug for CudaBuffer<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

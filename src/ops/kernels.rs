@@ -11,11 +11,11 @@ struct Module {
     name: &'static str,
     /// Templated kernels, instantiated once per dtype as `<kernel>_<dtype>`.
     per_dtype: &'static [&'static str],
-    /// Kernels instantiated once: on f32 statistics only, or for f32 data only.
+    /// Kernels instantiated once: on f32 statistics only, for f32 data only, or typeless.
     f32_only: &'static [&'static str],
 }
 
-const MODULES: [Module; 2] = [
+const MODULES: [Module; 3] = [
     Module {
         name: "rows",
         per_dtype: &[
@@ -59,6 +59,11 @@ const MODULES: [Module; 2] = [
             "planes_grad_finalize_f32",
             "planes_grad_params_f32",
         ],
+    },
+    Module {
+        name: "util",
+        per_dtype: &[],
+        f32_only: &["l2_flush_read"],
     },
 ];
 

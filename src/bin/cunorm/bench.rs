@@ -2,17 +2,20 @@
 //! shapes, with effective bandwidth (minimum bytes: forward reads x and writes y, backward
 //! reads x and dy and writes dx) as a percentage of a device-to-device copy measured in the
 //! same run. Each case: warm-up runs, then the median of timed runs (CUDA events), with L2
-//! flushed before every timed run.
+//! flushed before every timed run (a kernel reading 4× L2: no dirty lines left to write back). With `--traffic` (on the fake driver's traffic build) each
+//! stage runs once and its counted DRAM traffic is reported instead (see `traffic.rs`).
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 
-use cunorm::cuda::CudaDevice;
+use cunorm::cuda::{CudaDevice, L2Flush};
 use cunorm::functional as F;
 use cunorm::Device;
 use cunorm::Result;
 use cunorm::{bf16, f16};
 use cunorm::{DType, Element};
 use cunorm::{MemoryFormat, Tensor};
+
+use crate::traffic::{self, Traffic};
 
 /// A driver error as cunorm's error, saying what the bench was doing.
 fn driver_err(context: &str, e: cudarc::driver::DriverError) -> cunorm::Error {
@@ -43,6 +46,10 @@ pub struct BenchRow {
     pub pct_copy: f64,
     /// PyTorch's median time for the same case, when a comparison file was given.
     pub torch_ms: Option<f64>,
+    /// Minimum bytes: forward reads x and writes y, backward reads x and dy and writes dx.
+    pub min_bytes: f64,
+    /// The counted traffic (`--traffic`), and the standard shape `shape` was scaled from.
+    pub traffic: Option<(Traffic, Option<Vec<usize>>)>,
 }
 
 impl BenchRow {
@@ -70,6 +77,9 @@ pub struct BenchOptions {
     pub ops: Vec<String>,
     /// Only the first shape of each op.
     pub quick: bool,
+    /// Count traffic on the fake driver instead of timing: each stage once, shapes scaled down
+    /// along N to at most this many elements.
+    pub traffic: Option<usize>,
 }
 
 impl Default for BenchOptions {
@@ -79,6 +89,7 @@ impl Default for BenchOptions {
             reps: 20,
             ops: Vec::new(),
             quick: false,
+            traffic: None,
         }
     }
 }
@@ -107,17 +118,29 @@ pub fn standard_cases() -> Vec<(&'static str, Vec<usize>)> {
 
 struct Timer<'a> {
     dev: &'a CudaDevice,
-    flush: cudarc::driver::CudaSlice<u8>,
+    flush: L2Flush,
+    /// `--traffic`: the fake driver's counter, and the counts of the last stage run.
+    counter: Option<traffic::Counter>,
+    last: Option<Traffic>,
 }
 
 impl Timer<'_> {
-    /// Median milliseconds of `f` over `reps` runs after `warmup`, L2 flushed before each.
+    /// Median milliseconds of `f` over `reps` runs after `warmup`, L2 flushed before each. With
+    /// a traffic counter: `f` once, its traffic kept in `last`, and 0 ms.
     fn median(
         &mut self,
         warmup: usize,
         reps: usize,
         f: &mut dyn FnMut() -> Result<()>,
     ) -> Result<f64> {
+        if let Some(c) = &self.counter {
+            self.dev.synchronize()?;
+            c.take();
+            f()?;
+            self.dev.synchronize()?;
+            self.last = Some(c.take());
+            return Ok(0.0);
+        }
         for _ in 0..warmup {
             f()?;
         }
@@ -133,9 +156,7 @@ impl Timer<'_> {
             .map_err(|e| driver_err("creating an event", e))?;
         let mut times = Vec::with_capacity(reps);
         for _ in 0..reps.max(1) {
-            stream
-                .memset_zeros(&mut self.flush)
-                .map_err(|e| driver_err("flushing L2", e))?;
+            self.flush.run()?;
             start
                 .record(stream)
                 .map_err(|e| driver_err("recording an event", e))?;
@@ -198,6 +219,7 @@ fn bench_case<T: Element>(
     format: MemoryFormat,
     copy: f64,
     o: &BenchOptions,
+    scaled_from: Option<&[usize]>,
     rows: &mut Vec<BenchRow>,
 ) -> Result<()> {
     let d = Device::Cuda(dev.clone());
@@ -216,7 +238,7 @@ fn bench_case<T: Element>(
     let mut rv = Tensor::full(&[c], 1.0f32)?.to_device(&d)?;
     let numel: usize = shape.iter().product();
     let bytes = (numel * T::DTYPE.size()) as f64;
-    let mut push = |stage: &'static str, ms: f64, moved: f64| {
+    let mut push = |stage: &'static str, ms: f64, moved: f64, traffic: Option<Traffic>| {
         let gbps = moved / (ms * 1e-3) / 1e9;
         rows.push(BenchRow {
             op,
@@ -228,61 +250,59 @@ fn bench_case<T: Element>(
             gbps,
             pct_copy: 100.0 * gbps / copy,
             torch_ms: None,
+            min_bytes: moved,
+            traffic: traffic.map(|tr| (tr, scaled_from.map(<[usize]>::to_vec))),
         });
     };
     let (wu, reps) = (o.warmup, o.reps);
-    macro_rules! time {
-        ($e:expr) => {
-            t.median(wu, reps, &mut || {
+    // One row: `stage` timed (or counted) over `$e`, with `$moved` minimum bytes.
+    macro_rules! rec {
+        ($stage:expr, $e:expr, $moved:expr $(,)?) => {{
+            let ms = t.median(wu, reps, &mut || {
                 $e;
                 Ok(())
-            })?
-        };
+            })?;
+            let counted = t.last.take();
+            push($stage, ms, $moved, counted);
+        }};
     }
     match op {
         "layer_norm" => {
             let s = F::layer_norm(&x, &[last], Some(&w), Some(&b), 1e-5)?.stats;
-            push(
+            rec!(
                 "forward",
-                time!(F::layer_norm(&x, &[last], Some(&w), Some(&b), 1e-5)?),
+                (F::layer_norm(&x, &[last], Some(&w), Some(&b), 1e-5)?),
                 2.0 * bytes,
             );
-            push(
+            rec!(
                 "backward",
-                time!(F::layer_norm_backward(
-                    &dy,
-                    &x,
-                    &[last],
-                    Some(&w),
-                    true,
-                    &s
-                )?),
+                (F::layer_norm_backward(&dy, &x, &[last], Some(&w), true, &s)?),
                 3.0 * bytes,
             );
         }
         "rms_norm" => {
             let s = F::rms_norm(&x, &[last], Some(&w), None)?.stats;
-            push(
+            rec!(
                 "forward",
-                time!(F::rms_norm(&x, &[last], Some(&w), None)?),
+                (F::rms_norm(&x, &[last], Some(&w), None)?),
                 2.0 * bytes,
             );
-            push(
+            rec!(
                 "backward",
-                time!(F::rms_norm_backward(&dy, &x, &[last], Some(&w), &s)?),
+                (F::rms_norm_backward(&dy, &x, &[last], Some(&w), &s)?),
                 3.0 * bytes,
             );
         }
         "group_norm" => {
             let s = F::group_norm(&x, 32, Some(&w), Some(&b), 1e-5)?.stats;
-            push(
+            rec!(
                 "forward",
-                time!(F::group_norm(&x, 32, Some(&w), Some(&b), 1e-5)?),
+                (F::group_norm(&x, 32, Some(&w), Some(&b), 1e-5)?),
                 2.0 * bytes,
             );
-            push(
+            rec!(
                 "backward",
-                time!(F::group_norm_backward(&dy, &x, 32, Some(&w), &s)?),
+                (F::group_norm_backward(&dy, &x, 32, Some(&w), &s)?),
                 3.0 * bytes,
             );
         }
@@ -313,29 +333,35 @@ fn bench_case<T: Element>(
             };
             let s = fwd(&x, None, None, Some(&w), Some(&b), true, 0.1, 1e-5)?.stats;
             let (mut tm, mut tv) = (rm.clone(), rv.clone());
-            let train_ms = time!(fwd(
-                &x,
-                track.then_some(&mut tm),
-                track.then_some(&mut tv),
-                Some(&w),
-                Some(&b),
-                true,
-                0.1,
-                1e-5
-            )?);
-            push("forward", train_ms, 2.0 * bytes);
-            let eval_ms = time!(fwd(
-                &x,
-                Some(&mut rm),
-                Some(&mut rv),
-                Some(&w),
-                Some(&b),
-                false,
-                0.1,
-                1e-5
-            )?);
-            push("eval", eval_ms, 2.0 * bytes);
-            push("backward", time!(bwd(&dy, &x, Some(&w), &s)?), 3.0 * bytes);
+            rec!(
+                "forward",
+                fwd(
+                    &x,
+                    track.then_some(&mut tm),
+                    track.then_some(&mut tv),
+                    Some(&w),
+                    Some(&b),
+                    true,
+                    0.1,
+                    1e-5
+                )?,
+                2.0 * bytes
+            );
+            rec!(
+                "eval",
+                fwd(
+                    &x,
+                    Some(&mut rm),
+                    Some(&mut rv),
+                    Some(&w),
+                    Some(&b),
+                    false,
+                    0.1,
+                    1e-5
+                )?,
+                2.0 * bytes
+            );
+            rec!("backward", bwd(&dy, &x, Some(&w), &s)?, 3.0 * bytes);
         }
     }
     Ok(())
@@ -352,11 +378,24 @@ pub fn run(dev: &CudaDevice, o: &BenchOptions) -> Result<(f64, Vec<BenchRow>)> {
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
         .map_err(|e| driver_err("reading the L2 size", e))?
         .max(1 << 20) as usize;
+    let counter = match o.traffic {
+        Some(_) => Some(traffic::Counter::open()?),
+        None => None,
+    };
     let mut t = Timer {
         dev,
-        flush: dev.zeros::<u8>(4 * l2)?,
+        flush: L2Flush::new(dev, if counter.is_some() { 16 } else { 4 * l2 })?,
+        counter: None,
+        last: None,
     };
-    let copy = copy_gbps(dev, &mut t)?;
+    // No copy reference when counting traffic (its rows report ratios to minimum bytes).
+    let copy = match counter {
+        Some(c) => {
+            t.counter = Some(c);
+            f64::NAN
+        }
+        None => copy_gbps(dev, &mut t)?,
+    };
     let mut rows = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (op, shape) in standard_cases() {
@@ -371,10 +410,16 @@ pub fn run(dev: &CudaDevice, o: &BenchOptions) -> Result<(f64, Vec<BenchRow>)> {
         } else {
             &[MemoryFormat::Contiguous, MemoryFormat::ChannelsLast]
         };
+        let small = o.traffic.and_then(|cap| traffic::scaled(&shape, cap));
+        let (run_shape, from) = match &small {
+            Some(s) => (s.as_slice(), Some(shape.as_slice())),
+            None => (shape.as_slice(), None),
+        };
         for &fmt in formats {
-            bench_case::<f32>(dev, &mut t, op, &shape, fmt, copy, o, &mut rows)?;
-            bench_case::<f16>(dev, &mut t, op, &shape, fmt, copy, o, &mut rows)?;
-            bench_case::<bf16>(dev, &mut t, op, &shape, fmt, copy, o, &mut rows)?;
+            let (s, r) = (run_shape, &mut rows);
+            bench_case::<f32>(dev, &mut t, op, s, fmt, copy, o, from, r)?;
+            bench_case::<f16>(dev, &mut t, op, s, fmt, copy, o, from, r)?;
+            bench_case::<bf16>(dev, &mut t, op, s, fmt, copy, o, from, r)?;
         }
     }
     Ok((copy, rows))
@@ -421,6 +466,41 @@ pub fn table(copy: f64, device: &str, rows: &[BenchRow]) -> String {
     s
 }
 
+/// The rows of a `--traffic` run as a Markdown table: launches, counted bytes / minimum bytes
+/// (the traffic ratio) and the most accesses one thread made.
+pub fn traffic_table(device: &str, rows: &[BenchRow]) -> String {
+    let mut s = format!(
+        "device: {device}; traffic counted on the fake CUDA driver (a model of DRAM traffic \
+         with no cache reuse for buffers > 1 MiB, not a GPU measurement)\n\n| op | dtype | \
+         format | shape | stage | launches | counted MB | minimum MB | ratio | max accesses per \
+         thread |\n|---|---|---|---|---|---:|---:|---:|---:|---:|\n"
+    );
+    for r in rows {
+        let Some((tr, from)) = &r.traffic else {
+            continue;
+        };
+        let shape = match from {
+            Some(f) => format!("{:?} (of {:?})", r.shape, f),
+            None => format!("{:?}", r.shape),
+        };
+        let counted = (tr.loaded + tr.stored) as f64;
+        s += &format!(
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.3} | {} |\n",
+            r.op,
+            r.dtype.name(),
+            r.format.name(),
+            shape,
+            r.stage,
+            tr.launches,
+            counted / 1e6,
+            r.min_bytes / 1e6,
+            counted / r.min_bytes,
+            tr.max_thread
+        );
+    }
+    s
+}
+
 /// The rows as JSON.
 pub fn to_json(copy: f64, device: &str, rows: &[BenchRow]) -> serde_json::Value {
     serde_json::json!({
@@ -430,6 +510,12 @@ pub fn to_json(copy: f64, device: &str, rows: &[BenchRow]) -> serde_json::Value 
             "key": r.key(), "op": r.op, "dtype": r.dtype.name(), "format": r.format.name(),
             "shape": r.shape, "stage": r.stage, "ms": r.ms, "gbps": r.gbps, "pct_copy": r.pct_copy,
             "torch_ms": r.torch_ms, "ratio": r.torch_ms.map(|t| t / r.ms),
+            "min_bytes": r.min_bytes,
+            "traffic": r.traffic.as_ref().map(|(t, from)| serde_json::json!({
+                "launches": t.launches, "loaded": t.loaded, "stored": t.stored,
+                "max_thread_accesses": t.max_thread, "scaled_from": from,
+                "ratio": (t.loaded + t.stored) as f64 / r.min_bytes,
+            })),
         })).collect::<Vec<_>>(),
     })
 }
@@ -451,6 +537,8 @@ mod tests {
             gbps: 1.0,
             pct_copy: 1.0,
             torch_ms: None,
+            min_bytes: 3.0 * 2.0 * (32 * 512 * 64 * 64) as f64,
+            traffic: None,
         }];
         let json = serde_json::json!({"results": [
             {"key": "group_norm|bf16|nhwc|[32, 512, 64, 64]|backward", "ms": 1.5},
@@ -460,5 +548,42 @@ mod tests {
         assert_eq!(rows[0].torch_ms, Some(1.5));
         assert!(table(3000.0, "test", &rows).contains("| 3.00 |"));
         assert_eq!(standard_cases().len(), 16);
+    }
+
+    /// A traffic row reports counted / minimum bytes and the shape it was scaled from.
+    #[test]
+    fn traffic_rows() {
+        assert_eq!(
+            traffic::scaled(&[1024, 65536], 1 << 20),
+            Some(vec![16, 65536])
+        );
+        assert_eq!(traffic::scaled(&[8, 4, 4], 1 << 20), None);
+        // A sample larger than the cap keeps one sample.
+        assert_eq!(
+            traffic::scaled(&[16, 64, 256, 256], 1 << 16),
+            Some(vec![1, 64, 256, 256])
+        );
+        let t = Traffic {
+            launches: 2,
+            loaded: 300,
+            stored: 100,
+            max_thread: 7,
+        };
+        let row = BenchRow {
+            op: "layer_norm",
+            dtype: DType::F32,
+            format: MemoryFormat::Contiguous,
+            shape: vec![16, 65536],
+            stage: "forward",
+            ms: 0.0,
+            gbps: 0.0,
+            pct_copy: 0.0,
+            torch_ms: None,
+            min_bytes: 200.0,
+            traffic: Some((t, Some(vec![1024, 65536]))),
+        };
+        let s = traffic_table("test", &[row]);
+        assert!(s.contains("[16, 65536] (of [1024, 65536])"), "{s}");
+        assert!(s.contains("| 2 | 0.00 | 0.00 | 2.000 | 7 |"), "{s}");
     }
 }

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 mod bench;
 mod cpu_bench;
+mod traffic;
 // Parts of these are used only by the test suite (tests/suite/main.rs includes them).
 #[allow(dead_code)]
 mod check;
@@ -80,6 +81,13 @@ enum Command {
         /// Only these ops (layer_norm, rms_norm, group_norm, batch_norm, instance_norm)
         #[arg(long, value_delimiter = ',', value_parser = ["layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm"])]
         ops: Vec<String>,
+        /// Count each stage's DRAM traffic instead of timing it (the fake CUDA driver's traffic
+        /// build only: scripts/fake-cuda/traffic.sh)
+        #[arg(long)]
+        traffic: bool,
+        /// With --traffic: scale shapes down along N to at most this many elements
+        #[arg(long, default_value_t = 1 << 22)]
+        traffic_cap: usize,
     },
     /// Time CPU cases listed in a JSON file (written by benches/cpu_compare.py) and print
     /// `{key: {threads: median ms}}` as JSON: the cunorm side of the PyTorch CPU comparison
@@ -189,6 +197,8 @@ fn run(cli: Cli) -> cunorm::Result<()> {
             quick,
             reps,
             ops,
+            traffic,
+            traffic_cap,
         } => {
             let Device::Cuda(dev) = Device::cuda(0)? else {
                 return Err(cunorm::Error::Unavailable("no CUDA device".into()));
@@ -198,6 +208,7 @@ fn run(cli: Cli) -> cunorm::Result<()> {
                 reps,
                 ops,
                 quick,
+                traffic: traffic.then_some(traffic_cap.max(1)),
                 ..Default::default()
             };
             let (copy, mut rows) = bench::run(&dev, &opts)?;
@@ -217,6 +228,8 @@ fn run(cli: Cli) -> cunorm::Result<()> {
             }
             if json {
                 println!("{report}");
+            } else if traffic {
+                print!("{}", bench::traffic_table(&name, &rows));
             } else {
                 print!("{}", bench::table(copy, &name, &rows));
             }

@@ -1,0 +1,27 @@
+// Memory traffic of emulated kernels (the fake driver's traffic build, EMU_TRAFFIC). The kernels'
+// translation unit is compiled with GCC's -fsanitize=thread instrumentation, which calls a
+// __tsan_* hook for every memory access; traffic.cpp implements those hooks (without ThreadSanitizer's
+// runtime) and counts, while a launch runs:
+//  - the bytes loaded from and stored to device allocations larger than 1 MiB (what DRAM would
+//    move with no cache reuse; smaller buffers, such as parameters and statistics, are assumed
+//    to stay in cache);
+//  - the accesses each thread of the running block makes to any device allocation, and the
+//    largest such count of the launch (a serial chain shows here).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+struct EmuTraffic {
+    // The device allocations while a launch runs, sorted by base: [lo[i], hi[i]), `big[i]` when
+    // counted in bytes.
+    const uintptr_t* lo = nullptr;
+    const uintptr_t* hi = nullptr;
+    const unsigned char* big = nullptr;
+    int ranges = 0;
+    bool on = false;              // counting (only while a kernel runs)
+    unsigned cur = 0;             // the running thread of the block (the shim's fiber index)
+    unsigned long long loaded = 0, stored = 0;  // bytes, this launch
+    unsigned long long max_thread = 0;          // most accesses by one thread, this launch
+    unsigned thread_accesses[1024] = {};        // per thread of the running block
+};
+extern "C" EmuTraffic emu_traffic;
