@@ -72,11 +72,14 @@ python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(len(d["result
 
 echo "-- traffic build: counted DRAM traffic of the first standard shape of each op (scaled"
 echo "   along N), rows forward and every eval at most 1.05x the minimum bytes"
-"$here/traffic.sh" "$build" --quick --traffic-cap 65536 --json-out "$build/traffic.json" > "$build/traffic.md"
+"$here/traffic.sh" "$build" --quick --traffic-cap 1048576 --json-out "$build/traffic.json" > "$build/traffic.md"
 python3 - "$build/traffic.json" <<'PY'
 import json, sys
 rows = json.load(open(sys.argv[1]))["results"]
 assert rows and all(r["traffic"] and r["traffic"]["launches"] > 0 for r in rows), "no traffic counted"
+# Every stage moves at least its minimum bytes: a lower ratio means the count missed accesses.
+low = [(r["key"], round(r["traffic"]["ratio"], 3)) for r in rows if r["traffic"]["ratio"] < 0.999]
+assert not low, f"counted below the minimum bytes: {low}"
 bad = [(r["key"], round(r["traffic"]["ratio"], 3)) for r in rows
        if (r["op"] in ("layer_norm", "rms_norm") and r["stage"] == "forward") or r["stage"] == "eval"
        if r["traffic"]["ratio"] > 1.05]

@@ -17,9 +17,8 @@ if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
   shift
 fi
 build=$(mkdir -p "$dir" && cd "$dir" && pwd)
-cd "$root"
 
-python3 "$here/../kernel-emu/prep.py" kernels "$build/kernels_emu.inc" "$build/kernels_registry.inc" > /dev/null
+python3 "$here/../kernel-emu/prep.py" "$root/kernels" "$build/kernels_emu.inc" "$build/kernels_registry.inc" > /dev/null
 mkdir -p "$build/traffic"
 g++ -std=c++20 -g -fPIC -fvisibility=hidden -I "$build" -I "$here/../kernel-emu" -I "$here" -O2 \
   -DEMU_TRAFFIC -fsanitize=thread -c "$here/fakecuda.cpp" -o "$build/traffic/fakecuda.o"
@@ -27,6 +26,7 @@ g++ -std=c++20 -fPIC -fvisibility=hidden -O2 -c "$here/traffic.cpp" -o "$build/t
 g++ -shared "$build/traffic/fakecuda.o" "$build/traffic/traffic.o" -Wl,-z,defs \
   -o "$build/traffic/libcuda.so.1"
 ln -sf libcuda.so.1 "$build/traffic/libcuda.so"
-cargo build --release --quiet
+(cd "$root" && cargo build --release --quiet)
+# Run from the caller's directory, so that a relative --json-out lands there.
 CUNORM_CACHE_DIR="$build/kernel-cache" LD_LIBRARY_PATH="$build/traffic${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-  target/release/cunorm bench --traffic "$@"
+  "${CARGO_TARGET_DIR:-$root/target}/release/cunorm" bench --traffic "$@"

@@ -31,8 +31,9 @@
 //!
 //! On candle's CPU device the ops run the crate's CPU engines on candle's storage in place: the
 //! forward and the backward read x (and dy) without copying them, and the output moves into
-//! candle (a channels-last output is reordered once: candle reads a custom op's output as
-//! contiguous).
+//! candle. GroupNorm, BatchNorm and InstanceNorm keep a channels-last input's layout (their
+//! output comes back in memory order and is viewed with channels-last strides, no reorder);
+//! LayerNorm and RMSNorm give a contiguous output.
 //! With feature `candle-cuda`, all five also run on candle's CUDA device: cunorm's kernels on
 //! candle's own stream, over candle's storage, forward and backward, running statistics updated
 //! (built against candle-core's CUDA backend, not yet run on a GPU). Without that feature an op
@@ -91,7 +92,8 @@ candle_elem!(bf16, BF16);
 /// 1, 2))?`, the usual way to hold NHWC data as an NCHW-shaped tensor.
 fn is_channels_last(l: &Layout) -> bool {
     let (dims, strides) = (l.dims(), l.stride());
-    if dims.len() < 3 || l.is_contiguous() {
+    // Ranks 3 to 5, as cunorm's channels-last formats (and PyTorch's channels_last/_3d).
+    if !(3..=5).contains(&dims.len()) || l.is_contiguous() {
         return false;
     }
     // Memory order: C fastest, then the spatial dimensions from the last, then N.

@@ -558,9 +558,14 @@ mod tests {
             Some(vec![16, 65536])
         );
         assert_eq!(traffic::scaled(&[8, 4, 4], 1 << 20), None);
+        // Never below MIN_CAP elements (the tensors stay above the 1 MiB counting threshold).
+        assert_eq!(
+            traffic::scaled(&[65536, 128], 1 << 16),
+            Some(vec![8192, 128])
+        );
         // A sample larger than the cap keeps one sample.
         assert_eq!(
-            traffic::scaled(&[16, 64, 256, 256], 1 << 16),
+            traffic::scaled(&[16, 64, 256, 256], 1 << 20),
             Some(vec![1, 64, 256, 256])
         );
         let t = Traffic {

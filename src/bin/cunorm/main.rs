@@ -85,7 +85,8 @@ enum Command {
         /// build only: scripts/fake-cuda/traffic.sh)
         #[arg(long)]
         traffic: bool,
-        /// With --traffic: scale shapes down along N to at most this many elements
+        /// With --traffic: scale shapes down along N to at most this many elements (at least
+        /// 2^20, so that the tensors stay above the 1 MiB counting threshold)
         #[arg(long, default_value_t = 1 << 22)]
         traffic_cap: usize,
     },

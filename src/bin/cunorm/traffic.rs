@@ -64,10 +64,15 @@ impl Counter {
     }
 }
 
-/// `shape` with its first dimension divided down so that it holds at most `cap` elements (the
-/// emulator runs ~10⁷ accesses per second): the same work per row, plane or block, fewer of
-/// them. `None` when it already fits.
+/// The fewest elements a scaled shape keeps: 2²⁰ (2 MiB at 2 bytes), so that its tensors stay
+/// above the driver's 1 MiB counting threshold.
+pub const MIN_CAP: usize = 1 << 20;
+
+/// `shape` with its first dimension divided down so that it holds at most `cap` elements (at
+/// least [`MIN_CAP`]; the emulator runs ~10⁷ accesses per second): the same work per row, plane
+/// or block, fewer of them. `None` when it already fits.
 pub fn scaled(shape: &[usize], cap: usize) -> Option<Vec<usize>> {
+    let cap = cap.max(MIN_CAP);
     let numel: usize = shape.iter().product();
     if numel <= cap || shape.is_empty() {
         return None;
