@@ -27,6 +27,7 @@ g++ -shared "$build/traffic/fakecuda.o" "$build/traffic/traffic.o" -Wl,-z,defs \
   -o "$build/traffic/libcuda.so.1"
 ln -sf libcuda.so.1 "$build/traffic/libcuda.so"
 (cd "$root" && cargo build --release --quiet)
-# Run from the caller's directory, so that a relative --json-out lands there.
-CUNORM_CACHE_DIR="$build/kernel-cache" LD_LIBRARY_PATH="$build/traffic${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+# Run from the caller's directory, so that a relative --json-out lands there. 132 SMs, as an
+# H100's: launch grids that follow the SM count (the row forwards) split the work as there.
+FAKECUDA_SMS=${FAKECUDA_SMS:-132} CUNORM_CACHE_DIR="$build/kernel-cache" LD_LIBRARY_PATH="$build/traffic${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   "${CARGO_TARGET_DIR:-$root/target}/release/cunorm" bench --traffic "$@"
