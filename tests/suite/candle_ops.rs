@@ -625,8 +625,28 @@ type Outcome = (
 );
 
 fn run_op(dev: &Device, dt: DType, shape: &[usize], c: usize, op: Op, strided: bool) -> Outcome {
+    run_op_rounded(dev, dt, dt, shape, c, op, strided)
+}
+
+/// [`run_op`] in `dt` on inputs (x and the loss weights r) first rounded to `via`.
+fn run_op_rounded(
+    dev: &Device,
+    dt: DType,
+    via: DType,
+    shape: &[usize],
+    c: usize,
+    op: Op,
+    strided: bool,
+) -> Outcome {
     let on = |t: Tensor| t.to_device(dev).unwrap();
-    let xv = Var::from_tensor(&on(randn(shape, 31).to_dtype(dt).unwrap())).unwrap();
+    let data = |seed| {
+        randn(shape, seed)
+            .to_dtype(via)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap()
+    };
+    let xv = Var::from_tensor(&on(data(31))).unwrap();
     let x = if strided {
         channels_last(xv.as_tensor())
     } else {
@@ -636,7 +656,7 @@ fn run_op(dev: &Device, dt: DType, shape: &[usize], c: usize, op: Op, strided: b
     let b = Var::from_tensor(&on(randn(&[c], 33))).unwrap();
     let m = Var::from_tensor(&on(randn(&[c], 34))).unwrap();
     let v = Var::from_tensor(&on(randn(&[c], 35).abs().unwrap())).unwrap();
-    let r = on(randn(shape, 36).to_dtype(dt).unwrap());
+    let r = on(data(36));
     let y = op(&x, w.as_tensor(), b.as_tensor(), &m, &v).unwrap();
     assert_eq!(y.dtype(), dt);
     let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -668,6 +688,32 @@ fn same_outcome(what: &str, got: &Outcome, want: &Outcome, tol: f32) {
     }
     close(&format!("{what} running_mean"), &got.4, &want.4, 1e-5);
     close(&format!("{what} running_var"), &got.5, &want.5, 1e-5);
+}
+
+/// f16 and bf16 through candle's autograd against f32 on the same (rounded) values: every
+/// functional op's output and dx within one or two roundings of the half type, dweight and dbias
+/// (accumulated in f32 or better either way) within 1e-4, running statistics within 1e-5.
+#[test]
+fn half_precision_gradients() {
+    for (dt, tol) in [(DType::F16, 2e-3), (DType::BF16, 1.6e-2)] {
+        for (name, shape, c, op) in functional_ops() {
+            let want = run_op_rounded(&Device::Cpu, DType::F32, dt, &shape, c, op, false);
+            let got = run_op_rounded(&Device::Cpu, dt, dt, &shape, c, op, false);
+            let what = format!("{name} {dt:?}");
+            close(&format!("{what} y"), &got.0, &want.0, tol);
+            let dx = |o: &Outcome| o.1.clone().expect("a gradient for x");
+            close(&format!("{what} dx"), &dx(&got), &dx(&want), tol);
+            for (part, g, w) in [("dweight", &got.2, &want.2), ("dbias", &got.3, &want.3)] {
+                match (g, w) {
+                    (Some(g), Some(w)) => close(&format!("{what} {part}"), g, w, 1e-4),
+                    (None, None) => assert_eq!((name, part), ("rms_norm", "dbias")),
+                    _ => panic!("{what} {part}: a gradient in one dtype only"),
+                }
+            }
+            close(&format!("{what} running_mean"), &got.4, &want.4, 1e-5);
+            close(&format!("{what} running_var"), &got.5, &want.5, 1e-5);
+        }
+    }
 }
 
 /// On the CPU, in f32, f16 and bf16: every functional op (BatchNorm 2d/3d in training and eval
