@@ -376,11 +376,11 @@ __device__ __forceinline__ void smem_add(float* __restrict__ slot, const float (
 // Backward: per row Σu and Σu·x̂ (u = dy·w, x̂ = (x − mean)·rstd), dx = rstd·(u − Σu/n −
 // x̂·Σu·x̂/n) (RMSNorm: no Σu/n term) from the registers. Per owned column the thread adds dy·x̂
 // and dy over the team's rows in the team's slice of shared memory (2·cols floats: only the
-// owning thread touches a column, so no barrier); at the end the block adds its teams' slices
-// in team order into row blockIdx.x of dw_part/db_part for rows_col_sum_f32. u is rounded on its own (__fmul_rn): a fused
+// owning thread touches a column, so no barrier), then writes them to row (team index) of
+// dw_part/db_part for rows_col_sum_f32. u is rounded on its own (__fmul_rn): a fused
 // multiply-add would leave the product's rounding error in u − Σu/n, which a row of one element
 // turns into a nonzero dx.
-// Bytes: x and dy read once, dx written once, 8·cols bytes of partials per block.
+// Bytes: x and dy read once, dx written once, 8·cols bytes of partials per team.
 template <typename T, bool CENTER, int KM>
 __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* __restrict__ x,
                                              const float* __restrict__ w,
@@ -472,21 +472,18 @@ __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* 
             }
         }
     }
-    // The block's teams merged in team order (fixed: deterministic) into one partial row per
-    // block: a quarter of the partial traffic of a row per team with four teams per block.
-    __syncthreads();
-    const float* teams_acc = reinterpret_cast<const float*>(row_cache_bytes);
-    float* pw = dw_part + (i64)blockIdx.x * cols;
-    float* pb = db_part + (i64)blockIdx.x * cols;
-#pragma unroll 1
-    for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-        float sw = 0.f, sb = 0.f;
-        for (int q = 0; q < teams; ++q) {
-            sw += teams_acc[(i64)q * 2 * cols + j];
-            sb += teams_acc[(i64)q * 2 * cols + cols + j];
+    const i64 part = (i64)blockIdx.x * teams + team;
+    float* pw = dw_part + part * cols;
+    float* pb = db_part + part * cols;
+#pragma unroll
+    for (int k = 0; k < KM; ++k) {
+        const int p = t + k * tpr;
+        if (k < K && p < packs) {
+            for (int i = 0; i < PN && p * PN + i < cols; ++i) {
+                pw[p * PN + i] = acc_w[p * PN + i];
+                pb[p * PN + i] = acc_b[p * PN + i];
+            }
         }
-        pw[j] = sw;
-        pb[j] = sb;
     }
 }
 

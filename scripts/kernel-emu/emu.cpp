@@ -178,7 +178,7 @@ void rows_case(size_t rows, int cols, bool center, bool affine) {
         // teams as raw::rows_backward, with a smaller floor so that small row counts still
         // spread over several teams here
         size_t teams = std::max<size_t>(1, std::min<size_t>(rows, std::max<size_t>(3, std::min<size_t>(8192, rows * 3 * sizeof(T) / 128))));
-        size_t blocks_r = (teams + per_block - 1) / per_block, parts_r = blocks_r;  // a row per block
+        size_t blocks_r = (teams + per_block - 1) / per_block, parts_r = blocks_r * per_block;
         std::vector<float> qw(parts_r * cols, NAN), qb(parts_r * cols, NAN);
         auto bwd = [&]<int KM>() {
             emu_launch({(unsigned)blocks_r}, {(unsigned)(tpr * per_block)}, per_block * 2 * cols * sizeof(float), [&] {

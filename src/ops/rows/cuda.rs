@@ -397,15 +397,14 @@ fn rows_backward<T: Element>(
     // Shared memory: dγ and dβ partials of the block's teams, 2·cols floats each.
     let smem_per_team = 2 * cols * 4;
     if let Some((team, k)) = reg_kernel::<T>(dev, op, "bwd", packs, BWD_REG_K, smem_per_team)? {
-        // Enough teams to keep the GPU busy, from the shape alone; each block merges its
-        // teams' column sums into one partial row, so the partials (written, then read by the
-        // column sum) are an eighth of the minimum traffic divided by the teams per block
-        // (1/32 with warp teams).
+        // One partial row of column sums per team: enough teams to keep the GPU busy, few
+        // enough that the partials (written, then read by the column sum) stay near a tenth of
+        // the minimum traffic; from the shape alone.
         let teams = (rows * 3 * T::DTYPE.size() / 128)
             .clamp(BWD_MIN_TEAMS, BWD_MAX_TEAMS)
             .clamp(1, rows.max(1));
         let blocks = teams.div_ceil(team.per_block);
-        let parts = blocks;
+        let parts = blocks * team.per_block;
         let mut pw = dev.alloc::<f32>(parts * cols)?;
         let mut pb = dev.alloc::<f32>(parts * cols)?;
         if rows > 0 {
@@ -426,7 +425,7 @@ fn rows_backward<T: Element>(
                 shared_mem_bytes: (team.per_block * smem_per_team) as u32,
             };
             // SAFETY: matches rows.cu's rows_bwd_reg entry points; the partial buffers hold
-            // one row per block of the grid, shared memory 2·cols floats per team.
+            // one row per team of the grid, shared memory 2·cols floats per team.
             unsafe { b.launch(cfg) }.map_err(launch_err)?;
         }
         let used = if rows == 0 { 0 } else { parts };
