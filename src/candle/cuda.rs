@@ -76,18 +76,11 @@ fn view<'a, T: CudaElem>(
     l: &Layout,
 ) -> candle_core::Result<(CudaView<'a, T>, bool)> {
     let slice = T::as_cuda_slice(s)?;
-    let (a, b, cl) = match l.contiguous_offsets() {
-        Some((a, b)) => (a, b, false),
-        None if super::is_channels_last(l) => {
-            let a = l.start_offset();
-            (a, a + l.shape().elem_count(), true)
-        }
-        None => {
-            return Err(msg(
-                "cunorm: the op needs a contiguous or channels-last input on CUDA; call \
-                 .contiguous() first",
-            ))
-        }
+    let Some((a, b, cl)) = super::used_range(l) else {
+        return Err(msg(
+            "cunorm: the op needs a contiguous or channels-last input on CUDA; call \
+             .contiguous() first",
+        ));
     };
     if b > slice.len() {
         return Err(msg("cunorm: the input's layout runs past its storage"));

@@ -110,6 +110,19 @@ fn is_channels_last(l: &Layout) -> bool {
     true
 }
 
+/// The storage range `[a, b)` a layout reads, and whether it is channels-last: contiguous
+/// first, then channels-last (see [`is_channels_last`]); `None` for any other strides. Both
+/// devices read inputs through this.
+fn used_range(l: &Layout) -> Option<(usize, usize, bool)> {
+    if let Some((a, b)) = l.contiguous_offsets() {
+        return Some((a, b, false));
+    }
+    is_channels_last(l).then(|| {
+        let a = l.start_offset();
+        (a, a + l.shape().elem_count(), true)
+    })
+}
+
 /// Runs `f` on a candle CPU storage as a cunorm tensor of `T`, read in place (no copy):
 /// contiguous, or channels-last when its strides are (see [`is_channels_last`]).
 fn with_storage<T: CandleElem, R>(
@@ -124,18 +137,18 @@ fn with_storage<T: CandleElem, R>(
             s.dtype()
         )));
     };
-    let (range, format) = if let Some((a, b)) = l.contiguous_offsets() {
-        (a..b, MemoryFormat::Contiguous)
-    } else if is_channels_last(l) {
-        let a = l.start_offset();
-        (a..a + l.shape().elem_count(), MemoryFormat::ChannelsLast)
-    } else {
+    let Some((a, b, cl)) = used_range(l) else {
         return Err(candle_core::Error::Msg(
             "cunorm: the op needs a contiguous or channels-last input; call .contiguous() first"
                 .into(),
         ));
     };
-    let data = v.get(range).ok_or_else(|| {
+    let format = if cl {
+        MemoryFormat::ChannelsLast
+    } else {
+        MemoryFormat::Contiguous
+    };
+    let data = v.get(a..b).ok_or_else(|| {
         candle_core::Error::Msg("cunorm: the input's layout runs past its storage".into())
     })?;
     Tensor::with_borrowed(data, l.dims(), format, f).map_err(err)
@@ -448,6 +461,22 @@ impl CandleNorm {
     }
 }
 
+/// Calls `self.method::<T>(args)` for the element type of candle dtype `dt` (f32, f16, bf16),
+/// an error naming the op for any other.
+macro_rules! by_dtype {
+    ($self:ident, $dt:expr, $method:ident($($arg:expr),*)) => {
+        match $dt {
+            candle_core::DType::F32 => $self.$method::<f32>($($arg),*),
+            candle_core::DType::F16 => $self.$method::<f16>($($arg),*),
+            candle_core::DType::BF16 => $self.$method::<bf16>($($arg),*),
+            d => Err(candle_core::Error::Msg(format!(
+                "cunorm: {} takes f32, f16 or bf16, got {d:?}",
+                $self.name()
+            ))),
+        }
+    };
+}
+
 /// The CPU gradient op on (x, dy, weight): `dx` as its output, `dweight`/`dbias` left in
 /// `params`. As a candle op it is handed the storages, so x and dy are read where they are.
 struct CpuGrad<'a> {
@@ -500,31 +529,8 @@ impl CustomOp3 for CpuGrad<'_> {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        match s1.dtype() {
-            candle_core::DType::F32 => self.run::<f32>(s1, l1, s2, l2, s3, l3),
-            candle_core::DType::F16 => self.run::<f16>(s1, l1, s2, l2, s3, l3),
-            candle_core::DType::BF16 => self.run::<bf16>(s1, l1, s2, l2, s3, l3),
-            d => Err(candle_core::Error::Msg(format!(
-                "cunorm: takes f32, f16 or bf16, got {d:?}"
-            ))),
-        }
+        by_dtype!(self, s1.dtype(), run(s1, l1, s2, l2, s3, l3))
     }
-}
-
-/// Calls `self.method::<T>(args)` for the element type of candle dtype `dt` (f32, f16, bf16),
-/// an error naming the op for any other.
-macro_rules! by_dtype {
-    ($self:ident, $dt:expr, $method:ident($($arg:expr),*)) => {
-        match $dt {
-            candle_core::DType::F32 => $self.$method::<f32>($($arg),*),
-            candle_core::DType::F16 => $self.$method::<f16>($($arg),*),
-            candle_core::DType::BF16 => $self.$method::<bf16>($($arg),*),
-            d => Err(candle_core::Error::Msg(format!(
-                "cunorm: {} takes f32, f16 or bf16, got {d:?}",
-                $self.name()
-            ))),
-        }
-    };
 }
 
 impl CustomOp3 for CandleNorm {

@@ -396,6 +396,13 @@ fn rows_backward<T: Element>(
     let packs = cols.div_ceil(pack::<T>());
     // Shared memory: dγ and dβ partials of the block's teams, 2·cols floats each.
     let smem_per_team = 2 * cols * 4;
+    let bufs = BwdBufs {
+        dy,
+        x,
+        weight,
+        mean,
+        rstd,
+    };
     if let Some((team, k)) = reg_kernel::<T>(dev, op, "bwd", packs, BWD_REG_K, smem_per_team)? {
         // One partial row of column sums per team: enough teams to keep the GPU busy, few
         // enough that the partials (written, then read by the column sum) stay near a tenth of
@@ -410,13 +417,6 @@ fn rows_backward<T: Element>(
         if rows > 0 {
             let (rows_i, tpr, kk) = (rows as i64, team.tpr as i32, team.k as i32);
             let mut b = stream.launch_builder(&k.func);
-            let bufs = BwdBufs {
-                dy,
-                x,
-                weight,
-                mean,
-                rstd,
-            };
             bufs.push(&mut b, dx, &mut pw, &mut pb, &rows_i, &cols_i);
             b.arg(&tpr).arg(&kk);
             let cfg = LaunchConfig {
@@ -448,13 +448,6 @@ fn rows_backward<T: Element>(
         let threads = block_threads(&k, cols.div_ceil(8));
         let rows_i = rows as i64;
         let mut b = stream.launch_builder(&k.func);
-        let bufs = BwdBufs {
-            dy,
-            x,
-            weight,
-            mean,
-            rstd,
-        };
         bufs.push(&mut b, dx, &mut pw, &mut pb, &rows_i, &cols_i);
         let cfg = LaunchConfig {
             grid_dim: (grid(parts)?, 1, 1),
