@@ -1,6 +1,28 @@
 // rows.cu: LayerNorm and RMSNorm over contiguous rows of `cols` elements.
 #include "common.cuh"
 
+// The f32 parameters (weight or bias) of columns j0 .. j0 + PN − 1, of which the first `n` exist:
+// 16-byte loads when all PN exist and the address is 16-byte aligned, else one at a time (0 past
+// the n-th); `dflt` everywhere when there is no parameter.
+template <int PN>
+__device__ __forceinline__ void load_params(float (&dst)[PN], const float* __restrict__ par, int j0,
+                                            int n, float dflt) {
+    if (!par) {
+#pragma unroll
+        for (int i = 0; i < PN; ++i) dst[i] = dflt;
+    } else if (n >= PN && aligned16(par + j0)) {
+#pragma unroll
+        for (int q = 0; q < PN / 4; ++q) {
+            const Pack<float> v = reinterpret_cast<const Pack<float>*>(par + j0)[q];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) dst[4 * q + i] = v.v[i];
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < PN; ++i) dst[i] = i < n ? par[j0 + i] : 0.f;
+    }
+}
+
 // Forward. One block per row, grid-stride over rows; threads map to 16-byte packs (scalar
 // path when the row is misaligned or cols is not a multiple of the pack). Statistics are f32,
 // merged in a fixed tree: two passes over the cached row (LayerNorm/GroupNorm with `cache`),
@@ -13,7 +35,14 @@
 // GroupNorm) the saved mean of a row holding an infinity is NaN, as PyTorch's Welford merges make
 // it; without (InstanceNorm) it stays ±inf, as PyTorch's sums make it.
 // Bytes: rows·cols·sizeof(T) read + the same written + 8 bytes of statistics per row.
-template <typename T, bool CENTER>
+//
+// KR > 0 is the wide forward, for rows longer than shared memory holds: each thread keeps its
+// first KR packs of the row (packs t, t + blockDim.x, ..., t + (KR−1)·blockDim.x) in registers
+// and the rest of the row, packs from KR·blockDim.x on, in shared memory, so x is still read
+// once for rows of up to KR·blockDim.x·16 bytes more than shared memory (a 1024-thread block
+// with KR = 4: 64 KiB beyond the 227 KiB of an H100). A row that is misaligned or not whole
+// packs takes the uncached path (the host sized shared memory for the packed layout only).
+template <typename T, bool CENTER, int KR = 0>
 __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict__ y,
                                          const float* __restrict__ w, const float* __restrict__ b,
                                          float* __restrict__ mean_out, float* __restrict__ rstd_out,
@@ -31,28 +60,44 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
         T* yr = y + row * (i64)cols;
         // A pack never straddles two affine segments: seg % PN == 0 (or seg == 1).
         const bool vec = aligned16(xr) && aligned16(yr) && (cols % PN == 0) && (seg == 1 || seg % PN == 0);
+        // The wide forward caches packed rows only (KR > 0: shared memory holds packs past RB).
+        const bool cached = cache && (KR == 0 || vec);
+        const int P = cols / PN, RB = KR * (int)blockDim.x;
+        Pack<T> held[KR > 0 ? KR : 1];
         i64 in_cycle;
         div_of(row, dcycle, &in_cycle);
         const int p0 = (int)in_cycle * (cols / seg);
         // With the row cached, LayerNorm/GroupNorm statistics take two passes (Σx, then
         // Σ(x − mean)² over the thread's own cached values): no division per element. Without,
         // one Welford pass over DRAM.
-        const bool two_pass = CENTER && cache;
+        const bool two_pass = CENTER && cached;
         Welford acc = welford_empty();
         float ss = 0.f;
+        auto stat_add = [&](const Pack<T>& pk) {
+#pragma unroll
+            for (int i = 0; i < PN; ++i) {
+                float v = to_float(pk.v[i]);
+                if (two_pass) ss += v;
+                else if (CENTER) welford_add(acc, v);
+                else ss += v * v;
+            }
+        };
         if (vec) {
             const Pack<T>* xp = reinterpret_cast<const Pack<T>*>(xr);
-            for (int p = threadIdx.x; p < cols / PN; p += blockDim.x) {
-                Pack<T> pk = xp[p];
-                if (cache) reinterpret_cast<Pack<T>*>(row_cache)[p] = pk;
+            // The register-held packs first, all loads issued before any is used.
 #pragma unroll
-                for (int i = 0; i < PN; ++i) {
-                    float v = to_float(pk.v[i]);
-                    if (two_pass) ss += v;
-                    else if (CENTER) welford_add(acc, v);
-                    else ss += v * v;
-                }
+            for (int k = 0; k < KR; ++k) {
+                const int p = threadIdx.x + k * blockDim.x;
+                if (p < P) held[k] = xp[p];
             }
+            for (int p = RB + threadIdx.x; p < P; p += blockDim.x) {
+                Pack<T> pk = xp[p];
+                if (cached) reinterpret_cast<Pack<T>*>(row_cache)[p - RB] = pk;
+                stat_add(pk);
+            }
+#pragma unroll
+            for (int k = 0; k < KR; ++k)
+                if (threadIdx.x + k * blockDim.x < P) stat_add(held[k]);
         } else {
             for (int j = threadIdx.x; j < cols; j += blockDim.x) {
                 T raw = xr[j];
@@ -60,7 +105,7 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
                 if (two_pass) ss += v;
                 else if (CENTER) welford_add(acc, v);
                 else ss += v * v;
-                if (cache) row_cache[j] = raw;
+                if (cached) row_cache[j] = raw;
             }
         }
         float mean = 0.f, rstd, t_m2;
@@ -68,14 +113,18 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
             mean = block_reduce_sum(ss, reinterpret_cast<float*>(scratch)) / (float)cols;
             float m2 = 0.f;
             if (vec) {
-                for (int p = threadIdx.x; p < cols / PN; p += blockDim.x) {
-                    const Pack<T> pk = reinterpret_cast<const Pack<T>*>(row_cache)[p];
+                auto m2_add = [&](const Pack<T>& pk) {
 #pragma unroll
                     for (int i = 0; i < PN; ++i) {
                         const float d = to_float(pk.v[i]) - mean;
                         m2 += d * d;
                     }
-                }
+                };
+#pragma unroll
+                for (int k = 0; k < KR; ++k)
+                    if (threadIdx.x + k * blockDim.x < P) m2_add(held[k]);
+                for (int p = RB + threadIdx.x; p < P; p += blockDim.x)
+                    m2_add(reinterpret_cast<const Pack<T>*>(row_cache)[p - RB]);
             } else {
                 for (int j = threadIdx.x; j < cols; j += blockDim.x) {
                     const float d = to_float(row_cache[j]) - mean;
@@ -103,109 +152,47 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
         if (vec) {
             const Pack<T>* xp = reinterpret_cast<const Pack<T>*>(xr);
             Pack<T>* yp = reinterpret_cast<Pack<T>*>(yr);
-            for (int p = threadIdx.x; p < cols / PN; p += blockDim.x) {
-                Pack<T> in, out;
-                in = cache ? reinterpret_cast<const Pack<T>*>(row_cache)[p] : xp[p];
+            auto apply = [&](int p, const Pack<T>& in) {
+                Pack<T> out;
+                // Per column (seg == 1): 16-byte parameter loads; per segment: one parameter
+                // for the whole pack (a pack never straddles two segments).
+                float wv[PN], bv[PN];
+                if (seg == 1) {
+                    load_params<PN>(wv, w, p0 + p * PN, PN, 1.f);
+                    load_params<PN>(bv, b, p0 + p * PN, PN, 0.f);
+                } else {
+                    const int q = p0 + p * PN / seg;
+                    const float wq = w ? w[q] : 1.f, bq = b ? b[q] : 0.f;
+#pragma unroll
+                    for (int i = 0; i < PN; ++i) {
+                        wv[i] = wq;
+                        bv[i] = bq;
+                    }
+                }
 #pragma unroll
                 for (int i = 0; i < PN; ++i) {
-                    int j = p * PN + i;
-                    int q = p0 + (seg == 1 ? j : j / seg);
-                    float v = to_float(in.v[i]);
-                    float o = (v - mean) * rstd;
-                    if (w) o *= w[q];
-                    if (b) o += b[q];
+                    float o = (to_float(in.v[i]) - mean) * rstd;
+                    if (w) o *= wv[i];
+                    if (b) o += bv[i];
                     out.v[i] = from_float<T>(o);
                 }
                 yp[p] = out;
+            };
+#pragma unroll
+            for (int k = 0; k < KR; ++k) {
+                const int p = threadIdx.x + k * blockDim.x;
+                if (p < P) apply(p, held[k]);
             }
+            for (int p = RB + threadIdx.x; p < P; p += blockDim.x)
+                apply(p, cached ? reinterpret_cast<const Pack<T>*>(row_cache)[p - RB] : xp[p]);
         } else {
             for (int j = threadIdx.x; j < cols; j += blockDim.x) {
                 int q = p0 + j / seg;
-                float v = to_float(cache ? row_cache[j] : xr[j]);
+                float v = to_float(cached ? row_cache[j] : xr[j]);
                 float o = (v - mean) * rstd;
                 if (w) o *= w[q];
                 if (b) o += b[q];
                 yr[j] = from_float<T>(o);
-            }
-        }
-    }
-}
-
-// Backward. Block p of gridDim.x handles rows p, p + gridDim.x, ...; per row two block sums
-// (Σu and Σu·x̂ with u = dy·w), then dx = rstd·(u − mean(u) − x̂·mean(u·x̂)) (RMSNorm: no
-// mean(u) term, x̂ = x·rstd). Per column the block accumulates Σ dy·x̂ and Σ dy over its rows
-// (in registers when cols ≤ 8·blockDim.x, else in its own row of the partial buffers) and
-// writes them to row p of dw_part/db_part; rows_col_sum_f32 adds the rows in a fixed order.
-// Bytes: dy and x read (twice, the second from L1/L2), dx written.
-#define ROWS_BWD_REGS 8
-template <typename T, bool CENTER>
-__device__ __forceinline__ void rows_bwd(const T* __restrict__ dy, const T* __restrict__ x,
-                                         const float* __restrict__ w,
-                                         const float* __restrict__ mean,
-                                         const float* __restrict__ rstd, T* __restrict__ dx,
-                                         float* __restrict__ dw_part, float* __restrict__ db_part,
-                                         i64 rows, int cols) {
-    __shared__ float scratch[32];
-    float* pw = dw_part + (i64)blockIdx.x * cols;
-    float* pb = db_part + (i64)blockIdx.x * cols;
-    const bool regs = cols <= ROWS_BWD_REGS * (int)blockDim.x;
-    float aw[ROWS_BWD_REGS], ab[ROWS_BWD_REGS];
-#pragma unroll
-    for (int k = 0; k < ROWS_BWD_REGS; ++k) {
-        aw[k] = 0.f;
-        ab[k] = 0.f;
-    }
-    if (!regs) {
-        for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-            pw[j] = 0.f;
-            pb[j] = 0.f;
-        }
-    }
-    for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
-        const T* gr = dy + row * (i64)cols;
-        const T* xr = x + row * (i64)cols;
-        T* dr = dx + row * (i64)cols;
-        const float mu = CENTER ? mean[row] : 0.f, rs = rstd[row];
-        // Per element: g = dy, x̂, u = g·w; row sums Σu, Σu·x̂; column sums Σg·x̂, Σg.
-        auto terms = [&](int j, float& g, float& xh, float& u) {
-            g = to_float(gr[j]);
-            xh = (to_float(xr[j]) - mu) * rs;
-            u = w ? __fmul_rn(g, w[j]) : g;  // rounded alone: see rows_bwd_reg
-        };
-        float s1 = 0.f, s2 = 0.f;
-        auto accumulate = [&](int j, float& cw, float& cb) {
-            float g, xh, u;
-            terms(j, g, xh, u);
-            s1 += u;
-            s2 += u * xh;
-            cw += g * xh;
-            cb += g;
-        };
-        if (regs) {
-#pragma unroll
-            for (int k = 0; k < ROWS_BWD_REGS; ++k) {
-                int j = threadIdx.x + k * blockDim.x;
-                if (j < cols) accumulate(j, aw[k], ab[k]);
-            }
-        } else {
-            for (int j = threadIdx.x; j < cols; j += blockDim.x) accumulate(j, pw[j], pb[j]);
-        }
-        s1 = block_reduce_sum(s1, scratch);
-        s2 = block_reduce_sum(s2, scratch);
-        const float m1 = CENTER ? s1 / (float)cols : 0.f, m2 = s2 / (float)cols;
-        for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-            float g, xh, u;
-            terms(j, g, xh, u);
-            dr[j] = from_float<T>(rs * (u - m1 - xh * m2));
-        }
-    }
-    if (regs) {
-#pragma unroll
-        for (int k = 0; k < ROWS_BWD_REGS; ++k) {
-            int j = threadIdx.x + k * blockDim.x;
-            if (j < cols) {
-                pw[j] = aw[k];
-                pb[j] = ab[k];
             }
         }
     }
@@ -335,12 +322,14 @@ __device__ __forceinline__ void rows_fwd_reg(const T* __restrict__ x, T* __restr
             if (k < K && p < packs) {
                 Pack<T> o;
                 const int j0 = p * PN;  // parameters past cols: not read (the value is not stored)
+                float wv[PN], bv[PN];
+                load_params<PN>(wv, w, j0, cols - j0, 1.f);
+                load_params<PN>(bv, b, j0, cols - j0, 0.f);
 #pragma unroll
                 for (int i = 0; i < PN; ++i) {
-                    const bool in = j0 + i < cols;
                     float v = (to_float(r[k].v[i]) - mean) * rstd;
-                    if (w) v *= in ? w[j0 + i] : 0.f;
-                    if (b) v += in ? b[j0 + i] : 0.f;
+                    if (w) v *= wv[i];
+                    if (b) v += bv[i];
                     o.v[i] = from_float<T>(v);
                 }
                 store_pack(yr, p, o, cols, vec);
@@ -429,12 +418,13 @@ __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* 
             const int p = t + k * tpr;
             if (k < K && p < packs) {
                 const int j0 = p * PN;
-                float cw[PN], cb[PN];
+                float cw[PN], cb[PN], wv[PN];
+                load_params<PN>(wv, w, j0, cols - j0, 1.f);
 #pragma unroll
                 for (int i = 0; i < PN; ++i) {
                     const float g = to_float(rg[k].v[i]);  // zero past cols
                     const float xh = (to_float(rx[k].v[i]) - mu) * rs;
-                    const float u = w ? __fmul_rn(g, j0 + i < cols ? w[j0 + i] : 0.f) : g;
+                    const float u = w ? __fmul_rn(g, wv[i]) : g;
                     s1 += u;
                     s2 += u * xh;
                     cw[i] = g * xh;
@@ -454,11 +444,13 @@ __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* 
             if (k < K && p < packs) {
                 Pack<T> o;
                 const int j0 = p * PN;
+                float wv[PN];  // reloaded (L1) rather than held across the team sums
+                load_params<PN>(wv, w, j0, cols - j0, 1.f);
 #pragma unroll
                 for (int i = 0; i < PN; ++i) {
                     const float g = to_float(rg[k].v[i]);
                     const float xh = (to_float(rx[k].v[i]) - mu) * rs;
-                    const float u = w ? __fmul_rn(g, j0 + i < cols ? w[j0 + i] : 0.f) : g;
+                    const float u = w ? __fmul_rn(g, wv[i]) : g;
                     o.v[i] = from_float<T>(rs * (u - m1 - xh * m2));
                 }
                 store_pack(dr, p, o, cols, vec);
@@ -483,6 +475,128 @@ __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* 
                 pw[p * PN + i] = acc_w[p * PN + i];
                 pb[p * PN + i] = acc_b[p * PN + i];
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Long rows backward: the rows the register-resident backward cannot hold (more packs than 4
+// per thread of a 1024-thread block, or dγ/dβ partials beyond shared memory). Two kernels, so
+// that no partial sum is read and written back per row:
+// - rows_bwd_sums: one block per row (grid-stride), Σu and Σu·x̂ of the row (u = dy·w, x̂ =
+//   (x − mean)·rstd) to sums[2·row] and sums[2·row + 1];
+// - rows_bwd_tile: block (column tile blockIdx.x, row chunk blockIdx.y); each thread owns one
+//   pack of columns and, over the chunk's rows (ROWS_TILE_RU rows' loads issued before any is
+//   used), writes dx = rstd·(u − Σu/n − x̂·Σu·x̂/n) (RMSNorm: no Σu/n term) and adds dy·x̂ and
+//   dy in registers, then writes them to row blockIdx.y of dw_part/db_part for rows_col_sum_f32.
+// u is rounded on its own (__fmul_rn), as in rows_bwd_reg. Rows of partial packs or
+// misaligned buffers go element by element (load_pack/store_pack).
+// Bytes: x and dy read twice (once per kernel), dx written once, 8 bytes of sums per row and
+// 8·cols bytes of partials per chunk.
+template <typename T, bool CENTER>
+__device__ __forceinline__ void rows_bwd_sums(const T* __restrict__ dy, const T* __restrict__ x,
+                                              const float* __restrict__ w,
+                                              const float* __restrict__ mean,
+                                              const float* __restrict__ rstd,
+                                              float* __restrict__ sums, i64 rows, int cols) {
+    __shared__ float scratch[32];
+    const int PN = Pack<T>::N;
+    const int packs = (cols + PN - 1) / PN;
+    for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
+        const T* gr = dy + row * (i64)cols;
+        const T* xr = x + row * (i64)cols;
+        const bool vec = aligned16(gr) && aligned16(xr) && cols % PN == 0;
+        const float mu = CENTER ? mean[row] : 0.f, rs = rstd[row];
+        float s1 = 0.f, s2 = 0.f;
+#pragma unroll 4
+        for (int p = threadIdx.x; p < packs; p += blockDim.x) {
+            const Pack<T> g = load_pack(gr, p, cols, vec), xv = load_pack(xr, p, cols, vec);
+#pragma unroll
+            for (int i = 0; i < PN; ++i) {
+                const int j = p * PN + i;
+                if (j < cols) {
+                    const float gv = to_float(g.v[i]);
+                    const float xh = (to_float(xv.v[i]) - mu) * rs;
+                    const float u = w ? __fmul_rn(gv, w[j]) : gv;
+                    s1 += u;
+                    s2 += u * xh;
+                }
+            }
+        }
+        s1 = block_reduce_sum(s1, scratch);
+        s2 = block_reduce_sum(s2, scratch);
+        if (threadIdx.x == 0) {
+            sums[2 * row] = s1;
+            sums[2 * row + 1] = s2;
+        }
+    }
+}
+
+// Rows per group of loads: 4 rows of x and dy packs in flight for f32, 2 for f16/bf16 (whose
+// packs convert to twice the registers).
+#define ROWS_TILE_RU(T) (Pack<T>::N == 4 ? 4 : 2)
+template <typename T, bool CENTER>
+__device__ __forceinline__ void rows_bwd_tile(const T* __restrict__ dy, const T* __restrict__ x,
+                                              const float* __restrict__ w,
+                                              const float* __restrict__ mean,
+                                              const float* __restrict__ rstd,
+                                              const float* __restrict__ sums, T* __restrict__ dx,
+                                              float* __restrict__ dw_part,
+                                              float* __restrict__ db_part, i64 rows, int cols,
+                                              int chunk) {
+    const int PN = Pack<T>::N;
+    const int packs = (cols + PN - 1) / PN;
+    const int p = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+    if (p >= packs) return;
+    const bool vec = aligned16(dy) && aligned16(x) && aligned16(dx) && cols % PN == 0;
+    float wv[PN], cw[PN], cb[PN];
+#pragma unroll
+    for (int i = 0; i < PN; ++i) {
+        const int j = p * PN + i;
+        wv[i] = w && j < cols ? w[j] : 1.f;
+        cw[i] = 0.f;
+        cb[i] = 0.f;
+    }
+    const i64 r0 = (i64)blockIdx.y * chunk, r1 = min(rows, r0 + (i64)chunk);
+    constexpr int RU = ROWS_TILE_RU(T);
+    for (i64 row = r0; row < r1; row += RU) {
+        Pack<T> g[RU], xv[RU];
+#pragma unroll
+        for (int k = 0; k < RU; ++k) {
+            if (row + k < r1) {
+                g[k] = load_pack(dy + (row + k) * (i64)cols, p, cols, vec);
+                xv[k] = load_pack(x + (row + k) * (i64)cols, p, cols, vec);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < RU; ++k) {
+            const i64 r = row + k;
+            if (r < r1) {
+                const float mu = CENTER ? mean[r] : 0.f, rs = rstd[r];
+                const float m1 = CENTER ? sums[2 * r] / (float)cols : 0.f;
+                const float m2 = sums[2 * r + 1] / (float)cols;
+                Pack<T> out;
+#pragma unroll
+                for (int i = 0; i < PN; ++i) {
+                    const float gv = to_float(g[k].v[i]);
+                    const float xh = (to_float(xv[k].v[i]) - mu) * rs;
+                    const float u = w ? __fmul_rn(gv, wv[i]) : gv;
+                    out.v[i] = from_float<T>(rs * (u - m1 - xh * m2));
+                    cw[i] += gv * xh;
+                    cb[i] += gv;
+                }
+                store_pack(dx + r * (i64)cols, p, out, cols, vec);
+            }
+        }
+    }
+    float* pw = dw_part + (i64)blockIdx.y * cols;
+    float* pb = db_part + (i64)blockIdx.y * cols;
+#pragma unroll
+    for (int i = 0; i < PN; ++i) {
+        const int j = p * PN + i;
+        if (j < cols) {
+            pw[j] = cw[i];
+            pb[j] = cb[i];
         }
     }
 }
@@ -518,15 +632,51 @@ extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, floa
         rows_fwd<T, true>(x, y, w, b, mean, rstd, varu, rows, cols, seg, cycle, eps, cache,    \
                           nan_inf_mean);                                                        \
     }                                                                                           \
-    extern "C" __global__ void layer_norm_bwd_##NAME(                                           \
-        const T* dy, const T* x, const float* w, const float* mean, const float* rstd, T* dx,   \
-        float* dw_part, float* db_part, i64 rows, int cols) {                                   \
-        rows_bwd<T, true>(dy, x, w, mean, rstd, dx, dw_part, db_part, rows, cols);             \
+    extern "C" __global__ void layer_norm_bwd_sums_##NAME(                                      \
+        const T* dy, const T* x, const float* w, const float* mean, const float* rstd,          \
+        float* sums, i64 rows, int cols) {                                                      \
+        rows_bwd_sums<T, true>(dy, x, w, mean, rstd, sums, rows, cols);                        \
     }                                                                                           \
-    extern "C" __global__ void rms_norm_bwd_##NAME(const T* dy, const T* x, const float* w,    \
-                                                   const float* rstd, T* dx, float* dw_part,    \
-                                                   float* db_part, i64 rows, int cols) {        \
-        rows_bwd<T, false>(dy, x, w, 0, rstd, dx, dw_part, db_part, rows, cols);               \
+    extern "C" __global__ void rms_norm_bwd_sums_##NAME(const T* dy, const T* x, const float* w, \
+                                                        const float* rstd, float* sums,         \
+                                                        i64 rows, int cols) {                   \
+        rows_bwd_sums<T, false>(dy, x, w, 0, rstd, sums, rows, cols);                          \
+    }                                                                                           \
+    extern "C" __global__ void layer_norm_bwd_tile_##NAME(                                      \
+        const T* dy, const T* x, const float* w, const float* mean, const float* rstd,          \
+        const float* sums, T* dx, float* dw_part, float* db_part, i64 rows, int cols,           \
+        int chunk) {                                                                            \
+        rows_bwd_tile<T, true>(dy, x, w, mean, rstd, sums, dx, dw_part, db_part, rows, cols,   \
+                               chunk);                                                          \
+    }                                                                                           \
+    extern "C" __global__ void rms_norm_bwd_tile_##NAME(                                        \
+        const T* dy, const T* x, const float* w, const float* rstd, const float* sums, T* dx,   \
+        float* dw_part, float* db_part, i64 rows, int cols, int chunk) {                        \
+        rows_bwd_tile<T, false>(dy, x, w, 0, rstd, sums, dx, dw_part, db_part, rows, cols,     \
+                                chunk);                                                         \
+    }
+
+// The wide forward (rows_fwd with KR = ROWS_WIDE_K): same arguments as the entries above; the
+// host launches it with 1024 threads when a row is longer than shared memory holds.
+#define ROWS_WIDE_K 4
+#define ROWS_WIDE_ENTRIES(T, NAME)                                                              \
+    extern "C" __global__ void __launch_bounds__(1024) layer_norm_fwd_wide_##NAME(              \
+        const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, i64 rows,   \
+        int cols, float eps, int cache) {                                                       \
+        rows_fwd<T, true, ROWS_WIDE_K>(x, y, w, b, mean, rstd, 0, rows, cols, 1, 1, eps, cache, \
+                                       1);                                                      \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(1024) rms_norm_fwd_wide_##NAME(                \
+        const T* x, T* y, const float* w, float* rstd, i64 rows, int cols, float eps,           \
+        int cache) {                                                                            \
+        rows_fwd<T, false, ROWS_WIDE_K>(x, y, w, 0, 0, rstd, 0, rows, cols, 1, 1, eps, cache,   \
+                                        0);                                                     \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(1024) group_norm_fwd_wide_##NAME(              \
+        const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, float* varu, \
+        i64 rows, int cols, int seg, int cycle, float eps, int cache, int nan_inf_mean) {       \
+        rows_fwd<T, true, ROWS_WIDE_K>(x, y, w, b, mean, rstd, varu, rows, cols, seg, cycle,    \
+                                       eps, cache, nan_inf_mean);                               \
     }
 
 #define ROWS_REG_FWD(T, NAME, KM)                                                               \
@@ -562,6 +712,7 @@ extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, floa
     ROWS_REG_BWD(T, NAME, 4)
 
 CUNORM_FOR_DTYPES(ROWS_ENTRIES)
+CUNORM_FOR_DTYPES(ROWS_WIDE_ENTRIES)
 CUNORM_FOR_DTYPES(ROWS_REG_ENTRIES_K)
 ROWS_REG_FWD(float, f32, 2)
 ROWS_REG_FWD(float, f32, 4)

@@ -16,7 +16,9 @@
 //  - built with -fsanitize=address (run.sh asan), every kernel access is bounds-checked.
 // Environment: FAKECUDA_SMS (SM count, default 4), FAKECUDA_ORDER=reverse (threads and blocks
 // in reverse order: a race shows as a changed result), FAKECUDA_LOG=1 (print every launch),
-// FAKECUDA_COVERAGE=FILE (append "kernel launches" lines at exit).
+// FAKECUDA_COVERAGE=FILE (append "kernel launches" lines at exit), FAKECUDA_SMEM_OPTIN=BYTES
+// (the opt-in shared memory per block, default an H100's), FAKECUDA_TRAFFIC_LOG=1 (the traffic
+// build: each launch's counts).
 //
 // Built with -DEMU_TRAFFIC and the kernels instrumented (traffic.h, run.sh), it also counts each
 // launch's device memory traffic; `fakecuda_traffic_take` (exported beside the driver API) hands
@@ -54,7 +56,7 @@ enum : CUresult {
 namespace {
 
 constexpr int ARCH = 90;
-constexpr int MAX_SMEM_OPTIN = 232448;  // H100: 227 KiB per block after opting in
+constexpr int H100_SMEM_OPTIN = 232448;  // H100: 227 KiB per block after opting in
 constexpr int DEFAULT_SMEM = 48 * 1024;
 
 std::recursive_mutex mu;
@@ -64,8 +66,9 @@ std::map<uintptr_t, size_t> allocs;  // device allocations: base -> bytes
 #ifdef EMU_TRAFFIC
 unsigned long long traffic_totals[4] = {};  // see fakecuda_traffic_take
 
-// Runs one launch with traffic counting on, over the allocations live now.
-template <class F> void traffic_launch(F&& run) {
+// Runs one launch with traffic counting on, over the allocations live now. With
+// FAKECUDA_TRAFFIC_LOG=1 each launch's counts go to stderr.
+template <class F> void traffic_launch(const std::string& name, F&& run) {
     std::vector<uintptr_t> lo, hi;
     std::vector<unsigned char> big;
     for (auto& [base, n] : allocs) {
@@ -86,12 +89,22 @@ template <class F> void traffic_launch(F&& run) {
     traffic_totals[1] += t.loaded;
     traffic_totals[2] += t.stored;
     traffic_totals[3] = std::max(traffic_totals[3], t.max_thread);
+    if (std::getenv("FAKECUDA_TRAFFIC_LOG"))
+        std::fprintf(stderr, "fakecuda traffic: %s loaded %llu stored %llu max accesses per thread %llu\n",
+                     name.c_str(), t.loaded, t.stored, t.max_thread);
 }
 #endif
 
 int sms() {
     const char* s = std::getenv("FAKECUDA_SMS");
     return s ? std::max(1, std::atoi(s)) : 4;
+}
+
+// The opt-in shared memory per block: an H100's, or FAKECUDA_SMEM_OPTIN bytes (101376, 99 KiB,
+// as sm_86/sm_89 GPUs: shorter rows then take the kernels for rows beyond shared memory).
+int max_smem_optin() {
+    const char* s = std::getenv("FAKECUDA_SMEM_OPTIN");
+    return s ? std::max(DEFAULT_SMEM, std::atoi(s)) : H100_SMEM_OPTIN;
 }
 
 void complain(const std::string& what) { std::fprintf(stderr, "fakecuda: %s\n", what.c_str()); }
@@ -344,7 +357,7 @@ API cuDeviceGetAttribute(int* v, int attr, CUdevice) {
         case 38: *v = 50 << 20; break;          // L2_CACHE_SIZE
         case 75: *v = ARCH / 10; break;         // COMPUTE_CAPABILITY_MAJOR
         case 76: *v = ARCH % 10; break;         // COMPUTE_CAPABILITY_MINOR
-        case 97: *v = MAX_SMEM_OPTIN; break;    // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
+        case 97: *v = max_smem_optin(); break;    // MAX_SHARED_MEMORY_PER_BLOCK_OPTIN
         case 115: *v = 1; break;                // MEMORY_POOLS_SUPPORTED
         default: *v = 0; break;
     }
@@ -556,7 +569,7 @@ API cuFuncSetAttribute(void* fp, int attr, int v) {
     LOCK;
     auto* f = (Function*)fp;
     if (attr == 8) {
-        if (v < 0 || v + f->info.static_smem > MAX_SMEM_OPTIN) {
+        if (v < 0 || v + f->info.static_smem > max_smem_optin()) {
             complain(f->name + ": dynamic shared memory " + std::to_string(v) + " B exceeds the opt-in limit");
             return CUDA_ERROR_INVALID_VALUE;
         }
@@ -598,7 +611,7 @@ API cuLaunchKernel(void* fp, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
     }
     ++launch_counts[f->name];
 #ifdef EMU_TRAFFIC
-    traffic_launch([&] { emu_launch({gx, gy, gz}, {bx, by, bz}, smem, call); });
+    traffic_launch(f->name, [&] { emu_launch({gx, gy, gz}, {bx, by, bz}, smem, call); });
 #else
     emu_launch({gx, gy, gz}, {bx, by, bz}, smem, call);
 #endif

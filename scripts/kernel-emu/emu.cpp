@@ -121,16 +121,37 @@ void rows_case(size_t rows, int cols, bool center, bool affine) {
         if (center) rows_fwd<T, true>(x.data(), y.data(), wp, bp, mean.data(), rstd.data(), nullptr, rows, cols, 1, 1, eps, cache, 1);
         else rows_fwd<T, false>(x.data(), y.data(), wp, nullptr, nullptr, rstd.data(), nullptr, rows, cols, 1, 1, eps, cache, 0);
     });
-    // backward, as raw::rows_backward
-    size_t parts = std::max<size_t>(1, std::min<size_t>(rows, std::max<size_t>(1, std::min<size_t>(SMS * 4, (1u << 24) / cols))));
-    unsigned bt = std::min<size_t>(1024, std::max<size_t>(32, (((size_t)cols + 7) / 8 + 31) / 32 * 32));
-    std::vector<float> pw(parts * cols, NAN), pb(parts * cols, NAN);
-    emu_launch({(unsigned)parts}, {bt}, 0, [&] {
-        if (center) rows_bwd<T, true>(g.data(), x.data(), wp, mean.data(), rstd.data(), dx.data(), pw.data(), pb.data(), rows, cols);
-        else rows_bwd<T, false>(g.data(), x.data(), wp, nullptr, rstd.data(), dx.data(), pw.data(), pb.data(), rows, cols);
+    // backward, as raw::rows_backward launches the long-rows kernels (tile_geometry in
+    // src/ops/rows/cuda.rs): the row sums, then column tiles over chunks of rows.
+    const size_t bpacks = (cols + 16 / sizeof(T) - 1) / (16 / sizeof(T));
+    const size_t tthreads = std::min<size_t>(256, (bpacks + 31) / 32 * 32), tiles = (bpacks + tthreads - 1) / tthreads;
+    size_t chunk = std::clamp<size_t>((rows * tiles + 1023) / 1024, 32, 128);
+    chunk = std::max(chunk, (rows + ((1u << 24) / cols) - 1) / ((1u << 24) / cols));
+    const size_t parts = (rows + chunk - 1) / chunk;
+    std::vector<float> sums(2 * rows, NAN), pw(parts * cols, NAN), pb(parts * cols, NAN);
+    unsigned bt = std::min<size_t>(1024, std::max<size_t>(32, (bpacks + 31) / 32 * 32));
+    emu_launch({blocks}, {bt}, 0, [&] {
+        if (center) rows_bwd_sums<T, true>(g.data(), x.data(), wp, mean.data(), rstd.data(), sums.data(), rows, cols);
+        else rows_bwd_sums<T, false>(g.data(), x.data(), wp, nullptr, rstd.data(), sums.data(), rows, cols);
     });
-    emu_launch({(unsigned)((cols + 255) / 256)}, {256}, 0, [&] { rows_col_sum_f32(pw.data(), dw.data(), parts, cols, parts); });
-    emu_launch({(unsigned)((cols + 255) / 256)}, {256}, 0, [&] { rows_col_sum_f32(pb.data(), db.data(), parts, cols, parts); });
+    emu_launch({(unsigned)tiles, (unsigned)parts}, {(unsigned)tthreads}, 0, [&] {
+        if (center) rows_bwd_tile<T, true>(g.data(), x.data(), wp, mean.data(), rstd.data(), sums.data(), dx.data(), pw.data(), pb.data(), rows, cols, (int)chunk);
+        else rows_bwd_tile<T, false>(g.data(), x.data(), wp, nullptr, rstd.data(), sums.data(), dx.data(), pw.data(), pb.data(), rows, cols, (int)chunk);
+    });
+    // Two-stage column sums when there are more than 64 partial rows (col_sum in cuda.rs).
+    auto col_sum = [&](std::vector<float>& part, size_t nparts, std::vector<float>& out) {
+        int P = (int)nparts, C = cols;
+        if (P <= 64) {
+            emu_launch({(unsigned)((C + 255) / 256)}, {256}, 0, [&] { rows_col_sum_f32(part.data(), out.data(), P, C, P); });
+            return;
+        }
+        int chunks = (P + 63) / 64;
+        std::vector<float> mid((size_t)chunks * C, NAN);
+        emu_launch({(unsigned)((C + 255) / 256), (unsigned)chunks}, {256}, 0, [&] { rows_col_sum_f32(part.data(), mid.data(), P, C, 64); });
+        emu_launch({(unsigned)((C + 255) / 256)}, {256}, 0, [&] { rows_col_sum_f32(mid.data(), out.data(), chunks, C, chunks); });
+    };
+    col_sum(pw, parts, dw);
+    col_sum(pb, parts, db);
     std::vector<double>* wr = affine ? &wd : nullptr;
     std::vector<double>* br = affine && center ? &bd : nullptr;
     Ref r = reference(xd, gd, wr, br, rows, cols, [&](size_t i) { return i / cols; },
@@ -142,6 +163,27 @@ void rows_case(size_t rows, int cols, bool center, bool affine) {
     expect(tag + " dx", widen(dx), round(r.dx), tol_abs<T>() * 5, tol_rel<T>() * 5);
     expect(tag + " dw", widen(dw), r.dw, 1e-3, 1e-4);
     expect(tag + " db", widen(db), r.db, 1e-3, 1e-4);
+
+    // The wide forward (rows_fwd with KR = ROWS_WIDE_K), on a small block so that the rows
+    // here split between registers (ROWS_WIDE_K packs per thread) and shared memory, as
+    // rows_fwd_kernel launches it for rows longer than shared memory: shared memory for the
+    // packs past the registers' (none for rows of partial packs, which it reads uncached).
+    for (unsigned wt : {32u, 96u}) {
+        std::fill(y.begin(), y.end(), from_float<T>(NAN));
+        std::fill(mean.begin(), mean.end(), NAN);
+        std::fill(rstd.begin(), rstd.end(), NAN);
+        const size_t wpn = 16 / sizeof(T), wpacks = cols / wpn;
+        const size_t held = (size_t)ROWS_WIDE_K * wt;
+        const size_t wsmem = cols % wpn == 0 && wpacks > held ? (wpacks - held) * 16 : 0;
+        emu_launch({blocks}, {wt}, wsmem, [&] {
+            if (center) rows_fwd<T, true, ROWS_WIDE_K>(x.data(), y.data(), wp, bp, mean.data(), rstd.data(), nullptr, rows, cols, 1, 1, eps, 1, 1);
+            else rows_fwd<T, false, ROWS_WIDE_K>(x.data(), y.data(), wp, nullptr, nullptr, rstd.data(), nullptr, rows, cols, 1, 1, eps, 1, 0);
+        });
+        const std::string wtag = tag + " wide" + std::to_string(wt);
+        expect(wtag + " y", widen(y), round(r.y), tol_abs<T>(), tol_rel<T>());
+        if (center) expect(wtag + " mean", widen(mean), r.mean, 1e-5, 1e-5);
+        expect(wtag + " rstd", widen(rstd), r.rstd, 1e-5, 1e-4);
+    }
 
     // The register-resident kernels, as raw::rows_forward/rows_backward launch them when a row
     // fits (RegTeam in src/ops/rows/cuda.rs, with 1024 threads allowed).
@@ -189,20 +231,8 @@ void rows_case(size_t rows, int cols, bool center, bool affine) {
         if (k == 1) bwd.template operator()<1>();
         else if (k == 2) bwd.template operator()<2>();
         else bwd.template operator()<4>();
-        // Two-stage column sums when there are more than 64 partial rows (col_sum in cuda.rs).
-        auto col_sum = [&](std::vector<float>& part, std::vector<float>& out) {
-            int P = (int)parts_r, C = cols;
-            if (P <= 64) {
-                emu_launch({(unsigned)((C + 255) / 256)}, {256}, 0, [&] { rows_col_sum_f32(part.data(), out.data(), P, C, P); });
-                return;
-            }
-            int chunks = (P + 63) / 64;
-            std::vector<float> mid((size_t)chunks * C, NAN);
-            emu_launch({(unsigned)((C + 255) / 256), (unsigned)chunks}, {256}, 0, [&] { rows_col_sum_f32(part.data(), mid.data(), P, C, 64); });
-            emu_launch({(unsigned)((C + 255) / 256)}, {256}, 0, [&] { rows_col_sum_f32(mid.data(), out.data(), chunks, C, chunks); });
-        };
-        col_sum(qw, dw);
-        col_sum(qb, db);
+        col_sum(qw, parts_r, dw);
+        col_sum(qb, parts_r, db);
         expect(tag + " reg dx", widen(dx), round(r.dx), tol_abs<T>() * 5, tol_rel<T>() * 5);
         expect(tag + " reg dw", widen(dw), r.dw, 1e-3, 1e-4);
         expect(tag + " reg db", widen(db), r.db, 1e-3, 1e-4);
@@ -263,6 +293,22 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
         emu_launch({blocks}, {threads}, cache ? cols * sizeof(T) : 0, [&] {
             rows_fwd<T, true>(x.data(), y.data(), w.data(), b.data(), mean.data(), rstd.data(), varu.data(), groups, cols, S, G, eps, cache, 1);
         });
+        // The wide forward on a 32-thread block (registers hold 4·32 packs, shared memory the
+        // rest), against the kernel above.
+        {
+            const size_t wpn = 16 / sizeof(T), held = ROWS_WIDE_K * 32;
+            const bool packed = cols % wpn == 0 && (S == 1 || S % wpn == 0);
+            const size_t wsmem = packed && cols / wpn > held ? (cols / wpn - held) * 16 : 0;
+            std::vector<T> y2(y.size(), from_float<T>(NAN));
+            std::vector<float> m2(groups, NAN), r2(groups, NAN), v2(groups, NAN);
+            emu_launch({blocks}, {32}, wsmem, [&] {
+                rows_fwd<T, true, ROWS_WIDE_K>(x.data(), y2.data(), w.data(), b.data(), m2.data(), r2.data(), v2.data(), groups, cols, S, G, eps, 1, 1);
+            });
+            expect(tag + " wide y", widen(y2), widen(y), tol_abs<T>(), tol_rel<T>());
+            expect(tag + " wide mean", widen(m2), widen(mean), 1e-5, 1e-5);
+            expect(tag + " wide rstd", widen(r2), widen(rstd), 1e-5, 1e-4);
+            expect(tag + " wide varu", widen(v2), widen(varu), 1e-5, 1e-4);
+        }
         if (G == C)
             emu_launch(small(C), {256}, 0, [&] { planes_running_update_f32(rm.data(), rv.data(), mean.data(), varu.data(), N, C, 1, factor); });
     } else if (!eval) {

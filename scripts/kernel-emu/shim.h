@@ -41,6 +41,7 @@ inline unsigned char* emu_dyn_smem = nullptr;
 inline bool emu_reverse = false;
 
 #define __global__
+#define __launch_bounds__(...)
 #define __device__
 #define __forceinline__ inline
 #define __restrict__ __restrict

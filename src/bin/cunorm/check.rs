@@ -269,7 +269,8 @@ pub fn cases(quick: bool) -> Result<Vec<(AnyNorm, Vec<usize>, f32)>> {
         ),
         (AnyNorm::Rms(RMSNorm::new(&[33_333])?), vec![2, 33_333], 0.0),
         // Rows too long for the register-resident kernels (more than 8 packs per thread of
-        // 1024): the shared-memory kernels, cached (f16/bf16) and re-read (f32).
+        // 1024): the shared-memory kernels, cached (f16/bf16) and wide (f32: registers and
+        // shared memory; 70 001 is not whole packs, so re-read).
         (
             AnyNorm::Ln(LayerNorm::new(&[70_000])?),
             vec![2, 70_000],
@@ -277,6 +278,15 @@ pub fn cases(quick: bool) -> Result<Vec<(AnyNorm, Vec<usize>, f32)>> {
         ),
         (AnyNorm::Rms(RMSNorm::new(&[70_001])?), vec![2, 70_001], 0.0),
         (AnyNorm::Gn(GroupNorm::new(2, 4)?), vec![1, 4, 8_000], 0.0),
+        // f32 rows (groups, planes) of 256 KiB, beyond the 227 KiB of shared memory: the wide
+        // forward, registers and shared memory (LayerNorm's [2, 70 000] above too).
+        (AnyNorm::Gn(GroupNorm::new(2, 4)?), vec![1, 4, 32_768], 0.0),
+        (AnyNorm::Rms(RMSNorm::new(&[65_536])?), vec![2, 65_536], 0.0),
+        (
+            AnyNorm::In1(InstanceNorm1d::from_config(inn(2))?),
+            vec![1, 2, 65_536],
+            0.0,
+        ),
     ];
     // Seeded random shapes: odd, prime and 1-sized dimensions in every position.
     let mut rng = StdRng::seed_from_u64(2026);

@@ -15,7 +15,7 @@ use crate::cuda::launch::{arg_or_null, check_len, grid, launch_err, pack, to_i32
 use crate::cuda::CudaDevice;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
-use crate::ops::rows::cuda::rows_fwd_config;
+use crate::ops::rows::cuda::rows_fwd_kernel;
 use crate::ops::{kernels, Gradients, NormOp, NormOutput, SavedStats};
 use crate::tensor::{tensor_view, MemoryFormat, Tensor};
 
@@ -376,9 +376,8 @@ pub fn planes_forward<T: Element>(
                 // C/G·S values; one pass computes its statistics and output (x read once when
                 // the row fits on chip).
                 let mut varu = dev.alloc::<f32>(ng)?;
-                let k = dev.kernel("rows", &kernels::name::<T>("group_norm_fwd"))?;
                 let cols = (s.c / g) * s.s;
-                let (cfg, cache) = rows_fwd_config::<T>(dev, &k, ng, cols)?;
+                let (k, cfg, cache) = rows_fwd_kernel::<T>(dev, "group_norm_fwd", ng, cols)?;
                 let (rows_i, cols_i, seg_i, g_i, nan_i) = (
                     ng as i64,
                     to_i32("C/G·S", cols)?,

@@ -167,31 +167,51 @@ fn rows_numel(rows: usize, cols: usize) -> Result<usize> {
         })
 }
 
-/// Launch configuration of the row forward kernel. The row stays on chip (as T) when it fits in
-/// the dynamic shared memory the kernel was opted in to at load (the device's limit less the
-/// kernel's static reduction scratch).
-pub(crate) fn rows_fwd_config<T: Element>(
+/// The block-per-row forward kernel for rows of `cols` (`base` is `layer_norm_fwd`,
+/// `rms_norm_fwd` or `group_norm_fwd`), its launch configuration and its `cache` argument:
+/// - the row fits the dynamic shared memory the kernel was opted in to at load (the device's
+///   limit less the kernel's static reduction scratch): `base`, the row cached as T;
+/// - else, for rows of whole packs, when the part beyond [`WIDE_K`] packs per thread of the
+///   block fits it: the wide kernel (`<base>_wide`), which holds those packs in registers and
+///   the rest in shared memory (x still read once);
+/// - else `base` uncached (x read twice).
+///
+/// The choice follows from the shape and the kernels' limits on the device, never from the
+/// timing of a run.
+pub(crate) fn rows_fwd_kernel<T: Element>(
     dev: &CudaDevice,
-    k: &Kernel,
+    base: &str,
     rows: usize,
     cols: usize,
-) -> Result<(LaunchConfig, i32)> {
+) -> Result<(Kernel, LaunchConfig, i32)> {
+    let k = dev.kernel("rows", &kernels::name::<T>(base))?;
     let packs = cols.div_ceil(pack::<T>());
+    let blocks = grid(rows.min(dev.sm_count() as usize * 32))?;
+    let row_bytes = cols * T::DTYPE.size();
+    if row_bytes > k.max_dynamic_smem && cols.is_multiple_of(pack::<T>()) {
+        let wide = dev.kernel("rows", &kernels::name::<T>(&format!("{base}_wide")))?;
+        let threads = block_threads(&wide, packs);
+        let rest = packs.saturating_sub(WIDE_K * threads as usize) * 16;
+        if rest <= wide.max_dynamic_smem {
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: rest as u32,
+            };
+            return Ok((wide, cfg, 1));
+        }
+    }
     // Above 32 registers a 1024-thread block leaves an SM half empty (65 536 registers hold one
     // such block): 512 threads let three or more blocks share it.
     let cap = if k.regs > 32 { 512 } else { 1024 };
-    let threads = block_threads(k, packs).min(cap);
-    let smem = cols * T::DTYPE.size();
-    let cache = smem <= k.max_dynamic_smem;
-    let blocks = rows.min(dev.sm_count() as usize * 32);
-    Ok((
-        LaunchConfig {
-            grid_dim: (grid(blocks)?, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: if cache { smem as u32 } else { 0 },
-        },
-        cache as i32,
-    ))
+    let threads = block_threads(&k, packs).min(cap);
+    let cache = row_bytes <= k.max_dynamic_smem;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: if cache { row_bytes as u32 } else { 0 },
+    };
+    Ok((k, cfg, cache as i32))
 }
 
 /// LayerNorm forward over `rows` contiguous rows of `cols`: `y = (x − mean)·rstd·w + b`;
@@ -290,13 +310,12 @@ fn rows_forward<T: Element>(
             return Ok(());
         }
     }
-    let name = kernels::name::<T>(if center {
+    let base = if center {
         "layer_norm_fwd"
     } else {
         "rms_norm_fwd"
-    });
-    let k = dev.kernel("rows", &name)?;
-    let (cfg, cache) = rows_fwd_config::<T>(dev, &k, rows, cols)?;
+    };
+    let (k, cfg, cache) = rows_fwd_kernel::<T>(dev, base, rows, cols)?;
     let stream = dev.stream();
     let mut b = stream.launch_builder(&k.func);
     b.arg(x).arg(y);
@@ -432,34 +451,74 @@ fn rows_backward<T: Element>(
         col_sum(dev, &pw, used, cols, dweight)?;
         return col_sum(dev, &pb, used, cols, dbias);
     }
-    // Partial column sums: one row per block, bounded to 16M floats per buffer (a fixed count,
-    // not the SM count, so that every GPU adds in the same order).
-    let parts = rows.clamp(1, 512.min((1 << 24) / cols).max(1));
-    let mut pw = dev.alloc::<f32>(parts * cols)?;
-    let mut pb = dev.alloc::<f32>(parts * cols)?;
+    // Long rows: the row sums, then column tiles over chunks of rows (rows.cu `rows_bwd_sums`,
+    // `rows_bwd_tile`): one partial row of column sums per chunk.
+    let (threads, chunk, chunks) = tile_geometry(rows, cols, packs);
+    let mut pw = dev.alloc::<f32>(chunks * cols)?;
+    let mut pb = dev.alloc::<f32>(chunks * cols)?;
     if rows > 0 {
-        let name = kernels::name::<T>(if center {
-            "layer_norm_bwd"
-        } else {
-            "rms_norm_bwd"
-        });
-        let k = dev.kernel("rows", &name)?;
-        // Eight columns per thread keep the column sums in registers (rows.cu).
-        let threads = block_threads(&k, cols.div_ceil(8));
+        let mut sums = dev.alloc::<f32>(2 * rows)?;
         let rows_i = rows as i64;
+        let k = dev.kernel("rows", &kernels::name::<T>(&format!("{op}_bwd_sums")))?;
         let mut b = stream.launch_builder(&k.func);
-        bufs.push(&mut b, dx, &mut pw, &mut pb, &rows_i, &cols_i);
+        b.arg(dy).arg(x);
+        arg_or_null(&mut b, weight);
+        if let Some(m) = mean {
+            b.arg(m);
+        }
+        b.arg(rstd).arg(&mut sums).arg(&rows_i).arg(&cols_i);
+        // One block per row (grid-stride): the grid does not change any row's sum.
         let cfg = LaunchConfig {
-            grid_dim: (grid(parts)?, 1, 1),
-            block_dim: (threads, 1, 1),
+            grid_dim: (grid(rows.min(dev.sm_count() as usize * 16))?, 1, 1),
+            block_dim: (block_threads(&k, packs).min(1024), 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: matches rows.cu's signature; buffers sized above.
+        // SAFETY: matches rows.cu's *_bwd_sums entry points; sums holds 2·rows floats.
+        unsafe { b.launch(cfg) }.map_err(launch_err)?;
+
+        let k = dev.kernel("rows", &kernels::name::<T>(&format!("{op}_bwd_tile")))?;
+        let chunk_i = to_i32("rows per chunk", chunk)?;
+        let mut b = stream.launch_builder(&k.func);
+        b.arg(dy).arg(x);
+        arg_or_null(&mut b, weight);
+        if let Some(m) = mean {
+            b.arg(m);
+        }
+        b.arg(rstd)
+            .arg(&sums)
+            .arg(&mut *dx)
+            .arg(&mut pw)
+            .arg(&mut pb)
+            .arg(&rows_i)
+            .arg(&cols_i)
+            .arg(&chunk_i);
+        let threads = threads.min(k.max_threads as usize / 32 * 32).max(32);
+        let cfg = LaunchConfig {
+            grid_dim: (grid(packs.div_ceil(threads))?, to_u32_grid(chunks)?, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches rows.cu's *_bwd_tile entry points; the partial buffers hold one row
+        // per chunk, sums 2·rows floats.
         unsafe { b.launch(cfg) }.map_err(launch_err)?;
     }
-    let used = if rows == 0 { 0 } else { parts };
+    let used = if rows == 0 { 0 } else { chunks };
     col_sum(dev, &pw, used, cols, dweight)?;
     col_sum(dev, &pb, used, cols, dbias)
+}
+
+/// The long-rows backward's tiles (rows.cu `rows_bwd_tile`): threads per block (one column pack
+/// each), rows per chunk, and chunks (one partial row each), from the shape alone. About 1024
+/// blocks keep a GPU busy; a chunk of 32 to 128 rows keeps the partials (written and read
+/// back once) near 2–8 % of the minimum traffic and each thread's accesses in the hundreds; at
+/// most 2^24 partial floats per buffer (then longer chunks).
+fn tile_geometry(rows: usize, cols: usize, packs: usize) -> (usize, usize, usize) {
+    let threads = TILE_THREADS.min(packs.next_multiple_of(32));
+    let tiles = packs.div_ceil(threads);
+    let mut chunk = (rows * tiles).div_ceil(TILE_BLOCKS).clamp(32, 128);
+    let max_chunks = ((1usize << 24) / cols.max(1)).max(1);
+    chunk = chunk.max(rows.div_ceil(max_chunks)).max(1);
+    (threads, chunk, rows.div_ceil(chunk).max(1))
 }
 
 /// The inputs every row backward kernel takes first, in rows.cu's order (`layer_norm_bwd*`:
@@ -508,6 +567,8 @@ fn fwd_prefers_reg(elem_size: usize, packs: usize) -> bool {
 /// Most 16-byte packs of x per thread in the register-resident forward and of x and dy in the
 /// backward: the largest `KM` rows.cu instantiates (`ROWS_REG_ENTRIES_K`: 1, 2, 4).
 const FWD_REG_K: usize = 4;
+/// 16-byte packs per thread the wide forward holds in registers (rows.cu `ROWS_WIDE_K`).
+const WIDE_K: usize = 4;
 const BWD_REG_K: usize = 4;
 /// Fewest teams (partial rows) of a register-resident backward, when there are as many rows.
 const BWD_MIN_TEAMS: usize = 264;
@@ -515,6 +576,9 @@ const BWD_MIN_TEAMS: usize = 264;
 const MAX_ROW_BLOCKS: usize = 1 << 20;
 /// Most teams (partial rows of column sums) of a register-resident backward.
 const BWD_MAX_TEAMS: usize = 8192;
+/// Threads per block of the long-rows backward's tiles, and the blocks its chunking aims at.
+const TILE_THREADS: usize = 256;
+const TILE_BLOCKS: usize = 1024;
 /// Partial rows one thread of `rows_col_sum_f32` adds in sequence in the first of two stages.
 const COL_SUM_CHUNK: usize = 64;
 
@@ -648,7 +712,31 @@ fn to_u32_grid(n: usize) -> Result<u32> {
 
 #[cfg(test)]
 mod tests {
-    use super::RegTeam;
+    use super::{tile_geometry, RegTeam};
+
+    #[test]
+    fn tile_geometry_covers_the_rows_within_its_bounds() {
+        for rows in [0, 1, 2, 31, 33, 1000, 4096, 100_000, 3_000_000] {
+            for cols in [1usize, 7, 16_385, 65_536, 1 << 20] {
+                let packs = cols.div_ceil(4);
+                let (threads, chunk, chunks) = tile_geometry(rows, cols, packs);
+                assert!(threads % 32 == 0 && (32..=256).contains(&threads));
+                assert!(chunk >= 1 && chunks >= 1);
+                assert!(chunk * chunks >= rows, "{rows}x{cols}: rows left out");
+                assert!(
+                    chunk * (chunks - 1) < rows.max(1),
+                    "{rows}x{cols}: an empty chunk"
+                );
+                assert!(
+                    chunks * cols <= (1 << 24) || chunks == 1,
+                    "{rows}x{cols}: partials"
+                );
+                if chunks * cols * 128 <= (1 << 24) {
+                    assert!(chunk <= 128, "{rows}x{cols}: {chunk} rows per chunk");
+                }
+            }
+        }
+    }
 
     #[test]
     fn reg_team_covers_the_row_within_its_limits() {
