@@ -20,7 +20,12 @@ inline void hit(const void* p, size_t n, bool store) {
         else hi = m;
     }
     if (lo == 0 || a >= t.hi[lo - 1]) return;
-    ++t.thread_accesses[t.cur];
+    const uintptr_t chunk = a / 16 + 1;
+    if (t.last_chunk[t.cur] != chunk || t.last_store[t.cur] != store) {
+        ++t.thread_accesses[t.cur];
+        t.last_chunk[t.cur] = chunk;
+        t.last_store[t.cur] = store;
+    }
     if (t.big[lo - 1]) (store ? t.stored : t.loaded) += n;
 }
 

@@ -5,8 +5,9 @@
 //  - the bytes loaded from and stored to device allocations larger than 1 MiB (what DRAM would
 //    move with no cache reuse; smaller buffers, such as parameters and statistics, are assumed
 //    to stay in cache);
-//  - the accesses each thread of the running block makes to any device allocation, and the
-//    largest such count of the launch (a serial chain shows here).
+//  - the accesses each thread of the running block makes to any device allocation (a 16-byte
+//    vector access once, however the host compiler splits it), and the largest such count of
+//    the launch (a serial chain shows here).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -23,5 +24,11 @@ struct EmuTraffic {
     unsigned long long loaded = 0, stored = 0;  // bytes, this launch
     unsigned long long max_thread = 0;          // most accesses by one thread, this launch
     unsigned thread_accesses[1024] = {};        // per thread of the running block
+    // Per thread: the 16-byte chunk (address / 16 + 1; 0 for none) and direction of its last
+    // access. GCC lowers a kernel's 16-byte Pack access to several narrower ones (a struct
+    // returned in two registers, or one access per element once it scalarizes the struct);
+    // consecutive pieces of one thread within one chunk count as one access.
+    uintptr_t last_chunk[1024] = {};
+    bool last_store[1024] = {};
 };
 extern "C" EmuTraffic emu_traffic;

@@ -186,7 +186,10 @@ inline void emu_run_block(unsigned n, const std::function<void()>& kernel) {
         f.sp = top;
     }
 #ifdef EMU_TRAFFIC
-    for (unsigned i = 0; i < n; ++i) emu_traffic.thread_accesses[i] = 0;
+    for (unsigned i = 0; i < n; ++i) {
+        emu_traffic.thread_accesses[i] = 0;
+        emu_traffic.last_chunk[i] = 0;
+    }
     struct MaxAccesses {
         unsigned n;
         ~MaxAccesses() {
