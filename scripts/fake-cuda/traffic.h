@@ -27,7 +27,8 @@ struct EmuTraffic {
     // Per thread: the 16-byte chunk (address / 16 + 1; 0 for none) and direction of its last
     // access. GCC lowers a kernel's 16-byte Pack access to several narrower ones (a struct
     // returned in two registers, or one access per element once it scalarizes the struct);
-    // consecutive pieces of one thread within one chunk count as one access.
+    // consecutive pieces of one thread within one chunk count as one access (and so do a
+    // scalar fallback's consecutive element accesses to one chunk, which a GPU issues apart).
     uintptr_t last_chunk[1024] = {};
     bool last_store[1024] = {};
 };

@@ -130,7 +130,7 @@ void rows_case(size_t rows, int cols, bool center, bool affine) {
     const size_t parts = (rows + chunk - 1) / chunk;
     std::vector<float> sums(2 * rows, NAN), pw(parts * cols, NAN), pb(parts * cols, NAN);
     unsigned bt = std::min<size_t>(1024, std::max<size_t>(32, (bpacks + 31) / 32 * 32));
-    emu_launch({blocks}, {bt}, 0, [&] {
+    emu_launch({(unsigned)std::min<size_t>(rows, SMS * 16)}, {bt}, 0, [&] {
         if (center) rows_bwd_sums<T, true>(g.data(), x.data(), wp, mean.data(), rstd.data(), sums.data(), rows, cols);
         else rows_bwd_sums<T, false>(g.data(), x.data(), wp, nullptr, rstd.data(), sums.data(), rows, cols);
     });
@@ -404,7 +404,7 @@ template <class T> void all() {
     for (P p : std::vector<P>{{4, 3, 35, 0}, {2, 5, 1, 0}, {33, 8, 1, 0}, {2, 16, 40, 0}, {1, 3, 9000, 0},
                               {2, 3, 35, 3}, {1, 4, 33, 4}, {3, 40, 17, 40},
                               {2, 4, 4, 2}, {3, 6, 35, 3}, {2, 5, 3, 1}, {2, 32, 64, 8}, {1, 4, 700, 2},
-                              {1, 2, 30000, 1}, {2, 4, 8000, 2}})
+                              {1, 2, 30000, 1}, {2, 4, 8000, 2}, {3, 16, 1, 2}})
         for (bool cl : {false, true}) {
             planes_case<T>(p.n, p.c, p.s, p.g, cl, false);
             if (p.g == 0 || p.g == p.c) planes_case<T>(p.n, p.c, p.s, p.g, cl, true);

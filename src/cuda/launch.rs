@@ -31,6 +31,21 @@ pub(crate) fn to_i32(what: &str, v: usize) -> Result<i32> {
     })
 }
 
+/// Longest row (LayerNorm/RMSNorm columns, a GroupNorm/InstanceNorm group) the row kernels take:
+/// their `int` column and pack counters step by up to a block (1024) plus a pack past the last
+/// column, which must not wrap.
+pub(crate) const MAX_ROW_LEN: usize = i32::MAX as usize - 2048;
+
+/// A row length for the row kernels: an `Err` above [`MAX_ROW_LEN`].
+pub(crate) fn row_len(what: &str, v: usize) -> Result<i32> {
+    if v > MAX_ROW_LEN {
+        return Err(Error::Shape(format!(
+            "cuda launch: {what} = {v} exceeds {MAX_ROW_LEN} values per row; split the input"
+        )));
+    }
+    to_i32(what, v)
+}
+
 pub(crate) fn grid(blocks: usize) -> Result<u32> {
     u32::try_from(blocks.max(1))
         .ok()
@@ -67,4 +82,20 @@ pub(crate) fn block_threads(k: &Kernel, want: usize) -> u32 {
 
 pub(crate) fn pack<T: Element>() -> usize {
     16 / T::DTYPE.size()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{row_len, MAX_ROW_LEN};
+
+    #[test]
+    fn row_len_refuses_rows_whose_counters_would_wrap() {
+        assert_eq!(row_len("cols", 4096).unwrap(), 4096);
+        assert_eq!(row_len("cols", MAX_ROW_LEN).unwrap() as usize, MAX_ROW_LEN);
+        // The kernels' `int` counters step past the last column by up to a block and a pack.
+        assert!(MAX_ROW_LEN + 1024 + 8 <= i32::MAX as usize);
+        let e = row_len("cols", MAX_ROW_LEN + 1).unwrap_err().to_string();
+        assert!(e.contains("cols") && e.contains("split the input"), "{e}");
+        assert!(row_len("cols", usize::MAX).is_err());
+    }
 }

@@ -11,7 +11,7 @@
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::{Grouping, PlaneShape, Running, Source, TensorSource};
-use crate::cuda::launch::{arg_or_null, check_len, grid, launch_err, pack, to_i32};
+use crate::cuda::launch::{arg_or_null, check_len, grid, launch_err, pack, row_len, to_i32};
 use crate::cuda::CudaDevice;
 use crate::dtype::Element;
 use crate::error::{Error, Result};
@@ -380,7 +380,7 @@ pub fn planes_forward<T: Element>(
                 let (k, cfg, cache) = rows_fwd_kernel::<T>(dev, "group_norm_fwd", ng, cols)?;
                 let (rows_i, cols_i, seg_i, g_i, nan_i) = (
                     ng as i64,
-                    to_i32("C/G·S", cols)?,
+                    row_len("C/G·S", cols)?,
                     to_i32("S", s.s)?,
                     g as i32,
                     groups.welford_mean() as i32,

@@ -9,7 +9,9 @@
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchArgs, LaunchConfig, PushKernelArg};
 
-use crate::cuda::launch::{arg_or_null, block_threads, check_len, grid, launch_err, pack, to_i32};
+use crate::cuda::launch::{
+    arg_or_null, block_threads, check_len, grid, launch_err, pack, row_len, to_i32,
+};
 use crate::cuda::{CudaDevice, Kernel};
 use crate::dtype::Element;
 use crate::error::Result;
@@ -275,7 +277,7 @@ fn rows_forward<T: Element>(
     if numel == 0 {
         return Ok(());
     }
-    let (rows_i, cols_i) = (rows as i64, to_i32("cols", cols)?);
+    let (rows_i, cols_i) = (rows as i64, row_len("cols", cols)?);
     let center = mean.is_some();
     let op = if center { "layer_norm" } else { "rms_norm" };
     let packs = cols.div_ceil(pack::<T>());
@@ -408,7 +410,7 @@ fn rows_backward<T: Element>(
     if cols == 0 {
         return Ok(());
     }
-    let cols_i = to_i32("cols", cols)?;
+    let cols_i = row_len("cols", cols)?;
     let center = mean.is_some();
     let stream = dev.stream();
     let op = if center { "layer_norm" } else { "rms_norm" };
