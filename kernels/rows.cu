@@ -23,6 +23,16 @@ __device__ __forceinline__ void load_params(float (&dst)[PN], const float* __res
     }
 }
 
+// dx of one element of a row: rstd·(u − m1 − x̂·m2), u = dy·w (dy without a weight), m1 = Σu/n
+// (0 for RMSNorm), m2 = Σu·x̂/n. u is rounded on its own (__fmul_rn): a fused multiply-add
+// would leave the product's rounding error in u − m1, which a row of one element turns into a
+// nonzero dx.
+__device__ __forceinline__ float row_dx(float g, float xh, const float* w, float wv, float rs,
+                                        float m1, float m2) {
+    const float u = w ? __fmul_rn(g, wv) : g;
+    return rs * (u - m1 - xh * m2);
+}
+
 // Forward. One block per row, grid-stride over rows; threads map to 16-byte packs (scalar
 // path when the row is misaligned or cols is not a multiple of the pack). Statistics are f32,
 // merged in a fixed tree: two passes over the cached row (LayerNorm/GroupNorm with `cache`),
@@ -448,10 +458,8 @@ __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* 
                 load_params<PN>(wv, w, j0, cols - j0, 1.f);
 #pragma unroll
                 for (int i = 0; i < PN; ++i) {
-                    const float g = to_float(rg[k].v[i]);
                     const float xh = (to_float(rx[k].v[i]) - mu) * rs;
-                    const float u = w ? __fmul_rn(g, wv[i]) : g;
-                    o.v[i] = from_float<T>(rs * (u - m1 - xh * m2));
+                    o.v[i] = from_float<T>(row_dx(to_float(rg[k].v[i]), xh, w, wv[i], rs, m1, m2));
                 }
                 store_pack(dr, p, o, cols, vec);
             }
@@ -580,8 +588,7 @@ __device__ __forceinline__ void rows_bwd_tile(const T* __restrict__ dy, const T*
                 for (int i = 0; i < PN; ++i) {
                     const float gv = to_float(g[k].v[i]);
                     const float xh = (to_float(xv[k].v[i]) - mu) * rs;
-                    const float u = w ? __fmul_rn(gv, wv[i]) : gv;
-                    out.v[i] = from_float<T>(rs * (u - m1 - xh * m2));
+                    out.v[i] = from_float<T>(row_dx(gv, xh, w, wv[i], rs, m1, m2));
                     cw[i] += gv * xh;
                     cb[i] += gv;
                 }
