@@ -23,14 +23,17 @@ __device__ __forceinline__ void load_params(float (&dst)[PN], const float* __res
     }
 }
 
-// dx of one element of a row: rstd·(u − m1 − x̂·m2), u = dy·w (dy without a weight), m1 = Σu/n
-// (0 for RMSNorm), m2 = Σu·x̂/n. u is rounded on its own (__fmul_rn): a fused multiply-add
-// would leave the product's rounding error in u − m1, which a row of one element turns into a
-// nonzero dx.
+// u = dy·w of one element (dy without a weight), rounded on its own (__fmul_rn): a fused
+// multiply-add would leave the product's rounding error in u − Σu/n, which a row of one element
+// turns into a nonzero dx. Every backward computes u here, so the row sums and dx agree.
+__device__ __forceinline__ float row_u(float g, const float* w, float wv) {
+    return w ? __fmul_rn(g, wv) : g;
+}
+
+// dx of one element of a row: rstd·(u − m1 − x̂·m2), m1 = Σu/n (0 for RMSNorm), m2 = Σu·x̂/n.
 __device__ __forceinline__ float row_dx(float g, float xh, const float* w, float wv, float rs,
                                         float m1, float m2) {
-    const float u = w ? __fmul_rn(g, wv) : g;
-    return rs * (u - m1 - xh * m2);
+    return rs * (row_u(g, w, wv) - m1 - xh * m2);
 }
 
 // Forward. One block per row, grid-stride over rows; threads map to 16-byte packs (scalar
@@ -376,9 +379,7 @@ __device__ __forceinline__ void smem_add(float* __restrict__ slot, const float (
 // x̂·Σu·x̂/n) (RMSNorm: no Σu/n term) from the registers. Per owned column the thread adds dy·x̂
 // and dy over the team's rows in the team's slice of shared memory (2·cols floats: only the
 // owning thread touches a column, so no barrier), then writes them to row (team index) of
-// dw_part/db_part for rows_col_sum_f32. u is rounded on its own (__fmul_rn): a fused
-// multiply-add would leave the product's rounding error in u − Σu/n, which a row of one element
-// turns into a nonzero dx.
+// dw_part/db_part for rows_col_sum_f32. u comes from row_u (rounded on its own).
 // Bytes: x and dy read once, dx written once, 8·cols bytes of partials per team.
 template <typename T, bool CENTER, int KM>
 __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* __restrict__ x,
@@ -434,7 +435,7 @@ __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* 
                 for (int i = 0; i < PN; ++i) {
                     const float g = to_float(rg[k].v[i]);  // zero past cols
                     const float xh = (to_float(rx[k].v[i]) - mu) * rs;
-                    const float u = w ? __fmul_rn(g, wv[i]) : g;
+                    const float u = row_u(g, w, wv[i]);
                     s1 += u;
                     s2 += u * xh;
                     cw[i] = g * xh;
@@ -497,7 +498,7 @@ __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* 
 //   pack of columns and, over the chunk's rows (ROWS_TILE_RU rows' loads issued before any is
 //   used), writes dx = rstd·(u − Σu/n − x̂·Σu·x̂/n) (RMSNorm: no Σu/n term) and adds dy·x̂ and
 //   dy in registers, then writes them to row blockIdx.y of dw_part/db_part for rows_col_sum_f32.
-// u is rounded on its own (__fmul_rn), as in rows_bwd_reg. Rows of partial packs or
+// u comes from row_u, as in rows_bwd_reg. Rows of partial packs or
 // misaligned buffers go element by element (load_pack/store_pack).
 // Bytes: x and dy read twice (once per kernel), dx written once, 8 bytes of sums per row and
 // 8·cols bytes of partials per chunk.
@@ -519,13 +520,13 @@ __device__ __forceinline__ void rows_bwd_sums(const T* __restrict__ dy, const T*
 #pragma unroll 4
         for (int p = threadIdx.x; p < packs; p += blockDim.x) {
             const Pack<T> g = load_pack(gr, p, cols, vec), xv = load_pack(xr, p, cols, vec);
+            float wv[PN];
+            load_params<PN>(wv, w, p * PN, cols - p * PN, 1.f);
 #pragma unroll
             for (int i = 0; i < PN; ++i) {
-                const int j = p * PN + i;
-                if (j < cols) {
-                    const float gv = to_float(g.v[i]);
+                if (p * PN + i < cols) {  // not the padding: its x̂ can be ±inf (0·inf = NaN)
+                    const float u = row_u(to_float(g.v[i]), w, wv[i]);
                     const float xh = (to_float(xv.v[i]) - mu) * rs;
-                    const float u = w ? __fmul_rn(gv, w[j]) : gv;
                     s1 += u;
                     s2 += u * xh;
                 }
@@ -558,10 +559,9 @@ __device__ __forceinline__ void rows_bwd_tile(const T* __restrict__ dy, const T*
     if (p >= packs) return;
     const bool vec = aligned16(dy) && aligned16(x) && aligned16(dx) && cols % PN == 0;
     float wv[PN], cw[PN], cb[PN];
+    load_params<PN>(wv, w, p * PN, cols - p * PN, 1.f);
 #pragma unroll
     for (int i = 0; i < PN; ++i) {
-        const int j = p * PN + i;
-        wv[i] = w && j < cols ? w[j] : 1.f;
         cw[i] = 0.f;
         cb[i] = 0.f;
     }

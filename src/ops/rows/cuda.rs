@@ -463,12 +463,8 @@ fn rows_backward<T: Element>(
         let rows_i = rows as i64;
         let k = dev.kernel("rows", &kernels::name::<T>(&format!("{op}_bwd_sums")))?;
         let mut b = stream.launch_builder(&k.func);
-        b.arg(dy).arg(x);
-        arg_or_null(&mut b, weight);
-        if let Some(m) = mean {
-            b.arg(m);
-        }
-        b.arg(rstd).arg(&mut sums).arg(&rows_i).arg(&cols_i);
+        bufs.push_inputs(&mut b);
+        b.arg(&mut sums).arg(&rows_i).arg(&cols_i);
         // One block per row (grid-stride): the grid does not change any row's sum.
         let cfg = LaunchConfig {
             grid_dim: (grid(rows.min(dev.sm_count() as usize * 16))?, 1, 1),
@@ -481,23 +477,22 @@ fn rows_backward<T: Element>(
         let k = dev.kernel("rows", &kernels::name::<T>(&format!("{op}_bwd_tile")))?;
         let chunk_i = to_i32("rows per chunk", chunk)?;
         let mut b = stream.launch_builder(&k.func);
-        b.arg(dy).arg(x);
-        arg_or_null(&mut b, weight);
-        if let Some(m) = mean {
-            b.arg(m);
-        }
-        b.arg(rstd)
-            .arg(&sums)
+        bufs.push_inputs(&mut b);
+        b.arg(&sums)
             .arg(&mut *dx)
             .arg(&mut pw)
             .arg(&mut pb)
             .arg(&rows_i)
             .arg(&cols_i)
             .arg(&chunk_i);
-        let threads = threads.min(k.max_threads as usize / 32 * 32).max(32);
+        let threads = block_threads(&k, threads);
         let cfg = LaunchConfig {
-            grid_dim: (grid(packs.div_ceil(threads))?, to_u32_grid(chunks)?, 1),
-            block_dim: (threads as u32, 1, 1),
+            grid_dim: (
+                grid(packs.div_ceil(threads as usize))?,
+                to_u32_grid(chunks)?,
+                1,
+            ),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: matches rows.cu's *_bwd_tile entry points; the partial buffers hold one row
@@ -523,8 +518,8 @@ fn tile_geometry(rows: usize, cols: usize, packs: usize) -> (usize, usize, usize
     (threads, chunk, rows.div_ceil(chunk).max(1))
 }
 
-/// The inputs every row backward kernel takes first, in rows.cu's order (`layer_norm_bwd*`:
-/// dy, x, w, mean, rstd, dx, dw_part, db_part, rows, cols; `rms_norm_bwd*` without mean).
+/// The inputs every row backward kernel takes first, in rows.cu's order: dy, x, w, mean, rstd
+/// (`rms_norm_bwd_*` without mean).
 struct BwdBufs<'a, 'v, T> {
     dy: &'a CudaView<'v, T>,
     x: &'a CudaView<'v, T>,
@@ -534,6 +529,20 @@ struct BwdBufs<'a, 'v, T> {
 }
 
 impl<'a, 'v, T: Element> BwdBufs<'a, 'v, T> {
+    /// dy, x, w (or null), mean (LayerNorm), rstd.
+    fn push_inputs<'l>(&self, b: &mut LaunchArgs<'l>)
+    where
+        'a: 'l,
+    {
+        b.arg(self.dy).arg(self.x);
+        arg_or_null(b, self.weight);
+        if let Some(m) = self.mean {
+            b.arg(m);
+        }
+        b.arg(self.rstd);
+    }
+
+    /// The inputs, then dx, dw_part, db_part, rows, cols (the register-resident backward).
     #[allow(clippy::too_many_arguments)]
     fn push<'l, 'm>(
         &self,
@@ -546,12 +555,8 @@ impl<'a, 'v, T: Element> BwdBufs<'a, 'v, T> {
     ) where
         'a: 'l,
     {
-        b.arg(self.dy).arg(self.x);
-        arg_or_null(b, self.weight);
-        if let Some(m) = self.mean {
-            b.arg(m);
-        }
-        b.arg(self.rstd).arg(dx).arg(pw).arg(pb).arg(rows).arg(cols);
+        self.push_inputs(b);
+        b.arg(dx).arg(pw).arg(pb).arg(rows).arg(cols);
     }
 }
 
