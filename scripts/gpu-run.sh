@@ -86,6 +86,19 @@ if has verify; then
   run 60 check "$here/cunorm" check
   run 30 demo-cuda "$here/cunorm" demo --device cuda
   run 30 demo-cuda-json "$here/cunorm" demo --device cuda --json
+  # The suite built with feature candle-cuda (GPU_BUNDLE_CANDLE_CUDA=1): cunorm's ops on candle's
+  # CUDA device against its CPU device. candle links libcublas/libcurand: the toolkit's, else
+  # the ones PyTorch's wheels carry. (Its other tests read the source tree: CI runs them.)
+  if [ -f "$here/tests/suite-candle-cuda.xz" ]; then
+    candle_suite=${TMPDIR:-/tmp}/cunorm-suite-candle-cuda
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+      "$here/tests/suite-candle-cuda.xz" "$candle_suite" && chmod +x "$candle_suite"
+    libs=$(find /usr/local/cuda/lib64 $(python3 -c 'import site; print(*site.getsitepackages())' 2>/dev/null) \
+      \( -name 'libcublas.so.*' -o -name 'libcurand.so.*' -o -name 'libcudart.so.*' -o -name 'libnvrtc.so.*' \) \
+      -printf '%h:' 2>/dev/null | tr ':' '\n' | sort -u | tr '\n' ':')
+    run 120 candle-cuda env LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:-}" \
+      "$candle_suite" --test-threads=1 --nocapture candle_ops::cuda_matches_cpu
+  fi
   # golden:: and architecture:: read the source tree, which the bundle does not carry.
   run 120 cpu-tests "$here/tests/suite" --skip cuda:: --skip nvrtc_compile:: --skip golden:: --skip architecture::
 fi

@@ -306,6 +306,7 @@ struct Coverage {
 }  // namespace
 
 #define LOCK std::lock_guard<std::recursive_mutex> lock_(mu)
+static void pool_sync();  // the default pool at a synchronization (below)
 #define NEED_INIT \
     if (!initialized) return CUDA_ERROR_NOT_INITIALIZED
 
@@ -381,7 +382,7 @@ API cuCtxGetDevice(CUdevice* d) {
     *d = 0;
     return CUDA_SUCCESS;
 }
-API cuCtxSynchronize() { return CUDA_SUCCESS; }
+API cuCtxSynchronize() { pool_sync(); return CUDA_SUCCESS; }
 
 // Error codes this driver returns: name and message, as the real driver words them.
 struct ErrorText {
@@ -430,7 +431,7 @@ API cuStreamDestroy_v2(void* s) {
     delete (int*)s;
     return CUDA_SUCCESS;
 }
-API cuStreamSynchronize(void*) { return CUDA_SUCCESS; }
+API cuStreamSynchronize(void*) { pool_sync(); return CUDA_SUCCESS; }
 API cuStreamQuery(void*) { return CUDA_SUCCESS; }
 API cuStreamWaitEvent(void*, void*, unsigned) { return CUDA_SUCCESS; }
 API cuLaunchHostFunc(void*, void (*fn)(void*), void* data) {
@@ -449,7 +450,7 @@ API cuEventRecord(void* e, void*) {
     ((Event*)e)->t = now_ms();
     return CUDA_SUCCESS;
 }
-API cuEventSynchronize(void*) { return CUDA_SUCCESS; }
+API cuEventSynchronize(void*) { pool_sync(); return CUDA_SUCCESS; }
 API cuEventQuery(void*) { return CUDA_SUCCESS; }
 API cuEventElapsedTime(float* ms, void* a, void* b) {
     *ms = (float)(((Event*)b)->t - ((Event*)a)->t);
@@ -470,7 +471,22 @@ API cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     *p = (CUdeviceptr)m;
     return CUDA_SUCCESS;
 }
-API cuMemAllocAsync(CUdeviceptr* p, size_t n, void*) { return cuMemAlloc_v2(p, n); }
+// The default pool of stream-ordered allocation, modelled for cuMemGetInfo: memory freed with
+// cuMemFreeAsync stays reserved by the pool (`pool_cached`) and is reused by cuMemAllocAsync;
+// a synchronization returns what exceeds the release threshold (0 unless set, as on a GPU);
+// cuMemPoolTrimTo returns the rest.
+static size_t pool_cached = 0;
+static unsigned long long pool_threshold = 0;
+static void pool_sync() {
+    LOCK;
+    if (pool_cached > pool_threshold) pool_cached = pool_threshold;
+}
+API cuMemAllocAsync(CUdeviceptr* p, size_t n, void*) {
+    CUresult r = cuMemAlloc_v2(p, n);
+    LOCK;
+    if (r == CUDA_SUCCESS) pool_cached -= std::min(pool_cached, n);
+    return r;
+}
 API cuMemFree_v2(CUdeviceptr p) {
     LOCK;
     auto it = allocs.find((uintptr_t)p);
@@ -482,10 +498,49 @@ API cuMemFree_v2(CUdeviceptr p) {
     std::free((void*)p);
     return CUDA_SUCCESS;
 }
-API cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
+API cuMemFreeAsync(CUdeviceptr p, void*) {
+    size_t n = 0;
+    {
+        LOCK;
+        auto it = allocs.find((uintptr_t)p);
+        if (it != allocs.end()) n = it->second;
+    }
+    CUresult r = cuMemFree_v2(p);
+    LOCK;
+    if (r == CUDA_SUCCESS) pool_cached += n;
+    return r;
+}
+// Stream-ordered allocation's default pool: one per device, a dummy handle. cunorm sets the
+// release threshold (attribute 4) to keep freed memory, and may trim the pool.
+static int default_pool_tag;
+API cuDeviceGetDefaultMemPool(void** pool, CUdevice) {
+    *pool = &default_pool_tag;
+    return CUDA_SUCCESS;
+}
+API cuMemPoolSetAttribute(void* pool, int attr, void* value) {
+    if (pool != &default_pool_tag || attr != 4 || value == nullptr) {
+        complain("cuMemPoolSetAttribute: not the default pool's release threshold");
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    LOCK;
+    pool_threshold = *(const unsigned long long*)value;
+    return CUDA_SUCCESS;
+}
+API cuMemPoolTrimTo(void* pool, size_t keep) {
+    if (pool != &default_pool_tag) {
+        complain("cuMemPoolTrimTo: not the default pool");
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    LOCK;
+    if (pool_cached > keep) pool_cached = keep;
+    return CUDA_SUCCESS;
+}
 API cuMemGetInfo_v2(size_t* free_b, size_t* total) {
-    *free_b = 79ull << 30;
+    LOCK;
+    size_t used = pool_cached;
+    for (auto& [base, n] : allocs) used += n;
     *total = 80ull << 30;
+    *free_b = *total - std::min(*total, used);
     return CUDA_SUCCESS;
 }
 API cuMemHostAlloc(void** p, size_t n, unsigned) {

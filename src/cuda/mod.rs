@@ -97,6 +97,32 @@ pub fn probe() -> Result<usize> {
     Ok(count as usize)
 }
 
+/// The device's default memory pool, where the device has stream-ordered allocation.
+fn default_pool(ctx: &CudaContext) -> Option<cudarc::driver::sys::CUmemoryPool> {
+    if !ctx.has_async_alloc() {
+        return None;
+    }
+    // SAFETY: the context's device handle came from the driver (cuDeviceGet).
+    unsafe { cudarc::driver::result::device::get_default_mem_pool(ctx.cu_device()) }.ok()
+}
+
+/// Sets the default pool's release threshold to the maximum, so that freed memory stays
+/// reserved (see [`CudaDevice::new`]). A driver that refuses leaves the pool as it was: that
+/// costs speed, never correctness, so it is not an error.
+fn keep_freed_memory(ctx: &CudaContext) {
+    if let Some(pool) = default_pool(ctx) {
+        let mut threshold = u64::MAX;
+        // SAFETY: RELEASE_THRESHOLD takes a cuuint64_t, which `threshold` is.
+        let _ = unsafe {
+            cudarc::driver::result::mem_pool::set_attribute(
+                pool,
+                cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+        };
+    }
+}
+
 /// A loaded kernel and the most threads per block its register use allows on this device.
 #[derive(Clone)]
 pub(crate) struct Kernel {
@@ -135,6 +161,16 @@ impl std::fmt::Debug for CudaDevice {
 
 impl CudaDevice {
     /// Opens device `ordinal` (its primary context) with a new non-blocking stream.
+    ///
+    /// Device memory freed by cunorm's tensors stays reserved for the next allocation, as in
+    /// PyTorch's caching allocator: the device's default memory pool (which cudarc's stream
+    /// allocations come from) is told to keep what it holds instead of returning it to the
+    /// driver at every synchronization. Without that, a loop that allocates an output each step
+    /// and synchronizes between steps maps fresh device pages every step, which cost as much as
+    /// the kernels themselves on large tensors (2026-11-26, H200). The pool is the device's, so
+    /// other users of it in the process keep their freed memory too;
+    /// [`CudaDevice::release_cached_memory`] returns it. A device wrapped with
+    /// [`CudaDevice::from_parts`] keeps its owner's pool settings.
     pub fn new(ordinal: usize) -> Result<Self> {
         let count = probe()?;
         if ordinal >= count {
@@ -148,7 +184,21 @@ impl CudaDevice {
         let stream = ctx
             .new_stream()
             .map_err(|e| driver_err("creating a stream", e))?;
+        keep_freed_memory(&ctx);
         Self::from_parts(ctx, stream)
+    }
+
+    /// Returns the device memory that freed tensors left reserved in the device's default
+    /// memory pool to the driver (after waiting for queued work), for a process that wants it
+    /// back for something else. Later allocations reserve it again.
+    pub fn release_cached_memory(&self) -> Result<()> {
+        self.synchronize()?;
+        if let Some(pool) = default_pool(&self.inner.ctx) {
+            // SAFETY: `pool` is the device's default pool, valid for the process's lifetime.
+            unsafe { cudarc::driver::result::mem_pool::trim_to(pool, 0) }
+                .map_err(|e| driver_err("releasing cached device memory", e))?;
+        }
+        Ok(())
     }
 
     /// Wraps an existing cudarc context and stream (for code that already holds them).
