@@ -57,6 +57,40 @@ struct GradAcc {
 // Loads each thread issues before using any, in the reduction loops.
 #define UNROLL 4
 
+// The statistics of one loop iteration's values (at most UNROLL·PN of one plane, or UNROLL of
+// one channel), shifted by the first of them, s: Σ(x − s) and Σ(x − s)² in f32, three
+// instructions a value where a Welford update costs a division and two finiteness tests (which
+// made the statistics passes compute-bound: 21–27 % of DRAM bandwidth on an H200). The run is
+// folded into the thread's Welford by Chan's merge. No cancellation: s is one of the c values,
+// so Σ(x − s)² = m2 + c·(mean − s)² ≤ (c + 1)·m2, and the subtraction loses at most
+// log2(c + 1) bits. A run whose squares are not finite (a NaN, an infinity, or values near the
+// float range) is not folded: the caller replays it through welford_add, which gives PyTorch's
+// non-finite results.
+struct ShiftRun {
+    float s, s1, s2;
+    __device__ __forceinline__ void begin(float x0) {
+        s = x0;
+        s1 = 0.f;
+        s2 = 0.f;
+    }
+    __device__ __forceinline__ void add(float x) {
+        const float d = x - s;
+        s1 += d;
+        s2 = fmaf(d, d, s2);
+    }
+    // Folds the run's c values into w; false, w untouched, when they must be replayed.
+    __device__ __forceinline__ bool fold(Welford& w, float c) const {
+        if (!is_finite(s2)) return false;
+        Welford r;
+        const float q = s1 / c;
+        r.n = c;
+        r.mean = s + q;
+        r.m2 = fmaxf(0.f, s2 - s1 * q);
+        w = welford_merge(w, r);
+        return true;
+    }
+};
+
 // GRAD = false: x only (StatAcc). GRAD = true: x and dy, shift m per plane (GradAcc).
 // CL: the channels-last layout, a separate entry point (its per-channel accumulators would
 // otherwise raise the contiguous path's register count, and with it cut its occupancy).
@@ -93,12 +127,35 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
                         if (GRAD) gv[u] = *reinterpret_cast<const Pack<T>*>(gp + s + u * step);
                     }
                 }
+                if constexpr (GRAD) {
 #pragma unroll
-                for (int u = 0; u < UNROLL; ++u) {
-                    if (s + u * step < s1) {
+                    for (int u = 0; u < UNROLL; ++u) {
+                        if (s + u * step < s1) {
 #pragma unroll
-                        for (int i = 0; i < PN; ++i)
-                            acc.add(to_float(xv[u].v[i]), GRAD ? to_float(gv[u].v[i]) : 0.f);
+                            for (int i = 0; i < PN; ++i)
+                                acc.add(to_float(xv[u].v[i]), to_float(gv[u].v[i]));
+                        }
+                    }
+                } else {
+                    ShiftRun run;
+                    run.begin(to_float(xv[0].v[0]));
+                    float c = 0.f;
+#pragma unroll
+                    for (int u = 0; u < UNROLL; ++u) {
+                        if (s + u * step < s1) {
+                            c += (float)PN;
+#pragma unroll
+                            for (int i = 0; i < PN; ++i) run.add(to_float(xv[u].v[i]));
+                        }
+                    }
+                    if (!run.fold(acc.w, c)) {
+#pragma unroll
+                        for (int u = 0; u < UNROLL; ++u) {
+                            if (s + u * step < s1) {
+#pragma unroll
+                                for (int i = 0; i < PN; ++i) welford_add(acc.w, to_float(xv[u].v[i]));
+                            }
+                        }
                     }
                 }
             }
@@ -151,13 +208,35 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
                         }
                     }
                 }
+                if constexpr (GRAD) {
 #pragma unroll
-                for (int u = 0; u < UNROLL; ++u)
-                    if (s + u * step < s1) {
+                    for (int u = 0; u < UNROLL; ++u)
+                        if (s + u * step < s1) {
 #pragma unroll
-                        for (int i = 0; i < PN; ++i)
-                            acc[i].add(to_float(xv[u].v[i]), GRAD ? to_float(gv[u].v[i]) : 0.f);
-                    }
+                            for (int i = 0; i < PN; ++i)
+                                acc[i].add(to_float(xv[u].v[i]), to_float(gv[u].v[i]));
+                        }
+                } else {
+                    // One run per channel over this iteration's rows (ShiftRun).
+                    ShiftRun run[PN];
+#pragma unroll
+                    for (int i = 0; i < PN; ++i) run[i].begin(to_float(xv[0].v[i]));
+                    float c = 0.f;
+#pragma unroll
+                    for (int u = 0; u < UNROLL; ++u)
+                        if (s + u * step < s1) {
+                            c += 1.f;
+#pragma unroll
+                            for (int i = 0; i < PN; ++i) run[i].add(to_float(xv[u].v[i]));
+                        }
+#pragma unroll
+                    for (int i = 0; i < PN; ++i)
+                        if (!run[i].fold(acc[i].w, c)) {
+#pragma unroll
+                            for (int u = 0; u < UNROLL; ++u)
+                                if (s + u * step < s1) welford_add(acc[i].w, to_float(xv[u].v[i]));
+                        }
+                }
             }
         }
         // Rows merged by a fixed tree (row r takes row r + h, h = RH/2, RH/4, ..., 1): every

@@ -268,17 +268,19 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
     std::vector<T> y(numel), dx(numel);
     // chunks, as raw::reduce_chunks
     int chunks;
-    if (cl) chunks = std::max<long>(1, (S + 255) / 256);
-    else {
+    const long cpn = 16 / sizeof(T);
+    const unsigned cpacks = (unsigned)std::max<long>(1, (C + cpn - 1) / cpn);
+    unsigned tw = 1;
+    while (tw < cpacks && tw < 32) tw *= 2;
+    if (cl) {
+        const long tiles = (cpacks + tw - 1) / tw, want = (1056 + N * tiles - 1) / (N * tiles);
+        chunks = (int)std::max<long>(1, std::min<long>(want, std::max<long>(1, (S + 255) / 256)));
+    } else {
         long planes = std::max<long>(1, N * C);
         long want = (2 * SMS + planes - 1) / planes;
         chunks = std::max<long>(1, std::min<long>(want, std::max<long>(1, S / 4096)));
     }
     // channels-last: TW packs of channels across (power of two ≤ 32), 256 / TW rows (reduce_config)
-    const long cpn = 16 / sizeof(T);
-    const unsigned cpacks = (unsigned)std::max<long>(1, (C + cpn - 1) / cpn);
-    unsigned tw = 1;
-    while (tw < cpacks && tw < 32) tw *= 2;
     dim3 rgrid = cl ? dim3{(unsigned)(N * chunks), (cpacks + tw - 1) / tw} : dim3{(unsigned)(N * C * chunks)};
     dim3 rblock = cl ? dim3{tw, 256 / tw} : dim3{256};
     auto small = [](size_t n) { return dim3{(unsigned)std::max<size_t>(1, (n + 255) / 256)}; };
