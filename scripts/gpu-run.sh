@@ -7,7 +7,8 @@
 #           kernel cache), the whole CUDA test suite with CUNORM_REQUIRE_CUDA=1, `cunorm check`,
 #           `cunorm demo --device cuda`, the CPU suites;
 # perf:     benches/torch_compare.py (when PyTorch sees a GPU), then `cunorm bench --compare`
-#           (table in bench.log, JSON in bench.json);
+#           (table in bench.log, JSON in bench.json), then the LayerNorm/RMSNorm benchmark with
+#           each forced row path (CUNORM_ROWS_PATH=block, =long: bench-rows-*.json);
 # sanitize: compute-sanitizer memcheck, initcheck, synccheck, racecheck over the CUDA sweep
 #           (CUNORM_CHECK_QUICK=1);
 # profile:  ncu (SpeedOfLight, MemoryWorkloadAnalysis, Occupancy) over the first launch of every
@@ -112,6 +113,12 @@ if has perf; then
     echo "PyTorch with CUDA not found: bench without the PyTorch column" | tee -a "$out/summary.txt"
   fi
   run 180 bench "$here/cunorm" bench "${bench_args[@]}" "${compare[@]}" --json-out "$out/bench.json"
+  # The row paths the shape does not pick, timed on the same machine (src/ops/rows/cuda.rs
+  # RowsPath): block-per-row forwards, long-rows backwards.
+  for p in block long; do
+    run 60 "bench-rows-$p" env CUNORM_ROWS_PATH=$p "$here/cunorm" bench --ops layer_norm,rms_norm \
+      "${bench_args[@]}" --json-out "$out/bench-rows-$p.json"
+  done
 fi
 
 if has sanitize; then

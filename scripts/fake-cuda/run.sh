@@ -67,6 +67,13 @@ echo "   of 99 KiB to 227 KiB take the kernels for rows beyond shared memory"
 FAKECUDA_SMEM_OPTIN=101376 plain target/release/cunorm check --quick > "$build/check.txt"
 tail -n 3 "$build/check.txt"
 
+echo "-- cunorm check with the row paths forced (CUNORM_ROWS_PATH): block-per-row forwards, then"
+echo "   long-rows backwards, on every row length of the sweep"
+for p in block long; do
+  CUNORM_ROWS_PATH=$p plain target/release/cunorm check --quick > "$build/check-$p.txt"
+  tail -n 1 "$build/check-$p.txt"
+done
+
 echo "-- cunorm bench smoke run (events, copy reference, L2 flush, JSON; timings meaningless)"
 plain target/release/cunorm bench --quick --reps 1 --ops rms_norm --json > "$build/bench.json"
 python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(len(d["results"]), "bench rows")' "$build/bench.json"

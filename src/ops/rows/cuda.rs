@@ -281,7 +281,7 @@ fn rows_forward<T: Element>(
     let center = mean.is_some();
     let op = if center { "layer_norm" } else { "rms_norm" };
     let packs = cols.div_ceil(pack::<T>());
-    if fwd_prefers_reg(T::DTYPE.size(), packs) {
+    if rows_path() != RowsPath::Block && fwd_prefers_reg(T::DTYPE.size(), packs) {
         if let Some((team, k)) = reg_kernel::<T>(dev, op, "fwd", packs, FWD_REG_K, 0)? {
             let stream = dev.stream();
             let mut b = stream.launch_builder(&k.func);
@@ -424,7 +424,11 @@ fn rows_backward<T: Element>(
         mean,
         rstd,
     };
-    if let Some((team, k)) = reg_kernel::<T>(dev, op, "bwd", packs, BWD_REG_K, smem_per_team)? {
+    let reg = match rows_path() {
+        RowsPath::Long => None,
+        _ => reg_kernel::<T>(dev, op, "bwd", packs, BWD_REG_K, smem_per_team)?,
+    };
+    if let Some((team, k)) = reg {
         // One partial row of column sums per team: enough teams to keep the GPU busy, few
         // enough that the partials (written, then read by the column sum) stay near a tenth of
         // the minimum traffic; from the shape alone.
@@ -558,6 +562,28 @@ impl<'a, 'v, T: Element> BwdBufs<'a, 'v, T> {
         self.push_inputs(b);
         b.arg(dx).arg(pw).arg(pb).arg(rows).arg(cols);
     }
+}
+
+/// The row paths `CUNORM_ROWS_PATH` (read once) forces, a benchmark knob: `block` sends every
+/// LayerNorm/RMSNorm forward to the block-per-row kernels and `long` every backward to the
+/// long-rows kernels, where the shape would pick the register-resident ones, so that one GPU
+/// call times both paths on the same shapes (`scripts/gpu-run.sh`'s perf group). Results agree
+/// within the dtype's tolerance either way (`.ci/run` runs `cunorm check` under both on the fake
+/// driver); unset or anything else: the shape decides.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RowsPath {
+    Auto,
+    Block,
+    Long,
+}
+
+fn rows_path() -> RowsPath {
+    static PATH: std::sync::OnceLock<RowsPath> = std::sync::OnceLock::new();
+    *PATH.get_or_init(|| match std::env::var("CUNORM_ROWS_PATH").as_deref() {
+        Ok("block") => RowsPath::Block,
+        Ok("long") => RowsPath::Long,
+        _ => RowsPath::Auto,
+    })
 }
 
 /// Threads per block of the register-resident row kernels when a team is one warp.
