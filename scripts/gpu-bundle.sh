@@ -28,12 +28,14 @@ for line in sys.stdin:
         print("bundled test", m["target"]["name"])
 ' "$dest"
 if [ "${GPU_BUNDLE_CANDLE_CUDA:-0}" = 1 ]; then
-  nvcc=$(find target/ecosystem/cuda-venv -path '*nvidia/cu13/bin/nvcc' | head -n 1)
+  nvcc=$(find target/ecosystem/cuda-venv -path '*nvidia/cu13/bin/nvcc' 2>/dev/null | head -n 1 || true)
   [ -n "$nvcc" ] || { echo "run CUNORM_CHECK_CANDLE_CUDA=1 scripts/ecosystem-check.sh first" >&2; exit 1; }
   cuda=$(cd "$(dirname "$nvcc")/.." && pwd)
   # Beside candle, cudarc links its libraries (dynamic-linking), which the wheels do not carry:
   # link stubs with the real sonames and every function cudarc binds (the GPU machine's own
   # libraries are loaded at run time). candle's MoE kernels call the wheel's real libcudart.
+  # The stubs go into the wheel's lib folder, which cudarc's build script searches: never put
+  # that folder on LD_LIBRARY_PATH (their functions return nothing).
   cudarc=$(cargo metadata --format-version 1 | python3 -c 'import json, sys
 print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"] == "cudarc"))')
   for l in cuda:driver:1 nvrtc:nvrtc:13 cublas:cublas:13 cublasLt:cublaslt:13 curand:curand:10; do
@@ -44,7 +46,7 @@ print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["na
   ln -sf libcudart.so.13 "$cuda/lib/libcudart.so"
   CARGO_TARGET_DIR=target/ecosystem/target CUDA_ROOT="$cuda" CUDA_PATH="$cuda" CUDA_COMPUTE_CAP=90 \
     PATH="$cuda/bin:$PATH" NVCC_APPEND_FLAGS="-Xcicc -O0 -Xptxas -O0" \
-    cargo test --features candle-cuda --test suite --no-run --message-format=json 2>/dev/null |
+    cargo test --features candle-cuda --test suite --no-run --message-format=json |
     python3 -c '
 import json, sys, shutil
 for line in sys.stdin:

@@ -96,7 +96,7 @@ if has verify; then
       "$here/tests/suite-candle-cuda.xz" "$candle_suite" && chmod +x "$candle_suite"
     libs=$(find /usr/local/cuda/lib64 $(python3 -c 'import site; print(*site.getsitepackages())' 2>/dev/null) \
       \( -name 'libcublas.so.*' -o -name 'libcurand.so.*' -o -name 'libcudart.so.*' -o -name 'libnvrtc.so.*' \) \
-      -printf '%h:' 2>/dev/null | tr ':' '\n' | sort -u | tr '\n' ':')
+      -printf '%h\n' 2>/dev/null | awk '!seen[$0]++' | tr '\n' ':')
     run 120 candle-cuda env LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:-}" \
       "$candle_suite" --test-threads=1 --nocapture candle_ops::cuda_matches_cpu
   fi

@@ -5,7 +5,9 @@ nvdisasm (next to ptxas: the PyPI wheel `nvidia-cuda-nvdisasm`), reads each kern
 counts its global loads and stores by width, its calls of the 64-bit integer division
 subroutines (`__cuda_sm20_div_*64`, `rem_*64`: a throughput cliff) and its float atomics.
 Exits 1 if any kernel spills, calls a 64-bit division subroutine or has a float atomic (the
-results would depend on the order the atomics land).
+results would depend on the order the atomics land), or if a streaming kernel (one that reads
+the tensors: every kernel but the small ones over statistics and partials, SMALL below) has no
+16-byte global load, i.e. lost its vector path.
 
 The counts are static (instructions in the code, not executions): a kernel with a 16-byte path
 and a scalar fallback shows both.
@@ -16,6 +18,11 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+# Kernels over per-channel statistics, coefficients or partial sums (at most a few MiB), which
+# need no 16-byte loads; every other kernel streams the tensors and must have a 16-byte path.
+SMALL = re.compile(r"^(planes_(coef|eval_stats|finalize|grad_finalize|grad_params|running_update)"
+                   r"|rows_col_sum)_")
 
 
 def max_threads(regs):
@@ -95,6 +102,7 @@ def main():
     spills = [r for r in rows if r.get("spill_st", 0) or r.get("spill_ld", 0)]
     divs = [r for r in rows if r["div64"]]
     atomics = [r for r in rows if r["fatomic"]]
+    novec = [r for r in rows if not SMALL.match(r["kernel"]) and not r["ldg"].get(16)]
     lines = [
         "# Kernel resource report",
         "",
@@ -104,7 +112,8 @@ def main():
         "(`cuda/launch.rs` `block_threads`). Global loads/stores: SASS `LDG`/`STG` instructions by",
         "width, counted in the code (not executions; a 16-byte path and its scalar fallback both",
         "show). 64-bit div: calls of the `__cuda_sm20_{div,rem}_{s,u}64` subroutines. CI fails on a",
-        "spill, a 64-bit division call or a float atomic.",
+        "spill, a 64-bit division call, a float atomic, or a kernel that streams the tensors (all",
+        "but the statistics/partials kernels: `SMALL` in the script) without a 16-byte load.",
         "",
         f"{len(rows)} kernels: {len(spills)} with spills, {len(divs)} calling 64-bit division, "
         f"{len(atomics)} with float atomics.",
@@ -125,7 +134,9 @@ def main():
         print(f"DIV64: {r['kernel']}: {r['div64']} calls of a 64-bit division subroutine")
     for r in atomics:
         print(f"FLOAT ATOMIC: {r['kernel']}: {r['fatomic']}")
-    if spills or divs or atomics:
+    for r in novec:
+        print(f"NO 16-BYTE LOAD: {r['kernel']} streams the tensors without a vector path")
+    if spills or divs or atomics or novec:
         sys.exit(1)
 
 

@@ -28,6 +28,7 @@
 
 #include <chrono>
 #include <map>
+#include <set>
 #include <mutex>
 #include <string>
 #include <tuple>
@@ -62,6 +63,7 @@ constexpr int DEFAULT_SMEM = 48 * 1024;
 std::recursive_mutex mu;
 bool initialized = false;
 std::map<uintptr_t, size_t> allocs;  // device allocations: base -> bytes
+size_t live_bytes = 0;                // their total
 
 #ifdef EMU_TRAFFIC
 unsigned long long traffic_totals[4] = {};  // see fakecuda_traffic_take
@@ -306,7 +308,8 @@ struct Coverage {
 }  // namespace
 
 #define LOCK std::lock_guard<std::recursive_mutex> lock_(mu)
-static void pool_sync();  // the default pool at a synchronization (below)
+static void pool_sync();  // the memory pool at a synchronization (below)
+static size_t pool_cached = 0;  // bytes the memory pool caches (below)
 #define NEED_INIT \
     if (!initialized) return CUDA_ERROR_NOT_INITIALIZED
 
@@ -463,28 +466,44 @@ API cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     LOCK;
     NEED_INIT;
     void* m = nullptr;
-    // More than the device's memory (cuDeviceTotalMem) is out of memory, as on a GPU.
-    if (n > (80ull << 30)) return CUDA_ERROR_OUT_OF_MEMORY;
+    // More than the device's free memory (cuDeviceTotalMem less live allocations and what the
+    // pool caches) is out of memory, as on a GPU.
+    if (n > (80ull << 30) || live_bytes + pool_cached + n > (80ull << 30)) return CUDA_ERROR_OUT_OF_MEMORY;
     if (n == 0 || posix_memalign(&m, 256, n) != 0) return n == 0 ? CUDA_ERROR_INVALID_VALUE : CUDA_ERROR_OUT_OF_MEMORY;
     std::memset(m, 0xa5, n);  // uninitialized device memory is garbage, not zeros
     allocs[(uintptr_t)m] = n;
+    live_bytes += n;
     *p = (CUdeviceptr)m;
     return CUDA_SUCCESS;
 }
-// The default pool of stream-ordered allocation, modelled for cuMemGetInfo: memory freed with
-// cuMemFreeAsync stays reserved by the pool (`pool_cached`) and is reused by cuMemAllocAsync;
-// a synchronization returns what exceeds the release threshold (0 unless set, as on a GPU);
-// cuMemPoolTrimTo returns the rest.
-static size_t pool_cached = 0;
+// The memory pool of stream-ordered allocation (one per device, a dummy handle), modelled as the
+// driver keeps it: memory freed with cuMemFreeAsync stays reserved by the pool (`pool_cached`)
+// and is reused by cuMemAllocAsync; a synchronization releases cached memory until the pool's
+// reserved bytes (in use + cached) are within the release threshold (0 unless set, as on a
+// GPU); cuMemPoolTrimTo(keep) releases it until they are within `keep`. Memory the pool holds
+// counts as used in cuMemGetInfo, and cuMemAlloc (not from the pool) cannot have it.
+static int pool_tag;
+static std::set<uintptr_t> pool_allocs;  // live cuMemAllocAsync allocations
+static size_t pool_used = 0;
 static unsigned long long pool_threshold = 0;
-static void pool_sync() {
+static void pool_release_to(unsigned long long keep) {
     LOCK;
-    if (pool_cached > pool_threshold) pool_cached = pool_threshold;
+    const unsigned long long room = keep > pool_used ? keep - pool_used : 0;
+    if (pool_cached > room) pool_cached = (size_t)room;
 }
+static void pool_sync() { pool_release_to(pool_threshold); }
 API cuMemAllocAsync(CUdeviceptr* p, size_t n, void*) {
-    CUresult r = cuMemAlloc_v2(p, n);
     LOCK;
-    if (r == CUDA_SUCCESS) pool_cached -= std::min(pool_cached, n);
+    // The pool reuses what it caches: only the rest must be free on the device.
+    const size_t reuse = std::min(pool_cached, n);
+    pool_cached -= reuse;
+    CUresult r = cuMemAlloc_v2(p, n);
+    if (r != CUDA_SUCCESS) {
+        pool_cached += reuse;
+        return r;
+    }
+    pool_allocs.insert((uintptr_t)*p);
+    pool_used += n;
     return r;
 }
 API cuMemFree_v2(CUdeviceptr p) {
@@ -494,53 +513,60 @@ API cuMemFree_v2(CUdeviceptr p) {
         complain("cuMemFree: not an allocation");
         return CUDA_ERROR_INVALID_VALUE;
     }
+    live_bytes -= it->second;
     allocs.erase(it);
     std::free((void*)p);
     return CUDA_SUCCESS;
 }
 API cuMemFreeAsync(CUdeviceptr p, void*) {
-    size_t n = 0;
-    {
-        LOCK;
-        auto it = allocs.find((uintptr_t)p);
-        if (it != allocs.end()) n = it->second;
-    }
-    CUresult r = cuMemFree_v2(p);
     LOCK;
-    if (r == CUDA_SUCCESS) pool_cached += n;
+    auto it = allocs.find((uintptr_t)p);
+    const size_t n = it == allocs.end() ? 0 : it->second;
+    CUresult r = cuMemFree_v2(p);
+    if (r == CUDA_SUCCESS && pool_allocs.erase((uintptr_t)p)) {
+        pool_used -= n;
+        pool_cached += n;
+    }
     return r;
 }
-// Stream-ordered allocation's default pool: one per device, a dummy handle. cunorm sets the
-// release threshold (attribute 4) to keep freed memory, and may trim the pool.
-static int default_pool_tag;
+API cuDeviceGetMemPool(void** pool, CUdevice) {
+    *pool = &pool_tag;
+    return CUDA_SUCCESS;
+}
 API cuDeviceGetDefaultMemPool(void** pool, CUdevice) {
-    *pool = &default_pool_tag;
+    *pool = &pool_tag;
     return CUDA_SUCCESS;
 }
 API cuMemPoolSetAttribute(void* pool, int attr, void* value) {
-    if (pool != &default_pool_tag || attr != 4 || value == nullptr) {
-        complain("cuMemPoolSetAttribute: not the default pool's release threshold");
+    if (pool != &pool_tag || attr != 4 || value == nullptr) {
+        complain("cuMemPoolSetAttribute: not the pool's release threshold (attribute 4)");
         return CUDA_ERROR_INVALID_VALUE;
     }
     LOCK;
     pool_threshold = *(const unsigned long long*)value;
     return CUDA_SUCCESS;
 }
-API cuMemPoolTrimTo(void* pool, size_t keep) {
-    if (pool != &default_pool_tag) {
-        complain("cuMemPoolTrimTo: not the default pool");
+API cuMemPoolGetAttribute(void* pool, int attr, void* value) {
+    if (pool != &pool_tag || value == nullptr || (attr != 4 && attr != 5 && attr != 7)) {
+        complain("cuMemPoolGetAttribute: modelled: release threshold (4), reserved (5), used (7)");
         return CUDA_ERROR_INVALID_VALUE;
     }
     LOCK;
-    if (pool_cached > keep) pool_cached = keep;
+    *(unsigned long long*)value = attr == 4 ? pool_threshold : attr == 5 ? pool_used + pool_cached : pool_used;
+    return CUDA_SUCCESS;
+}
+API cuMemPoolTrimTo(void* pool, size_t keep) {
+    if (pool != &pool_tag) {
+        complain("cuMemPoolTrimTo: not the pool");
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    pool_release_to(keep);
     return CUDA_SUCCESS;
 }
 API cuMemGetInfo_v2(size_t* free_b, size_t* total) {
     LOCK;
-    size_t used = pool_cached;
-    for (auto& [base, n] : allocs) used += n;
     *total = 80ull << 30;
-    *free_b = *total - std::min(*total, used);
+    *free_b = *total - std::min<size_t>(*total, live_bytes + pool_cached);
     return CUDA_SUCCESS;
 }
 API cuMemHostAlloc(void** p, size_t n, unsigned) {

@@ -406,7 +406,10 @@ template <class T> void all() {
     for (P p : std::vector<P>{{4, 3, 35, 0}, {2, 5, 1, 0}, {33, 8, 1, 0}, {2, 16, 40, 0}, {1, 3, 9000, 0},
                               {2, 3, 35, 3}, {1, 4, 33, 4}, {3, 40, 17, 40},
                               {2, 4, 4, 2}, {3, 6, 35, 3}, {2, 5, 3, 1}, {2, 32, 64, 8}, {1, 4, 700, 2},
-                              {1, 2, 30000, 1}, {2, 4, 8000, 2}, {3, 16, 1, 2}})
+                              {1, 2, 30000, 1}, {2, 4, 8000, 2}, {3, 16, 1, 2},
+                              // channels-last: one chunk a sample, 8 rows a thread (folds into a
+                              // non-empty Welford; reduce_chunks at N ≥ 1056)
+                              {1056, 4, 2048, 0}})
         for (bool cl : {false, true}) {
             planes_case<T>(p.n, p.c, p.s, p.g, cl, false);
             if (p.g == 0 || p.g == p.c) planes_case<T>(p.n, p.c, p.s, p.g, cl, true);

@@ -35,9 +35,8 @@ pub(crate) fn loadable(name: &str, majors: &[u32]) -> bool {
 fn alloc_err<T>(n: usize, e: Option<cudarc::driver::DriverError>) -> Error {
     let bytes = n as u128 * std::mem::size_of::<T>() as u128;
     let context = format!("allocating {bytes} bytes of device memory");
-    let oom = cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY;
     match e {
-        Some(e) if e.0 != oom => driver_err(&context, e),
+        Some(e) if e.0 != OOM => driver_err(&context, e),
         _ => Error::Cuda {
             context,
             message: format!(
@@ -97,20 +96,22 @@ pub fn probe() -> Result<usize> {
     Ok(count as usize)
 }
 
-/// The device's default memory pool, where the device has stream-ordered allocation.
-fn default_pool(ctx: &CudaContext) -> Option<cudarc::driver::sys::CUmemoryPool> {
+/// The device's current memory pool (the one `cuMemAllocAsync`, and so cudarc's stream
+/// allocations, draw from: the default pool unless someone called `cuDeviceSetMemPool`), where
+/// the device has stream-ordered allocation.
+fn mem_pool(ctx: &CudaContext) -> Option<cudarc::driver::sys::CUmemoryPool> {
     if !ctx.has_async_alloc() {
         return None;
     }
     // SAFETY: the context's device handle came from the driver (cuDeviceGet).
-    unsafe { cudarc::driver::result::device::get_default_mem_pool(ctx.cu_device()) }.ok()
+    unsafe { cudarc::driver::result::device::get_mem_pool(ctx.cu_device()) }.ok()
 }
 
-/// Sets the default pool's release threshold to the maximum, so that freed memory stays
-/// reserved (see [`CudaDevice::new`]). A driver that refuses leaves the pool as it was: that
-/// costs speed, never correctness, so it is not an error.
+/// Sets the pool's release threshold to the maximum, so that freed memory stays reserved (see
+/// [`CudaDevice::new`]). A driver that refuses leaves the pool as it was: that costs speed,
+/// never correctness, so it is not an error.
 fn keep_freed_memory(ctx: &CudaContext) {
-    if let Some(pool) = default_pool(ctx) {
+    if let Some(pool) = mem_pool(ctx) {
         let mut threshold = u64::MAX;
         // SAFETY: RELEASE_THRESHOLD takes a cuuint64_t, which `threshold` is.
         let _ = unsafe {
@@ -122,6 +123,9 @@ fn keep_freed_memory(ctx: &CudaContext) {
         };
     }
 }
+
+const OOM: cudarc::driver::sys::cudaError_enum =
+    cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY;
 
 /// A loaded kernel and the most threads per block its register use allows on this device.
 #[derive(Clone)]
@@ -163,9 +167,11 @@ impl CudaDevice {
     /// Opens device `ordinal` (its primary context) with a new non-blocking stream.
     ///
     /// Device memory freed by cunorm's tensors stays reserved for the next allocation, as in
-    /// PyTorch's caching allocator: the device's default memory pool (which cudarc's stream
-    /// allocations come from) is told to keep what it holds instead of returning it to the
-    /// driver at every synchronization. Without that, a loop that allocates an output each step
+    /// PyTorch's caching allocator: the device's memory pool (the current one, which cudarc's
+    /// stream allocations come from) is told to keep what it holds instead of returning it to
+    /// the driver at every synchronization. An allocation that finds the device out of memory
+    /// hands the cache back and tries once more; memory the pool holds is still unavailable to
+    /// other allocators (another library's `cudaMalloc`, other processes) until then. Without that, a loop that allocates an output each step
     /// and synchronizes between steps maps fresh device pages every step, which cost as much as
     /// the kernels themselves on large tensors (2026-11-26, H200). The pool is the device's, so
     /// other users of it in the process keep their freed memory too;
@@ -193,12 +199,44 @@ impl CudaDevice {
     /// back for something else. Later allocations reserve it again.
     pub fn release_cached_memory(&self) -> Result<()> {
         self.synchronize()?;
-        if let Some(pool) = default_pool(&self.inner.ctx) {
-            // SAFETY: `pool` is the device's default pool, valid for the process's lifetime.
+        if let Some(pool) = mem_pool(&self.inner.ctx) {
+            // SAFETY: `pool` is the device's current pool, valid while the device is.
             unsafe { cudarc::driver::result::mem_pool::trim_to(pool, 0) }
                 .map_err(|e| driver_err("releasing cached device memory", e))?;
         }
         Ok(())
+    }
+
+    /// Bytes the device's memory pool holds for this process: in use by live buffers plus
+    /// cached from freed ones (0 on a device without stream-ordered allocation).
+    pub fn pool_reserved_bytes(&self) -> Result<u64> {
+        let Some(pool) = mem_pool(&self.inner.ctx) else {
+            return Ok(0);
+        };
+        let mut v = 0u64;
+        // SAFETY: RESERVED_MEM_CURRENT writes a cuuint64_t, which `v` is.
+        unsafe {
+            cudarc::driver::result::mem_pool::get_attribute(
+                pool,
+                cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                (&mut v as *mut u64).cast(),
+            )
+        }
+        .map_err(|e| driver_err("reading the memory pool's size", e))?;
+        Ok(v)
+    }
+
+    /// `f` (an allocation); when the driver is out of memory, the pool's cached memory is
+    /// handed back ([`CudaDevice::release_cached_memory`]) and `f` runs once more, as PyTorch's
+    /// caching allocator empties its cache before it reports out of memory.
+    fn retry_oom<R>(
+        &self,
+        mut f: impl FnMut() -> std::result::Result<R, cudarc::driver::DriverError>,
+    ) -> std::result::Result<R, cudarc::driver::DriverError> {
+        match f() {
+            Err(e) if e.0 == OOM && self.release_cached_memory().is_ok() => f(),
+            r => r,
+        }
     }
 
     /// Wraps an existing cudarc context and stream (for code that already holds them).
@@ -422,7 +460,9 @@ impl CudaDevice {
         // SAFETY: every caller passes the buffer to a kernel that writes all n elements before
         // anything reads it.
         let n = alloc_len::<T>(n.max(1))?;
-        let mut slice = unsafe { stream.alloc::<T>(n) }.map_err(|e| alloc_err::<T>(n, Some(e)))?;
+        let mut slice = self
+            .retry_oom(|| unsafe { stream.alloc::<T>(n) })
+            .map_err(|e| alloc_err::<T>(n, Some(e)))?;
         if self.inner.poison.load(std::sync::atomic::Ordering::Relaxed) {
             use cudarc::driver::DevicePtrMut;
             let bytes = slice.len() * std::mem::size_of::<T>();
@@ -442,9 +482,8 @@ impl CudaDevice {
         &self,
         n: usize,
     ) -> Result<CudaSlice<T>> {
-        self.inner
-            .stream
-            .alloc_zeros::<T>(alloc_len::<T>(n.max(1))?)
+        let len = alloc_len::<T>(n.max(1))?;
+        self.retry_oom(|| self.inner.stream.alloc_zeros::<T>(len))
             .map_err(|e| alloc_err::<T>(n.max(1), Some(e)))
     }
 

@@ -177,11 +177,12 @@ const REDUCE_BLOCKS: usize = 264;
 const REDUCE_BLOCKS_CL: usize = 1056;
 
 /// Spatial chunks of each sample (channels-last) or plane (contiguous), from the shape alone
-/// (not the SM count), so that every GPU adds in the same order. Channels-last: chunks of at
-/// least 256 rows, as few as give the grid REDUCE_BLOCKS_CL blocks. A block whose chunk is only
-/// 256 rows (8 per thread at C = 64 f16) spends more on merging its rows' partials through
-/// shared memory and writing them than on reading x: BatchNorm2d f16 channels-last
-/// [256, 64, 112, 112] read its statistics at 370 GB/s on an H200 with a chunk per 256 rows.
+/// (not the SM count), so that every GPU adds in the same order. Channels-last: at most one
+/// chunk per 256 rows, as few as give the grid REDUCE_BLOCKS_CL blocks. A block whose chunk is
+/// only about 256 rows (8 per thread at C = 64 f16) spends more on merging its rows' partials
+/// through shared memory and writing them than on reading x: BatchNorm2d f16 channels-last
+/// [256, 64, 112, 112] read its statistics at about 370 GB/s on an H200 (its forward less its
+/// eval) with a chunk per 256 rows.
 fn reduce_chunks(s: &PlaneShape, pn: usize) -> usize {
     if s.channels_last() {
         let packs = s.c.div_ceil(pn).max(1);
