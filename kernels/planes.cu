@@ -91,6 +91,22 @@ struct ShiftRun {
     }
 };
 
+// Adds the run of values v(0), ..., v(cnt − 1) (cnt ≤ N, at least 1) to w: folded as a
+// ShiftRun, or replayed value by value through welford_add when the run is not finite.
+template <int N, typename V>
+__device__ __forceinline__ void welford_add_run(Welford& w, int cnt, V v) {
+    ShiftRun run;
+    run.begin(v(0));
+#pragma unroll
+    for (int e = 0; e < N; ++e)
+        if (e < cnt) run.add(v(e));
+    if (!run.fold(w, (float)cnt)) {
+#pragma unroll
+        for (int e = 0; e < N; ++e)
+            if (e < cnt) welford_add(w, v(e));
+    }
+}
+
 // GRAD = false: x only (StatAcc). GRAD = true: x and dy, shift m per plane (GradAcc).
 // CL: the channels-last layout, a separate entry point (its per-channel accumulators would
 // otherwise raise the contiguous path's register count, and with it cut its occupancy).
@@ -137,26 +153,12 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
                         }
                     }
                 } else {
-                    ShiftRun run;
-                    run.begin(to_float(xv[0].v[0]));
-                    float c = 0.f;
+                    // The iteration's packs in range are a prefix of the UNROLL.
+                    int cnt = 0;
 #pragma unroll
-                    for (int u = 0; u < UNROLL; ++u) {
-                        if (s + u * step < s1) {
-                            c += (float)PN;
-#pragma unroll
-                            for (int i = 0; i < PN; ++i) run.add(to_float(xv[u].v[i]));
-                        }
-                    }
-                    if (!run.fold(acc.w, c)) {
-#pragma unroll
-                        for (int u = 0; u < UNROLL; ++u) {
-                            if (s + u * step < s1) {
-#pragma unroll
-                                for (int i = 0; i < PN; ++i) welford_add(acc.w, to_float(xv[u].v[i]));
-                            }
-                        }
-                    }
+                    for (int u = 0; u < UNROLL; ++u) cnt += s + u * step < s1 ? PN : 0;
+                    welford_add_run<UNROLL * PN>(acc.w, cnt,
+                                                 [&](int e) { return to_float(xv[e / PN].v[e % PN]); });
                 }
             }
         } else {
@@ -217,25 +219,13 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
                                 acc[i].add(to_float(xv[u].v[i]), to_float(gv[u].v[i]));
                         }
                 } else {
-                    // One run per channel over this iteration's rows (ShiftRun).
-                    ShiftRun run[PN];
+                    // One run per channel over this iteration's rows (a prefix of the UNROLL).
+                    int cnt = 0;
 #pragma unroll
-                    for (int i = 0; i < PN; ++i) run[i].begin(to_float(xv[0].v[i]));
-                    float c = 0.f;
-#pragma unroll
-                    for (int u = 0; u < UNROLL; ++u)
-                        if (s + u * step < s1) {
-                            c += 1.f;
-#pragma unroll
-                            for (int i = 0; i < PN; ++i) run[i].add(to_float(xv[u].v[i]));
-                        }
+                    for (int u = 0; u < UNROLL; ++u) cnt += s + u * step < s1 ? 1 : 0;
 #pragma unroll
                     for (int i = 0; i < PN; ++i)
-                        if (!run[i].fold(acc[i].w, c)) {
-#pragma unroll
-                            for (int u = 0; u < UNROLL; ++u)
-                                if (s + u * step < s1) welford_add(acc[i].w, to_float(xv[u].v[i]));
-                        }
+                        welford_add_run<UNROLL>(acc[i].w, cnt, [&](int u) { return to_float(xv[u].v[i]); });
                 }
             }
         }

@@ -14,19 +14,20 @@ rm -rf "$dest"
 mkdir -p "$dest/tests"
 cargo build --release --bins
 cp target/release/cunorm "$dest/"
-# Test binaries: ask cargo where it put them.
-cargo test --release --no-run --message-format=json 2>/dev/null |
+# Test binaries: ask cargo where it put them. Copies each test executable in cargo's JSON
+# messages (stdin) to DEST/tests/<name><suffix $1>.
+bundle_tests() {
   python3 -c '
 import json, sys, shutil
 for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
+    m = json.loads(line) if line.startswith("{") else {}
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
-        shutil.copy(m["executable"], sys.argv[1] + "/tests/" + m["target"]["name"])
-        print("bundled test", m["target"]["name"])
-' "$dest"
+        name = m["target"]["name"] + sys.argv[2]
+        shutil.copy(m["executable"], sys.argv[1] + "/tests/" + name)
+        print("bundled test", name)
+' "$dest" "${1:-}"
+}
+cargo test --release --no-run --message-format=json 2>/dev/null | bundle_tests
 if [ "${GPU_BUNDLE_CANDLE_CUDA:-0}" = 1 ]; then
   nvcc=$(find target/ecosystem/cuda-venv -path '*nvidia/cu13/bin/nvcc' 2>/dev/null | head -n 1 || true)
   [ -n "$nvcc" ] || { echo "run CUNORM_CHECK_CANDLE_CUDA=1 scripts/ecosystem-check.sh first" >&2; exit 1; }
@@ -46,15 +47,7 @@ print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["na
   ln -sf libcudart.so.13 "$cuda/lib/libcudart.so"
   CARGO_TARGET_DIR=target/ecosystem/target CUDA_ROOT="$cuda" CUDA_PATH="$cuda" CUDA_COMPUTE_CAP=90 \
     PATH="$cuda/bin:$PATH" NVCC_APPEND_FLAGS="-Xcicc -O0 -Xptxas -O0" \
-    cargo test --features candle-cuda --test suite --no-run --message-format=json |
-    python3 -c '
-import json, sys, shutil
-for line in sys.stdin:
-    m = json.loads(line) if line.startswith("{") else {}
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "suite":
-        shutil.copy(m["executable"], sys.argv[1] + "/tests/suite-candle-cuda")
-        print("bundled test suite-candle-cuda")
-' "$dest"
+    cargo test --features candle-cuda --test suite --no-run --message-format=json | bundle_tests -candle-cuda
   [ -x "$dest/tests/suite-candle-cuda" ] || { echo "the candle-cuda suite did not build" >&2; exit 1; }
   # 77 MB stripped (candle's kernels): packed to 4 MB, as the device tool carries 64 MiB.
   strip "$dest/tests/suite-candle-cuda" && xz -T2 "$dest/tests/suite-candle-cuda"

@@ -533,10 +533,6 @@ API cuDeviceGetMemPool(void** pool, CUdevice) {
     *pool = &pool_tag;
     return CUDA_SUCCESS;
 }
-API cuDeviceGetDefaultMemPool(void** pool, CUdevice) {
-    *pool = &pool_tag;
-    return CUDA_SUCCESS;
-}
 API cuMemPoolSetAttribute(void* pool, int attr, void* value) {
     if (pool != &pool_tag || attr != 4 || value == nullptr) {
         complain("cuMemPoolSetAttribute: not the pool's release threshold (attribute 4)");

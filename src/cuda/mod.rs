@@ -167,15 +167,15 @@ impl CudaDevice {
     /// Opens device `ordinal` (its primary context) with a new non-blocking stream.
     ///
     /// Device memory freed by cunorm's tensors stays reserved for the next allocation, as in
-    /// PyTorch's caching allocator: the device's memory pool (the current one, which cudarc's
-    /// stream allocations come from) is told to keep what it holds instead of returning it to
-    /// the driver at every synchronization. An allocation that finds the device out of memory
-    /// hands the cache back and tries once more; memory the pool holds is still unavailable to
-    /// other allocators (another library's `cudaMalloc`, other processes) until then. Without that, a loop that allocates an output each step
+    /// PyTorch's caching allocator: the device's current memory pool (which cudarc's stream
+    /// allocations come from) is told to keep what it holds instead of returning it to the
+    /// driver at every synchronization. Without that, a loop that allocates an output each step
     /// and synchronizes between steps maps fresh device pages every step, which cost as much as
     /// the kernels themselves on large tensors (2026-11-26, H200). The pool is the device's, so
-    /// other users of it in the process keep their freed memory too;
-    /// [`CudaDevice::release_cached_memory`] returns it. A device wrapped with
+    /// other users of it in the process keep their freed memory too, and what it holds is
+    /// unavailable to other allocators (another library's `cudaMalloc`, other processes) until
+    /// [`CudaDevice::release_cached_memory`] returns it; an allocation of cunorm's that finds
+    /// the device out of memory does that and tries once more. A device wrapped with
     /// [`CudaDevice::from_parts`] keeps its owner's pool settings.
     pub fn new(ordinal: usize) -> Result<Self> {
         let count = probe()?;
@@ -194,7 +194,7 @@ impl CudaDevice {
         Self::from_parts(ctx, stream)
     }
 
-    /// Returns the device memory that freed tensors left reserved in the device's default
+    /// Returns the device memory that freed tensors left reserved in the device's current
     /// memory pool to the driver (after waiting for queued work), for a process that wants it
     /// back for something else. Later allocations reserve it again.
     pub fn release_cached_memory(&self) -> Result<()> {

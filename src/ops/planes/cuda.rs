@@ -185,8 +185,7 @@ const REDUCE_BLOCKS_CL: usize = 1056;
 /// eval) with a chunk per 256 rows.
 fn reduce_chunks(s: &PlaneShape, pn: usize) -> usize {
     if s.channels_last() {
-        let packs = s.c.div_ceil(pn).max(1);
-        let tiles = packs.div_ceil(packs.next_power_of_two().min(32));
+        let (_, tiles) = cl_tiling(s.c, pn);
         REDUCE_BLOCKS_CL
             .div_ceil(s.n.max(1) * tiles)
             .clamp(1, s.s.div_ceil(256).max(1))
@@ -197,16 +196,23 @@ fn reduce_chunks(s: &PlaneShape, pn: usize) -> usize {
     }
 }
 
+/// The channels-last reduction's tiling of C channels in packs of `pn`: TW packs across a block
+/// (the smallest power of two covering them, at most 32) and the grid rows of TW packs.
+fn cl_tiling(c: usize, pn: usize) -> (usize, usize) {
+    let packs = c.div_ceil(pn).max(1);
+    let tw = packs.next_power_of_two().min(32);
+    (tw, packs.div_ceil(tw))
+}
+
 /// The reduction launch (planes.cu `planes_reduce`). Channels-last: blocks of (TW, 256/TW)
 /// threads, TW packs of `pn` channels across (the smallest power of two covering C, at most 32),
 /// one grid row per TW packs.
 fn reduce_config(s: &PlaneShape, chunks: usize, pn: usize) -> Result<LaunchConfig> {
     Ok(if s.channels_last() {
         channel_tiles(s.c)?; // the documented channel limit
-        let packs = s.c.div_ceil(pn).max(1);
-        let tw = packs.next_power_of_two().min(32);
+        let (tw, tiles) = cl_tiling(s.c, pn);
         LaunchConfig {
-            grid_dim: (grid(s.n * chunks)?, packs.div_ceil(tw) as u32, 1),
+            grid_dim: (grid(s.n * chunks)?, tiles as u32, 1),
             block_dim: (tw as u32, (256 / tw) as u32, 1),
             shared_mem_bytes: 0,
         }
