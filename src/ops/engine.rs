@@ -220,6 +220,18 @@ pub(crate) mod simd {
         ) {
             super::acc_grad_portable::<Self>(a1, a2, g, x, m)
         }
+        /// Column sums of a row-major f32 block of `cols` columns, down the rows, for the
+        /// columns `0..COLS·⌊cols/COLS⌋`: adds Σ (x − m[j]) to `s[j]` and Σ (x − m[j])² to
+        /// `q[j]` (f64), each column's values in row order.
+        #[inline(always)]
+        fn cols_dev(x: &[f32], cols: usize, m: &[f64], s: &mut [f64], q: &mut [f64]) {
+            super::cols_dev_portable::<Self>(x, cols, m, s, q)
+        }
+        /// The same for a gradient: adds Σ g to `s[j]` and Σ g·(x − m[j]) to `q[j]`.
+        #[inline(always)]
+        fn cols_grad(g: &[f32], x: &[f32], cols: usize, m: &[f64], s: &mut [f64], q: &mut [f64]) {
+            super::cols_grad_portable::<Self>(g, x, cols, m, s, q)
+        }
     }
     pub struct Plain;
     pub struct Fma;
@@ -275,13 +287,25 @@ pub(crate) mod simd {
             // SAFETY: as for `acc_dev`.
             unsafe { avx2::acc_grad(a1, a2, g, x, m) }
         }
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        fn cols_dev(x: &[f32], cols: usize, m: &[f64], s: &mut [f64], q: &mut [f64]) {
+            // SAFETY: as for `acc_dev`.
+            unsafe { avx2::cols_dev(x, cols, m, s, q) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        fn cols_grad(g: &[f32], x: &[f32], cols: usize, m: &[f64], s: &mut [f64], q: &mut [f64]) {
+            // SAFETY: as for `acc_dev`.
+            unsafe { avx2::cols_grad(g, x, cols, m, s, q) }
+        }
     }
 
     /// Hand-written AVX2 loops where LLVM's vectorizer leaves half-width or scalar code (seen
     /// in profiles: the f64 deviation sums came out as a mix of 128-bit and scalar ops).
     #[cfg(target_arch = "x86_64")]
     mod avx2 {
-        use super::super::LANES;
+        use super::super::{COLS, COL_TILE_ROWS, LANES};
         use std::arch::x86_64::*;
 
         /// # Safety
@@ -412,6 +436,102 @@ pub(crate) mod simd {
             for (i, (gv, xv)) in gt.iter().zip(xt).enumerate() {
                 a1[i] += *gv as f64;
                 a2[i] = (*gv as f64).mul_add(*xv as f64 - m, a2[i]);
+            }
+        }
+        /// 4 f32 at `p` as f64, minus `m`.
+        #[inline]
+        #[target_feature(enable = "avx,avx2,fma")]
+        unsafe fn dev4(p: *const f32, m: __m256d) -> __m256d {
+            // SAFETY: the caller passes 4 readable f32.
+            unsafe { _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(p)), m) }
+        }
+
+        /// Checks the column kernels' slices: `len` values of whole rows of `cols` columns and
+        /// `cols` shifts and sums. Returns the rows.
+        fn col_rows(len: usize, cols: usize, m: &[f64], s: &[f64], q: &[f64]) -> usize {
+            assert!(
+                m.len() >= cols && s.len() >= cols && q.len() >= cols,
+                "column kernel: {cols} columns"
+            );
+            len / cols.max(1)
+        }
+
+        /// # Safety
+        /// The CPU must support AVX2 and FMA.
+        #[target_feature(enable = "avx,avx2,fma")]
+        pub unsafe fn cols_dev(x: &[f32], cols: usize, m: &[f64], s: &mut [f64], q: &mut [f64]) {
+            let rows = col_rows(x.len(), cols, m, s, q);
+            let base = x.as_ptr();
+            // Row tiles (contiguous in memory, in L1), each column group's sums carried from
+            // tile to tile through `s`/`q`: every column still adds its values in row order.
+            for r0 in (0..rows).step_by(COL_TILE_ROWS) {
+                let r1 = (r0 + COL_TILE_ROWS).min(rows);
+                for c0 in (0..cols / COLS * COLS).step_by(COLS) {
+                    // SAFETY: c0 + COLS <= cols <= the lengths of m, s and q (col_rows).
+                    unsafe {
+                        let mv: [__m256d; 4] =
+                            std::array::from_fn(|k| _mm256_loadu_pd(m.as_ptr().add(c0 + 4 * k)));
+                        let mut sv: [__m256d; 4] =
+                            std::array::from_fn(|k| _mm256_loadu_pd(s.as_ptr().add(c0 + 4 * k)));
+                        let mut qv: [__m256d; 4] =
+                            std::array::from_fn(|k| _mm256_loadu_pd(q.as_ptr().add(c0 + 4 * k)));
+                        for r in r0..r1 {
+                            // Row r's columns c0..c0 + COLS lie inside x (rows = len / cols).
+                            let p = base.add(r * cols + c0);
+                            for k in 0..4 {
+                                let d = dev4(p.add(4 * k), mv[k]);
+                                sv[k] = _mm256_add_pd(sv[k], d);
+                                qv[k] = _mm256_fmadd_pd(d, d, qv[k]);
+                            }
+                        }
+                        for k in 0..4 {
+                            _mm256_storeu_pd(s.as_mut_ptr().add(c0 + 4 * k), sv[k]);
+                            _mm256_storeu_pd(q.as_mut_ptr().add(c0 + 4 * k), qv[k]);
+                        }
+                    }
+                }
+            }
+        }
+
+        /// # Safety
+        /// The CPU must support AVX2 and FMA.
+        #[target_feature(enable = "avx,avx2,fma")]
+        pub unsafe fn cols_grad(
+            g: &[f32],
+            x: &[f32],
+            cols: usize,
+            m: &[f64],
+            s: &mut [f64],
+            q: &mut [f64],
+        ) {
+            let rows = col_rows(x.len().min(g.len()), cols, m, s, q);
+            let (gb, xb) = (g.as_ptr(), x.as_ptr());
+            let z = _mm256_setzero_pd();
+            for r0 in (0..rows).step_by(COL_TILE_ROWS) {
+                let r1 = (r0 + COL_TILE_ROWS).min(rows);
+                for c0 in (0..cols / COLS * COLS).step_by(COLS) {
+                    // SAFETY: as in cols_dev, for g and x.
+                    unsafe {
+                        let mv: [__m256d; 4] =
+                            std::array::from_fn(|k| _mm256_loadu_pd(m.as_ptr().add(c0 + 4 * k)));
+                        let mut sv: [__m256d; 4] =
+                            std::array::from_fn(|k| _mm256_loadu_pd(s.as_ptr().add(c0 + 4 * k)));
+                        let mut qv: [__m256d; 4] =
+                            std::array::from_fn(|k| _mm256_loadu_pd(q.as_ptr().add(c0 + 4 * k)));
+                        for r in r0..r1 {
+                            let (gp, xp) = (gb.add(r * cols + c0), xb.add(r * cols + c0));
+                            for k in 0..4 {
+                                let (gv, d) = (dev4(gp.add(4 * k), z), dev4(xp.add(4 * k), mv[k]));
+                                sv[k] = _mm256_add_pd(sv[k], gv);
+                                qv[k] = _mm256_fmadd_pd(gv, d, qv[k]);
+                            }
+                        }
+                        for k in 0..4 {
+                            _mm256_storeu_pd(s.as_mut_ptr().add(c0 + 4 * k), sv[k]);
+                            _mm256_storeu_pd(q.as_mut_ptr().add(c0 + 4 * k), qv[k]);
+                        }
+                    }
+                }
             }
         }
     }
@@ -855,6 +975,52 @@ pub(crate) fn acc_dev_portable<I: simd::Isa>(
         let d = *v as f64 - m;
         *s1 += d;
         *s2 += d * d;
+    }
+}
+
+/// Columns reduced together by the column kernels ([`simd::Isa::cols_dev`]): one 64-byte line
+/// of f32 per row.
+pub(crate) const COLS: usize = 16;
+/// Rows per tile of the column kernels: the tile's rows are read column group by column group
+/// while in L1 (8 rows of 256 f32 columns of dy and x: 16 KiB), and walked through memory in
+/// order.
+pub(crate) const COL_TILE_ROWS: usize = 8;
+
+/// [`simd::Isa::cols_dev`] in portable code.
+#[inline(always)]
+pub(crate) fn cols_dev_portable<I: simd::Isa>(
+    x: &[f32],
+    cols: usize,
+    m: &[f64],
+    s: &mut [f64],
+    q: &mut [f64],
+) {
+    let full = cols / COLS * COLS;
+    for row in x.chunks_exact(cols) {
+        for j in 0..full {
+            let d = row[j] as f64 - m[j];
+            s[j] += d;
+            q[j] = I::fma(d, d, q[j]);
+        }
+    }
+}
+
+/// [`simd::Isa::cols_grad`] in portable code.
+#[inline(always)]
+pub(crate) fn cols_grad_portable<I: simd::Isa>(
+    g: &[f32],
+    x: &[f32],
+    cols: usize,
+    m: &[f64],
+    s: &mut [f64],
+    q: &mut [f64],
+) {
+    let full = cols / COLS * COLS;
+    for (gr, xr) in g.chunks_exact(cols).zip(x.chunks_exact(cols)) {
+        for j in 0..full {
+            s[j] += gr[j] as f64;
+            q[j] = I::fma(gr[j] as f64, xr[j] as f64 - m[j], q[j]);
+        }
     }
 }
 

@@ -164,6 +164,13 @@ fn sweep<T: Element>() {
         (Op::Group(3), vec![2, 6, 9, 7], 0.0),
         (Op::Group(1), vec![3, 5, 2], 0.0),
         (Op::Group(2), vec![1, 4, 40, 40], 0.0),
+        // Channels-last with 16 channels and more (the column kernels, 16 columns at a time,
+        // and their tail), over a sample longer than one 256-row chunk, with one sample
+        // (statistics across chunks) and several (each sample fused with its output).
+        (Op::Batch, vec![3, 35, 9, 7], 0.0),
+        (Op::Instance, vec![3, 16, 19, 19], 0.0),
+        (Op::Group(5), vec![2, 40, 300], 0.0),
+        (Op::Group(4), vec![1, 32, 300], 0.0),
         (Op::Layer(1), vec![7, 1], 0.0),
         (Op::Layer(31), vec![5, 31], 0.0),
         (Op::Layer(70_000), vec![2, 70_000], 0.0),
@@ -205,6 +212,9 @@ fn mean_1e4_has_no_cancellation() {
         (Op::Batch, vec![4, 3, 25, 25]),
         (Op::Instance, vec![2, 3, 300]),
         (Op::Group(2), vec![2, 4, 5, 5]),
+        // 16 channels and more: the column kernels (channels-last).
+        (Op::Batch, vec![4, 19, 13, 13]),
+        (Op::Group(4), vec![2, 32, 17, 17]),
         (Op::Layer(4099), vec![3, 4099]),
     ];
     for (op, shape) in ops {
@@ -249,8 +259,10 @@ fn run_all(x: &Tensor<f32>, dy: &Tensor<f32>) -> Vec<Vec<f32>> {
 #[test]
 fn deterministic_across_calls_and_thread_counts() {
     // Over 128 K values, so that 3 threads really split the work (smaller inputs run in the
-    // calling thread) while 1 thread runs it in order.
-    let shape = [6, 4, 74, 107];
+    // calling thread) while 1 thread runs it in order; 20 channels for the channels-last
+    // column kernels; 6 samples, so that 8 threads take channels-last GroupNorm's unfused path
+    // (fewer samples than threads) and 1 or 3 its per-sample fused one.
+    let shape = [6, 20, 37, 29];
     let n: usize = shape.iter().product();
     for fmt in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
         let x = tensor::<f32>(&randn(n, 1, 0.5, 2.0), &shape, fmt);
@@ -265,9 +277,15 @@ fn deterministic_across_calls_and_thread_counts() {
             .build()
             .unwrap()
             .install(|| run_all(&x, &dy));
+        let eight = rayon::ThreadPoolBuilder::new()
+            .num_threads(8)
+            .build()
+            .unwrap()
+            .install(|| run_all(&x, &dy));
         let again = run_all(&x, &dy);
         let bits = |v: &Vec<Vec<f32>>| v.iter().flatten().map(|f| f.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&one), bits(&three), "1 vs 3 threads ({})", fmt.name());
+        assert_eq!(bits(&one), bits(&eight), "1 vs 8 threads ({})", fmt.name());
         assert_eq!(bits(&one), bits(&again), "repeat ({})", fmt.name());
     }
 }

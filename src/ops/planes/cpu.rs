@@ -49,9 +49,6 @@ multiversion! {
     }
 }
 
-/// Columns reduced together by `columns_moments`: one 64-byte line of f32 per row.
-const COL_GROUP: usize = 16;
-
 /// A block as f32: itself for f32 input, else widened into `buf` (reused across tasks).
 #[inline(always)]
 fn block_f32<'a, T: Element>(block: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32] {
@@ -69,53 +66,42 @@ fn block_f32<'a, T: Element>(block: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32]
 
 multiversion! {
     /// Per-column moments of a row-major `(rows, cols)` block by the corrected two-pass: the
-    /// block is widened to f32 once, then each group of 8 columns is reduced down the rows
-    /// with its sums in registers (f64), the block staying in cache between the two passes.
-    fn columns_moments<T: Element>(block: &[T], cols: usize, buf: &mut Vec<f32>) -> Vec<Moments> {
+    /// block is widened to f32 once (into `bb.x`, in L2), per-column provisional means are
+    /// summed row by row in f32 (contiguous, into `bb.g`), then each group of [`COLS`]
+    /// columns is reduced down the rows with its f64 deviation sums in registers.
+    fn columns_moments<T: Element>(block: &[T], cols: usize, bb: &mut BlockBufs) -> Vec<Moments> {
         let rows = block.len() / cols.max(1);
-        let xf = block_f32(block, buf);
+        let xf = block_f32(block, &mut bb.x);
         let n = rows as f64;
-        let mut out = Vec::with_capacity(cols);
-        let (full, _) = (cols / COL_GROUP, cols % COL_GROUP);
-        // Groups of COL_GROUP columns (one 64-byte line of f32 per row), then the rest one by one.
-        for g in 0..full {
-            let c0 = g * COL_GROUP;
-            // A provisional mean from f32 sums (its rounding is corrected by the f64 pass).
-            let mut s = [0f32; COL_GROUP];
-            for row in xf.chunks_exact(cols) {
-                let v: &[f32; COL_GROUP] = row[c0..c0 + COL_GROUP].try_into().unwrap();
-                for i in 0..COL_GROUP {
-                    s[i] += v[i];
-                }
+        // A provisional mean per column from f32 sums (its rounding is corrected by the f64 pass).
+        let sums = &mut bb.g;
+        sums.clear();
+        sums.resize(cols, 0.0);
+        for row in xf.chunks_exact(cols) {
+            for (a, v) in sums.iter_mut().zip(row) {
+                *a += *v;
             }
-            let mean: [f64; COL_GROUP] = std::array::from_fn(|i| {
-                let m = s[i] as f64 / n;
+        }
+        let mean: Vec<f64> = sums
+            .iter()
+            .map(|&s| {
+                let m = s as f64 / n;
                 // A sum that overflowed f32 would make every deviation infinite: shift by 0.
                 if m.is_finite() { m } else { 0.0 }
-            });
-            let (mut d1, mut d2) = ([0f64; COL_GROUP], [0f64; COL_GROUP]);
-            for row in xf.chunks_exact(cols) {
-                let v: &[f32; COL_GROUP] = row[c0..c0 + COL_GROUP].try_into().unwrap();
-                let d: [f64; COL_GROUP] = std::array::from_fn(|i| v[i] as f64 - mean[i]);
-                for i in 0..COL_GROUP {
-                    d1[i] += d[i];
-                }
-                for i in 0..COL_GROUP {
-                    d2[i] = I::fma(d[i], d[i], d2[i]);
-                }
-            }
-            out.extend((0..COL_GROUP).map(|i| Moments::two_pass(n, mean[i], d1[i], d2[i])));
-        }
-        for c in full * COL_GROUP..cols {
-            let s: f64 = xf.chunks_exact(cols).map(|row| row[c] as f64).sum();
-            let mean = s / n;
+            })
+            .collect();
+        let full = cols / COLS * COLS;
+        let (mut d1, mut d2) = (vec![0f64; cols], vec![0f64; cols]);
+        I::cols_dev(xf, cols, &mean, &mut d1, &mut d2);
+        let mut out: Vec<Moments> = (0..full).map(|i| Moments::two_pass(n, mean[i], d1[i], d2[i])).collect();
+        for c in full..cols {
             let (mut d1, mut d2) = (0f64, 0f64);
             for row in xf.chunks_exact(cols) {
-                let d = row[c] as f64 - mean;
+                let d = row[c] as f64 - mean[c];
                 d1 += d;
                 d2 = I::fma(d, d, d2);
             }
-            out.push(Moments::two_pass(n, mean, d1, d2));
+            out.push(Moments::two_pass(n, mean[c], d1, d2));
         }
         out
     }
@@ -209,40 +195,22 @@ multiversion! {
 
 multiversion! {
     /// Channels-last block of one sample: per-column (Σ g, Σ g·(x − m[c])), in f64, each
-    /// group of 16 columns reduced down the rows in registers.
+    /// group of [`COLS`] columns reduced down the rows in registers.
     fn columns_grad_sums<T: Element>(g: &[T], x: &[T], m: &[f64], bb: &mut BlockBufs) -> (Vec<f64>, Vec<f64>) {
         let c = m.len();
         let gf = block_f32(g, &mut bb.g);
         let xf = block_f32(x, &mut bb.x);
-        let (mut s1, mut s2) = (Vec::with_capacity(c), Vec::with_capacity(c));
-        let full = c / COL_GROUP;
-        for grp in 0..full {
-            let c0 = grp * COL_GROUP;
-            let mv: &[f64; COL_GROUP] = m[c0..c0 + COL_GROUP].try_into().unwrap();
-            let (mut a1, mut a2) = ([0f64; COL_GROUP], [0f64; COL_GROUP]);
-            for (gr, xr) in gf.chunks_exact(c).zip(xf.chunks_exact(c)) {
-                let gv: &[f32; COL_GROUP] = gr[c0..c0 + COL_GROUP].try_into().unwrap();
-                let xv: &[f32; COL_GROUP] = xr[c0..c0 + COL_GROUP].try_into().unwrap();
-                let gg: [f64; COL_GROUP] = std::array::from_fn(|i| gv[i] as f64);
-                let d: [f64; COL_GROUP] = std::array::from_fn(|i| xv[i] as f64 - mv[i]);
-                for i in 0..COL_GROUP {
-                    a1[i] += gg[i];
-                }
-                for i in 0..COL_GROUP {
-                    a2[i] = I::fma(gg[i], d[i], a2[i]);
-                }
-            }
-            s1.extend_from_slice(&a1);
-            s2.extend_from_slice(&a2);
-        }
-        for j in full * COL_GROUP..c {
+        let full = c / COLS * COLS;
+        let (mut s1, mut s2) = (vec![0f64; c], vec![0f64; c]);
+        I::cols_grad(gf, xf, c, m, &mut s1, &mut s2);
+        for j in full..c {
             let (mut a1, mut a2) = (0f64, 0f64);
             for (gr, xr) in gf.chunks_exact(c).zip(xf.chunks_exact(c)) {
                 a1 += gr[j] as f64;
                 a2 = I::fma(gr[j] as f64, xr[j] as f64 - m[j], a2);
             }
-            s1.push(a1);
-            s2.push(a2);
+            s1[j] = a1;
+            s2[j] = a2;
         }
         (s1, s2)
     }
@@ -292,12 +260,12 @@ pub(crate) fn plane_moments<T: Element>(x: &[T], p: PlaneShape) -> Vec<Moments> 
             let parts: Vec<Vec<Moments>> = collect_init(
                 (0..p.n * chunks).into_par_iter(),
                 x.len(),
-                Vec::new,
-                |buf, t| {
+                BlockBufs::default,
+                |bb, t| {
                     let (n, k) = (t / chunks, t % chunks);
                     let r0 = k * ROW_CHUNK;
                     let r1 = (r0 + ROW_CHUNK).min(p.s);
-                    columns_moments(&x[(n * p.s + r0) * p.c..(n * p.s + r1) * p.c], p.c, buf)
+                    columns_moments(&x[(n * p.s + r0) * p.c..(n * p.s + r1) * p.c], p.c, bb)
                 },
             );
             let mut out = vec![Moments::default(); planes];
@@ -510,6 +478,118 @@ pub(crate) fn groups_fused<T: Element>(
         );
     });
     (y, moments)
+}
+
+/// Fused GroupNorm/InstanceNorm forward for channels-last input: each sample's statistics
+/// (its `(S, C)` block in chunks of `ROW_CHUNK` rows, merged as [`plane_moments`] merges them)
+/// and then its output, while the sample is still in cache (the apply re-reads it from L2/L3
+/// rather than from memory). The same pieces, merges and coefficients as the unfused path, so
+/// the same bits. Returns y and the per-`(n, group)` moments.
+pub(crate) fn samples_fused_cl<T: Element>(
+    x: &[T],
+    p: PlaneShape,
+    grouping: Grouping,
+    w: &[f64],
+    b: &[f64],
+    eps: f64,
+) -> (Vec<T>, Vec<Moments>) {
+    let c = p.c;
+    let len = (p.s * c).max(1);
+    let one = PlaneShape { n: 1, ..p };
+    let mut parts: Vec<Vec<Moments>> = Vec::new();
+    let y = filled_vec(x.len(), |y| {
+        if x.is_empty() {
+            return;
+        }
+        parts = collect_init(
+            y.par_chunks_mut(len).zip(x.par_chunks(len)),
+            x.len(),
+            || (BlockBufs::default(), Bufs::new()),
+            |(bb, bufs), (ys, xs)| {
+                let mut planes = vec![Moments::default(); c];
+                for chunk in xs.chunks(ROW_CHUNK * c) {
+                    for (pl, m) in planes.iter_mut().zip(columns_moments(chunk, c, bb)) {
+                        *pl = pl.merge(m);
+                    }
+                }
+                let gm = group_moments(&planes, one, grouping);
+                let (mut a, mut m) = (vec![0f64; c], vec![0f64; c]);
+                for j in 0..c {
+                    let g = &gm[grouping.group_of(&one, 0, j)];
+                    a[j] = 1.0 / (g.var_biased() + eps).sqrt() * w[j];
+                    m[j] = g.mean;
+                }
+                let coef = ColCoef::new(&a, b, &m, &[]);
+                rows_affine(xs, ys, c, 0, p.s, &coef, bufs);
+                gm
+            },
+        );
+    });
+    (y, parts.into_iter().flatten().collect())
+}
+
+/// Fused GroupNorm/InstanceNorm backward for channels-last input with batch statistics: each
+/// sample's per-plane sums (chunk by chunk, as [`plane_grad_sums`] takes them) and then its dx,
+/// while the sample's dy and x are still in cache. The same pieces, sums and coefficients as
+/// the two-pass path (`backward_two_pass`), so the same bits. `m`/`r` are per plane, `cnt`
+/// the values per group. Returns dx and the per-plane (Σ g, Σ g·(x − m)).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn samples_backward_fused_cl<T: Element>(
+    g: &[T],
+    x: &[T],
+    p: PlaneShape,
+    grouping: Grouping,
+    w: &[f64],
+    m: &[f64],
+    r: &[f64],
+    cnt: f64,
+) -> (Vec<T>, Vec<f64>, Vec<f64>) {
+    let c = p.c;
+    let len = (p.s * c).max(1);
+    let one = PlaneShape { n: 1, ..p };
+    let groups = grouping.num_groups(&one);
+    let mut parts: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
+    let dx = filled_vec(x.len(), |dx| {
+        if x.is_empty() {
+            return;
+        }
+        parts = collect_init(
+            dx.par_chunks_mut(len)
+                .zip(g.par_chunks(len).zip(x.par_chunks(len)))
+                .enumerate(),
+            x.len(),
+            || (BlockBufs::default(), Bufs::new()),
+            |(bb, bufs), (n, (ds, (gs, xs)))| {
+                let (mn, rn) = (&m[n * c..(n + 1) * c], &r[n * c..(n + 1) * c]);
+                let (mut sg, mut sgx) = (vec![0f64; c], vec![0f64; c]);
+                for (gc, xc) in gs.chunks(ROW_CHUNK * c).zip(xs.chunks(ROW_CHUNK * c)) {
+                    let (s1, s2) = columns_grad_sums(gc, xc, mn, bb);
+                    for j in 0..c {
+                        sg[j] += s1[j];
+                        sgx[j] += s2[j];
+                    }
+                }
+                let (mut ga, mut gb) = (vec![0f64; groups], vec![0f64; groups]);
+                for j in 0..c {
+                    let gi = grouping.group_of(&one, 0, j);
+                    ga[gi] += w[j] * sg[j];
+                    gb[gi] += w[j] * sgx[j];
+                }
+                let (mut a, mut b, mut k) = (vec![0f64; c], vec![0f64; c], vec![0f64; c]);
+                for j in 0..c {
+                    let gi = grouping.group_of(&one, 0, j);
+                    a[j] = rn[j] * w[j];
+                    b[j] = -rn[j] * rn[j] * rn[j] * gb[gi] / cnt;
+                    k[j] = -rn[j] * ga[gi] / cnt;
+                }
+                let coef = ColCoef::new(&a, &b, mn, &k);
+                rows_grad_apply(gs, xs, ds, c, 0, p.s, &coef, bufs);
+                (sg, sgx)
+            },
+        );
+    });
+    let (sg, sgx): (Vec<Vec<f64>>, Vec<Vec<f64>>) = parts.into_iter().unzip();
+    (dx, sg.concat(), sgx.concat())
 }
 
 /// Fused GroupNorm/InstanceNorm backward for contiguous input with batch statistics: each

@@ -318,6 +318,22 @@ pub(crate) fn forward<T: Element>(
             stats,
         });
     }
+    if let (Source::Input { running }, Some(_), MemoryFormat::ChannelsLast) =
+        (&mut source, grouping.per_sample(p.c), p.format)
+    {
+        if p.n >= rayon::current_num_threads() {
+            // Each sample's statistics, then its output while the sample is in cache.
+            let (y, gm) = cpu::samples_fused_cl(xs, p, grouping, &w, &b, eps);
+            if let Some(r) = running.take() {
+                update_running(r, &gm, &p, grouping)?;
+            }
+            let stats = saved_from_moments(op, x.shape(), &gm, eps, &device)?;
+            return Ok(NormOutput {
+                output: Tensor::from_parts(x.shape().to_vec(), x.format(), Storage::Cpu(y.into())),
+                stats,
+            });
+        }
+    }
     let stats = match source {
         Source::Input { running } => {
             let pm = cpu::plane_moments(xs, p);
@@ -467,6 +483,15 @@ pub(crate) fn backward<T: Element>(
         // Each (n, group) is one contiguous run: sum and differentiate it while it is in cache.
         Some(groups) if stats.from_input() && p.format == MemoryFormat::Contiguous => {
             cpu::groups_backward_fused(gs, xs, p, groups, &w, mean, rstd)
+        }
+        // Channels-last: each sample summed and differentiated while it is in cache.
+        Some(_)
+            if stats.from_input()
+                && p.format == MemoryFormat::ChannelsLast
+                && p.n >= rayon::current_num_threads() =>
+        {
+            let cnt = group_count(&p, grouping);
+            cpu::samples_backward_fused_cl(gs, xs, p, grouping, &w, &m, &r, cnt)
         }
         _ => backward_two_pass(gs, xs, p, grouping, &w, stats.from_input(), &m, &r),
     };
