@@ -98,6 +98,14 @@ pub trait Element:
     fn widen1(self) -> f32 {
         self.to_f32()
     }
+    /// One value to f32 for a kernel whose every use of it is arithmetic: the same as
+    /// [`widen1`](Element::widen1) except that a signaling NaN may stay signaling, which the
+    /// first arithmetic operation quiets (with the same payload) as `widen1` would have.
+    #[doc(hidden)]
+    #[inline(always)]
+    fn widen1_arith(self) -> f32 {
+        self.widen1()
+    }
     /// One f32 rounded to `Self`, nearest even (for [`FUSED`](Element::FUSED) types:
     /// vectorizable, and the same bits as [`narrow`](Element::narrow)).
     #[doc(hidden)]
@@ -249,6 +257,11 @@ impl Element for bf16 {
             0
         };
         f32::from_bits(b | quiet)
+    }
+    /// The bits shifted into place; no quieting (see [`Element::widen1_arith`]).
+    #[inline(always)]
+    fn widen1_arith(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
     }
     #[inline(always)]
     fn narrow1(v: f32) -> Self {

@@ -704,7 +704,7 @@ impl Bufs {
 /// rounded once to the element type. For f32 and bf16 ([`Element::FUSED`]) one loop converts
 /// in registers; for f16 the run goes through f32 tiles (bulk F16C conversion). Every slice is
 /// cut to the loop's length first, so the indexing has no bounds checks left to stop LLVM
-/// vectorizing.
+/// vectorizing. `expr` must use `v` only in arithmetic ([`Element::widen1_arith`]).
 macro_rules! map_elems {
     ($bufs:expr, $x:expr, $out:expr, [$($cv:ident = $c:expr),*], |$v:ident| $body:expr) => {{
         let (bufs, x, out): (&mut $crate::ops::engine::Bufs, _, _) = ($bufs, $x, $out);
@@ -714,7 +714,7 @@ macro_rules! map_elems {
             $(let $cv: &[f32] = &$c[..n];)*
             for k in 0..n {
                 $(let $cv = $cv[k];)*
-                let $v = $crate::dtype::Element::widen1(x[k]);
+                let $v = $crate::dtype::Element::widen1_arith(x[k]);
                 out[k].write($crate::dtype::Element::narrow1($body));
             }
         } else if let (true, Some(xb), Some(ob)) = (
@@ -771,8 +771,8 @@ macro_rules! map_elems2 {
             $(let $cv: &[f32] = &$c[..n];)*
             for k in 0..n {
                 $(let $cv = $cv[k];)*
-                let $gv = $crate::dtype::Element::widen1(g[k]);
-                let $xv = $crate::dtype::Element::widen1(x[k]);
+                let $gv = $crate::dtype::Element::widen1_arith(g[k]);
+                let $xv = $crate::dtype::Element::widen1_arith(x[k]);
                 out[k].write($crate::dtype::Element::narrow1($body));
             }
         } else if let (true, Some(gb), Some(xb), Some(ob)) = (

@@ -24,10 +24,11 @@ multiversion! {
 
 multiversion! {
     /// `y = a·(x − m) + b` over a run, in f32 lanes (the mean split so that |mean| ≫ std keeps
-    /// f32 accuracy), rounded once.
+    /// f32 accuracy, its low part folded into b as in [`ColCoef`]), rounded once.
     fn run_affine<T: Element>(bufs: &mut Bufs, x: &[T], y: &mut [Out<T>], a: f64, m: f64, b: f64) {
-        let (a, m, b) = (a as f32, SplitMean::new(m), b as f32);
-        map_elems!(bufs, x, y, [], |v| I::fma32(a, m.dev(v), b));
+        let m = SplitMean::new(m);
+        let (a, hi, b) = (a as f32, m.hi, fold_lo(b, a, m.lo));
+        map_elems!(bufs, x, y, [], |v| I::fma32(a, v - hi, b));
     }
 }
 
@@ -44,8 +45,9 @@ multiversion! {
 multiversion! {
     /// `dx = a·g + b·(x − m) + k` over a run, in f32 lanes.
     fn run_grad_apply<T: Element>(bufs: &mut Bufs, g: &[T], x: &[T], dx: &mut [Out<T>], a: f64, b: f64, m: f64, k: f64) {
-        let (a, b, m, k) = (a as f32, b as f32, SplitMean::new(m), k as f32);
-        map_elems2!(bufs, g, x, dx, [], |gv, xv| I::fma32(a, gv, I::fma32(b, m.dev(xv), k)));
+        let m = SplitMean::new(m);
+        let (a, b, hi, k) = (a as f32, b as f32, m.hi, fold_lo(k, b, m.lo));
+        map_elems2!(bufs, g, x, dx, [], |gv, xv| I::fma32(a, gv, I::fma32(b, xv - hi, k)));
     }
 }
 
@@ -65,30 +67,20 @@ fn block_f32<'a, T: Element>(block: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32]
 }
 
 multiversion! {
-    /// Per-column moments of a row-major `(rows, cols)` block by the corrected two-pass: the
-    /// block is widened to f32 once (into `bb.x`, in L2), per-column provisional means are
-    /// summed row by row in f32 (contiguous, into `bb.g`), then each group of [`COLS`]
-    /// columns is reduced down the rows with its f64 deviation sums in registers.
+    /// Per-column moments of a row-major `(rows, cols)` block (at most [`ROW_CHUNK`] rows) in
+    /// one pass: the block widened to f32 once (into `bb.x`, in L2), each column shifted by its
+    /// value in the first row, Σ (x − s) and Σ (x − s)² summed in f64 down the rows (groups of
+    /// [`COLS`] columns in registers), and the shift corrected (`Moments::two_pass`). Since s
+    /// is one of the values, (mean − s)² ≤ rows·var, so the correction loses at most a factor
+    /// of about rows² in f64 (≈ 1e-11 relative at 256 rows): no cancellation for |mean| ≫ std.
     fn columns_moments<T: Element>(block: &[T], cols: usize, bb: &mut BlockBufs) -> Vec<Moments> {
         let rows = block.len() / cols.max(1);
         let xf = block_f32(block, &mut bb.x);
         let n = rows as f64;
-        // A provisional mean per column from f32 sums (its rounding is corrected by the f64 pass).
-        let sums = &mut bb.g;
-        sums.clear();
-        sums.resize(cols, 0.0);
-        for row in xf.chunks_exact(cols) {
-            for (a, v) in sums.iter_mut().zip(row) {
-                *a += *v;
-            }
-        }
-        let mean: Vec<f64> = sums
-            .iter()
-            .map(|&s| {
-                let m = s as f64 / n;
-                // A sum that overflowed f32 would make every deviation infinite: shift by 0.
-                if m.is_finite() { m } else { 0.0 }
-            })
+        // A non-finite first value would make every deviation NaN or infinite: shift by 0
+        // instead (the sums then carry the infinities and NaNs as plain sums do).
+        let mean: Vec<f64> = (0..cols)
+            .map(|c| xf.get(c).filter(|v| v.is_finite()).map_or(0.0, |&v| v as f64))
             .collect();
         let full = cols / COLS * COLS;
         let (mut d1, mut d2) = (vec![0f64; cols], vec![0f64; cols]);
@@ -107,25 +99,56 @@ multiversion! {
     }
 }
 
-/// Per-`(n, c)` coefficients of the channels-last element loops, in f32 (the mean split).
+/// Per-`(n, c)` coefficients of the channels-last element loops, in f32: the mean split
+/// into `hi + lo` (so that |mean| ≫ std keeps f32 accuracy), the low part folded into the
+/// constant term in f64 (`a·(x − hi − lo) + b = a·(x − hi) + (b − a·lo)`; for the backward,
+/// `b·(x − hi − lo) + k = b·(x − hi) + (k − b·lo)`): one stream and one subtraction fewer per
+/// element.
 struct ColCoef {
     a: Vec<f32>,
     b: Vec<f32>,
     hi: Vec<f32>,
-    lo: Vec<f32>,
     k: Vec<f32>,
 }
 
+/// `c − f·lo` in f64, as f32; `c` itself where `lo` is 0 or `f` is not finite (an infinite
+/// factor times a zero `lo` would turn every output into NaN).
+fn fold_lo(c: f64, f: f64, lo: f32) -> f32 {
+    if lo == 0.0 || !f.is_finite() {
+        c as f32
+    } else {
+        (c - f * lo as f64) as f32
+    }
+}
+
 impl ColCoef {
-    fn new(a: &[f64], b: &[f64], m: &[f64], k: &[f64]) -> ColCoef {
-        let f = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+    /// Forward `y = a·(x − m) + b`.
+    fn affine(a: &[f64], m: &[f64], b: &[f64]) -> ColCoef {
         let split: Vec<SplitMean> = m.iter().map(|&m| SplitMean::new(m)).collect();
         ColCoef {
-            a: f(a),
-            b: f(b),
+            a: a.iter().map(|&v| v as f32).collect(),
+            b: b.iter()
+                .zip(a)
+                .zip(&split)
+                .map(|((&b, &a), s)| fold_lo(b, a, s.lo))
+                .collect(),
             hi: split.iter().map(|s| s.hi).collect(),
-            lo: split.iter().map(|s| s.lo).collect(),
-            k: f(k),
+            k: Vec::new(),
+        }
+    }
+
+    /// Backward `dx = a·g + b·(x − m) + k`.
+    fn grad(a: &[f64], b: &[f64], m: &[f64], k: &[f64]) -> ColCoef {
+        let split: Vec<SplitMean> = m.iter().map(|&m| SplitMean::new(m)).collect();
+        ColCoef {
+            a: a.iter().map(|&v| v as f32).collect(),
+            b: b.iter().map(|&v| v as f32).collect(),
+            hi: split.iter().map(|s| s.hi).collect(),
+            k: k.iter()
+                .zip(b)
+                .zip(&split)
+                .map(|((&k, &b), s)| fold_lo(k, b, s.lo))
+                .collect(),
         }
     }
 }
@@ -187,8 +210,8 @@ multiversion! {
         for (r, o) in SampleOffsets::new(r0, rows, s, c).enumerate() {
             let (xr, yr) = (&x[r * c..(r + 1) * c], &mut y[r * c..(r + 1) * c]);
             let at = o..o + c;
-            let (a, hi, lo, b) = (&coef.a[at.clone()], &coef.hi[at.clone()], &coef.lo[at.clone()], &coef.b[at]);
-            map_elems!(bufs, xr, yr, [av = a, hv = hi, lv = lo, bv = b], |v| I::fma32(av, (v - hv) - lv, bv));
+            let (a, hi, b) = (&coef.a[at.clone()], &coef.hi[at.clone()], &coef.b[at]);
+            map_elems!(bufs, xr, yr, [av = a, hv = hi, bv = b], |v| I::fma32(av, v - hv, bv));
         }
     }
 }
@@ -225,10 +248,9 @@ multiversion! {
             let span = r * c..(r + 1) * c;
             let (gr, xr, dr) = (&g[span.clone()], &x[span.clone()], &mut dx[span]);
             let at = o..o + c;
-            let (a, b, k) = (&coef.a[at.clone()], &coef.b[at.clone()], &coef.k[at.clone()]);
-            let (hi, lo) = (&coef.hi[at.clone()], &coef.lo[at]);
-            map_elems2!(bufs, gr, xr, dr, [av = a, bv = b, kv = k, hv = hi, lv = lo], |gv, xv| {
-                I::fma32(av, gv, I::fma32(bv, (xv - hv) - lv, kv))
+            let (a, b, k, hi) = (&coef.a[at.clone()], &coef.b[at.clone()], &coef.k[at.clone()], &coef.hi[at]);
+            map_elems2!(bufs, gr, xr, dr, [av = a, bv = b, kv = k, hv = hi], |gv, xv| {
+                I::fma32(av, gv, I::fma32(bv, xv - hv, kv))
             });
         }
     }
@@ -319,7 +341,7 @@ pub(crate) fn plane_affine<T: Element>(
             }
             MemoryFormat::ChannelsLast => {
                 let c = p.c;
-                let coef = ColCoef::new(a, b, m, &[]);
+                let coef = ColCoef::affine(a, m, b);
                 for_each_init(
                     y.par_chunks_mut(ROW_CHUNK * c)
                         .zip(x.par_chunks(ROW_CHUNK * c))
@@ -421,7 +443,7 @@ pub(crate) fn plane_grad_apply<T: Element>(
             }
             MemoryFormat::ChannelsLast => {
                 let c = p.c;
-                let coef = ColCoef::new(a, b, m, k);
+                let coef = ColCoef::grad(a, b, m, k);
                 for_each_init(
                     dx.par_chunks_mut(ROW_CHUNK * c)
                         .zip(g.par_chunks(ROW_CHUNK * c).zip(x.par_chunks(ROW_CHUNK * c)))
@@ -519,7 +541,7 @@ pub(crate) fn samples_fused_cl<T: Element>(
                     a[j] = 1.0 / (g.var_biased() + eps).sqrt() * w[j];
                     m[j] = g.mean;
                 }
-                let coef = ColCoef::new(&a, b, &m, &[]);
+                let coef = ColCoef::affine(&a, &m, b);
                 rows_affine(xs, ys, c, 0, p.s, &coef, bufs);
                 gm
             },
@@ -582,7 +604,7 @@ pub(crate) fn samples_backward_fused_cl<T: Element>(
                     b[j] = -rn[j] * rn[j] * rn[j] * gb[gi] / cnt;
                     k[j] = -rn[j] * ga[gi] / cnt;
                 }
-                let coef = ColCoef::new(&a, &b, mn, &k);
+                let coef = ColCoef::grad(&a, &b, mn, &k);
                 rows_grad_apply(gs, xs, ds, c, 0, p.s, &coef, bufs);
                 (sg, sgx)
             },
@@ -650,6 +672,52 @@ pub(crate) fn groups_backward_fused<T: Element>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Exact-ish f64 two-pass moments of one column.
+    fn exact(col: &[f32]) -> (f64, f64) {
+        let n = col.len() as f64;
+        let mean = col.iter().map(|&v| v as f64).sum::<f64>() / n;
+        (mean, col.iter().map(|&v| (v as f64 - mean).powi(2)).sum())
+    }
+
+    #[test]
+    fn column_moments_shifted_by_an_outlier_keep_f64_accuracy() {
+        // 37 columns (two groups of 16 and a tail), 256 rows around 1e4 with unit spread, the
+        // first row (the shift) 1e6 away from the rest in some columns and NaN/inf in others.
+        let (rows, cols) = (256, 37);
+        let mut x: Vec<f32> = (0..rows * cols)
+            .map(|i| 1e4 + ((i * 7919) % 1013) as f32 / 1013.0 - 0.5)
+            .collect();
+        for c in 0..cols {
+            x[c] = match c % 4 {
+                0 => 1e6,
+                1 => -3e5,
+                _ => x[c],
+            };
+        }
+        let m = columns_moments(&x, cols, &mut BlockBufs::default());
+        for c in 0..cols {
+            let col: Vec<f32> = (0..rows).map(|r| x[r * cols + c]).collect();
+            let (mean, m2) = exact(&col);
+            assert!(
+                (m[c].mean - mean).abs() <= 1e-12 * mean.abs(),
+                "mean of column {c}"
+            );
+            assert!(
+                (m[c].m2 - m2).abs() <= 1e-9 * m2,
+                "m2 of column {c}: {} vs {m2}",
+                m[c].m2
+            );
+        }
+        // A non-finite first value: NaN stays NaN; an infinity gives an infinite mean and a
+        // NaN variance (PyTorch's results), not a NaN mean from the shift.
+        x[0] = f32::NAN;
+        x[1] = f32::INFINITY;
+        let m = columns_moments(&x, cols, &mut BlockBufs::default());
+        assert!(m[0].mean.is_nan() && m[0].m2.is_nan());
+        assert_eq!(m[1].mean, f64::INFINITY);
+        assert!(m[1].m2.is_nan());
+    }
 
     #[test]
     fn chan_merge_equals_whole() {
