@@ -1043,30 +1043,20 @@ pub(crate) fn prefetch_after<T>(x: &[T], len: usize) {
     let _ = (x, len);
 }
 
-/// f32 lanes of the per-tile sums: two vectors of 8, so that two adds are in flight.
-const LANES32: usize = 16;
-
-/// The corrected two-pass moments of one f32 tile: a provisional mean `m` from f32 lanes
-/// (cheap; its rounding does not matter), then Σ (x − m) and Σ (x − m)² in f64 lanes, and the
-/// correction `m + Σ(x − m)/n`, `Σ(x − m)² − (Σ(x − m))²/n`: f64 accuracy, never
-/// E[x²] − E[x]². At most TILE values, so each f32 lane sums at most 32 terms.
+/// The shifted two-pass moments of one f32 tile: Σ (x − s) and Σ (x − s)² in f64 lanes,
+/// `s` the tile's first value, and the correction `s + Σ(x − s)/n`,
+/// `Σ(x − s)² − (Σ(x − s))²/n`. Since `s` is one of the values, (mean − s)² ≤ n·var, so the
+/// correction loses at most a factor of about n (≤ 512) to cancellation: f64 accuracy to
+/// ~1e-12, never E[x²] − E[x]², and one pass over the tile.
 #[inline(always)]
 pub(crate) fn tile_moments<I: simd::Isa>(t: &[f32]) -> Moments {
     let n = t.len() as f64;
-    let (chunks, tail) = t.as_chunks::<LANES32>();
-    let mut s = [0f32; LANES32];
-    for ch in chunks {
-        for i in 0..LANES32 {
-            s[i] += ch[i];
-        }
-    }
-    for (a, v) in s.iter_mut().zip(tail) {
-        *a += *v;
-    }
-    let m = s.iter().map(|&v| v as f64).sum::<f64>() / n;
-    // A non-finite provisional mean would make every deviation NaN: shift by 0 instead (the
-    // f64 deviations then carry the infinities and NaNs as the plain sums do).
-    let m = if m.is_finite() { m } else { 0.0 };
+    // A non-finite first value would make every deviation NaN or infinite: shift by 0 instead
+    // (the f64 deviations then carry the infinities and NaNs as the plain sums do).
+    let m = t
+        .first()
+        .filter(|v| v.is_finite())
+        .map_or(0.0, |&v| v as f64);
     let (mut a1, mut a2) = ([0f64; LANES], [0f64; LANES]);
     acc_dev::<I>(&mut a1, &mut a2, t, m);
     Moments::two_pass(n, m, lanes_sum(a1), lanes_sum(a2))

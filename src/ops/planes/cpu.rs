@@ -720,6 +720,32 @@ mod tests {
     }
 
     #[test]
+    fn run_moments_shifted_by_an_outlier_keep_f64_accuracy() {
+        // Tiles of 512 shifted by their first value: make that value 1e6 away from the rest
+        // (at the start of the run and of its second tile), and NaN/inf in other runs.
+        let mut v: Vec<f32> = (0..1300)
+            .map(|i| 1e4 + ((i * 7919) % 1013) as f32 / 1013.0 - 0.5)
+            .collect();
+        v[0] = 1e6;
+        v[512] = -1e6;
+        let m = run_moments(&mut Bufs::new(), &v);
+        let (mean, m2) = exact(&v);
+        assert!(
+            (m.mean - mean).abs() <= 1e-12 * mean.abs(),
+            "mean {} vs {mean}",
+            m.mean
+        );
+        assert!((m.m2 - m2).abs() <= 1e-9 * m2, "m2 {} vs {m2}", m.m2);
+        v[0] = f32::NAN;
+        let m = run_moments(&mut Bufs::new(), &v);
+        assert!(m.mean.is_nan() && m.m2.is_nan());
+        v[0] = f32::INFINITY;
+        let m = run_moments(&mut Bufs::new(), &v);
+        assert_eq!(m.mean, f64::INFINITY);
+        assert!(m.m2.is_nan());
+    }
+
+    #[test]
     fn chan_merge_equals_whole() {
         let v: Vec<f32> = (0..1000)
             .map(|i| ((i * 37) % 101) as f32 * 0.25 + 1e4)
