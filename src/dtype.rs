@@ -119,6 +119,12 @@ pub trait Element:
     fn f16_bits(_x: &[Self]) -> Option<&[u16]> {
         None
     }
+    /// The run's bits when `Self` is bf16, for kernels that widen them in registers.
+    #[doc(hidden)]
+    #[inline(always)]
+    fn bf16_bits(_x: &[Self]) -> Option<&[u16]> {
+        None
+    }
     /// The output run as f16 bits when `Self` is f16.
     #[doc(hidden)]
     #[inline(always)]
@@ -238,6 +244,11 @@ impl Element for bf16 {
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         bf16::from_f64(v)
+    }
+    #[inline(always)]
+    fn bf16_bits(x: &[Self]) -> Option<&[u16]> {
+        use half::slice::HalfFloatSliceExt;
+        Some(x.reinterpret_cast())
     }
     /// A bf16 is the top half of an f32: a shift, which vectorizes.
     #[inline(always)]

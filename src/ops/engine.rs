@@ -227,6 +227,18 @@ pub(crate) mod simd {
         fn cols_dev(x: &[f32], cols: usize, m: &[f64], s: &mut [f64], q: &mut [f64]) {
             super::cols_dev_portable::<Self>(x, cols, m, s, q)
         }
+        /// [`cols_dev`](Isa::cols_dev) of a block of 16-bit values, bf16 (`BF16`) or f16 bits,
+        /// widened in registers (no f32 copy of the block).
+        #[inline(always)]
+        fn cols_dev_u16<const BF16: bool>(
+            x: &[u16],
+            cols: usize,
+            m: &[f64],
+            s: &mut [f64],
+            q: &mut [f64],
+        ) {
+            super::cols_dev_u16_portable::<Self, BF16>(x, cols, m, s, q)
+        }
         /// The same for a gradient: adds Σ g to `s[j]` and Σ g·(x − m[j]) to `q[j]`.
         #[inline(always)]
         fn cols_grad(g: &[f32], x: &[f32], cols: usize, m: &[f64], s: &mut [f64], q: &mut [f64]) {
@@ -298,6 +310,18 @@ pub(crate) mod simd {
         fn cols_grad(g: &[f32], x: &[f32], cols: usize, m: &[f64], s: &mut [f64], q: &mut [f64]) {
             // SAFETY: as for `acc_dev`.
             unsafe { avx2::cols_grad(g, x, cols, m, s, q) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        fn cols_dev_u16<const BF16: bool>(
+            x: &[u16],
+            cols: usize,
+            m: &[f64],
+            s: &mut [f64],
+            q: &mut [f64],
+        ) {
+            // SAFETY: as for `acc_dev` (`has_avx2()` also requires F16C).
+            unsafe { avx2::cols_dev_u16::<BF16>(x, cols, m, s, q) }
         }
     }
 
@@ -480,6 +504,63 @@ pub(crate) mod simd {
                             let p = base.add(r * cols + c0);
                             for k in 0..4 {
                                 let d = dev4(p.add(4 * k), mv[k]);
+                                sv[k] = _mm256_add_pd(sv[k], d);
+                                qv[k] = _mm256_fmadd_pd(d, d, qv[k]);
+                            }
+                        }
+                        for k in 0..4 {
+                            _mm256_storeu_pd(s.as_mut_ptr().add(c0 + 4 * k), sv[k]);
+                            _mm256_storeu_pd(q.as_mut_ptr().add(c0 + 4 * k), qv[k]);
+                        }
+                    }
+                }
+            }
+        }
+
+        /// 4 bf16 (`BF16`) or f16 values at `p` as f64, minus `m`.
+        #[inline]
+        #[target_feature(enable = "avx,avx2,fma,f16c")]
+        unsafe fn dev4_u16<const BF16: bool>(p: *const u16, m: __m256d) -> __m256d {
+            // SAFETY: the caller passes 4 readable u16 (8 bytes).
+            unsafe {
+                let h = _mm_loadl_epi64(p.cast());
+                let f = if BF16 {
+                    _mm_castsi128_ps(_mm_slli_epi32::<16>(_mm_cvtepu16_epi32(h)))
+                } else {
+                    _mm_cvtph_ps(h)
+                };
+                _mm256_sub_pd(_mm256_cvtps_pd(f), m)
+            }
+        }
+
+        /// # Safety
+        /// The CPU must support AVX2, FMA and F16C.
+        #[target_feature(enable = "avx,avx2,fma,f16c")]
+        pub unsafe fn cols_dev_u16<const BF16: bool>(
+            x: &[u16],
+            cols: usize,
+            m: &[f64],
+            s: &mut [f64],
+            q: &mut [f64],
+        ) {
+            let rows = col_rows(x.len(), cols, m, s, q);
+            let base = x.as_ptr();
+            // As cols_dev, the values widened in registers.
+            for r0 in (0..rows).step_by(COL_TILE_ROWS) {
+                let r1 = (r0 + COL_TILE_ROWS).min(rows);
+                for c0 in (0..cols / COLS * COLS).step_by(COLS) {
+                    // SAFETY: as in cols_dev.
+                    unsafe {
+                        let mv: [__m256d; 4] =
+                            std::array::from_fn(|k| _mm256_loadu_pd(m.as_ptr().add(c0 + 4 * k)));
+                        let mut sv: [__m256d; 4] =
+                            std::array::from_fn(|k| _mm256_loadu_pd(s.as_ptr().add(c0 + 4 * k)));
+                        let mut qv: [__m256d; 4] =
+                            std::array::from_fn(|k| _mm256_loadu_pd(q.as_ptr().add(c0 + 4 * k)));
+                        for r in r0..r1 {
+                            let p = base.add(r * cols + c0);
+                            for k in 0..4 {
+                                let d = dev4_u16::<BF16>(p.add(4 * k), mv[k]);
                                 sv[k] = _mm256_add_pd(sv[k], d);
                                 qv[k] = _mm256_fmadd_pd(d, d, qv[k]);
                             }
@@ -999,6 +1080,35 @@ pub(crate) fn cols_dev_portable<I: simd::Isa>(
     for row in x.chunks_exact(cols) {
         for j in 0..full {
             let d = row[j] as f64 - m[j];
+            s[j] += d;
+            q[j] = I::fma(d, d, q[j]);
+        }
+    }
+}
+
+/// One 16-bit value (bf16 when `BF16`, else f16) as f32.
+#[inline(always)]
+pub(crate) fn u16_to_f32<const BF16: bool>(b: u16) -> f32 {
+    if BF16 {
+        f32::from_bits((b as u32) << 16)
+    } else {
+        half::f16::from_bits(b).to_f32()
+    }
+}
+
+/// [`simd::Isa::cols_dev_u16`] in portable code.
+#[inline(always)]
+pub(crate) fn cols_dev_u16_portable<I: simd::Isa, const BF16: bool>(
+    x: &[u16],
+    cols: usize,
+    m: &[f64],
+    s: &mut [f64],
+    q: &mut [f64],
+) {
+    let full = cols / COLS * COLS;
+    for row in x.chunks_exact(cols) {
+        for j in 0..full {
+            let d = u16_to_f32::<BF16>(row[j]) as f64 - m[j];
             s[j] += d;
             q[j] = I::fma(d, d, q[j]);
         }

@@ -68,28 +68,35 @@ fn block_f32<'a, T: Element>(block: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32]
 
 multiversion! {
     /// Per-column moments of a row-major `(rows, cols)` block (at most [`ROW_CHUNK`] rows) in
-    /// one pass: the block widened to f32 once (into `bb.x`, in L2), each column shifted by its
+    /// one pass: the values widened in registers (bf16, f16) or read as f32, each column shifted by its
     /// value in the first row, Σ (x − s) and Σ (x − s)² summed in f64 down the rows (groups of
     /// [`COLS`] columns in registers), and the shift corrected (`Moments::two_pass`). Since s
     /// is one of the values, (mean − s)² ≤ rows·var, so the correction loses at most a factor
     /// of about rows² in f64 (≈ 1e-11 relative at 256 rows): no cancellation for |mean| ≫ std.
     fn columns_moments<T: Element>(block: &[T], cols: usize, bb: &mut BlockBufs) -> Vec<Moments> {
         let rows = block.len() / cols.max(1);
-        let xf = block_f32(block, &mut bb.x);
         let n = rows as f64;
         // A non-finite first value would make every deviation NaN or infinite: shift by 0
         // instead (the sums then carry the infinities and NaNs as plain sums do).
         let mean: Vec<f64> = (0..cols)
-            .map(|c| xf.get(c).filter(|v| v.is_finite()).map_or(0.0, |&v| v as f64))
+            .map(|c| block.get(c).map(|v| v.to_f32()).filter(|v| v.is_finite()).map_or(0.0, |v| v as f64))
             .collect();
         let full = cols / COLS * COLS;
         let (mut d1, mut d2) = (vec![0f64; cols], vec![0f64; cols]);
-        I::cols_dev(xf, cols, &mean, &mut d1, &mut d2);
+        // bf16 and f16 (with F16C) widened in registers; otherwise the block as f32 (itself for
+        // f32, else widened once into `bb.x`).
+        if let Some(b) = T::bf16_bits(block) {
+            I::cols_dev_u16::<true>(b, cols, &mean, &mut d1, &mut d2);
+        } else if let (true, Some(h)) = (I::F16C, T::f16_bits(block)) {
+            I::cols_dev_u16::<false>(h, cols, &mean, &mut d1, &mut d2);
+        } else {
+            I::cols_dev(block_f32(block, &mut bb.x), cols, &mean, &mut d1, &mut d2);
+        }
         let mut out: Vec<Moments> = (0..full).map(|i| Moments::two_pass(n, mean[i], d1[i], d2[i])).collect();
         for c in full..cols {
             let (mut d1, mut d2) = (0f64, 0f64);
-            for row in xf.chunks_exact(cols) {
-                let d = row[c] as f64 - mean[c];
+            for row in block.chunks_exact(cols) {
+                let d = row[c].to_f32() as f64 - mean[c];
                 d1 += d;
                 d2 = I::fma(d, d, d2);
             }
