@@ -239,6 +239,18 @@ pub(crate) mod simd {
         ) {
             super::cols_dev_u16_portable::<Self, BF16>(x, cols, m, s, q)
         }
+        /// [`cols_grad`](Isa::cols_grad) of 16-bit values, widened in registers.
+        #[inline(always)]
+        fn cols_grad_u16<const BF16: bool>(
+            g: &[u16],
+            x: &[u16],
+            cols: usize,
+            m: &[f64],
+            s: &mut [f64],
+            q: &mut [f64],
+        ) {
+            super::cols_grad_u16_portable::<Self, BF16>(g, x, cols, m, s, q)
+        }
         /// The same for a gradient: adds Σ g to `s[j]` and Σ g·(x − m[j]) to `q[j]`.
         #[inline(always)]
         fn cols_grad(g: &[f32], x: &[f32], cols: usize, m: &[f64], s: &mut [f64], q: &mut [f64]) {
@@ -322,6 +334,19 @@ pub(crate) mod simd {
         ) {
             // SAFETY: as for `acc_dev` (`has_avx2()` also requires F16C).
             unsafe { avx2::cols_dev_u16::<BF16>(x, cols, m, s, q) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        fn cols_grad_u16<const BF16: bool>(
+            g: &[u16],
+            x: &[u16],
+            cols: usize,
+            m: &[f64],
+            s: &mut [f64],
+            q: &mut [f64],
+        ) {
+            // SAFETY: as for `cols_dev_u16`.
+            unsafe { avx2::cols_grad_u16::<BF16>(g, x, cols, m, s, q) }
         }
     }
 
@@ -563,6 +588,50 @@ pub(crate) mod simd {
                                 let d = dev4_u16::<BF16>(p.add(4 * k), mv[k]);
                                 sv[k] = _mm256_add_pd(sv[k], d);
                                 qv[k] = _mm256_fmadd_pd(d, d, qv[k]);
+                            }
+                        }
+                        for k in 0..4 {
+                            _mm256_storeu_pd(s.as_mut_ptr().add(c0 + 4 * k), sv[k]);
+                            _mm256_storeu_pd(q.as_mut_ptr().add(c0 + 4 * k), qv[k]);
+                        }
+                    }
+                }
+            }
+        }
+
+        /// # Safety
+        /// The CPU must support AVX2, FMA and F16C.
+        #[target_feature(enable = "avx,avx2,fma,f16c")]
+        pub unsafe fn cols_grad_u16<const BF16: bool>(
+            g: &[u16],
+            x: &[u16],
+            cols: usize,
+            m: &[f64],
+            s: &mut [f64],
+            q: &mut [f64],
+        ) {
+            let rows = col_rows(x.len().min(g.len()), cols, m, s, q);
+            let (gb, xb) = (g.as_ptr(), x.as_ptr());
+            let z = _mm256_setzero_pd();
+            // As cols_grad, the values widened in registers.
+            for r0 in (0..rows).step_by(COL_TILE_ROWS) {
+                let r1 = (r0 + COL_TILE_ROWS).min(rows);
+                for c0 in (0..cols / COLS * COLS).step_by(COLS) {
+                    // SAFETY: as in cols_grad.
+                    unsafe {
+                        let mv: [__m256d; 4] =
+                            std::array::from_fn(|k| _mm256_loadu_pd(m.as_ptr().add(c0 + 4 * k)));
+                        let mut sv: [__m256d; 4] =
+                            std::array::from_fn(|k| _mm256_loadu_pd(s.as_ptr().add(c0 + 4 * k)));
+                        let mut qv: [__m256d; 4] =
+                            std::array::from_fn(|k| _mm256_loadu_pd(q.as_ptr().add(c0 + 4 * k)));
+                        for r in r0..r1 {
+                            let (gp, xp) = (gb.add(r * cols + c0), xb.add(r * cols + c0));
+                            for k in 0..4 {
+                                let gv = dev4_u16::<BF16>(gp.add(4 * k), z);
+                                let d = dev4_u16::<BF16>(xp.add(4 * k), mv[k]);
+                                sv[k] = _mm256_add_pd(sv[k], gv);
+                                qv[k] = _mm256_fmadd_pd(gv, d, qv[k]);
                             }
                         }
                         for k in 0..4 {
@@ -1111,6 +1180,26 @@ pub(crate) fn cols_dev_u16_portable<I: simd::Isa, const BF16: bool>(
             let d = u16_to_f32::<BF16>(row[j]) as f64 - m[j];
             s[j] += d;
             q[j] = I::fma(d, d, q[j]);
+        }
+    }
+}
+
+/// [`simd::Isa::cols_grad_u16`] in portable code.
+#[inline(always)]
+pub(crate) fn cols_grad_u16_portable<I: simd::Isa, const BF16: bool>(
+    g: &[u16],
+    x: &[u16],
+    cols: usize,
+    m: &[f64],
+    s: &mut [f64],
+    q: &mut [f64],
+) {
+    let full = cols / COLS * COLS;
+    for (gr, xr) in g.chunks_exact(cols).zip(x.chunks_exact(cols)) {
+        for j in 0..full {
+            let gv = u16_to_f32::<BF16>(gr[j]) as f64;
+            s[j] += gv;
+            q[j] = I::fma(gv, u16_to_f32::<BF16>(xr[j]) as f64 - m[j], q[j]);
         }
     }
 }

@@ -228,16 +228,24 @@ multiversion! {
     /// group of [`COLS`] columns reduced down the rows in registers.
     fn columns_grad_sums<T: Element>(g: &[T], x: &[T], m: &[f64], bb: &mut BlockBufs) -> (Vec<f64>, Vec<f64>) {
         let c = m.len();
-        let gf = block_f32(g, &mut bb.g);
-        let xf = block_f32(x, &mut bb.x);
         let full = c / COLS * COLS;
         let (mut s1, mut s2) = (vec![0f64; c], vec![0f64; c]);
-        I::cols_grad(gf, xf, c, m, &mut s1, &mut s2);
+        // bf16 and f16 (with F16C) widened in registers; otherwise as f32 (itself for f32).
+        if let (Some(gb), Some(xb)) = (T::bf16_bits(g), T::bf16_bits(x)) {
+            I::cols_grad_u16::<true>(gb, xb, c, m, &mut s1, &mut s2);
+        } else if let (true, Some(gh), Some(xh)) = (I::F16C, T::f16_bits(g), T::f16_bits(x)) {
+            I::cols_grad_u16::<false>(gh, xh, c, m, &mut s1, &mut s2);
+        } else {
+            let gf = block_f32(g, &mut bb.g);
+            let xf = block_f32(x, &mut bb.x);
+            I::cols_grad(gf, xf, c, m, &mut s1, &mut s2);
+        }
         for j in full..c {
             let (mut a1, mut a2) = (0f64, 0f64);
-            for (gr, xr) in gf.chunks_exact(c).zip(xf.chunks_exact(c)) {
-                a1 += gr[j] as f64;
-                a2 = I::fma(gr[j] as f64, xr[j] as f64 - m[j], a2);
+            for (gr, xr) in g.chunks_exact(c).zip(x.chunks_exact(c)) {
+                let gv = gr[j].to_f32() as f64;
+                a1 += gv;
+                a2 = I::fma(gv, xr[j].to_f32() as f64 - m[j], a2);
             }
             s1[j] = a1;
             s2[j] = a2;
