@@ -119,10 +119,16 @@ pub trait Element:
     fn f16_bits(_x: &[Self]) -> Option<&[u16]> {
         None
     }
-    /// The run's bits when `Self` is bf16, for kernels that widen them in registers.
+    /// The run itself when `Self` is bf16 (the column kernels widen it in registers).
     #[doc(hidden)]
     #[inline(always)]
-    fn bf16_bits(_x: &[Self]) -> Option<&[u16]> {
+    fn as_bf16s(_x: &[Self]) -> Option<&[bf16]> {
+        None
+    }
+    /// The run itself when `Self` is f16.
+    #[doc(hidden)]
+    #[inline(always)]
+    fn as_f16s(_x: &[Self]) -> Option<&[f16]> {
         None
     }
     /// The output run as f16 bits when `Self` is f16.
@@ -197,6 +203,10 @@ impl Element for f16 {
         f16::from_f64(v)
     }
     #[inline(always)]
+    fn as_f16s(x: &[Self]) -> Option<&[f16]> {
+        Some(x)
+    }
+    #[inline(always)]
     fn f16_bits(x: &[Self]) -> Option<&[u16]> {
         use half::slice::HalfFloatSliceExt;
         Some(x.reinterpret_cast())
@@ -246,9 +256,8 @@ impl Element for bf16 {
         bf16::from_f64(v)
     }
     #[inline(always)]
-    fn bf16_bits(x: &[Self]) -> Option<&[u16]> {
-        use half::slice::HalfFloatSliceExt;
-        Some(x.reinterpret_cast())
+    fn as_bf16s(x: &[Self]) -> Option<&[bf16]> {
+        Some(x)
     }
     /// A bf16 is the top half of an f32: a shift, which vectorizes.
     #[inline(always)]

@@ -220,41 +220,19 @@ pub(crate) mod simd {
         ) {
             super::acc_grad_portable::<Self>(a1, a2, g, x, m)
         }
-        /// Column sums of a row-major f32 block of `cols` columns, down the rows, for the
-        /// columns `0..COLS·⌊cols/COLS⌋`: adds Σ (x − m[j]) to `s[j]` and Σ (x − m[j])² to
-        /// `q[j]` (f64), each column's values in row order.
+        /// Column sums of a row-major block of `cols` columns, down the rows, each column's
+        /// values in row order, added into `s[j]` and `q[j]` (f64): Σ (x − m[j]) and
+        /// Σ (x − m[j])² (`GRAD` false; `g` unused), or Σ g and Σ g·(x − m[j]) (`GRAD` true).
         #[inline(always)]
-        fn cols_dev(x: &[f32], cols: usize, m: &[f64], s: &mut [f64], q: &mut [f64]) {
-            super::cols_dev_portable::<Self>(x, cols, m, s, q)
-        }
-        /// [`cols_dev`](Isa::cols_dev) of a block of 16-bit values, bf16 (`BF16`) or f16 bits,
-        /// widened in registers (no f32 copy of the block).
-        #[inline(always)]
-        fn cols_dev_u16<const BF16: bool>(
-            x: &[u16],
+        fn cols_sums<E: super::ColElem, const GRAD: bool>(
+            g: &[E],
+            x: &[E],
             cols: usize,
             m: &[f64],
             s: &mut [f64],
             q: &mut [f64],
         ) {
-            super::cols_dev_u16_portable::<Self, BF16>(x, cols, m, s, q)
-        }
-        /// [`cols_grad`](Isa::cols_grad) of 16-bit values, widened in registers.
-        #[inline(always)]
-        fn cols_grad_u16<const BF16: bool>(
-            g: &[u16],
-            x: &[u16],
-            cols: usize,
-            m: &[f64],
-            s: &mut [f64],
-            q: &mut [f64],
-        ) {
-            super::cols_grad_u16_portable::<Self, BF16>(g, x, cols, m, s, q)
-        }
-        /// The same for a gradient: adds Σ g to `s[j]` and Σ g·(x − m[j]) to `q[j]`.
-        #[inline(always)]
-        fn cols_grad(g: &[f32], x: &[f32], cols: usize, m: &[f64], s: &mut [f64], q: &mut [f64]) {
-            super::cols_grad_portable::<Self>(g, x, cols, m, s, q)
+            super::cols_sums_portable::<Self, E, GRAD>(g, x, cols, 0, m, s, q)
         }
     }
     pub struct Plain;
@@ -313,40 +291,16 @@ pub(crate) mod simd {
         }
         #[cfg(target_arch = "x86_64")]
         #[inline(always)]
-        fn cols_dev(x: &[f32], cols: usize, m: &[f64], s: &mut [f64], q: &mut [f64]) {
-            // SAFETY: as for `acc_dev`.
-            unsafe { avx2::cols_dev(x, cols, m, s, q) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[inline(always)]
-        fn cols_grad(g: &[f32], x: &[f32], cols: usize, m: &[f64], s: &mut [f64], q: &mut [f64]) {
-            // SAFETY: as for `acc_dev`.
-            unsafe { avx2::cols_grad(g, x, cols, m, s, q) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[inline(always)]
-        fn cols_dev_u16<const BF16: bool>(
-            x: &[u16],
+        fn cols_sums<E: super::ColElem, const GRAD: bool>(
+            g: &[E],
+            x: &[E],
             cols: usize,
             m: &[f64],
             s: &mut [f64],
             q: &mut [f64],
         ) {
             // SAFETY: as for `acc_dev` (`has_avx2()` also requires F16C).
-            unsafe { avx2::cols_dev_u16::<BF16>(x, cols, m, s, q) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[inline(always)]
-        fn cols_grad_u16<const BF16: bool>(
-            g: &[u16],
-            x: &[u16],
-            cols: usize,
-            m: &[f64],
-            s: &mut [f64],
-            q: &mut [f64],
-        ) {
-            // SAFETY: as for `cols_dev_u16`.
-            unsafe { avx2::cols_grad_u16::<BF16>(g, x, cols, m, s, q) }
+            unsafe { avx2::cols_sums::<E, GRAD>(g, x, cols, m, s, q) }
         }
     }
 
@@ -354,7 +308,7 @@ pub(crate) mod simd {
     /// in profiles: the f64 deviation sums came out as a mix of 128-bit and scalar ops).
     #[cfg(target_arch = "x86_64")]
     mod avx2 {
-        use super::super::{COLS, COL_TILE_ROWS, LANES};
+        use super::super::{cols_sums_portable, ColElem, ColKind, COLS, COL_TILE_ROWS, LANES};
         use std::arch::x86_64::*;
 
         /// # Safety
@@ -487,72 +441,18 @@ pub(crate) mod simd {
                 a2[i] = (*gv as f64).mul_add(*xv as f64 - m, a2[i]);
             }
         }
-        /// 4 f32 at `p` as f64, minus `m`.
-        #[inline]
-        #[target_feature(enable = "avx,avx2,fma")]
-        unsafe fn dev4(p: *const f32, m: __m256d) -> __m256d {
-            // SAFETY: the caller passes 4 readable f32.
-            unsafe { _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(p)), m) }
-        }
-
-        /// Checks the column kernels' slices: `len` values of whole rows of `cols` columns and
-        /// `cols` shifts and sums. Returns the rows.
-        fn col_rows(len: usize, cols: usize, m: &[f64], s: &[f64], q: &[f64]) -> usize {
-            assert!(
-                m.len() >= cols && s.len() >= cols && q.len() >= cols,
-                "column kernel: {cols} columns"
-            );
-            len / cols.max(1)
-        }
-
-        /// # Safety
-        /// The CPU must support AVX2 and FMA.
-        #[target_feature(enable = "avx,avx2,fma")]
-        pub unsafe fn cols_dev(x: &[f32], cols: usize, m: &[f64], s: &mut [f64], q: &mut [f64]) {
-            let rows = col_rows(x.len(), cols, m, s, q);
-            let base = x.as_ptr();
-            // Row tiles (contiguous in memory, in L1), each column group's sums carried from
-            // tile to tile through `s`/`q`: every column still adds its values in row order.
-            for r0 in (0..rows).step_by(COL_TILE_ROWS) {
-                let r1 = (r0 + COL_TILE_ROWS).min(rows);
-                for c0 in (0..cols / COLS * COLS).step_by(COLS) {
-                    // SAFETY: c0 + COLS <= cols <= the lengths of m, s and q (col_rows).
-                    unsafe {
-                        let mv: [__m256d; 4] =
-                            std::array::from_fn(|k| _mm256_loadu_pd(m.as_ptr().add(c0 + 4 * k)));
-                        let mut sv: [__m256d; 4] =
-                            std::array::from_fn(|k| _mm256_loadu_pd(s.as_ptr().add(c0 + 4 * k)));
-                        let mut qv: [__m256d; 4] =
-                            std::array::from_fn(|k| _mm256_loadu_pd(q.as_ptr().add(c0 + 4 * k)));
-                        for r in r0..r1 {
-                            // Row r's columns c0..c0 + COLS lie inside x (rows = len / cols).
-                            let p = base.add(r * cols + c0);
-                            for k in 0..4 {
-                                let d = dev4(p.add(4 * k), mv[k]);
-                                sv[k] = _mm256_add_pd(sv[k], d);
-                                qv[k] = _mm256_fmadd_pd(d, d, qv[k]);
-                            }
-                        }
-                        for k in 0..4 {
-                            _mm256_storeu_pd(s.as_mut_ptr().add(c0 + 4 * k), sv[k]);
-                            _mm256_storeu_pd(q.as_mut_ptr().add(c0 + 4 * k), qv[k]);
-                        }
-                    }
-                }
-            }
-        }
-
-        /// 4 bf16 (`BF16`) or f16 values at `p` as f64, minus `m`.
+        /// 4 values at `p` as f64, minus `m`: f32 loaded, bf16 shifted, f16 converted (F16C).
         #[inline]
         #[target_feature(enable = "avx,avx2,fma,f16c")]
-        unsafe fn dev4_u16<const BF16: bool>(p: *const u16, m: __m256d) -> __m256d {
-            // SAFETY: the caller passes 4 readable u16 (8 bytes).
+        unsafe fn dev4<E: ColElem>(p: *const E, m: __m256d) -> __m256d {
+            // SAFETY: the caller passes 4 readable values.
             unsafe {
-                let h = _mm_loadl_epi64(p.cast());
-                let f = if BF16 {
-                    _mm_castsi128_ps(_mm_slli_epi32::<16>(_mm_cvtepu16_epi32(h)))
-                } else {
-                    _mm_cvtph_ps(h)
+                let f = match E::KIND {
+                    ColKind::F32 => _mm_loadu_ps(p.cast()),
+                    ColKind::Bf16 => _mm_castsi128_ps(_mm_slli_epi32::<16>(_mm_cvtepu16_epi32(
+                        _mm_loadl_epi64(p.cast()),
+                    ))),
+                    ColKind::F16 => _mm_cvtph_ps(_mm_loadl_epi64(p.cast())),
                 };
                 _mm256_sub_pd(_mm256_cvtps_pd(f), m)
             }
@@ -561,63 +461,33 @@ pub(crate) mod simd {
         /// # Safety
         /// The CPU must support AVX2, FMA and F16C.
         #[target_feature(enable = "avx,avx2,fma,f16c")]
-        pub unsafe fn cols_dev_u16<const BF16: bool>(
-            x: &[u16],
+        pub unsafe fn cols_sums<E: ColElem, const GRAD: bool>(
+            g: &[E],
+            x: &[E],
             cols: usize,
             m: &[f64],
             s: &mut [f64],
             q: &mut [f64],
         ) {
-            let rows = col_rows(x.len(), cols, m, s, q);
-            let base = x.as_ptr();
-            // As cols_dev, the values widened in registers.
-            for r0 in (0..rows).step_by(COL_TILE_ROWS) {
-                let r1 = (r0 + COL_TILE_ROWS).min(rows);
-                for c0 in (0..cols / COLS * COLS).step_by(COLS) {
-                    // SAFETY: as in cols_dev.
-                    unsafe {
-                        let mv: [__m256d; 4] =
-                            std::array::from_fn(|k| _mm256_loadu_pd(m.as_ptr().add(c0 + 4 * k)));
-                        let mut sv: [__m256d; 4] =
-                            std::array::from_fn(|k| _mm256_loadu_pd(s.as_ptr().add(c0 + 4 * k)));
-                        let mut qv: [__m256d; 4] =
-                            std::array::from_fn(|k| _mm256_loadu_pd(q.as_ptr().add(c0 + 4 * k)));
-                        for r in r0..r1 {
-                            let p = base.add(r * cols + c0);
-                            for k in 0..4 {
-                                let d = dev4_u16::<BF16>(p.add(4 * k), mv[k]);
-                                sv[k] = _mm256_add_pd(sv[k], d);
-                                qv[k] = _mm256_fmadd_pd(d, d, qv[k]);
-                            }
-                        }
-                        for k in 0..4 {
-                            _mm256_storeu_pd(s.as_mut_ptr().add(c0 + 4 * k), sv[k]);
-                            _mm256_storeu_pd(q.as_mut_ptr().add(c0 + 4 * k), qv[k]);
-                        }
-                    }
-                }
-            }
-        }
-
-        /// # Safety
-        /// The CPU must support AVX2, FMA and F16C.
-        #[target_feature(enable = "avx,avx2,fma,f16c")]
-        pub unsafe fn cols_grad_u16<const BF16: bool>(
-            g: &[u16],
-            x: &[u16],
-            cols: usize,
-            m: &[f64],
-            s: &mut [f64],
-            q: &mut [f64],
-        ) {
-            let rows = col_rows(x.len().min(g.len()), cols, m, s, q);
+            assert!(
+                cols > 0
+                    && g.len() >= x.len()
+                    && m.len() >= cols
+                    && s.len() >= cols
+                    && q.len() >= cols,
+                "column kernel: {cols} columns"
+            );
+            let rows = x.len() / cols;
+            let full = cols / COLS * COLS;
             let (gb, xb) = (g.as_ptr(), x.as_ptr());
             let z = _mm256_setzero_pd();
-            // As cols_grad, the values widened in registers.
+            // Row tiles walked in memory order; within a tile, each group of COLS columns has
+            // its sums in registers, carried from tile to tile through `s`/`q`.
             for r0 in (0..rows).step_by(COL_TILE_ROWS) {
                 let r1 = (r0 + COL_TILE_ROWS).min(rows);
-                for c0 in (0..cols / COLS * COLS).step_by(COLS) {
-                    // SAFETY: as in cols_grad.
+                for c0 in (0..full).step_by(COLS) {
+                    // SAFETY: c0 + COLS <= cols <= the lengths of m, s and q, and row r's
+                    // columns c0..c0 + COLS lie inside x and g (r < rows = x.len() / cols).
                     unsafe {
                         let mv: [__m256d; 4] =
                             std::array::from_fn(|k| _mm256_loadu_pd(m.as_ptr().add(c0 + 4 * k)));
@@ -628,8 +498,8 @@ pub(crate) mod simd {
                         for r in r0..r1 {
                             let (gp, xp) = (gb.add(r * cols + c0), xb.add(r * cols + c0));
                             for k in 0..4 {
-                                let gv = dev4_u16::<BF16>(gp.add(4 * k), z);
-                                let d = dev4_u16::<BF16>(xp.add(4 * k), mv[k]);
+                                let d = dev4(xp.add(4 * k), mv[k]);
+                                let gv = if GRAD { dev4(gp.add(4 * k), z) } else { d };
                                 sv[k] = _mm256_add_pd(sv[k], gv);
                                 qv[k] = _mm256_fmadd_pd(gv, d, qv[k]);
                             }
@@ -641,48 +511,8 @@ pub(crate) mod simd {
                     }
                 }
             }
-        }
-
-        /// # Safety
-        /// The CPU must support AVX2 and FMA.
-        #[target_feature(enable = "avx,avx2,fma")]
-        pub unsafe fn cols_grad(
-            g: &[f32],
-            x: &[f32],
-            cols: usize,
-            m: &[f64],
-            s: &mut [f64],
-            q: &mut [f64],
-        ) {
-            let rows = col_rows(x.len().min(g.len()), cols, m, s, q);
-            let (gb, xb) = (g.as_ptr(), x.as_ptr());
-            let z = _mm256_setzero_pd();
-            for r0 in (0..rows).step_by(COL_TILE_ROWS) {
-                let r1 = (r0 + COL_TILE_ROWS).min(rows);
-                for c0 in (0..cols / COLS * COLS).step_by(COLS) {
-                    // SAFETY: as in cols_dev, for g and x.
-                    unsafe {
-                        let mv: [__m256d; 4] =
-                            std::array::from_fn(|k| _mm256_loadu_pd(m.as_ptr().add(c0 + 4 * k)));
-                        let mut sv: [__m256d; 4] =
-                            std::array::from_fn(|k| _mm256_loadu_pd(s.as_ptr().add(c0 + 4 * k)));
-                        let mut qv: [__m256d; 4] =
-                            std::array::from_fn(|k| _mm256_loadu_pd(q.as_ptr().add(c0 + 4 * k)));
-                        for r in r0..r1 {
-                            let (gp, xp) = (gb.add(r * cols + c0), xb.add(r * cols + c0));
-                            for k in 0..4 {
-                                let (gv, d) = (dev4(gp.add(4 * k), z), dev4(xp.add(4 * k), mv[k]));
-                                sv[k] = _mm256_add_pd(sv[k], gv);
-                                qv[k] = _mm256_fmadd_pd(gv, d, qv[k]);
-                            }
-                        }
-                        for k in 0..4 {
-                            _mm256_storeu_pd(s.as_mut_ptr().add(c0 + 4 * k), sv[k]);
-                            _mm256_storeu_pd(q.as_mut_ptr().add(c0 + 4 * k), qv[k]);
-                        }
-                    }
-                }
-            }
+            // The columns after the last full group, one at a time.
+            cols_sums_portable::<super::Fma, E, GRAD>(g, x, cols, full, m, s, q);
         }
     }
 
@@ -1128,7 +958,7 @@ pub(crate) fn acc_dev_portable<I: simd::Isa>(
     }
 }
 
-/// Columns reduced together by the column kernels ([`simd::Isa::cols_dev`]): one 64-byte line
+/// Columns reduced together by the column kernels ([`simd::Isa::cols_sums`]): one 64-byte line
 /// of f32 per row.
 pub(crate) const COLS: usize = 16;
 /// Rows per tile of the column kernels: the tile's rows are read column group by column group
@@ -1136,89 +966,61 @@ pub(crate) const COLS: usize = 16;
 /// memory in order. 4 rows measured a little faster than 2, 8 or 32 here.
 pub(crate) const COL_TILE_ROWS: usize = 4;
 
-/// [`simd::Isa::cols_dev`] in portable code.
+/// How the column kernels read a block's values.
+pub(crate) enum ColKind {
+    F32,
+    Bf16,
+    F16,
+}
+
+/// A value the column kernels read: f32 as it is, bf16 and f16 widened in registers.
+pub(crate) trait ColElem: Copy {
+    const KIND: ColKind;
+    fn get(self) -> f32;
+}
+
+impl ColElem for f32 {
+    const KIND: ColKind = ColKind::F32;
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self
+    }
+}
+
+impl ColElem for half::bf16 {
+    const KIND: ColKind = ColKind::Bf16;
+    #[inline(always)]
+    fn get(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+impl ColElem for half::f16 {
+    const KIND: ColKind = ColKind::F16;
+    #[inline(always)]
+    fn get(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// [`simd::Isa::cols_sums`] in portable code, for the columns from `c0` (the AVX2 kernel's
+/// remainder after its full groups).
 #[inline(always)]
-pub(crate) fn cols_dev_portable<I: simd::Isa>(
-    x: &[f32],
+pub(crate) fn cols_sums_portable<I: simd::Isa, E: ColElem, const GRAD: bool>(
+    g: &[E],
+    x: &[E],
     cols: usize,
+    c0: usize,
     m: &[f64],
     s: &mut [f64],
     q: &mut [f64],
 ) {
-    let full = cols / COLS * COLS;
-    for row in x.chunks_exact(cols) {
-        for j in 0..full {
-            let d = row[j] as f64 - m[j];
-            s[j] += d;
-            q[j] = I::fma(d, d, q[j]);
-        }
-    }
-}
-
-/// One 16-bit value (bf16 when `BF16`, else f16) as f32.
-#[inline(always)]
-pub(crate) fn u16_to_f32<const BF16: bool>(b: u16) -> f32 {
-    if BF16 {
-        f32::from_bits((b as u32) << 16)
-    } else {
-        half::f16::from_bits(b).to_f32()
-    }
-}
-
-/// [`simd::Isa::cols_dev_u16`] in portable code.
-#[inline(always)]
-pub(crate) fn cols_dev_u16_portable<I: simd::Isa, const BF16: bool>(
-    x: &[u16],
-    cols: usize,
-    m: &[f64],
-    s: &mut [f64],
-    q: &mut [f64],
-) {
-    let full = cols / COLS * COLS;
-    for row in x.chunks_exact(cols) {
-        for j in 0..full {
-            let d = u16_to_f32::<BF16>(row[j]) as f64 - m[j];
-            s[j] += d;
-            q[j] = I::fma(d, d, q[j]);
-        }
-    }
-}
-
-/// [`simd::Isa::cols_grad_u16`] in portable code.
-#[inline(always)]
-pub(crate) fn cols_grad_u16_portable<I: simd::Isa, const BF16: bool>(
-    g: &[u16],
-    x: &[u16],
-    cols: usize,
-    m: &[f64],
-    s: &mut [f64],
-    q: &mut [f64],
-) {
-    let full = cols / COLS * COLS;
     for (gr, xr) in g.chunks_exact(cols).zip(x.chunks_exact(cols)) {
-        for j in 0..full {
-            let gv = u16_to_f32::<BF16>(gr[j]) as f64;
+        for j in c0..cols {
+            let d = xr[j].get() as f64 - m[j];
+            let gv = if GRAD { gr[j].get() as f64 } else { d };
             s[j] += gv;
-            q[j] = I::fma(gv, u16_to_f32::<BF16>(xr[j]) as f64 - m[j], q[j]);
-        }
-    }
-}
-
-/// [`simd::Isa::cols_grad`] in portable code.
-#[inline(always)]
-pub(crate) fn cols_grad_portable<I: simd::Isa>(
-    g: &[f32],
-    x: &[f32],
-    cols: usize,
-    m: &[f64],
-    s: &mut [f64],
-    q: &mut [f64],
-) {
-    let full = cols / COLS * COLS;
-    for (gr, xr) in g.chunks_exact(cols).zip(x.chunks_exact(cols)) {
-        for j in 0..full {
-            s[j] += gr[j] as f64;
-            q[j] = I::fma(gr[j] as f64, xr[j] as f64 - m[j], q[j]);
+            q[j] = I::fma(gv, d, q[j]);
         }
     }
 }

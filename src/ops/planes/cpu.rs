@@ -51,6 +51,34 @@ multiversion! {
     }
 }
 
+/// The column kernel ([`simd::Isa::cols_sums`]) on a channels-last block (and its gradient
+/// for `GRAD`): bf16, and f16 where the CPU has F16C, widened in registers; otherwise as f32
+/// (the block itself for f32, else widened once into `bb`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn block_col_sums<T: Element, I: simd::Isa, const GRAD: bool>(
+    g: &[T],
+    x: &[T],
+    cols: usize,
+    m: &[f64],
+    s: &mut [f64],
+    q: &mut [f64],
+    bb: &mut BlockBufs,
+) {
+    if cols == 0 {
+        return;
+    }
+    if let (Some(gb), Some(xb)) = (T::as_bf16s(g), T::as_bf16s(x)) {
+        I::cols_sums::<_, GRAD>(gb, xb, cols, m, s, q);
+    } else if let (true, Some(gh), Some(xh)) = (I::F16C, T::as_f16s(g), T::as_f16s(x)) {
+        I::cols_sums::<_, GRAD>(gh, xh, cols, m, s, q);
+    } else {
+        let xf = block_f32(x, &mut bb.x);
+        let gf = if GRAD { block_f32(g, &mut bb.g) } else { xf };
+        I::cols_sums::<_, GRAD>(gf, xf, cols, m, s, q);
+    }
+}
+
 /// A block as f32: itself for f32 input, else widened into `buf` (reused across tasks).
 #[inline(always)]
 fn block_f32<'a, T: Element>(block: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32] {
@@ -81,28 +109,9 @@ multiversion! {
         let mean: Vec<f64> = (0..cols)
             .map(|c| block.get(c).map(|v| v.to_f32()).filter(|v| v.is_finite()).map_or(0.0, |v| v as f64))
             .collect();
-        let full = cols / COLS * COLS;
         let (mut d1, mut d2) = (vec![0f64; cols], vec![0f64; cols]);
-        // bf16 and f16 (with F16C) widened in registers; otherwise the block as f32 (itself for
-        // f32, else widened once into `bb.x`).
-        if let Some(b) = T::bf16_bits(block) {
-            I::cols_dev_u16::<true>(b, cols, &mean, &mut d1, &mut d2);
-        } else if let (true, Some(h)) = (I::F16C, T::f16_bits(block)) {
-            I::cols_dev_u16::<false>(h, cols, &mean, &mut d1, &mut d2);
-        } else {
-            I::cols_dev(block_f32(block, &mut bb.x), cols, &mean, &mut d1, &mut d2);
-        }
-        let mut out: Vec<Moments> = (0..full).map(|i| Moments::two_pass(n, mean[i], d1[i], d2[i])).collect();
-        for c in full..cols {
-            let (mut d1, mut d2) = (0f64, 0f64);
-            for row in block.chunks_exact(cols) {
-                let d = row[c].to_f32() as f64 - mean[c];
-                d1 += d;
-                d2 = I::fma(d, d, d2);
-            }
-            out.push(Moments::two_pass(n, mean[c], d1, d2));
-        }
-        out
+        block_col_sums::<T, I, false>(block, block, cols, &mean, &mut d1, &mut d2, bb);
+        (0..cols).map(|i| Moments::two_pass(n, mean[i], d1[i], d2[i])).collect()
     }
 }
 
@@ -228,28 +237,8 @@ multiversion! {
     /// group of [`COLS`] columns reduced down the rows in registers.
     fn columns_grad_sums<T: Element>(g: &[T], x: &[T], m: &[f64], bb: &mut BlockBufs) -> (Vec<f64>, Vec<f64>) {
         let c = m.len();
-        let full = c / COLS * COLS;
         let (mut s1, mut s2) = (vec![0f64; c], vec![0f64; c]);
-        // bf16 and f16 (with F16C) widened in registers; otherwise as f32 (itself for f32).
-        if let (Some(gb), Some(xb)) = (T::bf16_bits(g), T::bf16_bits(x)) {
-            I::cols_grad_u16::<true>(gb, xb, c, m, &mut s1, &mut s2);
-        } else if let (true, Some(gh), Some(xh)) = (I::F16C, T::f16_bits(g), T::f16_bits(x)) {
-            I::cols_grad_u16::<false>(gh, xh, c, m, &mut s1, &mut s2);
-        } else {
-            let gf = block_f32(g, &mut bb.g);
-            let xf = block_f32(x, &mut bb.x);
-            I::cols_grad(gf, xf, c, m, &mut s1, &mut s2);
-        }
-        for j in full..c {
-            let (mut a1, mut a2) = (0f64, 0f64);
-            for (gr, xr) in g.chunks_exact(c).zip(x.chunks_exact(c)) {
-                let gv = gr[j].to_f32() as f64;
-                a1 += gv;
-                a2 = I::fma(gv, xr[j].to_f32() as f64 - m[j], a2);
-            }
-            s1[j] = a1;
-            s2[j] = a2;
-        }
+        block_col_sums::<T, I, true>(g, x, c, m, &mut s1, &mut s2, bb);
         (s1, s2)
     }
 }
