@@ -119,18 +119,6 @@ pub trait Element:
     fn f16_bits(_x: &[Self]) -> Option<&[u16]> {
         None
     }
-    /// The run itself when `Self` is bf16 (the column kernels widen it in registers).
-    #[doc(hidden)]
-    #[inline(always)]
-    fn as_bf16s(_x: &[Self]) -> Option<&[bf16]> {
-        None
-    }
-    /// The run itself when `Self` is f16.
-    #[doc(hidden)]
-    #[inline(always)]
-    fn as_f16s(_x: &[Self]) -> Option<&[f16]> {
-        None
-    }
     /// The output run as f16 bits when `Self` is f16.
     #[doc(hidden)]
     #[inline(always)]
@@ -203,10 +191,6 @@ impl Element for f16 {
         f16::from_f64(v)
     }
     #[inline(always)]
-    fn as_f16s(x: &[Self]) -> Option<&[f16]> {
-        Some(x)
-    }
-    #[inline(always)]
     fn f16_bits(x: &[Self]) -> Option<&[u16]> {
         use half::slice::HalfFloatSliceExt;
         Some(x.reinterpret_cast())
@@ -254,10 +238,6 @@ impl Element for bf16 {
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         bf16::from_f64(v)
-    }
-    #[inline(always)]
-    fn as_bf16s(x: &[Self]) -> Option<&[bf16]> {
-        Some(x)
     }
     /// A bf16 is the top half of an f32: a shift, which vectorizes.
     #[inline(always)]

@@ -180,6 +180,8 @@ macro_rules! multiversion {
 pub(crate) use multiversion;
 
 pub(crate) mod simd {
+    use crate::dtype::Element;
+
     /// What a kernel body may assume of the instruction set.
     pub trait Isa: Sized {
         /// `a·b + c`: fused where the CPU has FMA (the fused form also lets LLVM vectorize the
@@ -224,15 +226,15 @@ pub(crate) mod simd {
         /// values in row order, added into `s[j]` and `q[j]` (f64): Σ (x − m[j]) and
         /// Σ (x − m[j])² (`GRAD` false; `g` unused), or Σ g and Σ g·(x − m[j]) (`GRAD` true).
         #[inline(always)]
-        fn cols_sums<E: super::ColElem, const GRAD: bool>(
-            g: &[E],
-            x: &[E],
+        fn cols_sums<T: Element, const GRAD: bool>(
+            g: &[T],
+            x: &[T],
             cols: usize,
             m: &[f64],
             s: &mut [f64],
             q: &mut [f64],
         ) {
-            super::cols_sums_portable::<Self, E, GRAD>(g, x, cols, 0, m, s, q)
+            super::cols_sums_portable::<Self, T, GRAD>(g, x, cols, 0, m, s, q)
         }
     }
     pub struct Plain;
@@ -291,16 +293,16 @@ pub(crate) mod simd {
         }
         #[cfg(target_arch = "x86_64")]
         #[inline(always)]
-        fn cols_sums<E: super::ColElem, const GRAD: bool>(
-            g: &[E],
-            x: &[E],
+        fn cols_sums<T: Element, const GRAD: bool>(
+            g: &[T],
+            x: &[T],
             cols: usize,
             m: &[f64],
             s: &mut [f64],
             q: &mut [f64],
         ) {
             // SAFETY: as for `acc_dev` (`has_avx2()` also requires F16C).
-            unsafe { avx2::cols_sums::<E, GRAD>(g, x, cols, m, s, q) }
+            unsafe { avx2::cols_sums::<T, GRAD>(g, x, cols, m, s, q) }
         }
     }
 
@@ -308,7 +310,8 @@ pub(crate) mod simd {
     /// in profiles: the f64 deviation sums came out as a mix of 128-bit and scalar ops).
     #[cfg(target_arch = "x86_64")]
     mod avx2 {
-        use super::super::{cols_sums_portable, ColElem, ColKind, COLS, COL_TILE_ROWS, LANES};
+        use super::super::{cols_sums_portable, COLS, COL_TILE_ROWS, LANES};
+        use crate::dtype::{DType, Element};
         use std::arch::x86_64::*;
 
         /// # Safety
@@ -444,15 +447,15 @@ pub(crate) mod simd {
         /// 4 values at `p` as f64, minus `m`: f32 loaded, bf16 shifted, f16 converted (F16C).
         #[inline]
         #[target_feature(enable = "avx,avx2,fma,f16c")]
-        unsafe fn dev4<E: ColElem>(p: *const E, m: __m256d) -> __m256d {
+        unsafe fn dev4<T: Element>(p: *const T, m: __m256d) -> __m256d {
             // SAFETY: the caller passes 4 readable values.
             unsafe {
-                let f = match E::KIND {
-                    ColKind::F32 => _mm_loadu_ps(p.cast()),
-                    ColKind::Bf16 => _mm_castsi128_ps(_mm_slli_epi32::<16>(_mm_cvtepu16_epi32(
+                let f = match T::DTYPE {
+                    DType::F32 => _mm_loadu_ps(p.cast()),
+                    DType::BF16 => _mm_castsi128_ps(_mm_slli_epi32::<16>(_mm_cvtepu16_epi32(
                         _mm_loadl_epi64(p.cast()),
                     ))),
-                    ColKind::F16 => _mm_cvtph_ps(_mm_loadl_epi64(p.cast())),
+                    DType::F16 => _mm_cvtph_ps(_mm_loadl_epi64(p.cast())),
                 };
                 _mm256_sub_pd(_mm256_cvtps_pd(f), m)
             }
@@ -461,20 +464,19 @@ pub(crate) mod simd {
         /// # Safety
         /// The CPU must support AVX2, FMA and F16C.
         #[target_feature(enable = "avx,avx2,fma,f16c")]
-        pub unsafe fn cols_sums<E: ColElem, const GRAD: bool>(
-            g: &[E],
-            x: &[E],
+        pub unsafe fn cols_sums<T: Element, const GRAD: bool>(
+            g: &[T],
+            x: &[T],
             cols: usize,
             m: &[f64],
             s: &mut [f64],
             q: &mut [f64],
         ) {
+            if cols == 0 {
+                return;
+            }
             assert!(
-                cols > 0
-                    && g.len() >= x.len()
-                    && m.len() >= cols
-                    && s.len() >= cols
-                    && q.len() >= cols,
+                g.len() >= x.len() && m.len() >= cols && s.len() >= cols && q.len() >= cols,
                 "column kernel: {cols} columns"
             );
             let rows = x.len() / cols;
@@ -512,7 +514,7 @@ pub(crate) mod simd {
                 }
             }
             // The columns after the last full group, one at a time.
-            cols_sums_portable::<super::Fma, E, GRAD>(g, x, cols, full, m, s, q);
+            cols_sums_portable::<super::Fma, T, GRAD>(g, x, cols, full, m, s, q);
         }
     }
 
@@ -966,59 +968,25 @@ pub(crate) const COLS: usize = 16;
 /// memory in order. 4 rows measured a little faster than 2, 8 or 32 here.
 pub(crate) const COL_TILE_ROWS: usize = 4;
 
-/// How the column kernels read a block's values.
-pub(crate) enum ColKind {
-    F32,
-    Bf16,
-    F16,
-}
-
-/// A value the column kernels read: f32 as it is, bf16 and f16 widened in registers.
-pub(crate) trait ColElem: Copy {
-    const KIND: ColKind;
-    fn get(self) -> f32;
-}
-
-impl ColElem for f32 {
-    const KIND: ColKind = ColKind::F32;
-    #[inline(always)]
-    fn get(self) -> f32 {
-        self
-    }
-}
-
-impl ColElem for half::bf16 {
-    const KIND: ColKind = ColKind::Bf16;
-    #[inline(always)]
-    fn get(self) -> f32 {
-        f32::from_bits((self.to_bits() as u32) << 16)
-    }
-}
-
-impl ColElem for half::f16 {
-    const KIND: ColKind = ColKind::F16;
-    #[inline(always)]
-    fn get(self) -> f32 {
-        self.to_f32()
-    }
-}
-
 /// [`simd::Isa::cols_sums`] in portable code, for the columns from `c0` (the AVX2 kernel's
 /// remainder after its full groups).
 #[inline(always)]
-pub(crate) fn cols_sums_portable<I: simd::Isa, E: ColElem, const GRAD: bool>(
-    g: &[E],
-    x: &[E],
+pub(crate) fn cols_sums_portable<I: simd::Isa, T: Element, const GRAD: bool>(
+    g: &[T],
+    x: &[T],
     cols: usize,
     c0: usize,
     m: &[f64],
     s: &mut [f64],
     q: &mut [f64],
 ) {
+    if cols == 0 {
+        return;
+    }
     for (gr, xr) in g.chunks_exact(cols).zip(x.chunks_exact(cols)) {
         for j in c0..cols {
-            let d = xr[j].get() as f64 - m[j];
-            let gv = if GRAD { gr[j].get() as f64 } else { d };
+            let d = xr[j].widen1_arith() as f64 - m[j];
+            let gv = if GRAD { gr[j].widen1_arith() as f64 } else { d };
             s[j] += gv;
             q[j] = I::fma(gv, d, q[j]);
         }

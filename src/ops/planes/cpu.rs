@@ -51,57 +51,15 @@ multiversion! {
     }
 }
 
-/// The column kernel ([`simd::Isa::cols_sums`]) on a channels-last block (and its gradient
-/// for `GRAD`): bf16, and f16 where the CPU has F16C, widened in registers; otherwise as f32
-/// (the block itself for f32, else widened once into `bb`).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn block_col_sums<T: Element, I: simd::Isa, const GRAD: bool>(
-    g: &[T],
-    x: &[T],
-    cols: usize,
-    m: &[f64],
-    s: &mut [f64],
-    q: &mut [f64],
-    bb: &mut BlockBufs,
-) {
-    if cols == 0 {
-        return;
-    }
-    if let (Some(gb), Some(xb)) = (T::as_bf16s(g), T::as_bf16s(x)) {
-        I::cols_sums::<_, GRAD>(gb, xb, cols, m, s, q);
-    } else if let (true, Some(gh), Some(xh)) = (I::F16C, T::as_f16s(g), T::as_f16s(x)) {
-        I::cols_sums::<_, GRAD>(gh, xh, cols, m, s, q);
-    } else {
-        let xf = block_f32(x, &mut bb.x);
-        let gf = if GRAD { block_f32(g, &mut bb.g) } else { xf };
-        I::cols_sums::<_, GRAD>(gf, xf, cols, m, s, q);
-    }
-}
-
-/// A block as f32: itself for f32 input, else widened into `buf` (reused across tasks).
-#[inline(always)]
-fn block_f32<'a, T: Element>(block: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32] {
-    if let Some(b) = T::as_f32s(block) {
-        return b;
-    }
-    // Resized only when the length changes: the widening overwrites every element.
-    if buf.len() != block.len() {
-        buf.clear();
-        buf.resize(block.len(), 0.0);
-    }
-    T::widen(block, buf);
-    buf
-}
-
 multiversion! {
     /// Per-column moments of a row-major `(rows, cols)` block (at most [`ROW_CHUNK`] rows) in
-    /// one pass: the values widened in registers (bf16, f16) or read as f32, each column shifted by its
+    /// one pass by the column kernel ([`simd::Isa::cols_sums`], which widens bf16/f16 in
+    /// registers), each column shifted by its
     /// value in the first row, Σ (x − s) and Σ (x − s)² summed in f64 down the rows (groups of
     /// [`COLS`] columns in registers), and the shift corrected (`Moments::two_pass`). Since s
     /// is one of the values, (mean − s)² ≤ rows·var, so the correction loses at most a factor
     /// of about rows² in f64 (≈ 1e-11 relative at 256 rows): no cancellation for |mean| ≫ std.
-    fn columns_moments<T: Element>(block: &[T], cols: usize, bb: &mut BlockBufs) -> Vec<Moments> {
+    fn columns_moments<T: Element>(block: &[T], cols: usize) -> Vec<Moments> {
         let rows = block.len() / cols.max(1);
         let n = rows as f64;
         // A non-finite first value would make every deviation NaN or infinite: shift by 0
@@ -110,7 +68,7 @@ multiversion! {
             .map(|c| block.get(c).map(|v| v.to_f32()).filter(|v| v.is_finite()).map_or(0.0, |v| v as f64))
             .collect();
         let (mut d1, mut d2) = (vec![0f64; cols], vec![0f64; cols]);
-        block_col_sums::<T, I, false>(block, block, cols, &mean, &mut d1, &mut d2, bb);
+        I::cols_sums::<T, false>(block, block, cols, &mean, &mut d1, &mut d2);
         (0..cols).map(|i| Moments::two_pass(n, mean[i], d1[i], d2[i])).collect()
     }
 }
@@ -211,13 +169,6 @@ impl Iterator for SampleOffsets {
     }
 }
 
-/// Buffers of a channels-last task, reused across the tasks of one rayon split.
-#[derive(Default)]
-struct BlockBufs {
-    x: Vec<f32>,
-    g: Vec<f32>,
-}
-
 multiversion! {
     /// Channels-last rows `r0..` of `(N·S, C)`: `y = a·(x − m) + b` with per-(n, c)
     /// coefficients (`coef.a`, the split mean, `coef.b`), in f32 lanes, row by row.
@@ -235,10 +186,10 @@ multiversion! {
 multiversion! {
     /// Channels-last block of one sample: per-column (Σ g, Σ g·(x − m[c])), in f64, each
     /// group of [`COLS`] columns reduced down the rows in registers.
-    fn columns_grad_sums<T: Element>(g: &[T], x: &[T], m: &[f64], bb: &mut BlockBufs) -> (Vec<f64>, Vec<f64>) {
+    fn columns_grad_sums<T: Element>(g: &[T], x: &[T], m: &[f64]) -> (Vec<f64>, Vec<f64>) {
         let c = m.len();
         let (mut s1, mut s2) = (vec![0f64; c], vec![0f64; c]);
-        block_col_sums::<T, I, true>(g, x, c, m, &mut s1, &mut s2, bb);
+        I::cols_sums::<T, true>(g, x, c, m, &mut s1, &mut s2);
         (s1, s2)
     }
 }
@@ -286,12 +237,12 @@ pub(crate) fn plane_moments<T: Element>(x: &[T], p: PlaneShape) -> Vec<Moments> 
             let parts: Vec<Vec<Moments>> = collect_init(
                 (0..p.n * chunks).into_par_iter(),
                 x.len(),
-                BlockBufs::default,
-                |bb, t| {
+                || (),
+                |_, t| {
                     let (n, k) = (t / chunks, t % chunks);
                     let r0 = k * ROW_CHUNK;
                     let r1 = (r0 + ROW_CHUNK).min(p.s);
-                    columns_moments(&x[(n * p.s + r0) * p.c..(n * p.s + r1) * p.c], p.c, bb)
+                    columns_moments(&x[(n * p.s + r0) * p.c..(n * p.s + r1) * p.c], p.c)
                 },
             );
             let mut out = vec![Moments::default(); planes];
@@ -395,13 +346,13 @@ pub(crate) fn plane_grad_sums<T: Element>(
             let parts: Vec<(Vec<f64>, Vec<f64>)> = collect_init(
                 (0..p.n * chunks).into_par_iter(),
                 x.len(),
-                BlockBufs::default,
-                |bb, t| {
+                || (),
+                |_, t| {
                     let (n, k) = (t / chunks, t % chunks);
                     let r0 = k * ROW_CHUNK;
                     let r1 = (r0 + ROW_CHUNK).min(p.s);
                     let range = (n * p.s + r0) * c..(n * p.s + r1) * c;
-                    columns_grad_sums(&g[range.clone()], &x[range], &m[n * c..n * c + c], bb)
+                    columns_grad_sums(&g[range.clone()], &x[range], &m[n * c..n * c + c])
                 },
             );
             let mut sg = vec![0f64; planes];
@@ -506,6 +457,63 @@ pub(crate) fn groups_fused<T: Element>(
     (y, moments)
 }
 
+/// The forward's per-plane coefficients from per-group moments, for the `p.n` samples of `p`
+/// (the whole batch, or one sample of the fused path: the same bits either way): `rstd·w[c]`
+/// and the mean.
+pub(crate) fn affine_coefs(
+    p: PlaneShape,
+    grouping: Grouping,
+    gm: &[Moments],
+    w: &[f64],
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let (mut a, mut m) = (vec![0f64; p.n * p.c], vec![0f64; p.n * p.c]);
+    for n in 0..p.n {
+        for c in 0..p.c {
+            let (i, g) = (n * p.c + c, &gm[grouping.group_of(&p, n, c)]);
+            a[i] = 1.0 / (g.var_biased() + eps).sqrt() * w[c];
+            m[i] = g.mean;
+        }
+    }
+    (a, m)
+}
+
+/// The backward's per-plane coefficients with batch statistics, `dx = a·g + b·(x − m) + k`,
+/// from the per-plane sums (Σ g, Σ g·(x − m)), for the `p.n` samples of `p` (as
+/// [`affine_coefs`]): `a = r·w[c]`, `b = −r³·Σ_group w·Σg(x − m) / cnt`,
+/// `k = −r·Σ_group w·Σg / cnt`, `cnt` the values per group.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn grad_coefs(
+    p: PlaneShape,
+    grouping: Grouping,
+    w: &[f64],
+    sg: &[f64],
+    sgx: &[f64],
+    r: &[f64],
+    cnt: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let groups = grouping.num_groups(&p);
+    let (mut ga, mut gb) = (vec![0f64; groups], vec![0f64; groups]);
+    for n in 0..p.n {
+        for c in 0..p.c {
+            let (i, g) = (n * p.c + c, grouping.group_of(&p, n, c));
+            ga[g] += w[c] * sg[i];
+            gb[g] += w[c] * sgx[i];
+        }
+    }
+    let planes = p.n * p.c;
+    let (mut a, mut b, mut k) = (vec![0f64; planes], vec![0f64; planes], vec![0f64; planes]);
+    for n in 0..p.n {
+        for c in 0..p.c {
+            let (i, g) = (n * p.c + c, grouping.group_of(&p, n, c));
+            a[i] = r[i] * w[c];
+            b[i] = -r[i] * r[i] * r[i] * gb[g] / cnt;
+            k[i] = -r[i] * ga[g] / cnt;
+        }
+    }
+    (a, b, k)
+}
+
 /// Fused GroupNorm/InstanceNorm forward for channels-last input: each sample's statistics
 /// (its `(S, C)` block in chunks of `ROW_CHUNK` rows, merged as [`plane_moments`] merges them)
 /// and then its output, while the sample is still in cache (the apply re-reads it from L2/L3
@@ -530,21 +538,16 @@ pub(crate) fn samples_fused_cl<T: Element>(
         parts = collect_init(
             y.par_chunks_mut(len).zip(x.par_chunks(len)),
             x.len(),
-            || (BlockBufs::default(), Bufs::new()),
-            |(bb, bufs), (ys, xs)| {
+            Bufs::new,
+            |bufs, (ys, xs)| {
                 let mut planes = vec![Moments::default(); c];
                 for chunk in xs.chunks(ROW_CHUNK * c) {
-                    for (pl, m) in planes.iter_mut().zip(columns_moments(chunk, c, bb)) {
+                    for (pl, m) in planes.iter_mut().zip(columns_moments(chunk, c)) {
                         *pl = pl.merge(m);
                     }
                 }
                 let gm = group_moments(&planes, one, grouping);
-                let (mut a, mut m) = (vec![0f64; c], vec![0f64; c]);
-                for j in 0..c {
-                    let g = &gm[grouping.group_of(&one, 0, j)];
-                    a[j] = 1.0 / (g.var_biased() + eps).sqrt() * w[j];
-                    m[j] = g.mean;
-                }
+                let (a, m) = affine_coefs(one, grouping, &gm, w, eps);
                 let coef = ColCoef::affine(&a, &m, b);
                 rows_affine(xs, ys, c, 0, p.s, &coef, bufs);
                 gm
@@ -573,7 +576,6 @@ pub(crate) fn samples_backward_fused_cl<T: Element>(
     let c = p.c;
     let len = (p.s * c).max(1);
     let one = PlaneShape { n: 1, ..p };
-    let groups = grouping.num_groups(&one);
     let mut parts: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
     let dx = filled_vec(x.len(), |dx| {
         if x.is_empty() {
@@ -584,30 +586,18 @@ pub(crate) fn samples_backward_fused_cl<T: Element>(
                 .zip(g.par_chunks(len).zip(x.par_chunks(len)))
                 .enumerate(),
             x.len(),
-            || (BlockBufs::default(), Bufs::new()),
-            |(bb, bufs), (n, (ds, (gs, xs)))| {
+            Bufs::new,
+            |bufs, (n, (ds, (gs, xs)))| {
                 let (mn, rn) = (&m[n * c..(n + 1) * c], &r[n * c..(n + 1) * c]);
                 let (mut sg, mut sgx) = (vec![0f64; c], vec![0f64; c]);
                 for (gc, xc) in gs.chunks(ROW_CHUNK * c).zip(xs.chunks(ROW_CHUNK * c)) {
-                    let (s1, s2) = columns_grad_sums(gc, xc, mn, bb);
+                    let (s1, s2) = columns_grad_sums(gc, xc, mn);
                     for j in 0..c {
                         sg[j] += s1[j];
                         sgx[j] += s2[j];
                     }
                 }
-                let (mut ga, mut gb) = (vec![0f64; groups], vec![0f64; groups]);
-                for j in 0..c {
-                    let gi = grouping.group_of(&one, 0, j);
-                    ga[gi] += w[j] * sg[j];
-                    gb[gi] += w[j] * sgx[j];
-                }
-                let (mut a, mut b, mut k) = (vec![0f64; c], vec![0f64; c], vec![0f64; c]);
-                for j in 0..c {
-                    let gi = grouping.group_of(&one, 0, j);
-                    a[j] = rn[j] * w[j];
-                    b[j] = -rn[j] * rn[j] * rn[j] * gb[gi] / cnt;
-                    k[j] = -rn[j] * ga[gi] / cnt;
-                }
+                let (a, b, k) = grad_coefs(one, grouping, w, &sg, &sgx, rn, cnt);
                 let coef = ColCoef::grad(&a, &b, mn, &k);
                 rows_grad_apply(gs, xs, ds, c, 0, p.s, &coef, bufs);
                 (sg, sgx)
@@ -699,7 +689,7 @@ mod tests {
                 _ => x[c],
             };
         }
-        let m = columns_moments(&x, cols, &mut BlockBufs::default());
+        let m = columns_moments(&x, cols);
         for c in 0..cols {
             let col: Vec<f32> = (0..rows).map(|r| x[r * cols + c]).collect();
             let (mean, m2) = exact(&col);
@@ -717,7 +707,7 @@ mod tests {
         // NaN variance (PyTorch's results), not a NaN mean from the shift.
         x[0] = f32::NAN;
         x[1] = f32::INFINITY;
-        let m = columns_moments(&x, cols, &mut BlockBufs::default());
+        let m = columns_moments(&x, cols);
         assert!(m[0].mean.is_nan() && m[0].m2.is_nan());
         assert_eq!(m[1].mean, f64::INFINITY);
         assert!(m[1].m2.is_nan());

@@ -300,30 +300,19 @@ pub(crate) fn forward<T: Element>(
     let planes = p.n * p.c;
     let mut coef_a = vec![0f64; planes];
     let mut coef_m = vec![0f64; planes];
-    let mut coef_b = vec![0f64; planes];
 
-    if let (Source::Input { running }, Some(g), MemoryFormat::Contiguous) =
-        (&mut source, grouping.per_sample(p.c), p.format)
-    {
-        // Each group is one contiguous run: statistics and output in one pass over memory.
-        let (y, gm) = cpu::groups_fused(xs, p, g, &w, &b, eps);
-        if let Some(r) = running.take() {
-            if !xs.is_empty() {
-                update_running(r, &gm, &p, grouping)?;
+    if let (Source::Input { running }, Some(g)) = (&mut source, grouping.per_sample(p.c)) {
+        // Statistics and output together while the data is in cache: each contiguous group
+        // (one run), or each channels-last sample when there are at least as many samples as
+        // threads.
+        let fused = match p.format {
+            MemoryFormat::Contiguous => Some(cpu::groups_fused(xs, p, g, &w, &b, eps)),
+            MemoryFormat::ChannelsLast if p.n >= rayon::current_num_threads() => {
+                Some(cpu::samples_fused_cl(xs, p, grouping, &w, &b, eps))
             }
-        }
-        let stats = saved_from_moments(op, x.shape(), &gm, eps, &device)?;
-        return Ok(NormOutput {
-            output: Tensor::from_parts(x.shape().to_vec(), x.format(), Storage::Cpu(y.into())),
-            stats,
-        });
-    }
-    if let (Source::Input { running }, Some(_), MemoryFormat::ChannelsLast) =
-        (&mut source, grouping.per_sample(p.c), p.format)
-    {
-        if p.n >= rayon::current_num_threads() {
-            // Each sample's statistics, then its output while the sample is in cache.
-            let (y, gm) = cpu::samples_fused_cl(xs, p, grouping, &w, &b, eps);
+            MemoryFormat::ChannelsLast => None,
+        };
+        if let Some((y, gm)) = fused {
             if let Some(r) = running.take() {
                 update_running(r, &gm, &p, grouping)?;
             }
@@ -338,19 +327,7 @@ pub(crate) fn forward<T: Element>(
         Source::Input { running } => {
             let pm = cpu::plane_moments(xs, p);
             let gm = cpu::group_moments(&pm, p, grouping);
-            let mean: Vec<f64> = gm.iter().map(|m| m.mean).collect();
-            let rstd: Vec<f64> = gm
-                .iter()
-                .map(|m| 1.0 / (m.var_biased() + eps).sqrt())
-                .collect();
-            for n in 0..p.n {
-                for c in 0..p.c {
-                    let (i, g) = (n * p.c + c, grouping.group_of(&p, n, c));
-                    coef_a[i] = rstd[g] * w[c];
-                    coef_m[i] = mean[g];
-                    coef_b[i] = b[c];
-                }
-            }
+            (coef_a, coef_m) = cpu::affine_coefs(p, grouping, &gm, &w, eps);
             if let Some(r) = running {
                 if !xs.is_empty() {
                     update_running(r, &gm, &p, grouping)?;
@@ -367,7 +344,6 @@ pub(crate) fn forward<T: Element>(
                     let i = n * p.c + c;
                     coef_a[i] = rstd[c] * w[c];
                     coef_m[i] = rm[c] as f64;
-                    coef_b[i] = b[c];
                 }
             }
             SavedStats::new(
@@ -379,6 +355,7 @@ pub(crate) fn forward<T: Element>(
             )
         }
     };
+    let coef_b: Vec<f64> = (0..p.n).flat_map(|_| b.iter().copied()).collect();
     let y = cpu::plane_affine(xs, p, &coef_a, &coef_m, &coef_b);
     Ok(NormOutput {
         output: Tensor::from_parts(x.shape().to_vec(), x.format(), Storage::Cpu(y.into())),
@@ -536,37 +513,13 @@ fn backward_two_pass<T: Element>(
 ) -> (Vec<T>, Vec<f64>, Vec<f64>) {
     let planes = p.n * p.c;
     let (sg, sgx) = cpu::plane_grad_sums(gs, xs, p, m);
-    let mut a = vec![0f64; planes];
-    let mut b = vec![0f64; planes];
-    let mut k = vec![0f64; planes];
-    if from_input {
-        let groups = grouping.num_groups(&p);
-        let mut ga = vec![0f64; groups];
-        let mut gb = vec![0f64; groups];
-        for n in 0..p.n {
-            for c in 0..p.c {
-                let (i, g) = (n * p.c + c, grouping.group_of(&p, n, c));
-                ga[g] += w[c] * sg[i];
-                gb[g] += w[c] * sgx[i];
-            }
-        }
-        let cnt = group_count(&p, grouping);
-        for n in 0..p.n {
-            for c in 0..p.c {
-                let (i, g) = (n * p.c + c, grouping.group_of(&p, n, c));
-                a[i] = r[i] * w[c];
-                b[i] = -r[i] * r[i] * r[i] * gb[g] / cnt;
-                k[i] = -r[i] * ga[g] / cnt;
-            }
-        }
+    let (a, b, k) = if from_input {
+        cpu::grad_coefs(p, grouping, w, &sg, &sgx, r, group_count(&p, grouping))
     } else {
-        for n in 0..p.n {
-            for c in 0..p.c {
-                let i = n * p.c + c;
-                a[i] = r[i] * w[c];
-            }
-        }
-    }
+        // Fixed statistics: dx = r·w·g.
+        let a = (0..planes).map(|i| r[i] * w[i % p.c.max(1)]).collect();
+        (a, vec![0f64; planes], vec![0f64; planes])
+    };
     let dx = cpu::plane_grad_apply(gs, xs, p, [&a, &b, m, &k]);
     (dx, sg, sgx)
 }
