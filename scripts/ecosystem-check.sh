@@ -14,13 +14,17 @@
 #   - cunorm's own targets with `candle-cuda` (`cargo clippy -D warnings` of the library, the
 #     tests — the candle-cuda test included — and the examples),
 # so cunorm's candle ops on candle's CUDA storage type-check against candle's real CUDA backend.
-# candle's build compiles its kernels with nvcc, so the CUDA 13.0 wheels (nvcc, runtime headers,
-# CCCL, crt, nvvm: one release, as mixed releases fail) go into BUILD_DIR/cuda-venv, with
-# CUDA_ROOT pointing at them and CUDA_COMPUTE_CAP=90 (no GPU to ask). Nothing here runs those
-# kernels, so nvcc compiles them without optimization (NVCC_APPEND_FLAGS, cicc and ptxas at
-# -O0): about 10 minutes on 2 cores instead of 19 (candle's quantized-matmul kernels at -O3).
-# Set CUNORM_CANDLE_CUDA_OPT=1 to keep candle's own optimization (a build whose binaries will run
-# on a GPU).
+# candle's build (candle-kernels, through cudaforge) compiles its kernels with nvcc. Nothing
+# here runs them and a check never reads them (the PTX is `include_str!`-ed, the static library
+# only linked into binaries), so by default scripts/stub-nvcc/nvcc stands in for nvcc: it
+# answers the version and architecture queries and writes every output empty. The Rust of
+# candle-core's CUDA backend and of cunorm's candle-cuda ops type-checks exactly as against the
+# real toolkit, in about a minute instead of 10 (CI's time on 2 cores with the real nvcc at
+# -O0). With CUNORM_CANDLE_CUDA_NVCC=real the CUDA 13.0 wheels (nvcc, runtime headers, CCCL,
+# crt, nvvm: one release, as mixed releases fail) go into BUILD_DIR/cuda-venv and compile the
+# kernels for real, with CUDA_ROOT pointing at them and CUDA_COMPUTE_CAP=90 (no GPU to ask),
+# without optimization (cicc and ptxas at -O0) unless CUNORM_CANDLE_CUDA_OPT=1 (a build whose
+# binaries will run on a GPU; it implies the real nvcc).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${1:-$root/target/ecosystem}
@@ -56,11 +60,23 @@ check cubecl-loading '"cuda-version-from-build-system"' \
 echo "ecosystem: cunorm builds beside candle's and cubecl's cudarc settings"
 
 if [ "${CUNORM_CHECK_CANDLE_CUDA:-0}" = 1 ]; then
-  venv="$build/cuda-venv"
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "nvidia-cuda-nvcc==13.0.*" \
-    "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-crt==13.0.*" "nvidia-nvvm==13.0.*"
-  cuda=$(cd "$(dirname "$(find "$venv" -path '*nvidia/cu13/bin/nvcc' | head -n 1)")/.." && pwd)
+  nvcc_mode=${CUNORM_CANDLE_CUDA_NVCC:-stub}
+  [ "${CUNORM_CANDLE_CUDA_OPT:-0}" = 1 ] && nvcc_mode=real
+  if [ "$nvcc_mode" = real ]; then
+    venv="$build/cuda-venv"
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "nvidia-cuda-nvcc==13.0.*" \
+      "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-cccl==13.0.*" "nvidia-cuda-crt==13.0.*" "nvidia-nvvm==13.0.*"
+    cuda=$(cd "$(dirname "$(find "$venv" -path '*nvidia/cu13/bin/nvcc' | head -n 1)")/.." && pwd)
+  else
+    # A toolkit folder whose bin/nvcc is the stub (cudaforge takes the root from nvcc's path).
+    cuda="$build/stub-cuda"
+    mkdir -p "$cuda/bin" "$cuda/include" "$cuda/lib64"
+    cp "$root/scripts/stub-nvcc/nvcc" "$cuda/bin/nvcc"
+    # Its own target directory: candle-kernels' build script does not rerun when nvcc changes,
+    # so empty kernels must never land where a real build (scripts/gpu-bundle.sh) looks.
+    export CARGO_TARGET_DIR="$build/target-stub-nvcc"
+  fi
   mkdir -p "$build/candle-cuda/src"
   # The repository's lock file (and, below, its profiles), so both builds resolve the same
   # versions and settings and share candle's kernel build in one target directory.
@@ -89,9 +105,9 @@ TOML
     > "$build/candle-cuda/src/main.rs"
   nvcc_flags=""
   [ "${CUNORM_CANDLE_CUDA_OPT:-0}" = 1 ] || nvcc_flags="-Xcicc -O0 -Xptxas -O0"
-  cuda_env=(CUDA_ROOT="$cuda" CUDA_PATH="$cuda" CUDA_COMPUTE_CAP=90 PATH="$cuda/bin:$PATH"
-    NVCC_APPEND_FLAGS="$nvcc_flags")
-  echo "-- candle-cuda (candle-core cuda, CUDA wheels in $cuda)"
+  cuda_env=(CUDA_ROOT="$cuda" CUDA_PATH="$cuda" CUDA_HOME="$cuda" NVCC="$cuda/bin/nvcc"
+    CUDA_COMPUTE_CAP=90 PATH="$cuda/bin:$PATH" NVCC_APPEND_FLAGS="$nvcc_flags")
+  echo "-- candle-cuda (candle-core cuda, nvcc: $nvcc_mode, in $cuda)"
   (cd "$build/candle-cuda" && env "${cuda_env[@]}" cargo check --quiet)
   echo "-- cunorm's library, tests and examples with candle-cuda (clippy -D warnings)"
   (cd "$root" && env "${cuda_env[@]}" cargo clippy --quiet --features candle-cuda --lib --tests \

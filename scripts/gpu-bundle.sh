@@ -5,8 +5,8 @@
 # With GPU_BUNDLE_CANDLE_CUDA=1 it also bundles the test suite built with feature candle-cuda
 # (tests/suite-candle-cuda.xz; gpu-run.sh's verify runs its candle_ops:: on candle's CUDA device).
 # candle-core's cuda feature compiles candle's kernels with nvcc: this reuses the CUDA wheels that
-# `CUNORM_CHECK_CANDLE_CUDA=1 scripts/ecosystem-check.sh` installs into target/ecosystem, and its
-# target directory (about 10 minutes on 2 cores after that check; candle's kernels at -O0).
+# `CUNORM_CHECK_CANDLE_CUDA=1 CUNORM_CANDLE_CUDA_NVCC=real scripts/ecosystem-check.sh` installs
+# into target/ecosystem, and its target directory (about 10 minutes on 2 cores after that check; candle's kernels at -O0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=${1:-gpu-bundle}
@@ -30,7 +30,7 @@ for line in sys.stdin:
 cargo test --release --no-run --message-format=json 2>/dev/null | bundle_tests
 if [ "${GPU_BUNDLE_CANDLE_CUDA:-0}" = 1 ]; then
   nvcc=$(find target/ecosystem/cuda-venv -path '*nvidia/cu13/bin/nvcc' 2>/dev/null | head -n 1 || true)
-  [ -n "$nvcc" ] || { echo "run CUNORM_CHECK_CANDLE_CUDA=1 scripts/ecosystem-check.sh first" >&2; exit 1; }
+  [ -n "$nvcc" ] || { echo "run CUNORM_CHECK_CANDLE_CUDA=1 CUNORM_CANDLE_CUDA_NVCC=real scripts/ecosystem-check.sh first" >&2; exit 1; }
   cuda=$(cd "$(dirname "$nvcc")/.." && pwd)
   # Beside candle, cudarc links its libraries (dynamic-linking), which the wheels do not carry:
   # link stubs with the real sonames and every function cudarc binds (the GPU machine's own
