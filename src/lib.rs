@@ -67,6 +67,15 @@ pub mod raw {
 }
 pub use tensor::{MemoryFormat, Tensor};
 
+/// The instruction set the CPU kernels run with on this machine: `"avx512"` (AVX-512 F, BW,
+/// VL and DQ), `"avx2"` (AVX2, FMA and F16C) or `"baseline"`. The widest the CPU supports,
+/// capped by the environment variable `CUNORM_CPU_ISA` (one of those names; read once) for
+/// comparing them on one machine. The AVX-512 and AVX2 kernels give the same bits; the
+/// baseline ones round differently (no fused multiply-add) within the same tolerances.
+pub fn cpu_instruction_set() -> &'static str {
+    ops::engine::simd::level().name()
+}
+
 /// Functional ops, like `torch.nn.functional`: forward (output + saved statistics) and
 /// backward (`dx`, `dweight`, `dbias`) for every normalization.
 pub mod functional {

@@ -152,7 +152,10 @@ impl Moments {
 // ---------------------------------------------------------------------------------------------
 
 /// Defines `fn name<T: Element>(args) -> ret` from an `#[inline(always)]` body, compiled for
-/// the baseline target and for AVX2+FMA (x86-64), dispatched on what the CPU supports.
+/// the baseline target and, on x86-64, for AVX2+FMA+F16C and for AVX-512 (F, BW, VL, DQ), the
+/// widest the CPU supports picked at run time ([`simd::level`]). The element loops are the same
+/// per-element arithmetic at every width, and the hand-written reductions keep the same lanes
+/// in the same order, so the AVX-512 and AVX2 versions give the same bits.
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident<T: Element>($($a:ident: $t:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
@@ -163,14 +166,24 @@ macro_rules! multiversion {
             fn body<T: Element, I: $crate::ops::engine::simd::Isa>($($a: $t),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
+                use $crate::ops::engine::simd::{self, Level};
+                #[target_feature(enable = "avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512<T: Element>($($a: $t),*) $(-> $ret)? {
+                    body::<T, simd::Avx512>($($a),*)
+                }
                 #[target_feature(enable = "avx,avx2,fma,f16c")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2<T: Element>($($a: $t),*) $(-> $ret)? {
-                    body::<T, $crate::ops::engine::simd::Fma>($($a),*)
+                    body::<T, simd::Fma>($($a),*)
                 }
-                if $crate::ops::engine::simd::has_avx2() {
-                    // SAFETY: the CPU supports AVX2, FMA and F16C (checked by has_avx2).
-                    return unsafe { avx2::<T>($($a),*) };
+                match simd::level() {
+                    // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ, AVX2, FMA and F16C
+                    // (checked by `level`).
+                    Level::Avx512 => return unsafe { avx512::<T>($($a),*) },
+                    // SAFETY: the CPU supports AVX2, FMA and F16C (checked by `level`).
+                    Level::Avx2 => return unsafe { avx2::<T>($($a),*) },
+                    Level::Baseline => {}
                 }
             }
             body::<T, $crate::ops::engine::simd::Plain>($($a),*)
@@ -261,8 +274,8 @@ pub(crate) mod simd {
         #[cfg(target_arch = "x86_64")]
         #[inline(always)]
         fn acc_dev(a1: &mut [f64; super::LANES], a2: &mut [f64; super::LANES], t: &[f32], m: f64) {
-            // SAFETY: `Fma` is only used by the kernels' AVX2+FMA version, which runs only
-            // where `has_avx2()` holds.
+            // SAFETY: `Fma` is only used by the kernels' AVX2 version, which runs only
+            // where `level()` is `Avx2` or above.
             unsafe { avx2::acc_dev(a1, a2, t, m) }
         }
         #[cfg(target_arch = "x86_64")]
@@ -270,7 +283,7 @@ pub(crate) mod simd {
         #[cfg(target_arch = "x86_64")]
         #[inline(always)]
         fn f16x8(h: &[u16; 8]) -> [f32; 8] {
-            // SAFETY: as for `acc_dev` (`has_avx2()` also requires F16C).
+            // SAFETY: as for `acc_dev` (that level includes F16C).
             unsafe { avx2::f16x8(h) }
         }
         #[cfg(target_arch = "x86_64")]
@@ -301,8 +314,69 @@ pub(crate) mod simd {
             s: &mut [f64],
             q: &mut [f64],
         ) {
-            // SAFETY: as for `acc_dev` (`has_avx2()` also requires F16C).
+            // SAFETY: as for `acc_dev` (that level includes F16C).
             unsafe { avx2::cols_sums::<T, GRAD>(g, x, cols, m, s, q) }
+        }
+    }
+
+    /// The AVX-512 kernels' instruction set: the f64 reductions one 8-lane vector wide
+    /// ([`avx512`]), f16 converted with F16C as in the AVX2 kernels, and LLVM's element loops
+    /// in 512-bit vectors.
+    pub struct Avx512;
+    impl Isa for Avx512 {
+        #[inline(always)]
+        fn fma(a: f64, b: f64, c: f64) -> f64 {
+            a.mul_add(b, c)
+        }
+        #[inline(always)]
+        fn fma32(a: f32, b: f32, c: f32) -> f32 {
+            a.mul_add(b, c)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        fn acc_dev(a1: &mut [f64; super::LANES], a2: &mut [f64; super::LANES], t: &[f32], m: f64) {
+            // SAFETY: `Avx512` is only used by the kernels' AVX-512 version, which runs only
+            // where `level()` is `Avx512`.
+            unsafe { avx512::acc_dev(a1, a2, t, m) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        const F16C: bool = true;
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        fn f16x8(h: &[u16; 8]) -> [f32; 8] {
+            // SAFETY: as for `acc_dev` (the AVX-512 level implies F16C).
+            unsafe { avx2::f16x8(h) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        fn to_f16x8(v: &[f32; 8], dst: &mut [std::mem::MaybeUninit<u16>; 8]) {
+            // SAFETY: as for `f16x8`.
+            unsafe { avx2::to_f16x8(v, dst) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        fn acc_grad(
+            a1: &mut [f64; super::LANES],
+            a2: &mut [f64; super::LANES],
+            g: &[f32],
+            x: &[f32],
+            m: f64,
+        ) {
+            // SAFETY: as for `acc_dev`.
+            unsafe { avx512::acc_grad(a1, a2, g, x, m) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[inline(always)]
+        fn cols_sums<T: Element, const GRAD: bool>(
+            g: &[T],
+            x: &[T],
+            cols: usize,
+            m: &[f64],
+            s: &mut [f64],
+            q: &mut [f64],
+        ) {
+            // SAFETY: as for `acc_dev`.
+            unsafe { avx512::cols_sums::<T, GRAD>(g, x, cols, m, s, q) }
         }
     }
 
@@ -518,12 +592,222 @@ pub(crate) mod simd {
         }
     }
 
-    /// AVX2, FMA and F16C (every AVX2 CPU has F16C; the AVX2 kernels convert f16 with it).
+    /// The AVX-512 versions of the AVX2 loops: each pair of 4-lane f64 vectors becomes one
+    /// 8-lane vector holding the same lanes, added in the same order, so the results are the
+    /// AVX2 loops' bits.
     #[cfg(target_arch = "x86_64")]
-    pub fn has_avx2() -> bool {
-        std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
+    mod avx512 {
+        use super::super::{cols_sums_portable, COLS, COL_TILE_ROWS, LANES};
+        use crate::dtype::{DType, Element};
+        use std::arch::x86_64::*;
+
+        /// 8 f32 as f64, minus `m`.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+        fn wide(v: &[f32; LANES], m: __m512d) -> __m512d {
+            // SAFETY: `v` holds 8 f32: one unaligned load.
+            let v = unsafe { _mm256_loadu_ps(v.as_ptr()) };
+            _mm512_sub_pd(_mm512_cvtps_pd(v), m)
+        }
+
+        /// # Safety
+        /// The CPU must support AVX-512 F/BW/VL/DQ and FMA.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+        pub unsafe fn acc_dev(a1: &mut [f64; LANES], a2: &mut [f64; LANES], t: &[f32], m: f64) {
+            let mv = _mm512_set1_pd(m);
+            let (chunks, tail) = t.as_chunks::<LANES>();
+            // SAFETY: `a1`, `a2` hold 8 f64 each: unaligned loads.
+            let (mut s0, mut q0) =
+                unsafe { (_mm512_loadu_pd(a1.as_ptr()), _mm512_loadu_pd(a2.as_ptr())) };
+            // Even chunks into s0/q0, odd ones into s1/q1, as the AVX2 loop does.
+            let (mut s1, mut q1) = (_mm512_setzero_pd(), _mm512_setzero_pd());
+            let mut pairs = chunks.chunks_exact(2);
+            for pair in &mut pairs {
+                let (v, w) = (wide(&pair[0], mv), wide(&pair[1], mv));
+                s0 = _mm512_add_pd(s0, v);
+                s1 = _mm512_add_pd(s1, w);
+                q0 = _mm512_fmadd_pd(v, v, q0);
+                q1 = _mm512_fmadd_pd(w, w, q1);
+            }
+            for ch in pairs.remainder() {
+                let v = wide(ch, mv);
+                s0 = _mm512_add_pd(s0, v);
+                q0 = _mm512_fmadd_pd(v, v, q0);
+            }
+            // SAFETY: as above: unaligned stores.
+            unsafe {
+                _mm512_storeu_pd(a1.as_mut_ptr(), _mm512_add_pd(s0, s1));
+                _mm512_storeu_pd(a2.as_mut_ptr(), _mm512_add_pd(q0, q1));
+            }
+            for ((x1, x2), v) in a1.iter_mut().zip(a2.iter_mut()).zip(tail) {
+                let d = *v as f64 - m;
+                *x1 += d;
+                *x2 = d.mul_add(d, *x2);
+            }
+        }
+
+        /// # Safety
+        /// The CPU must support AVX-512 F/BW/VL/DQ and FMA.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+        pub unsafe fn acc_grad(
+            a1: &mut [f64; LANES],
+            a2: &mut [f64; LANES],
+            g: &[f32],
+            x: &[f32],
+            m: f64,
+        ) {
+            let n = g.len().min(x.len());
+            let (g, x) = (&g[..n], &x[..n]);
+            let (mv, zero) = (_mm512_set1_pd(m), _mm512_setzero_pd());
+            // SAFETY: `a1`, `a2` hold 8 f64 each: unaligned loads.
+            let (mut s, mut q) =
+                unsafe { (_mm512_loadu_pd(a1.as_ptr()), _mm512_loadu_pd(a2.as_ptr())) };
+            let (gc, gt) = g.as_chunks::<LANES>();
+            let (xc, xt) = x.as_chunks::<LANES>();
+            for (gv, xv) in gc.iter().zip(xc) {
+                let (gg, d) = (wide(gv, zero), wide(xv, mv));
+                s = _mm512_add_pd(s, gg);
+                q = _mm512_fmadd_pd(gg, d, q);
+            }
+            // SAFETY: as above: unaligned stores.
+            unsafe {
+                _mm512_storeu_pd(a1.as_mut_ptr(), s);
+                _mm512_storeu_pd(a2.as_mut_ptr(), q);
+            }
+            for (i, (gv, xv)) in gt.iter().zip(xt).enumerate() {
+                a1[i] += *gv as f64;
+                a2[i] = (*gv as f64).mul_add(*xv as f64 - m, a2[i]);
+            }
+        }
+
+        /// 8 values at `p` as f64, minus `m`: f32 loaded, bf16 shifted, f16 converted (F16C).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        unsafe fn dev8<T: Element>(p: *const T, m: __m512d) -> __m512d {
+            // SAFETY: the caller passes 8 readable values.
+            unsafe {
+                let f = match T::DTYPE {
+                    DType::F32 => _mm256_loadu_ps(p.cast()),
+                    DType::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(
+                        _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())),
+                    )),
+                    DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+                };
+                _mm512_sub_pd(_mm512_cvtps_pd(f), m)
+            }
+        }
+
+        /// # Safety
+        /// The CPU must support AVX-512 F/BW/VL/DQ, AVX2, FMA and F16C.
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        pub unsafe fn cols_sums<T: Element, const GRAD: bool>(
+            g: &[T],
+            x: &[T],
+            cols: usize,
+            m: &[f64],
+            s: &mut [f64],
+            q: &mut [f64],
+        ) {
+            if cols == 0 {
+                return;
+            }
+            assert!(
+                g.len() >= x.len() && m.len() >= cols && s.len() >= cols && q.len() >= cols,
+                "column kernel: {cols} columns"
+            );
+            let rows = x.len() / cols;
+            let full = cols / COLS * COLS;
+            let (gb, xb) = (g.as_ptr(), x.as_ptr());
+            let z = _mm512_setzero_pd();
+            // As the AVX2 kernel: row tiles in memory order, each group of COLS columns with
+            // its sums in two 8-lane registers, carried from tile to tile through `s`/`q`.
+            for r0 in (0..rows).step_by(COL_TILE_ROWS) {
+                let r1 = (r0 + COL_TILE_ROWS).min(rows);
+                for c0 in (0..full).step_by(COLS) {
+                    // SAFETY: c0 + COLS <= cols <= the lengths of m, s and q, and row r's
+                    // columns c0..c0 + COLS lie inside x and g (r < rows = x.len() / cols).
+                    unsafe {
+                        let mv: [__m512d; 2] =
+                            std::array::from_fn(|k| _mm512_loadu_pd(m.as_ptr().add(c0 + 8 * k)));
+                        let mut sv: [__m512d; 2] =
+                            std::array::from_fn(|k| _mm512_loadu_pd(s.as_ptr().add(c0 + 8 * k)));
+                        let mut qv: [__m512d; 2] =
+                            std::array::from_fn(|k| _mm512_loadu_pd(q.as_ptr().add(c0 + 8 * k)));
+                        for r in r0..r1 {
+                            let (gp, xp) = (gb.add(r * cols + c0), xb.add(r * cols + c0));
+                            for k in 0..2 {
+                                let d = dev8(xp.add(8 * k), mv[k]);
+                                let gv = if GRAD { dev8(gp.add(8 * k), z) } else { d };
+                                sv[k] = _mm512_add_pd(sv[k], gv);
+                                qv[k] = _mm512_fmadd_pd(gv, d, qv[k]);
+                            }
+                        }
+                        for k in 0..2 {
+                            _mm512_storeu_pd(s.as_mut_ptr().add(c0 + 8 * k), sv[k]);
+                            _mm512_storeu_pd(q.as_mut_ptr().add(c0 + 8 * k), qv[k]);
+                        }
+                    }
+                }
+            }
+            // The columns after the last full group, one at a time.
+            cols_sums_portable::<super::Avx512, T, GRAD>(g, x, cols, full, m, s, q);
+        }
+    }
+
+    /// The widest instruction set the kernels use on this CPU.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+    pub enum Level {
+        Baseline,
+        /// AVX2, FMA and F16C (every AVX2 CPU has F16C; the AVX2 kernels convert f16 with it).
+        Avx2,
+        /// AVX-512 F, BW, VL and DQ, with AVX2, FMA and F16C.
+        Avx512,
+    }
+
+    impl Level {
+        /// `"baseline"`, `"avx2"` or `"avx512"`: the names `CUNORM_CPU_ISA` takes.
+        pub fn name(self) -> &'static str {
+            match self {
+                Level::Baseline => "baseline",
+                Level::Avx2 => "avx2",
+                Level::Avx512 => "avx512",
+            }
+        }
+    }
+
+    /// What the CPU supports, capped by the environment variable `CUNORM_CPU_ISA`
+    /// (`baseline`, `avx2` or `avx512`; read once; it can only lower the level, and any other
+    /// value is ignored): for comparing the versions on one machine, and for the tests that run
+    /// every version.
+    pub fn level() -> Level {
+        use std::sync::atomic::{AtomicU8, Ordering};
+        // 0: not yet known; else the level + 1.
+        static LEVEL: AtomicU8 = AtomicU8::new(0);
+        let known = LEVEL.load(Ordering::Relaxed);
+        if known != 0 {
+            return [Level::Baseline, Level::Avx2, Level::Avx512][known as usize - 1];
+        }
+        let level = detect().min(match std::env::var("CUNORM_CPU_ISA").as_deref() {
+            Ok("baseline") => Level::Baseline,
+            Ok("avx2") => Level::Avx2,
+            _ => Level::Avx512,
+        });
+        LEVEL.store(level as u8 + 1, Ordering::Relaxed);
+        level
+    }
+
+    fn detect() -> Level {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") && has!("f16c") {
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
+                    return Level::Avx512;
+                }
+                return Level::Avx2;
+            }
+        }
+        Level::Baseline
     }
 }
 
@@ -1040,4 +1324,99 @@ pub(crate) fn moments_body<T: Element, I: simd::Isa>(bufs: &mut Bufs, x: &[T]) -
         acc = acc.merge(tile_moments::<I>(t));
     });
     acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::simd::{self, Isa, Level};
+    use super::*;
+    use half::{bf16, f16};
+
+    /// Values of unit scale around 3, from a fixed LCG.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                3.0 + ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
+            })
+            .collect()
+    }
+
+    fn column_sums<T: Element, I: Isa, const GRAD: bool>(
+        g: &[T],
+        x: &[T],
+        cols: usize,
+    ) -> (Vec<u64>, Vec<u64>) {
+        let m: Vec<f64> = (0..cols).map(|j| 2.5 + j as f64 * 1e-3).collect();
+        let (mut s, mut q) = (vec![0.25; cols], vec![0.5; cols]);
+        I::cols_sums::<T, GRAD>(g, x, cols, &m, &mut s, &mut q);
+        let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect();
+        (bits(s), bits(q))
+    }
+
+    fn columns_agree<T: Element>() {
+        for cols in [1, 7, 16, 17, 33, 40] {
+            for rows in [0, 1, 3, 4, 5, 9] {
+                let n = rows * cols;
+                let (g, x) = (values(n, 1), values(n, 2));
+                let (g, x): (Vec<T>, Vec<T>) = (
+                    g.iter().map(|&v| T::narrow1(v)).collect(),
+                    x.iter().map(|&v| T::narrow1(v)).collect(),
+                );
+                assert_eq!(
+                    column_sums::<T, simd::Avx512, false>(&g, &x, cols),
+                    column_sums::<T, simd::Fma, false>(&g, &x, cols),
+                    "{} statistics, {rows} x {cols}",
+                    T::DTYPE
+                );
+                assert_eq!(
+                    column_sums::<T, simd::Avx512, true>(&g, &x, cols),
+                    column_sums::<T, simd::Fma, true>(&g, &x, cols),
+                    "{} gradient sums, {rows} x {cols}",
+                    T::DTYPE
+                );
+            }
+        }
+    }
+
+    /// The AVX-512 reductions keep the AVX2 ones' lanes and order: the same bits, on every
+    /// length (full pairs of 8-value chunks, an odd chunk, a tail) and column count.
+    #[test]
+    fn avx512_reductions_give_the_avx2_bits() {
+        if simd::level() < Level::Avx512 {
+            eprintln!("skipped: this CPU (or CUNORM_CPU_ISA) has no AVX-512");
+            return;
+        }
+        for n in [0, 1, 7, 8, 9, 16, 23, 24, 31, 512] {
+            let (g, x) = (values(n, 3), values(n, 4));
+            let run = |dev: bool, wide: bool| {
+                let (mut a1, mut a2) = ([0.125f64; LANES], [0.375f64; LANES]);
+                match (dev, wide) {
+                    (true, true) => simd::Avx512::acc_dev(&mut a1, &mut a2, &x, 2.75),
+                    (true, false) => simd::Fma::acc_dev(&mut a1, &mut a2, &x, 2.75),
+                    (false, true) => simd::Avx512::acc_grad(&mut a1, &mut a2, &g, &x, 2.75),
+                    (false, false) => simd::Fma::acc_grad(&mut a1, &mut a2, &g, &x, 2.75),
+                }
+                (a1.map(f64::to_bits), a2.map(f64::to_bits))
+            };
+            assert_eq!(
+                run(true, true),
+                run(true, false),
+                "deviation sums of {n} values"
+            );
+            assert_eq!(
+                run(false, true),
+                run(false, false),
+                "gradient sums of {n} values"
+            );
+        }
+        columns_agree::<f32>();
+        columns_agree::<bf16>();
+        columns_agree::<f16>();
+    }
 }

@@ -308,3 +308,87 @@ fn channels_last_equals_contiguous() {
         compare(&format!("output {k}"), v, u, 1e-6, 1e-6).unwrap();
     }
 }
+
+/// The bits of every op's outputs on [`run_all`]'s standard input, both layouts.
+fn standard_bits() -> Vec<u32> {
+    let shape = [6, 20, 37, 29];
+    let n: usize = shape.iter().product();
+    let mut bits = Vec::new();
+    for fmt in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        let x = tensor::<f32>(&randn(n, 1, 0.5, 2.0), &shape, fmt);
+        let dy = tensor::<f32>(&randn(n, 2, 0.0, 1.0), &shape, fmt);
+        bits.extend(run_all(&x, &dy).iter().flatten().map(|f| f.to_bits()));
+    }
+    bits
+}
+
+/// Runs this test binary again with `CUNORM_CPU_ISA=isa` on the tests matching `filters`;
+/// with `bits_out`, the child's [`every_instruction_set`] writes [`standard_bits`] there.
+fn run_with_isa(isa: &str, filters: &[&str], bits_out: Option<&std::path::Path>) {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args(filters)
+        .args(["--test-threads", "2"])
+        .env("CUNORM_CPU_ISA", isa);
+    match bits_out {
+        Some(p) => cmd.env("CUNORM_TEST_BITS_OUT", p),
+        None => cmd.env_remove("CUNORM_TEST_BITS_OUT"),
+    };
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "the tests {filters:?} failed with CUNORM_CPU_ISA={isa}:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The filters must have matched: a typo would pass on zero tests.
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("running 0 tests"),
+        "no test matched {filters:?}:\n{text}"
+    );
+}
+
+/// Each CPU kernel version this machine has (AVX-512, AVX2, baseline; see
+/// `cunorm::cpu_instruction_set`) passes the oracle sweeps and the mean-1e4 test in a child
+/// process capped with `CUNORM_CPU_ISA`, and the AVX2 version gives the AVX-512 version's bits
+/// on every op (the same per-element arithmetic, the reductions in the same lanes and order).
+#[test]
+fn every_instruction_set() {
+    if let Some(path) = std::env::var_os("CUNORM_TEST_BITS_OUT") {
+        // The child that reports its bits.
+        let bytes: Vec<u8> = standard_bits()
+            .iter()
+            .flat_map(|b| b.to_le_bytes())
+            .collect();
+        std::fs::write(path, bytes).unwrap();
+        return;
+    }
+    let sweeps = ["cpu_paths::oracle_sweep", "cpu_paths::mean_1e4"];
+    match cunorm::cpu_instruction_set() {
+        "avx512" => {
+            let path = std::env::temp_dir().join(format!("cunorm-bits-{}", std::process::id()));
+            run_with_isa("avx2", &["cpu_paths::every_instruction_set"], Some(&path));
+            let child = std::fs::read(&path).unwrap();
+            let _ = std::fs::remove_file(&path);
+            let own: Vec<u8> = standard_bits()
+                .iter()
+                .flat_map(|b| b.to_le_bytes())
+                .collect();
+            assert!(
+                child.len() == own.len() && !own.is_empty(),
+                "no bits from the child"
+            );
+            let first = own.iter().zip(&child).position(|(a, b)| a != b);
+            assert_eq!(
+                first, None,
+                "AVX2 and AVX-512 outputs differ (first byte differing)"
+            );
+            run_with_isa("avx2", &sweeps, None);
+        }
+        "avx2" => eprintln!("no AVX-512 on this CPU: its kernels are not run"),
+        _ => eprintln!("baseline CPU (or CUNORM_CPU_ISA=baseline): only its kernels run"),
+    }
+    if cunorm::cpu_instruction_set() != "baseline" {
+        run_with_isa("baseline", &sweeps, None);
+    }
+}

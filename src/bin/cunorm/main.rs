@@ -153,7 +153,11 @@ fn run(cli: Cli) -> cunorm::Result<()> {
         }
         Command::Info => {
             println!("cunorm {}", env!("CARGO_PKG_VERSION"));
-            println!("cpu: usable ({} threads)", rayon::current_num_threads());
+            println!(
+                "cpu: usable ({} threads, {} kernels)",
+                rayon::current_num_threads(),
+                cunorm::cpu_instruction_set()
+            );
             match nvrtc::nvrtc_version() {
                 Ok((a, b)) => println!("nvrtc: {a}.{b}"),
                 Err(e) => println!("nvrtc: not usable: {e}"),
