@@ -71,7 +71,8 @@ pub use tensor::{MemoryFormat, Tensor};
 /// VL and DQ), `"avx2"` (AVX2, FMA and F16C) or `"baseline"`. The widest the CPU supports,
 /// capped by the environment variable `CUNORM_CPU_ISA` (one of those names; read once) for
 /// comparing them on one machine. The AVX-512 and AVX2 kernels give the same bits; the
-/// baseline ones round differently (no fused multiply-add) within the same tolerances.
+/// baseline ones round differently (no fused multiply-add) within the same tolerances. (The
+/// bulk f16 conversions use F16C wherever the CPU has it, whatever the cap: the same bits.)
 pub fn cpu_instruction_set() -> &'static str {
     ops::engine::simd::level().name()
 }

@@ -1,5 +1,5 @@
 //! What the two CPU engines share: exact moments with Chan's merge, the f32 tile and element
-//! loops they are built from, and the AVX2/FMA/F16C multiversioning.
+//! loops they are built from, and the multiversioning (baseline, AVX2+FMA+F16C, AVX-512).
 //!
 //! - the **planes engine** (`ops/planes/cpu.rs`) works on an `(N, C, S)` view in either memory
 //!   format and reduces per `(n, c)` plane; BatchNorm, InstanceNorm and GroupNorm differ only in
@@ -146,8 +146,9 @@ impl Moments {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kernels on contiguous runs and row blocks. Each public kernel is compiled twice: for the
-// baseline target and, on x86-64, with AVX2/FMA enabled, picked at run time (`multiversion!`).
+// Kernels on contiguous runs and row blocks. Each public kernel is compiled three times: for
+// the baseline target and, on x86-64, with AVX2/FMA/F16C and with AVX-512 enabled, picked at
+// run time (`multiversion!`).
 // Loops work on 8-element array chunks so the compiler vectorizes them.
 // ---------------------------------------------------------------------------------------------
 
@@ -209,7 +210,8 @@ pub(crate) mod simd {
             super::acc_dev_portable::<Self>(a1, a2, t, m)
         }
         /// Whether [`f16x8`](Isa::f16x8) and [`to_f16x8`](Isa::to_f16x8) are single F16C
-        /// instructions (the AVX2 kernels), so that f16 can be converted in registers.
+        /// instructions (the AVX2 and AVX-512 kernels), so that f16 can be converted in
+        /// registers.
         const F16C: bool = false;
         /// 8 f16 (bits) as f32.
         #[inline(always)]
@@ -251,6 +253,7 @@ pub(crate) mod simd {
         }
     }
     pub struct Plain;
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub struct Fma;
     impl Isa for Plain {
         #[inline(always)]
@@ -322,6 +325,7 @@ pub(crate) mod simd {
     /// The AVX-512 kernels' instruction set: the f64 reductions one 8-lane vector wide
     /// ([`avx512`]), f16 converted with F16C as in the AVX2 kernels, and LLVM's element loops
     /// in 512-bit vectors.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub struct Avx512;
     impl Isa for Avx512 {
         #[inline(always)]
@@ -553,6 +557,8 @@ pub(crate) mod simd {
                 g.len() >= x.len() && m.len() >= cols && s.len() >= cols && q.len() >= cols,
                 "column kernel: {cols} columns"
             );
+            // The loop below holds a group's COLS columns in 4 vectors of 4.
+            const _: () = assert!(COLS == 16);
             let rows = x.len() / cols;
             let full = cols / COLS * COLS;
             let (gb, xb) = (g.as_ptr(), x.as_ptr());
@@ -715,6 +721,8 @@ pub(crate) mod simd {
                 g.len() >= x.len() && m.len() >= cols && s.len() >= cols && q.len() >= cols,
                 "column kernel: {cols} columns"
             );
+            // The loop below holds a group's COLS columns in 2 vectors of 8.
+            const _: () = assert!(COLS == 16);
             let rows = x.len() / cols;
             let full = cols / COLS * COLS;
             let (gb, xb) = (g.as_ptr(), x.as_ptr());
@@ -1252,8 +1260,8 @@ pub(crate) const COLS: usize = 16;
 /// memory in order. 4 rows measured a little faster than 2, 8 or 32 here.
 pub(crate) const COL_TILE_ROWS: usize = 4;
 
-/// [`simd::Isa::cols_sums`] in portable code, for the columns from `c0` (the AVX2 kernel's
-/// remainder after its full groups).
+/// [`simd::Isa::cols_sums`] in portable code, for the columns from `c0` (the AVX2 and AVX-512 kernels'
+/// remainders after their full groups).
 #[inline(always)]
 pub(crate) fn cols_sums_portable<I: simd::Isa, T: Element, const GRAD: bool>(
     g: &[T],

@@ -309,71 +309,122 @@ fn channels_last_equals_contiguous() {
     }
 }
 
-/// The bits of every op's outputs on [`run_all`]'s standard input, both layouts.
-fn standard_bits() -> Vec<u32> {
-    let shape = [6, 20, 37, 29];
+/// The bits of every op's outputs and gradients (dx, dγ, dβ) in element type `T`, both
+/// layouts, on one input of 20 channels (the column kernels and their tail) and 6 samples.
+fn op_bits<T: Element>(out: &mut Vec<u32>) {
+    let shape = [6, 20, 13, 11];
     let n: usize = shape.iter().product();
-    let mut bits = Vec::new();
+    let c = shape[1];
+    let w = Tensor::from_vec(randn(c, 5, 1.0, 0.3), &[c]).unwrap();
+    let b = Tensor::from_vec(randn(c, 6, 0.0, 0.3), &[c]).unwrap();
+    let cols = shape[3];
+    let wr = Tensor::from_vec(randn(cols, 7, 1.0, 0.3), &[cols]).unwrap();
+    let br = Tensor::from_vec(randn(cols, 8, 0.0, 0.3), &[cols]).unwrap();
+    let mut push = |o: NormOutput<T>, g: Gradients<T>| {
+        let mut v: Vec<f32> = [o.output.to_vec().unwrap(), g.dx.to_vec().unwrap()]
+            .concat()
+            .iter()
+            .map(|v| v.to_f32())
+            .collect();
+        for p in [g.dweight, g.dbias].into_iter().flatten() {
+            v.extend(p.to_vec().unwrap());
+        }
+        out.extend(v.iter().map(|f| f.to_bits()));
+    };
     for fmt in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
-        let x = tensor::<f32>(&randn(n, 1, 0.5, 2.0), &shape, fmt);
-        let dy = tensor::<f32>(&randn(n, 2, 0.0, 1.0), &shape, fmt);
-        bits.extend(run_all(&x, &dy).iter().flatten().map(|f| f.to_bits()));
+        let x = tensor::<T>(&randn(n, 1, 0.5, 2.0), &shape, fmt);
+        let dy = tensor::<T>(&randn(n, 2, 0.0, 1.0), &shape, fmt);
+        let (wp, bp) = (Some(&w as &dyn Param), Some(&b as &dyn Param));
+        let o = F::batch_norm(&x, None, None, wp, bp, true, 0.1, 1e-5).unwrap();
+        let g = F::batch_norm_backward(&dy, &x, wp, &o.stats).unwrap();
+        push(o, g);
+        let o = F::instance_norm(&x, None, None, wp, bp, true, 0.1, 1e-5).unwrap();
+        let g = F::instance_norm_backward(&dy, &x, wp, &o.stats).unwrap();
+        push(o, g);
+        let o = F::group_norm(&x, 4, wp, bp, 1e-5).unwrap();
+        let g = F::group_norm_backward(&dy, &x, 4, wp, &o.stats).unwrap();
+        push(o, g);
     }
-    bits
+    let x = tensor::<T>(&randn(n, 3, 0.5, 2.0), &shape, MemoryFormat::Contiguous);
+    let dy = tensor::<T>(&randn(n, 4, 0.0, 1.0), &shape, MemoryFormat::Contiguous);
+    let (wp, bp) = (Some(&wr as &dyn Param), Some(&br as &dyn Param));
+    let o = F::layer_norm(&x, &[cols], wp, bp, 1e-5).unwrap();
+    let g = F::layer_norm_backward(&dy, &x, &[cols], wp, true, &o.stats).unwrap();
+    push(o, g);
+    let o = F::rms_norm(&x, &[cols], wp, None).unwrap();
+    let g = F::rms_norm_backward(&dy, &x, &[cols], wp, &o.stats).unwrap();
+    push(o, g);
 }
 
-/// Runs this test binary again with `CUNORM_CPU_ISA=isa` on the tests matching `filters`;
-/// with `bits_out`, the child's [`every_instruction_set`] writes [`standard_bits`] there.
-fn run_with_isa(isa: &str, filters: &[&str], bits_out: Option<&std::path::Path>) {
+/// [`op_bits`] of f32, bf16 and f16, as bytes.
+fn standard_bits() -> Vec<u8> {
+    let mut bits = Vec::new();
+    op_bits::<f32>(&mut bits);
+    op_bits::<bf16>(&mut bits);
+    op_bits::<f16>(&mut bits);
+    bits.iter().flat_map(|b| b.to_le_bytes()).collect()
+}
+
+/// Runs this test binary again with `CUNORM_CPU_ISA=isa` on the tests `names` (full names;
+/// each must run and pass), with `every_instruction_set` among them checking that the child
+/// runs that version and, with `bits_out`, writing [`standard_bits`] there.
+fn run_with_isa(isa: &str, names: &[&str], bits_out: Option<&std::path::Path>) {
+    let me = "cpu_paths::every_instruction_set";
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
-    cmd.args(filters)
-        .args(["--test-threads", "2"])
-        .env("CUNORM_CPU_ISA", isa);
+    cmd.args(names)
+        .arg(me)
+        .args(["--exact", "--test-threads", "2"]);
+    cmd.env("CUNORM_CPU_ISA", isa)
+        .env("CUNORM_TEST_CHILD_ISA", isa);
     match bits_out {
         Some(p) => cmd.env("CUNORM_TEST_BITS_OUT", p),
         None => cmd.env_remove("CUNORM_TEST_BITS_OUT"),
     };
     let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "the tests {filters:?} failed with CUNORM_CPU_ISA={isa}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // The filters must have matched: a typo would pass on zero tests.
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        !text.contains("running 0 tests"),
-        "no test matched {filters:?}:\n{text}"
+        out.status.success(),
+        "the tests {names:?} failed with CUNORM_CPU_ISA={isa}:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    // Each test must have run (a misspelt name would pass on zero tests).
+    for name in names.iter().chain([&me]) {
+        assert!(
+            text.contains(&format!("test {name} ... ok")),
+            "{name} did not run:\n{text}"
+        );
+    }
 }
 
 /// Each CPU kernel version this machine has (AVX-512, AVX2, baseline; see
 /// `cunorm::cpu_instruction_set`) passes the oracle sweeps and the mean-1e4 test in a child
-/// process capped with `CUNORM_CPU_ISA`, and the AVX2 version gives the AVX-512 version's bits
-/// on every op (the same per-element arithmetic, the reductions in the same lanes and order).
+/// process capped with `CUNORM_CPU_ISA` (which checks that it runs that version), and the AVX2
+/// version gives the AVX-512 version's bits on every op, forward and backward, in f32, bf16
+/// and f16, both layouts (the same per-element arithmetic, the reductions in the same lanes and
+/// order).
 #[test]
 fn every_instruction_set() {
-    if let Some(path) = std::env::var_os("CUNORM_TEST_BITS_OUT") {
-        // The child that reports its bits.
-        let bytes: Vec<u8> = standard_bits()
-            .iter()
-            .flat_map(|b| b.to_le_bytes())
-            .collect();
-        std::fs::write(path, bytes).unwrap();
+    if let Some(isa) = std::env::var_os("CUNORM_TEST_CHILD_ISA") {
+        // A child: it must run the version it was asked for, and report its bits if asked.
+        assert_eq!(cunorm::cpu_instruction_set(), isa.to_str().unwrap());
+        if let Some(path) = std::env::var_os("CUNORM_TEST_BITS_OUT") {
+            std::fs::write(path, standard_bits()).unwrap();
+        }
         return;
     }
-    let sweeps = ["cpu_paths::oracle_sweep", "cpu_paths::mean_1e4"];
+    let sweeps = [
+        "cpu_paths::oracle_sweep_f32",
+        "cpu_paths::oracle_sweep_bf16",
+        "cpu_paths::oracle_sweep_f16",
+        "cpu_paths::mean_1e4_has_no_cancellation",
+    ];
     match cunorm::cpu_instruction_set() {
         "avx512" => {
             let path = std::env::temp_dir().join(format!("cunorm-bits-{}", std::process::id()));
-            run_with_isa("avx2", &["cpu_paths::every_instruction_set"], Some(&path));
+            run_with_isa("avx2", &sweeps, Some(&path));
             let child = std::fs::read(&path).unwrap();
             let _ = std::fs::remove_file(&path);
-            let own: Vec<u8> = standard_bits()
-                .iter()
-                .flat_map(|b| b.to_le_bytes())
-                .collect();
+            let own = standard_bits();
             assert!(
                 child.len() == own.len() && !own.is_empty(),
                 "no bits from the child"
@@ -383,7 +434,6 @@ fn every_instruction_set() {
                 first, None,
                 "AVX2 and AVX-512 outputs differ (first byte differing)"
             );
-            run_with_isa("avx2", &sweeps, None);
         }
         "avx2" => eprintln!("no AVX-512 on this CPU: its kernels are not run"),
         _ => eprintln!("baseline CPU (or CUNORM_CPU_ISA=baseline): only its kernels run"),
