@@ -29,6 +29,9 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${1:-$root/target/ecosystem}
 mkdir -p "$build"
+# Absolute: the checks run from their own folders (a relative BUILD_DIR, as CI passes, would
+# point the stub toolkit's PATH and the target directory somewhere else there).
+build=$(cd "$build" && pwd)
 export CARGO_TARGET_DIR="$build/target"
 
 check() { # name cunorm-features cudarc-features [env...]
