@@ -265,123 +265,145 @@ pub(crate) mod simd {
             a * b + c
         }
     }
-    impl Isa for Fma {
-        #[inline(always)]
-        fn fma(a: f64, b: f64, c: f64) -> f64 {
-            a.mul_add(b, c)
-        }
-        #[inline(always)]
-        fn fma32(a: f32, b: f32, c: f32) -> f32 {
-            a.mul_add(b, c)
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[inline(always)]
-        fn acc_dev(a1: &mut [f64; super::LANES], a2: &mut [f64; super::LANES], t: &[f32], m: f64) {
-            // SAFETY: `Fma` is only used by the kernels' AVX2 version, which runs only
-            // where `level()` is `Avx2` or above.
-            unsafe { avx2::acc_dev(a1, a2, t, m) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        const F16C: bool = true;
-        #[cfg(target_arch = "x86_64")]
-        #[inline(always)]
-        fn f16x8(h: &[u16; 8]) -> [f32; 8] {
-            // SAFETY: as for `acc_dev` (that level includes F16C).
-            unsafe { avx2::f16x8(h) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[inline(always)]
-        fn to_f16x8(v: &[f32; 8], dst: &mut [std::mem::MaybeUninit<u16>; 8]) {
-            // SAFETY: as for `f16x8`.
-            unsafe { avx2::to_f16x8(v, dst) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[inline(always)]
-        fn acc_grad(
-            a1: &mut [f64; super::LANES],
-            a2: &mut [f64; super::LANES],
-            g: &[f32],
-            x: &[f32],
-            m: f64,
-        ) {
-            // SAFETY: as for `acc_dev`.
-            unsafe { avx2::acc_grad(a1, a2, g, x, m) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[inline(always)]
-        fn cols_sums<T: Element, const GRAD: bool>(
-            g: &[T],
-            x: &[T],
-            cols: usize,
-            m: &[f64],
-            s: &mut [f64],
-            q: &mut [f64],
-        ) {
-            // SAFETY: as for `acc_dev` (that level includes F16C).
-            unsafe { avx2::cols_sums::<T, GRAD>(g, x, cols, m, s, q) }
-        }
+    /// The [`Isa`] of a vector instruction set whose hand-written loops are in module `$m`
+    /// (f16 converted by F16C, with the AVX2 module's `f16x8`/`to_f16x8`).
+    macro_rules! vector_isa {
+        ($name:ident, $m:ident) => {
+            impl Isa for $name {
+                #[inline(always)]
+                fn fma(a: f64, b: f64, c: f64) -> f64 {
+                    a.mul_add(b, c)
+                }
+                #[inline(always)]
+                fn fma32(a: f32, b: f32, c: f32) -> f32 {
+                    a.mul_add(b, c)
+                }
+                #[cfg(target_arch = "x86_64")]
+                #[inline(always)]
+                fn acc_dev(
+                    a1: &mut [f64; super::LANES],
+                    a2: &mut [f64; super::LANES],
+                    t: &[f32],
+                    m: f64,
+                ) {
+                    // SAFETY: this type is only used by the kernel version compiled for its
+                    // instruction set, which runs only where `level()` includes it (and F16C).
+                    unsafe { $m::acc_dev(a1, a2, t, m) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                const F16C: bool = true;
+                #[cfg(target_arch = "x86_64")]
+                #[inline(always)]
+                fn f16x8(h: &[u16; 8]) -> [f32; 8] {
+                    // SAFETY: as for `acc_dev`.
+                    unsafe { avx2::f16x8(h) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                #[inline(always)]
+                fn to_f16x8(v: &[f32; 8], dst: &mut [std::mem::MaybeUninit<u16>; 8]) {
+                    // SAFETY: as for `acc_dev`.
+                    unsafe { avx2::to_f16x8(v, dst) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                #[inline(always)]
+                fn acc_grad(
+                    a1: &mut [f64; super::LANES],
+                    a2: &mut [f64; super::LANES],
+                    g: &[f32],
+                    x: &[f32],
+                    m: f64,
+                ) {
+                    // SAFETY: as for `acc_dev`.
+                    unsafe { $m::acc_grad(a1, a2, g, x, m) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                #[inline(always)]
+                fn cols_sums<T: Element, const GRAD: bool>(
+                    g: &[T],
+                    x: &[T],
+                    cols: usize,
+                    m: &[f64],
+                    s: &mut [f64],
+                    q: &mut [f64],
+                ) {
+                    // SAFETY: as for `acc_dev`.
+                    unsafe { $m::cols_sums::<T, GRAD>(g, x, cols, m, s, q) }
+                }
+            }
+        };
     }
+    vector_isa!(Fma, avx2);
+    vector_isa!(Avx512, avx512);
 
     /// The AVX-512 kernels' instruction set: the f64 reductions one 8-lane vector wide
     /// ([`avx512`]), f16 converted with F16C as in the AVX2 kernels, and LLVM's element loops
     /// in 512-bit vectors.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub struct Avx512;
-    impl Isa for Avx512 {
-        #[inline(always)]
-        fn fma(a: f64, b: f64, c: f64) -> f64 {
-            a.mul_add(b, c)
-        }
-        #[inline(always)]
-        fn fma32(a: f32, b: f32, c: f32) -> f32 {
-            a.mul_add(b, c)
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[inline(always)]
-        fn acc_dev(a1: &mut [f64; super::LANES], a2: &mut [f64; super::LANES], t: &[f32], m: f64) {
-            // SAFETY: `Avx512` is only used by the kernels' AVX-512 version, which runs only
-            // where `level()` is `Avx512`.
-            unsafe { avx512::acc_dev(a1, a2, t, m) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        const F16C: bool = true;
-        #[cfg(target_arch = "x86_64")]
-        #[inline(always)]
-        fn f16x8(h: &[u16; 8]) -> [f32; 8] {
-            // SAFETY: as for `acc_dev` (the AVX-512 level implies F16C).
-            unsafe { avx2::f16x8(h) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[inline(always)]
-        fn to_f16x8(v: &[f32; 8], dst: &mut [std::mem::MaybeUninit<u16>; 8]) {
-            // SAFETY: as for `f16x8`.
-            unsafe { avx2::to_f16x8(v, dst) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[inline(always)]
-        fn acc_grad(
-            a1: &mut [f64; super::LANES],
-            a2: &mut [f64; super::LANES],
-            g: &[f32],
-            x: &[f32],
-            m: f64,
-        ) {
-            // SAFETY: as for `acc_dev`.
-            unsafe { avx512::acc_grad(a1, a2, g, x, m) }
-        }
-        #[cfg(target_arch = "x86_64")]
-        #[inline(always)]
-        fn cols_sums<T: Element, const GRAD: bool>(
-            g: &[T],
-            x: &[T],
-            cols: usize,
-            m: &[f64],
-            s: &mut [f64],
-            q: &mut [f64],
-        ) {
-            // SAFETY: as for `acc_dev`.
-            unsafe { avx512::cols_sums::<T, GRAD>(g, x, cols, m, s, q) }
-        }
+    /// The column kernel ([`Isa::cols_sums`]) for one vector width: `$w` f64 lanes per vector
+    /// of type `$v`, `$dev` loading `$w` values of the element type as f64 minus a vector. Row
+    /// tiles are walked in memory order; within a tile, each group of COLS columns has its sums
+    /// in COLS / `$w` vectors, carried from tile to tile through `s`/`q`, so every column's
+    /// values are added in row order at any width (the AVX2 and AVX-512 kernels give the same
+    /// bits). The columns after the last full group go through the portable loop of `$isa`.
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! cols_sums_kernel {
+        ($feat:literal, $needs:literal, $isa:ty, $v:ty, $w:literal, $zero:ident, $load:ident,
+         $store:ident, $add:ident, $fma:ident, $dev:ident) => {
+            #[doc = concat!("# Safety\nThe CPU must support ", $needs, ".")]
+            #[target_feature(enable = $feat)]
+            pub unsafe fn cols_sums<T: Element, const GRAD: bool>(
+                g: &[T],
+                x: &[T],
+                cols: usize,
+                m: &[f64],
+                s: &mut [f64],
+                q: &mut [f64],
+            ) {
+                if cols == 0 {
+                    return;
+                }
+                assert!(
+                    g.len() >= x.len() && m.len() >= cols && s.len() >= cols && q.len() >= cols,
+                    "column kernel: {cols} columns"
+                );
+                const K: usize = COLS / $w;
+                const _: () = assert!(K * $w == COLS);
+                let rows = x.len() / cols;
+                let full = cols / COLS * COLS;
+                let (gb, xb) = (g.as_ptr(), x.as_ptr());
+                let z = $zero();
+                for r0 in (0..rows).step_by(COL_TILE_ROWS) {
+                    let r1 = (r0 + COL_TILE_ROWS).min(rows);
+                    for c0 in (0..full).step_by(COLS) {
+                        // SAFETY: c0 + COLS <= cols <= the lengths of m, s and q, and row r's
+                        // columns c0..c0 + COLS lie inside x and g (r < rows = x.len() / cols).
+                        unsafe {
+                            let at = |k: usize| c0 + $w * k;
+                            let mv: [$v; K] = std::array::from_fn(|k| $load(m.as_ptr().add(at(k))));
+                            let mut sv: [$v; K] =
+                                std::array::from_fn(|k| $load(s.as_ptr().add(at(k))));
+                            let mut qv: [$v; K] =
+                                std::array::from_fn(|k| $load(q.as_ptr().add(at(k))));
+                            for r in r0..r1 {
+                                let (gp, xp) = (gb.add(r * cols + c0), xb.add(r * cols + c0));
+                                for k in 0..K {
+                                    let d = $dev(xp.add($w * k), mv[k]);
+                                    let gv = if GRAD { $dev(gp.add($w * k), z) } else { d };
+                                    sv[k] = $add(sv[k], gv);
+                                    qv[k] = $fma(gv, d, qv[k]);
+                                }
+                            }
+                            for k in 0..K {
+                                $store(s.as_mut_ptr().add(at(k)), sv[k]);
+                                $store(q.as_mut_ptr().add(at(k)), qv[k]);
+                            }
+                        }
+                    }
+                }
+                cols_sums_portable::<$isa, T, GRAD>(g, x, cols, full, m, s, q);
+            }
+        };
     }
 
     /// Hand-written AVX2 loops where LLVM's vectorizer leaves half-width or scalar code (seen
@@ -539,63 +561,19 @@ pub(crate) mod simd {
             }
         }
 
-        /// # Safety
-        /// The CPU must support AVX2, FMA and F16C.
-        #[target_feature(enable = "avx,avx2,fma,f16c")]
-        pub unsafe fn cols_sums<T: Element, const GRAD: bool>(
-            g: &[T],
-            x: &[T],
-            cols: usize,
-            m: &[f64],
-            s: &mut [f64],
-            q: &mut [f64],
-        ) {
-            if cols == 0 {
-                return;
-            }
-            assert!(
-                g.len() >= x.len() && m.len() >= cols && s.len() >= cols && q.len() >= cols,
-                "column kernel: {cols} columns"
-            );
-            // The loop below holds a group's COLS columns in 4 vectors of 4.
-            const _: () = assert!(COLS == 16);
-            let rows = x.len() / cols;
-            let full = cols / COLS * COLS;
-            let (gb, xb) = (g.as_ptr(), x.as_ptr());
-            let z = _mm256_setzero_pd();
-            // Row tiles walked in memory order; within a tile, each group of COLS columns has
-            // its sums in registers, carried from tile to tile through `s`/`q`.
-            for r0 in (0..rows).step_by(COL_TILE_ROWS) {
-                let r1 = (r0 + COL_TILE_ROWS).min(rows);
-                for c0 in (0..full).step_by(COLS) {
-                    // SAFETY: c0 + COLS <= cols <= the lengths of m, s and q, and row r's
-                    // columns c0..c0 + COLS lie inside x and g (r < rows = x.len() / cols).
-                    unsafe {
-                        let mv: [__m256d; 4] =
-                            std::array::from_fn(|k| _mm256_loadu_pd(m.as_ptr().add(c0 + 4 * k)));
-                        let mut sv: [__m256d; 4] =
-                            std::array::from_fn(|k| _mm256_loadu_pd(s.as_ptr().add(c0 + 4 * k)));
-                        let mut qv: [__m256d; 4] =
-                            std::array::from_fn(|k| _mm256_loadu_pd(q.as_ptr().add(c0 + 4 * k)));
-                        for r in r0..r1 {
-                            let (gp, xp) = (gb.add(r * cols + c0), xb.add(r * cols + c0));
-                            for k in 0..4 {
-                                let d = dev4(xp.add(4 * k), mv[k]);
-                                let gv = if GRAD { dev4(gp.add(4 * k), z) } else { d };
-                                sv[k] = _mm256_add_pd(sv[k], gv);
-                                qv[k] = _mm256_fmadd_pd(gv, d, qv[k]);
-                            }
-                        }
-                        for k in 0..4 {
-                            _mm256_storeu_pd(s.as_mut_ptr().add(c0 + 4 * k), sv[k]);
-                            _mm256_storeu_pd(q.as_mut_ptr().add(c0 + 4 * k), qv[k]);
-                        }
-                    }
-                }
-            }
-            // The columns after the last full group, one at a time.
-            cols_sums_portable::<super::Fma, T, GRAD>(g, x, cols, full, m, s, q);
-        }
+        cols_sums_kernel!(
+            "avx,avx2,fma,f16c",
+            "AVX2, FMA and F16C",
+            super::Fma,
+            __m256d,
+            4,
+            _mm256_setzero_pd,
+            _mm256_loadu_pd,
+            _mm256_storeu_pd,
+            _mm256_add_pd,
+            _mm256_fmadd_pd,
+            dev4
+        );
     }
 
     /// The AVX-512 versions of the AVX2 loops: each pair of 4-lane f64 vectors becomes one
@@ -703,63 +681,19 @@ pub(crate) mod simd {
             }
         }
 
-        /// # Safety
-        /// The CPU must support AVX-512 F/BW/VL/DQ, AVX2, FMA and F16C.
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-        pub unsafe fn cols_sums<T: Element, const GRAD: bool>(
-            g: &[T],
-            x: &[T],
-            cols: usize,
-            m: &[f64],
-            s: &mut [f64],
-            q: &mut [f64],
-        ) {
-            if cols == 0 {
-                return;
-            }
-            assert!(
-                g.len() >= x.len() && m.len() >= cols && s.len() >= cols && q.len() >= cols,
-                "column kernel: {cols} columns"
-            );
-            // The loop below holds a group's COLS columns in 2 vectors of 8.
-            const _: () = assert!(COLS == 16);
-            let rows = x.len() / cols;
-            let full = cols / COLS * COLS;
-            let (gb, xb) = (g.as_ptr(), x.as_ptr());
-            let z = _mm512_setzero_pd();
-            // As the AVX2 kernel: row tiles in memory order, each group of COLS columns with
-            // its sums in two 8-lane registers, carried from tile to tile through `s`/`q`.
-            for r0 in (0..rows).step_by(COL_TILE_ROWS) {
-                let r1 = (r0 + COL_TILE_ROWS).min(rows);
-                for c0 in (0..full).step_by(COLS) {
-                    // SAFETY: c0 + COLS <= cols <= the lengths of m, s and q, and row r's
-                    // columns c0..c0 + COLS lie inside x and g (r < rows = x.len() / cols).
-                    unsafe {
-                        let mv: [__m512d; 2] =
-                            std::array::from_fn(|k| _mm512_loadu_pd(m.as_ptr().add(c0 + 8 * k)));
-                        let mut sv: [__m512d; 2] =
-                            std::array::from_fn(|k| _mm512_loadu_pd(s.as_ptr().add(c0 + 8 * k)));
-                        let mut qv: [__m512d; 2] =
-                            std::array::from_fn(|k| _mm512_loadu_pd(q.as_ptr().add(c0 + 8 * k)));
-                        for r in r0..r1 {
-                            let (gp, xp) = (gb.add(r * cols + c0), xb.add(r * cols + c0));
-                            for k in 0..2 {
-                                let d = dev8(xp.add(8 * k), mv[k]);
-                                let gv = if GRAD { dev8(gp.add(8 * k), z) } else { d };
-                                sv[k] = _mm512_add_pd(sv[k], gv);
-                                qv[k] = _mm512_fmadd_pd(gv, d, qv[k]);
-                            }
-                        }
-                        for k in 0..2 {
-                            _mm512_storeu_pd(s.as_mut_ptr().add(c0 + 8 * k), sv[k]);
-                            _mm512_storeu_pd(q.as_mut_ptr().add(c0 + 8 * k), qv[k]);
-                        }
-                    }
-                }
-            }
-            // The columns after the last full group, one at a time.
-            cols_sums_portable::<super::Avx512, T, GRAD>(g, x, cols, full, m, s, q);
-        }
+        cols_sums_kernel!(
+            "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c",
+            "AVX-512 F/BW/VL/DQ, AVX2, FMA and F16C",
+            super::Avx512,
+            __m512d,
+            8,
+            _mm512_setzero_pd,
+            _mm512_loadu_pd,
+            _mm512_storeu_pd,
+            _mm512_add_pd,
+            _mm512_fmadd_pd,
+            dev8
+        );
     }
 
     /// The widest instruction set the kernels use on this CPU.
