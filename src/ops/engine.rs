@@ -340,6 +340,74 @@ pub(crate) mod simd {
     /// in 512-bit vectors.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub struct Avx512;
+    /// [`Isa::acc_dev`] and [`Isa::acc_grad`] for one instruction set, written once over the
+    /// module's 8-lane f64 vector `V8` and its `splat8`/`load8`/`store8`/`wide`/`add8`/`fma8`
+    /// (two 4-lane vectors for AVX2, one 8-lane vector for AVX-512): lane `i` takes the values
+    /// at `i mod 8` in the same order at either width, so both give the same bits.
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! lane_sums {
+        ($feat:literal) => {
+            #[doc = concat!("# Safety\nThe CPU must support the features `", $feat, "`.")]
+            #[target_feature(enable = $feat)]
+            pub unsafe fn acc_dev(a1: &mut [f64; LANES], a2: &mut [f64; LANES], t: &[f32], m: f64) {
+                let mv = splat8(m);
+                let (chunks, tail) = t.as_chunks::<LANES>();
+                // Two sets of accumulators (even and odd chunks) so that consecutive adds do
+                // not wait on each other; added together, in a fixed order, at the end.
+                let (mut s0, mut q0) = (load8(a1), load8(a2));
+                let (mut s1, mut q1) = (splat8(0.0), splat8(0.0));
+                let mut pairs = chunks.chunks_exact(2);
+                for pair in &mut pairs {
+                    let (v, w) = (wide(&pair[0], mv), wide(&pair[1], mv));
+                    s0 = add8(s0, v);
+                    s1 = add8(s1, w);
+                    q0 = fma8(v, v, q0);
+                    q1 = fma8(w, w, q1);
+                }
+                for ch in pairs.remainder() {
+                    let v = wide(ch, mv);
+                    s0 = add8(s0, v);
+                    q0 = fma8(v, v, q0);
+                }
+                store8(a1, add8(s0, s1));
+                store8(a2, add8(q0, q1));
+                for ((x1, x2), v) in a1.iter_mut().zip(a2.iter_mut()).zip(tail) {
+                    let d = *v as f64 - m;
+                    *x1 += d;
+                    *x2 = d.mul_add(d, *x2);
+                }
+            }
+
+            #[doc = concat!("# Safety\nThe CPU must support the features `", $feat, "`.")]
+            #[target_feature(enable = $feat)]
+            pub unsafe fn acc_grad(
+                a1: &mut [f64; LANES],
+                a2: &mut [f64; LANES],
+                g: &[f32],
+                x: &[f32],
+                m: f64,
+            ) {
+                let n = g.len().min(x.len());
+                let (g, x) = (&g[..n], &x[..n]);
+                let (mv, zero) = (splat8(m), splat8(0.0));
+                let (mut s, mut q) = (load8(a1), load8(a2));
+                let (gc, gt) = g.as_chunks::<LANES>();
+                let (xc, xt) = x.as_chunks::<LANES>();
+                for (gv, xv) in gc.iter().zip(xc) {
+                    let (gg, d) = (wide(gv, zero), wide(xv, mv));
+                    s = add8(s, gg);
+                    q = fma8(gg, d, q);
+                }
+                store8(a1, s);
+                store8(a2, q);
+                for (i, (gv, xv)) in gt.iter().zip(xt).enumerate() {
+                    a1[i] += *gv as f64;
+                    a2[i] = (*gv as f64).mul_add(*xv as f64 - m, a2[i]);
+                }
+            }
+        };
+    }
+
     /// The column kernel ([`Isa::cols_sums`]) for one vector width: `$w` f64 lanes per vector
     /// of type `$v`, `$dev` loading `$w` values of the element type as f64 minus a vector. Row
     /// tiles are walked in memory order; within a tile, each group of COLS columns has its sums
@@ -440,10 +508,17 @@ pub(crate) mod simd {
             }
         }
 
-        /// The 8 f64 lanes as two vectors.
+        /// 8 f64 lanes as two 4-lane vectors (lanes 0–3, 4–7).
+        type V8 = (__m256d, __m256d);
+
         #[inline]
         #[target_feature(enable = "avx,avx2,fma")]
-        fn load_lanes(a: &[f64; LANES]) -> (__m256d, __m256d) {
+        fn splat8(m: f64) -> V8 {
+            (_mm256_set1_pd(m), _mm256_set1_pd(m))
+        }
+        #[inline]
+        #[target_feature(enable = "avx,avx2,fma")]
+        fn load8(a: &[f64; LANES]) -> V8 {
             // SAFETY: `a` holds 8 f64: two unaligned 4-lane loads.
             unsafe {
                 (
@@ -452,98 +527,41 @@ pub(crate) mod simd {
                 )
             }
         }
-
         #[inline]
         #[target_feature(enable = "avx,avx2,fma")]
-        fn store_lanes(a: &mut [f64; LANES], lo: __m256d, hi: __m256d) {
+        fn store8(a: &mut [f64; LANES], v: V8) {
             // SAFETY: `a` holds 8 f64: two unaligned 4-lane stores.
             unsafe {
-                _mm256_storeu_pd(a.as_mut_ptr(), lo);
-                _mm256_storeu_pd(a.as_mut_ptr().add(4), hi);
+                _mm256_storeu_pd(a.as_mut_ptr(), v.0);
+                _mm256_storeu_pd(a.as_mut_ptr().add(4), v.1);
             }
         }
-
-        /// 8 f32 as f64 in two vectors, minus `m`.
+        /// 8 f32 as f64, minus `m`.
         #[inline]
         #[target_feature(enable = "avx,avx2,fma")]
-        fn halves(v: &[f32; LANES], m: __m256d) -> (__m256d, __m256d) {
+        fn wide(v: &[f32; LANES], m: V8) -> V8 {
             // SAFETY: `v` holds 8 f32: one unaligned load.
             let v = unsafe { _mm256_loadu_ps(v.as_ptr()) };
             (
-                _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), m),
-                _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)), m),
+                _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), m.0),
+                _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)), m.1),
             )
         }
-
-        /// # Safety
-        /// The CPU must support AVX2 and FMA.
+        #[inline]
         #[target_feature(enable = "avx,avx2,fma")]
-        pub unsafe fn acc_dev(a1: &mut [f64; LANES], a2: &mut [f64; LANES], t: &[f32], m: f64) {
-            let mv = _mm256_set1_pd(m);
-            let (chunks, tail) = t.as_chunks::<LANES>();
-            // Two sets of accumulators (even and odd chunks) so that consecutive adds do not
-            // wait on each other; added together, in a fixed order, at the end.
-            let ((mut s0, mut s1), (mut q0, mut q1)) = (load_lanes(a1), load_lanes(a2));
-            let z = _mm256_setzero_pd();
-            let (mut s2, mut s3, mut q2, mut q3) = (z, z, z, z);
-            let mut pairs = chunks.chunks_exact(2);
-            for pair in &mut pairs {
-                let ((vl, vh), (wl, wh)) = (halves(&pair[0], mv), halves(&pair[1], mv));
-                s0 = _mm256_add_pd(s0, vl);
-                s1 = _mm256_add_pd(s1, vh);
-                s2 = _mm256_add_pd(s2, wl);
-                s3 = _mm256_add_pd(s3, wh);
-                q0 = _mm256_fmadd_pd(vl, vl, q0);
-                q1 = _mm256_fmadd_pd(vh, vh, q1);
-                q2 = _mm256_fmadd_pd(wl, wl, q2);
-                q3 = _mm256_fmadd_pd(wh, wh, q3);
-            }
-            for ch in pairs.remainder() {
-                let (vl, vh) = halves(ch, mv);
-                s0 = _mm256_add_pd(s0, vl);
-                s1 = _mm256_add_pd(s1, vh);
-                q0 = _mm256_fmadd_pd(vl, vl, q0);
-                q1 = _mm256_fmadd_pd(vh, vh, q1);
-            }
-            store_lanes(a1, _mm256_add_pd(s0, s2), _mm256_add_pd(s1, s3));
-            store_lanes(a2, _mm256_add_pd(q0, q2), _mm256_add_pd(q1, q3));
-            for ((x1, x2), v) in a1.iter_mut().zip(a2.iter_mut()).zip(tail) {
-                let d = *v as f64 - m;
-                *x1 += d;
-                *x2 = d.mul_add(d, *x2);
-            }
+        fn add8(a: V8, b: V8) -> V8 {
+            (_mm256_add_pd(a.0, b.0), _mm256_add_pd(a.1, b.1))
         }
-
-        /// # Safety
-        /// The CPU must support AVX2 and FMA.
+        #[inline]
         #[target_feature(enable = "avx,avx2,fma")]
-        pub unsafe fn acc_grad(
-            a1: &mut [f64; LANES],
-            a2: &mut [f64; LANES],
-            g: &[f32],
-            x: &[f32],
-            m: f64,
-        ) {
-            let n = g.len().min(x.len());
-            let (g, x) = (&g[..n], &x[..n]);
-            let (mv, zero) = (_mm256_set1_pd(m), _mm256_setzero_pd());
-            let ((mut s0, mut s1), (mut q0, mut q1)) = (load_lanes(a1), load_lanes(a2));
-            let (gc, gt) = g.as_chunks::<LANES>();
-            let (xc, xt) = x.as_chunks::<LANES>();
-            for (gv, xv) in gc.iter().zip(xc) {
-                let ((gl, gh), (dl, dh)) = (halves(gv, zero), halves(xv, mv));
-                s0 = _mm256_add_pd(s0, gl);
-                s1 = _mm256_add_pd(s1, gh);
-                q0 = _mm256_fmadd_pd(gl, dl, q0);
-                q1 = _mm256_fmadd_pd(gh, dh, q1);
-            }
-            store_lanes(a1, s0, s1);
-            store_lanes(a2, q0, q1);
-            for (i, (gv, xv)) in gt.iter().zip(xt).enumerate() {
-                a1[i] += *gv as f64;
-                a2[i] = (*gv as f64).mul_add(*xv as f64 - m, a2[i]);
-            }
+        fn fma8(a: V8, b: V8, c: V8) -> V8 {
+            (
+                _mm256_fmadd_pd(a.0, b.0, c.0),
+                _mm256_fmadd_pd(a.1, b.1, c.1),
+            )
         }
+        lane_sums!("avx,avx2,fma");
+
         /// 4 values at `p` as f64, minus `m`: f32 loaded, bf16 shifted, f16 converted (F16C).
         #[inline]
         #[target_feature(enable = "avx,avx2,fma,f16c")]
@@ -585,84 +603,45 @@ pub(crate) mod simd {
         use crate::dtype::{DType, Element};
         use std::arch::x86_64::*;
 
+        /// 8 f64 lanes in one vector.
+        type V8 = __m512d;
+
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+        fn splat8(m: f64) -> V8 {
+            _mm512_set1_pd(m)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+        fn load8(a: &[f64; LANES]) -> V8 {
+            // SAFETY: `a` holds 8 f64: one unaligned load.
+            unsafe { _mm512_loadu_pd(a.as_ptr()) }
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+        fn store8(a: &mut [f64; LANES], v: V8) {
+            // SAFETY: `a` holds 8 f64: one unaligned store.
+            unsafe { _mm512_storeu_pd(a.as_mut_ptr(), v) }
+        }
         /// 8 f32 as f64, minus `m`.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-        fn wide(v: &[f32; LANES], m: __m512d) -> __m512d {
+        fn wide(v: &[f32; LANES], m: V8) -> V8 {
             // SAFETY: `v` holds 8 f32: one unaligned load.
             let v = unsafe { _mm256_loadu_ps(v.as_ptr()) };
             _mm512_sub_pd(_mm512_cvtps_pd(v), m)
         }
-
-        /// # Safety
-        /// The CPU must support AVX-512 F/BW/VL/DQ and FMA.
+        #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-        pub unsafe fn acc_dev(a1: &mut [f64; LANES], a2: &mut [f64; LANES], t: &[f32], m: f64) {
-            let mv = _mm512_set1_pd(m);
-            let (chunks, tail) = t.as_chunks::<LANES>();
-            // SAFETY: `a1`, `a2` hold 8 f64 each: unaligned loads.
-            let (mut s0, mut q0) =
-                unsafe { (_mm512_loadu_pd(a1.as_ptr()), _mm512_loadu_pd(a2.as_ptr())) };
-            // Even chunks into s0/q0, odd ones into s1/q1, as the AVX2 loop does.
-            let (mut s1, mut q1) = (_mm512_setzero_pd(), _mm512_setzero_pd());
-            let mut pairs = chunks.chunks_exact(2);
-            for pair in &mut pairs {
-                let (v, w) = (wide(&pair[0], mv), wide(&pair[1], mv));
-                s0 = _mm512_add_pd(s0, v);
-                s1 = _mm512_add_pd(s1, w);
-                q0 = _mm512_fmadd_pd(v, v, q0);
-                q1 = _mm512_fmadd_pd(w, w, q1);
-            }
-            for ch in pairs.remainder() {
-                let v = wide(ch, mv);
-                s0 = _mm512_add_pd(s0, v);
-                q0 = _mm512_fmadd_pd(v, v, q0);
-            }
-            // SAFETY: as above: unaligned stores.
-            unsafe {
-                _mm512_storeu_pd(a1.as_mut_ptr(), _mm512_add_pd(s0, s1));
-                _mm512_storeu_pd(a2.as_mut_ptr(), _mm512_add_pd(q0, q1));
-            }
-            for ((x1, x2), v) in a1.iter_mut().zip(a2.iter_mut()).zip(tail) {
-                let d = *v as f64 - m;
-                *x1 += d;
-                *x2 = d.mul_add(d, *x2);
-            }
+        fn add8(a: V8, b: V8) -> V8 {
+            _mm512_add_pd(a, b)
         }
-
-        /// # Safety
-        /// The CPU must support AVX-512 F/BW/VL/DQ and FMA.
+        #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
-        pub unsafe fn acc_grad(
-            a1: &mut [f64; LANES],
-            a2: &mut [f64; LANES],
-            g: &[f32],
-            x: &[f32],
-            m: f64,
-        ) {
-            let n = g.len().min(x.len());
-            let (g, x) = (&g[..n], &x[..n]);
-            let (mv, zero) = (_mm512_set1_pd(m), _mm512_setzero_pd());
-            // SAFETY: `a1`, `a2` hold 8 f64 each: unaligned loads.
-            let (mut s, mut q) =
-                unsafe { (_mm512_loadu_pd(a1.as_ptr()), _mm512_loadu_pd(a2.as_ptr())) };
-            let (gc, gt) = g.as_chunks::<LANES>();
-            let (xc, xt) = x.as_chunks::<LANES>();
-            for (gv, xv) in gc.iter().zip(xc) {
-                let (gg, d) = (wide(gv, zero), wide(xv, mv));
-                s = _mm512_add_pd(s, gg);
-                q = _mm512_fmadd_pd(gg, d, q);
-            }
-            // SAFETY: as above: unaligned stores.
-            unsafe {
-                _mm512_storeu_pd(a1.as_mut_ptr(), s);
-                _mm512_storeu_pd(a2.as_mut_ptr(), q);
-            }
-            for (i, (gv, xv)) in gt.iter().zip(xt).enumerate() {
-                a1[i] += *gv as f64;
-                a2[i] = (*gv as f64).mul_add(*xv as f64 - m, a2[i]);
-            }
+        fn fma8(a: V8, b: V8, c: V8) -> V8 {
+            _mm512_fmadd_pd(a, b, c)
         }
+        lane_sums!("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma");
 
         /// 8 values at `p` as f64, minus `m`: f32 loaded, bf16 shifted, f16 converted (F16C).
         #[inline]
@@ -722,20 +701,14 @@ pub(crate) mod simd {
     /// value is ignored): for comparing the versions on one machine, and for the tests that run
     /// every version.
     pub fn level() -> Level {
-        use std::sync::atomic::{AtomicU8, Ordering};
-        // 0: not yet known; else the level + 1.
-        static LEVEL: AtomicU8 = AtomicU8::new(0);
-        let known = LEVEL.load(Ordering::Relaxed);
-        if known != 0 {
-            return [Level::Baseline, Level::Avx2, Level::Avx512][known as usize - 1];
-        }
-        let level = detect().min(match std::env::var("CUNORM_CPU_ISA").as_deref() {
-            Ok("baseline") => Level::Baseline,
-            Ok("avx2") => Level::Avx2,
-            _ => Level::Avx512,
-        });
-        LEVEL.store(level as u8 + 1, Ordering::Relaxed);
-        level
+        static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            detect().min(match std::env::var("CUNORM_CPU_ISA").as_deref() {
+                Ok("baseline") => Level::Baseline,
+                Ok("avx2") => Level::Avx2,
+                _ => Level::Avx512,
+            })
+        })
     }
 
     fn detect() -> Level {

@@ -227,32 +227,41 @@ fn mean_1e4_has_no_cancellation() {
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
 
-fn run_all(x: &Tensor<f32>, dy: &Tensor<f32>) -> Vec<Vec<f32>> {
+/// Every op forward and backward on `x` in its layout: BatchNorm, InstanceNorm and GroupNorm
+/// with a per-channel weight (also the bias), LayerNorm without a weight (dβ only), RMSNorm
+/// with a per-column weight; each op's output, dx and parameter gradients, as f32.
+fn run_all<T: Element>(x: &Tensor<T>, dy: &Tensor<T>) -> Vec<Vec<f32>> {
     let c = x.shape()[1];
-    let w = Tensor::from_vec(randn(c, 5, 1.0, 0.3), &[c]).unwrap();
-    let mut out = Vec::new();
-    let o = F::batch_norm(x, None, None, Some(&w), Some(&w), true, 0.1, 1e-5).unwrap();
-    let g = F::batch_norm_backward(dy, x, Some(&w), &o.stats).unwrap();
-    out.extend([
-        o.output.to_vec().unwrap(),
-        g.dx.to_vec().unwrap(),
-        g.dweight.unwrap().to_vec().unwrap(),
-    ]);
-    let o = F::group_norm(x, 2, Some(&w), Some(&w), 1e-5).unwrap();
-    let g = F::group_norm_backward(dy, x, 2, Some(&w), &o.stats).unwrap();
-    out.extend([
-        o.output.to_vec().unwrap(),
-        g.dx.to_vec().unwrap(),
-        g.dweight.unwrap().to_vec().unwrap(),
-    ]);
     let cols = *x.shape().last().unwrap();
+    let w = Tensor::from_vec(randn(c, 5, 1.0, 0.3), &[c]).unwrap();
+    let wr = Tensor::from_vec(randn(cols, 7, 1.0, 0.3), &[cols]).unwrap();
+    let wp = Some(&w as &dyn Param);
+    let mut out = Vec::new();
+    let mut push = |o: NormOutput<T>, g: Gradients<T>| {
+        let f32s = |t: Tensor<T>| t.to_vec().unwrap().iter().map(|v| v.to_f32()).collect();
+        out.extend([f32s(o.output), f32s(g.dx)]);
+        out.extend(
+            [g.dweight, g.dbias]
+                .into_iter()
+                .flatten()
+                .map(|p| p.to_vec().unwrap()),
+        );
+    };
+    let o = F::batch_norm(x, None, None, wp, wp, true, 0.1, 1e-5).unwrap();
+    let g = F::batch_norm_backward(dy, x, wp, &o.stats).unwrap();
+    push(o, g);
+    let o = F::instance_norm(x, None, None, wp, wp, true, 0.1, 1e-5).unwrap();
+    let g = F::instance_norm_backward(dy, x, wp, &o.stats).unwrap();
+    push(o, g);
+    let o = F::group_norm(x, 2, wp, wp, 1e-5).unwrap();
+    let g = F::group_norm_backward(dy, x, 2, wp, &o.stats).unwrap();
+    push(o, g);
     let o = F::layer_norm(x, &[cols], None, None, 1e-5).unwrap();
     let g = F::layer_norm_backward(dy, x, &[cols], None, true, &o.stats).unwrap();
-    out.extend([
-        o.output.to_vec().unwrap(),
-        g.dx.to_vec().unwrap(),
-        g.dbias.unwrap().to_vec().unwrap(),
-    ]);
+    push(o, g);
+    let o = F::rms_norm(x, &[cols], Some(&wr), None).unwrap();
+    let g = F::rms_norm_backward(dy, x, &[cols], Some(&wr), &o.stats).unwrap();
+    push(o, g);
     out
 }
 
@@ -297,11 +306,11 @@ fn channels_last_equals_contiguous() {
     let xv = randn(n, 11, 0.0, 1.0);
     let gv = randn(n, 12, 0.0, 1.0);
     let a = run_all(
-        &tensor(&xv, &shape, MemoryFormat::Contiguous),
+        &tensor::<f32>(&xv, &shape, MemoryFormat::Contiguous),
         &tensor(&gv, &shape, MemoryFormat::Contiguous),
     );
     let b = run_all(
-        &tensor(&xv, &shape, MemoryFormat::ChannelsLast),
+        &tensor::<f32>(&xv, &shape, MemoryFormat::ChannelsLast),
         &tensor(&gv, &shape, MemoryFormat::ChannelsLast),
     );
     for (k, (u, v)) in a.iter().zip(&b).enumerate() {
@@ -309,51 +318,16 @@ fn channels_last_equals_contiguous() {
     }
 }
 
-/// The bits of every op's outputs and gradients (dx, dγ, dβ) in element type `T`, both
-/// layouts, on one input of 20 channels (the column kernels and their tail) and 6 samples.
+/// The bits of [`run_all`] in element type `T`, both layouts, on one input of 20 channels (the
+/// column kernels and their tail) and 6 samples.
 fn op_bits<T: Element>(out: &mut Vec<u32>) {
     let shape = [6, 20, 13, 11];
     let n: usize = shape.iter().product();
-    let c = shape[1];
-    let w = Tensor::from_vec(randn(c, 5, 1.0, 0.3), &[c]).unwrap();
-    let b = Tensor::from_vec(randn(c, 6, 0.0, 0.3), &[c]).unwrap();
-    let cols = shape[3];
-    let wr = Tensor::from_vec(randn(cols, 7, 1.0, 0.3), &[cols]).unwrap();
-    let br = Tensor::from_vec(randn(cols, 8, 0.0, 0.3), &[cols]).unwrap();
-    let mut push = |o: NormOutput<T>, g: Gradients<T>| {
-        let mut v: Vec<f32> = [o.output.to_vec().unwrap(), g.dx.to_vec().unwrap()]
-            .concat()
-            .iter()
-            .map(|v| v.to_f32())
-            .collect();
-        for p in [g.dweight, g.dbias].into_iter().flatten() {
-            v.extend(p.to_vec().unwrap());
-        }
-        out.extend(v.iter().map(|f| f.to_bits()));
-    };
     for fmt in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
         let x = tensor::<T>(&randn(n, 1, 0.5, 2.0), &shape, fmt);
         let dy = tensor::<T>(&randn(n, 2, 0.0, 1.0), &shape, fmt);
-        let (wp, bp) = (Some(&w as &dyn Param), Some(&b as &dyn Param));
-        let o = F::batch_norm(&x, None, None, wp, bp, true, 0.1, 1e-5).unwrap();
-        let g = F::batch_norm_backward(&dy, &x, wp, &o.stats).unwrap();
-        push(o, g);
-        let o = F::instance_norm(&x, None, None, wp, bp, true, 0.1, 1e-5).unwrap();
-        let g = F::instance_norm_backward(&dy, &x, wp, &o.stats).unwrap();
-        push(o, g);
-        let o = F::group_norm(&x, 4, wp, bp, 1e-5).unwrap();
-        let g = F::group_norm_backward(&dy, &x, 4, wp, &o.stats).unwrap();
-        push(o, g);
+        out.extend(run_all(&x, &dy).iter().flatten().map(|f| f.to_bits()));
     }
-    let x = tensor::<T>(&randn(n, 3, 0.5, 2.0), &shape, MemoryFormat::Contiguous);
-    let dy = tensor::<T>(&randn(n, 4, 0.0, 1.0), &shape, MemoryFormat::Contiguous);
-    let (wp, bp) = (Some(&wr as &dyn Param), Some(&br as &dyn Param));
-    let o = F::layer_norm(&x, &[cols], wp, bp, 1e-5).unwrap();
-    let g = F::layer_norm_backward(&dy, &x, &[cols], wp, true, &o.stats).unwrap();
-    push(o, g);
-    let o = F::rms_norm(&x, &[cols], wp, None).unwrap();
-    let g = F::rms_norm_backward(&dy, &x, &[cols], wp, &o.stats).unwrap();
-    push(o, g);
 }
 
 /// [`op_bits`] of f32, bf16 and f16, as bytes.
