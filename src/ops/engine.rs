@@ -251,6 +251,15 @@ pub(crate) mod simd {
         ) {
             super::cols_sums_portable::<Self, T, GRAD>(g, x, cols, 0, m, s, q)
         }
+        /// Column sums Σ (x − m[j]) and Σ (x − m[j])² of a row-major block of `cols` columns,
+        /// as [`cols_sums`](Isa::cols_sums) but in f32 lanes: each column's values are added
+        /// in row order in f32 over tiles of [`COL32_TILE_ROWS`](super::COL32_TILE_ROWS) rows,
+        /// and each tile's f32 sums added into `s[j]`, `q[j]` in f64. Not exact: the caller
+        /// checks the result ([`f32_col_sums_accurate`](super::f32_col_sums_accurate)).
+        #[inline(always)]
+        fn cols_dev32<T: Element>(x: &[T], cols: usize, m: &[f32], s: &mut [f64], q: &mut [f64]) {
+            super::cols_dev32_portable::<Self, T>(x, cols, 0, m, s, q)
+        }
     }
     pub struct Plain;
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -328,6 +337,18 @@ pub(crate) mod simd {
                 ) {
                     // SAFETY: as for `acc_dev`.
                     unsafe { $m::cols_sums::<T, GRAD>(g, x, cols, m, s, q) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                #[inline(always)]
+                fn cols_dev32<T: Element>(
+                    x: &[T],
+                    cols: usize,
+                    m: &[f32],
+                    s: &mut [f64],
+                    q: &mut [f64],
+                ) {
+                    // SAFETY: as for `acc_dev`.
+                    unsafe { $m::cols_dev32::<T>(x, cols, m, s, q) }
                 }
             }
         };
@@ -474,11 +495,82 @@ pub(crate) mod simd {
         };
     }
 
+    /// The f32 column kernel ([`Isa::cols_dev32`]) for one vector width: `$w` f32 lanes per
+    /// vector of type `$v` (`$dev` loads `$w` values of the element type as f32 minus a
+    /// vector), each group of COLS columns summed in COLS / `$w` f32 vectors over a tile of
+    /// COL32_TILE_ROWS rows, then added into the f64 sums in memory (`$lo`/`$hi`: the low and
+    /// high halves of an f32 vector as f64 vectors of `$wd` lanes). Each column's values are
+    /// added in the same order at any width, as in the portable loop, so the AVX2 and AVX-512
+    /// kernels give the same bits.
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! cols_dev32_kernel {
+        ($feat:literal, $needs:literal, $isa:ty, $v:ty, $w:literal, $wd:literal, $zero:ident,
+         $loadm:ident, $add:ident, $fma:ident, $dev:ident, $lo:ident, $hi:ident,
+         $loadd:ident, $stored:ident, $addd:ident) => {
+            #[doc = concat!("# Safety\nThe CPU must support ", $needs, ".")]
+            #[target_feature(enable = $feat)]
+            pub unsafe fn cols_dev32<T: Element>(
+                x: &[T],
+                cols: usize,
+                m: &[f32],
+                s: &mut [f64],
+                q: &mut [f64],
+            ) {
+                if cols == 0 {
+                    return;
+                }
+                assert!(
+                    m.len() >= cols && s.len() >= cols && q.len() >= cols,
+                    "column kernel: {cols} columns"
+                );
+                const K: usize = COLS / $w;
+                const _: () = assert!(K * $w == COLS && 2 * $wd == $w);
+                let rows = x.len() / cols;
+                let full = cols / COLS * COLS;
+                let xb = x.as_ptr();
+                for r0 in (0..rows).step_by(COL32_TILE_ROWS) {
+                    let r1 = (r0 + COL32_TILE_ROWS).min(rows);
+                    for c0 in (0..full).step_by(COLS) {
+                        // SAFETY: c0 + COLS <= cols <= the lengths of m, s and q, and row r's
+                        // columns c0..c0 + COLS lie inside x (r < rows = x.len() / cols).
+                        unsafe {
+                            let mv: [$v; K] =
+                                std::array::from_fn(|k| $loadm(m.as_ptr().add(c0 + $w * k)));
+                            let mut sv: [$v; K] = [$zero(); K];
+                            let mut qv: [$v; K] = [$zero(); K];
+                            for r in r0..r1 {
+                                let xp = xb.add(r * cols + c0);
+                                for k in 0..K {
+                                    let d = $dev(xp.add($w * k), mv[k]);
+                                    sv[k] = $add(sv[k], d);
+                                    qv[k] = $fma(d, d, qv[k]);
+                                }
+                            }
+                            for k in 0..K {
+                                let at = c0 + $w * k;
+                                for (acc, v) in [(s.as_mut_ptr(), sv[k]), (q.as_mut_ptr(), qv[k])] {
+                                    $stored(acc.add(at), $addd($loadd(acc.add(at)), $lo(v)));
+                                    $stored(
+                                        acc.add(at + $wd),
+                                        $addd($loadd(acc.add(at + $wd)), $hi(v)),
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+                cols_dev32_portable::<$isa, T>(x, cols, full, m, s, q);
+            }
+        };
+    }
+
     /// Hand-written AVX2 loops where LLVM's vectorizer leaves half-width or scalar code (seen
     /// in profiles: the f64 deviation sums came out as a mix of 128-bit and scalar ops).
     #[cfg(target_arch = "x86_64")]
     mod avx2 {
-        use super::super::{cols_sums_portable, COLS, COL_TILE_ROWS, LANES};
+        use super::super::{
+            cols_dev32_portable, cols_sums_portable, COL32_TILE_ROWS, COLS, COL_TILE_ROWS, LANES,
+        };
         use crate::dtype::{DType, Element};
         use std::arch::x86_64::*;
 
@@ -579,6 +671,52 @@ pub(crate) mod simd {
             }
         }
 
+        /// 8 values at `p` as f32, minus `m`: f32 loaded, bf16 shifted, f16 converted (F16C).
+        #[inline]
+        #[target_feature(enable = "avx,avx2,fma,f16c")]
+        unsafe fn dev8f<T: Element>(p: *const T, m: __m256) -> __m256 {
+            // SAFETY: the caller passes 8 readable values.
+            unsafe {
+                let f = match T::DTYPE {
+                    DType::F32 => _mm256_loadu_ps(p.cast()),
+                    DType::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(
+                        _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())),
+                    )),
+                    DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+                };
+                _mm256_sub_ps(f, m)
+            }
+        }
+        #[inline]
+        #[target_feature(enable = "avx,avx2,fma")]
+        fn lo4(v: __m256) -> __m256d {
+            _mm256_cvtps_pd(_mm256_castps256_ps128(v))
+        }
+        #[inline]
+        #[target_feature(enable = "avx,avx2,fma")]
+        fn hi4(v: __m256) -> __m256d {
+            _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v))
+        }
+
+        cols_dev32_kernel!(
+            "avx,avx2,fma,f16c",
+            "AVX2, FMA and F16C",
+            super::Fma,
+            __m256,
+            8,
+            4,
+            _mm256_setzero_ps,
+            _mm256_loadu_ps,
+            _mm256_add_ps,
+            _mm256_fmadd_ps,
+            dev8f,
+            lo4,
+            hi4,
+            _mm256_loadu_pd,
+            _mm256_storeu_pd,
+            _mm256_add_pd
+        );
+
         cols_sums_kernel!(
             "avx,avx2,fma,f16c",
             "AVX2, FMA and F16C",
@@ -599,7 +737,9 @@ pub(crate) mod simd {
     /// AVX2 loops' bits.
     #[cfg(target_arch = "x86_64")]
     mod avx512 {
-        use super::super::{cols_sums_portable, COLS, COL_TILE_ROWS, LANES};
+        use super::super::{
+            cols_dev32_portable, cols_sums_portable, COL32_TILE_ROWS, COLS, COL_TILE_ROWS, LANES,
+        };
         use crate::dtype::{DType, Element};
         use std::arch::x86_64::*;
 
@@ -659,6 +799,52 @@ pub(crate) mod simd {
                 _mm512_sub_pd(_mm512_cvtps_pd(f), m)
             }
         }
+
+        /// 16 values at `p` as f32, minus `m`: f32 loaded, bf16 shifted, f16 converted.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        unsafe fn dev16f<T: Element>(p: *const T, m: __m512) -> __m512 {
+            // SAFETY: the caller passes 16 readable values.
+            unsafe {
+                let f = match T::DTYPE {
+                    DType::F32 => _mm512_loadu_ps(p.cast()),
+                    DType::BF16 => _mm512_castsi512_ps(_mm512_slli_epi32::<16>(
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())),
+                    )),
+                    DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
+                };
+                _mm512_sub_ps(f, m)
+            }
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+        fn lo8(v: __m512) -> __m512d {
+            _mm512_cvtps_pd(_mm512_castps512_ps256(v))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+        fn hi8(v: __m512) -> __m512d {
+            _mm512_cvtps_pd(_mm512_extractf32x8_ps::<1>(v))
+        }
+
+        cols_dev32_kernel!(
+            "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c",
+            "AVX-512 F/BW/VL/DQ, AVX2, FMA and F16C",
+            super::Avx512,
+            __m512,
+            16,
+            8,
+            _mm512_setzero_ps,
+            _mm512_loadu_ps,
+            _mm512_add_ps,
+            _mm512_fmadd_ps,
+            dev16f,
+            lo8,
+            hi8,
+            _mm512_loadu_pd,
+            _mm512_storeu_pd,
+            _mm512_add_pd
+        );
 
         cols_sums_kernel!(
             "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c",
@@ -1192,6 +1378,68 @@ pub(crate) fn cols_sums_portable<I: simd::Isa, T: Element, const GRAD: bool>(
     }
 }
 
+/// Rows per tile of the f32 column kernels ([`simd::Isa::cols_dev32`]): each column's f32
+/// sums run over this many rows before they are added into f64.
+pub(crate) const COL32_TILE_ROWS: usize = 8;
+
+/// [`simd::Isa::cols_dev32`] in portable code, for the columns from `c0`.
+#[inline(always)]
+pub(crate) fn cols_dev32_portable<I: simd::Isa, T: Element>(
+    x: &[T],
+    cols: usize,
+    c0: usize,
+    m: &[f32],
+    s: &mut [f64],
+    q: &mut [f64],
+) {
+    if cols == 0 || c0 >= cols {
+        return;
+    }
+    let rows = x.len() / cols;
+    for r0 in (0..rows).step_by(COL32_TILE_ROWS) {
+        let r1 = (r0 + COL32_TILE_ROWS).min(rows);
+        for j in c0..cols {
+            let (mut a1, mut a2) = (0f32, 0f32);
+            for r in r0..r1 {
+                let d = x[r * cols + j].widen1_arith() - m[j];
+                a1 += d;
+                a2 = I::fma32(d, d, a2);
+            }
+            s[j] += a1 as f64;
+            q[j] += a2 as f64;
+        }
+    }
+}
+
+/// The largest Σ(x − m)² / Σ(x − x̄)² at which [`f32_col_sums_accurate`] takes f32 sums.
+pub(crate) const F32_SUMS_RATIO: f64 = 8.0;
+
+/// Whether the f32 column sums `s1 = Σ(x − m)`, `s2 = Σ(x − m)²` of `n` values
+/// ([`simd::Isa::cols_dev32`]) give the variance to f32 accuracy, so that
+/// `Moments::two_pass(n, m, s1, s2)` may be used instead of the exact f64 sums.
+///
+/// With u = 2⁻²⁴ and tiles of k = [`COL32_TILE_ROWS`] rows, each deviation is rounded once,
+/// and each tile's f32 sums add k terms: |Δs2| ≤ (k + 2)·u·s2 and
+/// |Δs1| ≤ (k + 1)·u·Σ|x − m| ≤ (k + 1)·u·√(n·s2), so M2 = s2 − s1²/n is off by at most
+/// (3k + 4)·u·s2 (the f64 additions add ~1e-16). Taking the sums only where
+/// s2 ≤ [`F32_SUMS_RATIO`]·M2 bounds M2's relative error by 8·28·u ≈ 1.3e-5 (the variance's
+/// error is then far below a bf16 or f16 ulp of any output), and never lets a shift far
+/// from the mean cancel catastrophically. Non-finite sums (an infinite or NaN input, or an
+/// f32 overflow of a deviation or its square) and any s2 below n·2⁻¹⁰⁰ (where squares of
+/// small deviations could underflow f32 and lose their relative accuracy) fail, and the
+/// caller takes the exact f64 path.
+#[inline(always)]
+pub(crate) fn f32_col_sums_accurate(n: f64, s1: f64, s2: f64) -> bool {
+    if !(s1.is_finite() && s2.is_finite()) {
+        return false;
+    }
+    if s2 == 0.0 {
+        return s1 == 0.0;
+    }
+    const TINY: f64 = 1.0 / (1u128 << 100) as f64;
+    s2 >= n * TINY && s2 <= F32_SUMS_RATIO * (s2 - s1 * s1 / n)
+}
+
 /// Asks for the `len` values after `x` (the next row) to be brought into cache while this
 /// one is worked on: one prefetch per 64-byte line. A hint only: addresses past the end of the
 /// data are never dereferenced.
@@ -1276,7 +1524,7 @@ mod tests {
 
     fn columns_agree<T: Element>() {
         for cols in [1, 7, 16, 17, 33, 40] {
-            for rows in [0, 1, 3, 4, 5, 9] {
+            for rows in [0, 1, 3, 4, 5, 9, 17] {
                 let n = rows * cols;
                 let (g, x) = (values(n, 1), values(n, 2));
                 let (g, x): (Vec<T>, Vec<T>) = (
@@ -1293,6 +1541,31 @@ mod tests {
                     column_sums::<T, simd::Avx512, true>(&g, &x, cols),
                     column_sums::<T, simd::Fma, true>(&g, &x, cols),
                     "{} gradient sums, {rows} x {cols}",
+                    T::DTYPE
+                );
+                // The f32 column kernel: AVX-512, AVX2 and the portable loop (with fused
+                // multiply-adds, as the kernels' remainder columns) give the same bits.
+                let dev32 = |k: u8| {
+                    let m: Vec<f32> = (0..cols).map(|j| 2.5 + j as f32 * 1e-3).collect();
+                    let (mut s, mut q) = (vec![0.25; cols], vec![0.5; cols]);
+                    match k {
+                        0 => simd::Avx512::cols_dev32::<T>(&x, cols, &m, &mut s, &mut q),
+                        1 => simd::Fma::cols_dev32::<T>(&x, cols, &m, &mut s, &mut q),
+                        _ => cols_dev32_portable::<simd::Fma, T>(&x, cols, 0, &m, &mut s, &mut q),
+                    }
+                    let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect::<Vec<_>>();
+                    (bits(s), bits(q))
+                };
+                assert_eq!(
+                    dev32(0),
+                    dev32(1),
+                    "{} f32 column sums, {rows} x {cols}",
+                    T::DTYPE
+                );
+                assert_eq!(
+                    dev32(1),
+                    dev32(2),
+                    "{} f32 column sums, {rows} x {cols}",
                     T::DTYPE
                 );
             }
