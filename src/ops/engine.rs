@@ -251,14 +251,23 @@ pub(crate) mod simd {
         ) {
             super::cols_sums_portable::<Self, T, GRAD>(g, x, cols, 0, m, s, q)
         }
-        /// Column sums Σ (x − m[j]) and Σ (x − m[j])² of a row-major block of `cols` columns,
-        /// as [`cols_sums`](Isa::cols_sums) but in f32 lanes: each column's values are added
+        /// Column sums Σ (x − m[j]) and Σ (x − m[j])² (`GRAD` false; `g` unused), or Σ g and
+        /// Σ g·(x − m[j]) (`GRAD` true), of a row-major block of `cols` columns, as
+        /// [`cols_sums`](Isa::cols_sums) but in f32 lanes: each column's values are added
         /// in row order in f32 over tiles of [`COL32_TILE_ROWS`](super::COL32_TILE_ROWS) rows,
         /// and each tile's f32 sums added into `s[j]`, `q[j]` in f64. Not exact: the caller
-        /// checks the result ([`f32_col_sums_accurate`](super::f32_col_sums_accurate)).
+        /// checks the result ([`f32_col_sums_accurate`](super::f32_col_sums_accurate); for the
+        /// gradient sums, that they are finite).
         #[inline(always)]
-        fn cols_dev32<T: Element>(x: &[T], cols: usize, m: &[f32], s: &mut [f64], q: &mut [f64]) {
-            super::cols_dev32_portable::<Self, T>(x, cols, 0, m, s, q)
+        fn cols_dev32<T: Element, const GRAD: bool>(
+            g: &[T],
+            x: &[T],
+            cols: usize,
+            m: &[f32],
+            s: &mut [f64],
+            q: &mut [f64],
+        ) {
+            super::cols_dev32_portable::<Self, T, GRAD>(g, x, cols, 0, m, s, q)
         }
     }
     pub struct Plain;
@@ -340,7 +349,8 @@ pub(crate) mod simd {
                 }
                 #[cfg(target_arch = "x86_64")]
                 #[inline(always)]
-                fn cols_dev32<T: Element>(
+                fn cols_dev32<T: Element, const GRAD: bool>(
+                    g: &[T],
                     x: &[T],
                     cols: usize,
                     m: &[f32],
@@ -348,7 +358,7 @@ pub(crate) mod simd {
                     q: &mut [f64],
                 ) {
                     // SAFETY: as for `acc_dev`.
-                    unsafe { $m::cols_dev32::<T>(x, cols, m, s, q) }
+                    unsafe { $m::cols_dev32::<T, GRAD>(g, x, cols, m, s, q) }
                 }
             }
         };
@@ -509,7 +519,8 @@ pub(crate) mod simd {
          $loadd:ident, $stored:ident, $addd:ident) => {
             #[doc = concat!("# Safety\nThe CPU must support ", $needs, ".")]
             #[target_feature(enable = $feat)]
-            pub unsafe fn cols_dev32<T: Element>(
+            pub unsafe fn cols_dev32<T: Element, const GRAD: bool>(
+                g: &[T],
                 x: &[T],
                 cols: usize,
                 m: &[f32],
@@ -520,30 +531,35 @@ pub(crate) mod simd {
                     return;
                 }
                 assert!(
-                    m.len() >= cols && s.len() >= cols && q.len() >= cols,
+                    g.len() >= x.len() && m.len() >= cols && s.len() >= cols && q.len() >= cols,
                     "column kernel: {cols} columns"
                 );
                 const K: usize = COLS / $w;
                 const _: () = assert!(K * $w == COLS && 2 * $wd == $w);
                 let rows = x.len() / cols;
                 let full = cols / COLS * COLS;
-                let xb = x.as_ptr();
+                let (gb, xb) = (g.as_ptr(), x.as_ptr());
                 for r0 in (0..rows).step_by(COL32_TILE_ROWS) {
                     let r1 = (r0 + COL32_TILE_ROWS).min(rows);
                     for c0 in (0..full).step_by(COLS) {
                         // SAFETY: c0 + COLS <= cols <= the lengths of m, s and q, and row r's
-                        // columns c0..c0 + COLS lie inside x (r < rows = x.len() / cols).
+                        // columns c0..c0 + COLS lie inside x and g (r < rows = x.len() / cols).
                         unsafe {
                             let mv: [$v; K] =
                                 std::array::from_fn(|k| $loadm(m.as_ptr().add(c0 + $w * k)));
                             let mut sv: [$v; K] = [$zero(); K];
                             let mut qv: [$v; K] = [$zero(); K];
                             for r in r0..r1 {
-                                let xp = xb.add(r * cols + c0);
+                                let (gp, xp) = (gb.add(r * cols + c0), xb.add(r * cols + c0));
                                 for k in 0..K {
                                     let d = $dev(xp.add($w * k), mv[k]);
-                                    sv[k] = $add(sv[k], d);
-                                    qv[k] = $fma(d, d, qv[k]);
+                                    let gv = if GRAD {
+                                        $dev(gp.add($w * k), $zero())
+                                    } else {
+                                        d
+                                    };
+                                    sv[k] = $add(sv[k], gv);
+                                    qv[k] = $fma(gv, d, qv[k]);
                                 }
                             }
                             for k in 0..K {
@@ -559,7 +575,7 @@ pub(crate) mod simd {
                         }
                     }
                 }
-                cols_dev32_portable::<$isa, T>(x, cols, full, m, s, q);
+                cols_dev32_portable::<$isa, T, GRAD>(g, x, cols, full, m, s, q);
             }
         };
     }
@@ -1384,7 +1400,8 @@ pub(crate) const COL32_TILE_ROWS: usize = 8;
 
 /// [`simd::Isa::cols_dev32`] in portable code, for the columns from `c0`.
 #[inline(always)]
-pub(crate) fn cols_dev32_portable<I: simd::Isa, T: Element>(
+pub(crate) fn cols_dev32_portable<I: simd::Isa, T: Element, const GRAD: bool>(
+    g: &[T],
     x: &[T],
     cols: usize,
     c0: usize,
@@ -1402,8 +1419,13 @@ pub(crate) fn cols_dev32_portable<I: simd::Isa, T: Element>(
             let (mut a1, mut a2) = (0f32, 0f32);
             for r in r0..r1 {
                 let d = x[r * cols + j].widen1_arith() - m[j];
-                a1 += d;
-                a2 = I::fma32(d, d, a2);
+                let gv = if GRAD {
+                    g[r * cols + j].widen1_arith()
+                } else {
+                    d
+                };
+                a1 += gv;
+                a2 = I::fma32(gv, d, a2);
             }
             s[j] += a1 as f64;
             q[j] += a2 as f64;
@@ -1549,9 +1571,16 @@ mod tests {
                     let m: Vec<f32> = (0..cols).map(|j| 2.5 + j as f32 * 1e-3).collect();
                     let (mut s, mut q) = (vec![0.25; cols], vec![0.5; cols]);
                     match k {
-                        0 => simd::Avx512::cols_dev32::<T>(&x, cols, &m, &mut s, &mut q),
-                        1 => simd::Fma::cols_dev32::<T>(&x, cols, &m, &mut s, &mut q),
-                        _ => cols_dev32_portable::<simd::Fma, T>(&x, cols, 0, &m, &mut s, &mut q),
+                        0 => simd::Avx512::cols_dev32::<T, false>(&g, &x, cols, &m, &mut s, &mut q),
+                        1 => simd::Fma::cols_dev32::<T, false>(&g, &x, cols, &m, &mut s, &mut q),
+                        2 => cols_dev32_portable::<simd::Fma, T, false>(
+                            &g, &x, cols, 0, &m, &mut s, &mut q,
+                        ),
+                        3 => simd::Avx512::cols_dev32::<T, true>(&g, &x, cols, &m, &mut s, &mut q),
+                        4 => simd::Fma::cols_dev32::<T, true>(&g, &x, cols, &m, &mut s, &mut q),
+                        _ => cols_dev32_portable::<simd::Fma, T, true>(
+                            &g, &x, cols, 0, &m, &mut s, &mut q,
+                        ),
                     }
                     let bits = |v: Vec<f64>| v.into_iter().map(f64::to_bits).collect::<Vec<_>>();
                     (bits(s), bits(q))
@@ -1568,6 +1597,14 @@ mod tests {
                     "{} f32 column sums, {rows} x {cols}",
                     T::DTYPE
                 );
+                for k in [3, 4] {
+                    assert_eq!(
+                        dev32(k),
+                        dev32(k + 1),
+                        "{} f32 gradient sums, {rows} x {cols}",
+                        T::DTYPE
+                    );
+                }
             }
         }
     }

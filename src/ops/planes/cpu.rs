@@ -35,11 +35,49 @@ multiversion! {
 multiversion! {
     /// (Σ g, Σ g·(x − m)) over a run, in f64 lanes.
     fn run_grad_sums<T: Element>(bufs: &mut Bufs, g: &[T], x: &[T], m: f64) -> (f64, f64) {
+        if T::DTYPE != DType::F32 {
+            if let Some(sums) = run_grad_sums_f32::<T, I>(g, x, m) {
+                return sums;
+            }
+        }
         let mut a1 = [0f64; LANES];
         let mut a2 = [0f64; LANES];
         for_tiles2!(bufs, g, x, |_, gt, xt| I::acc_grad(&mut a1, &mut a2, gt, xt, m));
         (lanes_sum(a1), lanes_sum(a2))
     }
+}
+
+/// [`run_grad_sums`] of bf16/f16 in f32 lanes: the run as rows of [`COLS`] values, each
+/// column's f32 sums over [`COL32_TILE_ROWS`] rows added into f64 ([`simd::Isa::cols_dev32`]),
+/// the tail and the columns' sums in f64, `x − m` taken against `m` rounded to f32 and
+/// corrected in f64 (`Σ g·(x − m) = Σ g·(x − hi) − (m − hi)·Σ g`). Each f32 partial adds at
+/// most 8 values: errors of 10·2⁻²⁴ of Σ|g| and Σ|g·(x − m)|, far below the inputs' rounding.
+/// `None` (the exact f64 path) where the mean or any sum is not finite (a NaN or infinite
+/// input, or an f32 overflow of a bf16 product).
+#[inline(always)]
+fn run_grad_sums_f32<T: Element, I: simd::Isa>(g: &[T], x: &[T], m: f64) -> Option<(f64, f64)> {
+    let n = g.len().min(x.len());
+    let full = n / COLS * COLS;
+    let hi = m as f32;
+    if !hi.is_finite() {
+        return None;
+    }
+    let (mut s, mut q) = ([0f64; COLS], [0f64; COLS]);
+    I::cols_dev32::<T, true>(&g[..full], &x[..full], COLS, &[hi; COLS], &mut s, &mut q);
+    let (mut s1, mut s2) = (0f64, 0f64);
+    for (a, b) in s.iter().zip(&q) {
+        s1 += a;
+        s2 += b;
+    }
+    for (gv, xv) in g[full..n].iter().zip(&x[full..n]) {
+        let gv = gv.to_f32() as f64;
+        s1 += gv;
+        s2 = I::fma(gv, xv.to_f32() as f64 - hi as f64, s2);
+    }
+    if !(s1.is_finite() && s2.is_finite()) {
+        return None;
+    }
+    Some((s1, s2 - (m - hi as f64) * s1))
 }
 
 multiversion! {
@@ -95,14 +133,15 @@ fn columns_moments_f32<T: Element, I: simd::Isa>(
     let head = rows.min(COL32_TILE_ROWS);
     let (mut d1, mut d2) = (vec![0f64; cols], vec![0f64; cols]);
     let mut shift = vec![0f32; cols];
-    I::cols_dev32::<T>(&block[..head * cols], cols, &shift, &mut d1, &mut d2);
+    let first = &block[..head * cols];
+    I::cols_dev32::<T, false>(first, first, cols, &shift, &mut d1, &mut d2);
     for (a, s) in shift.iter_mut().zip(&d1) {
         let v = (s / head as f64) as f32;
         *a = if v.is_finite() { v } else { 0.0 };
     }
     d1.fill(0.0);
     d2.fill(0.0);
-    I::cols_dev32::<T>(block, cols, &shift, &mut d1, &mut d2);
+    I::cols_dev32::<T, false>(block, block, cols, &shift, &mut d1, &mut d2);
     let n = rows as f64;
     if !(0..cols).all(|i| f32_col_sums_accurate(n, d1[i], d2[i])) {
         return None;
@@ -225,11 +264,26 @@ multiversion! {
 }
 
 multiversion! {
-    /// Channels-last block of one sample: per-column (Σ g, Σ g·(x − m[c])), in f64, each
-    /// group of [`COLS`] columns reduced down the rows in registers.
+    /// Channels-last block of one sample: per-column (Σ g, Σ g·(x − m[c])), summed in f64,
+    /// each group of [`COLS`] columns reduced down the rows in registers.
     fn columns_grad_sums<T: Element>(g: &[T], x: &[T], m: &[f64]) -> (Vec<f64>, Vec<f64>) {
         let c = m.len();
         let (mut s1, mut s2) = (vec![0f64; c], vec![0f64; c]);
+        // bf16/f16 in f32 lanes (as `run_grad_sums_f32`), unless a mean or a sum is not
+        // finite.
+        if T::DTYPE != DType::F32 {
+            let hi: Vec<f32> = m.iter().map(|&v| v as f32).collect();
+            I::cols_dev32::<T, true>(g, x, c, &hi, &mut s1, &mut s2);
+            let finite = |v: &[f64]| v.iter().all(|v| v.is_finite());
+            if finite(&s1) && finite(&s2) && hi.iter().all(|v| v.is_finite()) {
+                for ((q, s), (&m, &h)) in s2.iter_mut().zip(&s1).zip(m.iter().zip(&hi)) {
+                    *q -= (m - h as f64) * s;
+                }
+                return (s1, s2);
+            }
+            s1.fill(0.0);
+            s2.fill(0.0);
+        }
         I::cols_sums::<T, true>(g, x, c, m, &mut s1, &mut s2);
         (s1, s2)
     }
@@ -862,6 +916,106 @@ mod tests {
                 assert!(got[1].m2.is_nan());
             }
         }
+    }
+
+    /// Exact (Σ g, Σ g·(x − m), Σ|g|, Σ|g·(x − m)|) in f64.
+    fn exact_grad(g: &[f32], x: &[f32], m: f64) -> [f64; 4] {
+        let mut a = [0f64; 4];
+        for (&g, &x) in g.iter().zip(x) {
+            let (g, d) = (g as f64, x as f64 - m);
+            a[0] += g;
+            a[1] += g * d;
+            a[2] += g.abs();
+            a[3] += (g * d).abs();
+        }
+        a
+    }
+
+    /// The gradient sums of bf16/f16 runs and channels-last blocks, taken in f32 lanes, are
+    /// within the f32 partials' bound (10·2⁻²⁴ of Σ|g| and Σ|g·(x − m)|); where a product
+    /// overflows f32 or the mean is not finite they take the exact f64 path.
+    fn f32_grad_sums_within_bound<T: Element>() {
+        let u = 10.0 * f32::EPSILON as f64 / 2.0;
+        let big = if T::DTYPE == DType::F16 { 200.0 } else { 1e20 };
+        let cases = [
+            ("unit", 1.0f32, 0.0, 3.0),
+            ("products above f32", big, 0.0, 3.0),
+            ("g > 0, mean 1e3", 1.0, 1.0, 1e3),
+        ];
+        for (what, scale, g0, x0) in cases {
+            for n in [0, 1, 15, 16, 17, 130, 1000, 4099] {
+                let to = |v: f32| T::narrow1(v);
+                let g: Vec<T> = (0..n).map(|i| to(g0 + scale * noise(i, 1))).collect();
+                let x: Vec<T> = (0..n).map(|i| to(x0 + scale * noise(i, 2))).collect();
+                let (gf, xf): (Vec<f32>, Vec<f32>) = (
+                    g.iter().map(|v| v.to_f32()).collect(),
+                    x.iter().map(|v| v.to_f32()).collect(),
+                );
+                let m = xf.iter().map(|&v| v as f64).sum::<f64>() / n.max(1) as f64 + 1e-9;
+                let [s1, s2, a1, a2] = exact_grad(&gf, &xf, m);
+                let (g1, g2) = run_grad_sums(&mut Bufs::new(), &g, &x, m);
+                let exact_path = what == "products above f32" && T::DTYPE == DType::BF16;
+                let (t1, t2) = if exact_path {
+                    (1e-12 * a1, 1e-12 * a2)
+                } else {
+                    (u * a1, u * a2)
+                };
+                assert!(
+                    (g1 - s1).abs() <= t1,
+                    "{} {what} run of {n}: Σg {g1} vs {s1}",
+                    T::DTYPE
+                );
+                assert!(
+                    (g2 - s2).abs() <= t2,
+                    "{} {what} run of {n}: Σg(x-m) {g2} vs {s2}",
+                    T::DTYPE
+                );
+                // The same values as a channels-last block of 37 columns.
+                let cols = 37;
+                let rows = n / cols;
+                let ms: Vec<f64> = (0..cols).map(|c| m + c as f64 * 1e-3).collect();
+                let (c1, c2) = columns_grad_sums(&g[..rows * cols], &x[..rows * cols], &ms);
+                for c in 0..cols {
+                    let gc: Vec<f32> = (0..rows).map(|r| gf[r * cols + c]).collect();
+                    let xc: Vec<f32> = (0..rows).map(|r| xf[r * cols + c]).collect();
+                    let [s1, s2, a1, a2] = exact_grad(&gc, &xc, ms[c]);
+                    let (t1, t2) = if exact_path {
+                        (1e-12 * a1, 1e-12 * a2)
+                    } else {
+                        (u * a1, u * a2)
+                    };
+                    assert!(
+                        (c1[c] - s1).abs() <= t1,
+                        "{} {what} column {c}: Σg {} vs {s1}",
+                        T::DTYPE,
+                        c1[c]
+                    );
+                    assert!(
+                        (c2[c] - s2).abs() <= t2,
+                        "{} {what} column {c}: Σg(x-m) {} vs {s2}",
+                        T::DTYPE,
+                        c2[c]
+                    );
+                }
+            }
+        }
+        // A NaN or infinite mean gives what the exact path gives.
+        let g: Vec<T> = (0..100).map(|i| T::narrow1(noise(i, 1))).collect();
+        for m in [f64::NAN, f64::INFINITY] {
+            let (g1, g2) = run_grad_sums(&mut Bufs::new(), &g, &g, m);
+            let mut a = ([0f64; LANES], [0f64; LANES]);
+            let gf: Vec<f32> = g.iter().map(|v| v.to_f32()).collect();
+            acc_grad_portable::<simd::Plain>(&mut a.0, &mut a.1, &gf, &gf, m);
+            let want = (lanes_sum(a.0), lanes_sum(a.1));
+            assert_eq!(g1.to_bits(), want.0.to_bits(), "Σg with mean {m}");
+            assert_eq!(g2.is_nan(), want.1.is_nan(), "Σg(x-m) with mean {m}");
+        }
+    }
+
+    #[test]
+    fn f32_grad_sums_are_accurate_or_declined() {
+        f32_grad_sums_within_bound::<half::bf16>();
+        f32_grad_sums_within_bound::<half::f16>();
     }
 
     #[test]
