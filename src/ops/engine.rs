@@ -209,18 +209,18 @@ pub(crate) mod simd {
         fn acc_dev(a1: &mut [f64; super::LANES], a2: &mut [f64; super::LANES], t: &[f32], m: f64) {
             super::acc_dev_portable::<Self>(a1, a2, t, m)
         }
-        /// Whether [`f16x8`](Isa::f16x8) and [`to_f16x8`](Isa::to_f16x8) are single F16C
-        /// instructions (the AVX2 and AVX-512 kernels), so that f16 can be converted in
+        /// Whether [`f16x16`](Isa::f16x16) and [`to_f16x16`](Isa::to_f16x16) are F16C
+        /// instructions (one AVX-512 or two AVX2 ones), so that f16 can be converted in
         /// registers.
         const F16C: bool = false;
-        /// 8 f16 (bits) as f32.
+        /// 16 f16 (bits) as f32.
         #[inline(always)]
-        fn f16x8(h: &[u16; 8]) -> [f32; 8] {
+        fn f16x16(h: &[u16; 16]) -> [f32; 16] {
             std::array::from_fn(|i| half::f16::from_bits(h[i]).to_f32())
         }
-        /// 8 f32 rounded to f16 (nearest even), written to `dst[..8]`.
+        /// 16 f32 rounded to f16 (nearest even), written to `dst[..16]`.
         #[inline(always)]
-        fn to_f16x8(v: &[f32; 8], dst: &mut [std::mem::MaybeUninit<u16>; 8]) {
+        fn to_f16x16(v: &[f32; 16], dst: &mut [std::mem::MaybeUninit<u16>; 16]) {
             for (d, v) in dst.iter_mut().zip(v) {
                 d.write(half::f16::from_f32(*v).to_bits());
             }
@@ -284,7 +284,7 @@ pub(crate) mod simd {
         }
     }
     /// The [`Isa`] of a vector instruction set whose hand-written loops are in module `$m`
-    /// (f16 converted by F16C, with the AVX2 module's `f16x8`/`to_f16x8`).
+    /// (f16 converted by F16C, 16 values at a time: `f16x16`/`to_f16x16` of module `$m`).
     macro_rules! vector_isa {
         ($name:ident, $m:ident) => {
             impl Isa for $name {
@@ -312,15 +312,15 @@ pub(crate) mod simd {
                 const F16C: bool = true;
                 #[cfg(target_arch = "x86_64")]
                 #[inline(always)]
-                fn f16x8(h: &[u16; 8]) -> [f32; 8] {
+                fn f16x16(h: &[u16; 16]) -> [f32; 16] {
                     // SAFETY: as for `acc_dev`.
-                    unsafe { avx2::f16x8(h) }
+                    unsafe { $m::f16x16(h) }
                 }
                 #[cfg(target_arch = "x86_64")]
                 #[inline(always)]
-                fn to_f16x8(v: &[f32; 8], dst: &mut [std::mem::MaybeUninit<u16>; 8]) {
+                fn to_f16x16(v: &[f32; 16], dst: &mut [std::mem::MaybeUninit<u16>; 16]) {
                     // SAFETY: as for `acc_dev`.
-                    unsafe { avx2::to_f16x8(v, dst) }
+                    unsafe { $m::to_f16x16(v, dst) }
                 }
                 #[cfg(target_arch = "x86_64")]
                 #[inline(always)]
@@ -615,12 +615,14 @@ pub(crate) mod simd {
         /// The CPU must support F16C and AVX.
         #[inline]
         #[target_feature(enable = "avx,avx2,fma,f16c")]
-        pub unsafe fn f16x8(h: &[u16; 8]) -> [f32; 8] {
-            let mut out = [0f32; 8];
-            // SAFETY: 8 u16 in, 8 f32 out; unaligned.
+        pub unsafe fn f16x16(h: &[u16; 16]) -> [f32; 16] {
+            let mut out = [0f32; 16];
+            // SAFETY: 16 u16 in, 16 f32 out; unaligned.
             unsafe {
-                let v = _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast()));
-                _mm256_storeu_ps(out.as_mut_ptr(), v);
+                for k in [0, 8] {
+                    let v = _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().add(k).cast()));
+                    _mm256_storeu_ps(out.as_mut_ptr().add(k), v);
+                }
             }
             out
         }
@@ -629,11 +631,15 @@ pub(crate) mod simd {
         /// The CPU must support F16C and AVX.
         #[inline]
         #[target_feature(enable = "avx,avx2,fma,f16c")]
-        pub unsafe fn to_f16x8(v: &[f32; 8], dst: &mut [std::mem::MaybeUninit<u16>; 8]) {
-            // SAFETY: 8 f32 in, 8 initialized u16 written; unaligned.
+        pub unsafe fn to_f16x16(v: &[f32; 16], dst: &mut [std::mem::MaybeUninit<u16>; 16]) {
+            // SAFETY: 16 f32 in, 16 initialized u16 written; unaligned.
             unsafe {
-                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(v.as_ptr()));
-                _mm_storeu_si128(dst.as_mut_ptr().cast(), h);
+                for k in [0, 8] {
+                    let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(
+                        v.as_ptr().add(k),
+                    ));
+                    _mm_storeu_si128(dst.as_mut_ptr().add(k).cast(), h);
+                }
             }
         }
 
@@ -780,6 +786,32 @@ pub(crate) mod simd {
         };
         use crate::dtype::{DType, Element};
         use std::arch::x86_64::*;
+
+        /// # Safety
+        /// The CPU must support AVX-512 F.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        pub unsafe fn f16x16(h: &[u16; 16]) -> [f32; 16] {
+            let mut out = [0f32; 16];
+            // SAFETY: 16 u16 in, 16 f32 out; unaligned.
+            unsafe {
+                let v = _mm512_cvtph_ps(_mm256_loadu_si256(h.as_ptr().cast()));
+                _mm512_storeu_ps(out.as_mut_ptr(), v);
+            }
+            out
+        }
+
+        /// # Safety
+        /// The CPU must support AVX-512 F.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        pub unsafe fn to_f16x16(v: &[f32; 16], dst: &mut [std::mem::MaybeUninit<u16>; 16]) {
+            // SAFETY: 16 f32 in, 16 initialized u16 written; unaligned.
+            unsafe {
+                let h = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm512_loadu_ps(v.as_ptr()));
+                _mm256_storeu_si256(dst.as_mut_ptr().cast(), h);
+            }
+        }
 
         /// 8 f64 lanes in one vector.
         type V8 = __m512d;
@@ -1127,21 +1159,22 @@ macro_rules! map_elems {
             $crate::dtype::Element::f16_bits(x),
             $crate::dtype::Element::f16_bits_out(&mut *out),
         ) {
-            // f16 with F16C: 8 values converted in registers at a time, the rest one by one.
+            // f16 with F16C: 16 values converted in registers at a time (one AVX-512 or two
+            // AVX2 instructions), the rest one by one.
             let n = ob.len().min(xb.len());
             let (ob, xb) = (&mut ob[..n], &xb[..n]);
             $(let $cv: &[f32] = &$c[..n];)*
-            let full = n / 8 * 8;
-            for k0 in (0..full).step_by(8) {
-                let xs = <I as $crate::ops::engine::simd::Isa>::f16x8(xb[k0..k0 + 8].try_into().unwrap());
-                $(let $cv: &[f32; 8] = $cv[k0..k0 + 8].try_into().unwrap();)*
-                let mut ys = [0f32; 8];
-                for l in 0..8 {
+            let full = n / 16 * 16;
+            for k0 in (0..full).step_by(16) {
+                let xs = <I as $crate::ops::engine::simd::Isa>::f16x16(xb[k0..k0 + 16].try_into().unwrap());
+                $(let $cv: &[f32; 16] = $cv[k0..k0 + 16].try_into().unwrap();)*
+                let mut ys = [0f32; 16];
+                for l in 0..16 {
                     $(let $cv = $cv[l];)*
                     let $v = xs[l];
                     ys[l] = $body;
                 }
-                <I as $crate::ops::engine::simd::Isa>::to_f16x8(&ys, (&mut ob[k0..k0 + 8]).try_into().unwrap());
+                <I as $crate::ops::engine::simd::Isa>::to_f16x16(&ys, (&mut ob[k0..k0 + 16]).try_into().unwrap());
             }
             for k in full..n {
                 $(let $cv = $cv[k];)*
@@ -1186,22 +1219,22 @@ macro_rules! map_elems2 {
             $crate::dtype::Element::f16_bits(x),
             $crate::dtype::Element::f16_bits_out(&mut *out),
         ) {
-            // f16 with F16C: 8 values converted in registers at a time, the rest one by one.
+            // f16 with F16C: 16 values converted in registers at a time, the rest one by one.
             let n = ob.len().min(xb.len()).min(gb.len());
             let (ob, gb, xb) = (&mut ob[..n], &gb[..n], &xb[..n]);
             $(let $cv: &[f32] = &$c[..n];)*
-            let full = n / 8 * 8;
-            for k0 in (0..full).step_by(8) {
-                let gs = <I as $crate::ops::engine::simd::Isa>::f16x8(gb[k0..k0 + 8].try_into().unwrap());
-                let xs = <I as $crate::ops::engine::simd::Isa>::f16x8(xb[k0..k0 + 8].try_into().unwrap());
-                $(let $cv: &[f32; 8] = $cv[k0..k0 + 8].try_into().unwrap();)*
-                let mut ys = [0f32; 8];
-                for l in 0..8 {
+            let full = n / 16 * 16;
+            for k0 in (0..full).step_by(16) {
+                let gs = <I as $crate::ops::engine::simd::Isa>::f16x16(gb[k0..k0 + 16].try_into().unwrap());
+                let xs = <I as $crate::ops::engine::simd::Isa>::f16x16(xb[k0..k0 + 16].try_into().unwrap());
+                $(let $cv: &[f32; 16] = $cv[k0..k0 + 16].try_into().unwrap();)*
+                let mut ys = [0f32; 16];
+                for l in 0..16 {
                     $(let $cv = $cv[l];)*
                     let ($gv, $xv) = (gs[l], xs[l]);
                     ys[l] = $body;
                 }
-                <I as $crate::ops::engine::simd::Isa>::to_f16x8(&ys, (&mut ob[k0..k0 + 8]).try_into().unwrap());
+                <I as $crate::ops::engine::simd::Isa>::to_f16x16(&ys, (&mut ob[k0..k0 + 16]).try_into().unwrap());
             }
             for k in full..n {
                 $(let $cv = $cv[k];)*
@@ -1635,6 +1668,69 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The in-register f16 conversions of each instruction set give half's bits: every f16
+    /// value widened, and every f16 value, midpoint between neighbours and a value just above
+    /// and below each midpoint rounded (nearest even; NaN stays NaN).
+    #[test]
+    fn f16x16_conversions_match_half() {
+        fn check<I: Isa>() {
+            let all: Vec<u16> = (0..=u16::MAX).collect();
+            for h in all.chunks_exact(16) {
+                let got = I::f16x16(h.try_into().unwrap());
+                for (g, &b) in got.iter().zip(h) {
+                    let want = f16::from_bits(b).to_f32();
+                    assert!(
+                        g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                        "{b:#x}"
+                    );
+                }
+            }
+            let mut vals: Vec<f32> = Vec::new();
+            for b in 0..u16::MAX {
+                let (v, w) = (f16::from_bits(b).to_f32(), f16::from_bits(b + 1).to_f32());
+                if v.is_finite() && w.is_finite() && v.is_sign_positive() == w.is_sign_positive() {
+                    let mid = ((v as f64 + w as f64) / 2.0) as f32;
+                    vals.extend([
+                        v,
+                        mid,
+                        f32::from_bits(mid.to_bits() + 1),
+                        f32::from_bits(mid.to_bits() - 1),
+                    ]);
+                }
+            }
+            vals.extend([
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::NAN,
+                1e9,
+                -1e9,
+                65520.0,
+                65519.0,
+            ]);
+            vals.resize(vals.len().div_ceil(16) * 16, 0.0);
+            for v in vals.chunks_exact(16) {
+                let mut out = [std::mem::MaybeUninit::new(0u16); 16];
+                I::to_f16x16(v.try_into().unwrap(), &mut out);
+                for (o, &x) in out.iter().zip(v) {
+                    // SAFETY: to_f16x16 writes all 16.
+                    let got = f16::from_bits(unsafe { o.assume_init() });
+                    let want = f16::from_f32(x);
+                    assert!(
+                        got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
+                        "{x:e}"
+                    );
+                }
+            }
+        }
+        check::<simd::Plain>();
+        if simd::level() >= Level::Avx2 {
+            check::<simd::Fma>();
+        }
+        if simd::level() >= Level::Avx512 {
+            check::<simd::Avx512>();
         }
     }
 
