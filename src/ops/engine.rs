@@ -459,19 +459,12 @@ pub(crate) mod simd {
                 s: &mut [f64],
                 q: &mut [f64],
             ) {
-                if cols == 0 {
+                let Some((rows, full, ahead)) = col_kernel_shape(g, x, cols, m.len(), s, q) else {
                     return;
-                }
-                assert!(
-                    g.len() >= x.len() && m.len() >= cols && s.len() >= cols && q.len() >= cols,
-                    "column kernel: {cols} columns"
-                );
+                };
                 const K: usize = COLS / $w;
                 const _: () = assert!(K * $w == COLS);
-                let rows = x.len() / cols;
-                let full = cols / COLS * COLS;
                 let (gb, xb) = (g.as_ptr(), x.as_ptr());
-                let ahead = PF_BYTES.div_ceil(cols * std::mem::size_of::<T>()) * cols;
                 let z = $zero();
                 for r0 in (0..rows).step_by(COL_TILE_ROWS) {
                     let r1 = (r0 + COL_TILE_ROWS).min(rows);
@@ -489,12 +482,7 @@ pub(crate) mod simd {
                             for r in r0..r1 {
                                 let (gp, xp) = (gb.add(r * cols + c0), xb.add(r * cols + c0));
                                 if line {
-                                    _mm_prefetch::<PF_HINT>(xp.wrapping_add(ahead).cast::<i8>());
-                                    if GRAD {
-                                        _mm_prefetch::<PF_HINT>(
-                                            gp.wrapping_add(ahead).cast::<i8>(),
-                                        );
-                                    }
+                                    prefetch_row::<T, GRAD>(gp, xp, ahead);
                                 }
                                 for k in 0..K {
                                     let d = $dev(xp.add($w * k), mv[k]);
@@ -537,19 +525,12 @@ pub(crate) mod simd {
                 s: &mut [f64],
                 q: &mut [f64],
             ) {
-                if cols == 0 {
+                let Some((rows, full, ahead)) = col_kernel_shape(g, x, cols, m.len(), s, q) else {
                     return;
-                }
-                assert!(
-                    g.len() >= x.len() && m.len() >= cols && s.len() >= cols && q.len() >= cols,
-                    "column kernel: {cols} columns"
-                );
+                };
                 const K: usize = COLS / $w;
                 const _: () = assert!(K * $w == COLS && 2 * $wd == $w);
-                let rows = x.len() / cols;
-                let full = cols / COLS * COLS;
                 let (gb, xb) = (g.as_ptr(), x.as_ptr());
-                let ahead = PF_BYTES.div_ceil(cols * std::mem::size_of::<T>()) * cols;
                 for r0 in (0..rows).step_by(COL32_TILE_ROWS) {
                     let r1 = (r0 + COL32_TILE_ROWS).min(rows);
                     for c0 in (0..full).step_by(COLS) {
@@ -564,12 +545,7 @@ pub(crate) mod simd {
                             for r in r0..r1 {
                                 let (gp, xp) = (gb.add(r * cols + c0), xb.add(r * cols + c0));
                                 if line {
-                                    _mm_prefetch::<PF_HINT>(xp.wrapping_add(ahead).cast::<i8>());
-                                    if GRAD {
-                                        _mm_prefetch::<PF_HINT>(
-                                            gp.wrapping_add(ahead).cast::<i8>(),
-                                        );
-                                    }
+                                    prefetch_row::<T, GRAD>(gp, xp, ahead);
                                 }
                                 for k in 0..K {
                                     let d = $dev(xp.add($w * k), mv[k]);
@@ -605,8 +581,8 @@ pub(crate) mod simd {
     #[cfg(target_arch = "x86_64")]
     mod avx2 {
         use super::super::{
-            cols_dev32_portable, cols_sums_portable, COL32_TILE_ROWS, COLS, COL_TILE_ROWS, LANES,
-            PF_BYTES, PF_HINT,
+            col_kernel_shape, cols_dev32_portable, cols_sums_portable, prefetch_row,
+            COL32_TILE_ROWS, COLS, COL_TILE_ROWS, LANES,
         };
         use crate::dtype::{DType, Element};
         use std::arch::x86_64::*;
@@ -714,21 +690,31 @@ pub(crate) mod simd {
             }
         }
 
-        /// 8 values at `p` as f32, minus `m`: f32 loaded, bf16 shifted, f16 converted (F16C).
+        /// 8 values at `p` as f32: f32 loaded, bf16 shifted, f16 converted (F16C).
+        ///
+        /// # Safety
+        /// `p` points to 8 readable values; the CPU supports AVX2 and F16C.
         #[inline]
         #[target_feature(enable = "avx,avx2,fma,f16c")]
-        unsafe fn dev8f<T: Element>(p: *const T, m: __m256) -> __m256 {
+        pub unsafe fn load8f<T: Element>(p: *const T) -> __m256 {
             // SAFETY: the caller passes 8 readable values.
             unsafe {
-                let f = match T::DTYPE {
+                match T::DTYPE {
                     DType::F32 => _mm256_loadu_ps(p.cast()),
                     DType::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(
                         _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())),
                     )),
                     DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
-                };
-                _mm256_sub_ps(f, m)
+                }
             }
+        }
+
+        /// 8 values at `p` as f32, minus `m`.
+        #[inline]
+        #[target_feature(enable = "avx,avx2,fma,f16c")]
+        unsafe fn dev8f<T: Element>(p: *const T, m: __m256) -> __m256 {
+            // SAFETY: the caller passes 8 readable values.
+            unsafe { _mm256_sub_ps(load8f(p), m) }
         }
         #[inline]
         #[target_feature(enable = "avx,avx2,fma")]
@@ -781,8 +767,8 @@ pub(crate) mod simd {
     #[cfg(target_arch = "x86_64")]
     mod avx512 {
         use super::super::{
-            cols_dev32_portable, cols_sums_portable, COL32_TILE_ROWS, COLS, COL_TILE_ROWS, LANES,
-            PF_BYTES, PF_HINT,
+            col_kernel_shape, cols_dev32_portable, cols_sums_portable, prefetch_row,
+            COL32_TILE_ROWS, COLS, COL_TILE_ROWS, LANES,
         };
         use crate::dtype::{DType, Element};
         use std::arch::x86_64::*;
@@ -857,17 +843,8 @@ pub(crate) mod simd {
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
         unsafe fn dev8<T: Element>(p: *const T, m: __m512d) -> __m512d {
-            // SAFETY: the caller passes 8 readable values.
-            unsafe {
-                let f = match T::DTYPE {
-                    DType::F32 => _mm256_loadu_ps(p.cast()),
-                    DType::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32::<16>(
-                        _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())),
-                    )),
-                    DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
-                };
-                _mm512_sub_pd(_mm512_cvtps_pd(f), m)
-            }
+            // SAFETY: the caller passes 8 readable values; this CPU has AVX2 and F16C.
+            unsafe { _mm512_sub_pd(_mm512_cvtps_pd(super::avx2::load8f(p)), m) }
         }
 
         /// 16 values at `p` as f32, minus `m`: f32 loaded, bf16 shifted, f16 converted.
@@ -1452,6 +1429,44 @@ pub(crate) fn cols_sums_portable<I: simd::Isa, T: Element, const GRAD: bool>(
 /// Rows per tile of the f32 column kernels ([`simd::Isa::cols_dev32`]): each column's f32
 /// sums run over this many rows before they are added into f64.
 pub(crate) const COL32_TILE_ROWS: usize = 8;
+/// The checks and sizes the column kernels share: `None` without columns, else the rows, the
+/// columns of the full groups of [`COLS`], and the prefetch distance in elements (whole rows).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn col_kernel_shape<T>(
+    g: &[T],
+    x: &[T],
+    cols: usize,
+    m: usize,
+    s: &[f64],
+    q: &[f64],
+) -> Option<(usize, usize, usize)> {
+    if cols == 0 {
+        return None;
+    }
+    assert!(
+        g.len() >= x.len() && m >= cols && s.len() >= cols && q.len() >= cols,
+        "column kernel: {cols} columns"
+    );
+    let ahead = PF_BYTES.div_ceil(cols * std::mem::size_of::<T>()) * cols;
+    Some((x.len() / cols, cols / COLS * COLS, ahead))
+}
+
+/// Prefetches the line `ahead` elements after `xp` (and after `gp` for gradient sums) into
+/// L2. A hint: the address may lie past the data (never dereferenced; prefetches do not fault).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_row<T, const GRAD: bool>(gp: *const T, xp: *const T, ahead: usize) {
+    use std::arch::x86_64::_mm_prefetch;
+    // SAFETY: a prefetch reads nothing architecturally and never faults.
+    unsafe {
+        _mm_prefetch::<PF_HINT>(xp.wrapping_add(ahead).cast::<i8>());
+        if GRAD {
+            _mm_prefetch::<PF_HINT>(gp.wrapping_add(ahead).cast::<i8>());
+        }
+    }
+}
+
 /// How far ahead the column kernels prefetch (bytes, rounded to whole rows).
 #[cfg(target_arch = "x86_64")]
 pub(crate) const PF_BYTES: usize = 16 << 10;

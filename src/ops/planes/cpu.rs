@@ -813,6 +813,17 @@ mod tests {
         (x, exact_cols)
     }
 
+    /// `got`'s mean and M2 within `tol` (absolute) of `want`.
+    fn assert_close(got: &Moments, want: (f64, f64), tol: (f64, f64), at: &str) {
+        let (mean, m2) = want;
+        assert!(
+            (got.mean - mean).abs() <= tol.0,
+            "{at}: mean {} vs {mean}",
+            got.mean
+        );
+        assert!((got.m2 - m2).abs() <= tol.1, "{at}: m2 {} vs {m2}", got.m2);
+    }
+
     /// A block's values by (row, column).
     type Gen = Box<dyn Fn(usize, usize) -> f32>;
 
@@ -849,18 +860,9 @@ mod tests {
                 });
                 for (c, (g, &(mean, m2))) in got.iter().zip(&want).enumerate() {
                     let sd = (m2 / rows as f64).sqrt();
-                    assert!(
-                        (g.mean - mean).abs() <= 3e-6 * sd + 1e-7 * mean.abs(),
-                        "{} {what} {rows}x{cols} column {c}: mean {} vs {mean}",
-                        T::DTYPE,
-                        g.mean
-                    );
-                    assert!(
-                        (g.m2 - m2).abs() <= 1.3e-5 * m2,
-                        "{} {what} {rows}x{cols} column {c}: m2 {} vs {m2}",
-                        T::DTYPE,
-                        g.m2
-                    );
+                    let tol = (3e-6 * sd + 1e-7 * mean.abs(), 1.3e-5 * m2);
+                    let at = format!("{} {what} {rows}x{cols} column {c}", T::DTYPE);
+                    assert_close(g, (mean, m2), tol, &at);
                 }
             }
         }
@@ -919,17 +921,12 @@ mod tests {
                 if what == "non-finite" && c < 2 {
                     continue;
                 }
-                assert!(
-                    (g.mean - mean).abs() <= 1e-12 * mean.abs().max((m2 / rows as f64).sqrt()),
-                    "{} {what} column {c}: mean {} vs {mean}",
-                    T::DTYPE,
-                    g.mean
-                );
-                assert!(
-                    (g.m2 - m2).abs() <= 1e-9 * m2,
-                    "{} {what} column {c}: m2 {} vs {m2}",
-                    T::DTYPE,
-                    g.m2
+                let tol = (1e-12 * mean.abs().max((m2 / rows as f64).sqrt()), 1e-9 * m2);
+                assert_close(
+                    g,
+                    (mean, m2),
+                    tol,
+                    &format!("{} {what} column {c}", T::DTYPE),
                 );
             }
             if what == "non-finite" {
@@ -1059,18 +1056,8 @@ mod tests {
                 let got = run_moments(&mut Bufs::new(), &v);
                 let tol = if outlier { 1e-9 } else { 1.3e-5 };
                 let sd = (m2 / n as f64).sqrt();
-                assert!(
-                    (got.mean - mean).abs() <= tol * sd,
-                    "{} run of {n} (outliers: {outlier}): mean {} vs {mean}",
-                    T::DTYPE,
-                    got.mean
-                );
-                assert!(
-                    (got.m2 - m2).abs() <= tol * m2,
-                    "{} run of {n} (outliers: {outlier}): m2 {} vs {m2}",
-                    T::DTYPE,
-                    got.m2
-                );
+                let at = format!("{} run of {n} (outliers: {outlier})", T::DTYPE);
+                assert_close(&got, (mean, m2), (tol * sd, tol * m2), &at);
             }
         }
     }
