@@ -209,8 +209,8 @@ pub(crate) mod simd {
         fn acc_dev(a1: &mut [f64; super::LANES], a2: &mut [f64; super::LANES], t: &[f32], m: f64) {
             super::acc_dev_portable::<Self>(a1, a2, t, m)
         }
-        /// Whether [`f16x16`](Isa::f16x16) and [`to_f16x16`](Isa::to_f16x16) are F16C
-        /// instructions (one AVX-512 or two AVX2 ones), so that f16 can be converted in
+        /// Whether [`f16x16`](Isa::f16x16) and [`to_f16x16`](Isa::to_f16x16) are vector
+        /// instructions (one AVX-512 F or two F16C ones), so that f16 can be converted in
         /// registers.
         const F16C: bool = false;
         /// 16 f16 (bits) as f32.
@@ -367,8 +367,8 @@ pub(crate) mod simd {
     vector_isa!(Avx512, avx512);
 
     /// The AVX-512 kernels' instruction set: the f64 reductions one 8-lane vector wide
-    /// ([`avx512`]), f16 converted with F16C as in the AVX2 kernels, and LLVM's element loops
-    /// in 512-bit vectors.
+    /// ([`avx512`]), f16 converted 16 at a time by AVX-512 F's `vcvtph2ps`/`vcvtps2ph`, and
+    /// LLVM's element loops in 512-bit vectors.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub struct Avx512;
     /// [`Isa::acc_dev`] and [`Isa::acc_grad`] for one instruction set, written once over the
@@ -774,7 +774,7 @@ pub(crate) mod simd {
         use std::arch::x86_64::*;
 
         /// # Safety
-        /// The CPU must support AVX-512 F.
+        /// The CPU must support AVX-512 F/BW/VL/DQ, AVX2, FMA and F16C (the features enabled).
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
         pub unsafe fn f16x16(h: &[u16; 16]) -> [f32; 16] {
@@ -788,7 +788,7 @@ pub(crate) mod simd {
         }
 
         /// # Safety
-        /// The CPU must support AVX-512 F.
+        /// The CPU must support AVX-512 F/BW/VL/DQ, AVX2, FMA and F16C (the features enabled).
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
         pub unsafe fn to_f16x16(v: &[f32; 16], dst: &mut [std::mem::MaybeUninit<u16>; 16]) {
@@ -1513,8 +1513,8 @@ pub(crate) fn cols_dev32_portable<I: simd::Isa, T: Element, const GRAD: bool>(
 /// The largest Σ(x − m)² / Σ(x − x̄)² at which [`f32_col_sums_accurate`] takes f32 sums.
 pub(crate) const F32_SUMS_RATIO: f64 = 8.0;
 
-/// Whether the f32 column sums `s1 = Σ(x − m)`, `s2 = Σ(x − m)²` of `n` values
-/// ([`simd::Isa::cols_dev32`]) give the variance to f32 accuracy, so that
+/// Whether the f32 column sums `s1 = Σ(x − m)`, `s2 = Σ(x − m)²` of `n` values shifted by
+/// `m` ([`simd::Isa::cols_dev32`]) give the variance to f32 accuracy, so that
 /// `Moments::two_pass(n, m, s1, s2)` may be used instead of the exact f64 sums.
 ///
 /// With u = 2⁻²⁴ and tiles of k = [`COL32_TILE_ROWS`] rows, each deviation is rounded once,
@@ -1524,19 +1524,36 @@ pub(crate) const F32_SUMS_RATIO: f64 = 8.0;
 /// s2 ≤ [`F32_SUMS_RATIO`]·M2 bounds M2's relative error by 8·28·u ≈ 1.3e-5 (the variance's
 /// error is then far below a bf16 or f16 ulp of any output), and never lets a shift far
 /// from the mean cancel catastrophically. Non-finite sums (an infinite or NaN input, or an
-/// f32 overflow of a deviation or its square) and any s2 below n·2⁻¹⁰⁰ (where squares of
-/// small deviations could underflow f32 and lose their relative accuracy) fail, and the
-/// caller takes the exact f64 path.
+/// f32 overflow of a deviation or its square) and any nonzero s2 below n·2⁻¹⁰⁰ (where
+/// squares of small deviations could underflow f32 and lose their relative accuracy) fail,
+/// and the caller takes the exact f64 path.
+///
+/// s2 = 0 passes only with s1 = 0 and |m| ≥ 2⁻⁵⁰: then every value equals m (a value x ≠ m
+/// lies at least 2⁻⁷⁴ from it, whose square does not round to 0), so the column is constant
+/// and its variance exactly 0. Near a zero shift, deviations below ~2⁻⁷⁵ (bf16 has f32's
+/// range) square to 0 and a column of ±1e-23 would read as constant: the caller proves such
+/// a column constant by a scan ([`column_is`]) or takes the f64 path.
 #[inline(always)]
-pub(crate) fn f32_col_sums_accurate(n: f64, s1: f64, s2: f64) -> bool {
+pub(crate) fn f32_col_sums_accurate(n: f64, m: f32, s1: f64, s2: f64) -> bool {
     if !(s1.is_finite() && s2.is_finite()) {
         return false;
     }
     if s2 == 0.0 {
-        return s1 == 0.0;
+        return s1 == 0.0 && m.abs() >= 1.0 / (1u64 << 50) as f32;
     }
     const TINY: f64 = 1.0 / (1u128 << 100) as f64;
     s2 >= n * TINY && s2 <= F32_SUMS_RATIO * (s2 - s1 * s1 / n)
+}
+
+/// Whether every value of column `c` of a row-major block of `cols` columns equals `m`
+/// (as f32; -0 equals +0).
+#[inline(always)]
+pub(crate) fn column_is<T: Element>(block: &[T], cols: usize, c: usize, m: f32) -> bool {
+    block
+        .iter()
+        .skip(c)
+        .step_by(cols.max(1))
+        .all(|v| v.widen1_arith() == m)
 }
 
 /// Asks for the `len` values after `x` (the next row) to be brought into cache while this
