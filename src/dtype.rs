@@ -332,10 +332,12 @@ mod f16c {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn bit_patterns() -> Vec<f32> {
+    /// f32 bit patterns for conversion tests: specials, f16's limits, pseudo-random bits and
+    /// values near halfway points.
+    pub(crate) fn bit_patterns() -> Vec<f32> {
         let mut v: Vec<f32> = [
             0.0,
             -0.0,
@@ -384,27 +386,44 @@ mod tests {
         }
     }
 
-    /// Every f16 and every bf16 widened, and every f16 value, its negation and the midpoint
-    /// to its neighbour (the rounding cases) narrowed, against `half`.
+    /// The f16 rounding cases: every f16 value, its negation, the midpoint to its neighbour
+    /// and the f32 values just below and above that midpoint.
+    pub(crate) fn f16_rounding_cases() -> Vec<f32> {
+        let mut v = Vec::new();
+        for b in 0..=u16::MAX {
+            let lo = f16::from_bits(b).to_f32();
+            let hi = f16::from_bits(b.wrapping_add(1)).to_f32();
+            let mid = (lo as f64 * 0.5 + hi as f64 * 0.5) as f32;
+            v.extend([lo, -lo, mid]);
+            if mid.is_finite() && mid != 0.0 {
+                v.extend([
+                    f32::from_bits(mid.to_bits() + 1),
+                    f32::from_bits(mid.to_bits() - 1),
+                ]);
+            }
+        }
+        v
+    }
+
+    /// Every f16 and every bf16 widened, and the f16 rounding cases narrowed, against `half`.
     #[test]
     fn scalar_conversions_are_exhaustively_exact() {
         for b in 0..=u16::MAX {
             let (h, g) = (f16::from_bits(b), bf16::from_bits(b));
             assert_eq!(h.widen1().to_bits(), h.to_f32().to_bits(), "f16 {b:#x}");
             assert_eq!(g.widen1().to_bits(), g.to_f32().to_bits(), "bf16 {b:#x}");
-            let (lo, hi) = (h.to_f32(), f16::from_bits(b.wrapping_add(1)).to_f32());
-            for v in [lo, (lo as f64 * 0.5 + hi as f64 * 0.5) as f32, -lo] {
-                assert_eq!(
-                    f16::narrow1(v).to_bits(),
-                    f16::from_f32(v).to_bits(),
-                    "{v:e}"
-                );
-                assert_eq!(
-                    bf16::narrow1(v).to_bits(),
-                    bf16::from_f32(v).to_bits(),
-                    "{v:e}"
-                );
-            }
+        }
+        for v in f16_rounding_cases() {
+            assert_eq!(
+                f16::narrow1(v).to_bits(),
+                f16::from_f32(v).to_bits(),
+                "{v:e}"
+            );
+            assert_eq!(
+                bf16::narrow1(v).to_bits(),
+                bf16::from_f32(v).to_bits(),
+                "{v:e}"
+            );
         }
     }
 

@@ -1704,8 +1704,8 @@ mod tests {
     }
 
     /// The in-register f16 conversions of each instruction set give half's bits: every f16
-    /// value widened, and every f16 value, midpoint between neighbours and a value just above
-    /// and below each midpoint rounded (nearest even; NaN stays NaN).
+    /// value widened, and the f16 rounding cases and the conversion tests' bit patterns
+    /// rounded (nearest even; NaN stays NaN).
     #[test]
     fn f16x16_conversions_match_half() {
         fn check<I: Isa>() {
@@ -1720,28 +1720,8 @@ mod tests {
                     );
                 }
             }
-            let mut vals: Vec<f32> = Vec::new();
-            for b in 0..u16::MAX {
-                let (v, w) = (f16::from_bits(b).to_f32(), f16::from_bits(b + 1).to_f32());
-                if v.is_finite() && w.is_finite() && v.is_sign_positive() == w.is_sign_positive() {
-                    let mid = ((v as f64 + w as f64) / 2.0) as f32;
-                    vals.extend([
-                        v,
-                        mid,
-                        f32::from_bits(mid.to_bits() + 1),
-                        f32::from_bits(mid.to_bits() - 1),
-                    ]);
-                }
-            }
-            vals.extend([
-                f32::INFINITY,
-                f32::NEG_INFINITY,
-                f32::NAN,
-                1e9,
-                -1e9,
-                65520.0,
-                65519.0,
-            ]);
+            let mut vals = crate::dtype::tests::f16_rounding_cases();
+            vals.extend(crate::dtype::tests::bit_patterns());
             vals.resize(vals.len().div_ceil(16) * 16, 0.0);
             for v in vals.chunks_exact(16) {
                 let mut out = [std::mem::MaybeUninit::new(0u16); 16];

@@ -69,39 +69,62 @@ multiversion! {
     }
 }
 
-/// [`run_grad_sums`] of bf16/f16 in f32 lanes: the run as rows of [`COLS`] values, each
-/// column's f32 sums over [`COL32_TILE_ROWS`] rows added into f64 ([`simd::Isa::cols_dev32`]),
-/// the tail and the columns' sums in f64, `x − m` taken against `m` rounded to f32 and
-/// corrected in f64 (`Σ g·(x − m) = Σ g·(x − hi) − (m − hi)·Σ g`, m − hi exact). Each f32
-/// partial adds at most 8 values: errors up to ~9·2⁻²⁴ of Σ|g| and of Σ|g·(x − hi)|, which is
-/// at most 2·Σ|g·(x − m)| (hi is the f32 nearest m, and every x is an f32 value, so
-/// |m − hi| ≤ |x − m|): far below the inputs' rounding.
-/// `None` (the exact f64 path) where the mean or any sum is not finite (a NaN or infinite
+/// Per-column Σg and Σg·(x − m[j]) of a bf16/f16 block in f32 lanes, added into `s1`, `s2`
+/// ([`simd::Isa::cols_dev32`], each f32 partial over at most [`COL32_TILE_ROWS`] values):
+/// `x − m` taken against `hi[j]` (`m[j]` rounded to f32) and corrected in f64
+/// (`Σ g·(x − m) = Σ g·(x − hi) − (m − hi)·Σ g`, m − hi exact). Errors up to ~9·2⁻²⁴ of Σ|g|
+/// and of Σ|g·(x − hi)|, which is at most 2·Σ|g·(x − m)| (every x is an f32 value, so
+/// |m − hi| ≤ |x − m|): far below the inputs' rounding. `false` (the caller takes the exact f64
+/// path; `s1`, `s2` are then spent) where a mean or a sum is not finite (a NaN or infinite
 /// input, or an f32 overflow of a bf16 product).
+#[inline(always)]
+fn grad_sums_f32<T: Element, I: simd::Isa>(
+    g: &[T],
+    x: &[T],
+    m: &[f64],
+    hi: &[f32],
+    s1: &mut [f64],
+    s2: &mut [f64],
+) -> bool {
+    if !hi.iter().all(|v| v.is_finite()) {
+        return false;
+    }
+    I::cols_dev32::<T, true>(g, x, m.len(), hi, s1, s2);
+    if !(s1.iter().chain(&*s2).all(|v| v.is_finite())) {
+        return false;
+    }
+    for ((q, s), (&m, &h)) in s2.iter_mut().zip(&*s1).zip(m.iter().zip(hi)) {
+        *q -= (m - h as f64) * s;
+    }
+    true
+}
+
+/// [`run_grad_sums`] of bf16/f16 in f32 lanes: the run as rows of [`COLS`] values
+/// ([`grad_sums_f32`]), the columns' sums and the tail in f64. `None` where
+/// [`grad_sums_f32`] declines.
 #[inline(always)]
 fn run_grad_sums_f32<T: Element, I: simd::Isa>(g: &[T], x: &[T], m: f64) -> Option<(f64, f64)> {
     let n = g.len().min(x.len());
     let full = n / COLS * COLS;
-    let hi = m as f32;
-    if !hi.is_finite() {
+    let (mut s, mut q) = ([0f64; COLS], [0f64; COLS]);
+    let (g, x) = (&g[..n], &x[..n]);
+    if !grad_sums_f32::<T, I>(
+        &g[..full],
+        &x[..full],
+        &[m; COLS],
+        &[m as f32; COLS],
+        &mut s,
+        &mut q,
+    ) {
         return None;
     }
-    let (mut s, mut q) = ([0f64; COLS], [0f64; COLS]);
-    I::cols_dev32::<T, true>(&g[..full], &x[..full], COLS, &[hi; COLS], &mut s, &mut q);
-    let (mut s1, mut s2) = (0f64, 0f64);
-    for (a, b) in s.iter().zip(&q) {
-        s1 += a;
-        s2 += b;
-    }
-    for (gv, xv) in g[full..n].iter().zip(&x[full..n]) {
+    let (mut s1, mut s2): (f64, f64) = (s.iter().sum(), q.iter().sum());
+    for (gv, xv) in g[full..].iter().zip(&x[full..]) {
         let gv = gv.to_f32() as f64;
         s1 += gv;
-        s2 = I::fma(gv, xv.to_f32() as f64 - hi as f64, s2);
+        s2 = I::fma(gv, xv.to_f32() as f64 - m, s2);
     }
-    if !(s1.is_finite() && s2.is_finite()) {
-        return None;
-    }
-    Some((s1, s2 - (m - hi as f64) * s1))
+    (s1.is_finite() && s2.is_finite()).then_some((s1, s2))
 }
 
 multiversion! {
@@ -299,16 +322,10 @@ multiversion! {
     fn columns_grad_sums<T: Element>(g: &[T], x: &[T], m: &[f64]) -> (Vec<f64>, Vec<f64>) {
         let c = m.len();
         let (mut s1, mut s2) = (vec![0f64; c], vec![0f64; c]);
-        // bf16/f16 in f32 lanes (as `run_grad_sums_f32`), unless a mean or a sum is not
-        // finite.
+        // bf16/f16 in f32 lanes, unless a mean or a sum is not finite.
         if T::DTYPE != DType::F32 {
             let hi: Vec<f32> = m.iter().map(|&v| v as f32).collect();
-            I::cols_dev32::<T, true>(g, x, c, &hi, &mut s1, &mut s2);
-            let finite = |v: &[f64]| v.iter().all(|v| v.is_finite());
-            if finite(&s1) && finite(&s2) && hi.iter().all(|v| v.is_finite()) {
-                for ((q, s), (&m, &h)) in s2.iter_mut().zip(&s1).zip(m.iter().zip(&hi)) {
-                    *q -= (m - h as f64) * s;
-                }
+            if grad_sums_f32::<T, I>(g, x, m, &hi, &mut s1, &mut s2) {
                 return (s1, s2);
             }
             s1.fill(0.0);
