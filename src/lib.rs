@@ -38,6 +38,7 @@
 
 #[cfg(feature = "candle")]
 pub mod candle;
+mod cpu_cache;
 pub mod cuda;
 mod device;
 mod dtype;
@@ -46,6 +47,7 @@ pub mod layers;
 mod ops;
 mod tensor;
 
+pub use cpu_cache::empty_cpu_cache;
 pub use device::Device;
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};

@@ -89,11 +89,18 @@ impl<T: Clone> CpuData<T> {
 #[cfg(any(feature = "candle", test))]
 impl<T: Clone> CpuData<T> {
     /// The elements as a `Vec`: moved when owned, copied when borrowed.
-    fn into_vec(self) -> Vec<T> {
+    fn into_vec(mut self) -> Vec<T> {
         match self.borrowed {
             Some(_) => self.to_vec(),
-            None => self.owned,
+            None => std::mem::take(&mut self.owned),
         }
+    }
+}
+
+impl<T> Drop for CpuData<T> {
+    /// Large owned elements go to `crate::cpu_cache`, for the next output of about their size.
+    fn drop(&mut self) {
+        crate::cpu_cache::give(std::mem::take(&mut self.owned));
     }
 }
 

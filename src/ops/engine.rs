@@ -991,9 +991,10 @@ pub(crate) fn advise_huge_pages<T>(v: &mut Vec<T>) {
     let _ = v;
 }
 
-/// Allocates `n` elements and lets `fill` write every one of them.
+/// Allocates `n` elements (a large one from the buffers of dropped tensors, `crate::cpu_cache`,
+/// when one fits) and lets `fill` write every one of them.
 pub(crate) fn filled_vec<T: Element>(n: usize, fill: impl FnOnce(&mut [Out<T>])) -> Vec<T> {
-    let mut v: Vec<T> = Vec::with_capacity(n);
+    let mut v: Vec<T> = crate::cpu_cache::take(n).unwrap_or_else(|| Vec::with_capacity(n));
     advise_huge_pages(&mut v);
     fill(&mut v.spare_capacity_mut()[..n]);
     // SAFETY: every caller passes a kernel that writes all `n` elements of the buffer (each

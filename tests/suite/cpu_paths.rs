@@ -416,3 +416,74 @@ fn every_instruction_set() {
         run_with_isa("baseline", &sweeps, None);
     }
 }
+
+#[test]
+fn outputs_over_reused_buffers_are_written_in_full() {
+    // 32 MiB of f32: the size from which the elements of a dropped tensor are kept for reuse.
+    let shape = [2, 16, 512, 512];
+    let n: usize = shape.iter().product();
+    let poison = || drop(Tensor::from_vec(vec![f32::NAN; n], &shape).unwrap());
+    empty_cpu_cache();
+    poison();
+    assert!(
+        empty_cpu_cache() >= 4 * n,
+        "a dropped 32 MiB tensor is kept"
+    );
+    let w = Tensor::from_vec(randn(16, 5, 1.0, 0.3), &[16]).unwrap();
+    let wr = Tensor::from_vec(randn(512, 7, 1.0, 0.3), &[512]).unwrap();
+    let wp = Some(&w as &dyn Param);
+    for fmt in [MemoryFormat::Contiguous, MemoryFormat::ChannelsLast] {
+        let x = tensor::<f32>(&randn(n, 1, 0.5, 2.0), &shape, fmt);
+        let dy = tensor::<f32>(&randn(n, 2, 0.0, 1.0), &shape, fmt);
+        for op in ["batch", "instance", "group", "layer", "rms"] {
+            // The output and dx's bits (physical order), each op forward then backward.
+            let run = || -> Vec<u32> {
+                let (o, g) = match op {
+                    "batch" => {
+                        let o = F::batch_norm(&x, None, None, wp, wp, true, 0.1, 1e-5).unwrap();
+                        let g = F::batch_norm_backward(&dy, &x, wp, &o.stats).unwrap();
+                        (o, g)
+                    }
+                    "instance" => {
+                        let o = F::instance_norm(&x, None, None, wp, wp, true, 0.1, 1e-5).unwrap();
+                        let g = F::instance_norm_backward(&dy, &x, wp, &o.stats).unwrap();
+                        (o, g)
+                    }
+                    "group" => {
+                        let o = F::group_norm(&x, 4, wp, wp, 1e-5).unwrap();
+                        let g = F::group_norm_backward(&dy, &x, 4, wp, &o.stats).unwrap();
+                        (o, g)
+                    }
+                    "layer" => {
+                        let o = F::layer_norm(&x, &[512], Some(&wr), None, 1e-5).unwrap();
+                        let g = F::layer_norm_backward(&dy, &x, &[512], Some(&wr), true, &o.stats)
+                            .unwrap();
+                        (o, g)
+                    }
+                    _ => {
+                        let o = F::rms_norm(&x, &[512], Some(&wr), None).unwrap();
+                        let g = F::rms_norm_backward(&dy, &x, &[512], Some(&wr), &o.stats).unwrap();
+                        (o, g)
+                    }
+                };
+                let bits =
+                    |t: &Tensor<f32>| t.to_vec_physical().unwrap().into_iter().map(f32::to_bits);
+                bits(&o.output).chain(bits(&g.dx)).collect()
+            };
+            empty_cpu_cache();
+            let fresh = run();
+            // Two NaN buffers in the cache: the output and dx are written over them.
+            empty_cpu_cache();
+            poison();
+            poison();
+            let reused = run();
+            assert!(
+                fresh == reused,
+                "{op} ({}): an element left unwritten",
+                fmt.name()
+            );
+            assert!(fresh.iter().all(|&b| f32::from_bits(b).is_finite()));
+        }
+    }
+    empty_cpu_cache();
+}
