@@ -328,6 +328,24 @@ fn op_bits<T: Element>(out: &mut Vec<u32>) {
         let dy = tensor::<T>(&randn(n, 2, 0.0, 1.0), &shape, fmt);
         out.extend(run_all(&x, &dy).iter().flatten().map(|f| f.to_bits()));
     }
+    // Rows of 300: RMSNorm's bf16/f16 sum of squares in f32 lanes (groups of 8 chunks of 16, a
+    // partial group, a tail of 12).
+    let x = tensor::<T>(
+        &randn(5 * 300, 3, 0.5, 2.0),
+        &[5, 300],
+        MemoryFormat::Contiguous,
+    );
+    let dy = tensor::<T>(
+        &randn(5 * 300, 4, 0.0, 1.0),
+        &[5, 300],
+        MemoryFormat::Contiguous,
+    );
+    let w = Tensor::from_vec(randn(300, 7, 1.0, 0.3), &[300]).unwrap();
+    let o = F::rms_norm(&x, &[300], Some(&w), None).unwrap();
+    let g = F::rms_norm_backward(&dy, &x, &[300], Some(&w), &o.stats).unwrap();
+    for t in [o.output, g.dx] {
+        out.extend(t.to_vec().unwrap().iter().map(|v| v.to_f32().to_bits()));
+    }
 }
 
 /// [`op_bits`] of f32, bf16 and f16, as bytes.

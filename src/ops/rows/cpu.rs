@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::ops::engine::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -19,6 +19,11 @@ fn param_or(p: Option<&[f32]>, cols: usize, neutral: f32) -> std::borrow::Cow<'_
 
 /// Rows summed in f32 per column before their dγ/dβ partials are added into f64.
 const COL_FLUSH: usize = 8;
+
+/// f32 lanes of the bf16/f16 RMSNorm sum of squares, and the values each lane sums before it
+/// is added into f64.
+const SQ_LANES: usize = 16;
+const SQ_FLUSH: usize = 8;
 
 /// Rows up to this many values have the next row prefetched while they are worked on.
 const PREFETCH_ROW: usize = 8192;
@@ -55,20 +60,51 @@ multiversion! {
 multiversion! {
     /// One RMSNorm row: `y = x·rstd·w`; returns rstd.
     fn rms_norm_row<T: Element>(bufs: &mut Bufs, x: &[T], y: &mut [Out<T>], w: &[f32], eps: f64) -> f64 {
-        let mut acc = [0f64; LANES];
-        for_tiles!(bufs, x, |_, t| {
-            let (chunks, tail) = t.as_chunks::<LANES>();
-            for ch in chunks {
-                let v: [f64; LANES] = std::array::from_fn(|i| ch[i] as f64);
-                for i in 0..LANES {
-                    acc[i] = I::fma(v[i], v[i], acc[i]);
+        let n = x.len() as f64;
+        // bf16/f16 squares are exact in f32: summed in f32 lanes, 8 per lane, then in f64
+        // (relative error below 8 f32 ulps); kept where no square overflowed and the underflowed
+        // ones cannot matter (mean square >= 2^-100, each square off by at most 2^-150).
+        let sum32 = if T::DTYPE != DType::F32 {
+            let mut acc = [0f64; SQ_LANES];
+            let mut tail_sum = 0f64;
+            for_tiles!(bufs, x, |_, t| {
+                let (chunks, tail) = t.as_chunks::<SQ_LANES>();
+                for group in chunks.chunks(SQ_FLUSH) {
+                    let mut part = [0f32; SQ_LANES];
+                    for ch in group {
+                        for i in 0..SQ_LANES {
+                            part[i] = I::fma32(ch[i], ch[i], part[i]);
+                        }
+                    }
+                    for i in 0..SQ_LANES {
+                        acc[i] += part[i] as f64;
+                    }
                 }
-            }
-            for (a, v) in acc.iter_mut().zip(tail) {
-                *a += *v as f64 * *v as f64;
-            }
+                for v in tail {
+                    tail_sum += *v as f64 * *v as f64;
+                }
+            });
+            Some(acc.iter().sum::<f64>() + tail_sum).filter(|&s| s.is_finite() && s >= n * 2f64.powi(-100))
+        } else {
+            None
+        };
+        let sum = sum32.unwrap_or_else(|| {
+            let mut acc = [0f64; LANES];
+            for_tiles!(bufs, x, |_, t| {
+                let (chunks, tail) = t.as_chunks::<LANES>();
+                for ch in chunks {
+                    let v: [f64; LANES] = std::array::from_fn(|i| ch[i] as f64);
+                    for i in 0..LANES {
+                        acc[i] = I::fma(v[i], v[i], acc[i]);
+                    }
+                }
+                for (a, v) in acc.iter_mut().zip(tail) {
+                    *a += *v as f64 * *v as f64;
+                }
+            });
+            lanes_sum(acc)
         });
-        let r = 1.0 / (lanes_sum(acc) / x.len() as f64 + eps).sqrt();
+        let r = 1.0 / (sum / n + eps).sqrt();
         let r32 = r as f32;
         map_elems!(bufs, x, y, [wv = w], |v| v * r32 * wv);
         r
@@ -260,4 +296,59 @@ pub(crate) fn norm_rows_backward<T: Element>(
         }
     }
     (dx, dw, db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::{bf16, f16};
+
+    /// `rms_norm_row`'s rstd for `vals` rounded to `T`, against the exact f64 value.
+    fn rstd_error<T: Element>(vals: &[f32], eps: f64) -> (f64, f64) {
+        let x: Vec<T> = vals.iter().map(|&v| T::narrow1(v)).collect();
+        let exact = {
+            let ss: f64 = x.iter().map(|v| (v.to_f32() as f64).powi(2)).sum();
+            1.0 / (ss / x.len() as f64 + eps).sqrt()
+        };
+        let mut y = vec![Out::<T>::uninit(); x.len()];
+        let w = vec![1f32; x.len()];
+        let r = rms_norm_row(&mut Bufs::new(), &x, &mut y, &w, eps);
+        (r, ((r - exact) / exact).abs())
+    }
+
+    fn noise(i: usize) -> f32 {
+        ((i * 7919) % 1013) as f32 / 1013.0 * 2.0 - 1.0
+    }
+
+    /// The bf16/f16 sum of squares in f32 lanes: within its bound (8 f32 ulps on the sum, so
+    /// 4 on rstd; 5e-7 here) on rows that end in a partial group of chunks and a tail, and on a
+    /// row of 2^22 values (summed in f32 alone, without the f64 flush, it was 2e-6 to 7e-6 off);
+    /// bf16 squares that overflow or underflow f32 (values near 3e38, or all near 1e-30 with
+    /// eps = 0) fall back to the f64 sums (1e-12; f16 squares cannot leave f32's range).
+    fn rms_sum_of_squares<T: Element>() {
+        for len in [1, 15, 16, 17, 127, 128, 129, 300, 1000, 4099, 1 << 22] {
+            let vals: Vec<f32> = (0..len).map(|i| 1.0 + noise(i)).collect();
+            let (_, err) = rstd_error::<T>(&vals, 1e-5);
+            assert!(err < 5e-7, "{:?} len {len}: {err:e}", T::DTYPE);
+        }
+        if T::DTYPE == DType::BF16 {
+            let big: Vec<f32> = (0..300).map(|i| 3e38 * noise(i)).collect();
+            let (r, err) = rstd_error::<T>(&big, 1e-5);
+            assert!(r > 0.0 && err < 1e-12, "overflow: {r:e} {err:e}");
+        }
+        let tiny_scale = if T::DTYPE == DType::BF16 { 1e-30 } else { 1e-7 };
+        let tiny: Vec<f32> = (0..300).map(|i| tiny_scale * (0.5 + noise(i))).collect();
+        let (r, err) = rstd_error::<T>(&tiny, 0.0);
+        assert!(r.is_finite() && err < 1e-12, "underflow: {r:e} {err:e}");
+    }
+
+    #[test]
+    fn rms_sum_of_squares_bf16() {
+        rms_sum_of_squares::<bf16>();
+    }
+
+    #[test]
+    fn rms_sum_of_squares_f16() {
+        rms_sum_of_squares::<f16>();
+    }
 }
