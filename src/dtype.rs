@@ -125,6 +125,21 @@ pub trait Element:
     fn f16_bits_out(_x: &mut [MaybeUninit<Self>]) -> Option<&mut [MaybeUninit<u16>]> {
         None
     }
+    /// Whether `Self` is bf16 (a constant, so that kernels can prune bf16-only versions).
+    #[doc(hidden)]
+    const IS_BF16: bool = false;
+    /// The run's bits when `Self` is bf16.
+    #[doc(hidden)]
+    #[inline(always)]
+    fn bf16_bits(_x: &[Self]) -> Option<&[u16]> {
+        None
+    }
+    /// The output run as bf16 bits when `Self` is bf16.
+    #[doc(hidden)]
+    #[inline(always)]
+    fn bf16_bits_out(_x: &mut [MaybeUninit<Self>]) -> Option<&mut [MaybeUninit<u16>]> {
+        None
+    }
     /// The output run itself when `Self` is f32, so that stores need no copy.
     #[doc(hidden)]
     #[inline(always)]
@@ -227,6 +242,18 @@ impl Element for f16 {
 
 impl Element for bf16 {
     const DTYPE: DType = DType::BF16;
+    const IS_BF16: bool = true;
+    #[inline(always)]
+    fn bf16_bits(x: &[Self]) -> Option<&[u16]> {
+        use half::slice::HalfFloatSliceExt;
+        Some(x.reinterpret_cast())
+    }
+    #[inline(always)]
+    fn bf16_bits_out(x: &mut [MaybeUninit<Self>]) -> Option<&mut [MaybeUninit<u16>]> {
+        // SAFETY: `bf16` is `repr(transparent)` over `u16`, so `MaybeUninit<bf16>` and
+        // `MaybeUninit<u16>` have the same size, alignment and validity; the length is kept.
+        Some(unsafe { &mut *(x as *mut [MaybeUninit<bf16>] as *mut [MaybeUninit<u16>]) })
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)

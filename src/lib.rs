@@ -79,6 +79,14 @@ pub fn cpu_instruction_set() -> &'static str {
     ops::engine::simd::level().name()
 }
 
+/// Whether the AVX-512 kernels round bf16 outputs with AVX-512 BF16's `vcvtne2ps2bf16` (the
+/// CPU has it and the level is `"avx512"`; `CUNORM_CPU_BF16=0` turns it off). The same bits
+/// as without it. For `cunorm info`.
+#[doc(hidden)]
+pub fn cpu_bf16_rounding_in_hardware() -> bool {
+    ops::engine::simd::bf16_hw()
+}
+
 /// Functional ops, like `torch.nn.functional`: forward (output + saved statistics) and
 /// backward (`dx`, `dweight`, `dbias`) for every normalization.
 pub mod functional {

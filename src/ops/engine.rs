@@ -173,12 +173,23 @@ macro_rules! multiversion {
                 unsafe fn avx512<T: Element>($($a: $t),*) $(-> $ret)? {
                     body::<T, simd::Avx512>($($a),*)
                 }
+                #[target_feature(enable = "avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512bf16<T: Element>($($a: $t),*) $(-> $ret)? {
+                    body::<T, simd::Avx512Bf16>($($a),*)
+                }
                 #[target_feature(enable = "avx,avx2,fma,f16c")]
                 #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2<T: Element>($($a: $t),*) $(-> $ret)? {
                     body::<T, simd::Fma>($($a),*)
                 }
                 match simd::level() {
+                    // Only bf16 kernels get this version (the branch is pruned for other T).
+                    // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ/BF16, AVX2, FMA and F16C
+                    // (checked by `level` and `bf16_hw`).
+                    Level::Avx512 if const { T::IS_BF16 } && simd::bf16_hw() => {
+                        return unsafe { avx512bf16::<T>($($a),*) }
+                    }
                     // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ, AVX2, FMA and F16C
                     // (checked by `level`).
                     Level::Avx512 => return unsafe { avx512::<T>($($a),*) },
@@ -223,6 +234,17 @@ pub(crate) mod simd {
         fn to_f16x16(v: &[f32; 16], dst: &mut [std::mem::MaybeUninit<u16>; 16]) {
             for (d, v) in dst.iter_mut().zip(v) {
                 d.write(half::f16::from_f32(*v).to_bits());
+            }
+        }
+        /// Whether [`to_bf16x32`](Isa::to_bf16x32) is one AVX-512 BF16 instruction, so that
+        /// the element loops round bf16 outputs 32 at a time with it.
+        const BF16: bool = false;
+        /// 32 f32 rounded to bf16 (nearest even; NaN quiet with its sign and top payload
+        /// bits), written to `dst[..32]`: `half::bf16::from_f32`'s results, bit for bit.
+        #[inline(always)]
+        fn to_bf16x32(v: &[f32; 32], dst: &mut [std::mem::MaybeUninit<u16>; 32]) {
+            for (d, v) in dst.iter_mut().zip(v) {
+                d.write(<half::bf16 as Element>::narrow1(*v).to_bits());
             }
         }
         /// Adds Σ g and Σ g·(x − m) of two f32 tiles into f64 lanes (lane `i` takes the
@@ -287,7 +309,11 @@ pub(crate) mod simd {
     /// (f16 converted by F16C, 16 values at a time: `f16x16`/`to_f16x16` of module `$m`).
     macro_rules! vector_isa {
         ($name:ident, $m:ident) => {
+            vector_isa!($name, $m, {});
+        };
+        ($name:ident, $m:ident, { $($extra:item)* }) => {
             impl Isa for $name {
+                $($extra)*
                 #[inline(always)]
                 fn fma(a: f64, b: f64, c: f64) -> f64 {
                     a.mul_add(b, c)
@@ -365,12 +391,47 @@ pub(crate) mod simd {
     }
     vector_isa!(Fma, avx2);
     vector_isa!(Avx512, avx512);
+    #[cfg(target_arch = "x86_64")]
+    vector_isa!(Avx512Bf16, avx512, {
+        const BF16: bool = true;
+        #[inline(always)]
+        fn to_bf16x32(v: &[f32; 32], dst: &mut [std::mem::MaybeUninit<u16>; 32]) {
+            // SAFETY: this type is only used by the kernel versions compiled for AVX-512 with
+            // BF16, which run only where `level()` is Avx512 and `bf16_hw()` holds.
+            unsafe { avx512::to_bf16x32(v, dst) }
+        }
+    });
 
     /// The AVX-512 kernels' instruction set: the f64 reductions one 8-lane vector wide
     /// ([`avx512`]), f16 converted 16 at a time by AVX-512 F's `vcvtph2ps`/`vcvtps2ph`, and
     /// LLVM's element loops in 512-bit vectors.
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub struct Avx512;
+    /// [`Avx512`] with AVX-512 BF16 (Zen 4, Sapphire Rapids, Cooper Lake): bf16 outputs rounded
+    /// 32 at a time by `vcvtne2ps2bf16`. Used by the kernel versions of bf16 elements only.
+    #[cfg(target_arch = "x86_64")]
+    pub struct Avx512Bf16;
+
+    /// Whether the bf16 kernels may use AVX-512 BF16: the CPU has it, with the AVX-512 level
+    /// (read once; `CUNORM_CPU_ISA` below `avx512`, or `CUNORM_CPU_BF16=0`, turns it off).
+    pub fn bf16_hw() -> bool {
+        static HW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HW.get_or_init(|| {
+            level() == Level::Avx512
+                && detect_bf16()
+                && std::env::var("CUNORM_CPU_BF16").as_deref() != Ok("0")
+        })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn detect_bf16() -> bool {
+        std::is_x86_feature_detected!("avx512bf16")
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn detect_bf16() -> bool {
+        false
+    }
     /// [`Isa::acc_dev`] and [`Isa::acc_grad`] for one instruction set, written once over the
     /// module's 8-lane f64 vector `V8` and its `splat8`/`load8`/`store8`/`wide`/`add8`/`fma8`
     /// (two 4-lane vectors for AVX2, one 8-lane vector for AVX-512): lane `i` takes the values
@@ -773,6 +834,32 @@ pub(crate) mod simd {
         use crate::dtype::{DType, Element};
         use std::arch::x86_64::*;
 
+        /// 32 f32 to bf16 by `vcvtne2ps2bf16` (round to nearest even; a NaN comes out quiet
+        /// with its sign and top payload bits, as from `half`). The instruction reads f32
+        /// subnormals as zero, so a chunk with a subnormal value is rounded in software.
+        ///
+        /// # Safety
+        /// The CPU must support AVX-512 F/BW/VL/DQ and BF16 (the features enabled).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
+        pub unsafe fn to_bf16x32(v: &[f32; 32], dst: &mut [std::mem::MaybeUninit<u16>; 32]) {
+            // SAFETY: 32 f32 in, 32 initialized u16 written; unaligned.
+            unsafe {
+                let lo = _mm512_loadu_ps(v.as_ptr());
+                let hi = _mm512_loadu_ps(v.as_ptr().add(16));
+                // Class 0x20: subnormal.
+                let sub = _mm512_fpclass_ps_mask::<0x20>(lo) | _mm512_fpclass_ps_mask::<0x20>(hi);
+                if sub != 0 {
+                    for (d, v) in dst.iter_mut().zip(v) {
+                        d.write(<half::bf16 as Element>::narrow1(*v).to_bits());
+                    }
+                    return;
+                }
+                let r: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(dst.as_mut_ptr().cast(), r);
+            }
+        }
+
         /// # Safety
         /// The CPU must support AVX-512 F/BW/VL/DQ, AVX2, FMA and F16C (the features enabled).
         #[inline]
@@ -1123,7 +1210,33 @@ impl Bufs {
 macro_rules! map_elems {
     ($bufs:expr, $x:expr, $out:expr, [$($cv:ident = $c:expr),*], |$v:ident| $body:expr) => {{
         let (bufs, x, out): (&mut $crate::ops::engine::Bufs, _, _) = ($bufs, $x, $out);
-        if $crate::ops::engine::fused(x) {
+        if let (true, Some(xb), Some(ob)) = (
+            <I as $crate::ops::engine::simd::Isa>::BF16,
+            $crate::dtype::Element::bf16_bits(x),
+            $crate::dtype::Element::bf16_bits_out(&mut *out),
+        ) {
+            // bf16 with AVX-512 BF16: 32 outputs rounded by one instruction, the rest one by one.
+            let n = ob.len().min(xb.len());
+            let (ob, xb) = (&mut ob[..n], &xb[..n]);
+            $(let $cv: &[f32] = &$c[..n];)*
+            let full = n / 32 * 32;
+            for k0 in (0..full).step_by(32) {
+                let xs: &[u16; 32] = xb[k0..k0 + 32].try_into().unwrap();
+                $(let $cv: &[f32; 32] = $cv[k0..k0 + 32].try_into().unwrap();)*
+                let mut ys = [0f32; 32];
+                for l in 0..32 {
+                    $(let $cv = $cv[l];)*
+                    let $v = f32::from_bits((xs[l] as u32) << 16);
+                    ys[l] = $body;
+                }
+                <I as $crate::ops::engine::simd::Isa>::to_bf16x32(&ys, (&mut ob[k0..k0 + 32]).try_into().unwrap());
+            }
+            for k in full..n {
+                $(let $cv = $cv[k];)*
+                let $v = f32::from_bits((xb[k] as u32) << 16);
+                ob[k].write(<half::bf16 as $crate::dtype::Element>::narrow1($body).to_bits());
+            }
+        } else if $crate::ops::engine::fused(x) {
             let n = out.len().min(x.len());
             let (out, x) = (&mut out[..n], &x[..n]);
             $(let $cv: &[f32] = &$c[..n];)*
@@ -1181,7 +1294,37 @@ pub(crate) use map_elems;
 macro_rules! map_elems2 {
     ($bufs:expr, $g:expr, $x:expr, $out:expr, [$($cv:ident = $c:expr),*], |$gv:ident, $xv:ident| $body:expr) => {{
         let (bufs, g, x, out): (&mut $crate::ops::engine::Bufs, _, _, _) = ($bufs, $g, $x, $out);
-        if $crate::ops::engine::fused(x) {
+        if let (true, Some(gb), Some(xb), Some(ob)) = (
+            <I as $crate::ops::engine::simd::Isa>::BF16,
+            $crate::dtype::Element::bf16_bits(g),
+            $crate::dtype::Element::bf16_bits(x),
+            $crate::dtype::Element::bf16_bits_out(&mut *out),
+        ) {
+            // bf16 with AVX-512 BF16: 32 outputs rounded by one instruction, the rest one by one.
+            let n = ob.len().min(xb.len()).min(gb.len());
+            let (ob, gb, xb) = (&mut ob[..n], &gb[..n], &xb[..n]);
+            $(let $cv: &[f32] = &$c[..n];)*
+            let full = n / 32 * 32;
+            for k0 in (0..full).step_by(32) {
+                let gs: &[u16; 32] = gb[k0..k0 + 32].try_into().unwrap();
+                let xs: &[u16; 32] = xb[k0..k0 + 32].try_into().unwrap();
+                $(let $cv: &[f32; 32] = $cv[k0..k0 + 32].try_into().unwrap();)*
+                let mut ys = [0f32; 32];
+                for l in 0..32 {
+                    $(let $cv = $cv[l];)*
+                    let $gv = f32::from_bits((gs[l] as u32) << 16);
+                    let $xv = f32::from_bits((xs[l] as u32) << 16);
+                    ys[l] = $body;
+                }
+                <I as $crate::ops::engine::simd::Isa>::to_bf16x32(&ys, (&mut ob[k0..k0 + 32]).try_into().unwrap());
+            }
+            for k in full..n {
+                $(let $cv = $cv[k];)*
+                let $gv = f32::from_bits((gb[k] as u32) << 16);
+                let $xv = f32::from_bits((xb[k] as u32) << 16);
+                ob[k].write(<half::bf16 as $crate::dtype::Element>::narrow1($body).to_bits());
+            }
+        } else if $crate::ops::engine::fused(x) {
             let n = out.len().min(x.len()).min(g.len());
             let (out, g, x) = (&mut out[..n], &g[..n], &x[..n]);
             $(let $cv: &[f32] = &$c[..n];)*
@@ -1744,6 +1887,60 @@ mod tests {
         }
         if simd::level() >= Level::Avx512 {
             check::<simd::Avx512>();
+        }
+    }
+
+    /// bf16 rounding 32 at a time (AVX-512 BF16 where the CPU has it, else the portable
+    /// default) gives `half::bf16::from_f32`'s bits, NaN payloads included: every bf16 value,
+    /// its negation, the midpoint to the next one and the f32 values either side of it; the
+    /// conversion tests' bit patterns; every top half with random low bits; f32 subnormals
+    /// (which the instruction reads as zero) alone and among normal values in a chunk.
+    #[test]
+    fn bf16x32_rounding_matches_half() {
+        fn check<I: Isa>() {
+            let mut vals = Vec::new();
+            for b in 0..=u16::MAX {
+                let lo = bf16::from_bits(b).to_f32();
+                let hi = bf16::from_bits(b.wrapping_add(1)).to_f32();
+                let mid = (lo as f64 * 0.5 + hi as f64 * 0.5) as f32;
+                vals.extend([lo, -lo, mid]);
+                if mid.is_finite() && mid != 0.0 {
+                    vals.extend([
+                        f32::from_bits(mid.to_bits() + 1),
+                        f32::from_bits(mid.to_bits() - 1),
+                    ]);
+                }
+                vals.push(f32::from_bits(
+                    ((b as u32) << 16) | ((b as u32 * 40503) & 0xffff),
+                ));
+            }
+            vals.extend(crate::dtype::tests::bit_patterns());
+            vals.extend((1..64u32).map(|k| f32::from_bits(k * 0x0001_fffd)));
+            vals.extend((1..64u32).map(|k| -f32::from_bits(k * 0x0001_0001)));
+            vals.resize(vals.len().div_ceil(32) * 32, 1.0);
+            // A subnormal in a chunk of normal values.
+            vals[40] = 1e-40;
+            for v in vals.chunks_exact(32) {
+                let mut out = [std::mem::MaybeUninit::new(0u16); 32];
+                I::to_bf16x32(v.try_into().unwrap(), &mut out);
+                for (o, &x) in out.iter().zip(v) {
+                    // SAFETY: to_bf16x32 writes all 32.
+                    let got = unsafe { o.assume_init() };
+                    assert_eq!(
+                        got,
+                        bf16::from_f32(x).to_bits(),
+                        "{x:e} ({:#x})",
+                        x.to_bits()
+                    );
+                }
+            }
+        }
+        check::<simd::Plain>();
+        #[cfg(target_arch = "x86_64")]
+        if simd::bf16_hw() {
+            check::<simd::Avx512Bf16>();
+        } else {
+            eprintln!("no AVX-512 BF16 on this CPU (or it is turned off): its rounding not run");
         }
     }
 

@@ -361,6 +361,12 @@ fn standard_bits() -> Vec<u8> {
 /// each must run and pass), with `every_instruction_set` among them checking that the child
 /// runs that version and, with `bits_out`, writing [`standard_bits`] there.
 fn run_with_isa(isa: &str, names: &[&str], bits_out: Option<&std::path::Path>) {
+    run_child(isa, false, names, bits_out)
+}
+
+/// [`run_with_isa`], with `CUNORM_CPU_BF16=0` when `bf16_off` (the AVX-512 kernels without
+/// AVX-512 BF16's rounding).
+fn run_child(isa: &str, bf16_off: bool, names: &[&str], bits_out: Option<&std::path::Path>) {
     let me = "cpu_paths::every_instruction_set";
     let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
     cmd.args(names)
@@ -368,6 +374,11 @@ fn run_with_isa(isa: &str, names: &[&str], bits_out: Option<&std::path::Path>) {
         .args(["--exact", "--test-threads", "2"]);
     cmd.env("CUNORM_CPU_ISA", isa)
         .env("CUNORM_TEST_CHILD_ISA", isa);
+    if bf16_off {
+        cmd.env("CUNORM_CPU_BF16", "0");
+    } else {
+        cmd.env_remove("CUNORM_CPU_BF16");
+    }
     match bits_out {
         Some(p) => cmd.env("CUNORM_TEST_BITS_OUT", p),
         None => cmd.env_remove("CUNORM_TEST_BITS_OUT"),
@@ -399,6 +410,9 @@ fn every_instruction_set() {
     if let Some(isa) = std::env::var_os("CUNORM_TEST_CHILD_ISA") {
         // A child: it must run the version it was asked for, and report its bits if asked.
         assert_eq!(cunorm::cpu_instruction_set(), isa.to_str().unwrap());
+        if std::env::var_os("CUNORM_CPU_BF16").is_some_and(|v| v == "0") {
+            assert!(!cunorm::cpu_bf16_rounding_in_hardware());
+        }
         if let Some(path) = std::env::var_os("CUNORM_TEST_BITS_OUT") {
             std::fs::write(path, standard_bits()).unwrap();
         }
@@ -412,20 +426,27 @@ fn every_instruction_set() {
     ];
     match cunorm::cpu_instruction_set() {
         "avx512" => {
-            let path = std::env::temp_dir().join(format!("cunorm-bits-{}", std::process::id()));
-            run_with_isa("avx2", &sweeps, Some(&path));
-            let child = std::fs::read(&path).unwrap();
-            let _ = std::fs::remove_file(&path);
             let own = standard_bits();
-            assert!(
-                child.len() == own.len() && !own.is_empty(),
-                "no bits from the child"
-            );
-            let first = own.iter().zip(&child).position(|(a, b)| a != b);
-            assert_eq!(
-                first, None,
-                "AVX2 and AVX-512 outputs differ (first byte differing)"
-            );
+            let path = std::env::temp_dir().join(format!("cunorm-bits-{}", std::process::id()));
+            // AVX2; and, where this process rounds bf16 with AVX-512 BF16, AVX-512 without it.
+            let mut children = vec![("avx2", false, "AVX2")];
+            if cunorm::cpu_bf16_rounding_in_hardware() {
+                children.push(("avx512", true, "AVX-512 without BF16"));
+            }
+            for (isa, bf16_off, what) in children {
+                run_child(isa, bf16_off, &sweeps, Some(&path));
+                let child = std::fs::read(&path).unwrap();
+                let _ = std::fs::remove_file(&path);
+                assert!(
+                    child.len() == own.len() && !own.is_empty(),
+                    "no bits from the child"
+                );
+                let first = own.iter().zip(&child).position(|(a, b)| a != b);
+                assert_eq!(
+                    first, None,
+                    "{what} and AVX-512 outputs differ (first byte differing)"
+                );
+            }
         }
         "avx2" => eprintln!("no AVX-512 on this CPU: its kernels are not run"),
         _ => eprintln!("baseline CPU (or CUNORM_CPU_ISA=baseline): only its kernels run"),

@@ -154,9 +154,14 @@ fn run(cli: Cli) -> cunorm::Result<()> {
         Command::Info => {
             println!("cunorm {}", env!("CARGO_PKG_VERSION"));
             println!(
-                "cpu: usable ({} threads, {} kernels)",
+                "cpu: usable ({} threads, {} kernels{})",
                 rayon::current_num_threads(),
-                cunorm::cpu_instruction_set()
+                cunorm::cpu_instruction_set(),
+                if cunorm::cpu_bf16_rounding_in_hardware() {
+                    ", bf16 rounded by AVX-512 BF16"
+                } else {
+                    ""
+                }
             );
             match nvrtc::nvrtc_version() {
                 Ok((a, b)) => println!("nvrtc: {a}.{b}"),
