@@ -12,7 +12,11 @@
 //! Smaller buffers are left to the allocator: glibc raises its mmap threshold to the largest
 //! size freed, up to 32 MiB, and then reuses such buffers itself; and on the development VM
 //! outputs of 16–25 MiB taken from this cache ran 1.2–1.35x slower than glibc's reuse (LayerNorm
-//! [4096, 1024] f32 backward, BatchNorm channels-last forward; cause not found: docs/PERF.md).
+//! [4096, 1024] f32 backward, BatchNorm channels-last forward; docs/PERF.md, "This session's
+//! CPU changes", has the figures and the suspected cause).
+//!
+//! An output may get a buffer up to 1.25x its size; where its `Vec` leaves cunorm (candle's
+//! storage takes it) that spare capacity goes with it and is freed by its new owner.
 //!
 //! A reused buffer keeps the bytes of its last tensor until the op writes it: every user
 //! ([`crate::ops::engine::filled_vec`]) writes all of its elements.
@@ -198,10 +202,12 @@ pub(crate) fn take<T>(n: usize) -> Option<Vec<T>> {
 }
 
 /// Hands a dropped tensor's elements to the cache (or frees them).
-pub(crate) fn give<T>(v: Vec<T>) {
+pub(crate) fn give<T>(mut v: Vec<T>) {
     if v.capacity().saturating_mul(std::mem::size_of::<T>()) < MIN_BYTES {
         return;
     }
+    // Only the allocation is kept: elements are dropped here (a no-op for the float types).
+    v.clear();
     // Whatever is freed (v, or the blocks it displaced) is freed here, after the lock.
     let freed = with_global(|c| c.give(v));
     drop(freed);

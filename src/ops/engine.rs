@@ -156,7 +156,10 @@ impl Moments {
 /// the baseline target and, on x86-64, for AVX2+FMA+F16C and for AVX-512 (F, BW, VL, DQ), the
 /// widest the CPU supports picked at run time ([`simd::level`]). The element loops are the same
 /// per-element arithmetic at every width, and the hand-written reductions keep the same lanes
-/// in the same order, so the AVX-512 and AVX2 versions give the same bits.
+/// in the same order, so the AVX-512 and AVX2 versions give the same bits. bf16 kernels get a
+/// fourth version, AVX-512 with BF16 ([`simd::Avx512Bf16`]: outputs rounded by
+/// `vcvtne2ps2bf16`, the same bits), where [`simd::bf16_hw`] holds; other element types do
+/// not compile it (the branch is on the constant `Element::IS_BF16`).
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident<T: Element>($($a:ident: $t:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
@@ -396,6 +399,7 @@ pub(crate) mod simd {
         const BF16: bool = true;
         #[inline(always)]
         fn to_bf16x32(v: &[f32; 32], dst: &mut [std::mem::MaybeUninit<u16>; 32]) {
+            debug_assert!(bf16_hw());
             // SAFETY: this type is only used by the kernel versions compiled for AVX-512 with
             // BF16, which run only where `level()` is Avx512 and `bf16_hw()` holds.
             unsafe { avx512::to_bf16x32(v, dst) }

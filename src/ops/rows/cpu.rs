@@ -62,8 +62,10 @@ multiversion! {
     fn rms_norm_row<T: Element>(bufs: &mut Bufs, x: &[T], y: &mut [Out<T>], w: &[f32], eps: f64) -> f64 {
         let n = x.len() as f64;
         // bf16/f16 squares are exact in f32: summed in f32 lanes, 8 per lane, then in f64
-        // (relative error below 8 f32 ulps); kept where no square overflowed and the underflowed
-        // ones cannot matter (mean square >= 2^-100, each square off by at most 2^-150).
+        // (relative error below 8 f32 ulps); kept where no square overflowed (the sum is
+        // finite) and, for bf16, the underflowed ones cannot matter (mean square >= 2^-100,
+        // each square off by at most 2^-150). An f16 square is at least 2^-48 or exactly 0, so
+        // an f16 sum never underflows (a row of zeros keeps its exact 0).
         let sum32 = if T::DTYPE != DType::F32 {
             let mut acc = [0f64; SQ_LANES];
             let mut tail_sum = 0f64;
@@ -84,7 +86,7 @@ multiversion! {
                     tail_sum += *v as f64 * *v as f64;
                 }
             });
-            Some(acc.iter().sum::<f64>() + tail_sum).filter(|&s| s.is_finite() && s >= n * 2f64.powi(-100))
+            Some(acc.iter().sum::<f64>() + tail_sum).filter(|&s| s.is_finite() && (!T::IS_BF16 || s >= n * 2f64.powi(-100)))
         } else {
             None
         };
@@ -324,7 +326,10 @@ mod tests {
     /// 4 on rstd; 5e-7 here) on rows that end in a partial group of chunks and a tail, and on a
     /// row of 2^22 values (summed in f32 alone, without the f64 flush, it was 2e-6 to 7e-6 off);
     /// bf16 squares that overflow or underflow f32 (values near 3e38, or all near 1e-30 with
-    /// eps = 0) fall back to the f64 sums (1e-12; f16 squares cannot leave f32's range).
+    /// eps = 0) fall back to the f64 sums (1e-12). f16 squares cannot leave f32's range: its
+    /// tiny row (subnormals near 1e-7) stays in the f32 lanes, whose sums of such squares
+    /// (at most 22 significant bits each) are exact; and a row of zeros with eps = 0 gives
+    /// rstd = inf, as the f64 sum does.
     fn rms_sum_of_squares<T: Element>() {
         for len in [1, 15, 16, 17, 127, 128, 129, 300, 1000, 4099, 1 << 22] {
             let vals: Vec<f32> = (0..len).map(|i| 1.0 + noise(i)).collect();
@@ -340,6 +345,8 @@ mod tests {
         let tiny: Vec<f32> = (0..300).map(|i| tiny_scale * (0.5 + noise(i))).collect();
         let (r, err) = rstd_error::<T>(&tiny, 0.0);
         assert!(r.is_finite() && err < 1e-12, "underflow: {r:e} {err:e}");
+        let (r, _) = rstd_error::<T>(&[0.0; 300], 0.0);
+        assert_eq!(r, f64::INFINITY, "zeros");
     }
 
     #[test]
