@@ -1693,6 +1693,47 @@ pub(crate) fn f32_col_sums_accurate(n: f64, m: f32, s1: f64, s2: f64) -> bool {
     s2 >= n * TINY && s2 <= F32_SUMS_RATIO * (s2 - s1 * s1 / n)
 }
 
+/// The shortest run whose bf16/f16 moments take the f32 lanes.
+pub(crate) const F32_RUN_MIN: usize = 256;
+
+/// Moments of a run of at most [`RUN_CHUNK`] values (a LayerNorm row, a planes run's piece):
+/// bf16/f16 runs of at least [`F32_RUN_MIN`] values in f32 lanes ([`run_moments_f32`]) where
+/// accurate; f32, shorter and declined runs in f64 lanes ([`moments_body`]).
+#[inline(always)]
+pub(crate) fn moments_of<T: Element, I: simd::Isa>(bufs: &mut Bufs, x: &[T]) -> Moments {
+    if T::DTYPE != crate::dtype::DType::F32 && x.len() >= F32_RUN_MIN {
+        if let Some(m) = run_moments_f32::<T, I>(x) {
+            return m;
+        }
+    }
+    moments_body::<T, I>(bufs, x)
+}
+
+/// A bf16/f16 run's moments in f32 lanes: the run as rows of [`COLS`] values through the
+/// column kernel ([`simd::Isa::cols_dev32`]), every column shifted by one value (the f32 mean
+/// of the first row), the columns' f64 sums and the tail's added into one shifted sum pair.
+/// Kept where [`f32_col_sums_accurate`] holds for the run (the kernel's bound does not depend
+/// on how its f64 sums are grouped), else `None`.
+#[inline(always)]
+pub(crate) fn run_moments_f32<T: Element, I: simd::Isa>(x: &[T]) -> Option<Moments> {
+    let head = &x[..x.len().min(COLS)];
+    let m = head.iter().map(|v| v.widen1_arith()).sum::<f32>() / head.len().max(1) as f32;
+    if head.is_empty() || !m.is_finite() {
+        return None;
+    }
+    let full = x.len() / COLS * COLS;
+    let (mut s, mut q) = ([0f64; COLS], [0f64; COLS]);
+    I::cols_dev32::<T, false>(&x[..full], &x[..full], COLS, &[m; COLS], &mut s, &mut q);
+    let (mut s1, mut s2) = (s.iter().sum::<f64>(), q.iter().sum::<f64>());
+    for v in &x[full..] {
+        let d = v.widen1_arith() as f64 - m as f64;
+        s1 += d;
+        s2 += d * d;
+    }
+    let n = x.len() as f64;
+    f32_col_sums_accurate(n, m, s1, s2).then(|| Moments::two_pass(n, m as f64, s1, s2))
+}
+
 /// Whether every value of column `c` of a row-major block of `cols` columns equals `m`
 /// (as f32; -0 equals +0).
 #[inline(always)]

@@ -46,9 +46,9 @@ multiversion! {
             prefetch_after(x, x.len());
         }
         let mo = if x.len() <= RUN_CHUNK {
-            moments_body::<T, I>(bufs, x)
+            moments_of::<T, I>(bufs, x)
         } else {
-            x.chunks(RUN_CHUNK).map(|c| moments_body::<T, I>(bufs, c)).fold(Moments::default(), Moments::merge)
+            x.chunks(RUN_CHUNK).map(|c| moments_of::<T, I>(bufs, c)).fold(Moments::default(), Moments::merge)
         };
         let (mean, rstd) = (mo.mean, 1.0 / (mo.var_biased() + eps).sqrt());
         let (m, r) = (SplitMean::new(mean), rstd as f32);
