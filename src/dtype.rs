@@ -416,10 +416,17 @@ pub(crate) mod tests {
     /// The f16 rounding cases: every f16 value, its negation, the midpoint to its neighbour
     /// and the f32 values just below and above that midpoint.
     pub(crate) fn f16_rounding_cases() -> Vec<f32> {
+        rounding_cases(|b| f16::from_bits(b).to_f32())
+    }
+
+    /// The rounding cases of a 16-bit float type whose bit pattern `b` is the value
+    /// `widen(b)`: every value, its negation, the midpoint to its neighbour and the f32
+    /// values just below and above that midpoint.
+    pub(crate) fn rounding_cases(widen: impl Fn(u16) -> f32) -> Vec<f32> {
         let mut v = Vec::new();
         for b in 0..=u16::MAX {
-            let lo = f16::from_bits(b).to_f32();
-            let hi = f16::from_bits(b.wrapping_add(1)).to_f32();
+            let lo = widen(b);
+            let hi = widen(b.wrapping_add(1));
             let mid = (lo as f64 * 0.5 + hi as f64 * 0.5) as f32;
             v.extend([lo, -lo, mid]);
             if mid.is_finite() && mid != 0.0 {

@@ -1943,22 +1943,10 @@ mod tests {
     #[test]
     fn bf16x32_rounding_matches_half() {
         fn check<I: Isa>() {
-            let mut vals = Vec::new();
-            for b in 0..=u16::MAX {
-                let lo = bf16::from_bits(b).to_f32();
-                let hi = bf16::from_bits(b.wrapping_add(1)).to_f32();
-                let mid = (lo as f64 * 0.5 + hi as f64 * 0.5) as f32;
-                vals.extend([lo, -lo, mid]);
-                if mid.is_finite() && mid != 0.0 {
-                    vals.extend([
-                        f32::from_bits(mid.to_bits() + 1),
-                        f32::from_bits(mid.to_bits() - 1),
-                    ]);
-                }
-                vals.push(f32::from_bits(
-                    ((b as u32) << 16) | ((b as u32 * 40503) & 0xffff),
-                ));
-            }
+            let mut vals = crate::dtype::tests::rounding_cases(|b| bf16::from_bits(b).to_f32());
+            vals.extend(
+                (0..=u16::MAX as u32).map(|b| f32::from_bits((b << 16) | ((b * 40503) & 0xffff))),
+            );
             vals.extend(crate::dtype::tests::bit_patterns());
             vals.extend((1..64u32).map(|k| f32::from_bits(k * 0x0001_fffd)));
             vals.extend((1..64u32).map(|k| -f32::from_bits(k * 0x0001_0001)));
