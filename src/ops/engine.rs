@@ -1721,6 +1721,17 @@ pub(crate) fn run_moments_f32<T: Element, I: simd::Isa>(x: &[T]) -> Option<Momen
     if head.is_empty() || !m.is_finite() {
         return None;
     }
+    let (s1, s2) = run_dev32::<T, I>(x, m);
+    let n = x.len() as f64;
+    f32_col_sums_accurate(n, m, s1, s2).then(|| Moments::two_pass(n, m as f64, s1, s2))
+}
+
+/// Σ(x − m) and Σ(x − m)² of a bf16/f16 run in f32 lanes: the run as rows of [`COLS`] values
+/// through the column kernel ([`simd::Isa::cols_dev32`]: f32 partials over
+/// [`COL32_TILE_ROWS`] values, added into f64), the 16 columns' sums and the tail (in f64)
+/// added into one pair. Not checked: the caller decides whether the sums are accurate.
+#[inline(always)]
+pub(crate) fn run_dev32<T: Element, I: simd::Isa>(x: &[T], m: f32) -> (f64, f64) {
     let full = x.len() / COLS * COLS;
     let (mut s, mut q) = ([0f64; COLS], [0f64; COLS]);
     I::cols_dev32::<T, false>(&x[..full], &x[..full], COLS, &[m; COLS], &mut s, &mut q);
@@ -1730,8 +1741,7 @@ pub(crate) fn run_moments_f32<T: Element, I: simd::Isa>(x: &[T]) -> Option<Momen
         s1 += d;
         s2 += d * d;
     }
-    let n = x.len() as f64;
-    f32_col_sums_accurate(n, m, s1, s2).then(|| Moments::two_pass(n, m as f64, s1, s2))
+    (s1, s2)
 }
 
 /// Whether every value of column `c` of a row-major block of `cols` columns equals `m`

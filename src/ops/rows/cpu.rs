@@ -20,11 +20,6 @@ fn param_or(p: Option<&[f32]>, cols: usize, neutral: f32) -> std::borrow::Cow<'_
 /// Rows summed in f32 per column before their dγ/dβ partials are added into f64.
 const COL_FLUSH: usize = 8;
 
-/// f32 lanes of the bf16/f16 RMSNorm sum of squares, and the values each lane sums before it
-/// is added into f64.
-const SQ_LANES: usize = 16;
-const SQ_FLUSH: usize = 8;
-
 /// Rows up to this many values have the next row prefetched while they are worked on.
 const PREFETCH_ROW: usize = 8192;
 
@@ -61,32 +56,14 @@ multiversion! {
     /// One RMSNorm row: `y = x·rstd·w`; returns rstd.
     fn rms_norm_row<T: Element>(bufs: &mut Bufs, x: &[T], y: &mut [Out<T>], w: &[f32], eps: f64) -> f64 {
         let n = x.len() as f64;
-        // bf16/f16 squares are exact in f32: summed in f32 lanes, 8 per lane, then in f64
-        // (relative error below 8 f32 ulps); kept where no square overflowed (the sum is
-        // finite) and, for bf16, the underflowed ones cannot matter (mean square >= 2^-100,
-        // each square off by at most 2^-150). An f16 square is at least 2^-48 or exactly 0, so
-        // an f16 sum never underflows (a row of zeros keeps its exact 0).
+        // bf16/f16 squares are exact in f32: summed by the column kernel with shift 0
+        // (`run_dev32`: f32 partials of 8 values, then f64; relative error below 8 f32 ulps);
+        // kept where no square overflowed (the sum is finite) and, for bf16, the underflowed
+        // ones cannot matter (mean square >= 2^-100, each square off by at most 2^-150). An
+        // f16 square is at least 2^-48 or exactly 0, so an f16 sum never underflows (a row of
+        // zeros keeps its exact 0).
         let sum32 = if T::DTYPE != DType::F32 {
-            let mut acc = [0f64; SQ_LANES];
-            let mut tail_sum = 0f64;
-            for_tiles!(bufs, x, |_, t| {
-                let (chunks, tail) = t.as_chunks::<SQ_LANES>();
-                for group in chunks.chunks(SQ_FLUSH) {
-                    let mut part = [0f32; SQ_LANES];
-                    for ch in group {
-                        for i in 0..SQ_LANES {
-                            part[i] = I::fma32(ch[i], ch[i], part[i]);
-                        }
-                    }
-                    for i in 0..SQ_LANES {
-                        acc[i] += part[i] as f64;
-                    }
-                }
-                for v in tail {
-                    tail_sum += *v as f64 * *v as f64;
-                }
-            });
-            Some(acc.iter().sum::<f64>() + tail_sum).filter(|&s| s.is_finite() && (!T::IS_BF16 || s >= n * 2f64.powi(-100)))
+            Some(run_dev32::<T, I>(x, 0.0).1).filter(|&s| s.is_finite() && (!T::IS_BF16 || s >= n * 2f64.powi(-100)))
         } else {
             None
         };
