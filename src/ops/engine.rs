@@ -230,24 +230,29 @@ pub(crate) mod simd {
         /// 16 f16 (bits) as f32.
         #[inline(always)]
         fn f16x16(h: &[u16; 16]) -> [f32; 16] {
-            std::array::from_fn(|i| half::f16::from_bits(h[i]).to_f32())
+            std::array::from_fn(|i| super::f16_widen1(h[i]))
         }
         /// 16 f32 rounded to f16 (nearest even), written to `dst[..16]`.
         #[inline(always)]
         fn to_f16x16(v: &[f32; 16], dst: &mut [std::mem::MaybeUninit<u16>; 16]) {
             for (d, v) in dst.iter_mut().zip(v) {
-                d.write(half::f16::from_f32(*v).to_bits());
+                d.write(super::f16_narrow1(*v));
             }
         }
         /// Whether [`to_bf16x32`](Isa::to_bf16x32) is one AVX-512 BF16 instruction, so that
         /// the element loops round bf16 outputs 32 at a time with it.
         const BF16: bool = false;
+        /// 32 bf16 (bits) as f32: shifts, which LLVM vectorizes at any level.
+        #[inline(always)]
+        fn bf16x32(h: &[u16; 32]) -> [f32; 32] {
+            std::array::from_fn(|i| super::bf16_widen1(h[i]))
+        }
         /// 32 f32 rounded to bf16 (nearest even; NaN quiet with its sign and top payload
         /// bits), written to `dst[..32]`: `half::bf16::from_f32`'s results, bit for bit.
         #[inline(always)]
         fn to_bf16x32(v: &[f32; 32], dst: &mut [std::mem::MaybeUninit<u16>; 32]) {
             for (d, v) in dst.iter_mut().zip(v) {
-                d.write(<half::bf16 as Element>::narrow1(*v).to_bits());
+                d.write(super::bf16_narrow1(*v));
             }
         }
         /// Adds Σ g and Σ g·(x − m) of two f32 tiles into f64 lanes (lane `i` takes the
@@ -1219,27 +1224,9 @@ macro_rules! map_elems {
             $crate::dtype::Element::bf16_bits(x),
             $crate::dtype::Element::bf16_bits_out(&mut *out),
         ) {
-            // bf16 with AVX-512 BF16: 32 outputs rounded by one instruction, the rest one by one.
-            let n = ob.len().min(xb.len());
-            let (ob, xb) = (&mut ob[..n], &xb[..n]);
-            $(let $cv: &[f32] = &$c[..n];)*
-            let full = n / 32 * 32;
-            for k0 in (0..full).step_by(32) {
-                let xs: &[u16; 32] = xb[k0..k0 + 32].try_into().unwrap();
-                $(let $cv: &[f32; 32] = $cv[k0..k0 + 32].try_into().unwrap();)*
-                let mut ys = [0f32; 32];
-                for l in 0..32 {
-                    $(let $cv = $cv[l];)*
-                    let $v = f32::from_bits((xs[l] as u32) << 16);
-                    ys[l] = $body;
-                }
-                <I as $crate::ops::engine::simd::Isa>::to_bf16x32(&ys, (&mut ob[k0..k0 + 32]).try_into().unwrap());
-            }
-            for k in full..n {
-                $(let $cv = $cv[k];)*
-                let $v = f32::from_bits((xb[k] as u32) << 16);
-                ob[k].write(<half::bf16 as $crate::dtype::Element>::narrow1($body).to_bits());
-            }
+            // bf16 with AVX-512 BF16: 32 outputs rounded by one instruction.
+            $crate::ops::engine::map_chunks!(32, bf16x32, to_bf16x32, bf16_widen1, bf16_narrow1,
+                ob, [xb => $v], [$($cv = $c),*], $body);
         } else if $crate::ops::engine::fused(x) {
             let n = out.len().min(x.len());
             let (out, x) = (&mut out[..n], &x[..n]);
@@ -1255,27 +1242,9 @@ macro_rules! map_elems {
             $crate::dtype::Element::f16_bits_out(&mut *out),
         ) {
             // f16 with F16C: 16 values converted in registers at a time (one AVX-512 or two
-            // AVX2 instructions), the rest one by one.
-            let n = ob.len().min(xb.len());
-            let (ob, xb) = (&mut ob[..n], &xb[..n]);
-            $(let $cv: &[f32] = &$c[..n];)*
-            let full = n / 16 * 16;
-            for k0 in (0..full).step_by(16) {
-                let xs = <I as $crate::ops::engine::simd::Isa>::f16x16(xb[k0..k0 + 16].try_into().unwrap());
-                $(let $cv: &[f32; 16] = $cv[k0..k0 + 16].try_into().unwrap();)*
-                let mut ys = [0f32; 16];
-                for l in 0..16 {
-                    $(let $cv = $cv[l];)*
-                    let $v = xs[l];
-                    ys[l] = $body;
-                }
-                <I as $crate::ops::engine::simd::Isa>::to_f16x16(&ys, (&mut ob[k0..k0 + 16]).try_into().unwrap());
-            }
-            for k in full..n {
-                $(let $cv = $cv[k];)*
-                let $v = half::f16::from_bits(xb[k]).to_f32();
-                ob[k].write(half::f16::from_f32($body).to_bits());
-            }
+            // AVX2 instructions).
+            $crate::ops::engine::map_chunks!(16, f16x16, to_f16x16, f16_widen1, f16_narrow1,
+                ob, [xb => $v], [$($cv = $c),*], $body);
         } else {
             $crate::ops::engine::map_tiles!(bufs, x, out, |off, xt, yt| {
                 let n = yt.len().min(xt.len());
@@ -1304,30 +1273,9 @@ macro_rules! map_elems2 {
             $crate::dtype::Element::bf16_bits(x),
             $crate::dtype::Element::bf16_bits_out(&mut *out),
         ) {
-            // bf16 with AVX-512 BF16: 32 outputs rounded by one instruction, the rest one by one.
-            let n = ob.len().min(xb.len()).min(gb.len());
-            let (ob, gb, xb) = (&mut ob[..n], &gb[..n], &xb[..n]);
-            $(let $cv: &[f32] = &$c[..n];)*
-            let full = n / 32 * 32;
-            for k0 in (0..full).step_by(32) {
-                let gs: &[u16; 32] = gb[k0..k0 + 32].try_into().unwrap();
-                let xs: &[u16; 32] = xb[k0..k0 + 32].try_into().unwrap();
-                $(let $cv: &[f32; 32] = $cv[k0..k0 + 32].try_into().unwrap();)*
-                let mut ys = [0f32; 32];
-                for l in 0..32 {
-                    $(let $cv = $cv[l];)*
-                    let $gv = f32::from_bits((gs[l] as u32) << 16);
-                    let $xv = f32::from_bits((xs[l] as u32) << 16);
-                    ys[l] = $body;
-                }
-                <I as $crate::ops::engine::simd::Isa>::to_bf16x32(&ys, (&mut ob[k0..k0 + 32]).try_into().unwrap());
-            }
-            for k in full..n {
-                $(let $cv = $cv[k];)*
-                let $gv = f32::from_bits((gb[k] as u32) << 16);
-                let $xv = f32::from_bits((xb[k] as u32) << 16);
-                ob[k].write(<half::bf16 as $crate::dtype::Element>::narrow1($body).to_bits());
-            }
+            // bf16 with AVX-512 BF16: 32 outputs rounded by one instruction.
+            $crate::ops::engine::map_chunks!(32, bf16x32, to_bf16x32, bf16_widen1, bf16_narrow1,
+                ob, [gb => $gv, xb => $xv], [$($cv = $c),*], $body);
         } else if $crate::ops::engine::fused(x) {
             let n = out.len().min(x.len()).min(g.len());
             let (out, g, x) = (&mut out[..n], &g[..n], &x[..n]);
@@ -1344,28 +1292,9 @@ macro_rules! map_elems2 {
             $crate::dtype::Element::f16_bits(x),
             $crate::dtype::Element::f16_bits_out(&mut *out),
         ) {
-            // f16 with F16C: 16 values converted in registers at a time, the rest one by one.
-            let n = ob.len().min(xb.len()).min(gb.len());
-            let (ob, gb, xb) = (&mut ob[..n], &gb[..n], &xb[..n]);
-            $(let $cv: &[f32] = &$c[..n];)*
-            let full = n / 16 * 16;
-            for k0 in (0..full).step_by(16) {
-                let gs = <I as $crate::ops::engine::simd::Isa>::f16x16(gb[k0..k0 + 16].try_into().unwrap());
-                let xs = <I as $crate::ops::engine::simd::Isa>::f16x16(xb[k0..k0 + 16].try_into().unwrap());
-                $(let $cv: &[f32; 16] = $cv[k0..k0 + 16].try_into().unwrap();)*
-                let mut ys = [0f32; 16];
-                for l in 0..16 {
-                    $(let $cv = $cv[l];)*
-                    let ($gv, $xv) = (gs[l], xs[l]);
-                    ys[l] = $body;
-                }
-                <I as $crate::ops::engine::simd::Isa>::to_f16x16(&ys, (&mut ob[k0..k0 + 16]).try_into().unwrap());
-            }
-            for k in full..n {
-                $(let $cv = $cv[k];)*
-                let ($gv, $xv) = (half::f16::from_bits(gb[k]).to_f32(), half::f16::from_bits(xb[k]).to_f32());
-                ob[k].write(half::f16::from_f32($body).to_bits());
-            }
+            // f16 with F16C: 16 values converted in registers at a time.
+            $crate::ops::engine::map_chunks!(16, f16x16, to_f16x16, f16_widen1, f16_narrow1,
+                ob, [gb => $gv, xb => $xv], [$($cv = $c),*], $body);
         } else {
             $crate::ops::engine::map_tiles2!(bufs, g, x, out, |off, gt, xt, yt| {
                 let n = yt.len().min(xt.len()).min(gt.len());
@@ -1382,6 +1311,60 @@ macro_rules! map_elems2 {
     }};
 }
 pub(crate) use map_elems2;
+
+/// The in-register arm of [`map_elems!`]/[`map_elems2!`] for a 16-bit type held as bits:
+/// inputs `$ib` (bits) widened `$w` at a time by `Isa::$widen` and bound to `$iv`, `$w`
+/// outputs computed in f32 and rounded by `Isa::$narrow` into `$ob`; the tail value by value
+/// with `$widen1`/`$narrow1` (the same rounding, bit for bit).
+macro_rules! map_chunks {
+    ($w:literal, $widen:ident, $narrow:ident, $widen1:ident, $narrow1:ident,
+     $ob:ident, [$($ib:ident => $iv:ident),+], [$($cv:ident = $c:expr),*], $body:expr) => {{
+        let n = $ob.len()$(.min($ib.len()))+;
+        let $ob = &mut $ob[..n];
+        $(let $ib = &$ib[..n];)+
+        $(let $cv: &[f32] = &$c[..n];)*
+        let full = n / $w * $w;
+        for k0 in (0..full).step_by($w) {
+            $(let $ib = <I as $crate::ops::engine::simd::Isa>::$widen($ib[k0..k0 + $w].try_into().unwrap());)+
+            $(let $cv: &[f32; $w] = $cv[k0..k0 + $w].try_into().unwrap();)*
+            let mut ys = [0f32; $w];
+            for l in 0..$w {
+                $(let $cv = $cv[l];)*
+                $(let $iv = $ib[l];)+
+                ys[l] = $body;
+            }
+            <I as $crate::ops::engine::simd::Isa>::$narrow(&ys, (&mut $ob[k0..k0 + $w]).try_into().unwrap());
+        }
+        for k in full..n {
+            $(let $cv = $cv[k];)*
+            $(let $iv = $crate::ops::engine::$widen1($ib[k]);)+
+            $ob[k].write($crate::ops::engine::$narrow1($body));
+        }
+    }};
+}
+pub(crate) use map_chunks;
+
+/// One f16 (bits) as f32.
+#[inline(always)]
+pub(crate) fn f16_widen1(b: u16) -> f32 {
+    half::f16::from_bits(b).to_f32()
+}
+/// One f32 rounded to f16 (bits).
+#[inline(always)]
+pub(crate) fn f16_narrow1(v: f32) -> u16 {
+    half::f16::from_f32(v).to_bits()
+}
+/// One bf16 (bits) as f32: a shift, no quieting (every use in the element loops is
+/// arithmetic, see `Element::widen1_arith`).
+#[inline(always)]
+pub(crate) fn bf16_widen1(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+/// One f32 rounded to bf16 (bits), as `half`.
+#[inline(always)]
+pub(crate) fn bf16_narrow1(v: f32) -> u16 {
+    <half::bf16 as Element>::narrow1(v).to_bits()
+}
 
 #[inline(always)]
 pub(crate) fn fused<T: Element>(_: &[T]) -> bool {
