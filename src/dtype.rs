@@ -125,9 +125,6 @@ pub trait Element:
     fn f16_bits_out(_x: &mut [MaybeUninit<Self>]) -> Option<&mut [MaybeUninit<u16>]> {
         None
     }
-    /// Whether `Self` is bf16 (a constant, so that kernels can prune bf16-only versions).
-    #[doc(hidden)]
-    const IS_BF16: bool = false;
     /// The run's bits when `Self` is bf16.
     #[doc(hidden)]
     #[inline(always)]
@@ -242,7 +239,6 @@ impl Element for f16 {
 
 impl Element for bf16 {
     const DTYPE: DType = DType::BF16;
-    const IS_BF16: bool = true;
     #[inline(always)]
     fn bf16_bits(x: &[Self]) -> Option<&[u16]> {
         use half::slice::HalfFloatSliceExt;

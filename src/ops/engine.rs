@@ -159,7 +159,7 @@ impl Moments {
 /// in the same order, so the AVX-512 and AVX2 versions give the same bits. bf16 kernels get a
 /// fourth version, AVX-512 with BF16 ([`simd::Avx512Bf16`]: outputs rounded by
 /// `vcvtne2ps2bf16`, the same bits), where [`simd::bf16_hw`] holds; other element types do
-/// not compile it (the branch is on the constant `Element::IS_BF16`).
+/// not compile it (the branch is on a constant of `Element::DTYPE`).
 macro_rules! multiversion {
     ($(#[$m:meta])* $vis:vis fn $name:ident<T: Element>($($a:ident: $t:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
@@ -190,7 +190,7 @@ macro_rules! multiversion {
                     // Only bf16 kernels get this version (the branch is pruned for other T).
                     // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ/BF16, AVX2, FMA and F16C
                     // (checked by `level` and `bf16_hw`).
-                    Level::Avx512 if const { T::IS_BF16 } && simd::bf16_hw() => {
+                    Level::Avx512 if const { matches!(T::DTYPE, $crate::dtype::DType::BF16) } && simd::bf16_hw() => {
                         return unsafe { avx512bf16::<T>($($a),*) }
                     }
                     // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ, AVX2, FMA and F16C

@@ -63,7 +63,7 @@ multiversion! {
         // f16 square is at least 2^-48 or exactly 0, so an f16 sum never underflows (a row of
         // zeros keeps its exact 0).
         let sum32 = if T::DTYPE != DType::F32 {
-            Some(run_dev32::<T, I>(x, 0.0).1).filter(|&s| s.is_finite() && (!T::IS_BF16 || s >= n * 2f64.powi(-100)))
+            Some(run_dev32::<T, I>(x, 0.0).1).filter(|&s| s.is_finite() && (T::DTYPE != DType::BF16 || s >= n * 2f64.powi(-100)))
         } else {
             None
         };
