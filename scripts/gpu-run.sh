@@ -8,7 +8,7 @@
 #           `cunorm demo --device cuda`, the CPU suites;
 # perf:     benches/torch_compare.py (when PyTorch sees a GPU), then `cunorm bench --compare`
 #           (table in bench.log, JSON in bench.json), then the LayerNorm/RMSNorm benchmark with
-#           each forced row path (CUNORM_ROWS_PATH=block, =long: bench-rows-*.json);
+#           each forced row path (CUNORM_ROWS_PATH=block, =long, =reg: bench-rows-*.json);
 # sanitize: compute-sanitizer memcheck, initcheck, synccheck, racecheck over the CUDA sweep
 #           (CUNORM_CHECK_QUICK=1);
 # profile:  ncu (SpeedOfLight, MemoryWorkloadAnalysis, Occupancy) over the first launch of every
@@ -78,7 +78,9 @@ has() { [[ " $groups " == *" $1 "* ]]; }
 
 if has verify; then
   run 20 info "$here/cunorm" info
-  run 60 nvrtc-compile "$here/tests/suite" --test-threads=1 nvrtc_compile::
+  # 64 s on the H100 machine of 2026-11-27 (two tests; the compile of every module for sm_80
+  # and sm_90 is one of them): 60 s cut it there.
+  run 150 nvrtc-compile "$here/tests/suite" --test-threads=2 nvrtc_compile::
   # Cold start: first run with an empty kernel cache, then warm.
   rm -rf "$CUNORM_CACHE_DIR"
   run 60 demo-cold "$here/cunorm" demo --device cuda --steps 10 --json
@@ -114,8 +116,8 @@ if has perf; then
   fi
   run 180 bench "$here/cunorm" bench "${bench_args[@]}" "${compare[@]}" --json-out "$out/bench.json"
   # The row paths the shape does not pick, timed on the same machine (src/ops/rows/cuda.rs
-  # RowsPath): block-per-row forwards, long-rows backwards.
-  for p in block long; do
+  # RowsPath): block-per-row forwards, long-rows backwards, register-resident both ways.
+  for p in block long reg; do
     run 60 "bench-rows-$p" env CUNORM_ROWS_PATH=$p "$here/cunorm" bench --ops layer_norm,rms_norm \
       "${bench_args[@]}" --json-out "$out/bench-rows-$p.json"
   done

@@ -65,9 +65,9 @@ echo "   of 99 KiB to 227 KiB take the kernels for rows beyond shared memory"
 FAKECUDA_SMEM_OPTIN=101376 plain target/release/cunorm check --quick > "$build/check.txt"
 tail -n 3 "$build/check.txt"
 
-echo "-- cunorm check with the row paths forced (CUNORM_ROWS_PATH): block-per-row forwards, then"
-echo "   long-rows backwards, on every row length of the sweep"
-for p in block long; do
+echo "-- cunorm check with the row paths forced (CUNORM_ROWS_PATH): block-per-row forwards,"
+echo "   long-rows backwards, register-resident both ways, on every row length of the sweep"
+for p in block long reg; do
   CUNORM_ROWS_PATH=$p plain target/release/cunorm check --quick > "$build/check-$p.txt"
   tail -n 1 "$build/check-$p.txt"
 done

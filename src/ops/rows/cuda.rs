@@ -281,7 +281,13 @@ fn rows_forward<T: Element>(
     let center = mean.is_some();
     let op = if center { "layer_norm" } else { "rms_norm" };
     let packs = cols.div_ceil(pack::<T>());
-    if rows_path() != RowsPath::Block && fwd_prefers_reg(T::DTYPE.size(), packs) {
+    let reg = match rows_path() {
+        RowsPath::Block => false,
+        // rows.cu instantiates the forward with more than one pack per lane for f32 only.
+        RowsPath::Reg => packs <= 32 || T::DTYPE.size() == 4,
+        _ => fwd_prefers_reg(T::DTYPE.size(), packs),
+    };
+    if reg {
         if let Some((team, k)) = reg_kernel::<T>(dev, op, "fwd", packs, FWD_REG_K, 0)? {
             let stream = dev.stream();
             let mut b = stream.launch_builder(&k.func);
@@ -426,6 +432,7 @@ fn rows_backward<T: Element>(
     };
     let reg = match rows_path() {
         RowsPath::Long => None,
+        RowsPath::Auto if !bwd_prefers_reg(T::DTYPE.size(), packs) => None,
         _ => reg_kernel::<T>(dev, op, "bwd", packs, BWD_REG_K, smem_per_team)?,
     };
     if let Some((team, k)) = reg {
@@ -566,15 +573,18 @@ impl<'a, 'v, T: Element> BwdBufs<'a, 'v, T> {
 
 /// The row paths `CUNORM_ROWS_PATH` (read once) forces, a benchmark knob: `block` sends every
 /// LayerNorm/RMSNorm forward to the block-per-row kernels and `long` every backward to the
-/// long-rows kernels, where the shape would pick the register-resident ones, so that one GPU
-/// call times both paths on the same shapes (`scripts/gpu-run.sh`'s perf group). Results agree
-/// within the dtype's tolerance either way (`.ci/run` runs `cunorm check` under both on the fake
+/// long-rows kernels, where the shape would pick the register-resident ones; `reg` sends every
+/// backward, and every forward rows.cu instantiates, whose row the register-resident kernels can
+/// hold to them. One GPU call
+/// times each path on the same shapes (`scripts/gpu-run.sh`'s perf group). Results agree within
+/// the dtype's tolerance either way (`.ci/run` runs `cunorm check` under each on the fake
 /// driver); unset or anything else: the shape decides.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RowsPath {
     Auto,
     Block,
     Long,
+    Reg,
 }
 
 fn rows_path() -> RowsPath {
@@ -582,6 +592,7 @@ fn rows_path() -> RowsPath {
     *PATH.get_or_init(|| match std::env::var("CUNORM_ROWS_PATH").as_deref() {
         Ok("block") => RowsPath::Block,
         Ok("long") => RowsPath::Long,
+        Ok("reg") => RowsPath::Reg,
         _ => RowsPath::Auto,
     })
 }
@@ -595,6 +606,17 @@ const WARP_TEAM_BLOCK: usize = 128;
 /// for longer f16/bf16 rows and for 8192-column f32 rows.
 fn fwd_prefers_reg(elem_size: usize, packs: usize) -> bool {
     packs <= 32 || (elem_size == 4 && packs <= 1024)
+}
+
+/// Whether the backward runs the register-resident kernel (where it can hold the row) rather
+/// than the long-rows kernels, from the H100 timings of 2026-11-27 (`docs/PERF.md`, run
+/// H100-A, both paths timed in one call): the register-resident backward won on every f32 row
+/// it holds and on f16/bf16 rows of one pack per lane (128 columns: 0.114 against 0.139 ms at
+/// [65536, 128]); the long-rows kernels won on longer f16/bf16 rows by 15–27 % ([16384, 1024]
+/// f16: 0.107 against 0.146 ms), where the register-resident backward's few teams (its partial
+/// rows of dγ/dβ are kept to a tenth of the traffic) leave an SM a handful of warps.
+fn bwd_prefers_reg(elem_size: usize, packs: usize) -> bool {
+    packs <= 32 || elem_size == 4
 }
 
 /// Most 16-byte packs of x per thread in the register-resident forward and of x and dy in the
