@@ -4,8 +4,9 @@
 #                                      (default: verify perf)
 #
 # verify:   device info, NVRTC compile test, cold/warm start (`demo` with an empty, then a warm
-#           kernel cache), the whole CUDA test suite with CUNORM_REQUIRE_CUDA=1, `cunorm check`,
-#           `cunorm demo --device cuda`, the CPU suites;
+#           kernel cache), the whole CUDA test suite with CUNORM_REQUIRE_CUDA=1, `cunorm check`
+#           (and `check --quick` with each forced row path), `cunorm demo --device cuda`, the CPU
+#           suites;
 # perf:     benches/torch_compare.py (when PyTorch sees a GPU), then `cunorm bench --compare`
 #           (table in bench.log, JSON in bench.json), then the LayerNorm/RMSNorm benchmark with
 #           each forced row path (CUNORM_ROWS_PATH=block, =long, =reg: bench-rows-*.json);
@@ -87,6 +88,11 @@ if has verify; then
   run 30 demo-warm "$here/cunorm" demo --device cuda --steps 10 --json
   run 120 cuda-tests "$here/tests/suite" --test-threads=1 --nocapture cuda::
   run 60 check "$here/cunorm" check
+  # The row paths the shape does not pick (src/ops/rows/cuda.rs RowsPath), checked on the GPU
+  # too: every row length of the sweep through each.
+  for p in block long reg; do
+    run 60 "check-rows-$p" env CUNORM_ROWS_PATH=$p "$here/cunorm" check --quick
+  done
   run 30 demo-cuda "$here/cunorm" demo --device cuda
   run 30 demo-cuda-json "$here/cunorm" demo --device cuda --json
   # The suite built with feature candle-cuda (GPU_BUNDLE_CANDLE_CUDA=1): cunorm's ops on candle's

@@ -24,7 +24,7 @@ assert "asm(" not in src, "unhandled inline asm"
 out_src.write_text(src)
 
 # Entry points: plain ones, and the per-dtype ones of CUNORM_FOR_DTYPES macros.
-KERNEL = r'extern "C" __global__ void (?:__launch_bounds__\(\d+\)\s+)?'
+KERNEL = r'extern "C" __global__ void (?:__launch_bounds__\([\d, ]+\)\s+)?'
 names = re.findall(KERNEL + r"(?!__launch_bounds__)(\w+)\(", src)
 dtypes = re.search(r"#define CUNORM_FOR_DTYPES\(M\)(.*)", src).group(1)
 suffixes = re.findall(r"M\(\w+, (\w+)\)", dtypes)

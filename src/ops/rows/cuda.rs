@@ -283,8 +283,7 @@ fn rows_forward<T: Element>(
     let packs = cols.div_ceil(pack::<T>());
     let reg = match rows_path() {
         RowsPath::Block => false,
-        // rows.cu instantiates the forward with more than one pack per lane for f32 only.
-        RowsPath::Reg => packs <= 32 || T::DTYPE.size() == 4,
+        RowsPath::Reg => true,
         _ => fwd_prefers_reg(T::DTYPE.size(), packs),
     };
     if reg {
@@ -574,8 +573,7 @@ impl<'a, 'v, T: Element> BwdBufs<'a, 'v, T> {
 /// The row paths `CUNORM_ROWS_PATH` (read once) forces, a benchmark knob: `block` sends every
 /// LayerNorm/RMSNorm forward to the block-per-row kernels and `long` every backward to the
 /// long-rows kernels, where the shape would pick the register-resident ones; `reg` sends every
-/// backward, and every forward rows.cu instantiates, whose row the register-resident kernels can
-/// hold to them. One GPU call
+/// forward and backward whose row the register-resident kernels can hold to them. One GPU call
 /// times each path on the same shapes (`scripts/gpu-run.sh`'s perf group). Results agree within
 /// the dtype's tolerance either way (`.ci/run` runs `cunorm check` under each on the fake
 /// driver); unset or anything else: the shape decides.
