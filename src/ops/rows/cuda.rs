@@ -438,7 +438,7 @@ fn rows_backward<T: Element>(
         // One partial row of column sums per team: enough teams to keep the GPU busy, few
         // enough that the partials (written, then read by the column sum) stay near a tenth of
         // the minimum traffic; from the shape alone.
-        let teams = (rows * 3 * T::DTYPE.size() / 128)
+        let teams = (rows * 3 * T::DTYPE.size() * bwd_team_scale() / 128)
             .clamp(BWD_MIN_TEAMS, BWD_MAX_TEAMS)
             .clamp(1, rows.max(1));
         let blocks = teams.div_ceil(team.per_block);
@@ -592,6 +592,20 @@ fn rows_path() -> RowsPath {
         Ok("long") => RowsPath::Long,
         Ok("reg") => RowsPath::Reg,
         _ => RowsPath::Auto,
+    })
+}
+
+/// A benchmark knob, `CUNORM_ROWS_BWD_TEAMS` (read once; 1 to 16, default 1): multiplies the
+/// register-resident backward's team count (more warps per SM, more partial rows of dγ/dβ to
+/// write and sum), so that one GPU call can time the trade-off on the standard shapes.
+fn bwd_team_scale() -> usize {
+    static SCALE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SCALE.get_or_init(|| {
+        std::env::var("CUNORM_ROWS_BWD_TEAMS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(1)
+            .clamp(1, 16)
     })
 }
 
