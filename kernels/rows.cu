@@ -38,9 +38,8 @@ __device__ __forceinline__ float row_dx(float g, float xh, const float* w, float
 
 // Forward. One block per row, grid-stride over rows; threads map to 16-byte packs (scalar
 // path when the row is misaligned or cols is not a multiple of the pack). Statistics are f32,
-// merged in a fixed tree: two passes over each thread's part of the cached row, then one
-// block merge of (count, mean, M2) (LayerNorm/GroupNorm with `cache`), one Welford pass
-// (without), or a sum of squares (RMSNorm). With `cache` the row stays in
+// merged in a fixed tree: two passes over the cached row (LayerNorm/GroupNorm with `cache`),
+// one Welford pass (without), or a sum of squares (RMSNorm). With `cache` the row stays in
 // shared memory (in its own type) between the passes: x is read from DRAM once.
 // The affine parameter of element j of row r is w[(r % cycle)·(cols/seg) + j/seg]: LayerNorm
 // uses seg = cycle = 1 (elementwise); GroupNorm/InstanceNorm on contiguous input treat each
@@ -81,15 +80,13 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
         i64 in_cycle;
         div_of(row, dcycle, &in_cycle);
         const int p0 = (int)in_cycle * (cols / seg);
-        // With the row cached, LayerNorm/GroupNorm statistics take two passes over the
-        // thread's own cached values (Σx, then Σ(x − its mean)²) and one block merge: no
-        // division per element. Without, one Welford pass over DRAM.
+        // With the row cached, LayerNorm/GroupNorm statistics take two passes (Σx, then
+        // Σ(x − mean)² over the thread's own cached values): no division per element. Without,
+        // one Welford pass over DRAM.
         const bool two_pass = CENTER && cached;
         Welford acc = welford_empty();
         float ss = 0.f;
-        int own = 0;  // values this thread holds (the two-pass statistics' count)
         auto stat_add = [&](const Pack<T>& pk) {
-            own += PN;
 #pragma unroll
             for (int i = 0; i < PN; ++i) {
                 float v = to_float(pk.v[i]);
@@ -118,7 +115,6 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
             for (int j = threadIdx.x; j < cols; j += blockDim.x) {
                 T raw = xr[j];
                 float v = to_float(raw);
-                ++own;
                 if (two_pass) ss += v;
                 else if (CENTER) welford_add(acc, v);
                 else ss += v * v;
@@ -127,16 +123,13 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
         }
         float mean = 0.f, rstd, t_m2;
         if (two_pass) {
-            // The thread's own values in two passes (its mean, then Σ(x − its mean)²), then
-            // one block merge of (count, mean, M2) by Chan's formula: one reduction per row,
-            // not two, and no cancellation.
-            const float own_mean = own > 0 ? ss / (float)own : 0.f;
+            mean = block_reduce_sum(ss, reinterpret_cast<float*>(scratch)) / (float)cols;
             float m2 = 0.f;
             if (vec) {
                 auto m2_add = [&](const Pack<T>& pk) {
 #pragma unroll
                     for (int i = 0; i < PN; ++i) {
-                        const float d = to_float(pk.v[i]) - own_mean;
+                        const float d = to_float(pk.v[i]) - mean;
                         m2 += d * d;
                     }
                 };
@@ -147,17 +140,11 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
                     m2_add(reinterpret_cast<const Pack<T>*>(row_cache)[p - RB]);
             } else {
                 for (int j = threadIdx.x; j < cols; j += blockDim.x) {
-                    const float d = to_float(row_cache[j]) - own_mean;
+                    const float d = to_float(row_cache[j]) - mean;
                     m2 += d * d;
                 }
             }
-            Welford o;
-            o.n = (float)own;
-            o.mean = own_mean;
-            o.m2 = m2;
-            const Welford t = block_reduce_welford(o, scratch);
-            mean = t.mean;
-            t_m2 = t.m2;
+            t_m2 = block_reduce_sum(m2, reinterpret_cast<float*>(scratch));
             rstd = rsqrtf(t_m2 / (float)cols + eps);
         } else if (CENTER) {
             Welford t = block_reduce_welford(acc, scratch);
@@ -232,8 +219,7 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
 // registers they use), issues all its loads before using any, and loads the team's next row
 // before reducing the current one (one row in flight while the other is reduced). Statistics
 // are two passes over the registers (Σx, then Σ(x − mean)²): no division per element and no
-// cancellation; a block team takes both passes over each thread's own values and merges the
-// threads' (count, mean, M2) in one block reduction. Team geometry and the grid come from the shape (the host), so every GPU of a
+// cancellation. Team geometry and the grid come from the shape (the host), so every GPU of a
 // model gives the same bits; another model can take another path where a kernel's thread,
 // register or shared-memory limit differs (src/ops/rows/cuda.rs `reg_kernel`). Σx is a plain f32
 // sum: finite inputs whose sum exceeds 3.4e38 (|x|·cols beyond it) give an infinite mean, where
@@ -291,8 +277,7 @@ __device__ __forceinline__ void rows_fwd_reg(const T* __restrict__ x, T* __restr
                                              float* __restrict__ mean_out,
                                              float* __restrict__ rstd_out, i64 rows, int cols,
                                              float eps, int tpr, int K) {
-    __shared__ Welford wscratch[32];
-    float* scratch = reinterpret_cast<float*>(wscratch);
+    __shared__ float scratch[32];
     const int PN = Pack<T>::N;
     const int teams = blockDim.x / tpr, team = threadIdx.x / tpr, t = threadIdx.x % tpr;
     const int packs = (cols + PN - 1) / PN;
@@ -318,23 +303,10 @@ __device__ __forceinline__ void rows_fwd_reg(const T* __restrict__ x, T* __restr
                 }
             }
         }
-        // A warp team sums twice by shuffles; a block team merges each thread's own two-pass
-        // statistics (count, mean, M2) in one block reduction instead of two. Block teams hold
-        // 3 or 4 packs per thread (src/ops/rows/cuda.rs RegTeam), so only KM = 4 compiles the
-        // merge (its registers would cost the warp-team kernels occupancy).
-        const bool merge = CENTER && KM == 4 && tpr > 32;
-        int own = 0;
-        if (merge) {
-#pragma unroll
-            for (int k = 0; k < KM; ++k) {
-                const int p = t + k * tpr;
-                if (k < K && p < packs) own += min(PN, cols - p * PN);
-            }
-        }
-        if (!merge) s = team_sum(s, tpr, scratch);
+        s = team_sum(s, tpr, scratch);
         float mean = 0.f, var;
         if (CENTER) {
-            const float c = merge ? (own > 0 ? s / (float)own : 0.f) : s / (float)cols;
+            mean = s / (float)cols;
             float m2 = 0.f;
 #pragma unroll
             for (int k = 0; k < KM; ++k) {
@@ -342,23 +314,12 @@ __device__ __forceinline__ void rows_fwd_reg(const T* __restrict__ x, T* __restr
                 if (k < K && p < packs) {
 #pragma unroll
                     for (int i = 0; i < PN; ++i) {
-                        float d = to_float(r[k].v[i]) - c;
+                        float d = to_float(r[k].v[i]) - mean;
                         if (p * PN + i < cols) m2 += d * d;
                     }
                 }
             }
-            if (merge) {
-                Welford o;
-                o.n = (float)own;
-                o.mean = c;
-                o.m2 = m2;
-                const Welford tw = block_reduce_welford(o, wscratch);
-                mean = tw.mean;
-                var = tw.m2 / (float)cols;
-            } else {
-                mean = c;
-                var = team_sum(m2, tpr, scratch) / (float)cols;
-            }
+            var = team_sum(m2, tpr, scratch) / (float)cols;
         } else {
             var = s / (float)cols;
         }
@@ -661,21 +622,18 @@ extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, floa
     out[(i64)blockIdx.y * cols + j] = s;
 }
 
-// The block-per-row forwards are bounded to 32 registers (two 1024-thread blocks, or four of
-// 512, per SM): at 33-40 a 512-thread block leaves room for three only, and rows of a few
-// thousand columns are latency-bound on the number of rows an SM holds.
 #define ROWS_ENTRIES(T, NAME)                                                                   \
-    extern "C" __global__ void __launch_bounds__(1024, 2) layer_norm_fwd_##NAME(                \
+    extern "C" __global__ void layer_norm_fwd_##NAME(                                           \
         const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, i64 rows,   \
         int cols, float eps, int cache) {                                                       \
         rows_fwd<T, true>(x, y, w, b, mean, rstd, 0, rows, cols, 1, 1, eps, cache, 1);         \
     }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(1024, 2) rms_norm_fwd_##NAME(                 \
-        const T* x, T* y, const float* w, float* rstd, i64 rows, int cols, float eps,           \
-        int cache) {                                                                            \
+    extern "C" __global__ void rms_norm_fwd_##NAME(const T* x, T* y, const float* w,           \
+                                                   float* rstd, i64 rows, int cols, float eps,  \
+                                                   int cache) {                                 \
         rows_fwd<T, false>(x, y, w, 0, 0, rstd, 0, rows, cols, 1, 1, eps, cache, 0);           \
     }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(1024, 2) group_norm_fwd_##NAME(                \
+    extern "C" __global__ void group_norm_fwd_##NAME(                                           \
         const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, float* varu, \
         i64 rows, int cols, int seg, int cycle, float eps, int cache, int nan_inf_mean) {       \
         rows_fwd<T, true>(x, y, w, b, mean, rstd, varu, rows, cols, seg, cycle, eps, cache,    \
@@ -754,11 +712,15 @@ extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, floa
                                    k);                                                          \
     }
 
+// The forward runs the register-resident kernel for f16/bf16 only with one pack per lane
+// (src/ops/rows/cuda.rs `fwd_prefers_reg`), so only f32 has the forward with 2 and 4.
 #define ROWS_REG_ENTRIES_K(T, NAME)                                                             \
-    ROWS_REG_FWD(T, NAME, 1) ROWS_REG_FWD(T, NAME, 2) ROWS_REG_FWD(T, NAME, 4)                 \
-    ROWS_REG_BWD(T, NAME, 1) ROWS_REG_BWD(T, NAME, 2) ROWS_REG_BWD(T, NAME, 4)
+    ROWS_REG_FWD(T, NAME, 1) ROWS_REG_BWD(T, NAME, 1) ROWS_REG_BWD(T, NAME, 2)                 \
+    ROWS_REG_BWD(T, NAME, 4)
 
 CUNORM_FOR_DTYPES(ROWS_ENTRIES)
 CUNORM_FOR_DTYPES(ROWS_WIDE_ENTRIES)
 CUNORM_FOR_DTYPES(ROWS_REG_ENTRIES_K)
+ROWS_REG_FWD(float, f32, 2)
+ROWS_REG_FWD(float, f32, 4)
 

@@ -127,11 +127,6 @@ if has perf; then
     run 60 "bench-rows-$p" env CUNORM_ROWS_PATH=$p "$here/cunorm" bench --ops layer_norm,rms_norm \
       "${bench_args[@]}" --json-out "$out/bench-rows-$p.json"
   done
-  # The register-resident backward with 2x and 4x its teams (CUNORM_ROWS_BWD_TEAMS).
-  for t in 2 4; do
-    run 60 "bench-rows-reg-teams$t" env CUNORM_ROWS_PATH=reg CUNORM_ROWS_BWD_TEAMS=$t "$here/cunorm" \
-      bench --ops layer_norm,rms_norm "${bench_args[@]}" --json-out "$out/bench-rows-reg-teams$t.json"
-  done
 fi
 
 if has sanitize; then

@@ -283,7 +283,8 @@ fn rows_forward<T: Element>(
     let packs = cols.div_ceil(pack::<T>());
     let reg = match rows_path() {
         RowsPath::Block => false,
-        RowsPath::Reg => true,
+        // rows.cu instantiates the forward with more than one pack per lane for f32 only.
+        RowsPath::Reg => packs <= 32 || T::DTYPE.size() == 4,
         _ => fwd_prefers_reg(T::DTYPE.size(), packs),
     };
     if reg {
@@ -438,7 +439,7 @@ fn rows_backward<T: Element>(
         // One partial row of column sums per team: enough teams to keep the GPU busy, few
         // enough that the partials (written, then read by the column sum) stay near a tenth of
         // the minimum traffic; from the shape alone.
-        let teams = (rows * 3 * T::DTYPE.size() * bwd_team_scale() / 128)
+        let teams = (rows * 3 * T::DTYPE.size() / 128)
             .clamp(BWD_MIN_TEAMS, BWD_MAX_TEAMS)
             .clamp(1, rows.max(1));
         let blocks = teams.div_ceil(team.per_block);
@@ -573,7 +574,8 @@ impl<'a, 'v, T: Element> BwdBufs<'a, 'v, T> {
 /// The row paths `CUNORM_ROWS_PATH` (read once) forces, a benchmark knob: `block` sends every
 /// LayerNorm/RMSNorm forward to the block-per-row kernels and `long` every backward to the
 /// long-rows kernels, where the shape would pick the register-resident ones; `reg` sends every
-/// forward and backward whose row the register-resident kernels can hold to them. One GPU call
+/// backward, and every forward rows.cu instantiates, whose row the register-resident kernels can
+/// hold to them. One GPU call
 /// times each path on the same shapes (`scripts/gpu-run.sh`'s perf group). Results agree within
 /// the dtype's tolerance either way (`.ci/run` runs `cunorm check` under each on the fake
 /// driver); unset or anything else: the shape decides.
@@ -592,20 +594,6 @@ fn rows_path() -> RowsPath {
         Ok("long") => RowsPath::Long,
         Ok("reg") => RowsPath::Reg,
         _ => RowsPath::Auto,
-    })
-}
-
-/// A benchmark knob, `CUNORM_ROWS_BWD_TEAMS` (read once; 1 to 16, default 1): multiplies the
-/// register-resident backward's team count (more warps per SM, more partial rows of dγ/dβ to
-/// write and sum), so that one GPU call can time the trade-off on the standard shapes.
-fn bwd_team_scale() -> usize {
-    static SCALE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *SCALE.get_or_init(|| {
-        std::env::var("CUNORM_ROWS_BWD_TEAMS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(1)
-            .clamp(1, 16)
     })
 }
 
