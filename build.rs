@@ -4,6 +4,9 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+/// The first line of a kernel file compiled as one module per dtype.
+const PER_DTYPE: &str = "// cunorm-module: per-dtype";
+
 /// FNV-1a, 64 bit: stable across Rust versions (the kernel cache keys on it).
 fn fnv1a(h: u64, bytes: &[u8]) -> u64 {
     bytes
@@ -37,12 +40,31 @@ fn main() {
                 name.to_uppercase()
             )
             .unwrap();
+        } else if text.starts_with(PER_DTYPE) {
+            for (dt, define) in [("f32", "F32"), ("f16", "F16"), ("bf16", "BF16")] {
+                let prelude = format!("#define CUNORM_ONLY_{define}\n");
+                writeln!(
+                    modules,
+                    "    (\"{name}.{dt}\", {prelude:?}, include_str!({path:?})),"
+                )
+                .unwrap();
+            }
         } else {
-            writeln!(modules, "    ({name:?}, include_str!({path:?})),").unwrap();
+            writeln!(modules, "    ({name:?}, \"\", include_str!({path:?})),").unwrap();
         }
     }
-    writeln!(out, "/// (module name, source) of every kernels/*.cu file.").unwrap();
-    writeln!(out, "pub const MODULES: &[(&str, &str)] = &[\n{modules}];").unwrap();
+    writeln!(
+        out,
+        "/// (module name, prelude, source) of every kernels/*.cu file; a file whose first line is\n\
+         /// `{PER_DTYPE}` gives one module per dtype, `<file>.<dtype>`, whose prelude\n\
+         /// defines CUNORM_ONLY_<DTYPE> (kernels/common.cuh)."
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "pub const MODULES: &[(&str, &str, &str)] = &[\n{modules}];"
+    )
+    .unwrap();
     writeln!(out, "/// FNV-1a hash of every kernel source file.").unwrap();
     writeln!(out, "pub const SOURCE_HASH: u64 = {hash:#x};").unwrap();
     let dest = Path::new(&std::env::var("OUT_DIR").unwrap()).join("kernels.rs");

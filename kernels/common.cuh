@@ -212,5 +212,22 @@ __device__ __forceinline__ float block_reduce_sum(float v, float* scratch) {
     return warp_reduce_sum(v);
 }
 
-// Instantiates an extern "C" entry point per dtype: NAME_f32, NAME_f16, NAME_bf16.
+// Instantiates an extern "C" entry point per dtype: NAME_f32, NAME_f16, NAME_bf16. A file
+// compiled as one module per dtype (first line `// cunorm-module: per-dtype`; build.rs names the
+// modules <file>.f32, <file>.f16, <file>.bf16) is compiled with CUNORM_ONLY_<DTYPE> defined:
+// then only that dtype's entry points, and CUNORM_WITH_F32 says whether f32's own kernels
+// belong, so that a program using one dtype compiles a third of the file at first use.
+#if defined(CUNORM_ONLY_F32)
+#define CUNORM_FOR_DTYPES(M) M(float, f32)
+#elif defined(CUNORM_ONLY_F16)
+#define CUNORM_FOR_DTYPES(M) M(f16_t, f16)
+#elif defined(CUNORM_ONLY_BF16)
+#define CUNORM_FOR_DTYPES(M) M(bf16_t, bf16)
+#else
 #define CUNORM_FOR_DTYPES(M) M(float, f32) M(f16_t, f16) M(bf16_t, bf16)
+#endif
+#if defined(CUNORM_ONLY_F16) || defined(CUNORM_ONLY_BF16)
+#define CUNORM_WITH_F32 0
+#else
+#define CUNORM_WITH_F32 1
+#endif

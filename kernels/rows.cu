@@ -1,3 +1,4 @@
+// cunorm-module: per-dtype
 // rows.cu: LayerNorm and RMSNorm over contiguous rows of `cols` elements.
 #include "common.cuh"
 
@@ -712,15 +713,19 @@ extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, floa
                                    k);                                                          \
     }
 
-// The forward runs the register-resident kernel for f16/bf16 only with one pack per lane
-// (src/ops/rows/cuda.rs `fwd_prefers_reg`), so only f32 has the forward with 2 and 4.
-#define ROWS_REG_ENTRIES_K(T, NAME)                                                             \
-    ROWS_REG_FWD(T, NAME, 1) ROWS_REG_BWD(T, NAME, 1) ROWS_REG_BWD(T, NAME, 2)                 \
-    ROWS_REG_BWD(T, NAME, 4)
+// The register-resident kernels run f16/bf16 rows only with one pack per lane (at most 32
+// packs: src/ops/rows/cuda.rs `fwd_prefers_reg`, `reg_instantiated`; longer rows were faster
+// through the block-per-row forward and the long-rows backward on the H200 and the H100), so only
+// f32 has them with 2 and 4 packs per lane.
+#define ROWS_REG_ENTRIES_K(T, NAME) ROWS_REG_FWD(T, NAME, 1) ROWS_REG_BWD(T, NAME, 1)
 
 CUNORM_FOR_DTYPES(ROWS_ENTRIES)
 CUNORM_FOR_DTYPES(ROWS_WIDE_ENTRIES)
 CUNORM_FOR_DTYPES(ROWS_REG_ENTRIES_K)
+#if CUNORM_WITH_F32
 ROWS_REG_FWD(float, f32, 2)
 ROWS_REG_FWD(float, f32, 4)
+ROWS_REG_BWD(float, f32, 2)
+ROWS_REG_BWD(float, f32, 4)
+#endif
 

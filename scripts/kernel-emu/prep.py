@@ -26,7 +26,8 @@ out_src.write_text(src)
 # Entry points: plain ones, and the per-dtype ones of CUNORM_FOR_DTYPES macros.
 KERNEL = r'extern "C" __global__ void (?:__launch_bounds__\([\d, ]+\)\s+)?'
 names = re.findall(KERNEL + r"(?!__launch_bounds__)(\w+)\(", src)
-dtypes = re.search(r"#define CUNORM_FOR_DTYPES\(M\)(.*)", src).group(1)
+# The definition with every dtype (common.cuh also has one-dtype ones, for per-dtype modules).
+dtypes = max(re.findall(r"#define CUNORM_FOR_DTYPES\(M\)(.*)", src), key=len)
 suffixes = re.findall(r"M\(\w+, (\w+)\)", dtypes)
 for macro_body in re.findall(KERNEL + r"(\w+)##NAME\(", src):
     names += [macro_body + s for s in suffixes]

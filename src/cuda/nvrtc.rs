@@ -181,8 +181,11 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
 
 /// The complete source of module `name`: common.cuh inlined in place of its #include.
 pub fn module_source(name: &str) -> Option<String> {
-    let src = sources::MODULES.iter().find(|(n, _)| *n == name)?.1;
-    Some(src.replace("#include \"common.cuh\"", sources::COMMON_CUH))
+    let (_, prelude, src) = sources::MODULES.iter().find(|(n, _, _)| *n == name)?;
+    Some(format!(
+        "{prelude}{}",
+        src.replace("#include \"common.cuh\"", sources::COMMON_CUH)
+    ))
 }
 
 /// Hash of every embedded kernel source file (part of each cache key).
@@ -192,7 +195,7 @@ pub fn source_hash() -> u64 {
 
 /// Every kernel module's name.
 pub fn module_names() -> impl Iterator<Item = &'static str> {
-    sources::MODULES.iter().map(|(n, _)| *n)
+    sources::MODULES.iter().map(|(n, _, _)| *n)
 }
 
 /// Compiler options for a real architecture such as `sm_90`.
@@ -370,7 +373,8 @@ mod tests {
     #[test]
     fn every_module_inlines_common() {
         let names: Vec<_> = module_names().collect();
-        assert!(names.contains(&"rows") && names.contains(&"planes"));
+        assert!(names.contains(&"rows.f32") && names.contains(&"rows.bf16"));
+        assert!(names.contains(&"planes") && !names.contains(&"rows"));
         for n in names {
             let s = module_source(n).unwrap();
             assert!(!s.contains("#include"), "{n} still includes a header");

@@ -1,23 +1,31 @@
 //! The kernel registry of the op families: every CUDA entry point by module, and the one way a
 //! launch names a templated kernel (`<op>_<stage>_<dtype>`).
 
-use crate::cuda::CudaDevice;
+use crate::cuda::{nvrtc, CudaDevice};
 use crate::device::Device;
 use crate::dtype::Element;
 use crate::error::Result;
 
-/// The entry points of one kernel module (`kernels/<module>.cu`).
+/// The entry points of one kernel file (`kernels/<name>.cu`).
 struct Module {
     name: &'static str,
+    /// Compiled as one module per dtype (`<name>.<dtype>`: the file's first line says so to
+    /// build.rs), each with its dtype's instances of `per_dtype`, so that a program using one
+    /// dtype compiles a third of the file at its first use.
+    split: bool,
     /// Templated kernels, instantiated once per dtype as `<kernel>_<dtype>`.
     per_dtype: &'static [&'static str],
-    /// Kernels instantiated once: on f32 statistics only, for f32 data only, or typeless.
+    /// Kernels instantiated once: on f32 statistics only, for f32 data only, or typeless. In a
+    /// split file: in its f32 module only.
     f32_only: &'static [&'static str],
+    /// In a split file: kernels in every dtype's module (helpers all dtypes launch).
+    shared: &'static [&'static str],
 }
 
 const MODULES: [Module; 3] = [
     Module {
         name: "rows",
+        split: true,
         per_dtype: &[
             "layer_norm_fwd",
             "rms_norm_fwd",
@@ -32,22 +40,23 @@ const MODULES: [Module; 3] = [
             "layer_norm_fwd_reg1",
             "rms_norm_fwd_reg1",
             "layer_norm_bwd_reg1",
-            "layer_norm_bwd_reg2",
-            "layer_norm_bwd_reg4",
             "rms_norm_bwd_reg1",
-            "rms_norm_bwd_reg2",
-            "rms_norm_bwd_reg4",
         ],
         f32_only: &[
-            "rows_col_sum_f32",
             "layer_norm_fwd_reg2_f32",
             "layer_norm_fwd_reg4_f32",
             "rms_norm_fwd_reg2_f32",
             "rms_norm_fwd_reg4_f32",
+            "layer_norm_bwd_reg2_f32",
+            "layer_norm_bwd_reg4_f32",
+            "rms_norm_bwd_reg2_f32",
+            "rms_norm_bwd_reg4_f32",
         ],
+        shared: &["rows_col_sum_f32"],
     },
     Module {
         name: "planes",
+        split: false,
         per_dtype: &[
             "planes_stats",
             "planes_stats_cl",
@@ -64,11 +73,14 @@ const MODULES: [Module; 3] = [
             "planes_grad_finalize_f32",
             "planes_grad_params_f32",
         ],
+        shared: &[],
     },
     Module {
         name: "util",
+        split: false,
         per_dtype: &[],
         f32_only: &["l2_flush_read"],
+        shared: &[],
     },
 ];
 
@@ -77,15 +89,40 @@ pub(crate) fn name<T: Element>(kernel: &str) -> String {
     format!("{kernel}_{}", T::DTYPE.name())
 }
 
+/// The module of kernel file `file` that holds `T`'s kernels: `rows.bf16` for a split file,
+/// else `file` itself.
+pub(crate) fn module<T: Element>(file: &'static str) -> &'static str {
+    module_for(file, T::DTYPE.name())
+}
+
+fn module_for(file: &'static str, dtype: &str) -> &'static str {
+    nvrtc::module_names()
+        .find(|m| m.strip_prefix(file).and_then(|r| r.strip_prefix('.')) == Some(dtype))
+        .unwrap_or(file)
+}
+
 /// Every kernel entry point, as (module, name). `tests/nvrtc_compile.rs` checks this list
 /// against the entry points in the compiled PTX, both ways.
 pub fn entry_points() -> Vec<(&'static str, String)> {
     let mut out = Vec::new();
     for m in &MODULES {
-        for k in m.per_dtype {
-            out.extend(["f32", "f16", "bf16"].map(|dt| (m.name, format!("{k}_{dt}"))));
+        for dt in ["f32", "f16", "bf16"] {
+            let module = if m.split {
+                module_for(m.name, dt)
+            } else {
+                m.name
+            };
+            out.extend(m.per_dtype.iter().map(|k| (module, format!("{k}_{dt}"))));
+            if m.split {
+                out.extend(m.shared.iter().map(|k| (module, k.to_string())));
+            }
         }
-        out.extend(m.f32_only.iter().map(|k| (m.name, k.to_string())));
+        let f32_module = if m.split {
+            module_for(m.name, "f32")
+        } else {
+            m.name
+        };
+        out.extend(m.f32_only.iter().map(|k| (f32_module, k.to_string())));
     }
     out
 }

@@ -186,12 +186,15 @@ pub(crate) fn rows_fwd_kernel<T: Element>(
     rows: usize,
     cols: usize,
 ) -> Result<(Kernel, LaunchConfig, i32)> {
-    let k = dev.kernel("rows", &kernels::name::<T>(base))?;
+    let k = dev.kernel(kernels::module::<T>("rows"), &kernels::name::<T>(base))?;
     let packs = cols.div_ceil(pack::<T>());
     let blocks = grid(rows.min(dev.sm_count() as usize * 32))?;
     let row_bytes = cols * T::DTYPE.size();
     if row_bytes > k.max_dynamic_smem && cols.is_multiple_of(pack::<T>()) {
-        let wide = dev.kernel("rows", &kernels::name::<T>(&format!("{base}_wide")))?;
+        let wide = dev.kernel(
+            kernels::module::<T>("rows"),
+            &kernels::name::<T>(&format!("{base}_wide")),
+        )?;
         let threads = block_threads(&wide, packs);
         let rest = packs.saturating_sub(WIDE_K * threads as usize) * 16;
         if rest <= wide.max_dynamic_smem {
@@ -283,8 +286,7 @@ fn rows_forward<T: Element>(
     let packs = cols.div_ceil(pack::<T>());
     let reg = match rows_path() {
         RowsPath::Block => false,
-        // rows.cu instantiates the forward with more than one pack per lane for f32 only.
-        RowsPath::Reg => packs <= 32 || T::DTYPE.size() == 4,
+        RowsPath::Reg => reg_instantiated(T::DTYPE.size(), packs),
         _ => fwd_prefers_reg(T::DTYPE.size(), packs),
     };
     if reg {
@@ -432,7 +434,8 @@ fn rows_backward<T: Element>(
     };
     let reg = match rows_path() {
         RowsPath::Long => None,
-        RowsPath::Auto if !bwd_prefers_reg(T::DTYPE.size(), packs) => None,
+        // Wherever rows.cu has the register-resident backward, it won (`reg_instantiated`).
+        _ if !reg_instantiated(T::DTYPE.size(), packs) => None,
         _ => reg_kernel::<T>(dev, op, "bwd", packs, BWD_REG_K, smem_per_team)?,
     };
     if let Some((team, k)) = reg {
@@ -461,8 +464,8 @@ fn rows_backward<T: Element>(
             unsafe { b.launch(cfg) }.map_err(launch_err)?;
         }
         let used = if rows == 0 { 0 } else { parts };
-        col_sum(dev, &pw, used, cols, dweight)?;
-        return col_sum(dev, &pb, used, cols, dbias);
+        col_sum(dev, kernels::module::<T>("rows"), &pw, used, cols, dweight)?;
+        return col_sum(dev, kernels::module::<T>("rows"), &pb, used, cols, dbias);
     }
     // Long rows: the row sums, then column tiles over chunks of rows (rows.cu `rows_bwd_sums`,
     // `rows_bwd_tile`): one partial row of column sums per chunk.
@@ -472,7 +475,10 @@ fn rows_backward<T: Element>(
     if rows > 0 {
         let mut sums = dev.alloc::<f32>(2 * rows)?;
         let rows_i = rows as i64;
-        let k = dev.kernel("rows", &kernels::name::<T>(&format!("{op}_bwd_sums")))?;
+        let k = dev.kernel(
+            kernels::module::<T>("rows"),
+            &kernels::name::<T>(&format!("{op}_bwd_sums")),
+        )?;
         let mut b = stream.launch_builder(&k.func);
         bufs.push_inputs(&mut b);
         b.arg(&mut sums).arg(&rows_i).arg(&cols_i);
@@ -485,7 +491,10 @@ fn rows_backward<T: Element>(
         // SAFETY: matches rows.cu's *_bwd_sums entry points; sums holds 2·rows floats.
         unsafe { b.launch(cfg) }.map_err(launch_err)?;
 
-        let k = dev.kernel("rows", &kernels::name::<T>(&format!("{op}_bwd_tile")))?;
+        let k = dev.kernel(
+            kernels::module::<T>("rows"),
+            &kernels::name::<T>(&format!("{op}_bwd_tile")),
+        )?;
         let chunk_i = to_i32("rows per chunk", chunk)?;
         let mut b = stream.launch_builder(&k.func);
         bufs.push_inputs(&mut b);
@@ -511,8 +520,8 @@ fn rows_backward<T: Element>(
         unsafe { b.launch(cfg) }.map_err(launch_err)?;
     }
     let used = if rows == 0 { 0 } else { chunks };
-    col_sum(dev, &pw, used, cols, dweight)?;
-    col_sum(dev, &pb, used, cols, dbias)
+    col_sum(dev, kernels::module::<T>("rows"), &pw, used, cols, dweight)?;
+    col_sum(dev, kernels::module::<T>("rows"), &pb, used, cols, dbias)
 }
 
 /// The long-rows backward's tiles (rows.cu `rows_bwd_tile`): threads per block (one column pack
@@ -574,8 +583,8 @@ impl<'a, 'v, T: Element> BwdBufs<'a, 'v, T> {
 /// The row paths `CUNORM_ROWS_PATH` (read once) forces, a benchmark knob: `block` sends every
 /// LayerNorm/RMSNorm forward to the block-per-row kernels and `long` every backward to the
 /// long-rows kernels, where the shape would pick the register-resident ones; `reg` sends every
-/// backward, and every forward rows.cu instantiates, whose row the register-resident kernels can
-/// hold to them. One GPU call
+/// forward and backward whose row the register-resident kernels can hold, and which rows.cu
+/// instantiates (`reg_instantiated`), to them. One GPU call
 /// times each path on the same shapes (`scripts/gpu-run.sh`'s perf group). Results agree within
 /// the dtype's tolerance either way (`.ci/run` runs `cunorm check` under each on the fake
 /// driver); unset or anything else: the shape decides.
@@ -608,14 +617,15 @@ fn fwd_prefers_reg(elem_size: usize, packs: usize) -> bool {
     packs <= 32 || (elem_size == 4 && packs <= 1024)
 }
 
-/// Whether the backward runs the register-resident kernel (where it can hold the row) rather
-/// than the long-rows kernels, from the H100 timings of 2026-11-27 (`docs/PERF.md`, run
-/// H100-A, both paths timed in one call): the register-resident backward won on every f32 row
-/// it holds and on f16/bf16 rows of one pack per lane (128 columns: 0.114 against 0.139 ms at
-/// [65536, 128]); the long-rows kernels won on longer f16/bf16 rows by 15–27 % ([16384, 1024]
-/// f16: 0.107 against 0.146 ms), where the register-resident backward's few teams (its partial
-/// rows of dγ/dβ are kept to a tenth of the traffic) leave an SM a handful of warps.
-fn bwd_prefers_reg(elem_size: usize, packs: usize) -> bool {
+/// Whether rows.cu has the register-resident kernels for rows of `packs` packs: f32 with up to
+/// 4 packs per lane, f16/bf16 with one. The backward runs them wherever they exist and can hold
+/// the row, from the H100 timings of 2026-11-27 (`docs/PERF.md`, runs H100-A and H100-B, every
+/// path timed in one call): the register-resident backward won on every f32 row it holds and on
+/// f16/bf16 rows of one pack per lane (128 columns: 0.114 against 0.139 ms at [65536, 128]);
+/// the long-rows kernels won on longer f16/bf16 rows by 15–27 % ([16384, 1024] f16: 0.107
+/// against 0.146 ms), and more teams did not help the register-resident kernel there. The
+/// forward's choice among them is `fwd_prefers_reg`.
+fn reg_instantiated(elem_size: usize, packs: usize) -> bool {
     packs <= 32 || elem_size == 4
 }
 
@@ -690,7 +700,7 @@ fn reg_kernel<T: Element>(
     };
     let km = team.k.next_power_of_two();
     let k = dev.kernel(
-        "rows",
+        kernels::module::<T>("rows"),
         &kernels::name::<T>(&format!("{op}_{stage}_reg{km}")),
     )?;
     let fits = team.block_threads() <= k.max_threads
@@ -702,29 +712,32 @@ fn reg_kernel<T: Element>(
 /// rows, else chunk sums first (one thread per column and chunk), then their sum.
 fn col_sum(
     dev: &CudaDevice,
+    module: &'static str,
     part: &cudarc::driver::CudaSlice<f32>,
     parts: usize,
     cols: usize,
     out: &mut CudaViewMut<f32>,
 ) -> Result<()> {
     if parts <= COL_SUM_CHUNK {
-        return col_sum_launch(dev, &part.slice(..), parts, cols, parts.max(1), out);
+        return col_sum_launch(dev, module, &part.slice(..), parts, cols, parts.max(1), out);
     }
     let chunks = parts.div_ceil(COL_SUM_CHUNK);
     let mut mid = dev.alloc::<f32>(chunks * cols)?;
     col_sum_launch(
         dev,
+        module,
         &part.slice(..),
         parts,
         cols,
         COL_SUM_CHUNK,
         &mut mid.slice_mut(..),
     )?;
-    col_sum_launch(dev, &mid.slice(..), chunks, cols, chunks, out)
+    col_sum_launch(dev, module, &mid.slice(..), chunks, cols, chunks, out)
 }
 
 fn col_sum_launch(
     dev: &CudaDevice,
+    module: &'static str,
     part: &CudaView<f32>,
     parts: usize,
     cols: usize,
@@ -734,7 +747,7 @@ fn col_sum_launch(
     let chunks = parts.div_ceil(chunk).max(1);
     check_len("column partials", part.len(), parts * cols)?;
     check_len("column sums", out.len(), chunks * cols)?;
-    let f = dev.function("rows", "rows_col_sum_f32")?;
+    let f = dev.function(module, "rows_col_sum_f32")?;
     let (parts_i, cols_i, chunk_i) = (
         to_i32("parts", parts)?,
         to_i32("cols", cols)?,
