@@ -1,3 +1,4 @@
+// cunorm-module: per-dtype
 // planes.cu: BatchNorm, InstanceNorm and GroupNorm on an (N, C, S) view, contiguous (NCHW:
 // plane (n, c) is S consecutive elements) or channels-last (NHWC: element (n, s, c) at
 // (n·S + s)·C + c). Statistic groups: G == 0 means one group per channel over the batch

@@ -369,16 +369,20 @@ impl CudaDevice {
         Ok(m)
     }
 
-    /// Compiles (or loads from the disk cache) every kernel module now rather than at first use,
-    /// the modules in parallel (NVRTC programs are independent), then looks up each
+    /// Compiles (or loads from the disk cache) the kernel modules of `entries` now rather than at
+    /// first use, the modules in parallel (NVRTC programs are independent), then looks up each
     /// `(module, kernel)` of `entries` (an `Err` if one is missing). The op families' list is
     /// [`crate::kernels::entry_points`]; [`crate::Device::warm_up`] passes it.
     pub fn preload(&self, entries: &[(&'static str, String)]) -> Result<()> {
         let missing: Vec<&'static str> = {
             let mods = self.modules()?;
-            nvrtc::module_names()
-                .filter(|m| !mods.contains_key(m))
-                .collect()
+            let mut missing: Vec<&'static str> = Vec::new();
+            for &(m, _) in entries {
+                if !mods.contains_key(m) && !missing.contains(&m) {
+                    missing.push(m);
+                }
+            }
+            missing
         };
         let arch = self.inner.arch.as_str();
         let cubins: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {

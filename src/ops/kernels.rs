@@ -3,7 +3,7 @@
 
 use crate::cuda::{nvrtc, CudaDevice};
 use crate::device::Device;
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::error::Result;
 
 /// The entry points of one kernel file (`kernels/<name>.cu`).
@@ -56,7 +56,7 @@ const MODULES: [Module; 3] = [
     },
     Module {
         name: "planes",
-        split: false,
+        split: true,
         per_dtype: &[
             "planes_stats",
             "planes_stats_cl",
@@ -65,7 +65,8 @@ const MODULES: [Module; 3] = [
             "planes_apply",
             "planes_grad_apply",
         ],
-        f32_only: &[
+        f32_only: &[],
+        shared: &[
             "planes_finalize_f32",
             "planes_running_update_f32",
             "planes_eval_stats_f32",
@@ -73,7 +74,6 @@ const MODULES: [Module; 3] = [
             "planes_grad_finalize_f32",
             "planes_grad_params_f32",
         ],
-        shared: &[],
     },
     Module {
         name: "util",
@@ -132,12 +132,80 @@ pub fn warm_up(dev: &CudaDevice) -> Result<()> {
     dev.preload(&entry_points())
 }
 
+/// The entry points of `dtypes`: those of every module that is not compiled per dtype, and of
+/// the per-dtype modules of `dtypes` (`rows.f16`, ...).
+pub fn entry_points_for(dtypes: &[DType]) -> Vec<(&'static str, String)> {
+    entry_points()
+        .into_iter()
+        .filter(|(m, _)| match m.split_once('.') {
+            Some((_, dt)) => dtypes.iter().any(|d| d.name() == dt),
+            None => true,
+        })
+        .collect()
+}
+
 impl Device {
-    /// Compiles and loads every CUDA kernel now rather than at first use (nothing on the CPU).
+    /// Compiles and loads every CUDA kernel now rather than at first use (nothing on the CPU):
+    /// for all three dtypes (NVRTC, modules in parallel; once per machine, as compiled kernels
+    /// stay in the disk cache). [`Device::warm_up_dtypes`] compiles fewer.
     pub fn warm_up(&self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
             Device::Cuda(d) => warm_up(d),
         }
+    }
+
+    /// As [`Device::warm_up`], for the kernels of `dtypes` only (the ops of a model that runs
+    /// in bf16 need `&[DType::BF16]`): a third of the compile per dtype left out.
+    pub fn warm_up_dtypes(&self, dtypes: &[DType]) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(d) => d.preload(&entry_points_for(dtypes)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_points_for_a_dtype_keep_its_modules_and_the_unsplit_ones() {
+        let all = entry_points();
+        let mut union = Vec::new();
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let some = entry_points_for(&[dt]);
+            // Every module of a dtype's list is that dtype's or an unsplit one, and every
+            // entry of those modules is there.
+            for (m, _) in &some {
+                assert!(
+                    !m.contains('.') || m.ends_with(&format!(".{}", dt.name())),
+                    "{m}"
+                );
+            }
+            let want: Vec<_> = all
+                .iter()
+                .filter(|(m, _)| some.iter().any(|(n, _)| n == m))
+                .cloned()
+                .collect();
+            assert_eq!(some, want, "{dt:?}");
+            // The dtype's own templated kernels are there (one row kernel, one planes kernel).
+            for k in ["layer_norm_fwd", "planes_apply"] {
+                let name = format!("{k}_{}", dt.name());
+                assert!(some.iter().any(|(_, n)| *n == name), "{name}");
+            }
+            union.extend(some);
+        }
+        union.sort();
+        union.dedup();
+        let mut all_sorted = all.clone();
+        all_sorted.sort();
+        all_sorted.dedup();
+        assert_eq!(union, all_sorted);
+        // Two dtypes: both lists, nothing else.
+        let two = entry_points_for(&[DType::F16, DType::BF16]);
+        assert!(two.iter().all(|(m, _)| !m.ends_with(".f32")));
+        assert!(two.iter().any(|(m, _)| m.ends_with(".f16")));
+        assert!(two.iter().any(|(m, _)| m.ends_with(".bf16")));
     }
 }

@@ -142,8 +142,9 @@ fn run(cli: Cli) -> cunorm::Result<()> {
             json,
         } => {
             let dev = pick_device(device, false)?;
-            // The demo uses every module: compile them side by side, not one after another.
-            dev.warm_up()?;
+            // The demo's ops run in f32: compile their modules side by side, not one after
+            // another, and not the f16/bf16 ones.
+            dev.warm_up_dtypes(&[cunorm::DType::F32])?;
             let report = demo::run(steps, seed, &dev)?;
             if json {
                 println!("{}", report.to_json());

@@ -268,7 +268,7 @@ fn apply_config<T: Element>(dev: &CudaDevice, numel: usize) -> Result<LaunchConf
 }
 
 /// Per-plane coefficients (a, m, k) so that y = a·(x − m) + k.
-fn coef(
+fn coef<T: Element>(
     dev: &CudaDevice,
     s: &PlaneShape,
     g: i32,
@@ -281,7 +281,7 @@ fn coef(
     let mut a = dev.alloc::<f32>(planes)?;
     let mut m = dev.alloc::<f32>(planes)?;
     let mut k = dev.alloc::<f32>(planes)?;
-    let f = dev.function("planes", "planes_coef_f32")?;
+    let f = dev.function(kernels::module::<T>("planes"), "planes_coef_f32")?;
     let (n_i, c_i, _, _) = s.kernel_args()?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(mean_g).arg(rstd_g);
@@ -300,7 +300,7 @@ fn coef(
 
 /// r = (1 − f)·r + f·stat per channel (InstanceNorm: batch average of per-plane statistics).
 #[allow(clippy::too_many_arguments)]
-fn running_update(
+fn running_update<T: Element>(
     dev: &CudaDevice,
     s: &PlaneShape,
     groups: Grouping,
@@ -319,7 +319,7 @@ fn running_update(
     let (n_i, c_i, _, _) = s.kernel_args()?;
     // InstanceNorm (per-sample groups) averages its per-plane statistics over the batch.
     let per = (groups == Grouping::Instance) as i32;
-    let f = dev.function("planes", "planes_running_update_f32")?;
+    let f = dev.function(kernels::module::<T>("planes"), "planes_running_update_f32")?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(rm)
         .arg(rv)
@@ -419,7 +419,7 @@ pub fn planes_forward<T: Element>(
                 // SAFETY: matches rows.cu's group_norm_fwd; x/y hold N·C·S, stats N·G elements.
                 unsafe { b.launch(cfg) }.map_err(launch_err)?;
                 if let Some(r) = running {
-                    running_update(dev, &s, groups, r, &mean.as_view(), &varu)?;
+                    running_update::<T>(dev, &s, groups, r, &mean.as_view(), &varu)?;
                 }
                 return Ok(());
             }
@@ -427,7 +427,7 @@ pub fn planes_forward<T: Element>(
             let chunks_i = to_i32("chunks", chunks)?;
             let mut part = dev.alloc::<f32>(s.n * s.c * chunks * 3)?;
             let f = dev.function(
-                "planes",
+                kernels::module::<T>("planes"),
                 &kernels::name::<T>(reduce_kernel(&s, "planes_stats")),
             )?;
             let mut b = stream.launch_builder(&f);
@@ -441,7 +441,7 @@ pub fn planes_forward<T: Element>(
             unsafe { b.launch(reduce_config(&s, chunks, pack::<T>())?) }.map_err(launch_err)?;
 
             let mut varu = dev.alloc::<f32>(ng)?;
-            let f = dev.function("planes", "planes_finalize_f32")?;
+            let f = dev.function(kernels::module::<T>("planes"), "planes_finalize_f32")?;
             let mut b = stream.launch_builder(&f);
             b.arg(&part).arg(&mut *mean).arg(&mut *rstd).arg(&mut varu);
             let nan_i = groups.welford_mean() as i32;
@@ -460,7 +460,7 @@ pub fn planes_forward<T: Element>(
             check_len("running_var", rv.len(), s.c)?;
             check_len("mean", mean.len(), s.c)?;
             check_len("rstd", rstd.len(), s.c)?;
-            let f = dev.function("planes", "planes_eval_stats_f32")?;
+            let f = dev.function(kernels::module::<T>("planes"), "planes_eval_stats_f32")?;
             let mut b = stream.launch_builder(&f);
             b.arg(rm)
                 .arg(rv)
@@ -475,7 +475,7 @@ pub fn planes_forward<T: Element>(
             }
         }
     }
-    let [a, m, k] = coef(
+    let [a, m, k] = coef::<T>(
         dev,
         &s,
         g_code,
@@ -484,7 +484,10 @@ pub fn planes_forward<T: Element>(
         weight,
         bias,
     )?;
-    let f = dev.function("planes", &kernels::name::<T>("planes_apply"))?;
+    let f = dev.function(
+        kernels::module::<T>("planes"),
+        &kernels::name::<T>("planes_apply"),
+    )?;
     let mut b = stream.launch_builder(&f);
     b.arg(x)
         .arg(y)
@@ -498,7 +501,7 @@ pub fn planes_forward<T: Element>(
     // SAFETY: matches planes_apply_*; coefficient buffers hold N·C floats.
     unsafe { b.launch(apply_config::<T>(dev, numel)?) }.map_err(launch_err)?;
     if let Some((r, varu)) = pending {
-        running_update(dev, &s, groups, r, &mean.as_view(), &varu)?;
+        running_update::<T>(dev, &s, groups, r, &mean.as_view(), &varu)?;
     }
     Ok(())
 }
@@ -543,11 +546,11 @@ pub fn planes_backward<T: Element>(
     let stream = dev.stream();
     let chunks = reduce_chunks(&s, pack::<T>());
     let chunks_i = to_i32("chunks", chunks)?;
-    let [a, m, _] = coef(dev, &s, g_code, mean, rstd, weight, None)?;
+    let [a, m, _] = coef::<T>(dev, &s, g_code, mean, rstd, weight, None)?;
     let mut part = dev.zeros::<f32>(s.n * s.c * chunks * 2)?;
     if numel > 0 {
         let f = dev.function(
-            "planes",
+            kernels::module::<T>("planes"),
             &kernels::name::<T>(reduce_kernel(&s, "planes_grad_sums")),
         )?;
         let mut b = stream.launch_builder(&f);
@@ -566,7 +569,7 @@ pub fn planes_backward<T: Element>(
     let mut bc = dev.alloc::<f32>(planes)?;
     let mut kc = dev.alloc::<f32>(planes)?;
     let fi = from_input as i32;
-    let f = dev.function("planes", "planes_grad_finalize_f32")?;
+    let f = dev.function(kernels::module::<T>("planes"), "planes_grad_finalize_f32")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&part);
     arg_or_null(&mut b, weight);
@@ -582,7 +585,7 @@ pub fn planes_backward<T: Element>(
     // SAFETY: matches planes_grad_finalize_f32; coefficient buffers hold N·C floats.
     unsafe { b.launch(block_per_config(ng)?) }.map_err(launch_err)?;
 
-    let f = dev.function("planes", "planes_grad_params_f32")?;
+    let f = dev.function(kernels::module::<T>("planes"), "planes_grad_params_f32")?;
     let mut b = stream.launch_builder(&f);
     b.arg(&part)
         .arg(rstd)
@@ -596,7 +599,10 @@ pub fn planes_backward<T: Element>(
     unsafe { b.launch(block_per_config(s.c)?) }.map_err(launch_err)?;
 
     if numel > 0 {
-        let f = dev.function("planes", &kernels::name::<T>("planes_grad_apply"))?;
+        let f = dev.function(
+            kernels::module::<T>("planes"),
+            &kernels::name::<T>("planes_grad_apply"),
+        )?;
         let mut b = stream.launch_builder(&f);
         b.arg(dy)
             .arg(x)
