@@ -15,8 +15,9 @@
 # profile:  ncu (SpeedOfLight, MemoryWorkloadAnalysis, Occupancy) over the first launch of every
 #           kernel in `cunorm bench --reps 1` (the first standard shape of each op).
 #
-# One call of the device tool covers everything (187 s on an H200, 2026-11-26):
-#   GPU_RUN_SKIP="cpu-tests" GPU_RUN_DEADLINE=430 gpu-bundle/gpu-run.sh "$OUT" verify perf sanitize profile
+# One call of the device tool covers everything (331.6 s on an H100, 2026-11-27, before the
+# forced-path checks and the reg bench, about 30 s more, were added):
+#   GPU_RUN_SKIP="cpu-tests" GPU_RUN_DEADLINE=470 gpu-bundle/gpu-run.sh "$OUT" verify perf sanitize profile
 #
 # Every step has its own time limit and the run a deadline (GPU_RUN_DEADLINE seconds, default
 # 560, under the device tool's 600 s per call): a step that would start past it is skipped and

@@ -147,7 +147,9 @@ struct Inner {
     sms: u32,
     smem_optin: usize,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    kernels: Mutex<HashMap<String, Kernel>>,
+    /// Kernels looked up so far, by module, then name (a kernel every dtype's module of a
+    /// file holds is looked up, and loaded, from each module that is asked for it).
+    kernels: Mutex<HashMap<&'static str, HashMap<String, Kernel>>>,
     poison: std::sync::atomic::AtomicBool,
 }
 
@@ -283,8 +285,9 @@ impl CudaDevice {
         self.inner.sms
     }
 
-    /// Kernel `name` of module `module`, looked up once per context: the first call compiles
-    /// (or loads from the disk cache) the module and reads the kernel's thread limit.
+    /// Kernel `name` of module `module`, looked up once per device: the first call compiles
+    /// (or loads from the disk cache) the module and reads the kernel's thread limit. A module
+    /// that lacks `name` is an `Err` whatever other modules hold it.
     pub(crate) fn kernel(&self, module: &'static str, name: &str) -> Result<Kernel> {
         let lock = || {
             self.inner
@@ -292,7 +295,7 @@ impl CudaDevice {
                 .lock()
                 .map_err(|_| Error::Unavailable("kernel cache poisoned by a panic".into()))
         };
-        if let Some(k) = lock()?.get(name) {
+        if let Some(k) = lock()?.get(module).and_then(|m| m.get(name)) {
             return Ok(k.clone());
         }
         let func = self.load_function(module, name)?;
@@ -323,7 +326,10 @@ impl CudaDevice {
             regs: regs.max(0) as u32,
             max_dynamic_smem,
         };
-        lock()?.insert(name.to_string(), k.clone());
+        lock()?
+            .entry(module)
+            .or_default()
+            .insert(name.to_string(), k.clone());
         Ok(k)
     }
 

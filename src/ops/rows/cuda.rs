@@ -630,7 +630,8 @@ fn reg_instantiated(elem_size: usize, packs: usize) -> bool {
 }
 
 /// Most 16-byte packs of x per thread in the register-resident forward and of x and dy in the
-/// backward: the largest `KM` rows.cu instantiates (`ROWS_REG_ENTRIES_K`: 1, 2, 4).
+/// backward: the largest `KM` rows.cu instantiates (1 for every dtype, `ROWS_REG_ENTRIES_K`;
+/// 2 and 4 for f32).
 const FWD_REG_K: usize = 4;
 /// 16-byte packs per thread the wide forward holds in registers (rows.cu `ROWS_WIDE_K`).
 const WIDE_K: usize = 4;
@@ -780,7 +781,46 @@ fn to_u32_grid(n: usize) -> Result<u32> {
 
 #[cfg(test)]
 mod tests {
-    use super::{tile_geometry, RegTeam};
+    use super::{fwd_prefers_reg, reg_instantiated, tile_geometry, RegTeam, BWD_REG_K, FWD_REG_K};
+    use crate::dtype::Element;
+    use crate::ops::kernels;
+
+    /// Every register-resident kernel the dispatch can ask for (its name, in the module it asks)
+    /// is an entry point rows.cu has: the forward picks it where `fwd_prefers_reg` (or, forced,
+    /// `reg_instantiated`) holds, the backward where `reg_instantiated` holds.
+    fn reg_kernels_exist<T: Element>() {
+        let entries = kernels::entry_points();
+        let module = kernels::module::<T>("rows");
+        let pack = 16 / T::DTYPE.size();
+        for packs in 1..=4096usize {
+            let size = T::DTYPE.size();
+            assert!(!fwd_prefers_reg(size, packs) || reg_instantiated(size, packs));
+            if !reg_instantiated(size, packs) {
+                continue;
+            }
+            for (stage, max_k) in [("fwd", FWD_REG_K), ("bwd", BWD_REG_K)] {
+                let Some(team) = RegTeam::of(packs, max_k, 1024) else {
+                    continue;
+                };
+                let km = team.k.next_power_of_two();
+                for op in ["layer_norm", "rms_norm"] {
+                    let name = kernels::name::<T>(&format!("{op}_{stage}_reg{km}"));
+                    assert!(
+                        entries.iter().any(|(m, n)| *m == module && *n == name),
+                        "{} columns: {name} is not in {module}",
+                        packs * pack
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_dispatch_asks_only_for_register_resident_kernels_that_exist() {
+        reg_kernels_exist::<f32>();
+        reg_kernels_exist::<half::f16>();
+        reg_kernels_exist::<half::bf16>();
+    }
 
     #[test]
     fn tile_geometry_covers_the_rows_within_its_bounds() {
