@@ -39,11 +39,63 @@ template <> __device__ __forceinline__ bf16_t from_float<bf16_t>(float v) {
     return r;
 }
 
+// Two 2-byte values of a 32-bit word (the lower address in the low half) to f32, and two f32
+// to a word, rounded to nearest even: 16-byte packs handled as four words, with no 16-bit
+// register per element.
+__device__ __forceinline__ void word_to_float2(unsigned u, f16_t, float& lo, float& hi) {
+    f16_t a, b;
+    a.bits = (unsigned short)(u & 0xffffu);
+    b.bits = (unsigned short)(u >> 16);
+    lo = to_float(a);
+    hi = to_float(b);
+}
+__device__ __forceinline__ void word_to_float2(unsigned u, bf16_t, float& lo, float& hi) {
+    lo = __uint_as_float(u << 16);
+    hi = __uint_as_float(u & 0xffff0000u);
+}
+__device__ __forceinline__ unsigned float2_to_word(float lo, float hi, f16_t) {
+    unsigned r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+__device__ __forceinline__ unsigned float2_to_word(float lo, float hi, bf16_t) {
+    return (unsigned)from_float<bf16_t>(lo).bits | ((unsigned)from_float<bf16_t>(hi).bits << 16);
+}
+
 // 16 bytes of T.
 template <typename T> struct __align__(16) Pack {
     static const int N = 16 / sizeof(T);
     T v[16 / sizeof(T)];
 };
+
+// A 16-byte pack of T held as four words (Pack<unsigned>), to its 16 / sizeof(T) values as f32
+// and back (rounded to nearest even).
+template <typename T>
+__device__ __forceinline__ void unpack_words(const Pack<unsigned>& r, float (&f)[16 / sizeof(T)]) {
+    const T tag{};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) word_to_float2(r.v[i], tag, f[2 * i], f[2 * i + 1]);
+}
+template <>
+__device__ __forceinline__ void unpack_words<float>(const Pack<unsigned>& r, float (&f)[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[i] = __uint_as_float(r.v[i]);
+}
+template <typename T>
+__device__ __forceinline__ Pack<unsigned> pack_words(const float (&f)[16 / sizeof(T)]) {
+    const T tag{};
+    Pack<unsigned> r;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) r.v[i] = float2_to_word(f[2 * i], f[2 * i + 1], tag);
+    return r;
+}
+template <>
+__device__ __forceinline__ Pack<unsigned> pack_words<float>(const float (&f)[4]) {
+    Pack<unsigned> r;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) r.v[i] = __float_as_uint(f[i]);
+    return r;
+}
 
 template <typename T> __device__ __forceinline__ bool aligned16(const T* p) {
     return (((u64)p) & 15ull) == 0;

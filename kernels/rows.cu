@@ -356,6 +356,147 @@ __device__ __forceinline__ void rows_fwd_reg(const T* __restrict__ x, T* __restr
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Team forward on whole, 16-byte-aligned packs (the default for f16/bf16 rows that are; f32
+// only when forced, `CUNORM_ROWS_PATH=team`: src/ops/rows/cuda.rs): a team of `tpr`
+// threads (a power of two, 4 .. 1024) per row, each thread holding K packs of the row (packs t,
+// t + tpr, ..., t + (K−1)·tpr) as words, every load issued before any is used; blockDim.x / tpr
+// teams per block (one when tpr ≥ blockDim.x). No loop over a row, no row in shared memory, no
+// prefetch: the latency of one row's loads hides behind the other resident teams, and a team
+// smaller than a warp (rows of ≤ 16 packs) keeps the whole warp busy. Statistics as in
+// rows_fwd_reg: two passes over the registers (Σx, then Σ(x − mean)²; RMSNorm Σx²), each summed by
+// a butterfly over the team's lanes (every lane gets the same bits) and, for teams wider than a
+// warp, the warps' sums added in order from shared memory. Geometry comes from the shape (host:
+// src/ops/rows/cuda.rs `TeamShape`): the same bits on every GPU. Rows that are not whole aligned
+// packs take the other kernels.
+// Bytes: x read once, y written once, 8 bytes of statistics per row.
+// Sums over team `team` of `tpr` threads (a power of two below 32, or a multiple of 32): a
+// butterfly over the lanes, then the team's warps' sums from shared memory (`red`, 32 floats
+// per value) in warp order, every thread with the same bits. Synchronizes the block when
+// tpr > 32 (every thread of the block must call it).
+__device__ __forceinline__ float team_reduce(float v, int tpr, int team, float* red) {
+    const int width = tpr < 32 ? tpr : 32;
+    for (int o = width >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (tpr <= 32) return v;
+    const int wpt = tpr >> 5, w0 = team * wpt;
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float s = 0.f;
+    for (int i = 0; i < wpt; ++i) s += red[w0 + i];
+    return s;
+}
+
+// Two sums at once (one barrier): `red` holds 64 floats.
+__device__ __forceinline__ void team_reduce2(float& a, float& b, int tpr, int team, float (*red)[32]) {
+    const int width = tpr < 32 ? tpr : 32;
+    for (int o = width >> 1; o > 0; o >>= 1) {
+        a += __shfl_xor_sync(0xffffffffu, a, o);
+        b += __shfl_xor_sync(0xffffffffu, b, o);
+    }
+    if (tpr <= 32) return;
+    const int wpt = tpr >> 5, w0 = team * wpt;
+    if ((threadIdx.x & 31) == 0) {
+        red[0][threadIdx.x >> 5] = a;
+        red[1][threadIdx.x >> 5] = b;
+    }
+    __syncthreads();
+    a = 0.f;
+    b = 0.f;
+    for (int i = 0; i < wpt; ++i) {
+        a += red[0][w0 + i];
+        b += red[1][w0 + i];
+    }
+}
+
+template <typename T, bool CENTER, int K>
+__device__ __forceinline__ void rows_fwd_team(const T* __restrict__ x, T* __restrict__ y,
+                                              const float* __restrict__ w,
+                                              const float* __restrict__ b,
+                                              float* __restrict__ mean_out,
+                                              float* __restrict__ rstd_out, i64 rows, int cols,
+                                              float eps, int tpr) {
+    // Two slots per reduction of a row, alternating: a slot is written again only after the
+    // barrier of the reduction that follows its reads (see team_reduce).
+    __shared__ float red[2][32];
+    const int PN = Pack<T>::N;
+    const int packs = cols / PN;
+    const int teams = blockDim.x / tpr, team = threadIdx.x / tpr, t = threadIdx.x & (tpr - 1);
+    const i64 stride = (i64)gridDim.x * teams;
+    int phase = 0;
+    // The loop bound is the same for the whole block (barriers inside): a team past the last
+    // row loads and stores nothing.
+    for (i64 base = (i64)blockIdx.x * teams; base < rows; base += stride) {
+        const i64 row = base + team;
+        const bool live = row < rows;
+        const Pack<unsigned>* xr =
+            reinterpret_cast<const Pack<unsigned>*>(x + (live ? row : 0) * (i64)cols);
+        Pack<unsigned> raw[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const int p = t + k * tpr;
+            if (live && p < packs) {
+                raw[k] = xr[p];
+            } else {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) raw[k].v[i] = 0u;
+            }
+        }
+        float v[K][PN];
+#pragma unroll
+        for (int k = 0; k < K; ++k) unpack_words<T>(raw[k], v[k]);
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < K; ++k)
+#pragma unroll
+            for (int i = 0; i < PN; ++i) s += CENTER ? v[k][i] : v[k][i] * v[k][i];  // absent: 0
+        s = team_reduce(s, tpr, team, red[phase]);
+        phase ^= 1;
+        float mean = 0.f, var;
+        if (CENTER) {
+            mean = s / (float)cols;
+            float m2 = 0.f;
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                if (t + k * tpr < packs) {
+#pragma unroll
+                    for (int i = 0; i < PN; ++i) {
+                        const float d = v[k][i] - mean;
+                        m2 += d * d;
+                    }
+                }
+            }
+            var = team_reduce(m2, tpr, team, red[phase]) / (float)cols;
+            phase ^= 1;
+        } else {
+            var = s / (float)cols;
+        }
+        const float rstd = rsqrtf(var + eps);
+        if (!live) continue;
+        if (t == 0) {
+            if (CENTER) mean_out[row] = nan_if_inf(mean);
+            rstd_out[row] = rstd;
+        }
+        Pack<unsigned>* yr = reinterpret_cast<Pack<unsigned>*>(y + row * (i64)cols);
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const int p = t + k * tpr;
+            if (p < packs) {
+                float wv[PN], bv[PN];
+                load_params<PN>(wv, w, p * PN, PN, 1.f);
+                load_params<PN>(bv, b, p * PN, PN, 0.f);
+                float o[PN];
+#pragma unroll
+                for (int i = 0; i < PN; ++i) {
+                    o[i] = (v[k][i] - mean) * rstd;
+                    if (w) o[i] *= wv[i];
+                    if (b) o[i] += bv[i];
+                }
+                yr[p] = pack_words<T>(o);
+            }
+        }
+    }
+}
+
 // Σ over a thread's pack of columns kept in shared memory (dγ or dβ partials): 16-byte accesses
 // when `vec` (the slot is then 16-byte aligned), else one float at a time.
 template <int PN>
@@ -373,6 +514,18 @@ __device__ __forceinline__ void smem_add(float* __restrict__ slot, const float (
 #pragma unroll
         for (int i = 0; i < PN; ++i)
             if (i < n) slot[i] += v[i];
+    }
+}
+
+// slot[0 .. PN) = v, 16-byte stores (the slot 16-byte aligned).
+template <int PN>
+__device__ __forceinline__ void smem_set(float* __restrict__ slot, const float (&v)[PN]) {
+#pragma unroll
+    for (int i = 0; i < PN; i += 4) {
+        Pack<float> a;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) a.v[q] = v[i + q];
+        *reinterpret_cast<Pack<float>*>(slot + i) = a;
     }
 }
 
@@ -484,6 +637,111 @@ __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* 
             for (int i = 0; i < PN && p * PN + i < cols; ++i) {
                 pw[p * PN + i] = acc_w[p * PN + i];
                 pb[p * PN + i] = acc_b[p * PN + i];
+            }
+        }
+    }
+}
+
+// Team backward (`CUNORM_ROWS_PATH=team`, an experiment beside rows_bwd_reg): the same teams,
+// arguments and partial rows as rows_bwd_reg, on whole 16-byte-aligned packs only, with each
+// pack of x and dy held as four words (no register per 2-byte value), no prefetch of the next
+// row (fewer registers, more resident teams hide the latency) and Σu, Σu·x̂ in one team
+// reduction. Bytes: x and dy read once, dx written once, 8·cols bytes of partials per team.
+template <typename T, bool CENTER, int KM>
+__device__ __forceinline__ void rows_bwd_team(const T* __restrict__ dy, const T* __restrict__ x,
+                                              const float* __restrict__ w,
+                                              const float* __restrict__ mean,
+                                              const float* __restrict__ rstd,
+                                              T* __restrict__ dx, float* __restrict__ dw_part,
+                                              float* __restrict__ db_part, i64 rows, int cols,
+                                              int tpr, int K) {
+    __shared__ float red[2][2][32];
+    extern __shared__ __align__(16) unsigned char row_cache_bytes[];
+    const int PN = Pack<T>::N;
+    const int teams = blockDim.x / tpr, team = threadIdx.x / tpr, t = threadIdx.x % tpr;
+    const int packs = cols / PN;
+    float* acc_w = reinterpret_cast<float*>(row_cache_bytes) + (i64)team * 2 * cols;
+    float* acc_b = acc_w + cols;
+    const float zero[PN] = {};
+#pragma unroll
+    for (int k = 0; k < KM; ++k) {
+        const int p = t + k * tpr;
+        if (k < K && p < packs) {
+            smem_set<PN>(acc_w + p * PN, zero);
+            smem_set<PN>(acc_b + p * PN, zero);
+        }
+    }
+    const i64 stride = (i64)gridDim.x * teams;
+    int phase = 0;
+    // The bound is the same for every team of the block (barriers inside team_reduce2).
+    for (i64 base = (i64)blockIdx.x * teams; base < rows; base += stride) {
+        const i64 row = base + team;
+        const bool live = row < rows;
+        const i64 off = (live ? row : 0) * (i64)cols;
+        const Pack<unsigned>* gr = reinterpret_cast<const Pack<unsigned>*>(dy + off);
+        const Pack<unsigned>* xr = reinterpret_cast<const Pack<unsigned>*>(x + off);
+        Pack<unsigned> rg[KM], rx[KM];
+#pragma unroll
+        for (int k = 0; k < KM; ++k) {
+            const int p = t + k * tpr;
+            if (live && k < K && p < packs) {
+                rg[k] = gr[p];
+                rx[k] = xr[p];
+            }
+        }
+        const float mu = CENTER && live ? mean[row] : 0.f, rs = live ? rstd[row] : 0.f;
+        float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+        for (int k = 0; k < KM; ++k) {
+            const int p = t + k * tpr;
+            if (live && k < K && p < packs) {
+                const int j0 = p * PN;
+                float g[PN], xv[PN], wv[PN], cw[PN];
+                unpack_words<T>(rg[k], g);
+                unpack_words<T>(rx[k], xv);
+                load_params<PN>(wv, w, j0, PN, 1.f);
+#pragma unroll
+                for (int i = 0; i < PN; ++i) {
+                    const float xh = (xv[i] - mu) * rs;
+                    const float u = row_u(g[i], w, wv[i]);
+                    s1 += u;
+                    s2 += u * xh;
+                    cw[i] = g[i] * xh;
+                }
+                smem_add<PN>(acc_w + j0, cw, PN, true);
+                smem_add<PN>(acc_b + j0, g, PN, true);
+            }
+        }
+        team_reduce2(s1, s2, tpr, team, red[phase]);
+        phase ^= 1;
+        if (!live) continue;
+        const float m1 = CENTER ? s1 / (float)cols : 0.f, m2 = s2 / (float)cols;
+        Pack<unsigned>* dr = reinterpret_cast<Pack<unsigned>*>(dx + row * (i64)cols);
+#pragma unroll
+        for (int k = 0; k < KM; ++k) {
+            const int p = t + k * tpr;
+            if (k < K && p < packs) {
+                float g[PN], xv[PN], wv[PN], o[PN];
+                unpack_words<T>(rg[k], g);
+                unpack_words<T>(rx[k], xv);
+                load_params<PN>(wv, w, p * PN, PN, 1.f);  // again (L1): not held across the sums
+#pragma unroll
+                for (int i = 0; i < PN; ++i) o[i] = row_dx(g[i], (xv[i] - mu) * rs, w, wv[i], rs, m1, m2);
+                dr[p] = pack_words<T>(o);
+            }
+        }
+    }
+    const i64 part = (i64)blockIdx.x * teams + team;
+    Pack<float>* pw = reinterpret_cast<Pack<float>*>(dw_part + part * cols);
+    Pack<float>* pb = reinterpret_cast<Pack<float>*>(db_part + part * cols);
+#pragma unroll
+    for (int k = 0; k < KM; ++k) {
+        const int p = t + k * tpr;
+        if (k < K && p < packs) {
+#pragma unroll
+            for (int q = 0; q < PN / 4; ++q) {
+                pw[p * PN / 4 + q] = reinterpret_cast<const Pack<float>*>(acc_w + p * PN)[q];
+                pb[p * PN / 4 + q] = reinterpret_cast<const Pack<float>*>(acc_b + p * PN)[q];
             }
         }
     }
@@ -713,6 +971,36 @@ extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, floa
                                    k);                                                          \
     }
 
+// The team forward (rows_fwd_team), K packs per thread.
+#define ROWS_TEAM_FWD(T, NAME, KM)                                                              \
+    extern "C" __global__ void layer_norm_fwd_team##KM##_##NAME(                                 \
+        const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, i64 rows,   \
+        int cols, float eps, int tpr) {                                                         \
+        rows_fwd_team<T, true, KM>(x, y, w, b, mean, rstd, rows, cols, eps, tpr);              \
+    }                                                                                           \
+    extern "C" __global__ void rms_norm_fwd_team##KM##_##NAME(const T* x, T* y, const float* w, \
+                                                           float* rstd, i64 rows, int cols,     \
+                                                           float eps, int tpr) {                \
+        rows_fwd_team<T, false, KM>(x, y, w, 0, 0, rstd, rows, cols, eps, tpr);                \
+    }
+#define ROWS_TEAM_BWD(T, NAME, KM)                                                              \
+    extern "C" __global__ void layer_norm_bwd_team##KM##_##NAME(                                 \
+        const T* dy, const T* x, const float* w, const float* mean, const float* rstd, T* dx,   \
+        float* dw_part, float* db_part, i64 rows, int cols, int tpr, int k) {                   \
+        rows_bwd_team<T, true, KM>(dy, x, w, mean, rstd, dx, dw_part, db_part, rows, cols, tpr, \
+                                   k);                                                          \
+    }                                                                                           \
+    extern "C" __global__ void rms_norm_bwd_team##KM##_##NAME(                                   \
+        const T* dy, const T* x, const float* w, const float* rstd, T* dx, float* dw_part,      \
+        float* db_part, i64 rows, int cols, int tpr, int k) {                                   \
+        rows_bwd_team<T, false, KM>(dy, x, w, 0, rstd, dx, dw_part, db_part, rows, cols, tpr,  \
+                                    k);                                                         \
+    }
+#define ROWS_TEAM_ENTRIES(T, NAME)                                                              \
+    ROWS_TEAM_FWD(T, NAME, 1) ROWS_TEAM_FWD(T, NAME, 2) ROWS_TEAM_FWD(T, NAME, 4)               \
+    ROWS_TEAM_FWD(T, NAME, 8) ROWS_TEAM_BWD(T, NAME, 1) ROWS_TEAM_BWD(T, NAME, 2)               \
+    ROWS_TEAM_BWD(T, NAME, 4)
+
 // The register-resident kernels run f16/bf16 rows only with one pack per lane (at most 32
 // packs: src/ops/rows/cuda.rs `fwd_prefers_reg`, `reg_instantiated`; longer rows were faster
 // through the block-per-row forward and the long-rows backward on the H200 and the H100), so only
@@ -722,6 +1010,7 @@ extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, floa
 CUNORM_FOR_DTYPES(ROWS_ENTRIES)
 CUNORM_FOR_DTYPES(ROWS_WIDE_ENTRIES)
 CUNORM_FOR_DTYPES(ROWS_REG_ENTRIES_K)
+CUNORM_FOR_DTYPES(ROWS_TEAM_ENTRIES)
 #if CUNORM_WITH_F32
 ROWS_REG_FWD(float, f32, 2)
 ROWS_REG_FWD(float, f32, 4)

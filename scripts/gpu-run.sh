@@ -86,13 +86,20 @@ if has verify; then
   # Cold start: first run with an empty kernel cache, then warm.
   rm -rf "$CUNORM_CACHE_DIR"
   run 60 demo-cold "$here/cunorm" demo --device cuda --steps 10 --json
+  # What the cold start compiled (the CUBINs' times against the step's), since a cold start under
+  # a second has been seen where NVRTC takes seconds.
+  run 10 demo-cold-cache ls -la --time-style=full-iso "$CUNORM_CACHE_DIR"
   run 30 demo-warm "$here/cunorm" demo --device cuda --steps 10 --json
   run 120 cuda-tests "$here/tests/suite" --test-threads=1 --nocapture cuda::
   run 60 check "$here/cunorm" check
   # The row paths the shape does not pick (src/ops/rows/cuda.rs RowsPath), checked on the GPU
   # too: every row length of the sweep through each.
-  for p in block long reg; do
+  for p in block long reg team; do
     run 60 "check-rows-$p" env CUNORM_ROWS_PATH=$p "$here/cunorm" check --quick
+  done
+  # The team forward with fewer packs per thread (CUNORM_TEAM_KMAX), as the perf group times it.
+  for k in 4 2; do
+    run 60 "check-team-k$k" env CUNORM_TEAM_KMAX=$k "$here/cunorm" check --quick
   done
   run 30 demo-cuda "$here/cunorm" demo --device cuda
   run 30 demo-cuda-json "$here/cunorm" demo --device cuda --json
@@ -123,10 +130,15 @@ if has perf; then
   fi
   run 180 bench "$here/cunorm" bench "${bench_args[@]}" "${compare[@]}" --json-out "$out/bench.json"
   # The row paths the shape does not pick, timed on the same machine (src/ops/rows/cuda.rs
-  # RowsPath): block-per-row forwards, long-rows backwards, register-resident both ways.
-  for p in block long reg; do
+  # RowsPath): block-per-row forwards, long-rows backwards, register-resident both ways, the
+  # team kernels both ways (every dtype).
+  for p in block long reg team; do
     run 60 "bench-rows-$p" env CUNORM_ROWS_PATH=$p "$here/cunorm" bench --ops layer_norm,rms_norm \
       "${bench_args[@]}" --json-out "$out/bench-rows-$p.json"
+  done
+  for k in 4 2; do
+    run 60 "bench-team-k$k" env CUNORM_TEAM_KMAX=$k "$here/cunorm" bench --ops layer_norm,rms_norm \
+      "${bench_args[@]}" --json-out "$out/bench-team-k$k.json"
   done
 fi
 
@@ -136,6 +148,11 @@ if has sanitize; then
     for t in memcheck racecheck synccheck initcheck; do
       CUNORM_CHECK_QUICK=1 run 75 "sanitizer-$t" compute-sanitizer --tool "$t" --error-exitcode 1 \
         "$here/tests/suite" --test-threads=1 cuda::cuda_matches_cpu_everywhere
+    done
+    # The team kernels of every dtype, both ways (the default runs only the f16/bf16 forward).
+    for t in memcheck racecheck; do
+      CUNORM_ROWS_PATH=team CUNORM_CHECK_QUICK=1 run 75 "sanitizer-team-$t" compute-sanitizer \
+        --tool "$t" --error-exitcode 1 "$here/tests/suite" --test-threads=1 cuda::cuda_matches_cpu_everywhere
     done
   else
     echo "compute-sanitizer not found on PATH: sanitizer steps not run" | tee -a "$out/summary.txt"

@@ -1,6 +1,7 @@
 // Runs cunorm's CUDA kernels on the CPU (shim.h) with the launch sequences of src/ops/{rows,planes}/cuda.rs
 // and checks every output against a naive double-precision reference. Logic check only: it
 // proves indexing, reductions, chunking, layouts and coefficient algebra, not GPU behaviour.
+#include <bit>
 #include "shim.h"
 #include "kernels_emu.inc"  // common.cuh + rows.cu + planes.cu, preprocessed by run.sh
 
@@ -215,6 +216,41 @@ void rows_case(size_t rows, int cols, bool center, bool affine) {
         if (center) expect(tag + " reg mean", widen(mean), r.mean, 1e-5, 1e-5);
         expect(tag + " reg rstd", widen(rstd), r.rstd, 1e-5, 1e-4);
     }
+    // The team forward (rows of whole packs), as raw::rows_forward launches it (TeamShape in
+    // src/ops/rows/cuda.rs) for several packs-per-thread limits, on at most two blocks so that
+    // the grid-stride loop runs with teams past the last row.
+    {
+        if (cols % PN == 0) {
+            for (size_t kmax : {8, 2, 1}) {
+                size_t ttpr, tk;
+                if (packs <= 32) { ttpr = std::max<size_t>(4, std::bit_ceil(packs)); tk = 1; }
+                else {
+                    tk = std::min(kmax, std::bit_ceil((packs + 31) / 32));
+                    ttpr = std::max<size_t>(32, std::bit_ceil((packs + tk - 1) / tk));
+                }
+                if (ttpr > 1024) continue;
+                const size_t block = std::max<size_t>(ttpr, 128), teams = block / ttpr;
+                const unsigned blocks_t = (unsigned)std::min<size_t>((rows + teams - 1) / teams, 2);
+                std::fill(y.begin(), y.end(), from_float<T>(NAN));
+                std::fill(mean.begin(), mean.end(), NAN);
+                std::fill(rstd.begin(), rstd.end(), NAN);
+                auto fwd = [&]<int KM>() {
+                    emu_launch({blocks_t}, {(unsigned)block}, 0, [&] {
+                        if (center) rows_fwd_team<T, true, KM>(x.data(), y.data(), wp, bp, mean.data(), rstd.data(), rows, cols, eps, (int)ttpr);
+                        else rows_fwd_team<T, false, KM>(x.data(), y.data(), wp, nullptr, nullptr, rstd.data(), rows, cols, eps, (int)ttpr);
+                    });
+                };
+                if (tk == 1) fwd.template operator()<1>();
+                else if (tk == 2) fwd.template operator()<2>();
+                else if (tk == 4) fwd.template operator()<4>();
+                else fwd.template operator()<8>();
+                const std::string ttag = tag + " team" + std::to_string(tk) + "x" + std::to_string(ttpr);
+                expect(ttag + " y", widen(y), round(r.y), tol_abs<T>(), tol_rel<T>());
+                if (center) expect(ttag + " mean", widen(mean), r.mean, 1e-5, 1e-5);
+                expect(ttag + " rstd", widen(rstd), r.rstd, 1e-5, 1e-4);
+            }
+        }
+    }
     if (team(4, &tpr, &k, &per_block)) {
         std::fill(dx.begin(), dx.end(), from_float<T>(NAN));
         // teams as raw::rows_backward, with a smaller floor so that small row counts still
@@ -236,6 +272,27 @@ void rows_case(size_t rows, int cols, bool center, bool affine) {
         expect(tag + " reg dx", widen(dx), round(r.dx), tol_abs<T>() * 5, tol_rel<T>() * 5);
         expect(tag + " reg dw", widen(dw), r.dw, 1e-3, 1e-4);
         expect(tag + " reg db", widen(db), r.db, 1e-3, 1e-4);
+        // The team backward (CUNORM_ROWS_PATH=team): same teams and partial rows, rows of
+        // whole packs only.
+        if (cols % PN == 0) {
+            std::fill(dx.begin(), dx.end(), from_float<T>(NAN));
+            std::fill(qw.begin(), qw.end(), NAN);
+            std::fill(qb.begin(), qb.end(), NAN);
+            auto tbwd = [&]<int KM>() {
+                emu_launch({(unsigned)blocks_r}, {(unsigned)(tpr * per_block)}, per_block * 2 * cols * sizeof(float), [&] {
+                    if (center) rows_bwd_team<T, true, KM>(g.data(), x.data(), wp, mean.data(), rstd.data(), dx.data(), qw.data(), qb.data(), rows, cols, (int)tpr, (int)k);
+                    else rows_bwd_team<T, false, KM>(g.data(), x.data(), wp, nullptr, rstd.data(), dx.data(), qw.data(), qb.data(), rows, cols, (int)tpr, (int)k);
+                });
+            };
+            if (k == 1) tbwd.template operator()<1>();
+            else if (k == 2) tbwd.template operator()<2>();
+            else tbwd.template operator()<4>();
+            col_sum(qw, parts_r, dw);
+            col_sum(qb, parts_r, db);
+            expect(tag + " team dx", widen(dx), round(r.dx), tol_abs<T>() * 5, tol_rel<T>() * 5);
+            expect(tag + " team dw", widen(dw), r.dw, 1e-3, 1e-4);
+            expect(tag + " team db", widen(db), r.db, 1e-3, 1e-4);
+        }
     }
 }
 
@@ -399,7 +456,7 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
 }
 
 template <class T> void all() {
-    for (auto [rows, cols] : std::vector<std::pair<size_t, int>>{{5, 13}, {7, 1}, {3, 4099}, {2, 1024}, {9, 64}, {2, 12289}, {300, 128}, {70, 96}, {3000, 40}})
+    for (auto [rows, cols] : std::vector<std::pair<size_t, int>>{{5, 13}, {7, 1}, {3, 4099}, {2, 1024}, {9, 64}, {2, 12289}, {300, 128}, {70, 96}, {3000, 40}, {5, 8192}, {3, 2056}})
         for (bool center : {true, false})
             for (bool affine : {true, false}) rows_case<T>(rows, cols, center, affine);
     struct P { long n; int c; long s; int g; };

@@ -15,6 +15,8 @@ for f in ["rows.cu", "planes.cu", "util.cu"]:
     src += "\n" + (kdir / f).read_text().replace('#include "common.cuh"', "")
 src = src.replace('asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));', "f = emu_h2f(v.bits);")
 src = src.replace('asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));', "r.bits = emu_f2h(v);")
+src = src.replace('asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));',
+                  "r = (unsigned)emu_f2h(lo) | ((unsigned)emu_f2h(hi) << 16);")
 dyn = "extern __shared__ __align__(16) unsigned char row_cache_bytes[];"
 assert dyn in src, "the dynamic shared memory declaration changed: update prep.py"
 src = src.replace(dyn, "unsigned char* row_cache_bytes = emu_dyn_smem;")
@@ -37,7 +39,7 @@ def macro_body(name):
     m = re.search(r"#define " + name + r"\(T, NAME, KM\)((?:.*\\\n)*.*)", src)
     assert m, f"macro {name} not found: update prep.py"
     return m.group(1)
-for macro in ["ROWS_REG_FWD", "ROWS_REG_BWD"]:
+for macro in ["ROWS_REG_FWD", "ROWS_REG_BWD", "ROWS_TEAM_FWD", "ROWS_TEAM_BWD"]:
     kernels = re.findall(KERNEL + r"(\w+)##KM##_##NAME\(", macro_body(macro))
     per_dtype = re.findall(macro + r"\(T, NAME, (\d+)\)", src)
     one = re.findall(r"^" + macro + r"\(\w+, (\w+), (\d+)\)", src, re.M)

@@ -80,6 +80,14 @@ pub(crate) fn block_threads(k: &Kernel, want: usize) -> u32 {
     want.next_multiple_of(32).clamp(32, cap) as u32
 }
 
+/// Whether `v` starts on a 16-byte boundary (the 16-byte packs of the kernels that take no
+/// unaligned rows).
+pub(crate) fn aligned16<T>(v: &CudaView<T>, stream: &cudarc::driver::CudaStream) -> bool {
+    use cudarc::driver::DevicePtr;
+    let (ptr, _sync) = v.device_ptr(stream);
+    ptr % 16 == 0
+}
+
 pub(crate) fn pack<T: Element>() -> usize {
     16 / T::DTYPE.size()
 }

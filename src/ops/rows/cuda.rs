@@ -10,7 +10,7 @@
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use crate::cuda::launch::{
-    arg_or_null, block_threads, check_len, grid, launch_err, pack, row_len, to_i32,
+    aligned16, arg_or_null, block_threads, check_len, grid, launch_err, pack, row_len, to_i32,
 };
 use crate::cuda::{CudaDevice, Kernel};
 use crate::dtype::Element;
@@ -284,13 +284,52 @@ fn rows_forward<T: Element>(
     let center = mean.is_some();
     let op = if center { "layer_norm" } else { "rms_norm" };
     let packs = cols.div_ceil(pack::<T>());
+    let team_path = match rows_path() {
+        RowsPath::Auto | RowsPath::Long => T::DTYPE.size() == 2,
+        RowsPath::Team => true,
+        RowsPath::Block | RowsPath::Reg => false,
+    };
+    if team_path
+        && cols.is_multiple_of(pack::<T>())
+        && aligned16(x, dev.stream())
+        && aligned16(&y.as_view(), dev.stream())
+    {
+        if let Some(shape) = TeamShape::of(packs, team_kmax()) {
+            let k = dev.kernel(
+                kernels::module::<T>("rows"),
+                &kernels::name::<T>(&format!("{op}_fwd_team{}", shape.k)),
+            )?;
+            if shape.block <= k.max_threads as usize {
+                let stream = dev.stream();
+                let mut b = stream.launch_builder(&k.func);
+                b.arg(x).arg(y);
+                arg_or_null(&mut b, weight);
+                if let Some(m) = mean {
+                    arg_or_null(&mut b, bias);
+                    b.arg(m);
+                }
+                let tpr = shape.tpr as i32;
+                b.arg(rstd).arg(&rows_i).arg(&cols_i).arg(&eps).arg(&tpr);
+                let teams = shape.block / shape.tpr;
+                let cfg = LaunchConfig {
+                    grid_dim: (grid(rows.div_ceil(teams).min(MAX_ROW_BLOCKS))?, 1, 1),
+                    block_dim: (shape.block as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: matches rows.cu's rows_fwd_team entry points; lengths checked above,
+                // x and y 16-byte aligned and whole packs as the kernel requires.
+                unsafe { b.launch(cfg) }.map_err(launch_err)?;
+                return Ok(());
+            }
+        }
+    }
     let reg = match rows_path() {
         RowsPath::Block => false,
         RowsPath::Reg => reg_instantiated(T::DTYPE.size(), packs),
         _ => fwd_prefers_reg(T::DTYPE.size(), packs),
     };
     if reg {
-        if let Some((team, k)) = reg_kernel::<T>(dev, op, "fwd", packs, FWD_REG_K, 0)? {
+        if let Some((team, k)) = reg_kernel::<T>(dev, op, "fwd", "reg", packs, FWD_REG_K, 0)? {
             let stream = dev.stream();
             let mut b = stream.launch_builder(&k.func);
             b.arg(x).arg(y);
@@ -434,9 +473,18 @@ fn rows_backward<T: Element>(
     };
     let reg = match rows_path() {
         RowsPath::Long => None,
+        // The team backward (an experiment): rows of whole packs, 16-byte aligned.
+        RowsPath::Team
+            if cols.is_multiple_of(pack::<T>())
+                && aligned16(dy, stream)
+                && aligned16(x, stream)
+                && aligned16(&dx.as_view(), stream) =>
+        {
+            reg_kernel::<T>(dev, op, "bwd", "team", packs, BWD_REG_K, smem_per_team)?
+        }
         // Wherever rows.cu has the register-resident backward, it won (`reg_instantiated`).
         _ if !reg_instantiated(T::DTYPE.size(), packs) => None,
-        _ => reg_kernel::<T>(dev, op, "bwd", packs, BWD_REG_K, smem_per_team)?,
+        _ => reg_kernel::<T>(dev, op, "bwd", "reg", packs, BWD_REG_K, smem_per_team)?,
     };
     if let Some((team, k)) = reg {
         // One partial row of column sums per team: enough teams to keep the GPU busy, few
@@ -459,8 +507,9 @@ fn rows_backward<T: Element>(
                 block_dim: (team.block_threads(), 1, 1),
                 shared_mem_bytes: (team.per_block * smem_per_team) as u32,
             };
-            // SAFETY: matches rows.cu's rows_bwd_reg entry points; the partial buffers hold
-            // one row per team of the grid, shared memory 2·cols floats per team.
+            // SAFETY: matches rows.cu's rows_bwd_reg and rows_bwd_team entry points (the team
+            // kernel only for aligned rows of whole packs, checked above); the partial buffers
+            // hold one row per team of the grid, shared memory 2·cols floats per team.
             unsafe { b.launch(cfg) }.map_err(launch_err)?;
         }
         let used = if rows == 0 { 0 } else { parts };
@@ -582,9 +631,11 @@ impl<'a, 'v, T: Element> BwdBufs<'a, 'v, T> {
 
 /// The row paths `CUNORM_ROWS_PATH` (read once) forces, a benchmark knob: `block` sends every
 /// LayerNorm/RMSNorm forward to the block-per-row kernels and `long` every backward to the
-/// long-rows kernels, where the shape would pick the register-resident ones; `reg` sends every
-/// forward and backward whose row the register-resident kernels can hold, and which rows.cu
-/// instantiates (`reg_instantiated`), to them. One GPU call
+/// long-rows kernels, where the shape would pick the register-resident or team ones; `reg`
+/// sends every forward and backward whose row the register-resident kernels can hold, and
+/// which rows.cu instantiates (`reg_instantiated`), to them; `team` sends every forward and
+/// backward of aligned rows of whole packs the team kernels hold to them, f32 included (by
+/// default only the f16/bf16 forward). One GPU call
 /// times each path on the same shapes (`scripts/gpu-run.sh`'s perf group). Results agree within
 /// the dtype's tolerance either way (`.ci/run` runs `cunorm check` under each on the fake
 /// driver); unset or anything else: the shape decides.
@@ -594,6 +645,7 @@ enum RowsPath {
     Block,
     Long,
     Reg,
+    Team,
 }
 
 fn rows_path() -> RowsPath {
@@ -602,8 +654,62 @@ fn rows_path() -> RowsPath {
         Ok("block") => RowsPath::Block,
         Ok("long") => RowsPath::Long,
         Ok("reg") => RowsPath::Reg,
+        Ok("team") => RowsPath::Team,
         _ => RowsPath::Auto,
     })
+}
+
+/// The most packs per thread of the team forward (`CUNORM_TEAM_KMAX`: 1, 2, 4 or 8, read once;
+/// default 8), a benchmark knob: smaller values spread a row over more threads.
+fn team_kmax() -> usize {
+    static KMAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *KMAX.get_or_init(|| {
+        match std::env::var("CUNORM_TEAM_KMAX")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            Some(k @ (1 | 2 | 4 | 8)) => k,
+            _ => TEAM_KMAX,
+        }
+    })
+}
+
+/// Packs per thread the team forward holds at most (rows.cu `ROWS_TEAM_ENTRIES`: 1, 2, 4, 8).
+const TEAM_KMAX: usize = 8;
+/// Threads per block of the team forward when a team is smaller (several teams per block).
+const TEAM_BLOCK: usize = 128;
+
+/// The geometry of the team forward (rows.cu `rows_fwd_team`, f16/bf16 rows of whole packs):
+/// `tpr` threads per row (a power of two, 4 .. 1024), `k` packs per thread (1, 2, 4 or 8),
+/// `block` threads per block. From the row length alone, so every GPU gives the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TeamShape {
+    pub tpr: usize,
+    pub k: usize,
+    pub block: usize,
+}
+
+impl TeamShape {
+    /// Rows of up to 32 packs: one pack per thread of a team of the next power of two (at
+    /// least 4) threads; longer rows: a warp or more per row, each thread with up to `kmax`
+    /// packs (a power of two), the team the next power of two of threads that holds the row.
+    /// None for rows beyond 1024 threads × `kmax` packs.
+    pub(crate) fn of(packs: usize, kmax: usize) -> Option<TeamShape> {
+        if packs == 0 {
+            return None;
+        }
+        let (tpr, k) = if packs <= 32 {
+            (packs.next_power_of_two().max(4), 1)
+        } else {
+            let k = packs.div_ceil(32).next_power_of_two().min(kmax);
+            (packs.div_ceil(k).next_power_of_two().max(32), k)
+        };
+        (tpr <= 1024).then_some(TeamShape {
+            tpr,
+            k,
+            block: tpr.max(TEAM_BLOCK),
+        })
+    }
 }
 
 /// Threads per block of the register-resident row kernels when a team is one warp.
@@ -684,14 +790,15 @@ impl RegTeam {
     }
 }
 
-/// The register-resident kernel for rows of `packs` packs (`<op>_<stage>_reg<KM>_<dtype>`, KM the
-/// packs per thread rounded up to 1, 2 or 4) and its team, or None when the row needs more
-/// threads, or the team more shared memory, than the kernel allows (then the shared-memory
-/// kernels run).
+/// The register-resident kernel for rows of `packs` packs (`<op>_<stage>_<kind><KM>_<dtype>`,
+/// kind `reg` or, for the team backward, `team`; KM the packs per thread rounded up to 1, 2 or
+/// 4) and its team, or None when the row needs more threads, or the team more shared memory,
+/// than the kernel allows (then the shared-memory kernels run).
 fn reg_kernel<T: Element>(
     dev: &CudaDevice,
     op: &str,
     stage: &str,
+    kind: &str,
     packs: usize,
     max_k: usize,
     smem_per_team: usize,
@@ -702,7 +809,7 @@ fn reg_kernel<T: Element>(
     let km = team.k.next_power_of_two();
     let k = dev.kernel(
         kernels::module::<T>("rows"),
-        &kernels::name::<T>(&format!("{op}_{stage}_reg{km}")),
+        &kernels::name::<T>(&format!("{op}_{stage}_{kind}{km}")),
     )?;
     let fits = team.block_threads() <= k.max_threads
         && team.per_block * smem_per_team <= k.max_dynamic_smem;
@@ -781,7 +888,10 @@ fn to_u32_grid(n: usize) -> Result<u32> {
 
 #[cfg(test)]
 mod tests {
-    use super::{fwd_prefers_reg, reg_instantiated, tile_geometry, RegTeam, BWD_REG_K, FWD_REG_K};
+    use super::{
+        fwd_prefers_reg, reg_instantiated, tile_geometry, RegTeam, TeamShape, BWD_REG_K, FWD_REG_K,
+        TEAM_KMAX,
+    };
     use crate::dtype::Element;
     use crate::ops::kernels;
 
@@ -820,6 +930,54 @@ mod tests {
         reg_kernels_exist::<f32>();
         reg_kernels_exist::<half::f16>();
         reg_kernels_exist::<half::bf16>();
+    }
+
+    /// The team forward's geometry holds every pack of the row, with the fewest packs per thread
+    /// and threads per team, within a block; and the kernel it names is in the dtype's module.
+    #[test]
+    fn team_shape_covers_the_row_and_names_kernels_that_exist() {
+        let entries = kernels::entry_points();
+        for kmax in [1, 2, 4, TEAM_KMAX] {
+            for packs in 1..=(1024 * TEAM_KMAX + 9) {
+                let Some(t) = TeamShape::of(packs, kmax) else {
+                    assert!(packs > 1024 * kmax, "{packs} packs, kmax {kmax}: no shape");
+                    continue;
+                };
+                assert!(
+                    t.tpr.is_power_of_two() && (4..=1024).contains(&t.tpr),
+                    "{t:?}"
+                );
+                assert!(t.k.is_power_of_two() && t.k <= kmax.max(1), "{t:?}");
+                assert!(t.tpr * t.k >= packs, "{t:?} misses packs of {packs}");
+                // k the least power of two for the team (K is a template constant), and the
+                // team no wider than it needs (beyond its floor of 4 threads, or 32 with k > 1).
+                assert!(t.tpr * (t.k / 2) < packs, "{t:?}: k too large for {packs}");
+                let floor = if t.k > 1 { 32 } else { 4 };
+                assert!(
+                    t.tpr == floor || (t.tpr / 2) * t.k < packs,
+                    "{t:?} for {packs}"
+                );
+                assert!(
+                    t.block % t.tpr == 0 && t.block >= 32 && t.block <= 1024,
+                    "{t:?}"
+                );
+                // The team backward (forced) asks for RegTeam's geometry under "team".
+                let bwd_k = RegTeam::of(packs, BWD_REG_K, 1024).map(|b| b.k.next_power_of_two());
+                for module in ["rows.f32", "rows.f16", "rows.bf16"] {
+                    let dt = module.trim_start_matches("rows.");
+                    for op in ["layer_norm", "rms_norm"] {
+                        let mut names = vec![format!("{op}_fwd_team{}_{dt}", t.k)];
+                        names.extend(bwd_k.map(|k| format!("{op}_bwd_team{k}_{dt}")));
+                        for name in names {
+                            assert!(
+                                entries.iter().any(|(m, n)| *m == module && *n == name),
+                                "{name}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
