@@ -357,19 +357,6 @@ __device__ __forceinline__ void rows_fwd_reg(const T* __restrict__ x, T* __restr
 }
 
 // ---------------------------------------------------------------------------------------------
-// Team forward on whole, 16-byte-aligned packs (the default for f16/bf16 rows that are; f32
-// only when forced, `CUNORM_ROWS_PATH=team`: src/ops/rows/cuda.rs): a team of `tpr`
-// threads (a power of two, 4 .. 1024) per row, each thread holding K packs of the row (packs t,
-// t + tpr, ..., t + (K−1)·tpr) as words, every load issued before any is used; blockDim.x / tpr
-// teams per block (one when tpr ≥ blockDim.x). No loop over a row, no row in shared memory, no
-// prefetch: the latency of one row's loads hides behind the other resident teams, and a team
-// smaller than a warp (rows of ≤ 16 packs) keeps the whole warp busy. Statistics as in
-// rows_fwd_reg: two passes over the registers (Σx, then Σ(x − mean)²; RMSNorm Σx²), each summed by
-// a butterfly over the team's lanes (every lane gets the same bits) and, for teams wider than a
-// warp, the warps' sums added in order from shared memory. Geometry comes from the shape (host:
-// src/ops/rows/cuda.rs `TeamShape`): the same bits on every GPU. Rows that are not whole aligned
-// packs take the other kernels.
-// Bytes: x read once, y written once, 8 bytes of statistics per row.
 // Sums over team `team` of `tpr` threads (a power of two below 32, or a multiple of 32): a
 // butterfly over the lanes, then the team's warps' sums from shared memory (`red`, 32 floats
 // per value) in warp order, every thread with the same bits. Synchronizes the block when
@@ -408,6 +395,20 @@ __device__ __forceinline__ void team_reduce2(float& a, float& b, int tpr, int te
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Team forward on whole, 16-byte-aligned packs (the default forward for rows that are and
+// that it holds: src/ops/rows/cuda.rs `TeamShape`, `team_kmax`): a team of `tpr`
+// threads (a power of two, 4 .. 1024) per row, each thread holding K packs of the row (packs t,
+// t + tpr, ..., t + (K−1)·tpr) as words, every load issued before any is used; blockDim.x / tpr
+// teams per block (one when tpr ≥ blockDim.x). No loop over a row, no row in shared memory, no
+// prefetch: the latency of one row's loads hides behind the other resident teams, and a team
+// smaller than a warp (rows of ≤ 16 packs) keeps the whole warp busy. Statistics as in
+// rows_fwd_reg: two passes over the registers (Σx, then Σ(x − mean)²; RMSNorm Σx²), each summed by
+// a butterfly over the team's lanes (every lane gets the same bits) and, for teams wider than a
+// warp, the warps' sums added in order from shared memory. Geometry comes from the shape (host:
+// src/ops/rows/cuda.rs `TeamShape`): the same bits on every GPU. Rows that are not whole aligned
+// packs take the other kernels.
+// Bytes: x read once, y written once, 8 bytes of statistics per row.
 template <typename T, bool CENTER, int K>
 __device__ __forceinline__ void rows_fwd_team(const T* __restrict__ x, T* __restrict__ y,
                                               const float* __restrict__ w,
@@ -642,8 +643,9 @@ __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* 
     }
 }
 
-// Team backward (`CUNORM_ROWS_PATH=team`, an experiment beside rows_bwd_reg): the same teams,
-// arguments and partial rows as rows_bwd_reg, on whole 16-byte-aligned packs only, with each
+// Team backward (the default backward for aligned rows of whole packs where it won:
+// src/ops/rows/cuda.rs `bwd_prefers_team`): the same teams, arguments and partial rows as
+// rows_bwd_reg, on whole 16-byte-aligned packs only, with each
 // pack of x and dy held as four words (no register per 2-byte value), no prefetch of the next
 // row (fewer registers, more resident teams hide the latency) and Σu, Σu·x̂ in one team
 // reduction. Bytes: x and dy read once, dx written once, 8·cols bytes of partials per team.

@@ -284,17 +284,16 @@ fn rows_forward<T: Element>(
     let center = mean.is_some();
     let op = if center { "layer_norm" } else { "rms_norm" };
     let packs = cols.div_ceil(pack::<T>());
-    let team_path = match rows_path() {
-        RowsPath::Auto | RowsPath::Long => T::DTYPE.size() == 2,
-        RowsPath::Team => true,
-        RowsPath::Block | RowsPath::Reg => false,
-    };
+    let team_path = matches!(
+        rows_path(),
+        RowsPath::Auto | RowsPath::Long | RowsPath::Team
+    );
     if team_path
         && cols.is_multiple_of(pack::<T>())
         && aligned16(x, dev.stream())
         && aligned16(&y.as_view(), dev.stream())
     {
-        if let Some(shape) = TeamShape::of(packs, team_kmax()) {
+        if let Some(shape) = TeamShape::of(packs, team_kmax(T::DTYPE.size(), center, packs)) {
             let k = dev.kernel(
                 kernels::module::<T>("rows"),
                 &kernels::name::<T>(&format!("{op}_fwd_team{}", shape.k)),
@@ -471,21 +470,31 @@ fn rows_backward<T: Element>(
         mean,
         rstd,
     };
-    let reg = match rows_path() {
-        RowsPath::Long => None,
-        // The team backward (an experiment): rows of whole packs, 16-byte aligned.
-        RowsPath::Team
-            if cols.is_multiple_of(pack::<T>())
-                && aligned16(dy, stream)
-                && aligned16(x, stream)
-                && aligned16(&dx.as_view(), stream) =>
-        {
-            reg_kernel::<T>(dev, op, "bwd", "team", packs, BWD_REG_K, smem_per_team)?
-        }
-        // Wherever rows.cu has the register-resident backward, it won (`reg_instantiated`).
-        _ if !reg_instantiated(T::DTYPE.size(), packs) => None,
-        _ => reg_kernel::<T>(dev, op, "bwd", "reg", packs, BWD_REG_K, smem_per_team)?,
-    };
+    // The team backward: rows of whole packs, 16-byte aligned, where it won
+    // (`bwd_prefers_team`) or forced; else, or when its team does not fit, as before it.
+    let whole = cols.is_multiple_of(pack::<T>())
+        && aligned16(dy, stream)
+        && aligned16(x, stream)
+        && aligned16(&dx.as_view(), stream);
+    let team = whole
+        && match rows_path() {
+            RowsPath::Team => true,
+            RowsPath::Auto => bwd_prefers_team(T::DTYPE.size(), packs),
+            RowsPath::Block | RowsPath::Long | RowsPath::Reg => false,
+        };
+    let mut reg = None;
+    if team {
+        reg = reg_kernel::<T>(dev, op, "bwd", "team", packs, BWD_REG_K, smem_per_team)?;
+    }
+    if reg.is_none() {
+        reg = match rows_path() {
+            RowsPath::Long => None,
+            // Wherever rows.cu has the register-resident backward, it won over the long-rows
+            // kernels (`reg_instantiated`).
+            _ if !reg_instantiated(T::DTYPE.size(), packs) => None,
+            _ => reg_kernel::<T>(dev, op, "bwd", "reg", packs, BWD_REG_K, smem_per_team)?,
+        };
+    }
     if let Some((team, k)) = reg {
         // One partial row of column sums per team: enough teams to keep the GPU busy, few
         // enough that the partials (written, then read by the column sum) stay near a tenth of
@@ -659,19 +668,41 @@ fn rows_path() -> RowsPath {
     })
 }
 
-/// The most packs per thread of the team forward (`CUNORM_TEAM_KMAX`: 1, 2, 4 or 8, read once;
-/// default 8), a benchmark knob: smaller values spread a row over more threads.
-fn team_kmax() -> usize {
-    static KMAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *KMAX.get_or_init(|| {
+/// The most packs per thread of the team forward for a row of `packs` packs. From the H200
+/// timings of 2026-11-27 (run H200-I, `docs/PERF.md`; every choice timed in one call): 4 for
+/// LayerNorm f16/bf16 (8 gives `layer_norm_fwd_team8` 168 registers: [4096, 4096] f16 0.0322
+/// against 0.0274 ms, [8192, 8192] 0.102 against 0.097), 4 for RMSNorm f16/bf16 up to 512
+/// packs ([4096, 4096] f16 0.0226 against 0.0208) and 8 beyond ([8192, 8192] 0.0708 against
+/// 0.0753), 8 for f32 (its only timing; ahead of the register-resident and block-per-row
+/// kernels at every length it holds). `CUNORM_TEAM_KMAX` (1, 2, 4 or 8, read once) overrides
+/// it, a benchmark knob.
+fn team_kmax(elem_size: usize, center: bool, packs: usize) -> usize {
+    static KNOB: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let knob = *KNOB.get_or_init(|| {
         match std::env::var("CUNORM_TEAM_KMAX")
             .ok()
             .and_then(|v| v.parse().ok())
         {
-            Some(k @ (1 | 2 | 4 | 8)) => k,
-            _ => TEAM_KMAX,
+            Some(k @ (1 | 2 | 4 | 8)) => Some(k),
+            _ => None,
         }
+    });
+    knob.unwrap_or(if elem_size == 4 || (!center && packs > 512) {
+        TEAM_KMAX
+    } else {
+        4
     })
+}
+
+/// Whether the backward of an aligned row of whole packs runs the team kernel (`rows_bwd_team`)
+/// rather than the register-resident or long-rows ones, from the same run: the team backward
+/// won on every f32 row it holds (LayerNorm [8192, 8192] 0.353 → 0.290 ms, [65536, 128] 0.069
+/// → 0.054) and on f16/bf16 rows of up to 32 packs ([65536, 128] 0.111 → 0.061) and of 4 K
+/// and 8 K columns ([4096, 4096] 0.104 → 0.085, [8192, 8192] 0.357 → 0.275); the long-rows
+/// kernels stayed ahead at 1 K f16/bf16 columns (0.0981 against 0.0996), where the team
+/// kernel's partial rows leave the GPU a block and a half per SM.
+fn bwd_prefers_team(elem_size: usize, packs: usize) -> bool {
+    elem_size == 4 || packs <= 32 || packs > 128
 }
 
 /// Packs per thread the team forward holds at most (rows.cu `ROWS_TEAM_ENTRIES`: 1, 2, 4, 8).
