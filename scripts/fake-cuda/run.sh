@@ -67,13 +67,15 @@ tail -n 3 "$build/check.txt"
 
 echo "-- cunorm check with the row paths forced (CUNORM_ROWS_PATH): block-per-row forwards,"
 echo "   long-rows backwards, register-resident both ways, team kernels both ways, on every row"
-echo "   length of the sweep; then the team forward with at most 2 packs a thread"
+echo "   length of the sweep; then the team forward with at most 2 and 8 packs a thread"
 for p in block long reg team; do
   CUNORM_ROWS_PATH=$p plain target/release/cunorm check --quick > "$build/check-$p.txt"
   tail -n 1 "$build/check-$p.txt"
 done
-CUNORM_TEAM_KMAX=2 plain target/release/cunorm check --quick > "$build/check-team-kmax2.txt"
-tail -n 1 "$build/check-team-kmax2.txt"
+for k in 2 8; do
+  CUNORM_TEAM_KMAX=$k plain target/release/cunorm check --quick > "$build/check-team-kmax$k.txt"
+  tail -n 1 "$build/check-team-kmax$k.txt"
+done
 
 echo "-- cunorm bench smoke run (events, copy reference, L2 flush, JSON; timings meaningless)"
 plain target/release/cunorm bench --quick --reps 1 --ops rms_norm --json > "$build/bench.json"

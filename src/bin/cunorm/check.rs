@@ -261,6 +261,13 @@ pub fn cases(quick: bool) -> Result<Vec<(AnyNorm, Vec<usize>, f32)>> {
         (AnyNorm::Rms(RMSNorm::new(&[1])?), vec![7, 1], 0.0),
         (AnyNorm::Rms(RMSNorm::new(&[1024])?), vec![64, 1024], 0.0),
         (AnyNorm::Rms(RMSNorm::new(&[4099])?), vec![3, 4099], 0.0),
+        // Rows of whole packs that reach the rest of the team kernels: 192 columns (the f32
+        // team backward with 2 packs a thread), 6 144 (f16/bf16 RMSNorm with 8 packs a
+        // thread; LayerNorm's with CUNORM_TEAM_KMAX=8, as scripts/fake-cuda/run.sh runs it).
+        (AnyNorm::Ln(LayerNorm::new(&[192])?), vec![5, 192], 0.0),
+        (AnyNorm::Rms(RMSNorm::new(&[192])?), vec![5, 192], 0.0),
+        (AnyNorm::Ln(LayerNorm::new(&[6144])?), vec![3, 6144], 0.0),
+        (AnyNorm::Rms(RMSNorm::new(&[6144])?), vec![3, 6144], 0.0),
         // Rows above 48 KiB of f32 but within the opt-in shared memory: the kernel opts in.
         (
             AnyNorm::Ln(LayerNorm::new(&[20_000])?),
