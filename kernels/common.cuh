@@ -53,10 +53,15 @@ __device__ __forceinline__ void word_to_float2(unsigned u, bf16_t, float& lo, fl
     lo = __uint_as_float(u << 16);
     hi = __uint_as_float(u & 0xffff0000u);
 }
+// (The paired conversion is an sm_80 instruction; older GPUs, sm_75 with CUDA 13, convert each.)
 __device__ __forceinline__ unsigned float2_to_word(float lo, float hi, f16_t) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     unsigned r;
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
+#else
+    return (unsigned)from_float<f16_t>(lo).bits | ((unsigned)from_float<f16_t>(hi).bits << 16);
+#endif
 }
 __device__ __forceinline__ unsigned float2_to_word(float lo, float hi, bf16_t) {
     return (unsigned)from_float<bf16_t>(lo).bits | ((unsigned)from_float<bf16_t>(hi).bits << 16);

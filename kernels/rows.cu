@@ -406,8 +406,9 @@ __device__ __forceinline__ void team_reduce2(float& a, float& b, int tpr, int te
 // rows_fwd_reg: two passes over the registers (Σx, then Σ(x − mean)²; RMSNorm Σx²), each summed by
 // a butterfly over the team's lanes (every lane gets the same bits) and, for teams wider than a
 // warp, the warps' sums added in order from shared memory. Geometry comes from the shape (host:
-// src/ops/rows/cuda.rs `TeamShape`): the same bits on every GPU. Rows that are not whole aligned
-// packs take the other kernels.
+// src/ops/rows/cuda.rs `TeamShape`): the same bits on every GPU of a model (whether a team fits
+// the kernel's registers can differ between architectures, as for rows_fwd_reg). Rows that are
+// not whole aligned packs take the other kernels.
 // Bytes: x read once, y written once, 8 bytes of statistics per row.
 template <typename T, bool CENTER, int K>
 __device__ __forceinline__ void rows_fwd_team(const T* __restrict__ x, T* __restrict__ y,

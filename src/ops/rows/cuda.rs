@@ -643,8 +643,8 @@ impl<'a, 'v, T: Element> BwdBufs<'a, 'v, T> {
 /// long-rows kernels, where the shape would pick the register-resident or team ones; `reg`
 /// sends every forward and backward whose row the register-resident kernels can hold, and
 /// which rows.cu instantiates (`reg_instantiated`), to them; `team` sends every forward and
-/// backward of aligned rows of whole packs the team kernels hold to them, f32 included (by
-/// default only the f16/bf16 forward). One GPU call
+/// backward of aligned rows of whole packs the team kernels hold to them (by default the
+/// backward takes them only where `bwd_prefers_team` says they won). One GPU call
 /// times each path on the same shapes (`scripts/gpu-run.sh`'s perf group). Results agree within
 /// the dtype's tolerance either way (`.ci/run` runs `cunorm check` under each on the fake
 /// driver); unset or anything else: the shape decides.
@@ -710,9 +710,11 @@ const TEAM_KMAX: usize = 8;
 /// Threads per block of the team forward when a team is smaller (several teams per block).
 const TEAM_BLOCK: usize = 128;
 
-/// The geometry of the team forward (rows.cu `rows_fwd_team`, f16/bf16 rows of whole packs):
+/// The geometry of the team forward (rows.cu `rows_fwd_team`, rows of whole aligned packs):
 /// `tpr` threads per row (a power of two, 4 .. 1024), `k` packs per thread (1, 2, 4 or 8),
-/// `block` threads per block. From the row length alone, so every GPU gives the same bits.
+/// `block` threads per block. From the row length alone, so every GPU of a model gives the same
+/// bits; whether the kernel takes the block depends on its registers (`max_threads`), so another
+/// architecture or NVRTC can send a row to another kernel (as for `RegTeam`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct TeamShape {
     pub tpr: usize,
@@ -756,7 +758,7 @@ fn fwd_prefers_reg(elem_size: usize, packs: usize) -> bool {
 
 /// Whether rows.cu has the register-resident kernels for rows of `packs` packs: f32 with up to
 /// 4 packs per lane, f16/bf16 with one. The backward runs them wherever they exist and can hold
-/// the row, from the H100 timings of 2026-11-27 (`docs/PERF.md`, runs H100-A and H100-B, every
+/// the row and the team backward does not take it first (`bwd_prefers_team`), from the H100 timings of 2026-11-27 (`docs/PERF.md`, runs H100-A and H100-B, every
 /// path timed in one call): the register-resident backward won on every f32 row it holds and on
 /// f16/bf16 rows of one pack per lane (128 columns: 0.114 against 0.139 ms at [65536, 128]);
 /// the long-rows kernels won on longer f16/bf16 rows by 15–27 % ([16384, 1024] f16: 0.107
