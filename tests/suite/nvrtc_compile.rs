@@ -20,7 +20,7 @@ fn nvrtc_or_skip() -> bool {
 }
 
 #[test]
-fn every_kernel_compiles_for_sm80_and_sm90() {
+fn every_kernel_compiles_for_sm75_sm80_and_sm90() {
     if !nvrtc_or_skip() {
         return;
     }

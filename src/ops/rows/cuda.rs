@@ -758,8 +758,8 @@ fn fwd_prefers_reg(elem_size: usize, packs: usize) -> bool {
 
 /// Whether rows.cu has the register-resident kernels for rows of `packs` packs: f32 with up to
 /// 4 packs per lane, f16/bf16 with one. The backward runs them wherever they exist and can hold
-/// the row and the team backward does not take it first (`bwd_prefers_team`), from the H100 timings of 2026-11-27 (`docs/PERF.md`, runs H100-A and H100-B, every
-/// path timed in one call): the register-resident backward won on every f32 row it holds and on
+/// the row and the team backward does not take it first (`bwd_prefers_team`), from the H100
+/// timings of 2026-11-27 (`docs/PERF.md`, runs H100-A and H100-B, every path timed in one call): the register-resident backward won on every f32 row it holds and on
 /// f16/bf16 rows of one pack per lane (128 columns: 0.114 against 0.139 ms at [65536, 128]);
 /// the long-rows kernels won on longer f16/bf16 rows by 15–27 % ([16384, 1024] f16: 0.107
 /// against 0.146 ms), and more teams did not help the register-resident kernel there. The
