@@ -58,8 +58,8 @@ struct GradAcc {
 // Loads each thread issues before using any, in the reduction loops.
 #define UNROLL 4
 
-// The statistics of one loop iteration's values (at most UNROLL·PN of one plane, or UNROLL of
-// one channel), shifted by the first of them, s: Σ(x − s) and Σ(x − s)² in f32, three
+// The contiguous statistics of one loop iteration's values (at most UNROLL·PN of one plane),
+// shifted by the first of them, s: Σ(x − s) and Σ(x − s)² in f32, three
 // instructions a value where a Welford update costs a division and two finiteness tests (which
 // made the statistics passes compute-bound: 21–27 % of DRAM bandwidth on an H200). The run is
 // folded into the thread's Welford by Chan's merge. No cancellation: s is one of the c values,
@@ -108,6 +108,157 @@ __device__ __forceinline__ void welford_add_run(Welford& w, int cnt, V v) {
     }
 }
 
+// Statistics of M series that see the same number of values (a channels-last thread's PN
+// channels), kept as a Welford per series (where the caller keeps it: the channels-last
+// statistics keep theirs in shared memory) and, in registers, a run of shifted sums Σ(x − s),
+// Σ(x − s)² per series, s the run's first value of that series: ShiftRun's three instructions a
+// value, but folded every RUN_VALUES values (and at the end of the range) instead of every
+// UNROLL, by a Chan merge whose ratios the series share (one division a run for all of them).
+// Folding every UNROLL rows kept the channels-last statistics compute-bound (f16 [64, 256, 56,
+// 56]: 96 µs, 23 % of DRAM bandwidth on an H200; 61 µs with these runs). No cancellation, as
+// ShiftRun: s is one of the run's c values, so the subtraction loses at most log2(c + 1) bits (7
+// for a run of 128). A series whose run is not finite (a NaN, an infinity, or squares beyond the
+// float range) is not folded: the caller replays that run through welford_add, which gives
+// PyTorch's non-finite results. (The contiguous statistics keep ShiftRun: runs of 128 there
+// made BatchNorm2d f32 [64, 256, 56, 56] 5 % slower on the H200, its registers 46 → 56.)
+template <int M>
+struct RunStats {
+    float n, c;  // values folded; values in the current run (the same for every series)
+    float sh[M], a[M], b[M];
+    __device__ __forceinline__ void init() {
+        n = 0.f;
+        c = 0.f;
+#pragma unroll
+        for (int i = 0; i < M; ++i) {
+            sh[i] = 0.f;
+            a[i] = 0.f;
+            b[i] = 0.f;
+        }
+    }
+    __device__ __forceinline__ void add(int i, float x) {
+        const float d = x - sh[i];
+        a[i] += d;
+        b[i] = fmaf(d, d, b[i]);
+    }
+    // Folds the run into the Welfords w(0), ..., w(M − 1) (each of n values, wherever the caller
+    // keeps them: registers, or shared memory to spare registers); `replay(i, w(i))` adds the
+    // run's values of series i by welford_add where its run is not finite. Starts an empty run.
+    template <typename W, typename Replay>
+    __device__ __forceinline__ void fold(W w, Replay replay) {
+        if (c == 0.f) return;
+        const float total = n + c, ic = 1.f / c, r = c / total, nr = n * r, keep = n / total;
+#pragma unroll
+        for (int i = 0; i < M; ++i) {
+            Welford& wi = w(i);
+            if (is_finite(b[i])) {
+                const float q = a[i] * ic, rmean = sh[i] + q, rm2 = fmaxf(0.f, fmaf(-a[i], q, b[i]));
+                const float d = rmean - wi.mean;
+                if (is_finite(wi.mean)) {  // as welford_merge (n = 0: mean 0, so rmean, rm2)
+                    wi.mean = fmaf(d, r, wi.mean);
+                    wi.m2 = wi.m2 + rm2 + d * (d * nr);  // d·(d·0) = 0 when n = 0
+                } else {
+                    wi.mean = wi.mean * keep + rmean * r;
+                    wi.m2 = wi.m2 + rm2 + d * 0.f;
+                }
+                wi.n = total;
+            } else {
+                replay(i, wi);
+            }
+            a[i] = 0.f;
+            b[i] = 0.f;
+        }
+        n = total;
+        c = 0.f;
+    }
+};
+
+// Values of a series in one run of RunStats: a run folds once it holds this many. The kernel
+// emulator builds with runs of 4 (scripts/kernel-emu/run.sh), so that its small shapes fold
+// several runs a thread.
+#ifndef RUN_VALUES
+#define RUN_VALUES 128
+#endif
+
+// The channels-last reduction's loop over one thread's rows of a chunk (planes_reduce), once
+// with 16-byte loads (VEC: UNROLL rows in flight) and once with scalar ones (a row at a time): in
+// one loop, or with UNROLL rows of scalars, the scalar path's registers cost the vector path its
+// occupancy. Statistics fold into the thread's slots of `tile`; gradient sums add to acc.
+template <typename T, typename Acc, bool GRAD, bool VEC>
+__device__ __forceinline__ void planes_cl_rows(const T* __restrict__ x, const T* __restrict__ dy,
+                                               i64 n, int C, i64 S, int c0, i64 s0, i64 s1,
+                                               int RH, Acc* acc, RunStats<Pack<T>::N>& st,
+                                               Acc* tile, int slot) {
+    const int PN = Pack<T>::N;
+    constexpr int U = VEC ? UNROLL : 1;  // rows in flight
+    const i64 step = RH;
+    i64 srun = 0;
+#pragma unroll 1
+    for (i64 s = s0 + threadIdx.y; s < s1; s += U * step) {
+        Pack<T> xv[U], gv[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (s + u * step < s1) {
+                const i64 e = (n * S + s + u * step) * C + c0;
+                if constexpr (VEC) {
+                    xv[u] = *reinterpret_cast<const Pack<T>*>(x + e);
+                    if (GRAD) gv[u] = *reinterpret_cast<const Pack<T>*>(dy + e);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < PN; ++i) {
+                        const bool in = c0 + i < C;
+                        xv[u].v[i] = in ? x[e + i] : from_float<T>(0.f);
+                        if (GRAD) gv[u].v[i] = in ? dy[e + i] : from_float<T>(0.f);
+                    }
+                }
+            }
+        }
+        if constexpr (GRAD) {
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+                if (s + u * step < s1) {
+#pragma unroll
+                    for (int i = 0; i < PN; ++i)
+                        acc[i].add(to_float(xv[u].v[i]), to_float(gv[u].v[i]));
+                }
+        } else {
+            // This iteration's rows: a prefix of the U, all but in the last.
+            int cnt = 0;
+#pragma unroll
+            for (int u = 0; u < U; ++u) cnt += s + u * step < s1 ? 1 : 0;
+            if (st.c == 0.f) {
+                srun = s;
+#pragma unroll
+                for (int i = 0; i < PN; ++i) st.sh[i] = to_float(xv[0].v[i]);
+            }
+            if (cnt == U) {
+#pragma unroll
+                for (int u = 0; u < U; ++u)
+#pragma unroll
+                    for (int i = 0; i < PN; ++i) st.add(i, to_float(xv[u].v[i]));
+            } else {
+#pragma unroll
+                for (int u = 0; u < U; ++u)
+                    if (u < cnt) {
+#pragma unroll
+                        for (int i = 0; i < PN; ++i) st.add(i, to_float(xv[u].v[i]));
+                    }
+            }
+            st.c += (float)cnt;
+            if (st.c >= RUN_VALUES || s + U * step >= s1) {
+                // Channel i's rows of the run again, from global memory (just read).
+                st.fold([&](int i) -> Welford& { return tile[slot + i].w; }, [&](int i, Welford& w) {
+                    const int runc = (int)st.c;
+#pragma unroll 1
+                    for (int j = 0; j < runc; ++j) {
+                        const i64 e = (n * S + srun + j * step) * C + c0 + i;
+                        welford_add(w, c0 + i < C ? to_float(x[e]) : 0.f);
+                    }
+                });
+            }
+        }
+    }
+}
+
 // GRAD = false: x only (StatAcc). GRAD = true: x and dy, shift m per plane (GradAcc).
 // CL: the channels-last layout, a separate entry point (its per-channel accumulators would
 // otherwise raise the contiguous path's register count, and with it cut its occupancy).
@@ -116,8 +267,8 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
                                               const float* __restrict__ mplane,
                                               float* __restrict__ part, i64 N, int C, i64 S,
                                               int chunks) {
-    const int PN = Pack<T>::N;
     if constexpr (!CL) {
+        const int PN = Pack<T>::N;
         __shared__ Acc scratch[32];
         const i64 plane = blockIdx.x / chunks;
         const int k = blockIdx.x % chunks;
@@ -172,10 +323,13 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
     } else {
         // Channels-last: block (TW, RH), TW·RH = 256, TW a power of two ≤ 32 chosen by the host
         // from C alone. Thread (tx, ty) owns the PN channels of pack blockIdx.y·TW + tx and rows
-        // ty, ty + RH, ... of the chunk: a 16-byte load per row when C % PN == 0 (else PN
+        // ty, ty + RH, ... of the chunk: one vector load per row when C % PN == 0 (else PN
         // scalar loads), UNROLL rows in flight. The RH row-partials of a channel are then merged
         // in order through shared memory.
-        __shared__ Acc tile[256 * Pack<T>::N];
+        // The statistics keep their Welfords (RunStats' folded state) in the tile, each thread
+        // in its own slots until the merge: only the runs (three floats a channel) in registers.
+        const int PN = Pack<T>::N;
+        __shared__ Acc tile[256 * PN];
         const int TW = blockDim.x, RH = blockDim.y;
         const i64 n = blockIdx.x / chunks;
         const int k = blockIdx.x % chunks;
@@ -189,53 +343,24 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
             acc[i].init();
             if constexpr (GRAD) acc[i].m = c0 + i < C ? mplane[n * C + c0 + i] : 0.f;
         }
+        const int slot = (threadIdx.y * TW + threadIdx.x) * PN;
+        RunStats<PN> st;  // statistics only
+        st.init();
+        if constexpr (!GRAD) {
+#pragma unroll
+            for (int i = 0; i < PN; ++i) tile[slot + i].init();
+        }
         if (c0 < C) {
-            const i64 step = RH;
-#pragma unroll 1
-            for (i64 s = s0 + threadIdx.y; s < s1; s += UNROLL * step) {
-                Pack<T> xv[UNROLL], gv[UNROLL];
-#pragma unroll
-                for (int u = 0; u < UNROLL; ++u) {
-                    if (s + u * step < s1) {
-                        const i64 e = (n * S + s + u * step) * C + c0;
-                        if (vec) {
-                            xv[u] = *reinterpret_cast<const Pack<T>*>(x + e);
-                            if (GRAD) gv[u] = *reinterpret_cast<const Pack<T>*>(dy + e);
-                        } else {
-#pragma unroll
-                            for (int i = 0; i < PN; ++i) {
-                                const bool in = c0 + i < C;
-                                xv[u].v[i] = in ? x[e + i] : from_float<T>(0.f);
-                                if (GRAD) gv[u].v[i] = in ? dy[e + i] : from_float<T>(0.f);
-                            }
-                        }
-                    }
-                }
-                if constexpr (GRAD) {
-#pragma unroll
-                    for (int u = 0; u < UNROLL; ++u)
-                        if (s + u * step < s1) {
-#pragma unroll
-                            for (int i = 0; i < PN; ++i)
-                                acc[i].add(to_float(xv[u].v[i]), to_float(gv[u].v[i]));
-                        }
-                } else {
-                    // One run per channel over this iteration's rows (a prefix of the UNROLL).
-                    int cnt = 0;
-#pragma unroll
-                    for (int u = 0; u < UNROLL; ++u) cnt += s + u * step < s1 ? 1 : 0;
-#pragma unroll
-                    for (int i = 0; i < PN; ++i)
-                        welford_add_run<UNROLL>(acc[i].w, cnt, [&](int u) { return to_float(xv[u].v[i]); });
-                }
-            }
+            if (vec) planes_cl_rows<T, Acc, GRAD, true>(x, dy, n, C, S, c0, s0, s1, RH, acc, st, tile, slot);
+            else planes_cl_rows<T, Acc, GRAD, false>(x, dy, n, C, S, c0, s0, s1, RH, acc, st, tile, slot);
         }
         // Rows merged by a fixed tree (row r takes row r + h, h = RH/2, RH/4, ..., 1): every
         // thread works, log2(RH) merges of its PN channels each, instead of one thread per
         // channel merging RH rows in sequence.
-        const int slot = (threadIdx.y * TW + threadIdx.x) * PN;
+        if constexpr (GRAD) {
 #pragma unroll
-        for (int i = 0; i < PN; ++i) tile[slot + i] = acc[i];
+            for (int i = 0; i < PN; ++i) tile[slot + i] = acc[i];
+        }
 #pragma unroll 1
         for (int h = RH / 2; h > 0; h /= 2) {
             __syncthreads();
@@ -512,13 +637,19 @@ __device__ __forceinline__ void planes_apply(const T* __restrict__ x, const T* _
     }
 }
 
+// Blocks an SM the channels-last statistics are built for (their register cap): f32 fits three
+// without spilling (80 registers; 89 uncapped); f16/bf16 need about 115–125, two.
+#define STATS_CL_BLOCKS_f32 3
+#define STATS_CL_BLOCKS_f16 2
+#define STATS_CL_BLOCKS_bf16 2
+
 #define PLANES_ENTRIES(T, NAME)                                                                 \
     extern "C" __global__ void planes_stats_##NAME(const T* x, float* part, i64 N, int C, i64 S, \
                                                   int chunks) {                                 \
         planes_reduce<T, StatAcc, false, false>(x, 0, 0, part, N, C, S, chunks);               \
     }                                                                                           \
-    extern "C" __global__ void planes_stats_cl_##NAME(const T* x, float* part, i64 N, int C,     \
-                                                     i64 S, int chunks) {                       \
+    extern "C" __global__ void __launch_bounds__(256, STATS_CL_BLOCKS_##NAME) planes_stats_cl_##NAME( \
+        const T* x, float* part, i64 N, int C, i64 S, int chunks) {                             \
         planes_reduce<T, StatAcc, false, true>(x, 0, 0, part, N, C, S, chunks);                \
     }                                                                                           \
     extern "C" __global__ void planes_grad_sums_##NAME(const T* dy, const T* x, const float* m,  \

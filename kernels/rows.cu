@@ -645,11 +645,12 @@ __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* 
 }
 
 // Team backward (the default backward for aligned rows of whole packs where it won:
-// src/ops/rows/cuda.rs `bwd_prefers_team`): the same teams, arguments and partial rows as
-// rows_bwd_reg, on whole 16-byte-aligned packs only, with each
+// src/ops/rows/cuda.rs `bwd_prefers_team`): rows_bwd_reg's teams and arguments, on whole
+// 16-byte-aligned packs only, but one partial row per block (its teams' partials summed in
+// shared memory), with each
 // pack of x and dy held as four words (no register per 2-byte value), no prefetch of the next
 // row (fewer registers, more resident teams hide the latency) and Σu, Σu·x̂ in one team
-// reduction. Bytes: x and dy read once, dx written once, 8·cols bytes of partials per team.
+// reduction. Bytes: x and dy read once, dx written once, 8·cols bytes of partials per block.
 template <typename T, bool CENTER, int KM>
 __device__ __forceinline__ void rows_bwd_team(const T* __restrict__ dy, const T* __restrict__ x,
                                               const float* __restrict__ w,
@@ -734,19 +735,21 @@ __device__ __forceinline__ void rows_bwd_team(const T* __restrict__ dy, const T*
             }
         }
     }
-    const i64 part = (i64)blockIdx.x * teams + team;
-    Pack<float>* pw = reinterpret_cast<Pack<float>*>(dw_part + part * cols);
-    Pack<float>* pb = reinterpret_cast<Pack<float>*>(db_part + part * cols);
+    // One partial row per block: the teams' partials added in team order (so a block may hold
+    // several teams, for occupancy, without more partial rows to write and read back).
+    __syncthreads();
+    const Pack<float>* all = reinterpret_cast<const Pack<float>*>(row_cache_bytes);
+    const int q4 = cols / 4;  // float quads of a partial row (cols: whole packs, 4 | cols)
+    for (int q = threadIdx.x; q < 2 * q4; q += blockDim.x) {
+        Pack<float> sum = all[q];
+        for (int tm = 1; tm < teams; ++tm) {
+            const Pack<float> o = all[tm * 2 * q4 + q];
 #pragma unroll
-    for (int k = 0; k < KM; ++k) {
-        const int p = t + k * tpr;
-        if (k < K && p < packs) {
-#pragma unroll
-            for (int q = 0; q < PN / 4; ++q) {
-                pw[p * PN / 4 + q] = reinterpret_cast<const Pack<float>*>(acc_w + p * PN)[q];
-                pb[p * PN / 4 + q] = reinterpret_cast<const Pack<float>*>(acc_b + p * PN)[q];
-            }
+            for (int i = 0; i < 4; ++i) sum.v[i] += o.v[i];
         }
+        float* dst = q < q4 ? dw_part + (i64)blockIdx.x * cols + 4 * q
+                            : db_part + (i64)blockIdx.x * cols + 4 * (q - q4);
+        *reinterpret_cast<Pack<float>*>(dst) = sum;
     }
 }
 

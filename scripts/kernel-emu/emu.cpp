@@ -272,14 +272,16 @@ void rows_case(size_t rows, int cols, bool center, bool affine) {
         expect(tag + " reg dx", widen(dx), round(r.dx), tol_abs<T>() * 5, tol_rel<T>() * 5);
         expect(tag + " reg dw", widen(dw), r.dw, 1e-3, 1e-4);
         expect(tag + " reg db", widen(db), r.db, 1e-3, 1e-4);
-        // The team backward (CUNORM_ROWS_PATH=team): same teams and partial rows, rows of
-        // whole packs only.
+        // The team backward (CUNORM_ROWS_PATH=team): the same teams, rows of whole packs only,
+        // teams wider than a warp two to a block (RegTeam::widened), one partial row a block.
         if (cols % PN == 0) {
+            const size_t per_t = tpr <= 32 ? per_block : (2 * tpr <= 1024 ? 2 : 1);
+            const size_t blocks_t = std::max<size_t>(1, std::min<size_t>(teams, (rows + per_t - 1) / per_t));
             std::fill(dx.begin(), dx.end(), from_float<T>(NAN));
             std::fill(qw.begin(), qw.end(), NAN);
             std::fill(qb.begin(), qb.end(), NAN);
             auto tbwd = [&]<int KM>() {
-                emu_launch({(unsigned)blocks_r}, {(unsigned)(tpr * per_block)}, per_block * 2 * cols * sizeof(float), [&] {
+                emu_launch({(unsigned)blocks_t}, {(unsigned)(tpr * per_t)}, per_t * 2 * cols * sizeof(float), [&] {
                     if (center) rows_bwd_team<T, true, KM>(g.data(), x.data(), wp, mean.data(), rstd.data(), dx.data(), qw.data(), qb.data(), rows, cols, (int)tpr, (int)k);
                     else rows_bwd_team<T, false, KM>(g.data(), x.data(), wp, nullptr, rstd.data(), dx.data(), qw.data(), qb.data(), rows, cols, (int)tpr, (int)k);
                 });
@@ -287,8 +289,8 @@ void rows_case(size_t rows, int cols, bool center, bool affine) {
             if (k == 1) tbwd.template operator()<1>();
             else if (k == 2) tbwd.template operator()<2>();
             else tbwd.template operator()<4>();
-            col_sum(qw, parts_r, dw);
-            col_sum(qb, parts_r, db);
+            col_sum(qw, blocks_t, dw);
+            col_sum(qb, blocks_t, db);
             expect(tag + " team dx", widen(dx), round(r.dx), tol_abs<T>() * 5, tol_rel<T>() * 5);
             expect(tag + " team dw", widen(dw), r.dw, 1e-3, 1e-4);
             expect(tag + " team db", widen(db), r.db, 1e-3, 1e-4);
@@ -323,23 +325,28 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
     const size_t groups = eval || G == 0 ? C : N * G;
     std::vector<float> mean(groups), rstd(groups);
     std::vector<T> y(numel), dx(numel);
-    // chunks, as raw::reduce_chunks
-    int chunks;
-    const long cpn = 16 / sizeof(T);
-    const unsigned cpacks = (unsigned)std::max<long>(1, (C + cpn - 1) / cpn);
-    unsigned tw = 1;
-    while (tw < cpacks && tw < 32) tw *= 2;
-    if (cl) {
-        const long tiles = (cpacks + tw - 1) / tw, want = (1056 + N * tiles - 1) / (N * tiles);
-        chunks = (int)std::max<long>(1, std::min<long>(want, std::max<long>(1, (S + 255) / 256)));
-    } else {
-        long planes = std::max<long>(1, N * C);
-        long want = (2 * SMS + planes - 1) / planes;
-        chunks = std::max<long>(1, std::min<long>(want, std::max<long>(1, S / 4096)));
-    }
-    // channels-last: TW packs of channels across (power of two ≤ 32), 256 / TW rows (reduce_config)
-    dim3 rgrid = cl ? dim3{(unsigned)(N * chunks), (cpacks + tw - 1) / tw} : dim3{(unsigned)(N * C * chunks)};
-    dim3 rblock = cl ? dim3{tw, 256 / tw} : dim3{256};
+    // chunks, grid and block as planes/cuda.rs reduce_chunks and reduce_config, for cpn channels
+    // a thread (a pack, in both reductions).
+    struct Reduce { int chunks; dim3 grid, block; };
+    auto reduce_geometry = [&](long cpn) {
+        Reduce r;
+        const unsigned cpacks = (unsigned)std::max<long>(1, (C + cpn - 1) / cpn);
+        unsigned tw = 1;
+        while (tw < cpacks && tw < 32) tw *= 2;
+        if (cl) {
+            const long tiles = (cpacks + tw - 1) / tw, want = (1056 + N * tiles - 1) / (N * tiles);
+            r.chunks = (int)std::max<long>(1, std::min<long>(want, std::max<long>(1, (S + 255) / 256)));
+        } else {
+            long planes = std::max<long>(1, N * C);
+            long want = (2 * SMS + planes - 1) / planes;
+            r.chunks = std::max<long>(1, std::min<long>(want, std::max<long>(1, S / 4096)));
+        }
+        // channels-last: TW packs of channels across (power of two ≤ 32), 256 / TW rows
+        r.grid = cl ? dim3{(unsigned)(N * r.chunks), (cpacks + tw - 1) / tw} : dim3{(unsigned)(N * C * r.chunks)};
+        r.block = cl ? dim3{tw, 256 / tw} : dim3{256};
+        return r;
+    };
+    const Reduce rs = reduce_geometry(16 / sizeof(T)), rg = rs;
     auto small = [](size_t n) { return dim3{(unsigned)std::max<size_t>(1, (n + 255) / 256)}; };
     const int gcode = eval ? 0 : G;
     const bool fused = !eval && G > 0 && !cl;  // as raw::planes_forward: one pass per group
@@ -371,12 +378,12 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
         if (G == C)
             emu_launch(small(C), {256}, 0, [&] { planes_running_update_f32(rm.data(), rv.data(), mean.data(), varu.data(), N, C, 1, factor); });
     } else if (!eval) {
-        std::vector<float> part(N * C * chunks * 3, NAN), varu(groups);
-        emu_launch(rgrid, rblock, 0, [&] {
-            if (cl) planes_reduce<T, StatAcc, false, true>(x.data(), nullptr, nullptr, part.data(), N, C, S, chunks);
-            else planes_reduce<T, StatAcc, false, false>(x.data(), nullptr, nullptr, part.data(), N, C, S, chunks);
+        std::vector<float> part(N * C * rs.chunks * 3, NAN), varu(groups);
+        emu_launch(rs.grid, rs.block, 0, [&] {
+            if (cl) planes_reduce<T, StatAcc, false, true>(x.data(), nullptr, nullptr, part.data(), N, C, S, rs.chunks);
+            else planes_reduce<T, StatAcc, false, false>(x.data(), nullptr, nullptr, part.data(), N, C, S, rs.chunks);
         });
-        emu_launch({(unsigned)groups}, {256}, 0, [&] { planes_finalize_f32(part.data(), mean.data(), rstd.data(), varu.data(), N, C, chunks, G, eps, 1); });
+        emu_launch({(unsigned)groups}, {256}, 0, [&] { planes_finalize_f32(part.data(), mean.data(), rstd.data(), varu.data(), N, C, rs.chunks, G, eps, 1); });
         if (G == 0 || G == C)
             emu_launch(small(C), {256}, 0, [&] { planes_running_update_f32(rm.data(), rv.data(), mean.data(), varu.data(), N, C, G == C, factor); });
     } else {
@@ -391,8 +398,9 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
     }
     // backward
     emu_launch(small(N * C), {256}, 0, [&] { planes_coef_f32(mean.data(), rstd.data(), w.data(), nullptr, a.data(), m.data(), k.data(), N, C, gcode); });
+    const int chunks = rg.chunks;
     std::vector<float> part2(N * C * chunks * 2, 0.f);
-    emu_launch(rgrid, rblock, 0, [&] {
+    emu_launch(rg.grid, rg.block, 0, [&] {
         if (cl) planes_reduce<T, GradAcc, true, true>(x.data(), g.data(), m.data(), part2.data(), N, C, S, chunks);
         else planes_reduce<T, GradAcc, true, false>(x.data(), g.data(), m.data(), part2.data(), N, C, S, chunks);
     });
@@ -456,7 +464,7 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
 }
 
 template <class T> void all() {
-    for (auto [rows, cols] : std::vector<std::pair<size_t, int>>{{5, 13}, {7, 1}, {3, 4099}, {2, 1024}, {9, 64}, {2, 12289}, {300, 128}, {70, 96}, {3000, 40}, {5, 8192}, {3, 2056}})
+    for (auto [rows, cols] : std::vector<std::pair<size_t, int>>{{5, 13}, {7, 1}, {3, 4099}, {2, 1024}, {9, 64}, {2, 12289}, {300, 128}, {70, 96}, {3000, 40}, {5, 8192}, {3, 2056}, {21, 2048}})
         for (bool center : {true, false})
             for (bool affine : {true, false}) rows_case<T>(rows, cols, center, affine);
     struct P { long n; int c; long s; int g; };

@@ -23,10 +23,14 @@ src = src.replace(dyn, "unsigned char* row_cache_bytes = emu_dyn_smem;")
 src, packs = re.subn(r"reinterpret_cast<((?:const )?Pack<\w+>)\*>\(", r"emu_pack_ptr<\1>(", src)
 assert packs >= 5, f"expected the Pack casts of rows.cu and planes.cu, found {packs}"
 assert "asm(" not in src, "unhandled inline asm"
+# NVRTC 13.0 (the GPU machines' toolkit, 2026-11-27) takes a generic lambda's call operator for a
+# host function and refuses the module; the wheels' NVRTC 13.5 accepts it, so the NVRTC test here
+# would not catch one.
+assert not re.search(r"\]\s*\(\s*auto\b", src), "generic lambda in a kernel: NVRTC 13.0 refuses it"
 out_src.write_text(src)
 
 # Entry points: plain ones, and the per-dtype ones of CUNORM_FOR_DTYPES macros.
-KERNEL = r'extern "C" __global__ void (?:__launch_bounds__\([\d, ]+\)\s+)?'
+KERNEL = r'extern "C" __global__ void (?:__launch_bounds__\([^()]+\)\s+)?'
 names = re.findall(KERNEL + r"(?!__launch_bounds__)(\w+)\(", src)
 # The definition with every dtype (common.cuh also has one-dtype ones, for per-dtype modules).
 dtypes = max(re.findall(r"#define CUNORM_FOR_DTYPES\(M\)(.*)", src), key=len)

@@ -470,22 +470,23 @@ fn rows_backward<T: Element>(
         mean,
         rstd,
     };
-    // The team backward: rows of whole packs, 16-byte aligned, where it won
-    // (`bwd_prefers_team`) or forced; else, or when its team does not fit, as before it.
-    let whole = cols.is_multiple_of(pack::<T>())
+    // The team backward: every aligned row of whole packs, unless another path is forced; else,
+    // or when its team does not fit, as before it. Since its teams' partials are summed per
+    // block (H200, 2026-11-27) it won everywhere: the long-rows kernels had stayed ahead at 1 K
+    // f16/bf16 columns (0.0981 against 0.0996 ms); now [16384, 1024] f16 takes 0.0850 (long
+    // rows 0.0989), bf16 0.0847 (0.1044). The earlier wins stand: every f32 row (LayerNorm
+    // [8192, 8192] 0.353 → 0.290 ms), f16/bf16 rows of up to 32 packs ([65536, 128] 0.111 →
+    // 0.061) and of 4 K and 8 K columns.
+    let team = matches!(rows_path(), RowsPath::Team | RowsPath::Auto)
+        && cols.is_multiple_of(pack::<T>())
         && aligned16(dy, stream)
         && aligned16(x, stream)
         && aligned16(&dx.as_view(), stream);
-    let team = whole
-        && match rows_path() {
-            RowsPath::Team => true,
-            RowsPath::Auto => bwd_prefers_team(T::DTYPE.size(), packs),
-            RowsPath::Block | RowsPath::Long | RowsPath::Reg => false,
-        };
     let mut reg = None;
     if team {
         reg = reg_kernel::<T>(dev, op, "bwd", "team", packs, BWD_REG_K, smem_per_team)?;
     }
+    let team = reg.is_some();
     if reg.is_none() {
         reg = match rows_path() {
             RowsPath::Long => None,
@@ -495,15 +496,30 @@ fn rows_backward<T: Element>(
             _ => reg_kernel::<T>(dev, op, "bwd", "reg", packs, BWD_REG_K, smem_per_team)?,
         };
     }
-    if let Some((team, k)) = reg {
-        // One partial row of column sums per team: enough teams to keep the GPU busy, few
-        // enough that the partials (written, then read by the column sum) stay near a tenth of
-        // the minimum traffic; from the shape alone.
-        let teams = (rows * 3 * T::DTYPE.size() / 128)
-            .clamp(BWD_MIN_TEAMS, BWD_MAX_TEAMS)
-            .clamp(1, rows.max(1));
-        let blocks = teams.div_ceil(team.per_block);
-        let parts = blocks * team.per_block;
+    if let Some((geo, k)) = reg {
+        // One partial row of column sums per team (the team kernel: per block): enough of them
+        // to keep the GPU busy, few enough that the partials (written, then read by the column
+        // sum) stay near a tenth of the minimum traffic; from the shape alone.
+        let want = (rows * 3 * T::DTYPE.size() / 128).clamp(BWD_MIN_TEAMS, BWD_MAX_TEAMS);
+        let (blocks, parts) = if team && geo.tpr > 32 {
+            let blocks = want.clamp(1, rows.div_ceil(geo.per_block).max(1));
+            (blocks, blocks)
+        } else if team {
+            // Warp teams, blocks of WARP_TEAM_BLOCK threads: f16/bf16 a block per partial row
+            // (four times the teams: [16384, 1024] f16 0.0850 ms, [65536, 128] 0.0598 against
+            // 0.0612); f32 a team per partial row as before, so a quarter of the blocks
+            // ([65536, 128] f32: four times the blocks took 0.0632 against 0.0541).
+            let blocks = if T::DTYPE.size() == 4 {
+                want.clamp(1, rows.max(1)).div_ceil(geo.per_block)
+            } else {
+                want.clamp(1, rows.div_ceil(geo.per_block).max(1))
+            };
+            (blocks, blocks)
+        } else {
+            let blocks = want.clamp(1, rows.max(1)).div_ceil(geo.per_block);
+            (blocks, blocks * geo.per_block)
+        };
+        let team = geo;
         let mut pw = dev.alloc::<f32>(parts * cols)?;
         let mut pb = dev.alloc::<f32>(parts * cols)?;
         if rows > 0 {
@@ -518,7 +534,8 @@ fn rows_backward<T: Element>(
             };
             // SAFETY: matches rows.cu's rows_bwd_reg and rows_bwd_team entry points (the team
             // kernel only for aligned rows of whole packs, checked above); the partial buffers
-            // hold one row per team of the grid, shared memory 2·cols floats per team.
+            // hold one row per team of the grid (the team kernel: per block), shared memory
+            // 2·cols floats per team.
             unsafe { b.launch(cfg) }.map_err(launch_err)?;
         }
         let used = if rows == 0 { 0 } else { parts };
@@ -644,7 +661,7 @@ impl<'a, 'v, T: Element> BwdBufs<'a, 'v, T> {
 /// sends every forward and backward whose row the register-resident kernels can hold, and
 /// which rows.cu instantiates (`reg_instantiated`), to them; `team` sends every forward and
 /// backward of aligned rows of whole packs the team kernels hold to them (by default the
-/// backward takes them only where `bwd_prefers_team` says they won). One GPU call
+/// backward takes them too). One GPU call
 /// times each path on the same shapes (`scripts/gpu-run.sh`'s perf group). Results agree within
 /// the dtype's tolerance either way (`.ci/run` runs `cunorm check` under each on the fake
 /// driver); unset or anything else: the shape decides.
@@ -694,15 +711,19 @@ fn team_kmax(elem_size: usize, center: bool, packs: usize) -> usize {
     })
 }
 
-/// Whether the backward of an aligned row of whole packs runs the team kernel (`rows_bwd_team`)
-/// rather than the register-resident or long-rows ones, from the same run: the team backward
-/// won on every f32 row it holds (LayerNorm [8192, 8192] 0.353 → 0.290 ms, [65536, 128] 0.069
-/// → 0.054) and on f16/bf16 rows of up to 32 packs ([65536, 128] 0.111 → 0.061) and of 4 K
-/// and 8 K columns ([4096, 4096] 0.104 → 0.085, [8192, 8192] 0.357 → 0.275); the long-rows
-/// kernels stayed ahead at 1 K f16/bf16 columns (0.0981 against 0.0996), where the team
-/// kernel's partial rows leave the GPU a block and a half per SM.
-fn bwd_prefers_team(elem_size: usize, packs: usize) -> bool {
-    elem_size == 4 || packs <= 32 || packs > 128
+/// Teams per block of the team backward for teams wider than a warp: TEAM_BWD_TEAMS, or
+/// `CUNORM_TEAM_BWD_TEAMS` (1, 2 or 4, read once), a benchmark knob.
+fn team_bwd_teams() -> usize {
+    static KNOB: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *KNOB.get_or_init(|| {
+        match std::env::var("CUNORM_TEAM_BWD_TEAMS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            Some(t @ (1 | 2 | 4)) => t,
+            _ => TEAM_BWD_TEAMS,
+        }
+    })
 }
 
 /// Packs per thread the team forward holds at most (rows.cu `ROWS_TEAM_ENTRIES`: 1, 2, 4, 8).
@@ -758,7 +779,8 @@ fn fwd_prefers_reg(elem_size: usize, packs: usize) -> bool {
 
 /// Whether rows.cu has the register-resident kernels for rows of `packs` packs: f32 with up to
 /// 4 packs per lane, f16/bf16 with one. The backward runs them wherever they exist and can hold
-/// the row and the team backward does not take it first (`bwd_prefers_team`), from the H100
+/// the row and the team backward does not take it first (rows of partial packs, misaligned
+/// buffers, or `CUNORM_ROWS_PATH=reg`), from the H100
 /// timings of 2026-11-27 (`docs/PERF.md`, runs H100-A and H100-B, every path timed in one call): the register-resident backward won on every f32 row it holds and on
 /// f16/bf16 rows of one pack per lane (128 columns: 0.114 against 0.139 ms at [65536, 128]);
 /// the long-rows kernels won on longer f16/bf16 rows by 15–27 % ([16384, 1024] f16: 0.107
@@ -775,6 +797,12 @@ const FWD_REG_K: usize = 4;
 /// 16-byte packs per thread the wide forward holds in registers (rows.cu `ROWS_WIDE_K`).
 const WIDE_K: usize = 4;
 const BWD_REG_K: usize = 4;
+/// Teams per block of the team backward for teams wider than a warp (`RegTeam::widened`). On an
+/// H200 (2026-11-27, every team forced, ms) two beat one and four at each width: [4096, 4096]
+/// f16 (128-thread teams) 0.0723 against 0.0833 with one, [8192, 8192] f16 (256) 0.2275
+/// against 0.2703, [4096, 4096] f32 (256) 0.0981 against 0.1083, [16384, 1024] f32 (64) 0.0923
+/// against 0.0952 with four. One a block had left [4096, 4096] f16 at 12 % occupancy.
+const TEAM_BWD_TEAMS: usize = 2;
 /// Fewest teams (partial rows) of a register-resident backward, when there are as many rows.
 const BWD_MIN_TEAMS: usize = 264;
 /// Most blocks of a row forward launch (the kernels loop over further rows).
@@ -821,6 +849,19 @@ impl RegTeam {
     fn block_threads(&self) -> u32 {
         (self.tpr * self.per_block) as u32
     }
+
+    /// The team backward's blocks: teams wider than a warp, `teams` to a block (their partials
+    /// are summed in the block, so more resident teams cost no partial traffic) where the
+    /// block's `max_threads` and shared memory's room (`max_teams`) allow; at least one.
+    pub(crate) fn widened(self, teams: usize, max_threads: usize, max_teams: usize) -> RegTeam {
+        if self.tpr <= 32 {
+            return self;
+        }
+        RegTeam {
+            per_block: teams.min(max_threads / self.tpr).min(max_teams).max(1),
+            ..self
+        }
+    }
 }
 
 /// The register-resident kernel for rows of `packs` packs (`<op>_<stage>_<kind><KM>_<dtype>`,
@@ -836,7 +877,7 @@ fn reg_kernel<T: Element>(
     max_k: usize,
     smem_per_team: usize,
 ) -> Result<Option<(RegTeam, Kernel)>> {
-    let Some(team) = RegTeam::of(packs, max_k, 1024) else {
+    let Some(mut team) = RegTeam::of(packs, max_k, 1024) else {
         return Ok(None);
     };
     let km = team.k.next_power_of_two();
@@ -844,6 +885,10 @@ fn reg_kernel<T: Element>(
         kernels::module::<T>("rows"),
         &kernels::name::<T>(&format!("{op}_{stage}_{kind}{km}")),
     )?;
+    if kind == "team" {
+        let room = k.max_dynamic_smem / smem_per_team.max(1);
+        team = team.widened(team_bwd_teams(), k.max_threads as usize, room);
+    }
     let fits = team.block_threads() <= k.max_threads
         && team.per_block * smem_per_team <= k.max_dynamic_smem;
     Ok(fits.then_some((team, k)))
@@ -923,7 +968,7 @@ fn to_u32_grid(n: usize) -> Result<u32> {
 mod tests {
     use super::{
         fwd_prefers_reg, reg_instantiated, tile_geometry, RegTeam, TeamShape, BWD_REG_K, FWD_REG_K,
-        TEAM_KMAX,
+        TEAM_BWD_TEAMS, TEAM_KMAX,
     };
     use crate::dtype::Element;
     use crate::ops::kernels;
@@ -1054,6 +1099,34 @@ mod tests {
                         }
                         None => assert!(packs.div_ceil(max_k) > max_threads - 31),
                     }
+                }
+            }
+        }
+    }
+
+    /// The team backward's blocks: teams wider than a warp two to a block where the block's
+    /// threads and shared memory allow (never below one team); warp teams keep their blocks.
+    #[test]
+    fn team_backward_blocks_stay_within_threads_and_shared_memory() {
+        for packs in (1..5000).step_by(3) {
+            let Some(t) = RegTeam::of(packs, BWD_REG_K, 1024) else {
+                continue;
+            };
+            for (room, max_threads) in [(0, 1024), (1, 1024), (2, 640), (3, 1024), (100, 256)] {
+                let w = t.widened(TEAM_BWD_TEAMS, max_threads, room);
+                assert_eq!((w.tpr, w.k), (t.tpr, t.k));
+                if t.tpr == 32 {
+                    assert_eq!(w.per_block, t.per_block);
+                    continue;
+                }
+                assert!(w.per_block >= 1 && w.per_block <= TEAM_BWD_TEAMS);
+                assert!(w.per_block == 1 || w.per_block <= room, "{w:?} room {room}");
+                assert!(
+                    w.per_block == 1 || w.tpr * w.per_block <= max_threads,
+                    "{w:?}"
+                );
+                if room >= 2 && t.tpr * 2 <= max_threads {
+                    assert_eq!(w.per_block, 2, "{w:?}: one team where two fit");
                 }
             }
         }
