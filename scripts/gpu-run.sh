@@ -149,8 +149,8 @@ if has sanitize; then
       CUNORM_CHECK_QUICK=1 run 75 "sanitizer-$t" compute-sanitizer --tool "$t" --error-exitcode 1 \
         "$here/tests/suite" --test-threads=1 cuda::cuda_matches_cpu_everywhere
     done
-    # The team kernels of every dtype, both ways (the default backward takes them only where
-    # src/ops/rows/cuda.rs `bwd_prefers_team` picks them).
+    # The team kernels of every dtype, both ways (the default takes them for aligned rows of
+    # whole packs only).
     for t in memcheck racecheck; do
       CUNORM_ROWS_PATH=team CUNORM_CHECK_QUICK=1 run 75 "sanitizer-team-$t" compute-sanitizer \
         --tool "$t" --error-exitcode 1 "$here/tests/suite" --test-threads=1 cuda::cuda_matches_cpu_everywhere
