@@ -963,19 +963,21 @@ extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, floa
         rows_fwd_reg<T, false, KM>(x, y, w, 0, 0, rstd, rows, cols, eps, tpr, k);              \
     }
 
-#define ROWS_REG_BWD(T, NAME, KM)                                                               \
-    extern "C" __global__ void layer_norm_bwd_reg##KM##_##NAME(                                  \
+// The register-resident and team backwards (rows_bwd_KIND, KIND reg or team): one signature.
+#define ROWS_BWD_K(T, NAME, KIND, KM)                                                           \
+    extern "C" __global__ void layer_norm_bwd_##KIND##KM##_##NAME(                              \
         const T* dy, const T* x, const float* w, const float* mean, const float* rstd, T* dx,   \
         float* dw_part, float* db_part, i64 rows, int cols, int tpr, int k) {                   \
-        rows_bwd_reg<T, true, KM>(dy, x, w, mean, rstd, dx, dw_part, db_part, rows, cols, tpr, \
-                                  k);                                                           \
+        rows_bwd_##KIND<T, true, KM>(dy, x, w, mean, rstd, dx, dw_part, db_part, rows, cols,    \
+                                     tpr, k);                                                   \
     }                                                                                           \
-    extern "C" __global__ void rms_norm_bwd_reg##KM##_##NAME(                                    \
+    extern "C" __global__ void rms_norm_bwd_##KIND##KM##_##NAME(                                \
         const T* dy, const T* x, const float* w, const float* rstd, T* dx, float* dw_part,      \
         float* db_part, i64 rows, int cols, int tpr, int k) {                                   \
-        rows_bwd_reg<T, false, KM>(dy, x, w, 0, rstd, dx, dw_part, db_part, rows, cols, tpr,   \
-                                   k);                                                          \
+        rows_bwd_##KIND<T, false, KM>(dy, x, w, 0, rstd, dx, dw_part, db_part, rows, cols, tpr, \
+                                      k);                                                       \
     }
+#define ROWS_REG_BWD(T, NAME, KM) ROWS_BWD_K(T, NAME, reg, KM)
 
 // The team forward (rows_fwd_team), K packs per thread.
 #define ROWS_TEAM_FWD(T, NAME, KM)                                                              \
@@ -989,19 +991,7 @@ extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, floa
                                                            float eps, int tpr) {                \
         rows_fwd_team<T, false, KM>(x, y, w, 0, 0, rstd, rows, cols, eps, tpr);                \
     }
-#define ROWS_TEAM_BWD(T, NAME, KM)                                                              \
-    extern "C" __global__ void layer_norm_bwd_team##KM##_##NAME(                                 \
-        const T* dy, const T* x, const float* w, const float* mean, const float* rstd, T* dx,   \
-        float* dw_part, float* db_part, i64 rows, int cols, int tpr, int k) {                   \
-        rows_bwd_team<T, true, KM>(dy, x, w, mean, rstd, dx, dw_part, db_part, rows, cols, tpr, \
-                                   k);                                                          \
-    }                                                                                           \
-    extern "C" __global__ void rms_norm_bwd_team##KM##_##NAME(                                   \
-        const T* dy, const T* x, const float* w, const float* rstd, T* dx, float* dw_part,      \
-        float* db_part, i64 rows, int cols, int tpr, int k) {                                   \
-        rows_bwd_team<T, false, KM>(dy, x, w, 0, rstd, dx, dw_part, db_part, rows, cols, tpr,  \
-                                    k);                                                         \
-    }
+#define ROWS_TEAM_BWD(T, NAME, KM) ROWS_BWD_K(T, NAME, team, KM)
 #define ROWS_TEAM_ENTRIES(T, NAME)                                                              \
     ROWS_TEAM_FWD(T, NAME, 1) ROWS_TEAM_FWD(T, NAME, 2) ROWS_TEAM_FWD(T, NAME, 4)               \
     ROWS_TEAM_FWD(T, NAME, 8) ROWS_TEAM_BWD(T, NAME, 1) ROWS_TEAM_BWD(T, NAME, 2)               \

@@ -43,8 +43,19 @@ def macro_body(name):
     m = re.search(r"#define " + name + r"\(T, NAME, KM\)((?:.*\\\n)*.*)", src)
     assert m, f"macro {name} not found: update prep.py"
     return m.group(1)
+# A macro may instead call a (T, NAME, KIND, KM) one with a kind (ROWS_BWD_K: reg or team),
+# whose entry points are PREFIX##KIND##KM##_##NAME.
+def kernels_of(macro):
+    body = macro_body(macro)
+    found = re.findall(KERNEL + r"(\w+)##KM##_##NAME\(", body)
+    for inner, kind in re.findall(r"(\w+)\(T, NAME, (\w+), KM\)", body):
+        m = re.search(r"#define " + inner + r"\(T, NAME, KIND, KM\)((?:.*\\\n)*.*)", src)
+        assert m, f"macro {inner} not found: update prep.py"
+        found += [k + kind for k in re.findall(KERNEL + r"(\w+)##KIND##KM##_##NAME\(", m.group(1))]
+    assert found, f"no entry points in {macro}: update prep.py"
+    return found
 for macro in ["ROWS_REG_FWD", "ROWS_REG_BWD", "ROWS_TEAM_FWD", "ROWS_TEAM_BWD"]:
-    kernels = re.findall(KERNEL + r"(\w+)##KM##_##NAME\(", macro_body(macro))
+    kernels = kernels_of(macro)
     per_dtype = re.findall(macro + r"\(T, NAME, (\d+)\)", src)
     one = re.findall(r"^" + macro + r"\(\w+, (\w+), (\d+)\)", src, re.M)
     for k in kernels:

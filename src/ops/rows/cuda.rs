@@ -301,14 +301,10 @@ fn rows_forward<T: Element>(
             if shape.block <= k.max_threads as usize {
                 let stream = dev.stream();
                 let mut b = stream.launch_builder(&k.func);
-                b.arg(x).arg(y);
-                arg_or_null(&mut b, weight);
-                if let Some(m) = mean {
-                    arg_or_null(&mut b, bias);
-                    b.arg(m);
-                }
+                let lead = (&rows_i, &cols_i, &eps);
+                push_fwd_args(&mut b, x, y, weight, bias, mean, rstd, lead);
                 let tpr = shape.tpr as i32;
-                b.arg(rstd).arg(&rows_i).arg(&cols_i).arg(&eps).arg(&tpr);
+                b.arg(&tpr);
                 let teams = shape.block / shape.tpr;
                 let cfg = LaunchConfig {
                     grid_dim: (grid(rows.div_ceil(teams).min(MAX_ROW_BLOCKS))?, 1, 1),
@@ -331,19 +327,10 @@ fn rows_forward<T: Element>(
         if let Some((team, k)) = reg_kernel::<T>(dev, op, "fwd", "reg", packs, FWD_REG_K, 0)? {
             let stream = dev.stream();
             let mut b = stream.launch_builder(&k.func);
-            b.arg(x).arg(y);
-            arg_or_null(&mut b, weight);
-            if let Some(m) = mean {
-                arg_or_null(&mut b, bias);
-                b.arg(m);
-            }
+            let lead = (&rows_i, &cols_i, &eps);
+            push_fwd_args(&mut b, x, y, weight, bias, mean, rstd, lead);
             let (tpr, kk) = (team.tpr as i32, team.k as i32);
-            b.arg(rstd)
-                .arg(&rows_i)
-                .arg(&cols_i)
-                .arg(&eps)
-                .arg(&tpr)
-                .arg(&kk);
+            b.arg(&tpr).arg(&kk);
             let cfg = LaunchConfig {
                 grid_dim: (
                     grid(rows.div_ceil(team.per_block).min(MAX_ROW_BLOCKS))?,
@@ -366,17 +353,36 @@ fn rows_forward<T: Element>(
     let (k, cfg, cache) = rows_fwd_kernel::<T>(dev, base, rows, cols)?;
     let stream = dev.stream();
     let mut b = stream.launch_builder(&k.func);
-    b.arg(x).arg(y);
-    arg_or_null(&mut b, weight);
-    if let Some(m) = mean {
-        arg_or_null(&mut b, bias);
-        b.arg(m);
-    }
-    b.arg(rstd).arg(&rows_i).arg(&cols_i).arg(&eps).arg(&cache);
+    let lead = (&rows_i, &cols_i, &eps);
+    push_fwd_args(&mut b, x, y, weight, bias, mean, rstd, lead);
+    b.arg(&cache);
     // SAFETY: argument types and order match the kernel's signature (rows.cu); every buffer
     // holds at least the elements the kernel indexes (checked above).
     unsafe { b.launch(cfg) }.map_err(launch_err)?;
     Ok(())
+}
+
+/// The arguments every row forward kernel starts with (rows.cu): x, y, w (or null), then for
+/// LayerNorm (a mean to write) b (or null) and mean, then rstd, rows, cols, eps; each kernel's
+/// geometry follows.
+#[allow(clippy::too_many_arguments)]
+fn push_fwd_args<'l, T>(
+    b: &mut LaunchArgs<'l>,
+    x: &'l CudaView<T>,
+    y: &'l mut CudaViewMut<T>,
+    weight: Option<&'l CudaView<f32>>,
+    bias: Option<&'l CudaView<f32>>,
+    mean: Option<&'l mut CudaViewMut<f32>>,
+    rstd: &'l mut CudaViewMut<f32>,
+    (rows, cols, eps): (&'l i64, &'l i32, &'l f32),
+) {
+    b.arg(x).arg(y);
+    arg_or_null(b, weight);
+    if let Some(m) = mean {
+        arg_or_null(b, bias);
+        b.arg(m);
+    }
+    b.arg(rstd).arg(rows).arg(cols).arg(eps);
 }
 
 /// LayerNorm backward: writes `dx`, `dweight = Σ_rows dy·x̂` and `dbias = Σ_rows dy` (deterministic).
