@@ -173,7 +173,7 @@ struct RunStats {
 };
 
 // Values of a series in one run of RunStats: a run folds once it holds this many. The kernel
-// emulator builds with runs of 4 (scripts/kernel-emu/run.sh), so that its small shapes fold
+// emulator builds with runs of 8 (scripts/kernel-emu/run.sh), so that its small shapes fold
 // several runs a thread.
 #ifndef RUN_VALUES
 #define RUN_VALUES 128

@@ -511,10 +511,11 @@ fn rows_backward<T: Element>(
             let blocks = want.clamp(1, rows.div_ceil(geo.per_block).max(1));
             (blocks, blocks)
         } else if team {
-            // Warp teams, blocks of WARP_TEAM_BLOCK threads: f16/bf16 a block per partial row
-            // (four times the teams: [16384, 1024] f16 0.0850 ms, [65536, 128] 0.0598 against
-            // 0.0612); f32 a team per partial row as before, so a quarter of the blocks
-            // ([65536, 128] f32: four times the blocks took 0.0632 against 0.0541).
+            // Warp teams, blocks of WARP_TEAM_BLOCK threads, a partial row per block: f16/bf16
+            // as many blocks as partial rows before (four times the teams: [16384, 1024] f16
+            // 0.0850 ms, [65536, 128] 0.0598 against 0.0612); f32 as many teams as before, so a
+            // quarter of the blocks and partial rows ([65536, 128] f32: four times the blocks
+            // took 0.0632 against 0.0541).
             let blocks = if T::DTYPE.size() == 4 {
                 want.clamp(1, rows.max(1)).div_ceil(geo.per_block)
             } else {
