@@ -507,25 +507,18 @@ fn rows_backward<T: Element>(
         // to keep the GPU busy, few enough that the partials (written, then read by the column
         // sum) stay near a tenth of the minimum traffic; from the shape alone.
         let want = (rows * 3 * T::DTYPE.size() / 128).clamp(BWD_MIN_TEAMS, BWD_MAX_TEAMS);
-        let (blocks, parts) = if team && geo.tpr > 32 {
-            let blocks = want.clamp(1, rows.div_ceil(geo.per_block).max(1));
-            (blocks, blocks)
-        } else if team {
-            // Warp teams, blocks of WARP_TEAM_BLOCK threads, a partial row per block: f16/bf16
-            // as many blocks as partial rows before (four times the teams: [16384, 1024] f16
-            // 0.0850 ms, [65536, 128] 0.0598 against 0.0612); f32 as many teams as before, so a
-            // quarter of the blocks and partial rows ([65536, 128] f32: four times the blocks
-            // took 0.0632 against 0.0541).
-            let blocks = if T::DTYPE.size() == 4 {
-                want.clamp(1, rows.max(1)).div_ceil(geo.per_block)
-            } else {
-                want.clamp(1, rows.div_ceil(geo.per_block).max(1))
-            };
-            (blocks, blocks)
+        // The team kernel writes a partial row per block: `want` blocks, except f32 warp teams,
+        // which keep `want` teams (a quarter of the blocks: at [65536, 128] f32 four times the
+        // blocks took 0.0632 ms against 0.0541, while f16/bf16 gained from them: [16384, 1024]
+        // f16 0.0850, [65536, 128] 0.0598 against 0.0612). The register-resident kernel writes
+        // a partial row per team, `want` teams.
+        let per_team = !team || (geo.tpr <= 32 && T::DTYPE.size() == 4);
+        let blocks = if per_team {
+            want.clamp(1, rows.max(1)).div_ceil(geo.per_block)
         } else {
-            let blocks = want.clamp(1, rows.max(1)).div_ceil(geo.per_block);
-            (blocks, blocks * geo.per_block)
+            want.clamp(1, rows.div_ceil(geo.per_block).max(1))
         };
+        let parts = if team { blocks } else { blocks * geo.per_block };
         let team = geo;
         let mut pw = dev.alloc::<f32>(parts * cols)?;
         let mut pb = dev.alloc::<f32>(parts * cols)?;
