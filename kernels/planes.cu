@@ -11,7 +11,9 @@
 //   eval:     planes_eval_stats -> planes_coef -> planes_apply
 //   backward: planes_coef -> planes_grad_sums -> planes_grad_finalize, planes_grad_params
 //             -> planes_grad_apply
-// Partials are indexed (n·C + c)·chunks + k: chunk k of the spatial range of plane (n, c).
+// Partials are indexed (n·C + c)·chunks + k: chunk k of the spatial range of plane (n, c), or,
+// with P planes a block (BatchNorm, contiguous), (nb·C + c)·chunks + k: planes nb·P .. nb·P + P − 1
+// of channel c; the kernels after the reduction then take ⌈N / P⌉ as their N where G == 0.
 #include "common.cuh"
 
 __device__ __forceinline__ int group_of(i64 n, int c, int C, int G) {
@@ -29,7 +31,9 @@ __device__ __forceinline__ void chunk_range(i64 S, int chunks, int k, int pn, i6
 
 // ---------------------------------------------------------------------------------------------
 // Stage A: per-(plane, chunk) partials.
-// Contiguous: one block (256 threads) per (plane, chunk), 16-byte packs when S allows.
+// Contiguous: one block (256 threads) per (P planes of a channel, chunk), 16-byte packs when S
+// allows; P = 1 but for per-channel statistics (BatchNorm) of whole planes. Channels-last takes
+// P = 1 (its entry points have the argument for a uniform launch).
 // Channels-last: grid (N·chunks, channel tiles), block (TW, 256/TW): thread (tx, ty) takes the
 // 16-byte pack of channels blockIdx.y·TW + tx and rows ty, ty + 256/TW, ... of the chunk, then
 // the row-partials of a channel are merged in order through shared memory.
@@ -259,6 +263,96 @@ __device__ __forceinline__ void planes_cl_rows(const T* __restrict__ x, const T*
     }
 }
 
+// The W values at p: one 16-byte load (W = Pack<T>::N) or one scalar (W = 1), as values of T
+// (the statistics' loop: as words, planes_stats_f16 took 72 registers instead of 50, the f16
+// conversions of a run kept live for its replay).
+template <typename T, int W>
+__device__ __forceinline__ void load_unit(T (&v)[W], const T* __restrict__ p) {
+    if constexpr (W == 1) {
+        v[0] = *p;
+    } else {
+        const Pack<T> q = *reinterpret_cast<const Pack<T>*>(p);
+#pragma unroll
+        for (int i = 0; i < W; ++i) v[i] = q.v[i];
+    }
+}
+
+// W values of T as loaded (the elementwise loop): W = Pack<T>::N held as four 32-bit words (one
+// 16-byte access, and no 16-bit register per value), W = 1 as one T.
+template <typename T, int W>
+struct Unit {
+    Pack<unsigned> r;
+    __device__ __forceinline__ void load(const T* __restrict__ p) { r = *reinterpret_cast<const Pack<unsigned>*>(p); }
+    __device__ __forceinline__ void floats(float (&f)[W]) const { unpack_words<T>(r, f); }
+    static __device__ __forceinline__ void store(T* __restrict__ p, const float (&f)[W]) {
+        *reinterpret_cast<Pack<unsigned>*>(p) = pack_words<T>(f);
+    }
+};
+template <typename T>
+struct Unit<T, 1> {
+    T v;
+    __device__ __forceinline__ void load(const T* __restrict__ p) { v = *p; }
+    __device__ __forceinline__ void floats(float (&f)[1]) const { f[0] = to_float(v); }
+    static __device__ __forceinline__ void store(T* __restrict__ p, const float (&f)[1]) { *p = from_float<T>(f[0]); }
+};
+
+// The contiguous reduction's loop: np ranges of L units of W values each (W = Pack<T>::N:
+// 16-byte packs; W = 1: scalars), range j at xp + j·stride (gp likewise), read as one sequence
+// of np·L units: thread t takes units t, t + B, t + 2B, ... (B = blockDim.x), UNROLL loaded
+// before any is used (several loads in flight, across range boundaries too). The unit's
+// (range j, offset r) steps by (dj, dr) = (B / L, B % L) with one carry, r < L always: no
+// division in the loop, and 32-bit ones before it only when L ≤ B.
+template <typename T, typename Acc, bool GRAD, int W>
+__device__ __forceinline__ void planes_contig_units(const T* __restrict__ xp, const T* __restrict__ gp,
+                                                    int np, i64 L, i64 stride, Acc& acc) {
+    if (L <= 0) return;
+    const int B = blockDim.x;
+    int j, dj;
+    i64 r, dr;
+    if (L > B) {
+        j = 0;
+        r = threadIdx.x;
+        dj = 0;
+        dr = B;
+    } else {
+        const int l = (int)L;
+        j = (int)threadIdx.x / l;
+        r = (int)threadIdx.x - j * l;
+        dj = B / l;
+        dr = B - dj * l;
+    }
+#pragma unroll 1
+    while (j < np) {
+        T xv[UNROLL][W], gv[UNROLL][W];
+        int cnt = 0;  // units in range: a prefix of the UNROLL
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            if (j < np) {
+                const i64 e = j * stride + r * W;
+                load_unit<T, W>(xv[u], xp + e);
+                if (GRAD) load_unit<T, W>(gv[u], gp + e);
+                ++cnt;
+            }
+            r += dr;
+            j += dj;
+            if (r >= L) {
+                r -= L;
+                ++j;
+            }
+        }
+        if constexpr (GRAD) {
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u)
+                if (u < cnt) {
+#pragma unroll
+                    for (int i = 0; i < W; ++i) acc.add(to_float(xv[u][i]), to_float(gv[u][i]));
+                }
+        } else {
+            welford_add_run<UNROLL * W>(acc.w, cnt * W, [&](int e) { return to_float(xv[e / W][e % W]); });
+        }
+    }
+}
+
 // GRAD = false: x only (StatAcc). GRAD = true: x and dy, shift m per plane (GradAcc).
 // CL: the channels-last layout, a separate entry point (its per-channel accumulators would
 // otherwise raise the contiguous path's register count, and with it cut its occupancy).
@@ -266,60 +360,35 @@ template <typename T, typename Acc, bool GRAD, bool CL>
 __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* __restrict__ dy,
                                               const float* __restrict__ mplane,
                                               float* __restrict__ part, i64 N, int C, i64 S,
-                                              int chunks) {
+                                              int chunks, int P) {
     if constexpr (!CL) {
+        // Contiguous: block b takes chunk k = b % chunks of the planes (n, c), n = nb·P .. nb·P
+        // + P − 1 (those below N), where b / chunks = nb·C + c: P planes of one channel (the
+        // host picks P > 1 only for per-channel statistics, G == 0, and whole planes) folded
+        // into one partial, indexed (nb·C + c)·chunks + k. One block merge per P planes: with a
+        // block per plane, BatchNorm2d [64, 256, 56, 56] gave each thread about three packs and
+        // spent most of its time merging (planes_stats_f16 15 % of DRAM bandwidth, 84 % SM busy
+        // on an H200).
         const int PN = Pack<T>::N;
         __shared__ Acc scratch[32];
-        const i64 plane = blockIdx.x / chunks;
-        const int k = blockIdx.x % chunks;
+        const int pg = (int)(blockIdx.x / (unsigned)chunks);
+        const int k = (int)(blockIdx.x - (unsigned)pg * (unsigned)chunks);
+        const int nb = pg / C, c = pg - nb * C;
+        const i64 n0 = (i64)nb * P;
+        const int np = (int)min((i64)P, N - n0);
+        const i64 plane0 = n0 * C + c;
         const bool vec = ((S & (PN - 1)) == 0) && aligned16(x) && (!GRAD || aligned16(dy));
         i64 s0, s1;
         chunk_range(S, chunks, k, vec ? PN : 1, &s0, &s1);
-        const T* xp = x + plane * S;
-        const T* gp = GRAD ? dy + plane * S : 0;
+        const T* xp = x + plane0 * S + s0;
+        const T* gp = GRAD ? dy + plane0 * S + s0 : 0;
         Acc acc;
         acc.init();
-        if constexpr (GRAD) acc.m = mplane[plane];
-        // Loops unrolled by hand, UNROLL packs loaded before any is used (several 16-byte
-        // loads in flight); `unroll 1` on the outer loops keeps the compiler from computing a
-        // trip count, a 64-bit division.
-        if (vec) {
-            const i64 step = (i64)blockDim.x * PN;
-#pragma unroll 1
-            for (i64 s = s0 + (i64)threadIdx.x * PN; s < s1; s += UNROLL * step) {
-                Pack<T> xv[UNROLL], gv[UNROLL];
-#pragma unroll
-                for (int u = 0; u < UNROLL; ++u) {
-                    if (s + u * step < s1) {
-                        xv[u] = *reinterpret_cast<const Pack<T>*>(xp + s + u * step);
-                        if (GRAD) gv[u] = *reinterpret_cast<const Pack<T>*>(gp + s + u * step);
-                    }
-                }
-                if constexpr (GRAD) {
-#pragma unroll
-                    for (int u = 0; u < UNROLL; ++u) {
-                        if (s + u * step < s1) {
-#pragma unroll
-                            for (int i = 0; i < PN; ++i)
-                                acc.add(to_float(xv[u].v[i]), to_float(gv[u].v[i]));
-                        }
-                    }
-                } else {
-                    // The iteration's packs in range are a prefix of the UNROLL.
-                    int cnt = 0;
-#pragma unroll
-                    for (int u = 0; u < UNROLL; ++u) cnt += s + u * step < s1 ? PN : 0;
-                    welford_add_run<UNROLL * PN>(acc.w, cnt,
-                                                 [&](int e) { return to_float(xv[e / PN].v[e % PN]); });
-                }
-            }
-        } else {
-#pragma unroll 1
-            for (i64 s = s0 + threadIdx.x; s < s1; s += blockDim.x)
-                acc.add(to_float(xp[s]), GRAD ? to_float(gp[s]) : 0.f);
-        }
+        if constexpr (GRAD) acc.m = mplane[plane0];
+        if (vec) planes_contig_units<T, Acc, GRAD, Pack<T>::N>(xp, gp, np, (s1 - s0) / PN, (i64)C * S, acc);
+        else planes_contig_units<T, Acc, GRAD, 1>(xp, gp, np, s1 - s0, (i64)C * S, acc);
         acc = block_merge(acc, scratch);
-        if (threadIdx.x == 0) acc.store(part + (plane * chunks + k) * Acc::WIDTH);
+        if (threadIdx.x == 0) acc.store(part + ((i64)pg * chunks + k) * Acc::WIDTH);
     } else {
         // Channels-last: block (TW, RH), TW·RH = 256, TW a power of two ≤ 32 chosen by the host
         // from C alone. Thread (tx, ty) owns the PN channels of pack blockIdx.y·TW + tx and rows
@@ -392,7 +461,8 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
 // rstd = 1/sqrt(biased var + eps) and the unbiased variance (for running statistics). With
 // `nan_inf_mean` (GroupNorm) the mean of a group holding an infinity is NaN, as PyTorch's Welford
 // merges make it; without (BatchNorm, InstanceNorm) it stays ±inf, as PyTorch's sums make it.
-// The group's partials: BatchNorm (G == 0), items (n, k) at ((n·C + g)·chunks + k); per sample,
+// The group's partials: BatchNorm (G == 0), items (n, k) at ((n·C + g)·chunks + k), N here the
+// partial rows ⌈N / P⌉ of a channel (the host passes them); per sample,
 // items (c − c0, k), consecutive from ((n·C + c0)·chunks).
 #define FIN_THREADS 256
 __device__ __forceinline__ const float* group_part(const float* part, i64 g, i64 it, FastDiv dk,
@@ -484,17 +554,18 @@ extern "C" __global__ void planes_coef_f32(const float* __restrict__ mean_g, con
     k[p] = b ? b[c] : 0.f;
 }
 
-// Backward, one block per group (as planes_finalize_f32): A = Σ w_c·Σg, B = Σ w_c·Σg(x − μ)
+// Backward, one block per group (as planes_finalize_f32; NB = ⌈N / P⌉ partial rows a channel
+// when G == 0, N is the batch): A = Σ w_c·Σg, B = Σ w_c·Σg(x − μ)
 // over the group's partials; then for each plane b = −rstd³·B/cnt and k = −rstd·A/cnt (zero for
 // fixed statistics), so that dx = a·dy + b·(x − μ) + k with a = rstd·w_c from planes_coef_f32.
 extern "C" __global__ void planes_grad_finalize_f32(const float* __restrict__ part, const float* __restrict__ w,
                                          const float* __restrict__ rstd_g, float* __restrict__ bcoef,
-                                         float* __restrict__ kcoef, i64 N, int C, i64 S,
-                                         int chunks, int G, int from_input) {
+                                         float* __restrict__ kcoef, i64 N, i64 NB, int C,
+                                         i64 S, int chunks, int G, int from_input) {
     __shared__ float scratch[32];
     const i64 gi = blockIdx.x;
     const int D = G == 0 ? 1 : C / G;
-    const i64 items = (G == 0 ? N : (i64)D) * chunks;
+    const i64 items = (G == 0 ? NB : (i64)D) * chunks;  // NB: a channel's partial rows (G == 0)
     const FastDiv dk = fast_div(chunks);
     i64 g_in_n = 0;
     const i64 n0 = G == 0 ? 0 : div_of(gi, fast_div(G), &g_in_n), n1 = G == 0 ? N : n0 + 1;
@@ -524,7 +595,8 @@ extern "C" __global__ void planes_grad_finalize_f32(const float* __restrict__ pa
     }
 }
 
-// One block per channel: dw_c = Σ_n rstd(n, c)·Σg(x − μ), db_c = Σ_n Σg; thread t takes samples
+// One block per channel: dw_c = Σ_n rstd(n, c)·Σg(x − μ), db_c = Σ_n Σg (N: ⌈N / P⌉ partial rows
+// when G == 0, where rstd is the channel's); thread t takes samples
 // t, t + blockDim.x, ... (each plane's chunks in order), then a fixed-order block sum.
 extern "C" __global__ void planes_grad_params_f32(const float* __restrict__ part, const float* __restrict__ rstd_g,
                                        float* __restrict__ dw, float* __restrict__ db, i64 N,
@@ -558,19 +630,120 @@ extern "C" __global__ void planes_grad_params_f32(const float* __restrict__ part
 // Bytes: x (and dy) read once, y (dx) written once; coefficients stay in L1/L2.
 // ---------------------------------------------------------------------------------------------
 
-// The plane n·C + c of element e: contiguous e / S; channels-last (e / C / S)·C + e % C.
-__device__ __forceinline__ i64 plane_of(i64 e, FastDiv dc, FastDiv ds, int cl) {
-    if (!cl) return div_of(e, ds);
-    i64 c;
-    const i64 ns = div_of(e, dc, &c);  // n·S + s
-    return div_of(ns, ds) * dc.d + c;
-}
+// Where a thread's units lie (a unit: W = Pack<T>::N elements, one 16-byte load, or W = 1),
+// stepped by the grid stride without a division per unit: the first element e of the unit is at
+// offset r of plane p (contiguous: e = p·S + r), or at channel c, position s of sample n
+// (channels-last: e = (n·S + s)·C + c, plane n·C + c). A step of D elements is split once into
+// the same parts (dc < C, ds < S, dr < S), so one carry a level keeps every part in range.
+template <bool CL>
+struct UnitWalk {
+    i64 n, s, c;     // contiguous: n = plane, s = offset, c unused
+    i64 dn, ds, dc;  // the step's parts
+    __device__ __forceinline__ void split(i64 e, FastDiv fc, FastDiv fs, i64& a, i64& b, i64& k) {
+        if constexpr (CL) {
+            const i64 ns = div_of(e, fc, &k);
+            a = div_of(ns, fs, &b);
+        } else {
+            a = div_of(e, fs, &b);
+            k = 0;
+        }
+    }
+    __device__ __forceinline__ void init(i64 e, i64 step, FastDiv fc, FastDiv fs) {
+        split(e, fc, fs, n, s, c);
+        split(step, fc, fs, dn, ds, dc);
+    }
+    __device__ __forceinline__ void next(i64 C, i64 S) {
+        if constexpr (CL) {
+            c += dc;
+            s += ds;
+            if (c >= C) {
+                c -= C;
+                ++s;
+            }
+        } else {
+            s += ds;
+        }
+        n += dn;
+        if (s >= S) {
+            s -= S;
+            ++n;
+        }
+    }
+    __device__ __forceinline__ i64 plane(i64 C) const { return CL ? n * C + c : n; }
+};
 
 // Four floats from a 16-byte aligned address, in one 16-byte load.
 __device__ __forceinline__ void load4(float* dst, const float* __restrict__ src) {
     const Pack<float> v = *reinterpret_cast<const Pack<float>*>(src);
 #pragma unroll
     for (int i = 0; i < 4; ++i) dst[i] = v.v[i];
+}
+
+// The elementwise loop over units of W elements (W = Pack<T>::N when a pack never straddles two
+// planes and the pointers are 16-byte aligned, else 1): thread t takes units t, t + stride, ...
+// (stride = the grid's threads), UNROLL of them loaded before any is used (several 16-byte loads
+// in flight: with one, planes_apply_f32 read and wrote at 74 % of DRAM bandwidth on an H200).
+template <typename T, bool GRAD, bool CL, int W>
+__device__ __forceinline__ void planes_apply_units(const T* __restrict__ x, const T* __restrict__ dy,
+                                                   T* __restrict__ out, const float* __restrict__ a,
+                                                   const float* __restrict__ bc,
+                                                   const float* __restrict__ m,
+                                                   const float* __restrict__ k, i64 total, int C,
+                                                   i64 S, bool coef_vec) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    const i64 q0 = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (q0 >= total) return;
+    UnitWalk<CL> w;
+    w.init(q0 * W, stride * W, fast_div(C), fast_div(S));
+#pragma unroll 1
+    for (i64 q = q0; q < total; q += UNROLL * stride) {
+        Unit<T, W> xv[UNROLL], gv[UNROLL];
+        i64 pl[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            if (q + u * stride < total) {
+                xv[u].load(x + (q + u * stride) * W);
+                if (GRAD) gv[u].load(dy + (q + u * stride) * W);
+            }
+            pl[u] = w.plane(C);
+            w.next(C, S);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            if (q + u * stride >= total) break;
+            // The unit's coefficients: one plane (contiguous, or W = 1), or W consecutive planes
+            // (channels-last packs; the first a multiple of W, so 16-byte loads when the arrays
+            // are 16-byte aligned, as device allocations are).
+            float ca[W], cm[W], ck[W], cb[W];
+            if (CL && W > 1 && coef_vec) {
+#pragma unroll
+                for (int i = 0; i < W; i += 4) {
+                    load4(ca + i, a + pl[u] + i);
+                    load4(cm + i, m + pl[u] + i);
+                    load4(ck + i, k + pl[u] + i);
+                    if (GRAD) load4(cb + i, bc + pl[u] + i);
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < W; ++i) {
+                    const i64 p = CL ? pl[u] + i : pl[u];
+                    ca[i] = a[p];
+                    cm[i] = m[p];
+                    ck[i] = k[p];
+                    if (GRAD) cb[i] = bc[p];
+                }
+            }
+            float xf[W], gf[W], o[W];
+            xv[u].floats(xf);
+            if (GRAD) gv[u].floats(gf);
+#pragma unroll
+            for (int i = 0; i < W; ++i) {
+                const float xm = xf[i] - cm[i];
+                o[i] = GRAD ? ca[i] * gf[i] + cb[i] * xm + ck[i] : ca[i] * xm + ck[i];
+            }
+            Unit<T, W>::store(out + (q + u * stride) * W, o);
+        }
+    }
 }
 
 template <typename T, bool GRAD>
@@ -582,58 +755,15 @@ __device__ __forceinline__ void planes_apply(const T* __restrict__ x, const T* _
                                              int cl) {
     const int PN = Pack<T>::N;
     const i64 total = N * C * S;
-    const i64 stride = (i64)gridDim.x * blockDim.x;
     const bool vec = (cl ? (C % PN == 0) : ((S & (PN - 1)) == 0)) && aligned16(x) && aligned16(out) &&
                      (!GRAD || aligned16(dy));
-    const FastDiv dc = fast_div(C), ds = fast_div(S);
     const bool coef_vec = aligned16(a) && aligned16(m) && aligned16(k) && (!GRAD || aligned16(bc));
-    // `unroll 1`: no trip count (a 64-bit division) computed for the grid-stride loops.
-    if (vec) {
-#pragma unroll 1
-        for (i64 q = (i64)blockIdx.x * blockDim.x + threadIdx.x; q < total / PN; q += stride) {
-            const i64 e0 = q * PN;
-            Pack<T> xv = reinterpret_cast<const Pack<T>*>(x)[q];
-            Pack<T> gv, ov;
-            if (GRAD) gv = reinterpret_cast<const Pack<T>*>(dy)[q];
-            const i64 p0 = plane_of(e0, dc, ds, cl);
-            // The pack's coefficients: one plane (contiguous), or PN consecutive planes
-            // (channels-last; p0 is a multiple of PN, so 16-byte loads when the arrays are
-            // 16-byte aligned, as device allocations are).
-            float ca[PN], cm[PN], ck[PN], cb[PN];
-            if (cl && coef_vec) {
-#pragma unroll
-                for (int i = 0; i < PN; i += 4) {
-                    load4(ca + i, a + p0 + i);
-                    load4(cm + i, m + p0 + i);
-                    load4(ck + i, k + p0 + i);
-                    if (GRAD) load4(cb + i, bc + p0 + i);
-                }
-            } else {
-#pragma unroll
-                for (int i = 0; i < PN; ++i) {
-                    const i64 p = cl ? p0 + i : p0;
-                    ca[i] = a[p];
-                    cm[i] = m[p];
-                    ck[i] = k[p];
-                    if (GRAD) cb[i] = bc[p];
-                }
-            }
-#pragma unroll
-            for (int i = 0; i < PN; ++i) {
-                const float xm = to_float(xv.v[i]) - cm[i];
-                const float o = GRAD ? ca[i] * to_float(gv.v[i]) + cb[i] * xm + ck[i] : ca[i] * xm + ck[i];
-                ov.v[i] = from_float<T>(o);
-            }
-            reinterpret_cast<Pack<T>*>(out)[q] = ov;
-        }
+    if (cl) {
+        if (vec) planes_apply_units<T, GRAD, true, Pack<T>::N>(x, dy, out, a, bc, m, k, total / PN, C, S, coef_vec);
+        else planes_apply_units<T, GRAD, true, 1>(x, dy, out, a, bc, m, k, total, C, S, coef_vec);
     } else {
-#pragma unroll 1
-        for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += stride) {
-            const i64 p = plane_of(e, dc, ds, cl);
-            const float xm = to_float(x[e]) - m[p];
-            const float o = GRAD ? a[p] * to_float(dy[e]) + bc[p] * xm + k[p] : a[p] * xm + k[p];
-            out[e] = from_float<T>(o);
-        }
+        if (vec) planes_apply_units<T, GRAD, false, Pack<T>::N>(x, dy, out, a, bc, m, k, total / PN, C, S, coef_vec);
+        else planes_apply_units<T, GRAD, false, 1>(x, dy, out, a, bc, m, k, total, C, S, coef_vec);
     }
 }
 
@@ -645,22 +775,22 @@ __device__ __forceinline__ void planes_apply(const T* __restrict__ x, const T* _
 
 #define PLANES_ENTRIES(T, NAME)                                                                 \
     extern "C" __global__ void planes_stats_##NAME(const T* x, float* part, i64 N, int C, i64 S, \
-                                                  int chunks) {                                 \
-        planes_reduce<T, StatAcc, false, false>(x, 0, 0, part, N, C, S, chunks);               \
+                                                  int chunks, int P) {                          \
+        planes_reduce<T, StatAcc, false, false>(x, 0, 0, part, N, C, S, chunks, P);            \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(256, STATS_CL_BLOCKS_##NAME) planes_stats_cl_##NAME( \
-        const T* x, float* part, i64 N, int C, i64 S, int chunks) {                             \
-        planes_reduce<T, StatAcc, false, true>(x, 0, 0, part, N, C, S, chunks);                \
+        const T* x, float* part, i64 N, int C, i64 S, int chunks, int P) {                      \
+        planes_reduce<T, StatAcc, false, true>(x, 0, 0, part, N, C, S, chunks, 1);             \
     }                                                                                           \
     extern "C" __global__ void planes_grad_sums_##NAME(const T* dy, const T* x, const float* m,  \
                                                       float* part, i64 N, int C, i64 S,         \
-                                                      int chunks) {                             \
-        planes_reduce<T, GradAcc, true, false>(x, dy, m, part, N, C, S, chunks);               \
+                                                      int chunks, int P) {                      \
+        planes_reduce<T, GradAcc, true, false>(x, dy, m, part, N, C, S, chunks, P);            \
     }                                                                                           \
     extern "C" __global__ void planes_grad_sums_cl_##NAME(const T* dy, const T* x,               \
                                                          const float* m, float* part, i64 N,    \
-                                                         int C, i64 S, int chunks) {            \
-        planes_reduce<T, GradAcc, true, true>(x, dy, m, part, N, C, S, chunks);                \
+                                                         int C, i64 S, int chunks, int P) {     \
+        planes_reduce<T, GradAcc, true, true>(x, dy, m, part, N, C, S, chunks, 1);             \
     }                                                                                           \
     extern "C" __global__ void planes_apply_##NAME(const T* x, T* y, const float* a,             \
                                                   const float* m, const float* k, i64 N, int C, \

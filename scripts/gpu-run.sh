@@ -9,7 +9,8 @@
 #           suites;
 # perf:     benches/torch_compare.py (when PyTorch sees a GPU), then `cunorm bench --compare`
 #           (table in bench.log, JSON in bench.json), then the LayerNorm/RMSNorm benchmark with
-#           each forced row path (CUNORM_ROWS_PATH=block, =long, =reg: bench-rows-*.json);
+#           each forced row path (CUNORM_ROWS_PATH=block, =long, =reg: bench-rows-*.json), and
+#           BatchNorm with a block per plane (CUNORM_PLANES_PER_BLOCK=1: bench-plane-per-block.json);
 # sanitize: compute-sanitizer memcheck, initcheck, synccheck, racecheck over the CUDA sweep
 #           (CUNORM_CHECK_QUICK=1);
 # profile:  ncu (SpeedOfLight, MemoryWorkloadAnalysis, Occupancy) over the first launch of every
@@ -101,6 +102,9 @@ if has verify; then
   for k in 4 2; do
     run 60 "check-team-k$k" env CUNORM_TEAM_KMAX=$k "$here/cunorm" check --quick
   done
+  # A block per plane in the contiguous BatchNorm reductions (the layout before several planes a
+  # block), as the perf group times it.
+  run 60 check-plane-per-block env CUNORM_PLANES_PER_BLOCK=1 "$here/cunorm" check --quick
   run 30 demo-cuda "$here/cunorm" demo --device cuda
   run 30 demo-cuda-json "$here/cunorm" demo --device cuda --json
   # The suite built with feature candle-cuda (GPU_BUNDLE_CANDLE_CUDA=1): cunorm's ops on candle's
@@ -140,6 +144,8 @@ if has perf; then
     run 60 "bench-team-k$k" env CUNORM_TEAM_KMAX=$k "$here/cunorm" bench --ops layer_norm,rms_norm \
       "${bench_args[@]}" --json-out "$out/bench-team-k$k.json"
   done
+  run 60 bench-plane-per-block env CUNORM_PLANES_PER_BLOCK=1 "$here/cunorm" bench --ops batch_norm \
+    "${bench_args[@]}" --json-out "$out/bench-plane-per-block.json"
 fi
 
 if has sanitize; then

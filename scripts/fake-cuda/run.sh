@@ -77,6 +77,11 @@ for k in 2 8; do
   tail -n 1 "$build/check-team-kmax$k.txt"
 done
 
+echo "-- cunorm check with a block per plane in the contiguous BatchNorm reductions"
+echo "   (CUNORM_PLANES_PER_BLOCK=1, the layout before several planes a block)"
+CUNORM_PLANES_PER_BLOCK=1 plain target/release/cunorm check --quick > "$build/check-plane-per-block.txt"
+tail -n 1 "$build/check-plane-per-block.txt"
+
 echo "-- cunorm bench smoke run (events, copy reference, L2 flush, JSON; timings meaningless)"
 plain target/release/cunorm bench --quick --reps 1 --ops rms_norm --json > "$build/bench.json"
 python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(len(d["results"]), "bench rows")' "$build/bench.json"

@@ -10,7 +10,7 @@
 #include <string>
 #include <type_traits>
 
-static int failures = 0, checks = 0;
+static int failures = 0, checks = 0, multi_plane_cases = 0;
 static const int SMS = 3;  // a small "GPU" so grid-stride loops and chunking are exercised
 static const size_t SMEM_OPTIN = 227 * 1024;  // H100's opt-in shared memory per block
 
@@ -327,8 +327,8 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
     std::vector<T> y(numel), dx(numel);
     // chunks, grid and block as planes/cuda.rs reduce_chunks and reduce_config, for cpn channels
     // a thread (a pack, in both reductions).
-    struct Reduce { int chunks; dim3 grid, block; };
-    auto reduce_geometry = [&](long cpn) {
+    struct Reduce { int chunks, planes; long rows; dim3 grid, block; };
+    auto reduce_geometry = [&](long cpn, int gc) {
         Reduce r;
         const unsigned cpacks = (unsigned)std::max<long>(1, (C + cpn - 1) / cpn);
         unsigned tw = 1;
@@ -341,14 +341,25 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
             long want = (2 * SMS + planes - 1) / planes;
             r.chunks = std::max<long>(1, std::min<long>(want, std::max<long>(1, S / 4096)));
         }
+        // Planes a contiguous block folds (reduce_planes): per-channel statistics of whole planes,
+        // about 4 096 units a block, the grid kept at 2·SMS blocks, split evenly over the batch.
+        r.planes = 1;
+        if (!cl && r.chunks == 1 && gc == 0 && N > 1) {
+            const long units = std::max<long>(1, S % cpn == 0 ? S / cpn : S);
+            const long p = std::clamp<long>(4096 / units, 1, N);
+            const long rows = std::min<long>(N, std::max<long>((N + p - 1) / p, (2 * SMS + C - 1) / C));
+            r.planes = (int)((N + rows - 1) / rows);
+        }
+        r.rows = (N + r.planes - 1) / r.planes;
         // channels-last: TW packs of channels across (power of two ≤ 32), 256 / TW rows
-        r.grid = cl ? dim3{(unsigned)(N * r.chunks), (cpacks + tw - 1) / tw} : dim3{(unsigned)(N * C * r.chunks)};
+        r.grid = cl ? dim3{(unsigned)(N * r.chunks), (cpacks + tw - 1) / tw} : dim3{(unsigned)(r.rows * C * r.chunks)};
         r.block = cl ? dim3{tw, 256 / tw} : dim3{256};
         return r;
     };
-    const Reduce rs = reduce_geometry(16 / sizeof(T)), rg = rs;
-    auto small = [](size_t n) { return dim3{(unsigned)std::max<size_t>(1, (n + 255) / 256)}; };
     const int gcode = eval ? 0 : G;
+    const Reduce rs = reduce_geometry(16 / sizeof(T), G), rg = reduce_geometry(16 / sizeof(T), gcode);
+    if (rs.planes > 1 || rg.planes > 1) ++multi_plane_cases;
+    auto small = [](size_t n) { return dim3{(unsigned)std::max<size_t>(1, (n + 255) / 256)}; };
     const bool fused = !eval && G > 0 && !cl;  // as raw::planes_forward: one pass per group
     if (fused) {
         std::vector<float> varu(groups);
@@ -378,12 +389,12 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
         if (G == C)
             emu_launch(small(C), {256}, 0, [&] { planes_running_update_f32(rm.data(), rv.data(), mean.data(), varu.data(), N, C, 1, factor); });
     } else if (!eval) {
-        std::vector<float> part(N * C * rs.chunks * 3, NAN), varu(groups);
+        std::vector<float> part(rs.rows * C * rs.chunks * 3, NAN), varu(groups);
         emu_launch(rs.grid, rs.block, 0, [&] {
-            if (cl) planes_reduce<T, StatAcc, false, true>(x.data(), nullptr, nullptr, part.data(), N, C, S, rs.chunks);
-            else planes_reduce<T, StatAcc, false, false>(x.data(), nullptr, nullptr, part.data(), N, C, S, rs.chunks);
+            if (cl) planes_reduce<T, StatAcc, false, true>(x.data(), nullptr, nullptr, part.data(), N, C, S, rs.chunks, 1);
+            else planes_reduce<T, StatAcc, false, false>(x.data(), nullptr, nullptr, part.data(), N, C, S, rs.chunks, rs.planes);
         });
-        emu_launch({(unsigned)groups}, {256}, 0, [&] { planes_finalize_f32(part.data(), mean.data(), rstd.data(), varu.data(), N, C, rs.chunks, G, eps, 1); });
+        emu_launch({(unsigned)groups}, {256}, 0, [&] { planes_finalize_f32(part.data(), mean.data(), rstd.data(), varu.data(), G == 0 ? rs.rows : N, C, rs.chunks, G, eps, 1); });
         if (G == 0 || G == C)
             emu_launch(small(C), {256}, 0, [&] { planes_running_update_f32(rm.data(), rv.data(), mean.data(), varu.data(), N, C, G == C, factor); });
     } else {
@@ -399,13 +410,13 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
     // backward
     emu_launch(small(N * C), {256}, 0, [&] { planes_coef_f32(mean.data(), rstd.data(), w.data(), nullptr, a.data(), m.data(), k.data(), N, C, gcode); });
     const int chunks = rg.chunks;
-    std::vector<float> part2(N * C * chunks * 2, 0.f);
+    std::vector<float> part2(rg.rows * C * chunks * 2, 0.f);
     emu_launch(rg.grid, rg.block, 0, [&] {
-        if (cl) planes_reduce<T, GradAcc, true, true>(x.data(), g.data(), m.data(), part2.data(), N, C, S, chunks);
-        else planes_reduce<T, GradAcc, true, false>(x.data(), g.data(), m.data(), part2.data(), N, C, S, chunks);
+        if (cl) planes_reduce<T, GradAcc, true, true>(x.data(), g.data(), m.data(), part2.data(), N, C, S, chunks, 1);
+        else planes_reduce<T, GradAcc, true, false>(x.data(), g.data(), m.data(), part2.data(), N, C, S, chunks, rg.planes);
     });
-    emu_launch({(unsigned)groups}, {256}, 0, [&] { planes_grad_finalize_f32(part2.data(), w.data(), rstd.data(), bc.data(), kc.data(), N, C, S, chunks, gcode, !eval); });
-    emu_launch({(unsigned)C}, {256}, 0, [&] { planes_grad_params_f32(part2.data(), rstd.data(), dw.data(), db.data(), N, C, chunks, gcode); });
+    emu_launch({(unsigned)groups}, {256}, 0, [&] { planes_grad_finalize_f32(part2.data(), w.data(), rstd.data(), bc.data(), kc.data(), N, rg.rows, C, S, chunks, gcode, !eval); });
+    emu_launch({(unsigned)C}, {256}, 0, [&] { planes_grad_params_f32(part2.data(), rstd.data(), dw.data(), db.data(), rg.rows, C, chunks, gcode); });
     emu_launch(agrid, {256}, 0, [&] { planes_apply<T, true>(x.data(), g.data(), dx.data(), a.data(), bc.data(), m.data(), kc.data(), N, C, S, cl); });
 
     // Reference on logical data.
@@ -474,7 +485,11 @@ template <class T> void all() {
                               {1, 2, 30000, 1}, {2, 4, 8000, 2}, {3, 16, 1, 2},
                               // channels-last: one chunk a sample, 8 rows a thread (folds into a
                               // non-empty Welford; reduce_chunks at N ≥ 1056)
-                              {1056, 4, 2048, 0}})
+                              {1056, 4, 2048, 0},
+                              // several planes a block (BatchNorm, contiguous): 7 + 6 planes
+                              // of 50 packs; 3 + 3 + 3 of 514 packs (more than a block's 256
+                              // threads)
+                              {13, 3, 200, 0}, {9, 2, 2056, 0}})
         for (bool cl : {false, true}) {
             planes_case<T>(p.n, p.c, p.s, p.g, cl, false);
             if (p.g == 0 || p.g == p.c) planes_case<T>(p.n, p.c, p.s, p.g, cl, true);
@@ -485,6 +500,7 @@ int main() {
     all<float>();
     all<f16_t>();
     all<bf16_t>();
-    printf("%d checks, %d failed\n", checks, failures);
+    printf("%d checks, %d failed (%d planes cases with several planes a block)\n", checks, failures, multi_plane_cases);
+    if (multi_plane_cases == 0) return 1;
     return failures ? 1 : 0;
 }

@@ -80,6 +80,15 @@ pub(crate) fn block_threads(k: &Kernel, want: usize) -> u32 {
     want.next_multiple_of(32).clamp(32, cap) as u32
 }
 
+/// Blocks of `threads` threads that kernel `k` keeps resident on one SM, by its registers (65 536
+/// an SM, allocated in multiples of 8 a thread) and threads (2 048 an SM, as on sm_80 and sm_90;
+/// fewer on sm_86/sm_89, where the estimate is high and a grid gets more waves); at least 1.
+pub(crate) fn resident_blocks(k: &Kernel, threads: usize) -> usize {
+    let threads = threads.max(1);
+    let regs = (k.regs.max(1) as usize).next_multiple_of(8);
+    (65_536 / (regs * threads)).min(2_048 / threads).max(1)
+}
+
 /// Whether `v` starts on a 16-byte boundary (the 16-byte packs of the kernels that take no
 /// unaligned rows).
 pub(crate) fn aligned16<T>(v: &CudaView<T>, stream: &cudarc::driver::CudaStream) -> bool {

@@ -11,8 +11,10 @@
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::{Grouping, PlaneShape, Running, Source, TensorSource};
-use crate::cuda::launch::{arg_or_null, check_len, grid, launch_err, pack, row_len, to_i32};
-use crate::cuda::CudaDevice;
+use crate::cuda::launch::{
+    arg_or_null, check_len, grid, launch_err, pack, resident_blocks, row_len, to_i32,
+};
+use crate::cuda::{CudaDevice, Kernel};
 use crate::dtype::Element;
 use crate::error::{Error, Result};
 use crate::ops::rows::cuda::rows_fwd_kernel;
@@ -196,6 +198,41 @@ fn reduce_chunks(s: &PlaneShape, pn: usize) -> usize {
     }
 }
 
+/// Units (16-byte packs, or values where a plane is not whole packs) a contiguous per-channel
+/// reduction block aims for: 16 a thread of its 256, four loop iterations of four loads.
+const REDUCE_BLOCK_UNITS: usize = 4096;
+
+/// Planes of one channel a contiguous reduction block folds into one partial (planes.cu
+/// `planes_reduce`'s P): 1 but for per-channel statistics (`g_code` 0: BatchNorm, or any
+/// fixed statistics) of whole planes (one chunk), where it is as many as give a block about
+/// REDUCE_BLOCK_UNITS units while the grid keeps REDUCE_BLOCKS blocks (when N allows), split
+/// evenly over the batch. From the shape alone, so every GPU adds in the same order.
+/// `CUNORM_PLANES_PER_BLOCK=1` (read once) restores a block per plane: a benchmark knob.
+fn reduce_planes(s: &PlaneShape, chunks: usize, pn: usize, g_code: i32) -> usize {
+    if s.channels_last() || chunks != 1 || g_code != 0 || s.n <= 1 || planes_per_block_knob() {
+        return 1;
+    }
+    let units = if s.s.is_multiple_of(pn) {
+        s.s / pn
+    } else {
+        s.s
+    }
+    .max(1);
+    let p = (REDUCE_BLOCK_UNITS / units).clamp(1, s.n);
+    // Partial rows a channel: enough for the grid to keep REDUCE_BLOCKS blocks.
+    let rows =
+        s.n.div_ceil(p)
+            .max(REDUCE_BLOCKS.div_ceil(s.c.max(1)))
+            .min(s.n);
+    s.n.div_ceil(rows)
+}
+
+/// `CUNORM_PLANES_PER_BLOCK=1`: a block per plane in the contiguous reductions (read once).
+fn planes_per_block_knob() -> bool {
+    static KNOB: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KNOB.get_or_init(|| std::env::var("CUNORM_PLANES_PER_BLOCK").is_ok_and(|v| v.trim() == "1"))
+}
+
 /// The channels-last reduction's tiling of C channels in packs of `pn`: TW packs across a block
 /// (the smallest power of two covering them, at most 32) and the grid rows of TW packs.
 fn cl_tiling(c: usize, pn: usize) -> (usize, usize) {
@@ -207,7 +244,7 @@ fn cl_tiling(c: usize, pn: usize) -> (usize, usize) {
 /// The reduction launch (planes.cu `planes_reduce`). Channels-last: blocks of (TW, 256/TW)
 /// threads, TW packs of `pn` channels across (the smallest power of two covering C, at most 32),
 /// one grid row per TW packs.
-fn reduce_config(s: &PlaneShape, chunks: usize, pn: usize) -> Result<LaunchConfig> {
+fn reduce_config(s: &PlaneShape, chunks: usize, planes: usize, pn: usize) -> Result<LaunchConfig> {
     Ok(if s.channels_last() {
         channel_tiles(s.c)?; // the documented channel limit
         let (tw, tiles) = cl_tiling(s.c, pn);
@@ -218,7 +255,7 @@ fn reduce_config(s: &PlaneShape, chunks: usize, pn: usize) -> Result<LaunchConfi
         }
     } else {
         LaunchConfig {
-            grid_dim: (grid(s.n * s.c * chunks)?, 1, 1),
+            grid_dim: (grid(s.n.div_ceil(planes) * s.c * chunks)?, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         }
@@ -256,10 +293,19 @@ fn block_per_config(n: usize) -> Result<LaunchConfig> {
     })
 }
 
-fn apply_config<T: Element>(dev: &CudaDevice, numel: usize) -> Result<LaunchConfig> {
+/// Packs each thread of the elementwise kernels loads before using any (planes.cu `UNROLL`).
+const APPLY_UNROLL: usize = 4;
+
+/// The elementwise launch (planes.cu `planes_apply_units`): 256-thread blocks, as many as give
+/// each thread one loop iteration of APPLY_UNROLL packs, at most four waves of the blocks the
+/// kernel keeps resident (whole waves: a grid-stride loop's blocks all take the same work, so a
+/// last wave a third full would cost a sixth of the time). Elementwise, so the grid changes no
+/// result.
+fn apply_config<T: Element>(dev: &CudaDevice, k: &Kernel, numel: usize) -> Result<LaunchConfig> {
+    let wave = dev.sm_count() as usize * resident_blocks(k, 256);
     let blocks = (numel / pack::<T>())
-        .div_ceil(256)
-        .clamp(1, dev.sm_count() as usize * 16);
+        .div_ceil(256 * APPLY_UNROLL)
+        .clamp(1, wave * 4);
     Ok(LaunchConfig {
         grid_dim: (grid(blocks)?, 1, 1),
         block_dim: (256, 1, 1),
@@ -424,8 +470,15 @@ pub fn planes_forward<T: Element>(
                 return Ok(());
             }
             let chunks = reduce_chunks(&s, pack::<T>());
-            let chunks_i = to_i32("chunks", chunks)?;
-            let mut part = dev.alloc::<f32>(s.n * s.c * chunks * 3)?;
+            let planes = reduce_planes(&s, chunks, pack::<T>(), g_code);
+            // Partial rows a channel (N when a block takes one plane).
+            let nb = s.n.div_ceil(planes);
+            let (chunks_i, planes_i, nb_i) = (
+                to_i32("chunks", chunks)?,
+                to_i32("planes", planes)?,
+                nb as i64,
+            );
+            let mut part = dev.alloc::<f32>(nb * s.c * chunks * 3)?;
             let f = dev.function(
                 kernels::module::<T>("planes"),
                 &kernels::name::<T>(reduce_kernel(&s, "planes_stats")),
@@ -436,16 +489,19 @@ pub fn planes_forward<T: Element>(
                 .arg(&n_i)
                 .arg(&c_i)
                 .arg(&s_i)
-                .arg(&chunks_i);
-            // SAFETY: matches planes_stats[_cl]_*; part holds N·C·chunks·3 floats.
-            unsafe { b.launch(reduce_config(&s, chunks, pack::<T>())?) }.map_err(launch_err)?;
+                .arg(&chunks_i)
+                .arg(&planes_i);
+            // SAFETY: matches planes_stats[_cl]_*; part holds ⌈N/P⌉·C·chunks·3 floats.
+            unsafe { b.launch(reduce_config(&s, chunks, planes, pack::<T>())?) }
+                .map_err(launch_err)?;
 
             let mut varu = dev.alloc::<f32>(ng)?;
             let f = dev.function(kernels::module::<T>("planes"), "planes_finalize_f32")?;
             let mut b = stream.launch_builder(&f);
             b.arg(&part).arg(&mut *mean).arg(&mut *rstd).arg(&mut varu);
             let nan_i = groups.welford_mean() as i32;
-            b.arg(&n_i)
+            // G == 0: the finalize's N is the partial rows a channel.
+            b.arg(if g_code == 0 { &nb_i } else { &n_i })
                 .arg(&c_i)
                 .arg(&chunks_i)
                 .arg(&g_code)
@@ -484,11 +540,11 @@ pub fn planes_forward<T: Element>(
         weight,
         bias,
     )?;
-    let f = dev.function(
+    let f = dev.kernel(
         kernels::module::<T>("planes"),
         &kernels::name::<T>("planes_apply"),
     )?;
-    let mut b = stream.launch_builder(&f);
+    let mut b = stream.launch_builder(&f.func);
     b.arg(x)
         .arg(y)
         .arg(&a)
@@ -499,7 +555,7 @@ pub fn planes_forward<T: Element>(
         .arg(&s_i)
         .arg(&cl);
     // SAFETY: matches planes_apply_*; coefficient buffers hold N·C floats.
-    unsafe { b.launch(apply_config::<T>(dev, numel)?) }.map_err(launch_err)?;
+    unsafe { b.launch(apply_config::<T>(dev, &f, numel)?) }.map_err(launch_err)?;
     if let Some((r, varu)) = pending {
         running_update::<T>(dev, &s, groups, r, &mean.as_view(), &varu)?;
     }
@@ -545,9 +601,15 @@ pub fn planes_backward<T: Element>(
     let (n_i, c_i, s_i, cl) = s.kernel_args()?;
     let stream = dev.stream();
     let chunks = reduce_chunks(&s, pack::<T>());
-    let chunks_i = to_i32("chunks", chunks)?;
+    let planes = reduce_planes(&s, chunks, pack::<T>(), g_code);
+    let nb = s.n.div_ceil(planes);
+    let (chunks_i, planes_i, nb_i) = (
+        to_i32("chunks", chunks)?,
+        to_i32("planes", planes)?,
+        nb as i64,
+    );
     let [a, m, _] = coef::<T>(dev, &s, g_code, mean, rstd, weight, None)?;
-    let mut part = dev.zeros::<f32>(s.n * s.c * chunks * 2)?;
+    let mut part = dev.zeros::<f32>(nb * s.c * chunks * 2)?;
     if numel > 0 {
         let f = dev.function(
             kernels::module::<T>("planes"),
@@ -561,9 +623,10 @@ pub fn planes_backward<T: Element>(
             .arg(&n_i)
             .arg(&c_i)
             .arg(&s_i)
-            .arg(&chunks_i);
-        // SAFETY: matches planes_grad_sums[_cl]_*; part holds N·C·chunks·2 floats.
-        unsafe { b.launch(reduce_config(&s, chunks, pack::<T>())?) }.map_err(launch_err)?;
+            .arg(&chunks_i)
+            .arg(&planes_i);
+        // SAFETY: matches planes_grad_sums[_cl]_*; part holds ⌈N/P⌉·C·chunks·2 floats.
+        unsafe { b.launch(reduce_config(&s, chunks, planes, pack::<T>())?) }.map_err(launch_err)?;
     }
     let planes = s.n * s.c;
     let mut bc = dev.alloc::<f32>(planes)?;
@@ -577,6 +640,7 @@ pub fn planes_backward<T: Element>(
         .arg(&mut bc)
         .arg(&mut kc)
         .arg(&n_i)
+        .arg(&nb_i)
         .arg(&c_i)
         .arg(&s_i)
         .arg(&chunks_i)
@@ -591,7 +655,7 @@ pub fn planes_backward<T: Element>(
         .arg(rstd)
         .arg(dweight)
         .arg(dbias)
-        .arg(&n_i)
+        .arg(&nb_i) // N: the partial rows a channel (G > 0 takes a plane a block: nb = N)
         .arg(&c_i)
         .arg(&chunks_i)
         .arg(&g_code);
@@ -599,11 +663,11 @@ pub fn planes_backward<T: Element>(
     unsafe { b.launch(block_per_config(s.c)?) }.map_err(launch_err)?;
 
     if numel > 0 {
-        let f = dev.function(
+        let f = dev.kernel(
             kernels::module::<T>("planes"),
             &kernels::name::<T>("planes_grad_apply"),
         )?;
-        let mut b = stream.launch_builder(&f);
+        let mut b = stream.launch_builder(&f.func);
         b.arg(dy)
             .arg(x)
             .arg(dx)
@@ -616,7 +680,7 @@ pub fn planes_backward<T: Element>(
             .arg(&s_i)
             .arg(&cl);
         // SAFETY: matches planes_grad_apply_*; all per-plane buffers hold N·C floats.
-        unsafe { b.launch(apply_config::<T>(dev, numel)?) }.map_err(launch_err)?;
+        unsafe { b.launch(apply_config::<T>(dev, &f, numel)?) }.map_err(launch_err)?;
     }
     Ok(())
 }
@@ -624,6 +688,55 @@ pub fn planes_backward<T: Element>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shape(n: usize, c: usize, sp: usize, format: MemoryFormat) -> PlaneShape {
+        PlaneShape {
+            n,
+            c,
+            s: sp,
+            format,
+        }
+    }
+
+    #[test]
+    fn several_planes_a_block_only_for_per_channel_statistics_of_whole_planes() {
+        let nchw = MemoryFormat::Contiguous;
+        for &(n, c, sp) in &[
+            (64, 256, 56 * 56),
+            (256, 64, 112 * 112),
+            (256, 512, 7 * 7),
+            (4096, 64, 1),
+            (13, 3, 200),
+            (1, 8, 4096),
+            (3, 1000, 1),
+            (100_000, 2, 3),
+        ] {
+            for pn in [4, 8] {
+                let s = shape(n, c, sp, nchw);
+                let chunks = reduce_chunks(&s, pn);
+                let p = reduce_planes(&s, chunks, pn, 0);
+                let rows = n.div_ceil(p);
+                let units = if sp % pn == 0 { sp / pn } else { sp };
+                // Every partial row holds at least one plane, and a block at most about
+                // REDUCE_BLOCK_UNITS units (or one plane, when a plane alone is more).
+                assert!(p >= 1 && p <= n && (rows - 1) * p < n, "{s:?}: P {p}");
+                assert!(p == 1 || p * units <= REDUCE_BLOCK_UNITS, "{s:?}: P {p}");
+                // The grid keeps REDUCE_BLOCKS blocks where the planes allow it.
+                assert!(
+                    rows * c * chunks >= REDUCE_BLOCKS.min(n * c),
+                    "{s:?}: P {p}"
+                );
+                // Per-sample groups, chunked planes and channels-last take a plane a block.
+                assert_eq!(reduce_planes(&s, chunks, pn, 3), 1);
+                assert_eq!(reduce_planes(&s, 2, pn, 0), 1);
+                let cl = shape(n, c, sp, MemoryFormat::ChannelsLast);
+                assert_eq!(reduce_planes(&cl, reduce_chunks(&cl, pn), pn, 0), 1);
+            }
+        }
+        // BatchNorm2d [64, 256, 56, 56]: several planes a block in f32 and f16.
+        let s = shape(64, 256, 56 * 56, nchw);
+        assert!(reduce_planes(&s, 1, 4, 0) > 1 && reduce_planes(&s, 1, 8, 0) > 1);
+    }
 
     #[test]
     fn channels_last_grid_limit_is_an_error() {
