@@ -293,6 +293,38 @@ fn block_per_config(n: usize) -> Result<LaunchConfig> {
     })
 }
 
+/// Groups of at most this many partials get a warp each in the finalize kernels (planes.cu
+/// `FIN_WARP_ITEMS`), eight groups a block (`FIN_WARPS`); larger ones a block of 256.
+const FIN_WARP_ITEMS: usize = 256;
+const FIN_WARPS: usize = 8;
+
+/// The finalize kernels' launch (`planes_finalize_f32`, `planes_grad_finalize_f32`) over `groups`
+/// groups of `items` partials each: a block of 256 threads a group, or a warp a group where
+/// `items` is at most FIN_WARP_ITEMS (InstanceNorm's N·C groups of a few chunks each). From the
+/// shape alone, so every GPU merges in the same order.
+fn finalize_config(groups: usize, items: usize) -> Result<LaunchConfig> {
+    Ok(if items <= FIN_WARP_ITEMS {
+        LaunchConfig {
+            grid_dim: (grid(groups.div_ceil(FIN_WARPS))?, 1, 1),
+            block_dim: (32, FIN_WARPS as u32, 1),
+            shared_mem_bytes: 0,
+        }
+    } else {
+        block_per_config(groups)?
+    })
+}
+
+/// Partials a group of the finalize kernels merges: ⌈N/P⌉·chunks per channel (`g_code` 0), else
+/// C/G·chunks.
+fn group_items(s: &PlaneShape, g_code: i32, rows: usize, chunks: usize) -> usize {
+    let per = if g_code == 0 {
+        rows
+    } else {
+        s.c / g_code.max(1) as usize
+    };
+    per * chunks
+}
+
 /// Packs each thread of the elementwise kernels loads before using any (planes.cu `UNROLL`).
 const APPLY_UNROLL: usize = 4;
 
@@ -507,8 +539,9 @@ pub fn planes_forward<T: Element>(
                 .arg(&g_code)
                 .arg(&eps)
                 .arg(&nan_i);
+            let cfg = finalize_config(ng, group_items(&s, g_code, nb, chunks))?;
             // SAFETY: matches planes_finalize_f32; mean/rstd/varu hold the group count.
-            unsafe { b.launch(block_per_config(ng)?) }.map_err(launch_err)?;
+            unsafe { b.launch(cfg) }.map_err(launch_err)?;
             pending = running.map(|r| (r, varu));
         }
         Source::Fixed { mean: rm, var: rv } => {
@@ -646,8 +679,9 @@ pub fn planes_backward<T: Element>(
         .arg(&chunks_i)
         .arg(&g_code)
         .arg(&fi);
+    let cfg = finalize_config(ng, group_items(&s, g_code, nb, chunks))?;
     // SAFETY: matches planes_grad_finalize_f32; coefficient buffers hold N·C floats.
-    unsafe { b.launch(block_per_config(ng)?) }.map_err(launch_err)?;
+    unsafe { b.launch(cfg) }.map_err(launch_err)?;
 
     let f = dev.function(kernels::module::<T>("planes"), "planes_grad_params_f32")?;
     let mut b = stream.launch_builder(&f);
@@ -736,6 +770,27 @@ mod tests {
         // BatchNorm2d [64, 256, 56, 56]: several planes a block in f32 and f16.
         let s = shape(64, 256, 56 * 56, nchw);
         assert!(reduce_planes(&s, 1, 4, 0) > 1 && reduce_planes(&s, 1, 8, 0) > 1);
+    }
+
+    #[test]
+    fn finalize_takes_a_warp_a_group_for_few_partials() {
+        let warp = |cfg: LaunchConfig| cfg.block_dim == (32, FIN_WARPS as u32, 1);
+        // InstanceNorm2d channels-last [64, 256, 32, 32]: 16 384 groups of a few chunks each.
+        let s = shape(64, 256, 32 * 32, MemoryFormat::ChannelsLast);
+        let chunks = reduce_chunks(&s, 8);
+        let items = group_items(&s, 256, s.n, chunks);
+        assert_eq!(items, chunks);
+        let cfg = finalize_config(64 * 256, items).unwrap();
+        assert!(warp(cfg) && cfg.grid_dim.0 as usize * FIN_WARPS >= 64 * 256);
+        // BatchNorm2d channels-last [256, 64, 112, 112]: 64 channels of N·chunks partials.
+        let s = shape(256, 64, 112 * 112, MemoryFormat::ChannelsLast);
+        let items = group_items(&s, 0, s.n, reduce_chunks(&s, 8));
+        assert!(items > FIN_WARP_ITEMS);
+        let cfg = finalize_config(64, items).unwrap();
+        assert!(!warp(cfg) && cfg.grid_dim.0 == 64 && cfg.block_dim == (256, 1, 1));
+        // GroupNorm: C/G channels' chunks a group.
+        let s = shape(2, 32, 4096, MemoryFormat::ChannelsLast);
+        assert_eq!(group_items(&s, 8, s.n, 3), 4 * 3);
     }
 
     #[test]
