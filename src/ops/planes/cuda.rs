@@ -227,6 +227,70 @@ fn reduce_planes(s: &PlaneShape, chunks: usize, pn: usize, g_code: i32) -> usize
     s.n.div_ceil(rows)
 }
 
+/// How a reduction (statistics or gradient sums) reads the input: the shape its kernel sees,
+/// its chunks a plane or sample, planes a block, and the partial rows a channel (⌈N/P⌉ of the
+/// view) that the finalizes merge.
+#[derive(Clone, Copy, Debug)]
+struct Reduction {
+    view: PlaneShape,
+    chunks: usize,
+    planes: usize,
+    rows: usize,
+}
+
+impl Reduction {
+    /// Per-channel statistics (`g_code` 0) of a channels-last input, or of one with S = 1 (whose
+    /// two layouts are the same memory), are read as one sample of N·S rows: the channels-last
+    /// kernel's coalesced loads along C, and chunks that split the whole batch (BatchNorm1d
+    /// [4096, 64] had a block per value). Other reductions see the input's own shape.
+    fn of(s: &PlaneShape, g_code: i32, pn: usize) -> Reduction {
+        let view = if g_code == 0 && s.n > 1 && (s.channels_last() || s.s == 1) {
+            PlaneShape {
+                n: 1,
+                c: s.c,
+                s: s.n * s.s,
+                format: MemoryFormat::ChannelsLast,
+            }
+        } else {
+            *s
+        };
+        let chunks = reduce_chunks(&view, pn);
+        let planes = reduce_planes(&view, chunks, pn, g_code);
+        Reduction {
+            view,
+            chunks,
+            planes,
+            rows: view.n.div_ceil(planes),
+        }
+    }
+
+    /// Partials (each of the accumulator's width) the reduction writes.
+    fn partials(&self) -> usize {
+        self.rows * self.view.c * self.chunks
+    }
+
+    /// The kernel's arguments N, C, S, chunks, P, and the partial rows a channel.
+    fn args(&self) -> Result<(i64, i32, i64, i32, i32, i64)> {
+        let (n, c, s, _) = self.view.kernel_args()?;
+        Ok((
+            n,
+            c,
+            s,
+            to_i32("chunks", self.chunks)?,
+            to_i32("planes", self.planes)?,
+            self.rows as i64,
+        ))
+    }
+
+    fn config(&self, pn: usize) -> Result<LaunchConfig> {
+        reduce_config(&self.view, self.chunks, self.planes, pn)
+    }
+
+    fn kernel(&self, kernel: &'static str) -> &'static str {
+        reduce_kernel(&self.view, kernel)
+    }
+}
+
 /// `CUNORM_PLANES_PER_BLOCK=1`: a block per plane in the contiguous reductions (read once).
 fn planes_per_block_knob() -> bool {
     static KNOB: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -452,6 +516,9 @@ pub fn planes_forward<T: Element>(
         check_len("running_var", r.var.len(), s.c)?;
     }
     let (n_i, c_i, s_i, cl) = s.kernel_args()?;
+    // The elementwise kernels take S = 1 as channels-last (the same memory): 16-byte packs along
+    // C instead of one value a plane.
+    let cl = cl.max((s.s == 1) as i32);
     let stream = dev.stream();
     let g_code = match stats {
         Source::Input { .. } => groups.code(s.c),
@@ -501,31 +568,23 @@ pub fn planes_forward<T: Element>(
                 }
                 return Ok(());
             }
-            let chunks = reduce_chunks(&s, pack::<T>());
-            let planes = reduce_planes(&s, chunks, pack::<T>(), g_code);
-            // Partial rows a channel (N when a block takes one plane).
-            let nb = s.n.div_ceil(planes);
-            let (chunks_i, planes_i, nb_i) = (
-                to_i32("chunks", chunks)?,
-                to_i32("planes", planes)?,
-                nb as i64,
-            );
-            let mut part = dev.alloc::<f32>(nb * s.c * chunks * 3)?;
+            let red = Reduction::of(&s, g_code, pack::<T>());
+            let (rn_i, rc_i, rs_i, chunks_i, planes_i, nb_i) = red.args()?;
+            let mut part = dev.alloc::<f32>(red.partials() * 3)?;
             let f = dev.function(
                 kernels::module::<T>("planes"),
-                &kernels::name::<T>(reduce_kernel(&s, "planes_stats")),
+                &kernels::name::<T>(red.kernel("planes_stats")),
             )?;
             let mut b = stream.launch_builder(&f);
             b.arg(x)
                 .arg(&mut part)
-                .arg(&n_i)
-                .arg(&c_i)
-                .arg(&s_i)
+                .arg(&rn_i)
+                .arg(&rc_i)
+                .arg(&rs_i)
                 .arg(&chunks_i)
                 .arg(&planes_i);
-            // SAFETY: matches planes_stats[_cl]_*; part holds ⌈N/P⌉·C·chunks·3 floats.
-            unsafe { b.launch(reduce_config(&s, chunks, planes, pack::<T>())?) }
-                .map_err(launch_err)?;
+            // SAFETY: matches planes_stats[_cl]_*; part holds the view's ⌈N/P⌉·C·chunks·3 floats.
+            unsafe { b.launch(red.config(pack::<T>())?) }.map_err(launch_err)?;
 
             let mut varu = dev.alloc::<f32>(ng)?;
             let f = dev.function(kernels::module::<T>("planes"), "planes_finalize_f32")?;
@@ -539,7 +598,7 @@ pub fn planes_forward<T: Element>(
                 .arg(&g_code)
                 .arg(&eps)
                 .arg(&nan_i);
-            let cfg = finalize_config(ng, group_items(&s, g_code, nb, chunks))?;
+            let cfg = finalize_config(ng, group_items(&s, g_code, red.rows, red.chunks))?;
             // SAFETY: matches planes_finalize_f32; mean/rstd/varu hold the group count.
             unsafe { b.launch(cfg) }.map_err(launch_err)?;
             pending = running.map(|r| (r, varu));
@@ -632,34 +691,31 @@ pub fn planes_backward<T: Element>(
     check_len("mean", mean.len(), ng)?;
     check_len("rstd", rstd.len(), ng)?;
     let (n_i, c_i, s_i, cl) = s.kernel_args()?;
+    // The elementwise kernels take S = 1 as channels-last (the same memory): 16-byte packs along
+    // C instead of one value a plane.
+    let cl = cl.max((s.s == 1) as i32);
     let stream = dev.stream();
-    let chunks = reduce_chunks(&s, pack::<T>());
-    let planes = reduce_planes(&s, chunks, pack::<T>(), g_code);
-    let nb = s.n.div_ceil(planes);
-    let (chunks_i, planes_i, nb_i) = (
-        to_i32("chunks", chunks)?,
-        to_i32("planes", planes)?,
-        nb as i64,
-    );
+    let red = Reduction::of(&s, g_code, pack::<T>());
+    let (rn_i, rc_i, rs_i, chunks_i, planes_i, nb_i) = red.args()?;
     let [a, m, _] = coef::<T>(dev, &s, g_code, mean, rstd, weight, None)?;
-    let mut part = dev.zeros::<f32>(nb * s.c * chunks * 2)?;
+    let mut part = dev.zeros::<f32>(red.partials() * 2)?;
     if numel > 0 {
         let f = dev.function(
             kernels::module::<T>("planes"),
-            &kernels::name::<T>(reduce_kernel(&s, "planes_grad_sums")),
+            &kernels::name::<T>(red.kernel("planes_grad_sums")),
         )?;
         let mut b = stream.launch_builder(&f);
         b.arg(dy)
             .arg(x)
             .arg(&m)
             .arg(&mut part)
-            .arg(&n_i)
-            .arg(&c_i)
-            .arg(&s_i)
+            .arg(&rn_i)
+            .arg(&rc_i)
+            .arg(&rs_i)
             .arg(&chunks_i)
             .arg(&planes_i);
-        // SAFETY: matches planes_grad_sums[_cl]_*; part holds ⌈N/P⌉·C·chunks·2 floats.
-        unsafe { b.launch(reduce_config(&s, chunks, planes, pack::<T>())?) }.map_err(launch_err)?;
+        // SAFETY: matches planes_grad_sums[_cl]_*; part holds the view's ⌈N/P⌉·C·chunks·2 floats.
+        unsafe { b.launch(red.config(pack::<T>())?) }.map_err(launch_err)?;
     }
     let planes = s.n * s.c;
     let mut bc = dev.alloc::<f32>(planes)?;
@@ -679,7 +735,7 @@ pub fn planes_backward<T: Element>(
         .arg(&chunks_i)
         .arg(&g_code)
         .arg(&fi);
-    let cfg = finalize_config(ng, group_items(&s, g_code, nb, chunks))?;
+    let cfg = finalize_config(ng, group_items(&s, g_code, red.rows, red.chunks))?;
     // SAFETY: matches planes_grad_finalize_f32; coefficient buffers hold N·C floats.
     unsafe { b.launch(cfg) }.map_err(launch_err)?;
 
@@ -770,6 +826,28 @@ mod tests {
         // BatchNorm2d [64, 256, 56, 56]: several planes a block in f32 and f16.
         let s = shape(64, 256, 56 * 56, nchw);
         assert!(reduce_planes(&s, 1, 4, 0) > 1 && reduce_planes(&s, 1, 8, 0) > 1);
+    }
+
+    #[test]
+    fn per_channel_reductions_of_channels_last_or_single_value_planes_read_one_sample() {
+        let (nchw, nhwc) = (MemoryFormat::Contiguous, MemoryFormat::ChannelsLast);
+        // BatchNorm1d [4096, 64] (S = 1) and BatchNorm2d channels-last: one sample of N·S rows
+        // in the channels-last kernel, its chunks over the whole batch.
+        for s in [shape(4096, 64, 1, nchw), shape(256, 64, 112 * 112, nhwc)] {
+            let r = Reduction::of(&s, 0, 4);
+            assert_eq!((r.view.n, r.view.c, r.view.s), (1, s.c, s.n * s.s));
+            assert!(r.view.channels_last() && r.planes == 1 && r.rows == 1);
+            assert!(r.chunks > 1 && r.partials() == s.c * r.chunks);
+            assert_eq!(r.kernel("planes_stats"), "planes_stats_cl");
+        }
+        // Per-sample groups keep their samples; BatchNorm NCHW with planes keeps its layout.
+        let inst = shape(64, 256, 32 * 32, nhwc);
+        assert_eq!(Reduction::of(&inst, 256, 8).view, inst);
+        let bn = shape(64, 256, 56 * 56, nchw);
+        let r = Reduction::of(&bn, 0, 4);
+        assert_eq!(r.view, bn);
+        assert_eq!(r.kernel("planes_stats"), "planes_stats");
+        assert_eq!(r.rows, bn.n.div_ceil(r.planes));
     }
 
     #[test]
