@@ -613,24 +613,24 @@ extern "C" __global__ void planes_grad_finalize_f32(const float* __restrict__ pa
 }
 
 // One block per channel: dw_c = Σ_n rstd(n, c)·Σg(x − μ), db_c = Σ_n Σg (N: ⌈N / P⌉ partial rows
-// when G == 0, where rstd is the channel's); thread t takes samples
-// t, t + blockDim.x, ... (each plane's chunks in order), then a fixed-order block sum.
+// when G == 0, where rstd is the channel's); thread t takes the channel's (sample, chunk)
+// partials t, t + blockDim.x, ... in index order, then a fixed-order block sum. (A thread per
+// sample, each walking its chunks, left one thread walking all 1 056 chunks of a channel-last
+// BatchNorm read as one sample.)
 extern "C" __global__ void planes_grad_params_f32(const float* __restrict__ part, const float* __restrict__ rstd_g,
                                        float* __restrict__ dw, float* __restrict__ db, i64 N,
                                        int C, int chunks, int G) {
     __shared__ float scratch[32];
     const int c = blockIdx.x;
+    const FastDiv dk = fast_div(chunks);
     float sw = 0.f, sb = 0.f;
 #pragma unroll 1
-    for (i64 n = threadIdx.x; n < N; n += blockDim.x) {
-        float sg = 0.f, sgx = 0.f;
-        for (int k = 0; k < chunks; ++k) {
-            const float* p = part + ((n * C + c) * chunks + k) * 2;
-            sg += p[0];
-            sgx += p[1];
-        }
-        sw += rstd_g[group_of(n, c, C, G)] * sgx;
-        sb += sg;
+    for (i64 it = threadIdx.x; it < N * chunks; it += blockDim.x) {
+        i64 k;
+        const i64 n = div_of(it, dk, &k);
+        const float* p = part + ((n * C + c) * chunks + k) * 2;
+        sw += rstd_g[group_of(n, c, C, G)] * p[1];
+        sb += p[0];
     }
     sw = block_reduce_sum(sw, scratch);
     sb = block_reduce_sum(sb, scratch);
