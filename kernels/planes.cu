@@ -459,7 +459,7 @@ __device__ __forceinline__ void planes_reduce(const T* __restrict__ x, const T* 
 // FIN_WARP_ITEMS partials): thread t merges the group's (plane, chunk) partials t, t + T, ...
 // (T its threads) in index order, then they merge by a fixed butterfly (block_merge or
 // warp_merge): deterministic, and no thread merges more than items / T partials (a BatchNorm
-// channel of [256,64,112,112] channels-last has 12 544). A warp a group spares the block-wide
+// channel of [256, 64, 112, 112] channels-last has 1 056). A warp a group spares the block-wide
 // merge of 256 threads where most hold nothing: InstanceNorm's N·C groups of a few chunks each
 // (16 384 blocks at [64, 256, 32, 32]; a 1 024-block finalize took 10 µs on an H200). Writes mean,
 // rstd = 1/sqrt(biased var + eps) and the unbiased variance (for running statistics). With
@@ -570,7 +570,7 @@ extern "C" __global__ void planes_coef_f32(const float* __restrict__ mean_g, con
     k[p] = b ? b[c] : 0.f;
 }
 
-// Backward, one block per group (as planes_finalize_f32; NB = ⌈N / P⌉ partial rows a channel
+// Backward, a block or a warp per group (as planes_finalize_f32; NB = ⌈N / P⌉ partial rows a channel
 // when G == 0, N is the batch): A = Σ w_c·Σg, B = Σ w_c·Σg(x − μ)
 // over the group's partials; then for each plane b = −rstd³·B/cnt and k = −rstd·A/cnt (zero for
 // fixed statistics), so that dx = a·dy + b·(x − μ) + k with a = rstd·w_c from planes_coef_f32.
@@ -622,6 +622,7 @@ extern "C" __global__ void planes_grad_params_f32(const float* __restrict__ part
                                        int C, int chunks, int G) {
     __shared__ float scratch[32];
     const int c = blockIdx.x;
+    if (c >= C) return;  // the whole block
     const FastDiv dk = fast_div(chunks);
     float sw = 0.f, sb = 0.f;
 #pragma unroll 1

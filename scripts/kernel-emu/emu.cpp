@@ -369,11 +369,12 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
     if (rs.planes > 1 || rg.planes > 1) ++multi_plane_cases;
     if (rs.n != N || rg.n != N) ++merged_cases;
     auto small = [](size_t n) { return dim3{(unsigned)std::max<size_t>(1, (n + 255) / 256)}; };
-    // The finalizes as planes/cuda.rs finalize_config: a warp a group (eight a block) for groups
-    // of at most 256 partials, else a block of 256 threads a group.
-    auto fin_block = [](long per, int ch) { return per * ch <= 256 ? dim3{32, 8} : dim3{256}; };
-    auto fin_grid = [](size_t groups, long per, int ch) {
-        return per * ch <= 256 ? dim3{(unsigned)((groups + 7) / 8)} : dim3{(unsigned)groups};
+    // The finalizes as planes/cuda.rs finalize_config and group_items: a warp a group (eight a
+    // block) for groups of at most 256 partials and planes, else a block of 256 threads a group.
+    auto fin_warp = [&](long per, int ch, int gc) { return std::max<long>(per * ch, gc == 0 ? N : C / gc) <= 256; };
+    auto fin_block = [&](long per, int ch, int gc) { return fin_warp(per, ch, gc) ? dim3{32, 8} : dim3{256}; };
+    auto fin_grid = [&](size_t groups, long per, int ch, int gc) {
+        return fin_warp(per, ch, gc) ? dim3{(unsigned)((groups + 7) / 8)} : dim3{(unsigned)groups};
     };
     const bool fused = !eval && G > 0 && !cl;  // as raw::planes_forward: one pass per group
     if (fused) {
@@ -409,7 +410,7 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
             if (rs.cl) planes_reduce<T, StatAcc, false, true>(x.data(), nullptr, nullptr, part.data(), rs.n, C, rs.s, rs.chunks, 1);
             else planes_reduce<T, StatAcc, false, false>(x.data(), nullptr, nullptr, part.data(), rs.n, C, rs.s, rs.chunks, rs.planes);
         });
-        emu_launch(fin_grid(groups, G == 0 ? rs.rows : C / G, rs.chunks), fin_block(G == 0 ? rs.rows : C / G, rs.chunks), 0, [&] { planes_finalize_f32(part.data(), mean.data(), rstd.data(), varu.data(), G == 0 ? rs.rows : N, C, rs.chunks, G, eps, 1); });
+        emu_launch(fin_grid(groups, G == 0 ? rs.rows : C / G, rs.chunks, G), fin_block(G == 0 ? rs.rows : C / G, rs.chunks, G), 0, [&] { planes_finalize_f32(part.data(), mean.data(), rstd.data(), varu.data(), G == 0 ? rs.rows : N, C, rs.chunks, G, eps, 1); });
         if (G == 0 || G == C)
             emu_launch(small(C), {256}, 0, [&] { planes_running_update_f32(rm.data(), rv.data(), mean.data(), varu.data(), N, C, G == C, factor); });
     } else {
@@ -417,7 +418,9 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
     }
     std::vector<float> a(N * C), m(N * C), k(N * C), bc(N * C), kc(N * C), dw(C), db(C);
     const int PN = 16 / sizeof(T);
-    dim3 agrid{(unsigned)std::max<size_t>(1, std::min<size_t>(SMS * 16, (numel / PN + 255) / 256))};
+    // The elementwise grid as planes/cuda.rs apply_config: four packs a thread, at most four waves
+    // of two resident blocks an SM.
+    dim3 agrid{(unsigned)std::max<size_t>(1, std::min<size_t>(SMS * 2 * 4, (numel / PN + 1023) / 1024))};
     if (!fused) {
         emu_launch(small(N * C), {256}, 0, [&] { planes_coef_f32(mean.data(), rstd.data(), w.data(), b.data(), a.data(), m.data(), k.data(), N, C, gcode); });
         emu_launch(agrid, {256}, 0, [&] { planes_apply<T, false>(x.data(), nullptr, y.data(), a.data(), nullptr, m.data(), k.data(), N, C, S, cl || S == 1); });
@@ -430,7 +433,7 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
         if (rg.cl) planes_reduce<T, GradAcc, true, true>(x.data(), g.data(), m.data(), part2.data(), rg.n, C, rg.s, chunks, 1);
         else planes_reduce<T, GradAcc, true, false>(x.data(), g.data(), m.data(), part2.data(), rg.n, C, rg.s, chunks, rg.planes);
     });
-    emu_launch(fin_grid(groups, gcode == 0 ? rg.rows : C / gcode, chunks), fin_block(gcode == 0 ? rg.rows : C / gcode, chunks), 0, [&] { planes_grad_finalize_f32(part2.data(), w.data(), rstd.data(), bc.data(), kc.data(), N, rg.rows, C, S, chunks, gcode, !eval); });
+    emu_launch(fin_grid(groups, gcode == 0 ? rg.rows : C / gcode, chunks, gcode), fin_block(gcode == 0 ? rg.rows : C / gcode, chunks, gcode), 0, [&] { planes_grad_finalize_f32(part2.data(), w.data(), rstd.data(), bc.data(), kc.data(), N, rg.rows, C, S, chunks, gcode, !eval); });
     emu_launch({(unsigned)C}, {256}, 0, [&] { planes_grad_params_f32(part2.data(), rstd.data(), dw.data(), db.data(), rg.rows, C, chunks, gcode); });
     emu_launch(agrid, {256}, 0, [&] { planes_apply<T, true>(x.data(), g.data(), dx.data(), a.data(), bc.data(), m.data(), kc.data(), N, C, S, cl || S == 1); });
 

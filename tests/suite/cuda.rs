@@ -366,6 +366,16 @@ fn cuda_misuse_cases() {
     let g = F::batch_norm_backward(&e, &e, Some(&w), &out.stats).unwrap();
     assert_eq!(g.dweight.unwrap().to_vec().unwrap(), vec![0.0; 3]);
     assert_eq!(g.dx.shape(), &[2, 3, 0]);
+    // No channels: empty outputs and parameter gradients, and no kernel reading past the
+    // (empty) partials (the parameter-gradient kernel once ran one block on a zero grid).
+    let z = on(Tensor::zeros(&[2, 0, 3]).unwrap());
+    let wz = on(Tensor::zeros(&[0]).unwrap());
+    let out = F::batch_norm(&z, None, None, Some(&wz), None, true, 0.1, 1e-5).unwrap();
+    let g = F::batch_norm_backward(&z, &z, Some(&wz), &out.stats).unwrap();
+    assert_eq!(
+        (g.dx.shape(), g.dweight.unwrap().numel()),
+        (&[2, 0, 3][..], 0)
+    );
     // A NaN in row 0 of a LayerNorm: that row's statistics are NaN, the others finite.
     let mut v: Vec<f32> = (0..12).map(|i| (i as f32 * 0.37).sin()).collect();
     v[1] = f32::NAN;

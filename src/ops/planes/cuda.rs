@@ -242,9 +242,14 @@ impl Reduction {
     /// Per-channel statistics (`g_code` 0) of a channels-last input, or of one with S = 1 (whose
     /// two layouts are the same memory), are read as one sample of N·S rows: the channels-last
     /// kernel's coalesced loads along C, and chunks that split the whole batch (BatchNorm1d
-    /// [4096, 64] had a block per value). Other reductions see the input's own shape.
+    /// [4096, 64] had a block per value). Other reductions see the input's own shape (as does
+    /// an S = 1 input with more channels than the channels-last grid takes).
     fn of(s: &PlaneShape, g_code: i32, pn: usize) -> Reduction {
-        let view = if g_code == 0 && s.n > 1 && (s.channels_last() || s.s == 1) {
+        let view = if g_code == 0
+            && s.n > 1
+            && (s.channels_last() || s.s == 1)
+            && channel_tiles(s.c).is_ok()
+        {
             PlaneShape {
                 n: 1,
                 c: s.c,
@@ -378,15 +383,18 @@ fn finalize_config(groups: usize, items: usize) -> Result<LaunchConfig> {
     })
 }
 
-/// Partials a group of the finalize kernels merges: ⌈N/P⌉·chunks per channel (`g_code` 0), else
-/// C/G·chunks.
+/// The work of a group in the finalize kernels, the larger of the partials it merges
+/// (⌈N/P⌉·chunks per channel for `g_code` 0, else C/G·chunks) and the planes whose backward
+/// coefficients it writes (N per channel, else C/G): BatchNorm1d [65 536, 64] merges 256
+/// partials a channel but writes 65 536 planes' coefficients, a block's work, not a warp's.
 fn group_items(s: &PlaneShape, g_code: i32, rows: usize, chunks: usize) -> usize {
-    let per = if g_code == 0 {
-        rows
+    let (per, planes) = if g_code == 0 {
+        (rows, s.n)
     } else {
-        s.c / g_code.max(1) as usize
+        let d = s.c / g_code.max(1) as usize;
+        (d, d)
     };
-    per * chunks
+    (per * chunks).max(planes)
 }
 
 /// Packs each thread of the elementwise kernels loads before using any (planes.cu `UNROLL`).
@@ -401,7 +409,8 @@ fn apply_config<T: Element>(dev: &CudaDevice, k: &Kernel, numel: usize) -> Resul
     let wave = dev.sm_count() as usize * resident_blocks(k, 256);
     let blocks = (numel / pack::<T>())
         .div_ceil(256 * APPLY_UNROLL)
-        .clamp(1, wave * 4);
+        .min(wave * 4)
+        .max(1);
     Ok(LaunchConfig {
         grid_dim: (grid(blocks)?, 1, 1),
         block_dim: (256, 1, 1),
@@ -739,18 +748,21 @@ pub fn planes_backward<T: Element>(
     // SAFETY: matches planes_grad_finalize_f32; coefficient buffers hold N·C floats.
     unsafe { b.launch(cfg) }.map_err(launch_err)?;
 
-    let f = dev.function(kernels::module::<T>("planes"), "planes_grad_params_f32")?;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&part)
-        .arg(rstd)
-        .arg(dweight)
-        .arg(dbias)
-        .arg(&nb_i) // N: the partial rows a channel (G > 0 takes a plane a block: nb = N)
-        .arg(&c_i)
-        .arg(&chunks_i)
-        .arg(&g_code);
-    // SAFETY: matches planes_grad_params_f32; dweight/dbias hold C floats.
-    unsafe { b.launch(block_per_config(s.c)?) }.map_err(launch_err)?;
+    // No channels, no parameter gradients (and no block of a zero grid clamped to one).
+    if s.c > 0 {
+        let f = dev.function(kernels::module::<T>("planes"), "planes_grad_params_f32")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&part)
+            .arg(rstd)
+            .arg(dweight)
+            .arg(dbias)
+            .arg(&nb_i) // N: the partial rows a channel (G > 0 takes a plane a block: nb = N)
+            .arg(&c_i)
+            .arg(&chunks_i)
+            .arg(&g_code);
+        // SAFETY: matches planes_grad_params_f32; dweight/dbias hold C floats.
+        unsafe { b.launch(block_per_config(s.c)?) }.map_err(launch_err)?;
+    }
 
     if numel > 0 {
         let f = dev.kernel(
@@ -860,15 +872,33 @@ mod tests {
         assert_eq!(items, chunks);
         let cfg = finalize_config(64 * 256, items).unwrap();
         assert!(warp(cfg) && cfg.grid_dim.0 as usize * FIN_WARPS >= 64 * 256);
-        // BatchNorm2d channels-last [256, 64, 112, 112]: 64 channels of N·chunks partials.
+        // BatchNorm2d channels-last [256, 64, 112, 112]: 64 channels of 1 056 partials (one
+        // sample of N·S rows in chunks).
         let s = shape(256, 64, 112 * 112, MemoryFormat::ChannelsLast);
-        let items = group_items(&s, 0, s.n, reduce_chunks(&s, 8));
-        assert!(items > FIN_WARP_ITEMS);
+        let r = Reduction::of(&s, 0, 8);
+        let items = group_items(&s, 0, r.rows, r.chunks);
+        assert!(items == 1056 && items > FIN_WARP_ITEMS);
         let cfg = finalize_config(64, items).unwrap();
         assert!(!warp(cfg) && cfg.grid_dim.0 == 64 && cfg.block_dim == (256, 1, 1));
         // GroupNorm: C/G channels' chunks a group.
         let s = shape(2, 32, 4096, MemoryFormat::ChannelsLast);
         assert_eq!(group_items(&s, 8, s.n, 3), 4 * 3);
+        // BatchNorm1d [65536, 64]: few partials a channel, but 65 536 planes' backward
+        // coefficients to write: a block a channel.
+        let s = shape(65_536, 64, 1, MemoryFormat::Contiguous);
+        let r = Reduction::of(&s, 0, 4);
+        assert!(r.rows * r.chunks <= FIN_WARP_ITEMS);
+        assert!(!warp(
+            finalize_config(64, group_items(&s, 0, r.rows, r.chunks)).unwrap()
+        ));
+    }
+
+    #[test]
+    fn single_value_planes_with_more_channels_than_the_channels_last_grid_stay_contiguous() {
+        let s = shape(4, 2_097_121, 1, MemoryFormat::Contiguous);
+        let r = Reduction::of(&s, 0, 4);
+        assert_eq!(r.view, s);
+        assert!(r.config(4).is_ok());
     }
 
     #[test]
