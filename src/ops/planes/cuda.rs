@@ -8,7 +8,7 @@
 //! panic or an out-of-bounds launch), queues its kernels on the device's stream and returns
 //! without synchronizing.
 
-use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::{Grouping, PlaneShape, Running, Source, TensorSource};
 use crate::cuda::launch::{
@@ -274,17 +274,17 @@ impl Reduction {
         self.rows * self.view.c * self.chunks
     }
 
-    /// The kernel's arguments N, C, S, chunks, P, and the partial rows a channel.
-    fn args(&self) -> Result<(i64, i32, i64, i32, i32, i64)> {
+    /// The kernels' integer arguments (checked: an `Err` where one does not fit its type).
+    fn args(&self) -> Result<ReduceArgs> {
         let (n, c, s, _) = self.view.kernel_args()?;
-        Ok((
+        Ok(ReduceArgs {
             n,
             c,
             s,
-            to_i32("chunks", self.chunks)?,
-            to_i32("planes", self.planes)?,
-            self.rows as i64,
-        ))
+            chunks: to_i32("chunks", self.chunks)?,
+            planes: to_i32("planes", self.planes)?,
+            rows: self.rows as i64,
+        })
     }
 
     fn config(&self, pn: usize) -> Result<LaunchConfig> {
@@ -293,6 +293,28 @@ impl Reduction {
 
     fn kernel(&self, kernel: &'static str) -> &'static str {
         reduce_kernel(&self.view, kernel)
+    }
+}
+
+/// A reduction's integer kernel arguments: the view's N, C, S, then chunks and P (pushed in that
+/// order by `push`, after the buffers), and the partial rows a channel (the finalizes' N where
+/// G == 0).
+struct ReduceArgs {
+    n: i64,
+    c: i32,
+    s: i64,
+    chunks: i32,
+    planes: i32,
+    rows: i64,
+}
+
+impl ReduceArgs {
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        b.arg(&self.n)
+            .arg(&self.c)
+            .arg(&self.s)
+            .arg(&self.chunks)
+            .arg(&self.planes);
     }
 }
 
@@ -578,20 +600,15 @@ pub fn planes_forward<T: Element>(
                 return Ok(());
             }
             let red = Reduction::of(&s, g_code, pack::<T>());
-            let (rn_i, rc_i, rs_i, chunks_i, planes_i, nb_i) = red.args()?;
+            let ra = red.args()?;
             let mut part = dev.alloc::<f32>(red.partials() * 3)?;
             let f = dev.function(
                 kernels::module::<T>("planes"),
                 &kernels::name::<T>(red.kernel("planes_stats")),
             )?;
             let mut b = stream.launch_builder(&f);
-            b.arg(x)
-                .arg(&mut part)
-                .arg(&rn_i)
-                .arg(&rc_i)
-                .arg(&rs_i)
-                .arg(&chunks_i)
-                .arg(&planes_i);
+            b.arg(x).arg(&mut part);
+            ra.push(&mut b);
             // SAFETY: matches planes_stats[_cl]_*; part holds the view's ⌈N/P⌉·C·chunks·3 floats.
             unsafe { b.launch(red.config(pack::<T>())?) }.map_err(launch_err)?;
 
@@ -601,9 +618,9 @@ pub fn planes_forward<T: Element>(
             b.arg(&part).arg(&mut *mean).arg(&mut *rstd).arg(&mut varu);
             let nan_i = groups.welford_mean() as i32;
             // G == 0: the finalize's N is the partial rows a channel.
-            b.arg(if g_code == 0 { &nb_i } else { &n_i })
+            b.arg(if g_code == 0 { &ra.rows } else { &n_i })
                 .arg(&c_i)
-                .arg(&chunks_i)
+                .arg(&ra.chunks)
                 .arg(&g_code)
                 .arg(&eps)
                 .arg(&nan_i);
@@ -705,7 +722,7 @@ pub fn planes_backward<T: Element>(
     let cl = cl.max((s.s == 1) as i32);
     let stream = dev.stream();
     let red = Reduction::of(&s, g_code, pack::<T>());
-    let (rn_i, rc_i, rs_i, chunks_i, planes_i, nb_i) = red.args()?;
+    let ra = red.args()?;
     let [a, m, _] = coef::<T>(dev, &s, g_code, mean, rstd, weight, None)?;
     let mut part = dev.zeros::<f32>(red.partials() * 2)?;
     if numel > 0 {
@@ -714,15 +731,8 @@ pub fn planes_backward<T: Element>(
             &kernels::name::<T>(red.kernel("planes_grad_sums")),
         )?;
         let mut b = stream.launch_builder(&f);
-        b.arg(dy)
-            .arg(x)
-            .arg(&m)
-            .arg(&mut part)
-            .arg(&rn_i)
-            .arg(&rc_i)
-            .arg(&rs_i)
-            .arg(&chunks_i)
-            .arg(&planes_i);
+        b.arg(dy).arg(x).arg(&m).arg(&mut part);
+        ra.push(&mut b);
         // SAFETY: matches planes_grad_sums[_cl]_*; part holds the view's ⌈N/P⌉·C·chunks·2 floats.
         unsafe { b.launch(red.config(pack::<T>())?) }.map_err(launch_err)?;
     }
@@ -738,10 +748,10 @@ pub fn planes_backward<T: Element>(
         .arg(&mut bc)
         .arg(&mut kc)
         .arg(&n_i)
-        .arg(&nb_i)
+        .arg(&ra.rows)
         .arg(&c_i)
         .arg(&s_i)
-        .arg(&chunks_i)
+        .arg(&ra.chunks)
         .arg(&g_code)
         .arg(&fi);
     let cfg = finalize_config(ng, group_items(&s, g_code, red.rows, red.chunks))?;
@@ -756,9 +766,9 @@ pub fn planes_backward<T: Element>(
             .arg(rstd)
             .arg(dweight)
             .arg(dbias)
-            .arg(&nb_i) // N: the partial rows a channel (G > 0 takes a plane a block: nb = N)
+            .arg(&ra.rows) // N: the partial rows a channel (G > 0 takes a plane a block: N)
             .arg(&c_i)
-            .arg(&chunks_i)
+            .arg(&ra.chunks)
             .arg(&g_code);
         // SAFETY: matches planes_grad_params_f32; dweight/dbias hold C floats.
         unsafe { b.launch(block_per_config(s.c)?) }.map_err(launch_err)?;
