@@ -296,49 +296,73 @@ struct Unit<T, 1> {
     static __device__ __forceinline__ void store(T* __restrict__ p, const float (&f)[1]) { *p = from_float<T>(f[0]); }
 };
 
+// Where a thread's units lie (a unit: W = Pack<T>::N elements, one 16-byte load, or W = 1),
+// stepped by the grid stride without a division per unit: the first element e of the unit is at
+// offset r of plane p (contiguous: e = p·S + r), or at channel c, position s of sample n
+// (channels-last: e = (n·S + s)·C + c, plane n·C + c). A step of D elements is split once into
+// the same parts (dc < C, ds < S, dr < S), so one carry a level keeps every part in range.
+template <bool CL>
+struct UnitWalk {
+    i64 n, s, c;     // contiguous: n = plane, s = offset, c unused
+    i64 dn, ds, dc;  // the step's parts
+    __device__ __forceinline__ void split(i64 e, FastDiv fc, FastDiv fs, i64& a, i64& b, i64& k) {
+        if constexpr (CL) {
+            const i64 ns = div_of(e, fc, &k);
+            a = div_of(ns, fs, &b);
+        } else {
+            a = div_of(e, fs, &b);
+            k = 0;
+        }
+    }
+    __device__ __forceinline__ void init(i64 e, i64 step, FastDiv fc, FastDiv fs) {
+        split(e, fc, fs, n, s, c);
+        split(step, fc, fs, dn, ds, dc);
+    }
+    __device__ __forceinline__ void next(i64 C, i64 S) {
+        if constexpr (CL) {
+            c += dc;
+            s += ds;
+            if (c >= C) {
+                c -= C;
+                ++s;
+            }
+        } else {
+            s += ds;
+        }
+        n += dn;
+        if (s >= S) {
+            s -= S;
+            ++n;
+        }
+    }
+    __device__ __forceinline__ i64 plane(i64 C) const { return CL ? n * C + c : n; }
+};
+
 // The contiguous reduction's loop: np ranges of L units of W values each (W = Pack<T>::N:
 // 16-byte packs; W = 1: scalars), range j at xp + j·stride (gp likewise), read as one sequence
 // of np·L units: thread t takes units t, t + B, t + 2B, ... (B = blockDim.x), UNROLL loaded
 // before any is used (several loads in flight, across range boundaries too). The unit's
-// (range j, offset r) steps by (dj, dr) = (B / L, B % L) with one carry, r < L always: no
-// division in the loop, and 32-bit ones before it only when L ≤ B.
+// (range, offset) is stepped as the elementwise loop's (plane, offset): UnitWalk, no division in
+// the loop.
 template <typename T, typename Acc, bool GRAD, int W>
 __device__ __forceinline__ void planes_contig_units(const T* __restrict__ xp, const T* __restrict__ gp,
                                                     int np, i64 L, i64 stride, Acc& acc) {
     if (L <= 0) return;
-    const int B = blockDim.x;
-    int j, dj;
-    i64 r, dr;
-    if (L > B) {
-        j = 0;
-        r = threadIdx.x;
-        dj = 0;
-        dr = B;
-    } else {
-        const int l = (int)L;
-        j = (int)threadIdx.x / l;
-        r = (int)threadIdx.x - j * l;
-        dj = B / l;
-        dr = B - dj * l;
-    }
+    UnitWalk<false> w;  // n: the range j, s: the offset in units
+    w.init(threadIdx.x, blockDim.x, fast_div(1), fast_div(L));
 #pragma unroll 1
-    while (j < np) {
+    while (w.n < np) {
         T xv[UNROLL][W], gv[UNROLL][W];
         int cnt = 0;  // units in range: a prefix of the UNROLL
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            if (j < np) {
-                const i64 e = j * stride + r * W;
+            if (w.n < np) {
+                const i64 e = w.n * stride + w.s * W;
                 load_unit<T, W>(xv[u], xp + e);
                 if (GRAD) load_unit<T, W>(gv[u], gp + e);
                 ++cnt;
             }
-            r += dr;
-            j += dj;
-            if (r >= L) {
-                r -= L;
-                ++j;
-            }
+            w.next(1, L);
         }
         if constexpr (GRAD) {
 #pragma unroll
@@ -647,48 +671,6 @@ extern "C" __global__ void planes_grad_params_f32(const float* __restrict__ part
 // two planes (contiguous: S % pack == 0; channels-last: C % pack == 0), else scalar.
 // Bytes: x (and dy) read once, y (dx) written once; coefficients stay in L1/L2.
 // ---------------------------------------------------------------------------------------------
-
-// Where a thread's units lie (a unit: W = Pack<T>::N elements, one 16-byte load, or W = 1),
-// stepped by the grid stride without a division per unit: the first element e of the unit is at
-// offset r of plane p (contiguous: e = p·S + r), or at channel c, position s of sample n
-// (channels-last: e = (n·S + s)·C + c, plane n·C + c). A step of D elements is split once into
-// the same parts (dc < C, ds < S, dr < S), so one carry a level keeps every part in range.
-template <bool CL>
-struct UnitWalk {
-    i64 n, s, c;     // contiguous: n = plane, s = offset, c unused
-    i64 dn, ds, dc;  // the step's parts
-    __device__ __forceinline__ void split(i64 e, FastDiv fc, FastDiv fs, i64& a, i64& b, i64& k) {
-        if constexpr (CL) {
-            const i64 ns = div_of(e, fc, &k);
-            a = div_of(ns, fs, &b);
-        } else {
-            a = div_of(e, fs, &b);
-            k = 0;
-        }
-    }
-    __device__ __forceinline__ void init(i64 e, i64 step, FastDiv fc, FastDiv fs) {
-        split(e, fc, fs, n, s, c);
-        split(step, fc, fs, dn, ds, dc);
-    }
-    __device__ __forceinline__ void next(i64 C, i64 S) {
-        if constexpr (CL) {
-            c += dc;
-            s += ds;
-            if (c >= C) {
-                c -= C;
-                ++s;
-            }
-        } else {
-            s += ds;
-        }
-        n += dn;
-        if (s >= S) {
-            s -= S;
-            ++n;
-        }
-    }
-    __device__ __forceinline__ i64 plane(i64 C) const { return CL ? n * C + c : n; }
-};
 
 // Four floats from a 16-byte aligned address, in one 16-byte load.
 __device__ __forceinline__ void load4(float* dst, const float* __restrict__ src) {
