@@ -767,6 +767,178 @@ __device__ __forceinline__ void planes_apply(const T* __restrict__ x, const T* _
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Channels-last GroupNorm/InstanceNorm forward in one pass (x read once): a block per (sample n,
+// tile of Ct channels), Ct a multiple of the group's C/G channels and of the pack, Ct / pack a
+// power of two ≤ 8 (packs a position, `ppp`). The block holds its slice [S, Ct] on chip: thread t
+// takes pack q = t mod ppp of positions t / ppp, t / ppp + step, ... (step = blockDim.x / ppp),
+// its first TILE_KR packs in registers and the rest in shared memory, so a thread's channels are
+// fixed and its coefficients are loaded once. Statistics in two passes over the on-chip copy
+// (Σx, then Σ(x − mean)²: no division per element, no cancellation), per channel by lane sums,
+// warp shuffles between the lanes of a pack and the warps in order, then per group: the same
+// order on every GPU. The host checks the fit, the 16-byte alignment of x and y and C % pack.
+// Dynamic shared memory: warps·Ct floats of lane sums, 3·Ct floats, then the cached packs.
+// Bytes: x read once, y written once.
+// ---------------------------------------------------------------------------------------------
+#define TILE_KR 4
+
+// Per-channel totals of the lanes' sums (PN channels a lane, pack q = lane mod ppp) into
+// out[0 .. Ct): shuffles across the lanes of one pack, then the warps in order. Ends on a barrier.
+template <int PN>
+__device__ __forceinline__ void tile_channel_sums(float (&acc)[PN], int ppp, int Ct,
+                                                  float* __restrict__ red, float* __restrict__ out) {
+    for (int o = ppp; o < 32; o <<= 1)
+#pragma unroll
+        for (int i = 0; i < PN; ++i) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    if (lane < ppp)
+#pragma unroll
+        for (int i = 0; i < PN; ++i) red[warp * Ct + lane * PN + i] = acc[i];
+    __syncthreads();
+    for (int c = threadIdx.x; c < Ct; c += blockDim.x) {
+        float s = 0.f;
+        for (int w = 0; w < warps; ++w) s += red[w * Ct + c];
+        out[c] = s;
+    }
+    __syncthreads();
+}
+
+// The sum of out[] over channel c's group (Cg channels from c − c mod Cg), in channel order.
+__device__ __forceinline__ float tile_group_sum(const float* __restrict__ v, int c, int Cg) {
+    const int g0 = c - c % Cg;
+    float s = 0.f;
+    for (int j = 0; j < Cg; ++j) s += v[g0 + j];
+    return s;
+}
+
+template <typename T>
+__device__ __forceinline__ void planes_tile_fwd(const T* __restrict__ x, T* __restrict__ y,
+                                                const float* __restrict__ w,
+                                                const float* __restrict__ b,
+                                                float* __restrict__ mean_out,
+                                                float* __restrict__ rstd_out,
+                                                float* __restrict__ varu_out, int C, int S, int Ct,
+                                                int Cg, int tiles, float eps, int nan_inf_mean) {
+    const int PN = Pack<T>::N;
+    extern __shared__ __align__(16) unsigned char tile_bytes[];
+    const int warps = blockDim.x >> 5;
+    float* red = reinterpret_cast<float*>(tile_bytes);  // warps × Ct lane sums
+    float* csum = red + warps * Ct;                     // per-channel totals
+    float* cmean = csum + Ct;                           // the group mean of each channel
+    float* crstd = cmean + Ct;                          // the group rstd of each channel
+    Unit<T, PN>* cache = reinterpret_cast<Unit<T, PN>*>(crstd + Ct);
+    const int n = blockIdx.x / tiles, t = blockIdx.x - n * tiles;
+    const int ppp = Ct / PN, lg = __ffs(ppp) - 1;
+    const int q = threadIdx.x & (ppp - 1), step = blockDim.x >> lg;
+    const int pos0 = threadIdx.x >> lg, rest0 = pos0 + TILE_KR * step;
+    const int c0 = t * Ct + q * PN;  // the thread's first channel
+    const i64 base = (i64)n * S * C + c0;
+    const T* xq = x + base;
+    T* yq = y + base;
+    // Cache slot of position p ≥ rest0 − pos0 + pos0: units past the register-held ones, in order.
+    auto slot = [&](int p) { return (p - TILE_KR * step) * ppp + q; };
+
+    // Pass 1: load (TILE_KR register packs, then UNROLL packs at a time into shared memory), Σx.
+    Unit<T, PN> held[TILE_KR];
+    float acc[PN];
+#pragma unroll
+    for (int i = 0; i < PN; ++i) acc[i] = 0.f;
+    auto add = [&](const Unit<T, PN>& u) {
+        float f[PN];
+        u.floats(f);
+#pragma unroll
+        for (int i = 0; i < PN; ++i) acc[i] += f[i];
+    };
+#pragma unroll
+    for (int k = 0; k < TILE_KR; ++k)
+        if (pos0 + k * step < S) held[k].load(xq + (i64)(pos0 + k * step) * C);
+#pragma unroll 1
+    for (int p = rest0; p < S; p += UNROLL * step) {
+        Unit<T, PN> v[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+            if (p + u * step < S) v[u].load(xq + (i64)(p + u * step) * C);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+            if (p + u * step < S) {
+                cache[slot(p + u * step)] = v[u];
+                add(v[u]);
+            }
+    }
+#pragma unroll
+    for (int k = 0; k < TILE_KR; ++k)
+        if (pos0 + k * step < S) add(held[k]);
+    tile_channel_sums<PN>(acc, ppp, Ct, red, csum);
+    const float cnt = (float)S * (float)Cg;
+    for (int c = threadIdx.x; c < Ct; c += blockDim.x) cmean[c] = tile_group_sum(csum, c, Cg) / cnt;
+    __syncthreads();
+
+    // Pass 2: Σ(x − mean)² over the same on-chip values.
+    float mu[PN];
+#pragma unroll
+    for (int i = 0; i < PN; ++i) {
+        mu[i] = cmean[q * PN + i];
+        acc[i] = 0.f;
+    }
+    auto add_sq = [&](const Unit<T, PN>& u) {
+        float f[PN];
+        u.floats(f);
+#pragma unroll
+        for (int i = 0; i < PN; ++i) {
+            const float d = f[i] - mu[i];
+            acc[i] += d * d;
+        }
+    };
+#pragma unroll
+    for (int k = 0; k < TILE_KR; ++k)
+        if (pos0 + k * step < S) add_sq(held[k]);
+#pragma unroll 4
+    for (int p = rest0; p < S; p += step) add_sq(cache[slot(p)]);
+    tile_channel_sums<PN>(acc, ppp, Ct, red, csum);
+    for (int c = threadIdx.x; c < Ct; c += blockDim.x) {
+        const float m2 = tile_group_sum(csum, c, Cg);
+        const float rs = rsqrtf(m2 / cnt + eps);
+        crstd[c] = rs;
+        if (c % Cg == 0) {
+            const i64 gi = (i64)n * (C / Cg) + (t * Ct + c) / Cg;
+            mean_out[gi] = nan_inf_mean ? nan_if_inf(cmean[c]) : cmean[c];
+            rstd_out[gi] = rs;
+            varu_out[gi] = m2 / (cnt - 1.f);
+        }
+    }
+    __syncthreads();
+
+    // Apply: y = a·(x − mean) + k, a = rstd·w and k = b for the thread's PN channels, loaded once.
+    float a[PN], kb[PN];
+#pragma unroll
+    for (int i = 0; i < PN; ++i) {
+        a[i] = crstd[q * PN + i] * (w ? w[c0 + i] : 1.f);
+        kb[i] = b ? b[c0 + i] : 0.f;
+    }
+    auto out = [&](int p, const Unit<T, PN>& u) {
+        float f[PN];
+        u.floats(f);
+#pragma unroll
+        for (int i = 0; i < PN; ++i) f[i] = a[i] * (f[i] - mu[i]) + kb[i];
+        Unit<T, PN>::store(yq + (i64)p * C, f);
+    };
+#pragma unroll
+    for (int k = 0; k < TILE_KR; ++k)
+        if (pos0 + k * step < S) out(pos0 + k * step, held[k]);
+#pragma unroll 4
+    for (int p = rest0; p < S; p += step) out(p, cache[slot(p)]);
+}
+
+#define TILE_ENTRIES(T, NAME)                                                                   \
+    extern "C" __global__ void __launch_bounds__(1024) planes_tile_fwd_##NAME(                  \
+        const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, float* varu, \
+        int C, int S, int Ct, int Cg, int tiles, float eps, int nan_inf_mean) {                 \
+        planes_tile_fwd<T>(x, y, w, b, mean, rstd, varu, C, S, Ct, Cg, tiles, eps,             \
+                           nan_inf_mean);                                                       \
+    }
+
+CUNORM_FOR_DTYPES(TILE_ENTRIES)
+
 // Blocks an SM the channels-last statistics are built for (their register cap): f32 fits three
 // without spilling (80 registers; 89 uncapped); f16/bf16 need about 115–125, two.
 #define STATS_CL_BLOCKS_f32 3

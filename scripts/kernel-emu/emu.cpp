@@ -10,7 +10,7 @@
 #include <string>
 #include <type_traits>
 
-static int failures = 0, checks = 0, multi_plane_cases = 0, merged_cases = 0;
+static int failures = 0, checks = 0, multi_plane_cases = 0, merged_cases = 0, tile_cases = 0;
 static const int SMS = 3;  // a small "GPU" so grid-stride loops and chunking are exercised
 static const size_t SMEM_OPTIN = 227 * 1024;  // H100's opt-in shared memory per block
 
@@ -472,6 +472,38 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
     expect(tag + " dx", dxl, round(r.dx), tol_abs<T>() * 5, tol_rel<T>() * 5);
     expect(tag + " dweight", widen(dw), r.dw, 1e-3, 1e-4);
     expect(tag + " dbias", widen(db), r.db, 1e-3, 1e-4);
+    if (!eval && G > 0 && cl && C % PN == 0) {
+        // The one-pass channels-last forward (planes/cuda.rs tile_forward): every tiling the host
+        // may pick (ct a multiple of C/G and of the pack, ct / pack a power of two ≤ 8 dividing C),
+        // each on blocks of 32 and 96 threads (4 packs a thread in registers, the rest in shared
+        // memory), against the reference.
+        const int Cg = C / G;
+        for (int ct = PN; ct <= 8 * PN; ct += PN) {
+            const int ppp = ct / PN;
+            if (ct % Cg || C % ct || (ppp & (ppp - 1))) continue;
+            for (unsigned threads : {32u, 96u}) {
+                if (threads % ppp) continue;
+                const size_t units = S * ppp, held = TILE_KR * threads;
+                const size_t smem = (threads / 32 + 3) * ct * 4 + (units > held ? units - held : 0) * 16;
+                std::vector<T> y2(numel, from_float<T>(NAN));
+                std::vector<float> m2(groups, NAN), r2(groups, NAN), v2(groups, NAN);
+                emu_launch({(unsigned)(N * (C / ct))}, {threads}, smem, [&] {
+                    planes_tile_fwd<T>(x.data(), y2.data(), w.data(), b.data(), m2.data(), r2.data(), v2.data(), C, (int)S, ct, Cg, C / ct, eps, G != C);
+                });
+                std::vector<double> y2l(numel), vref(groups);
+                for (long n = 0; n < N; ++n) for (int c = 0; c < C; ++c) for (long s = 0; s < S; ++s)
+                    y2l[(n * C + c) * S + s] = tf(y2[phys(n, c, s)]);
+                const double cnt = (double)S * Cg;
+                for (size_t gi = 0; gi < groups; ++gi) vref[gi] = (1 / (r.rstd[gi] * r.rstd[gi]) - eps) * cnt / (cnt - 1);
+                const std::string tt = tag + " tile ct=" + std::to_string(ct) + " threads=" + std::to_string(threads);
+                expect(tt + " y", y2l, round(r.y), tol_abs<T>(), tol_rel<T>());
+                expect(tt + " mean", widen(m2), r.mean, 1e-5, 1e-5);
+                expect(tt + " rstd", widen(r2), r.rstd, 1e-5, 1e-4);
+                if (cnt > 1) expect(tt + " varu", widen(v2), vref, 1e-5, 1e-4);
+                ++tile_cases;
+            }
+        }
+    }
     if (!eval && (G == 0 || G == C)) {
         // Running statistics: batch statistic, or the batch average of per-plane ones (IN).
         std::vector<double> em(C, 0), ev(C, 0);
@@ -507,7 +539,10 @@ template <class T> void all() {
                               // several planes a block (BatchNorm, contiguous): 7 + 6 planes
                               // of 50 packs; 3 + 3 + 3 of 514 packs (more than a block's 256
                               // threads)
-                              {13, 3, 200, 0}, {9, 2, 2056, 0}})
+                              {13, 3, 200, 0}, {9, 2, 2056, 0},
+                              // the one-pass channels-last forward: tiles of 1 to 8 packs a
+                              // position, groups of 16 and of one channel
+                              {2, 64, 50, 4}, {3, 64, 45, 64}})
         for (bool cl : {false, true}) {
             planes_case<T>(p.n, p.c, p.s, p.g, cl, false);
             if (p.g == 0 || p.g == p.c) planes_case<T>(p.n, p.c, p.s, p.g, cl, true);
@@ -518,8 +553,9 @@ int main() {
     all<float>();
     all<f16_t>();
     all<bf16_t>();
-    printf("%d checks, %d failed (%d planes cases with several planes a block, %d read as one sample of N·S rows)\n",
-           checks, failures, multi_plane_cases, merged_cases);
-    if (multi_plane_cases == 0 || merged_cases == 0) return 1;
+    printf("%d checks, %d failed (%d planes cases with several planes a block, %d read as one sample of N·S rows, "
+           "%d one-pass channels-last tilings)\n",
+           checks, failures, multi_plane_cases, merged_cases, tile_cases);
+    if (multi_plane_cases == 0 || merged_cases == 0 || tile_cases == 0) return 1;
     return failures ? 1 : 0;
 }

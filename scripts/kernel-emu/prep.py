@@ -17,9 +17,12 @@ src = src.replace('asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));', "f = em
 src = src.replace('asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(v));', "r.bits = emu_f2h(v);")
 src = src.replace('asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));',
                   "r = (unsigned)emu_f2h(lo) | ((unsigned)emu_f2h(hi) << 16);")
-dyn = "extern __shared__ __align__(16) unsigned char row_cache_bytes[];"
-assert dyn in src, "the dynamic shared memory declaration changed: update prep.py"
-src = src.replace(dyn, "unsigned char* row_cache_bytes = emu_dyn_smem;")
+# Every dynamic shared memory declaration (rows.cu's row cache, planes.cu's tile) points at the
+# emulated block's buffer.
+src, dyns = re.subn(r"extern __shared__ __align__\(16\) unsigned char (\w+)\[\];",
+                    r"unsigned char* \1 = emu_dyn_smem;", src)
+assert dyns >= 2, f"expected the dynamic shared memory of rows.cu and planes.cu, found {dyns}"
+assert "extern __shared__" not in src, "a dynamic shared memory declaration prep.py does not know"
 src, packs = re.subn(r"reinterpret_cast<((?:const )?Pack<\w+>)\*>\(", r"emu_pack_ptr<\1>(", src)
 assert packs >= 5, f"expected the Pack casts of rows.cu and planes.cu, found {packs}"
 assert "asm(" not in src, "unhandled inline asm"

@@ -243,6 +243,7 @@ inline float __shfl_xor_sync(unsigned mask, float v, int o) {
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline float rsqrtf(float v) { return 1.0f / std::sqrt(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
 // A product rounded on its own: never contracted into a multiply-add (the volatile store).
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 template <class A, class B> inline auto min(A a, B b) { return a < b ? a : b; }

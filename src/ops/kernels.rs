@@ -78,6 +78,7 @@ const MODULES: [Module; 3] = [
             "planes_grad_sums_cl",
             "planes_apply",
             "planes_grad_apply",
+            "planes_tile_fwd",
         ],
         f32_only: &[],
         shared: &[

@@ -12,7 +12,7 @@ use cudarc::driver::{CudaView, CudaViewMut, LaunchArgs, LaunchConfig, PushKernel
 
 use super::{Grouping, PlaneShape, Running, Source, TensorSource};
 use crate::cuda::launch::{
-    arg_or_null, check_len, grid, launch_err, pack, resident_blocks, row_len, to_i32,
+    aligned16, arg_or_null, check_len, grid, launch_err, pack, resident_blocks, row_len, to_i32,
 };
 use crate::cuda::{CudaDevice, Kernel};
 use crate::dtype::Element;
@@ -324,6 +324,86 @@ fn planes_per_block_knob() -> bool {
     *KNOB.get_or_init(|| std::env::var("CUNORM_PLANES_PER_BLOCK").is_ok_and(|v| v.trim() == "1"))
 }
 
+/// `CUNORM_PLANES_TILE=0`: no one-pass channels-last GroupNorm/InstanceNorm forward (the
+/// statistics, finalize and apply launches instead).
+fn planes_tile_knob_off() -> bool {
+    static KNOB: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KNOB.get_or_init(|| std::env::var("CUNORM_PLANES_TILE").is_ok_and(|v| v.trim() == "0"))
+}
+
+/// Packs a thread of the one-pass channels-last forward holds in registers (planes.cu `TILE_KR`).
+const TILE_KR: usize = 4;
+/// The most 16-byte packs of one position a tile takes (planes.cu: a power of two dividing 32).
+const TILE_MAX_PACKS: usize = 8;
+
+/// The one-pass channels-last GroupNorm/InstanceNorm forward (planes.cu `planes_tile_fwd`): a
+/// block per (sample, tile of `ct` channels) of `threads` threads with `smem` bytes of dynamic
+/// shared memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TilePlan {
+    ct: usize,
+    threads: usize,
+    smem: usize,
+}
+
+/// The tiling of the one-pass channels-last forward, if a sample's slice of some tile fits on
+/// chip: `ct` a multiple of the group's `cg` channels and of the pack `pn`, `ct/pn` a power of two
+/// of at most TILE_MAX_PACKS, dividing C, and S·ct values in TILE_KR packs a thread plus at most
+/// `smem_limit` bytes of shared memory (beside the lane sums). Among the tilings that fit, the
+/// first by: two or more blocks an SM (so that one block's loads overlap another's arithmetic),
+/// then the longest read of a position up to 64 bytes (two DRAM sectors), then the most threads
+/// an SM, then the most blocks. From the shape, the kernel's registers and its shared-memory
+/// limit alone (never the SM count), so every GPU of a model sums in the same order.
+fn tile_plan(
+    s: &PlaneShape,
+    cg: usize,
+    elt: usize,
+    regs: u32,
+    smem_limit: usize,
+    max_threads: u32,
+) -> Option<TilePlan> {
+    let pn = 16 / elt;
+    if cg == 0 || s.n == 0 || s.s == 0 || !s.c.is_multiple_of(pn) || i32::try_from(s.s).is_err() {
+        return None;
+    }
+    let (mut a, mut b) = (cg, pn);
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    let step = cg / a * pn; // lcm(cg, pn)
+    let regs = (regs.max(1) as usize).next_multiple_of(8);
+    let mut best: Option<((usize, usize, usize, usize), TilePlan)> = None;
+    for ct in (1..)
+        .map(|m| m * step)
+        .take_while(|&ct| ct <= TILE_MAX_PACKS * pn)
+    {
+        let ppp = ct / pn;
+        if !ppp.is_power_of_two() || !s.c.is_multiple_of(ct) {
+            continue;
+        }
+        let units = s.s.checked_mul(ppp)?;
+        for threads in [128usize, 256, 512, 1024] {
+            // No block with more than twice the threads its units need.
+            if threads > max_threads as usize || (threads > 128 && TILE_KR * threads >= 2 * units) {
+                break;
+            }
+            let smem = (threads / 32 + 3) * ct * 4 + units.saturating_sub(TILE_KR * threads) * 16;
+            if smem > smem_limit {
+                continue;
+            }
+            let blocks = (65_536 / (regs * threads))
+                .min(2_048 / threads)
+                .min((smem_limit + 1024) / (smem + 1024))
+                .max(1);
+            let key = (blocks.min(2), (ct * elt).min(64), blocks * threads, blocks);
+            if best.is_none_or(|(k, _)| key > k) {
+                best = Some((key, TilePlan { ct, threads, smem }));
+            }
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
 /// The channels-last reduction's tiling of C channels in packs of `pn`: TW packs across a block
 /// (the smallest power of two covering them, at most 32) and the grid rows of TW packs.
 fn cl_tiling(c: usize, pn: usize) -> (usize, usize) {
@@ -507,6 +587,76 @@ fn running_update<T: Element>(
     Ok(())
 }
 
+/// The one-pass channels-last GroupNorm/InstanceNorm forward (planes.cu `planes_tile_fwd`), when
+/// [`tile_plan`] finds a tiling, x and y are 16-byte aligned and the knob allows: writes `y`,
+/// `mean`, `rstd` and returns the groups' unbiased variances (for running statistics); `None`
+/// (nothing launched) otherwise.
+#[allow(clippy::too_many_arguments)]
+fn tile_forward<T: Element>(
+    dev: &CudaDevice,
+    x: &CudaView<T>,
+    y: &mut CudaViewMut<T>,
+    s: &PlaneShape,
+    groups: Grouping,
+    cg: usize,
+    weight: Option<&CudaView<f32>>,
+    bias: Option<&CudaView<f32>>,
+    eps: f32,
+    mean: &mut CudaViewMut<f32>,
+    rstd: &mut CudaViewMut<f32>,
+) -> Result<Option<cudarc::driver::CudaSlice<f32>>> {
+    let stream = dev.stream();
+    if planes_tile_knob_off() || !aligned16(x, stream) || !aligned16(&y.as_view(), stream) {
+        return Ok(None);
+    }
+    let k = dev.kernel(
+        kernels::module::<T>("planes"),
+        &kernels::name::<T>("planes_tile_fwd"),
+    )?;
+    let Some(plan) = tile_plan(
+        s,
+        cg,
+        T::DTYPE.size(),
+        k.regs,
+        k.max_dynamic_smem,
+        k.max_threads,
+    ) else {
+        return Ok(None);
+    };
+    let tiles = s.c / plan.ct;
+    let cfg = LaunchConfig {
+        grid_dim: (grid(s.n.saturating_mul(tiles))?, 1, 1),
+        block_dim: (plan.threads as u32, 1, 1),
+        shared_mem_bytes: plan.smem as u32,
+    };
+    let mut varu = dev.alloc::<f32>(groups.num_groups(s))?;
+    let (c_i, s_i, ct_i, cg_i, tiles_i) = (
+        to_i32("C", s.c)?,
+        to_i32("S", s.s)?,
+        plan.ct as i32,
+        cg as i32,
+        to_i32("C/tile", tiles)?,
+    );
+    let nan_i = groups.welford_mean() as i32;
+    let mut b = stream.launch_builder(&k.func);
+    b.arg(x).arg(&mut *y);
+    arg_or_null(&mut b, weight);
+    arg_or_null(&mut b, bias);
+    b.arg(&mut *mean).arg(&mut *rstd).arg(&mut varu);
+    b.arg(&c_i)
+        .arg(&s_i)
+        .arg(&ct_i)
+        .arg(&cg_i)
+        .arg(&tiles_i)
+        .arg(&eps)
+        .arg(&nan_i);
+    // SAFETY: matches planes.cu's planes_tile_fwd_*; x/y hold N·S·C values (checked by the
+    // caller), mean/rstd/varu the N·G groups; C % ct == 0, S·ct values fit the plan's registers
+    // and shared memory (tile_plan), and x, y are 16-byte aligned.
+    unsafe { b.launch(cfg) }.map_err(launch_err)?;
+    Ok(Some(varu))
+}
+
 /// BatchNorm / InstanceNorm / GroupNorm forward: writes `y`, and the statistics used into
 /// `mean`/`rstd` (`groups` entries for input statistics, `C` for fixed ones).
 #[allow(clippy::too_many_arguments)]
@@ -565,6 +715,18 @@ pub fn planes_forward<T: Element>(
             check_len("rstd", rstd.len(), ng)?;
             if numel == 0 {
                 return Ok(());
+            }
+            if let (Some(g), true) = (groups.per_sample(s.c), s.channels_last()) {
+                // One pass where a tile of the sample fits on chip.
+                let cg = s.c / g;
+                if let Some(varu) =
+                    tile_forward(dev, x, y, &s, groups, cg, weight, bias, eps, mean, rstd)?
+                {
+                    if let Some(r) = running {
+                        running_update::<T>(dev, &s, groups, r, &mean.as_view(), &varu)?;
+                    }
+                    return Ok(());
+                }
             }
             if let (Some(g), false) = (groups.per_sample(s.c), s.channels_last()) {
                 // Contiguous GroupNorm/InstanceNorm: each (n, group) is one contiguous row of
@@ -807,6 +969,68 @@ mod tests {
             c,
             s: sp,
             format,
+        }
+    }
+
+    #[test]
+    fn one_pass_channels_last_tiles_fit_on_chip_and_take_whole_groups() {
+        let nhwc = MemoryFormat::ChannelsLast;
+        let limit = 227 * 1024;
+        let plan = |n, c, sp, cg, elt| tile_plan(&shape(n, c, sp, nhwc), cg, elt, 64, limit, 1024);
+        // The standard channels-last shapes (docs/PERF.md): GroupNorm's 32 groups, InstanceNorm.
+        // [32, 512, 64, 64] f16: 16-channel groups of 128 KiB, two 512-thread blocks an SM.
+        let p = plan(32, 512, 64 * 64, 16, 2).unwrap();
+        assert_eq!((p.ct, p.threads), (16, 512));
+        assert_eq!(p.smem, (16 + 3) * 16 * 4 + (8192 - 4 * 512) * 16);
+        // f32: 256 KiB a group, 64 KiB of it in registers of a 1024-thread block.
+        let p = plan(32, 512, 64 * 64, 16, 4).unwrap();
+        assert_eq!((p.ct, p.threads), (16, 1024));
+        // [8, 256, 128, 128]: 8-channel groups, 256 KiB in f16 (fits), 512 KiB in f32 (does not).
+        assert_eq!(
+            plan(8, 256, 128 * 128, 8, 2).map(|p| (p.ct, p.threads)),
+            Some((8, 1024))
+        );
+        assert_eq!(plan(8, 256, 128 * 128, 8, 4), None);
+        // InstanceNorm [64, 256, 32, 32]: 64 bytes of a position, four 256-thread blocks an SM.
+        assert_eq!(
+            plan(64, 256, 32 * 32, 1, 4).map(|p| (p.ct, p.threads)),
+            Some((16, 256))
+        );
+        assert_eq!(
+            plan(64, 256, 32 * 32, 1, 2).map(|p| (p.ct, p.threads)),
+            Some((32, 256))
+        );
+        // [16, 64, 256, 256]: even one pack of channels is 1 MiB a sample.
+        assert_eq!(plan(16, 64, 256 * 256, 1, 4), None);
+        // Channels that are not whole packs, and empty inputs, take the three-launch path.
+        assert_eq!(plan(2, 6, 100, 3, 4), None);
+        assert_eq!(plan(0, 8, 100, 1, 4), None);
+        assert_eq!(plan(2, 8, 0, 1, 4), None);
+        // Every plan: whole groups and packs a tile, tiles dividing C, a power-of-two number of
+        // packs a position, the slice held by TILE_KR packs a thread plus the shared memory.
+        for n in [1, 3] {
+            for c in [4, 8, 12, 24, 64, 96, 512] {
+                for sp in [1, 7, 49, 1000, 4096, 20_000] {
+                    for cg in [1, 2, 3, 4, 8, 16, 32] {
+                        for elt in [2, 4] {
+                            if c % cg != 0 {
+                                continue;
+                            }
+                            let Some(p) = plan(n, c, sp, cg, elt) else {
+                                continue;
+                            };
+                            let (pn, ppp) = (16 / elt, p.ct * elt / 16);
+                            assert!(p.ct % cg == 0 && p.ct % pn == 0 && c % p.ct == 0, "{p:?}");
+                            assert!(ppp.is_power_of_two() && ppp <= TILE_MAX_PACKS, "{p:?}");
+                            assert!(p.threads % 32 == 0 && p.threads <= 1024, "{p:?}");
+                            let lanes = (p.threads / 32 + 3) * p.ct * 4;
+                            let cached = (sp * ppp).saturating_sub(TILE_KR * p.threads) * 16;
+                            assert_eq!(p.smem, lanes + cached, "{p:?}");
+                            assert!(p.smem <= limit, "{p:?}");
+                        }
+                    }
+                }
+            }
         }
     }
 
