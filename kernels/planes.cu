@@ -929,12 +929,158 @@ __device__ __forceinline__ void planes_tile_fwd(const T* __restrict__ x, T* __re
     for (int p = rest0; p < S; p += step) out(p, cache[slot(p)]);
 }
 
+// The backward of planes_tile_fwd for input statistics (mean, rstd of each group given): the same
+// blocks and thread layout with x and dy on chip (TILE_BWD_KR packs of each in registers, the
+// rest in shared memory). One read of x and dy: per channel Σdy and Σdy·(x − μ), written as the
+// plane's partials for dweight/dbias (part[(n·C + c)·2 + {0, 1}], summed over the batch by
+// planes_grad_params_f32 with one chunk), and per group A = Σ w_c·Σdy, B = Σ w_c·Σdy·(x − μ);
+// then dx = a·dy + b·(x − μ) + k with a = rstd·w_c, b = −rstd³·B/cnt, k = −rstd·A/cnt (as
+// planes_grad_finalize_f32 and planes_grad_apply). Dynamic shared memory: warps·Ct floats of lane
+// sums, 6·Ct floats, then the cached packs of x, then those of dy.
+#define TILE_BWD_KR 2
+#define TILE_BWD_UNROLL 2  // x and dy: four 16-byte loads in flight, 64 registers without spills
+
+template <typename T>
+__device__ __forceinline__ void planes_tile_bwd(const T* __restrict__ dy, const T* __restrict__ x,
+                                                const float* __restrict__ w,
+                                                const float* __restrict__ mean_g,
+                                                const float* __restrict__ rstd_g, T* __restrict__ dx,
+                                                float* __restrict__ part, int C, int S, int Ct,
+                                                int Cg, int tiles) {
+    const int PN = Pack<T>::N, KR = TILE_BWD_KR;
+    extern __shared__ __align__(16) unsigned char tile_bwd_bytes[];
+    const int warps = blockDim.x >> 5;
+    float* red = reinterpret_cast<float*>(tile_bwd_bytes);  // warps × Ct lane sums
+    float* csg = red + warps * Ct;                          // Σdy a channel
+    float* csx = csg + Ct;                                  // Σdy·(x − μ) a channel
+    float* cm = csx + Ct;                                   // the group mean of each channel
+    float* cr = cm + Ct;                                    // the group rstd of each channel
+    float* cb = cr + Ct;                                    // the group's b coefficient
+    float* ck = cb + Ct;                                    // the group's k coefficient
+    const int n = blockIdx.x / tiles, t = blockIdx.x - n * tiles;
+    const int ppp = Ct / PN, lg = __ffs(ppp) - 1;
+    const int q = threadIdx.x & (ppp - 1), step = blockDim.x >> lg;
+    const int pos0 = threadIdx.x >> lg, rest0 = pos0 + KR * step;
+    const int held = KR * (int)blockDim.x, rest = S * ppp > held ? S * ppp - held : 0;  // cached
+    Unit<T, PN>* cx = reinterpret_cast<Unit<T, PN>*>(ck + Ct);
+    Unit<T, PN>* cg = cx + rest;
+    const int c0 = t * Ct + q * PN;
+    const i64 base = (i64)n * S * C + c0;
+    const T* xq = x + base;
+    const T* gq = dy + base;
+    T* dq = dx + base;
+    auto slot = [&](int p) { return (p - KR * step) * ppp + q; };
+    const i64 g_n = (i64)n * (C / Cg);
+    for (int c = threadIdx.x; c < Ct; c += blockDim.x) {
+        const i64 gi = g_n + (t * Ct + c) / Cg;
+        cm[c] = mean_g[gi];
+        cr[c] = rstd_g[gi];
+    }
+    __syncthreads();
+
+    // Pass 1: load x and dy (KR register packs each, then UNROLL at a time into shared memory),
+    // Σdy and Σdy·(x − μ) per lane channel.
+    // The lane's group means are read from shared memory where used (held in registers beside
+    // the accumulators and the packs in flight, the f16 kernel spilled).
+    const float* mu = cm + q * PN;
+    float sg[PN], sx[PN];
+#pragma unroll
+    for (int i = 0; i < PN; ++i) {
+        sg[i] = 0.f;
+        sx[i] = 0.f;
+    }
+    auto add = [&](const Unit<T, PN>& ux, const Unit<T, PN>& ug) {
+        float fx[PN], fg[PN];
+        ux.floats(fx);
+        ug.floats(fg);
+#pragma unroll
+        for (int i = 0; i < PN; ++i) {
+            sg[i] += fg[i];
+            sx[i] += fg[i] * (fx[i] - mu[i]);
+        }
+    };
+    Unit<T, PN> hx[KR], hg[KR];
+#pragma unroll
+    for (int k = 0; k < KR; ++k)
+        if (pos0 + k * step < S) {
+            const i64 e = (i64)(pos0 + k * step) * C;
+            hx[k].load(xq + e);
+            hg[k].load(gq + e);
+        }
+#pragma unroll 1
+    for (int p = rest0; p < S; p += TILE_BWD_UNROLL * step) {
+        Unit<T, PN> vx[TILE_BWD_UNROLL], vg[TILE_BWD_UNROLL];
+#pragma unroll
+        for (int u = 0; u < TILE_BWD_UNROLL; ++u)
+            if (p + u * step < S) {
+                const i64 e = (i64)(p + u * step) * C;
+                vx[u].load(xq + e);
+                vg[u].load(gq + e);
+            }
+#pragma unroll
+        for (int u = 0; u < TILE_BWD_UNROLL; ++u)
+            if (p + u * step < S) {
+                cx[slot(p + u * step)] = vx[u];
+                cg[slot(p + u * step)] = vg[u];
+                add(vx[u], vg[u]);
+            }
+    }
+#pragma unroll
+    for (int k = 0; k < KR; ++k)
+        if (pos0 + k * step < S) add(hx[k], hg[k]);
+    tile_channel_sums<PN>(sg, ppp, Ct, red, csg);
+    tile_channel_sums<PN>(sx, ppp, Ct, red, csx);
+    const float cnt = (float)S * (float)Cg;
+    for (int c = threadIdx.x; c < Ct; c += blockDim.x) {
+        const i64 pl = (i64)n * C + t * Ct + c;
+        part[pl * 2] = csg[c];
+        part[pl * 2 + 1] = csx[c];
+        const int g0 = c - c % Cg;
+        float A = 0.f, B = 0.f;
+        for (int j = 0; j < Cg; ++j) {
+            const float wc = w ? w[t * Ct + g0 + j] : 1.f;
+            A += wc * csg[g0 + j];
+            B += wc * csx[g0 + j];
+        }
+        const float r = cr[c];
+        cb[c] = -r * r * r * B / cnt;
+        ck[c] = -r * A / cnt;
+    }
+    __syncthreads();
+
+    // Apply: dx = a·dy + b·(x − μ) + k for the thread's PN channels; a in registers (loaded
+    // once), b and k from shared memory (16-byte reads; in registers too the kernel spilled).
+    float a[PN];
+#pragma unroll
+    for (int i = 0; i < PN; ++i) a[i] = cr[q * PN + i] * (w ? w[c0 + i] : 1.f);
+    const float* bq = cb + q * PN;
+    const float* kq = ck + q * PN;
+    auto out = [&](int p, const Unit<T, PN>& ux, const Unit<T, PN>& ug) {
+        float fx[PN], fg[PN];
+        ux.floats(fx);
+        ug.floats(fg);
+#pragma unroll
+        for (int i = 0; i < PN; ++i) fx[i] = a[i] * fg[i] + bq[i] * (fx[i] - mu[i]) + kq[i];
+        Unit<T, PN>::store(dq + (i64)p * C, fx);
+    };
+#pragma unroll
+    for (int k = 0; k < KR; ++k)
+        if (pos0 + k * step < S) out(pos0 + k * step, hx[k], hg[k]);
+#pragma unroll 2
+    for (int p = rest0; p < S; p += step) out(p, cx[slot(p)], cg[slot(p)]);
+}
+
 #define TILE_ENTRIES(T, NAME)                                                                   \
     extern "C" __global__ void __launch_bounds__(1024) planes_tile_fwd_##NAME(                  \
         const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, float* varu, \
         int C, int S, int Ct, int Cg, int tiles, float eps, int nan_inf_mean) {                 \
         planes_tile_fwd<T>(x, y, w, b, mean, rstd, varu, C, S, Ct, Cg, tiles, eps,             \
                            nan_inf_mean);                                                       \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(1024) planes_tile_bwd_##NAME(                  \
+        const T* dy, const T* x, const float* w, const float* mean, const float* rstd, T* dx,   \
+        float* part, int C, int S, int Ct, int Cg, int tiles) {                                 \
+        planes_tile_bwd<T>(dy, x, w, mean, rstd, dx, part, C, S, Ct, Cg, tiles);               \
     }
 
 CUNORM_FOR_DTYPES(TILE_ENTRIES)

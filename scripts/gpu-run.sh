@@ -10,7 +10,9 @@
 # perf:     benches/torch_compare.py (when PyTorch sees a GPU), then `cunorm bench --compare`
 #           (table in bench.log, JSON in bench.json), then the LayerNorm/RMSNorm benchmark with
 #           each forced row path (CUNORM_ROWS_PATH=block, =long, =reg: bench-rows-*.json), and
-#           BatchNorm with a block per plane (CUNORM_PLANES_PER_BLOCK=1: bench-plane-per-block.json);
+#           BatchNorm with a block per plane (CUNORM_PLANES_PER_BLOCK=1: bench-plane-per-block.json),
+#           GroupNorm/InstanceNorm without the one-pass channels-last forward (CUNORM_PLANES_TILE=0:
+#           bench-plane-tile-off.json);
 # sanitize: compute-sanitizer memcheck, initcheck, synccheck, racecheck over the CUDA sweep
 #           (CUNORM_CHECK_QUICK=1);
 # profile:  ncu (SpeedOfLight, MemoryWorkloadAnalysis, Occupancy) over the first launch of every
@@ -103,8 +105,10 @@ if has verify; then
     run 60 "check-team-k$k" env CUNORM_TEAM_KMAX=$k "$here/cunorm" check --quick
   done
   # A block per plane in the contiguous BatchNorm reductions (the layout before several planes a
-  # block), as the perf group times it.
-  run 60 check-plane-per-block env CUNORM_PLANES_PER_BLOCK=1 "$here/cunorm" check --quick
+  # block) and the three-launch channels-last GroupNorm/InstanceNorm forward, as the perf group
+  # times them.
+  run 60 check-plane-per-block env CUNORM_PLANES_PER_BLOCK=1 CUNORM_PLANES_TILE=0 \
+    "$here/cunorm" check --quick
   run 30 demo-cuda "$here/cunorm" demo --device cuda
   run 30 demo-cuda-json "$here/cunorm" demo --device cuda --json
   # The suite built with feature candle-cuda (GPU_BUNDLE_CANDLE_CUDA=1): cunorm's ops on candle's
@@ -146,6 +150,8 @@ if has perf; then
   done
   run 60 bench-plane-per-block env CUNORM_PLANES_PER_BLOCK=1 "$here/cunorm" bench --ops batch_norm \
     "${bench_args[@]}" --json-out "$out/bench-plane-per-block.json"
+  run 45 bench-plane-tile-off env CUNORM_PLANES_TILE=0 "$here/cunorm" bench \
+    --ops group_norm,instance_norm "${bench_args[@]}" --json-out "$out/bench-plane-tile-off.json"
 fi
 
 if has sanitize; then

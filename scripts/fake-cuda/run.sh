@@ -77,9 +77,10 @@ for k in 2 8; do
   tail -n 1 "$build/check-team-kmax$k.txt"
 done
 
-echo "-- cunorm check with a block per plane in the contiguous BatchNorm reductions"
-echo "   (CUNORM_PLANES_PER_BLOCK=1, the layout before several planes a block)"
-CUNORM_PLANES_PER_BLOCK=1 plain target/release/cunorm check --quick > "$build/check-plane-per-block.txt"
+echo "-- cunorm check with a block per plane in the contiguous BatchNorm reductions and the"
+echo "   three-launch channels-last GroupNorm/InstanceNorm forward (CUNORM_PLANES_PER_BLOCK=1,"
+echo "   CUNORM_PLANES_TILE=0: the layouts before several planes a block and the one-pass tiles)"
+CUNORM_PLANES_PER_BLOCK=1 CUNORM_PLANES_TILE=0 plain target/release/cunorm check --quick > "$build/check-plane-per-block.txt"
 tail -n 1 "$build/check-plane-per-block.txt"
 
 echo "-- cunorm bench smoke run (events, copy reference, L2 flush, JSON; timings meaningless)"

@@ -473,10 +473,10 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
     expect(tag + " dweight", widen(dw), r.dw, 1e-3, 1e-4);
     expect(tag + " dbias", widen(db), r.db, 1e-3, 1e-4);
     if (!eval && G > 0 && cl && C % PN == 0) {
-        // The one-pass channels-last forward (planes/cuda.rs tile_forward): every tiling the host
-        // may pick (ct a multiple of C/G and of the pack, ct / pack a power of two ≤ 8 dividing C),
-        // each on blocks of 32 and 96 threads (4 packs a thread in registers, the rest in shared
-        // memory), against the reference.
+        // The one-pass channels-last forward and backward (planes/cuda.rs tile_forward,
+        // tile_backward): every tiling the host may pick (ct a multiple of C/G and of the pack,
+        // ct / pack a power of two ≤ 8 dividing C), each on blocks of 32 and 96 threads (packs in
+        // registers, the rest in shared memory), against the reference.
         const int Cg = C / G;
         for (int ct = PN; ct <= 8 * PN; ct += PN) {
             const int ppp = ct / PN;
@@ -500,6 +500,22 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
                 expect(tt + " mean", widen(m2), r.mean, 1e-5, 1e-5);
                 expect(tt + " rstd", widen(r2), r.rstd, 1e-5, 1e-4);
                 if (cnt > 1) expect(tt + " varu", widen(v2), vref, 1e-5, 1e-4);
+                // The backward (planes/cuda.rs tile_backward): x and dy on chip (TILE_BWD_KR packs
+                // of each a thread in registers), then planes_grad_params_f32 over one chunk a plane.
+                const size_t bheld = TILE_BWD_KR * threads;
+                const size_t bsmem = (threads / 32 + 6) * ct * 4 + 2 * (units > bheld ? units - bheld : 0) * 16;
+                std::vector<T> dx2(numel, from_float<T>(NAN));
+                std::vector<float> part(N * C * 2, NAN), dw2(C, NAN), db2(C, NAN);
+                emu_launch({(unsigned)(N * (C / ct))}, {threads}, bsmem, [&] {
+                    planes_tile_bwd<T>(g.data(), x.data(), w.data(), m2.data(), r2.data(), dx2.data(), part.data(), C, (int)S, ct, Cg, C / ct);
+                });
+                emu_launch({(unsigned)C}, {256}, 0, [&] { planes_grad_params_f32(part.data(), r2.data(), dw2.data(), db2.data(), N, C, 1, G); });
+                std::vector<double> dx2l(numel);
+                for (long n = 0; n < N; ++n) for (int c = 0; c < C; ++c) for (long s = 0; s < S; ++s)
+                    dx2l[(n * C + c) * S + s] = tf(dx2[phys(n, c, s)]);
+                expect(tt + " dx", dx2l, round(r.dx), tol_abs<T>() * 5, tol_rel<T>() * 5);
+                expect(tt + " dweight", widen(dw2), r.dw, 1e-3, 1e-4);
+                expect(tt + " dbias", widen(db2), r.db, 1e-3, 1e-4);
                 ++tile_cases;
             }
         }

@@ -79,6 +79,7 @@ const MODULES: [Module; 3] = [
             "planes_apply",
             "planes_grad_apply",
             "planes_tile_fwd",
+            "planes_tile_bwd",
         ],
         f32_only: &[],
         shared: &[

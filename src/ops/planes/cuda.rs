@@ -331,14 +331,32 @@ fn planes_tile_knob_off() -> bool {
     *KNOB.get_or_init(|| std::env::var("CUNORM_PLANES_TILE").is_ok_and(|v| v.trim() == "0"))
 }
 
-/// Packs a thread of the one-pass channels-last forward holds in registers (planes.cu `TILE_KR`).
-const TILE_KR: usize = 4;
 /// The most 16-byte packs of one position a tile takes (planes.cu: a power of two dividing 32).
 const TILE_MAX_PACKS: usize = 8;
 
-/// The one-pass channels-last GroupNorm/InstanceNorm forward (planes.cu `planes_tile_fwd`): a
-/// block per (sample, tile of `ct` channels) of `threads` threads with `smem` bytes of dynamic
-/// shared memory.
+/// What a one-pass channels-last kernel holds on chip: the tensors it caches (x; x and dy), the
+/// packs of each a thread keeps in registers (planes.cu `TILE_KR`, `TILE_BWD_KR`) and the
+/// per-channel float arrays beside the lane sums.
+#[derive(Debug, Clone, Copy)]
+struct TileKind {
+    tensors: usize,
+    held: usize,
+    arrays: usize,
+}
+const TILE_FWD: TileKind = TileKind {
+    tensors: 1,
+    held: 4,
+    arrays: 3,
+};
+const TILE_BWD: TileKind = TileKind {
+    tensors: 2,
+    held: 2,
+    arrays: 6,
+};
+
+/// The one-pass channels-last GroupNorm/InstanceNorm kernels (planes.cu `planes_tile_fwd`,
+/// `planes_tile_bwd`): a block per (sample, tile of `ct` channels) of `threads` threads with
+/// `smem` bytes of dynamic shared memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct TilePlan {
     ct: usize,
@@ -346,15 +364,16 @@ struct TilePlan {
     smem: usize,
 }
 
-/// The tiling of the one-pass channels-last forward, if a sample's slice of some tile fits on
-/// chip: `ct` a multiple of the group's `cg` channels and of the pack `pn`, `ct/pn` a power of two
-/// of at most TILE_MAX_PACKS, dividing C, and S·ct values in TILE_KR packs a thread plus at most
-/// `smem_limit` bytes of shared memory (beside the lane sums). Among the tilings that fit, the
+/// The tiling of a one-pass channels-last kernel, if a sample's slice of some tile fits on chip:
+/// `ct` a multiple of the group's `cg` channels and of the pack `pn`, `ct/pn` a power of two of at
+/// most TILE_MAX_PACKS, dividing C, and S·ct values of each tensor in `kind.held` packs a thread
+/// plus at most `smem_limit` bytes of shared memory (beside the lane sums). Among the tilings that fit, the
 /// first by: two or more blocks an SM (so that one block's loads overlap another's arithmetic),
 /// then the longest read of a position up to 64 bytes (two DRAM sectors), then the most threads
 /// an SM, then the most blocks. From the shape, the kernel's registers and its shared-memory
 /// limit alone (never the SM count), so every GPU of a model sums in the same order.
 fn tile_plan(
+    kind: TileKind,
     s: &PlaneShape,
     cg: usize,
     elt: usize,
@@ -384,10 +403,12 @@ fn tile_plan(
         let units = s.s.checked_mul(ppp)?;
         for threads in [128usize, 256, 512, 1024] {
             // No block with more than twice the threads its units need.
-            if threads > max_threads as usize || (threads > 128 && TILE_KR * threads >= 2 * units) {
+            if threads > max_threads as usize || (threads > 128 && kind.held * threads >= 2 * units)
+            {
                 break;
             }
-            let smem = (threads / 32 + 3) * ct * 4 + units.saturating_sub(TILE_KR * threads) * 16;
+            let cached = units.saturating_sub(kind.held * threads) * 16 * kind.tensors;
+            let smem = (threads / 32 + kind.arrays) * ct * 4 + cached;
             if smem > smem_limit {
                 continue;
             }
@@ -614,6 +635,7 @@ fn tile_forward<T: Element>(
         &kernels::name::<T>("planes_tile_fwd"),
     )?;
     let Some(plan) = tile_plan(
+        TILE_FWD,
         s,
         cg,
         T::DTYPE.size(),
@@ -655,6 +677,89 @@ fn tile_forward<T: Element>(
     // and shared memory (tile_plan), and x, y are 16-byte aligned.
     unsafe { b.launch(cfg) }.map_err(launch_err)?;
     Ok(Some(varu))
+}
+
+/// The one-pass channels-last GroupNorm/InstanceNorm backward for input statistics (planes.cu
+/// `planes_tile_bwd`, then `planes_grad_params_f32` over its per-plane partials), when
+/// [`tile_plan`] finds a tiling, dy, x and dx are 16-byte aligned and the knob allows; `false`
+/// (nothing launched) otherwise.
+#[allow(clippy::too_many_arguments)]
+fn tile_backward<T: Element>(
+    dev: &CudaDevice,
+    dy: &CudaView<T>,
+    x: &CudaView<T>,
+    s: &PlaneShape,
+    g_code: i32,
+    weight: Option<&CudaView<f32>>,
+    mean: &CudaView<f32>,
+    rstd: &CudaView<f32>,
+    dx: &mut CudaViewMut<T>,
+    dweight: &mut CudaViewMut<f32>,
+    dbias: &mut CudaViewMut<f32>,
+) -> Result<bool> {
+    let stream = dev.stream();
+    if planes_tile_knob_off()
+        || !aligned16(dy, stream)
+        || !aligned16(x, stream)
+        || !aligned16(&dx.as_view(), stream)
+    {
+        return Ok(false);
+    }
+    let k = dev.kernel(
+        kernels::module::<T>("planes"),
+        &kernels::name::<T>("planes_tile_bwd"),
+    )?;
+    let cg = s.c / g_code.max(1) as usize;
+    let elt = T::DTYPE.size();
+    let Some(plan) = tile_plan(
+        TILE_BWD,
+        s,
+        cg,
+        elt,
+        k.regs,
+        k.max_dynamic_smem,
+        k.max_threads,
+    ) else {
+        return Ok(false);
+    };
+    let tiles = s.c / plan.ct;
+    let cfg = LaunchConfig {
+        grid_dim: (grid(s.n.saturating_mul(tiles))?, 1, 1),
+        block_dim: (plan.threads as u32, 1, 1),
+        shared_mem_bytes: plan.smem as u32,
+    };
+    let mut part = dev.alloc::<f32>(s.n * s.c * 2)?;
+    let (c_i, s_i, ct_i, cg_i, tiles_i) = (
+        to_i32("C", s.c)?,
+        to_i32("S", s.s)?,
+        plan.ct as i32,
+        cg as i32,
+        to_i32("C/tile", tiles)?,
+    );
+    let mut b = stream.launch_builder(&k.func);
+    b.arg(dy).arg(x);
+    arg_or_null(&mut b, weight);
+    b.arg(mean).arg(rstd).arg(&mut *dx).arg(&mut part);
+    b.arg(&c_i).arg(&s_i).arg(&ct_i).arg(&cg_i).arg(&tiles_i);
+    // SAFETY: matches planes.cu's planes_tile_bwd_*; dy/x/dx hold N·S·C values, mean/rstd the N·G
+    // groups (checked by the caller), part N·C·2 floats; the tiling fits (tile_plan) and the
+    // tensors are 16-byte aligned.
+    unsafe { b.launch(cfg) }.map_err(launch_err)?;
+    let (n_i, one) = (s.n as i64, 1i32);
+    let f = dev.function(kernels::module::<T>("planes"), "planes_grad_params_f32")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&part)
+        .arg(rstd)
+        .arg(dweight)
+        .arg(dbias)
+        .arg(&n_i)
+        .arg(&c_i)
+        .arg(&one)
+        .arg(&g_code);
+    // SAFETY: matches planes_grad_params_f32: part holds N·C planes of one chunk, dweight/dbias C
+    // floats (C > 0: tile_plan found a tile).
+    unsafe { b.launch(block_per_config(s.c)?) }.map_err(launch_err)?;
+    Ok(true)
 }
 
 /// BatchNorm / InstanceNorm / GroupNorm forward: writes `y`, and the statistics used into
@@ -883,6 +988,16 @@ pub fn planes_backward<T: Element>(
     // C instead of one value a plane.
     let cl = cl.max((s.s == 1) as i32);
     let stream = dev.stream();
+    // Channels-last GroupNorm/InstanceNorm: one pass where a tile of the sample fits on chip.
+    if g_code > 0
+        && s.channels_last()
+        && numel > 0
+        && tile_backward(
+            dev, dy, x, &s, g_code, weight, mean, rstd, dx, dweight, dbias,
+        )?
+    {
+        return Ok(());
+    }
     let red = Reduction::of(&s, g_code, pack::<T>());
     let ra = red.args()?;
     let [a, m, _] = coef::<T>(dev, &s, g_code, mean, rstd, weight, None)?;
@@ -976,7 +1091,12 @@ mod tests {
     fn one_pass_channels_last_tiles_fit_on_chip_and_take_whole_groups() {
         let nhwc = MemoryFormat::ChannelsLast;
         let limit = 227 * 1024;
-        let plan = |n, c, sp, cg, elt| tile_plan(&shape(n, c, sp, nhwc), cg, elt, 64, limit, 1024);
+        let plan = |n, c, sp, cg, elt| {
+            tile_plan(TILE_FWD, &shape(n, c, sp, nhwc), cg, elt, 64, limit, 1024)
+        };
+        let bwd = |n, c, sp, cg, elt| {
+            tile_plan(TILE_BWD, &shape(n, c, sp, nhwc), cg, elt, 64, limit, 1024)
+        };
         // The standard channels-last shapes (docs/PERF.md): GroupNorm's 32 groups, InstanceNorm.
         // [32, 512, 64, 64] f16: 16-channel groups of 128 KiB, two 512-thread blocks an SM.
         let p = plan(32, 512, 64 * 64, 16, 2).unwrap();
@@ -1002,12 +1122,28 @@ mod tests {
         );
         // [16, 64, 256, 256]: even one pack of channels is 1 MiB a sample.
         assert_eq!(plan(16, 64, 256 * 256, 1, 4), None);
-        // Channels that are not whole packs, and empty inputs, take the three-launch path.
+        // The backward holds x and dy: [32, 512, 64, 64] f16 in a 1024-thread block (64 KiB in
+        // registers, 192 KiB shared), f32 not at all; InstanceNorm [64, 256, 32, 32] in two
+        // 512-thread blocks an SM.
+        assert_eq!(
+            bwd(32, 512, 64 * 64, 16, 2).map(|p| (p.ct, p.threads)),
+            Some((16, 1024))
+        );
+        assert_eq!(bwd(32, 512, 64 * 64, 16, 4), None);
+        assert_eq!(
+            bwd(64, 256, 32 * 32, 1, 4).map(|p| (p.ct, p.threads)),
+            Some((16, 512))
+        );
+        assert_eq!(
+            bwd(64, 256, 32 * 32, 1, 2).map(|p| (p.ct, p.threads)),
+            Some((32, 512))
+        );
+        // Channels that are not whole packs, and empty inputs, take the multi-launch path.
         assert_eq!(plan(2, 6, 100, 3, 4), None);
         assert_eq!(plan(0, 8, 100, 1, 4), None);
         assert_eq!(plan(2, 8, 0, 1, 4), None);
         // Every plan: whole groups and packs a tile, tiles dividing C, a power-of-two number of
-        // packs a position, the slice held by TILE_KR packs a thread plus the shared memory.
+        // packs a position, the slices held by registers and shared memory.
         for n in [1, 3] {
             for c in [4, 8, 12, 24, 64, 96, 512] {
                 for sp in [1, 7, 49, 1000, 4096, 20_000] {
@@ -1016,17 +1152,20 @@ mod tests {
                             if c % cg != 0 {
                                 continue;
                             }
-                            let Some(p) = plan(n, c, sp, cg, elt) else {
-                                continue;
-                            };
-                            let (pn, ppp) = (16 / elt, p.ct * elt / 16);
-                            assert!(p.ct % cg == 0 && p.ct % pn == 0 && c % p.ct == 0, "{p:?}");
-                            assert!(ppp.is_power_of_two() && ppp <= TILE_MAX_PACKS, "{p:?}");
-                            assert!(p.threads % 32 == 0 && p.threads <= 1024, "{p:?}");
-                            let lanes = (p.threads / 32 + 3) * p.ct * 4;
-                            let cached = (sp * ppp).saturating_sub(TILE_KR * p.threads) * 16;
-                            assert_eq!(p.smem, lanes + cached, "{p:?}");
-                            assert!(p.smem <= limit, "{p:?}");
+                            for (kind, p) in [
+                                (TILE_FWD, plan(n, c, sp, cg, elt)),
+                                (TILE_BWD, bwd(n, c, sp, cg, elt)),
+                            ] {
+                                let Some(p) = p else { continue };
+                                let (pn, ppp) = (16 / elt, p.ct * elt / 16);
+                                assert!(p.ct % cg == 0 && p.ct % pn == 0 && c % p.ct == 0, "{p:?}");
+                                assert!(ppp.is_power_of_two() && ppp <= TILE_MAX_PACKS, "{p:?}");
+                                assert!(p.threads % 32 == 0 && p.threads <= 1024, "{p:?}");
+                                let lanes = (p.threads / 32 + kind.arrays) * p.ct * 4;
+                                let cached = (sp * ppp).saturating_sub(kind.held * p.threads) * 16;
+                                assert_eq!(p.smem, lanes + cached * kind.tensors, "{p:?}");
+                                assert!(p.smem <= limit, "{p:?}");
+                            }
                         }
                     }
                 }
