@@ -11,6 +11,10 @@
 //   eval:     planes_eval_stats -> planes_coef -> planes_apply
 //   backward: planes_coef -> planes_grad_sums -> planes_grad_finalize, planes_grad_params
 //             -> planes_grad_apply
+// Channels-last GroupNorm/InstanceNorm with input statistics, where a (sample, channel tile)
+// slice fits on chip, in one pass instead:
+//   forward:  planes_tile_fwd -> [planes_running_update]
+//   backward: planes_tile_bwd -> planes_grad_params
 // Partials are indexed (n·C + c)·chunks + k: chunk k of the spatial range of plane (n, c), or,
 // with P planes a block (BatchNorm, contiguous), (nb·C + c)·chunks + k: planes nb·P .. nb·P + P − 1
 // of channel c; the kernels after the reduction then take ⌈N / P⌉ as their N where G == 0.

@@ -11,7 +11,7 @@
 #           (table in bench.log, JSON in bench.json), then the LayerNorm/RMSNorm benchmark with
 #           each forced row path (CUNORM_ROWS_PATH=block, =long, =reg: bench-rows-*.json), and
 #           BatchNorm with a block per plane (CUNORM_PLANES_PER_BLOCK=1: bench-plane-per-block.json),
-#           GroupNorm/InstanceNorm without the one-pass channels-last forward (CUNORM_PLANES_TILE=0:
+#           GroupNorm/InstanceNorm without the one-pass channels-last kernels (CUNORM_PLANES_TILE=0:
 #           bench-plane-tile-off.json);
 # sanitize: compute-sanitizer memcheck, initcheck, synccheck, racecheck over the CUDA sweep
 #           (CUNORM_CHECK_QUICK=1);
@@ -105,8 +105,8 @@ if has verify; then
     run 60 "check-team-k$k" env CUNORM_TEAM_KMAX=$k "$here/cunorm" check --quick
   done
   # A block per plane in the contiguous BatchNorm reductions (the layout before several planes a
-  # block) and the three-launch channels-last GroupNorm/InstanceNorm forward, as the perf group
-  # times them.
+  # block) and the multi-launch channels-last GroupNorm/InstanceNorm forward and backward, as the
+  # perf group times them.
   run 60 check-plane-per-block env CUNORM_PLANES_PER_BLOCK=1 CUNORM_PLANES_TILE=0 \
     "$here/cunorm" check --quick
   run 30 demo-cuda "$here/cunorm" demo --device cuda

@@ -1,6 +1,7 @@
 //! The planes family on CUDA: BatchNorm, InstanceNorm and GroupNorm launches
 //! (`kernels/planes.cu`; GroupNorm/InstanceNorm's one-pass contiguous forward is the row kernel
-//! of `kernels/rows.cu` with a per-channel affine).
+//! of `kernels/rows.cu` with a per-channel affine, their one-pass channels-last forward and
+//! backward `planes_tile_fwd`/`planes_tile_bwd` where a tile of a sample fits on chip).
 //!
 //! Two levels: the tensor level the op fronts call (`forward`, `backward`), and below it the
 //! public launch layer over caller-held cudarc views (`planes_forward`, `planes_backward`,
@@ -324,8 +325,8 @@ fn planes_per_block_knob() -> bool {
     *KNOB.get_or_init(|| std::env::var("CUNORM_PLANES_PER_BLOCK").is_ok_and(|v| v.trim() == "1"))
 }
 
-/// `CUNORM_PLANES_TILE=0`: no one-pass channels-last GroupNorm/InstanceNorm forward (the
-/// statistics, finalize and apply launches instead).
+/// `CUNORM_PLANES_TILE=0`: no one-pass channels-last GroupNorm/InstanceNorm forward or backward
+/// (the reduction, finalize and elementwise launches instead).
 fn planes_tile_knob_off() -> bool {
     static KNOB: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *KNOB.get_or_init(|| std::env::var("CUNORM_PLANES_TILE").is_ok_and(|v| v.trim() == "0"))
