@@ -15,6 +15,8 @@
 // slice fits on chip, in one pass instead:
 //   forward:  planes_tile_fwd -> [planes_running_update]
 //   backward: planes_tile_bwd -> planes_grad_params
+// and so for contiguous GroupNorm/InstanceNorm backward (planes_tile_bwd_contig -> planes_grad_params;
+// their forward is the row kernel of rows.cu).
 // Partials are indexed (n·C + c)·chunks + k: chunk k of the spatial range of plane (n, c), or,
 // with P planes a block (BatchNorm, contiguous), (nb·C + c)·chunks + k: planes nb·P .. nb·P + P − 1
 // of channel c; the kernels after the reduction then take ⌈N / P⌉ as their N where G == 0.
@@ -1074,6 +1076,169 @@ __device__ __forceinline__ void planes_tile_bwd(const T* __restrict__ dy, const 
     for (int p = rest0; p < S; p += step) out(p, cx[slot(p)], cg[slot(p)]);
 }
 
+// The contiguous (NCHW) layout of planes_tile_bwd: a block per (sample n, tile of Ct planes), Ct
+// whole groups, so the tile is Ct·S consecutive values of x and of dy. Teams of TS threads (a
+// power of two ≥ 32) take a plane at a time: team e takes planes e, e + teams, ...; lane l of a
+// team takes packs l, l + TS, ... of the plane (S / pack packs a plane, a multiple of TS; Ct a
+// multiple of the teams, so that every thread holds the same R units). A thread's units r = 0 ..
+// R − 1 in that order: the first TILE_BWD_KR in registers, the rest in shared memory at
+// (r − KR)·blockDim + thread. Per plane: Σdy and Σdy·(x − μ) by lane, warp shuffles, then the
+// team's warps in order; the rest as planes_tile_bwd, with one coefficient set a plane. Dynamic
+// shared memory: Ct / teams · warps · 2 floats of warp sums and 6·Ct floats, rounded up to 16
+// bytes, then the cached packs of x, then those of dy.
+template <int KR, typename U>
+__device__ __forceinline__ void held_set(U (&h)[KR], int r, const U& v) {
+#pragma unroll
+    for (int k = 0; k < KR; ++k)
+        if (r == k) h[k] = v;
+}
+template <int KR, typename U>
+__device__ __forceinline__ U held_get(const U (&h)[KR], int r) {
+    U v = h[0];
+#pragma unroll
+    for (int k = 1; k < KR; ++k)
+        if (r == k) v = h[k];
+    return v;
+}
+
+template <typename T>
+__device__ __forceinline__ void planes_tile_bwd_contig(const T* __restrict__ dy,
+                                                       const T* __restrict__ x,
+                                                       const float* __restrict__ w,
+                                                       const float* __restrict__ mean_g,
+                                                       const float* __restrict__ rstd_g,
+                                                       T* __restrict__ dx, float* __restrict__ part,
+                                                       int C, int S, int Ct, int Cg, int tiles,
+                                                       int TS) {
+    const int PN = Pack<T>::N, KR = TILE_BWD_KR;  // four spilled
+    extern __shared__ __align__(16) unsigned char tile_bwdc_bytes[];
+    const int warps = blockDim.x >> 5, lg = __ffs(TS) - 1, teams = blockDim.x >> lg;
+    const int per = Ct / teams, upp = (S / PN) >> lg, R = per * upp;
+    float* red = reinterpret_cast<float*>(tile_bwdc_bytes);  // per × warps × 2 warp sums
+    float* csg = red + per * warps * 2;                       // Σdy a plane
+    float* csx = csg + Ct;                                    // Σdy·(x − μ) a plane
+    float* cm = csx + Ct;                                     // the plane's group mean
+    float* cr = cm + Ct;                                      // the plane's group rstd
+    float* cb = cr + Ct;                                      // the group's b coefficient
+    float* ck = cb + Ct;                                      // the group's k coefficient
+    Unit<T, PN>* cx = reinterpret_cast<Unit<T, PN>*>(red + ((per * warps * 2 + 6 * Ct + 3) & ~3));
+    Unit<T, PN>* cg = cx + (R > KR ? (R - KR) * (int)blockDim.x : 0);
+    const int n = blockIdx.x / tiles, t = blockIdx.x - n * tiles;
+    const int team = threadIdx.x >> lg, l = threadIdx.x & (TS - 1), warp = threadIdx.x >> 5;
+    const i64 base = ((i64)n * C + (i64)t * Ct) * S + (i64)l * PN;  // the lane's first pack
+    const i64 g_n = (i64)n * (C / Cg);
+    for (int c = threadIdx.x; c < Ct; c += blockDim.x) {
+        const i64 gi = g_n + (t * Ct + c) / Cg;
+        cm[c] = mean_g[gi];
+        cr[c] = rstd_g[gi];
+    }
+    __syncthreads();
+    auto slot = [&](int r) { return (r - KR) * (int)blockDim.x + (int)threadIdx.x; };
+
+    // Pass 1: x and dy loaded once (two units of each at a time), sums a plane.
+    Unit<T, PN> hx[KR], hg[KR];
+#pragma unroll 1
+    for (int jj = 0; jj < per; ++jj) {
+        const int j = team + jj * teams;
+        const float mu = cm[j];
+        const i64 pl = base + (i64)j * S;
+        float sg = 0.f, sx = 0.f;
+#pragma unroll 1
+        for (int ii = 0; ii < upp; ii += 2) {
+            Unit<T, PN> vx[2], vg[2];
+#pragma unroll
+            for (int u = 0; u < 2; ++u)
+                if (ii + u < upp) {
+                    const i64 e = pl + (i64)(ii + u) * TS * PN;
+                    vx[u].load(x + e);
+                    vg[u].load(dy + e);
+                }
+#pragma unroll
+            for (int u = 0; u < 2; ++u)
+                if (ii + u < upp) {
+                    const int r = jj * upp + ii + u;
+                    if (r < KR) {
+                        held_set<KR>(hx, r, vx[u]);
+                        held_set<KR>(hg, r, vg[u]);
+                    } else {
+                        cx[slot(r)] = vx[u];
+                        cg[slot(r)] = vg[u];
+                    }
+                    float fx[PN], fg[PN];
+                    vx[u].floats(fx);
+                    vg[u].floats(fg);
+#pragma unroll
+                    for (int i = 0; i < PN; ++i) {
+                        sg += fg[i];
+                        sx += fg[i] * (fx[i] - mu);
+                    }
+                }
+        }
+        sg = warp_reduce_sum(sg);
+        sx = warp_reduce_sum(sx);
+        if ((threadIdx.x & 31) == 0) {
+            red[(jj * warps + warp) * 2] = sg;
+            red[(jj * warps + warp) * 2 + 1] = sx;
+        }
+    }
+    __syncthreads();
+    const int tw = TS >> 5;  // warps a team
+    for (int c = threadIdx.x; c < Ct; c += blockDim.x) {
+        const int e = c % teams, jj = c / teams;
+        float a = 0.f, b = 0.f;
+        for (int k = 0; k < tw; ++k) {
+            a += red[(jj * warps + e * tw + k) * 2];
+            b += red[(jj * warps + e * tw + k) * 2 + 1];
+        }
+        csg[c] = a;
+        csx[c] = b;
+        const i64 pi = (i64)n * C + t * Ct + c;
+        part[pi * 2] = a;
+        part[pi * 2 + 1] = b;
+    }
+    __syncthreads();
+    const float cnt = (float)S * (float)Cg;
+    for (int c = threadIdx.x; c < Ct; c += blockDim.x) {
+        const int g0 = c - c % Cg;
+        float A = 0.f, B = 0.f;
+        for (int j = 0; j < Cg; ++j) {
+            const float wc = w ? w[t * Ct + g0 + j] : 1.f;
+            A += wc * csg[g0 + j];
+            B += wc * csx[g0 + j];
+        }
+        const float r = cr[c];
+        cb[c] = -r * r * r * B / cnt;
+        ck[c] = -r * A / cnt;
+    }
+    __syncthreads();
+
+    // dx = a·dy + b·(x − μ) + k from the on-chip copies, one coefficient set a plane.
+#pragma unroll 1
+    for (int jj = 0; jj < per; ++jj) {
+        const int j = team + jj * teams;
+        const float a = cr[j] * (w ? w[t * Ct + j] : 1.f), b = cb[j], k = ck[j], mu = cm[j];
+        const i64 pl = base + (i64)j * S;
+#pragma unroll 2
+        for (int ii = 0; ii < upp; ++ii) {
+            const int r = jj * upp + ii;
+            Unit<T, PN> ux, ug;
+            if (r < KR) {
+                ux = held_get<KR>(hx, r);
+                ug = held_get<KR>(hg, r);
+            } else {
+                ux = cx[slot(r)];
+                ug = cg[slot(r)];
+            }
+            float fx[PN], fg[PN];
+            ux.floats(fx);
+            ug.floats(fg);
+#pragma unroll
+            for (int i = 0; i < PN; ++i) fx[i] = a * fg[i] + b * (fx[i] - mu) + k;
+            Unit<T, PN>::store(dx + pl + (i64)ii * TS * PN, fx);
+        }
+    }
+}
+
 #define TILE_ENTRIES(T, NAME)                                                                   \
     extern "C" __global__ void __launch_bounds__(1024) planes_tile_fwd_##NAME(                  \
         const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, float* varu, \
@@ -1085,6 +1250,11 @@ __device__ __forceinline__ void planes_tile_bwd(const T* __restrict__ dy, const 
         const T* dy, const T* x, const float* w, const float* mean, const float* rstd, T* dx,   \
         float* part, int C, int S, int Ct, int Cg, int tiles) {                                 \
         planes_tile_bwd<T>(dy, x, w, mean, rstd, dx, part, C, S, Ct, Cg, tiles);               \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(1024) planes_tile_bwd_contig_##NAME(           \
+        const T* dy, const T* x, const float* w, const float* mean, const float* rstd, T* dx,   \
+        float* part, int C, int S, int Ct, int Cg, int tiles, int TS) {                         \
+        planes_tile_bwd_contig<T>(dy, x, w, mean, rstd, dx, part, C, S, Ct, Cg, tiles, TS);    \
     }
 
 CUNORM_FOR_DTYPES(TILE_ENTRIES)

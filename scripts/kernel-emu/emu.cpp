@@ -10,7 +10,7 @@
 #include <string>
 #include <type_traits>
 
-static int failures = 0, checks = 0, multi_plane_cases = 0, merged_cases = 0, tile_cases = 0;
+static int failures = 0, checks = 0, multi_plane_cases = 0, merged_cases = 0, tile_cases = 0, contig_tile_cases = 0;
 static const int SMS = 3;  // a small "GPU" so grid-stride loops and chunking are exercised
 static const size_t SMEM_OPTIN = 227 * 1024;  // H100's opt-in shared memory per block
 
@@ -520,6 +520,36 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
             }
         }
     }
+    if (!eval && G > 0 && !cl && S % PN == 0) {
+        // The contiguous one-pass backward (planes/cuda.rs tile_backward, contig_tile_plan):
+        // every tile of whole groups dividing C, on blocks of 32 to 128 threads in teams of 32 or
+        // 64 that divide the tile's planes and the plane's packs, against the reference (the
+        // statistics from the forward above).
+        const int Cg = C / G, sp = (int)(S / PN);
+        for (int ct = Cg; ct <= C; ct += Cg) {
+            if (C % ct) continue;
+            for (unsigned threads : {32u, 64u, 128u})
+                for (int ts : {32, 64}) {
+                    const int teams = (int)threads / ts;
+                    if (ts > (int)threads || ct % teams || sp % ts) continue;
+                    const size_t units = (size_t)ct * sp / threads, held = TILE_BWD_KR;
+                    const size_t head = ((size_t)(ct / teams) * (threads / 32) * 2 + 6 * ct + 3) / 4 * 4 * 4;
+                    const size_t bsmem = head + (units > held ? units - held : 0) * threads * 32;
+                    std::vector<T> dx2(numel, from_float<T>(NAN));
+                    std::vector<float> part(N * C * 2, NAN), dw2(C, NAN), db2(C, NAN);
+                    emu_launch({(unsigned)(N * (C / ct))}, {threads}, bsmem, [&] {
+                        planes_tile_bwd_contig<T>(g.data(), x.data(), w.data(), mean.data(), rstd.data(), dx2.data(), part.data(), C, (int)S, ct, Cg, C / ct, ts);
+                    });
+                    emu_launch({(unsigned)C}, {256}, 0, [&] { planes_grad_params_f32(part.data(), rstd.data(), dw2.data(), db2.data(), N, C, 1, G); });
+                    const std::string tt = tag + " contiguous tile ct=" + std::to_string(ct) + " threads=" +
+                                           std::to_string(threads) + " team=" + std::to_string(ts);
+                    expect(tt + " dx", widen(dx2), round(r.dx), tol_abs<T>() * 5, tol_rel<T>() * 5);
+                    expect(tt + " dweight", widen(dw2), r.dw, 1e-3, 1e-4);
+                    expect(tt + " dbias", widen(db2), r.db, 1e-3, 1e-4);
+                    ++contig_tile_cases;
+                }
+        }
+    }
     if (!eval && (G == 0 || G == C)) {
         // Running statistics: batch statistic, or the batch average of per-plane ones (IN).
         std::vector<double> em(C, 0), ev(C, 0);
@@ -558,7 +588,9 @@ template <class T> void all() {
                               {13, 3, 200, 0}, {9, 2, 2056, 0},
                               // the one-pass channels-last forward: tiles of 1 to 8 packs a
                               // position, groups of 16 and of one channel
-                              {2, 64, 50, 4}, {3, 64, 45, 64}})
+                              {2, 64, 50, 4}, {3, 64, 45, 64},
+                              // the contiguous one-pass backward: planes of 32 to 256 packs
+                              {2, 8, 256, 2}, {3, 6, 512, 6}, {2, 16, 1024, 4}})
         for (bool cl : {false, true}) {
             planes_case<T>(p.n, p.c, p.s, p.g, cl, false);
             if (p.g == 0 || p.g == p.c) planes_case<T>(p.n, p.c, p.s, p.g, cl, true);
@@ -570,8 +602,8 @@ int main() {
     all<f16_t>();
     all<bf16_t>();
     printf("%d checks, %d failed (%d planes cases with several planes a block, %d read as one sample of N·S rows, "
-           "%d one-pass channels-last tilings)\n",
-           checks, failures, multi_plane_cases, merged_cases, tile_cases);
-    if (multi_plane_cases == 0 || merged_cases == 0 || tile_cases == 0) return 1;
+           "%d one-pass channels-last tilings, %d contiguous)\n",
+           checks, failures, multi_plane_cases, merged_cases, tile_cases, contig_tile_cases);
+    if (multi_plane_cases == 0 || merged_cases == 0 || tile_cases == 0 || contig_tile_cases == 0) return 1;
     return failures ? 1 : 0;
 }

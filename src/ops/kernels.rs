@@ -80,6 +80,7 @@ const MODULES: [Module; 3] = [
             "planes_grad_apply",
             "planes_tile_fwd",
             "planes_tile_bwd",
+            "planes_tile_bwd_contig",
         ],
         f32_only: &[],
         shared: &[

@@ -285,6 +285,15 @@ pub fn cases(quick: bool) -> Result<Vec<(AnyNorm, Vec<usize>, f32)>> {
         ),
         (AnyNorm::Rms(RMSNorm::new(&[70_001])?), vec![2, 70_001], 0.0),
         (AnyNorm::Gn(GroupNorm::new(2, 4)?), vec![1, 4, 8_000], 0.0),
+        // Groups and planes whose x and dy fit one block with whole 16-byte packs and 32 or more
+        // packs a plane: the one-pass backward in both layouts (planes_tile_bwd[_contig]) and
+        // forward channels-last (planes_tile_fwd), one of them far from zero mean.
+        (
+            AnyNorm::In2(InstanceNorm2d::from_config(inn(8))?),
+            vec![3, 8, 16, 16],
+            0.0,
+        ),
+        (AnyNorm::Gn(GroupNorm::new(4, 16)?), vec![2, 16, 8, 32], 1e4),
         // f32 rows (groups, planes) of 256 KiB, beyond the 227 KiB of shared memory: the wide
         // forward, registers and shared memory (LayerNorm's [2, 70 000] above too).
         (AnyNorm::Gn(GroupNorm::new(2, 4)?), vec![1, 4, 32_768], 0.0),

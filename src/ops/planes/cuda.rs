@@ -426,6 +426,86 @@ fn tile_plan(
     best.map(|(_, p)| p)
 }
 
+/// The contiguous one-pass backward (planes.cu `planes_tile_bwd_contig`): a block per (sample,
+/// tile of `ct` planes) of `threads` threads in teams of `ts`, `smem` bytes of dynamic shared
+/// memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ContigPlan {
+    ct: usize,
+    threads: usize,
+    ts: usize,
+    smem: usize,
+}
+
+/// The tiling of the contiguous one-pass backward, if x and dy of some tile fit on chip: `ct`
+/// whole groups of `cg` planes dividing C, S whole packs, teams of `ts` threads (a power of two
+/// of at least a warp) dividing a plane's packs, `ct` a multiple of the teams, and the tile's
+/// 2·ct·S values in TILE_BWD_KR packs of each a thread plus at most `smem_limit` bytes of shared
+/// memory. Among those that fit, the first by: two or more blocks an SM, then up to eight packs
+/// a thread, then the most threads and blocks an SM (smaller tiles and teams first). From the
+/// shape, the kernel's registers and its shared-memory limit alone, as [`tile_plan`].
+fn contig_tile_plan(
+    s: &PlaneShape,
+    cg: usize,
+    elt: usize,
+    regs: u32,
+    smem_limit: usize,
+    max_threads: u32,
+) -> Option<ContigPlan> {
+    let pn = 16 / elt;
+    if cg == 0 || s.n == 0 || s.s == 0 || !s.s.is_multiple_of(pn) || i32::try_from(s.s).is_err() {
+        return None;
+    }
+    let sp = s.s / pn;
+    let regs = (regs.max(1) as usize).next_multiple_of(8);
+    // The most a block holds: 1 024 threads' registers and the shared memory.
+    let most = smem_limit + 1024 * TILE_BWD.held * 16 * 2;
+    let mut best: Option<((usize, usize, usize, usize), ContigPlan)> = None;
+    for ct in (1..)
+        .map(|m| m * cg)
+        .take_while(|&ct| ct <= s.c && ct * s.s * elt * 2 <= most)
+    {
+        if !s.c.is_multiple_of(ct) {
+            continue;
+        }
+        for threads in [128usize, 256, 512, 1024] {
+            if threads > max_threads as usize {
+                break;
+            }
+            for ts in [32usize, 64, 128, 256, 512, 1024] {
+                if ts > threads {
+                    break;
+                }
+                let teams = threads / ts;
+                if !ct.is_multiple_of(teams) || !sp.is_multiple_of(ts) {
+                    continue;
+                }
+                let (per, units) = (ct / teams, ct * sp / threads);
+                let head = (per * (threads / 32) * 2 + 6 * ct).next_multiple_of(4) * 4;
+                let smem = head + units.saturating_sub(TILE_BWD.held) * threads * 16 * 2;
+                if smem > smem_limit {
+                    continue;
+                }
+                let blocks = (65_536 / (regs * threads))
+                    .min(2_048 / threads)
+                    .min((smem_limit + 1024) / (smem + 1024))
+                    .max(1);
+                let key = (blocks.min(2), units.min(8), blocks * threads, blocks);
+                if best.is_none_or(|(k, _)| key > k) {
+                    let plan = ContigPlan {
+                        ct,
+                        threads,
+                        ts,
+                        smem,
+                    };
+                    best = Some((key, plan));
+                }
+            }
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
 /// The channels-last reduction's tiling of C channels in packs of `pn`: TW packs across a block
 /// (the smallest power of two covering them, at most 32) and the grid rows of TW packs.
 fn cl_tiling(c: usize, pn: usize) -> (usize, usize) {
@@ -680,10 +760,11 @@ fn tile_forward<T: Element>(
     Ok(Some(varu))
 }
 
-/// The one-pass channels-last GroupNorm/InstanceNorm backward for input statistics (planes.cu
-/// `planes_tile_bwd`, then `planes_grad_params_f32` over its per-plane partials), when
-/// [`tile_plan`] finds a tiling, dy, x and dx are 16-byte aligned and the knob allows; `false`
-/// (nothing launched) otherwise.
+/// The one-pass GroupNorm/InstanceNorm backward for input statistics (planes.cu
+/// `planes_tile_bwd` channels-last, `planes_tile_bwd_contig` contiguous, then
+/// `planes_grad_params_f32` over their per-plane partials), when [`tile_plan`] or
+/// [`contig_tile_plan`] finds a tiling, dy, x and dx are 16-byte aligned and the knob allows;
+/// `false` (nothing launched) otherwise.
 #[allow(clippy::too_many_arguments)]
 fn tile_backward<T: Element>(
     dev: &CudaDevice,
@@ -706,45 +787,53 @@ fn tile_backward<T: Element>(
     {
         return Ok(false);
     }
-    let k = dev.kernel(
-        kernels::module::<T>("planes"),
-        &kernels::name::<T>("planes_tile_bwd"),
-    )?;
+    let cl = s.channels_last();
+    let base = if cl {
+        "planes_tile_bwd"
+    } else {
+        "planes_tile_bwd_contig"
+    };
+    let k = dev.kernel(kernels::module::<T>("planes"), &kernels::name::<T>(base))?;
     let cg = s.c / g_code.max(1) as usize;
     let elt = T::DTYPE.size();
-    let Some(plan) = tile_plan(
-        TILE_BWD,
-        s,
-        cg,
-        elt,
-        k.regs,
-        k.max_dynamic_smem,
-        k.max_threads,
-    ) else {
+    let (limit, threads) = (k.max_dynamic_smem, k.max_threads);
+    let plan = if cl {
+        tile_plan(TILE_BWD, s, cg, elt, k.regs, limit, threads)
+            .map(|p| (p.ct, p.threads, 0, p.smem))
+    } else {
+        contig_tile_plan(s, cg, elt, k.regs, limit, threads)
+            .map(|p| (p.ct, p.threads, p.ts, p.smem))
+    };
+    let Some((ct, block, ts, smem)) = plan else {
         return Ok(false);
     };
-    let tiles = s.c / plan.ct;
+    let tiles = s.c / ct;
     let cfg = LaunchConfig {
         grid_dim: (grid(s.n.saturating_mul(tiles))?, 1, 1),
-        block_dim: (plan.threads as u32, 1, 1),
-        shared_mem_bytes: plan.smem as u32,
+        block_dim: (block as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
     };
     let mut part = dev.alloc::<f32>(s.n * s.c * 2)?;
-    let (c_i, s_i, ct_i, cg_i, tiles_i) = (
+    let (c_i, s_i, ct_i, cg_i, tiles_i, ts_i) = (
         to_i32("C", s.c)?,
         to_i32("S", s.s)?,
-        plan.ct as i32,
+        ct as i32,
         cg as i32,
         to_i32("C/tile", tiles)?,
+        ts as i32,
     );
     let mut b = stream.launch_builder(&k.func);
     b.arg(dy).arg(x);
     arg_or_null(&mut b, weight);
     b.arg(mean).arg(rstd).arg(&mut *dx).arg(&mut part);
     b.arg(&c_i).arg(&s_i).arg(&ct_i).arg(&cg_i).arg(&tiles_i);
-    // SAFETY: matches planes.cu's planes_tile_bwd_*; dy/x/dx hold N·S·C values, mean/rstd the N·G
-    // groups (checked by the caller), part N·C·2 floats; the tiling fits (tile_plan) and the
-    // tensors are 16-byte aligned.
+    if !cl {
+        b.arg(&ts_i);
+    }
+    // SAFETY: matches planes.cu's planes_tile_bwd_* / planes_tile_bwd_contig_* (the team size
+    // last); dy/x/dx hold N·C·S values, mean/rstd the N·G groups (checked by the caller), part
+    // N·C·2 floats; the tiling fits (tile_plan, contig_tile_plan) and the tensors are 16-byte
+    // aligned.
     unsafe { b.launch(cfg) }.map_err(launch_err)?;
     let (n_i, one) = (s.n as i64, 1i32);
     let f = dev.function(kernels::module::<T>("planes"), "planes_grad_params_f32")?;
@@ -989,9 +1078,8 @@ pub fn planes_backward<T: Element>(
     // C instead of one value a plane.
     let cl = cl.max((s.s == 1) as i32);
     let stream = dev.stream();
-    // Channels-last GroupNorm/InstanceNorm: one pass where a tile of the sample fits on chip.
+    // GroupNorm/InstanceNorm: one pass where a tile of the sample fits on chip.
     if g_code > 0
-        && s.channels_last()
         && numel > 0
         && tile_backward(
             dev, dy, x, &s, g_code, weight, mean, rstd, dx, dweight, dbias,
@@ -1167,6 +1255,62 @@ mod tests {
                                 assert_eq!(p.smem, lanes + cached * kind.tensors, "{p:?}");
                                 assert!(p.smem <= limit, "{p:?}");
                             }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn contiguous_one_pass_backward_tiles_hold_whole_groups_of_x_and_dy() {
+        let nchw = MemoryFormat::Contiguous;
+        let limit = 227 * 1024;
+        let plan = |n, c, sp, cg, elt| {
+            contig_tile_plan(&shape(n, c, sp, nchw), cg, elt, 64, limit, 1024)
+                .map(|p| (p.ct, p.threads, p.ts))
+        };
+        // GroupNorm [32, 512, 64, 64] f16: a 16-plane group of x and dy (256 KiB), 64 KiB in the
+        // registers of a 1 024-thread block in teams of 64; f32 (512 KiB) does not fit.
+        assert_eq!(plan(32, 512, 64 * 64, 16, 2), Some((16, 1024, 64)));
+        assert_eq!(plan(32, 512, 64 * 64, 16, 4), None);
+        assert_eq!(plan(8, 256, 128 * 128, 8, 2), None);
+        // InstanceNorm [64, 256, 32, 32]: four (f32) or eight (f16) planes a 128-thread block, a
+        // warp a plane, eight packs a thread; [16, 64, 256, 256] f16: a plane a 1 024-thread block.
+        assert_eq!(plan(64, 256, 32 * 32, 1, 4), Some((4, 128, 32)));
+        assert_eq!(plan(64, 256, 32 * 32, 1, 2), Some((8, 128, 32)));
+        assert_eq!(plan(16, 64, 256 * 256, 1, 2), Some((1, 1024, 1024)));
+        assert_eq!(plan(16, 64, 256 * 256, 1, 4), None);
+        // Planes of partial packs, or fewer packs than a warp, take the multi-launch path.
+        assert_eq!(plan(2, 4, 30, 1, 4), None);
+        assert_eq!(plan(2, 4, 64, 1, 4), None);
+        for n in [1, 3] {
+            for c in [1, 2, 6, 16, 64, 512] {
+                for sp in [128, 256, 1024, 4096, 16_384, 65_536] {
+                    for cg in [1, 2, 3, 8, 16] {
+                        for elt in [2, 4] {
+                            if c % cg != 0 {
+                                continue;
+                            }
+                            let Some(p) =
+                                contig_tile_plan(&shape(n, c, sp, nchw), cg, elt, 64, limit, 1024)
+                            else {
+                                continue;
+                            };
+                            let (teams, packs) = (p.threads / p.ts, sp * elt / 16);
+                            assert!(p.ct % cg == 0 && c % p.ct == 0, "{p:?}");
+                            assert!(
+                                p.ts.is_power_of_two() && p.ts >= 32 && p.ts <= p.threads,
+                                "{p:?}"
+                            );
+                            assert!(p.ct % teams == 0 && packs % p.ts == 0, "{p:?}");
+                            let units = p.ct * packs / p.threads;
+                            let head = (p.ct / teams * p.threads / 32 * 2 + 6 * p.ct)
+                                .next_multiple_of(4)
+                                * 4;
+                            let cached = units.saturating_sub(TILE_BWD.held) * p.threads * 32;
+                            assert_eq!(p.smem, head + cached, "{p:?}");
+                            assert!(p.smem <= limit, "{p:?}");
                         }
                     }
                 }
