@@ -946,6 +946,45 @@ __device__ __forceinline__ void planes_tile_fwd(const T* __restrict__ x, T* __re
 #define TILE_BWD_KR 2
 #define TILE_BWD_UNROLL 2  // x and dy: four 16-byte loads in flight, 64 registers without spills
 
+// Each channel c of tile t of sample n: its group's saved mean and rstd into cm[c], cr[c]. Ends
+// on a barrier.
+__device__ __forceinline__ void tile_group_stats(const float* __restrict__ mean_g,
+                                                 const float* __restrict__ rstd_g,
+                                                 float* __restrict__ cm, float* __restrict__ cr,
+                                                 int n, int C, int Cg, int t, int Ct) {
+    const i64 g_n = (i64)n * (C / Cg);
+    for (int c = threadIdx.x; c < Ct; c += blockDim.x) {
+        const i64 gi = g_n + (t * Ct + c) / Cg;
+        cm[c] = mean_g[gi];
+        cr[c] = rstd_g[gi];
+    }
+    __syncthreads();
+}
+
+// Each channel c of a tile: its group's backward coefficients b = −rstd³·B/cnt and
+// k = −rstd·A/cnt, A = Σ w_c·Σdy and B = Σ w_c·Σdy·(x − μ) over the group's channels in order
+// (as planes_grad_finalize_f32); `wt` is the weight at the tile's first channel (or null). The
+// per-channel sums were written before a barrier; ends on a barrier.
+__device__ __forceinline__ void tile_grad_coefs(const float* __restrict__ csg,
+                                                const float* __restrict__ csx,
+                                                const float* __restrict__ cr,
+                                                const float* __restrict__ wt, float* __restrict__ cb,
+                                                float* __restrict__ ck, int Ct, int Cg, float cnt) {
+    for (int c = threadIdx.x; c < Ct; c += blockDim.x) {
+        const int g0 = c - c % Cg;
+        float A = 0.f, B = 0.f;
+        for (int j = 0; j < Cg; ++j) {
+            const float wc = wt ? wt[g0 + j] : 1.f;
+            A += wc * csg[g0 + j];
+            B += wc * csx[g0 + j];
+        }
+        const float r = cr[c];
+        cb[c] = -r * r * r * B / cnt;
+        ck[c] = -r * A / cnt;
+    }
+    __syncthreads();
+}
+
 template <typename T>
 __device__ __forceinline__ void planes_tile_bwd(const T* __restrict__ dy, const T* __restrict__ x,
                                                 const float* __restrict__ w,
@@ -976,13 +1015,7 @@ __device__ __forceinline__ void planes_tile_bwd(const T* __restrict__ dy, const 
     const T* gq = dy + base;
     T* dq = dx + base;
     auto slot = [&](int p) { return (p - KR * step) * ppp + q; };
-    const i64 g_n = (i64)n * (C / Cg);
-    for (int c = threadIdx.x; c < Ct; c += blockDim.x) {
-        const i64 gi = g_n + (t * Ct + c) / Cg;
-        cm[c] = mean_g[gi];
-        cr[c] = rstd_g[gi];
-    }
-    __syncthreads();
+    tile_group_stats(mean_g, rstd_g, cm, cr, n, C, Cg, t, Ct);
 
     // Pass 1: load x and dy (KR register packs each, then UNROLL at a time into shared memory),
     // Σdy and Σdy·(x − μ) per lane channel.
@@ -1036,23 +1069,12 @@ __device__ __forceinline__ void planes_tile_bwd(const T* __restrict__ dy, const 
         if (pos0 + k * step < S) add(hx[k], hg[k]);
     tile_channel_sums<PN>(sg, ppp, Ct, red, csg);
     tile_channel_sums<PN>(sx, ppp, Ct, red, csx);
-    const float cnt = (float)S * (float)Cg;
     for (int c = threadIdx.x; c < Ct; c += blockDim.x) {
         const i64 pl = (i64)n * C + t * Ct + c;
         part[pl * 2] = csg[c];
         part[pl * 2 + 1] = csx[c];
-        const int g0 = c - c % Cg;
-        float A = 0.f, B = 0.f;
-        for (int j = 0; j < Cg; ++j) {
-            const float wc = w ? w[t * Ct + g0 + j] : 1.f;
-            A += wc * csg[g0 + j];
-            B += wc * csx[g0 + j];
-        }
-        const float r = cr[c];
-        cb[c] = -r * r * r * B / cnt;
-        ck[c] = -r * A / cnt;
     }
-    __syncthreads();
+    tile_grad_coefs(csg, csx, cr, w ? w + t * Ct : w, cb, ck, Ct, Cg, (float)S * (float)Cg);
 
     // Apply: dx = a·dy + b·(x − μ) + k for the thread's PN channels; a in registers (loaded
     // once), b and k from shared memory (16-byte reads; in registers too the kernel spilled).
@@ -1126,13 +1148,7 @@ __device__ __forceinline__ void planes_tile_bwd_contig(const T* __restrict__ dy,
     const int n = blockIdx.x / tiles, t = blockIdx.x - n * tiles;
     const int team = threadIdx.x >> lg, l = threadIdx.x & (TS - 1), warp = threadIdx.x >> 5;
     const i64 base = ((i64)n * C + (i64)t * Ct) * S + (i64)l * PN;  // the lane's first pack
-    const i64 g_n = (i64)n * (C / Cg);
-    for (int c = threadIdx.x; c < Ct; c += blockDim.x) {
-        const i64 gi = g_n + (t * Ct + c) / Cg;
-        cm[c] = mean_g[gi];
-        cr[c] = rstd_g[gi];
-    }
-    __syncthreads();
+    tile_group_stats(mean_g, rstd_g, cm, cr, n, C, Cg, t, Ct);
     auto slot = [&](int r) { return (r - KR) * (int)blockDim.x + (int)threadIdx.x; };
 
     // Pass 1: x and dy loaded once (two units of each at a time), sums a plane.
@@ -1197,20 +1213,7 @@ __device__ __forceinline__ void planes_tile_bwd_contig(const T* __restrict__ dy,
         part[pi * 2 + 1] = b;
     }
     __syncthreads();
-    const float cnt = (float)S * (float)Cg;
-    for (int c = threadIdx.x; c < Ct; c += blockDim.x) {
-        const int g0 = c - c % Cg;
-        float A = 0.f, B = 0.f;
-        for (int j = 0; j < Cg; ++j) {
-            const float wc = w ? w[t * Ct + g0 + j] : 1.f;
-            A += wc * csg[g0 + j];
-            B += wc * csx[g0 + j];
-        }
-        const float r = cr[c];
-        cb[c] = -r * r * r * B / cnt;
-        ck[c] = -r * A / cnt;
-    }
-    __syncthreads();
+    tile_grad_coefs(csg, csx, cr, w ? w + t * Ct : w, cb, ck, Ct, Cg, (float)S * (float)Cg);
 
     // dx = a·dy + b·(x − μ) + k from the on-chip copies, one coefficient set a plane.
 #pragma unroll 1

@@ -365,10 +365,40 @@ struct TilePlan {
     smem: usize,
 }
 
+/// What a kernel's tiling depends on besides the shape: its registers a thread, its dynamic
+/// shared memory limit (after the opt-in) and its thread limit.
+#[derive(Debug, Clone, Copy)]
+struct KernelLimits {
+    regs: u32,
+    smem: usize,
+    threads: u32,
+}
+
+impl KernelLimits {
+    fn of(k: &Kernel) -> KernelLimits {
+        KernelLimits {
+            regs: k.regs,
+            smem: k.max_dynamic_smem,
+            threads: k.max_threads,
+        }
+    }
+}
+
+/// Blocks of a tile kernel an SM holds: by registers (65 536 an SM, `regs` a thread in multiples
+/// of 8), threads (2 048) and shared memory (`smem` a block plus 1 KiB the system reserves, of
+/// `smem_limit` + 1 KiB); at least 1.
+fn tile_blocks(regs: u32, threads: usize, smem: usize, smem_limit: usize) -> usize {
+    let regs = (regs.max(1) as usize).next_multiple_of(8);
+    (65_536 / (regs * threads))
+        .min(2_048 / threads)
+        .min((smem_limit + 1024) / (smem + 1024))
+        .max(1)
+}
+
 /// The tiling of a one-pass channels-last kernel, if a sample's slice of some tile fits on chip:
 /// `ct` a multiple of the group's `cg` channels and of the pack `pn`, `ct/pn` a power of two of at
 /// most TILE_MAX_PACKS, dividing C, and S·ct values of each tensor in `kind.held` packs a thread
-/// plus at most `smem_limit` bytes of shared memory (beside the lane sums). Among the tilings that fit, the
+/// plus at most `lim.smem` bytes of shared memory (beside the lane sums). Among the tilings that fit, the
 /// first by: two or more blocks an SM (so that one block's loads overlap another's arithmetic),
 /// then the longest read of a position up to 64 bytes (two DRAM sectors), then the most threads
 /// an SM, then the most blocks. From the shape, the kernel's registers and its shared-memory
@@ -378,9 +408,7 @@ fn tile_plan(
     s: &PlaneShape,
     cg: usize,
     elt: usize,
-    regs: u32,
-    smem_limit: usize,
-    max_threads: u32,
+    lim: KernelLimits,
 ) -> Option<TilePlan> {
     let pn = 16 / elt;
     if cg == 0 || s.n == 0 || s.s == 0 || !s.c.is_multiple_of(pn) || i32::try_from(s.s).is_err() {
@@ -391,7 +419,6 @@ fn tile_plan(
         (a, b) = (b, a % b);
     }
     let step = cg / a * pn; // lcm(cg, pn)
-    let regs = (regs.max(1) as usize).next_multiple_of(8);
     let mut best: Option<((usize, usize, usize, usize), TilePlan)> = None;
     for ct in (1..)
         .map(|m| m * step)
@@ -404,19 +431,16 @@ fn tile_plan(
         let units = s.s.checked_mul(ppp)?;
         for threads in [128usize, 256, 512, 1024] {
             // No block with more than twice the threads its units need.
-            if threads > max_threads as usize || (threads > 128 && kind.held * threads >= 2 * units)
+            if threads > lim.threads as usize || (threads > 128 && kind.held * threads >= 2 * units)
             {
                 break;
             }
             let cached = units.saturating_sub(kind.held * threads) * 16 * kind.tensors;
             let smem = (threads / 32 + kind.arrays) * ct * 4 + cached;
-            if smem > smem_limit {
+            if smem > lim.smem {
                 continue;
             }
-            let blocks = (65_536 / (regs * threads))
-                .min(2_048 / threads)
-                .min((smem_limit + 1024) / (smem + 1024))
-                .max(1);
+            let blocks = tile_blocks(lim.regs, threads, smem, lim.smem);
             let key = (blocks.min(2), (ct * elt).min(64), blocks * threads, blocks);
             if best.is_none_or(|(k, _)| key > k) {
                 best = Some((key, TilePlan { ct, threads, smem }));
@@ -440,7 +464,7 @@ struct ContigPlan {
 /// The tiling of the contiguous one-pass backward, if x and dy of some tile fit on chip: `ct`
 /// whole groups of `cg` planes dividing C, S whole packs, teams of `ts` threads (a power of two
 /// of at least a warp) dividing a plane's packs, `ct` a multiple of the teams, and the tile's
-/// 2·ct·S values in TILE_BWD_KR packs of each a thread plus at most `smem_limit` bytes of shared
+/// 2·ct·S values in TILE_BWD_KR packs of each a thread plus at most `lim.smem` bytes of shared
 /// memory. Among those that fit, the first by: two or more blocks an SM, then up to eight packs
 /// a thread, then the most threads and blocks an SM (smaller tiles and teams first). From the
 /// shape, the kernel's registers and its shared-memory limit alone, as [`tile_plan`].
@@ -448,18 +472,15 @@ fn contig_tile_plan(
     s: &PlaneShape,
     cg: usize,
     elt: usize,
-    regs: u32,
-    smem_limit: usize,
-    max_threads: u32,
+    lim: KernelLimits,
 ) -> Option<ContigPlan> {
     let pn = 16 / elt;
     if cg == 0 || s.n == 0 || s.s == 0 || !s.s.is_multiple_of(pn) || i32::try_from(s.s).is_err() {
         return None;
     }
     let sp = s.s / pn;
-    let regs = (regs.max(1) as usize).next_multiple_of(8);
     // The most a block holds: 1 024 threads' registers and the shared memory.
-    let most = smem_limit + 1024 * TILE_BWD.held * 16 * 2;
+    let most = lim.smem + 1024 * TILE_BWD.held * 16 * 2;
     let mut best: Option<((usize, usize, usize, usize), ContigPlan)> = None;
     for ct in (1..)
         .map(|m| m * cg)
@@ -469,7 +490,7 @@ fn contig_tile_plan(
             continue;
         }
         for threads in [128usize, 256, 512, 1024] {
-            if threads > max_threads as usize {
+            if threads > lim.threads as usize {
                 break;
             }
             for ts in [32usize, 64, 128, 256, 512, 1024] {
@@ -483,13 +504,10 @@ fn contig_tile_plan(
                 let (per, units) = (ct / teams, ct * sp / threads);
                 let head = (per * (threads / 32) * 2 + 6 * ct).next_multiple_of(4) * 4;
                 let smem = head + units.saturating_sub(TILE_BWD.held) * threads * 16 * 2;
-                if smem > smem_limit {
+                if smem > lim.smem {
                     continue;
                 }
-                let blocks = (65_536 / (regs * threads))
-                    .min(2_048 / threads)
-                    .min((smem_limit + 1024) / (smem + 1024))
-                    .max(1);
+                let blocks = tile_blocks(lim.regs, threads, smem, lim.smem);
                 let key = (blocks.min(2), units.min(8), blocks * threads, blocks);
                 if best.is_none_or(|(k, _)| key > k) {
                     let plan = ContigPlan {
@@ -689,6 +707,39 @@ fn running_update<T: Element>(
     Ok(())
 }
 
+/// A tile kernel's launch: a block per (sample, tile of `ct` channels), and its shape arguments
+/// (C, S, Ct, C/G, tiles), as every tile kernel takes them.
+struct TileLaunch {
+    args: [i32; 5],
+    cfg: LaunchConfig,
+}
+
+impl TileLaunch {
+    fn new(s: &PlaneShape, ct: usize, cg: usize, threads: usize, smem: usize) -> Result<Self> {
+        let tiles = s.c / ct;
+        Ok(TileLaunch {
+            args: [
+                to_i32("C", s.c)?,
+                to_i32("S", s.s)?,
+                to_i32("channels a tile", ct)?,
+                to_i32("C/G", cg)?,
+                to_i32("C/tile", tiles)?,
+            ],
+            cfg: LaunchConfig {
+                grid_dim: (grid(s.n.saturating_mul(tiles))?, 1, 1),
+                block_dim: (threads as u32, 1, 1),
+                shared_mem_bytes: smem as u32,
+            },
+        })
+    }
+
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        for a in &self.args {
+            b.arg(a);
+        }
+    }
+}
+
 /// The one-pass channels-last GroupNorm/InstanceNorm forward (planes.cu `planes_tile_fwd`), when
 /// [`tile_plan`] finds a tiling, x and y are 16-byte aligned and the knob allows: writes `y`,
 /// `mean`, `rstd` and returns the groups' unbiased variances (for running statistics); `None`
@@ -715,48 +766,23 @@ fn tile_forward<T: Element>(
         kernels::module::<T>("planes"),
         &kernels::name::<T>("planes_tile_fwd"),
     )?;
-    let Some(plan) = tile_plan(
-        TILE_FWD,
-        s,
-        cg,
-        T::DTYPE.size(),
-        k.regs,
-        k.max_dynamic_smem,
-        k.max_threads,
-    ) else {
+    let Some(plan) = tile_plan(TILE_FWD, s, cg, T::DTYPE.size(), KernelLimits::of(&k)) else {
         return Ok(None);
     };
-    let tiles = s.c / plan.ct;
-    let cfg = LaunchConfig {
-        grid_dim: (grid(s.n.saturating_mul(tiles))?, 1, 1),
-        block_dim: (plan.threads as u32, 1, 1),
-        shared_mem_bytes: plan.smem as u32,
-    };
+    let tl = TileLaunch::new(s, plan.ct, cg, plan.threads, plan.smem)?;
     let mut varu = dev.alloc::<f32>(groups.num_groups(s))?;
-    let (c_i, s_i, ct_i, cg_i, tiles_i) = (
-        to_i32("C", s.c)?,
-        to_i32("S", s.s)?,
-        plan.ct as i32,
-        cg as i32,
-        to_i32("C/tile", tiles)?,
-    );
     let nan_i = groups.welford_mean() as i32;
     let mut b = stream.launch_builder(&k.func);
     b.arg(x).arg(&mut *y);
     arg_or_null(&mut b, weight);
     arg_or_null(&mut b, bias);
     b.arg(&mut *mean).arg(&mut *rstd).arg(&mut varu);
-    b.arg(&c_i)
-        .arg(&s_i)
-        .arg(&ct_i)
-        .arg(&cg_i)
-        .arg(&tiles_i)
-        .arg(&eps)
-        .arg(&nan_i);
+    tl.push(&mut b);
+    b.arg(&eps).arg(&nan_i);
     // SAFETY: matches planes.cu's planes_tile_fwd_*; x/y hold N·S·C values (checked by the
     // caller), mean/rstd/varu the N·G groups; C % ct == 0, S·ct values fit the plan's registers
     // and shared memory (tile_plan), and x, y are 16-byte aligned.
-    unsafe { b.launch(cfg) }.map_err(launch_err)?;
+    unsafe { b.launch(tl.cfg) }.map_err(launch_err)?;
     Ok(Some(varu))
 }
 
@@ -796,37 +822,23 @@ fn tile_backward<T: Element>(
     let k = dev.kernel(kernels::module::<T>("planes"), &kernels::name::<T>(base))?;
     let cg = s.c / g_code.max(1) as usize;
     let elt = T::DTYPE.size();
-    let (limit, threads) = (k.max_dynamic_smem, k.max_threads);
+    let lim = KernelLimits::of(&k);
     let plan = if cl {
-        tile_plan(TILE_BWD, s, cg, elt, k.regs, limit, threads)
-            .map(|p| (p.ct, p.threads, 0, p.smem))
+        tile_plan(TILE_BWD, s, cg, elt, lim).map(|p| (p.ct, p.threads, 0, p.smem))
     } else {
-        contig_tile_plan(s, cg, elt, k.regs, limit, threads)
-            .map(|p| (p.ct, p.threads, p.ts, p.smem))
+        contig_tile_plan(s, cg, elt, lim).map(|p| (p.ct, p.threads, p.ts, p.smem))
     };
     let Some((ct, block, ts, smem)) = plan else {
         return Ok(false);
     };
-    let tiles = s.c / ct;
-    let cfg = LaunchConfig {
-        grid_dim: (grid(s.n.saturating_mul(tiles))?, 1, 1),
-        block_dim: (block as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
+    let tl = TileLaunch::new(s, ct, cg, block, smem)?;
     let mut part = dev.alloc::<f32>(s.n * s.c * 2)?;
-    let (c_i, s_i, ct_i, cg_i, tiles_i, ts_i) = (
-        to_i32("C", s.c)?,
-        to_i32("S", s.s)?,
-        ct as i32,
-        cg as i32,
-        to_i32("C/tile", tiles)?,
-        ts as i32,
-    );
+    let ts_i = ts as i32;
     let mut b = stream.launch_builder(&k.func);
     b.arg(dy).arg(x);
     arg_or_null(&mut b, weight);
     b.arg(mean).arg(rstd).arg(&mut *dx).arg(&mut part);
-    b.arg(&c_i).arg(&s_i).arg(&ct_i).arg(&cg_i).arg(&tiles_i);
+    tl.push(&mut b);
     if !cl {
         b.arg(&ts_i);
     }
@@ -834,7 +846,7 @@ fn tile_backward<T: Element>(
     // last); dy/x/dx hold N·C·S values, mean/rstd the N·G groups (checked by the caller), part
     // N·C·2 floats; the tiling fits (tile_plan, contig_tile_plan) and the tensors are 16-byte
     // aligned.
-    unsafe { b.launch(cfg) }.map_err(launch_err)?;
+    unsafe { b.launch(tl.cfg) }.map_err(launch_err)?;
     let (n_i, one) = (s.n as i64, 1i32);
     let f = dev.function(kernels::module::<T>("planes"), "planes_grad_params_f32")?;
     let mut b = stream.launch_builder(&f);
@@ -843,7 +855,7 @@ fn tile_backward<T: Element>(
         .arg(dweight)
         .arg(dbias)
         .arg(&n_i)
-        .arg(&c_i)
+        .arg(&tl.args[0]) // C
         .arg(&one)
         .arg(&g_code);
     // SAFETY: matches planes_grad_params_f32: part holds N·C planes of one chunk, dweight/dbias C
@@ -1167,6 +1179,13 @@ pub fn planes_backward<T: Element>(
 mod tests {
     use super::*;
 
+    /// An H100's tile kernel: 64 registers (the launch bound's cap), 227 KiB of shared memory.
+    const LIM: KernelLimits = KernelLimits {
+        regs: 64,
+        smem: 227 * 1024,
+        threads: 1024,
+    };
+
     fn shape(n: usize, c: usize, sp: usize, format: MemoryFormat) -> PlaneShape {
         PlaneShape {
             n,
@@ -1179,54 +1198,44 @@ mod tests {
     #[test]
     fn one_pass_channels_last_tiles_fit_on_chip_and_take_whole_groups() {
         let nhwc = MemoryFormat::ChannelsLast;
-        let limit = 227 * 1024;
-        let plan = |n, c, sp, cg, elt| {
-            tile_plan(TILE_FWD, &shape(n, c, sp, nhwc), cg, elt, 64, limit, 1024)
-        };
-        let bwd = |n, c, sp, cg, elt| {
-            tile_plan(TILE_BWD, &shape(n, c, sp, nhwc), cg, elt, 64, limit, 1024)
-        };
+        let limit = LIM.smem;
+        let plan = |n, c, sp, cg, elt| tile_plan(TILE_FWD, &shape(n, c, sp, nhwc), cg, elt, LIM);
+        let bwd = |n, c, sp, cg, elt| tile_plan(TILE_BWD, &shape(n, c, sp, nhwc), cg, elt, LIM);
         // The standard channels-last shapes (docs/PERF.md): GroupNorm's 32 groups, InstanceNorm.
         // [32, 512, 64, 64] f16: 16-channel groups of 128 KiB, two 512-thread blocks an SM.
         let p = plan(32, 512, 64 * 64, 16, 2).unwrap();
-        assert_eq!((p.ct, p.threads), (16, 512));
         assert_eq!(p.smem, (16 + 3) * 16 * 4 + (8192 - 4 * 512) * 16);
-        // f32: 256 KiB a group, 64 KiB of it in registers of a 1024-thread block.
-        let p = plan(32, 512, 64 * 64, 16, 4).unwrap();
-        assert_eq!((p.ct, p.threads), (16, 1024));
-        // [8, 256, 128, 128]: 8-channel groups, 256 KiB in f16 (fits), 512 KiB in f32 (does not).
-        assert_eq!(
-            plan(8, 256, 128 * 128, 8, 2).map(|p| (p.ct, p.threads)),
-            Some((8, 1024))
-        );
-        assert_eq!(plan(8, 256, 128 * 128, 8, 4), None);
-        // InstanceNorm [64, 256, 32, 32]: 64 bytes of a position, four 256-thread blocks an SM.
-        assert_eq!(
-            plan(64, 256, 32 * 32, 1, 4).map(|p| (p.ct, p.threads)),
-            Some((16, 256))
-        );
-        assert_eq!(
-            plan(64, 256, 32 * 32, 1, 2).map(|p| (p.ct, p.threads)),
-            Some((32, 256))
-        );
-        // [16, 64, 256, 256]: even one pack of channels is 1 MiB a sample.
-        assert_eq!(plan(16, 64, 256 * 256, 1, 4), None);
-        // The backward holds x and dy: [32, 512, 64, 64] f16 in a 1024-thread block (64 KiB in
-        // registers, 192 KiB shared), f32 not at all; InstanceNorm [64, 256, 32, 32] in two
-        // 512-thread blocks an SM.
-        assert_eq!(
-            bwd(32, 512, 64 * 64, 16, 2).map(|p| (p.ct, p.threads)),
-            Some((16, 1024))
-        );
-        assert_eq!(bwd(32, 512, 64 * 64, 16, 4), None);
-        assert_eq!(
-            bwd(64, 256, 32 * 32, 1, 4).map(|p| (p.ct, p.threads)),
-            Some((16, 512))
-        );
-        assert_eq!(
-            bwd(64, 256, 32 * 32, 1, 2).map(|p| (p.ct, p.threads)),
-            Some((32, 512))
-        );
+        // (n, c, s, channels a group, bytes a value) -> forward and backward (ct, threads).
+        #[rustfmt::skip]
+        let cases = [
+            // f32: 256 KiB a group, 64 KiB of it in the registers of a 1024-thread block; the
+            // backward (x and dy: 512 KiB) does not fit. f16: the backward's x and dy in a
+            // 1024-thread block (64 KiB in registers, 192 KiB shared).
+            ((32, 512, 64 * 64, 16, 2), Some((16, 512)), Some((16, 1024))),
+            ((32, 512, 64 * 64, 16, 4), Some((16, 1024)), None),
+            // [8, 256, 128, 128]: 8-channel groups, 256 KiB in f16 (the forward fits).
+            ((8, 256, 128 * 128, 8, 2), Some((8, 1024)), None),
+            ((8, 256, 128 * 128, 8, 4), None, None),
+            // InstanceNorm [64, 256, 32, 32]: 64 bytes of a position, four 256-thread blocks an
+            // SM forward, two 512-thread blocks backward.
+            ((64, 256, 32 * 32, 1, 4), Some((16, 256)), Some((16, 512))),
+            ((64, 256, 32 * 32, 1, 2), Some((32, 256)), Some((32, 512))),
+            // [16, 64, 256, 256]: even one pack of channels is 1 MiB a sample.
+            ((16, 64, 256 * 256, 1, 4), None, None),
+        ];
+        for ((n, c, sp, cg, elt), f, b) in cases {
+            let ctt = |p: Option<TilePlan>| p.map(|p| (p.ct, p.threads));
+            assert_eq!(
+                ctt(plan(n, c, sp, cg, elt)),
+                f,
+                "forward {n} {c} {sp} {cg} {elt}"
+            );
+            assert_eq!(
+                ctt(bwd(n, c, sp, cg, elt)),
+                b,
+                "backward {n} {c} {sp} {cg} {elt}"
+            );
+        }
         // Channels that are not whole packs, and empty inputs, take the multi-launch path.
         assert_eq!(plan(2, 6, 100, 3, 4), None);
         assert_eq!(plan(0, 8, 100, 1, 4), None);
@@ -1265,10 +1274,9 @@ mod tests {
     #[test]
     fn contiguous_one_pass_backward_tiles_hold_whole_groups_of_x_and_dy() {
         let nchw = MemoryFormat::Contiguous;
-        let limit = 227 * 1024;
+        let limit = LIM.smem;
         let plan = |n, c, sp, cg, elt| {
-            contig_tile_plan(&shape(n, c, sp, nchw), cg, elt, 64, limit, 1024)
-                .map(|p| (p.ct, p.threads, p.ts))
+            contig_tile_plan(&shape(n, c, sp, nchw), cg, elt, LIM).map(|p| (p.ct, p.threads, p.ts))
         };
         // GroupNorm [32, 512, 64, 64] f16: a 16-plane group of x and dy (256 KiB), 64 KiB in the
         // registers of a 1 024-thread block in teams of 64; f32 (512 KiB) does not fit.
@@ -1292,8 +1300,7 @@ mod tests {
                             if c % cg != 0 {
                                 continue;
                             }
-                            let Some(p) =
-                                contig_tile_plan(&shape(n, c, sp, nchw), cg, elt, 64, limit, 1024)
+                            let Some(p) = contig_tile_plan(&shape(n, c, sp, nchw), cg, elt, LIM)
                             else {
                                 continue;
                             };
