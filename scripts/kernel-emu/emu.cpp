@@ -522,14 +522,14 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
     }
     if (!eval && G > 0 && !cl && S % PN == 0) {
         // The contiguous one-pass backward (planes/cuda.rs tile_backward, contig_tile_plan):
-        // every tile of whole groups dividing C, on blocks of 32 to 128 threads in teams of 32 or
-        // 64 that divide the tile's planes and the plane's packs, against the reference (the
-        // statistics from the forward above).
+        // every tile of whole groups dividing C, on blocks of 32 to 256 threads in teams of 32 to
+        // 256 that divide the tile's planes and the plane's packs (the host's blocks start at 128),
+        // against the reference (the statistics from the forward above).
         const int Cg = C / G, sp = (int)(S / PN);
         for (int ct = Cg; ct <= C; ct += Cg) {
             if (C % ct) continue;
-            for (unsigned threads : {32u, 64u, 128u})
-                for (int ts : {32, 64}) {
+            for (unsigned threads : {32u, 64u, 128u, 256u})
+                for (int ts : {32, 64, 128, 256}) {
                     const int teams = (int)threads / ts;
                     if (ts > (int)threads || ct % teams || sp % ts) continue;
                     const size_t units = (size_t)ct * sp / threads, held = TILE_BWD_KR;

@@ -1272,6 +1272,32 @@ mod tests {
     }
 
     #[test]
+    fn host_constants_mirror_the_kernels_defines() {
+        let src = include_str!("../../../kernels/planes.cu");
+        let defined = |name: &str| -> Vec<String> {
+            src.lines()
+                .filter_map(|l| {
+                    let t: Vec<&str> = l.split_whitespace().collect();
+                    (t.len() >= 3 && t[0] == "#define" && t[1] == name).then(|| t[2].to_string())
+                })
+                .collect()
+        };
+        for (name, v) in [
+            ("TILE_KR", TILE_FWD.held),
+            ("TILE_BWD_KR", TILE_BWD.held),
+            ("FIN_WARP_ITEMS", FIN_WARP_ITEMS),
+            ("FIN_WARPS", FIN_WARPS),
+            ("UNROLL", APPLY_UNROLL),
+        ] {
+            assert_eq!(
+                defined(name),
+                vec![v.to_string()],
+                "planes.cu #define {name}"
+            );
+        }
+    }
+
+    #[test]
     fn contiguous_one_pass_backward_tiles_hold_whole_groups_of_x_and_dy() {
         let nchw = MemoryFormat::Contiguous;
         let limit = LIM.smem;
