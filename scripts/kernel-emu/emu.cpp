@@ -309,6 +309,13 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
     // Logical (n, c, s) data, stored physically per layout.
     auto xl = widen(cast<T>(randn(numel, 11, 0.5))), gl = widen(cast<T>(randn(numel, 12)));
     auto phys = [&](long n, int c, long s) { return cl ? (n * S + s) * C + c : (n * C + c) * S + s; };
+    // A tensor as stored, widened in logical (n, c, s) order.
+    auto logical = [&](const std::vector<T>& v) {
+        std::vector<double> o(numel);
+        for (long n = 0; n < N; ++n) for (int c = 0; c < C; ++c) for (long s = 0; s < S; ++s)
+            o[(n * C + c) * S + s] = tf(v[phys(n, c, s)]);
+        return o;
+    };
     std::vector<double> xp(numel), gp(numel);
     for (long n = 0; n < N; ++n) for (int c = 0; c < C; ++c) for (long s = 0; s < S; ++s) {
         xp[phys(n, c, s)] = xl[(n * C + c) * S + s];
@@ -458,11 +465,7 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
             r.db[c] += gl[i];
         }
     }
-    std::vector<double> yl(numel), dxl(numel);
-    for (long n = 0; n < N; ++n) for (int c = 0; c < C; ++c) for (long s = 0; s < S; ++s) {
-        yl[(n * C + c) * S + s] = tf(y[phys(n, c, s)]);
-        dxl[(n * C + c) * S + s] = tf(dx[phys(n, c, s)]);
-    }
+    const std::vector<double> yl = logical(y), dxl = logical(dx);
     auto round = [](const std::vector<double>& v) { return widen(cast<T>(v)); };
     expect(tag + " y", yl, round(r.y), tol_abs<T>(), tol_rel<T>());
     if (!eval) {
@@ -490,13 +493,11 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
                 emu_launch({(unsigned)(N * (C / ct))}, {threads}, smem, [&] {
                     planes_tile_fwd<T>(x.data(), y2.data(), w.data(), b.data(), m2.data(), r2.data(), v2.data(), C, (int)S, ct, Cg, C / ct, eps, 1);  // the NaN-mean flag as the finalize above (finite inputs)
                 });
-                std::vector<double> y2l(numel), vref(groups);
-                for (long n = 0; n < N; ++n) for (int c = 0; c < C; ++c) for (long s = 0; s < S; ++s)
-                    y2l[(n * C + c) * S + s] = tf(y2[phys(n, c, s)]);
+                std::vector<double> vref(groups);
                 const double cnt = (double)S * Cg;
                 for (size_t gi = 0; gi < groups; ++gi) vref[gi] = (1 / (r.rstd[gi] * r.rstd[gi]) - eps) * cnt / (cnt - 1);
                 const std::string tt = tag + " tile ct=" + std::to_string(ct) + " threads=" + std::to_string(threads);
-                expect(tt + " y", y2l, round(r.y), tol_abs<T>(), tol_rel<T>());
+                expect(tt + " y", logical(y2), round(r.y), tol_abs<T>(), tol_rel<T>());
                 expect(tt + " mean", widen(m2), r.mean, 1e-5, 1e-5);
                 expect(tt + " rstd", widen(r2), r.rstd, 1e-5, 1e-4);
                 if (cnt > 1) expect(tt + " varu", widen(v2), vref, 1e-5, 1e-4);
@@ -510,10 +511,7 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
                     planes_tile_bwd<T>(g.data(), x.data(), w.data(), m2.data(), r2.data(), dx2.data(), part.data(), C, (int)S, ct, Cg, C / ct);
                 });
                 emu_launch({(unsigned)C}, {256}, 0, [&] { planes_grad_params_f32(part.data(), r2.data(), dw2.data(), db2.data(), N, C, 1, G); });
-                std::vector<double> dx2l(numel);
-                for (long n = 0; n < N; ++n) for (int c = 0; c < C; ++c) for (long s = 0; s < S; ++s)
-                    dx2l[(n * C + c) * S + s] = tf(dx2[phys(n, c, s)]);
-                expect(tt + " dx", dx2l, round(r.dx), tol_abs<T>() * 5, tol_rel<T>() * 5);
+                expect(tt + " dx", logical(dx2), round(r.dx), tol_abs<T>() * 5, tol_rel<T>() * 5);
                 expect(tt + " dweight", widen(dw2), r.dw, 1e-3, 1e-4);
                 expect(tt + " dbias", widen(db2), r.db, 1e-3, 1e-4);
                 ++tile_cases;

@@ -84,8 +84,13 @@ pub(crate) fn block_threads(k: &Kernel, want: usize) -> u32 {
 /// an SM, allocated in multiples of 8 a thread) and threads (2 048 an SM, as on sm_80 and sm_90;
 /// fewer on sm_86/sm_89, where the estimate is high and a grid gets more waves); at least 1.
 pub(crate) fn resident_blocks(k: &Kernel, threads: usize) -> usize {
+    resident_blocks_of(k.regs, threads)
+}
+
+/// [`resident_blocks`] for a kernel of `regs` registers a thread.
+pub(crate) fn resident_blocks_of(regs: u32, threads: usize) -> usize {
     let threads = threads.max(1);
-    let regs = (k.regs.max(1) as usize).next_multiple_of(8);
+    let regs = (regs.max(1) as usize).next_multiple_of(8);
     (65_536 / (regs * threads)).min(2_048 / threads).max(1)
 }
 

@@ -13,7 +13,8 @@ use cudarc::driver::{CudaView, CudaViewMut, LaunchArgs, LaunchConfig, PushKernel
 
 use super::{Grouping, PlaneShape, Running, Source, TensorSource};
 use crate::cuda::launch::{
-    aligned16, arg_or_null, check_len, grid, launch_err, pack, resident_blocks, row_len, to_i32,
+    aligned16, arg_or_null, check_len, grid, launch_err, pack, resident_blocks, resident_blocks_of,
+    row_len, to_i32,
 };
 use crate::cuda::{CudaDevice, Kernel};
 use crate::dtype::Element;
@@ -384,13 +385,11 @@ impl KernelLimits {
     }
 }
 
-/// Blocks of a tile kernel an SM holds: by registers (65 536 an SM, `regs` a thread in multiples
-/// of 8), threads (2 048) and shared memory (`smem` a block plus 1 KiB the system reserves, of
-/// `smem_limit` + 1 KiB); at least 1.
+/// Blocks of a tile kernel an SM holds: by registers and threads ([`resident_blocks_of`]) and by
+/// shared memory (`smem` a block plus 1 KiB the system reserves, of `smem_limit` + 1 KiB); at
+/// least 1.
 fn tile_blocks(regs: u32, threads: usize, smem: usize, smem_limit: usize) -> usize {
-    let regs = (regs.max(1) as usize).next_multiple_of(8);
-    (65_536 / (regs * threads))
-        .min(2_048 / threads)
+    resident_blocks_of(regs, threads)
         .min((smem_limit + 1024) / (smem + 1024))
         .max(1)
 }
