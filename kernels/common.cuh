@@ -269,6 +269,76 @@ __device__ __forceinline__ float block_reduce_sum(float v, float* scratch) {
     return warp_reduce_sum(v);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Thread-block clusters (sm_90): the blocks of a cluster run at once on one GPC and read each
+// other's shared memory. A kernel declares its cluster size with __cluster_dims__ (the host
+// launches it as any other; the grid is whole clusters, one dimension here) through
+// CUNORM_CLUSTER_DIMS. Below sm_90 that is empty and these compile to a cluster of one block
+// (the host never launches a cluster kernel there).
+#if __CUDA_ARCH__ >= 900
+#define CUNORM_CLUSTER_DIMS(n) __cluster_dims__(n, 1, 1)
+#else
+#define CUNORM_CLUSTER_DIMS(n)
+#endif
+// cluster-primitives-begin (scripts/kernel-emu/prep.py swaps this block for the emulator's)
+__device__ __forceinline__ unsigned cluster_rank() {
+#if __CUDA_ARCH__ >= 900
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+#else
+    return 0;
+#endif
+}
+__device__ __forceinline__ unsigned cluster_blocks() {
+#if __CUDA_ARCH__ >= 900
+    unsigned n;
+    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(n));
+    return n;
+#else
+    return 1;
+#endif
+}
+// Every thread of every block of the cluster arrives (release: its shared-memory writes become
+// visible cluster-wide) and waits for all the others (acquire). Also a block barrier.
+__device__ __forceinline__ void cluster_sync() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+    __syncthreads();
+#endif
+}
+// The f32 at the same shared-memory offset as `p` (this block's shared memory) in the block of
+// cluster rank `rank` (distributed shared memory).
+__device__ __forceinline__ float cluster_load(const float* p, unsigned rank) {
+#if __CUDA_ARCH__ >= 900
+    float v;
+    asm volatile(
+        "{\n\t.reg .u64 g;\n\t.reg .u32 s, d;\n\tcvta.to.shared.u64 g, %1;\n\tcvt.u32.u64 s, g;\n\t"
+        "mapa.shared::cluster.u32 d, s, %2;\n\tld.shared::cluster.f32 %0, [d];\n\t}"
+        : "=f"(v) : "l"(p), "r"(rank) : "memory");
+    return v;
+#else
+    return *p;
+#endif
+}
+// cluster-primitives-end
+
+// The sum over a cluster of each thread's `v`, every thread of the cluster getting the same bits:
+// the block's sum (block_reduce_sum, fixed order) into shared slot red[slot], a cluster barrier,
+// then the blocks' sums added in rank order. red holds 32 floats of block scratch and the slots
+// past them. A slot may be written again only after a later cluster_sync (the next reduction's
+// or a final one): another block may still be reading it.
+__device__ __forceinline__ float cluster_reduce_sum(float v, float* red, int slot) {
+    v = block_reduce_sum(v, red);
+    if (threadIdx.x == 0) red[slot] = v;
+    cluster_sync();
+    float t = 0.f;
+    const unsigned n = cluster_blocks();
+    for (unsigned r = 0; r < n; ++r) t += cluster_load(red + slot, r);
+    return t;
+}
+
 // Instantiates an extern "C" entry point per dtype: NAME_f32, NAME_f16, NAME_bf16. A file
 // compiled as one module per dtype (first line `// cunorm-module: per-dtype`; build.rs names the
 // modules <file>.f32, <file>.f16, <file>.bf16) is compiled with CUNORM_ONLY_<DTYPE> defined:

@@ -37,6 +37,39 @@ __device__ __forceinline__ float row_dx(float g, float xh, const float* w, float
     return rs * (row_u(g, w, wv) - m1 - xh * m2);
 }
 
+// y of pack p of a row (16 bytes of x in `in`): (x − mean)·rstd, then times the weight and plus
+// the bias of its columns (seg == 1: 16-byte parameter loads) or of its segment (one parameter
+// for the pack: a pack never straddles two segments); the parameters start at p0.
+template <typename T>
+__device__ __forceinline__ Pack<T> row_affine_pack(const Pack<T>& in, int p, int p0, int seg,
+                                                   const float* __restrict__ w,
+                                                   const float* __restrict__ b, float mean,
+                                                   float rstd) {
+    const int PN = Pack<T>::N;
+    Pack<T> out;
+    float wv[PN], bv[PN];
+    if (seg == 1) {
+        load_params<PN>(wv, w, p0 + p * PN, PN, 1.f);
+        load_params<PN>(bv, b, p0 + p * PN, PN, 0.f);
+    } else {
+        const int q = p0 + p * PN / seg;
+        const float wq = w ? w[q] : 1.f, bq = b ? b[q] : 0.f;
+#pragma unroll
+        for (int i = 0; i < PN; ++i) {
+            wv[i] = wq;
+            bv[i] = bq;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < PN; ++i) {
+        float o = (to_float(in.v[i]) - mean) * rstd;
+        if (w) o *= wv[i];
+        if (b) o += bv[i];
+        out.v[i] = from_float<T>(o);
+    }
+    return out;
+}
+
 // Forward. One block per row, grid-stride over rows; threads map to 16-byte packs (scalar
 // path when the row is misaligned or cols is not a multiple of the pack). Statistics are f32,
 // merged in a fixed tree: two passes over the cached row (LayerNorm/GroupNorm with `cache`),
@@ -167,30 +200,7 @@ __device__ __forceinline__ void rows_fwd(const T* __restrict__ x, T* __restrict_
             const Pack<T>* xp = reinterpret_cast<const Pack<T>*>(xr);
             Pack<T>* yp = reinterpret_cast<Pack<T>*>(yr);
             auto apply = [&](int p, const Pack<T>& in) {
-                Pack<T> out;
-                // Per column (seg == 1): 16-byte parameter loads; per segment: one parameter
-                // for the whole pack (a pack never straddles two segments).
-                float wv[PN], bv[PN];
-                if (seg == 1) {
-                    load_params<PN>(wv, w, p0 + p * PN, PN, 1.f);
-                    load_params<PN>(bv, b, p0 + p * PN, PN, 0.f);
-                } else {
-                    const int q = p0 + p * PN / seg;
-                    const float wq = w ? w[q] : 1.f, bq = b ? b[q] : 0.f;
-#pragma unroll
-                    for (int i = 0; i < PN; ++i) {
-                        wv[i] = wq;
-                        bv[i] = bq;
-                    }
-                }
-#pragma unroll
-                for (int i = 0; i < PN; ++i) {
-                    float o = (to_float(in.v[i]) - mean) * rstd;
-                    if (w) o *= wv[i];
-                    if (b) o += bv[i];
-                    out.v[i] = from_float<T>(o);
-                }
-                yp[p] = out;
+                yp[p] = row_affine_pack(in, p, p0, seg, w, b, mean, rstd);
             };
 #pragma unroll
             for (int k = 0; k < KR; ++k) {
@@ -887,6 +897,94 @@ extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, floa
     out[(i64)blockIdx.y * cols + j] = s;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Cluster forward: rows too long for one block to hold without leaving its SM idle while it
+// reduces (a block holding 128 KiB or more keeps an SM to itself, its loads stopped during
+// each reduction). A cluster of CS blocks (__cluster_dims__) takes a row: thread t of rank r
+// holds packs r·B + t + k·CS·B (B = blockDim.x, k < ROWS_CLUSTER_K) in registers, all loads
+// issued before any is used. Statistics take two passes over the registers (LayerNorm/GroupNorm:
+// Σx, then Σ(x − mean)²; RMSNorm: Σx²), each summed in the block and then over the blocks in
+// rank order through distributed shared memory (cluster_reduce_sum), so every block has the
+// same bits and x is read once. Blocks are small (the host picks 256 or 512 threads), so
+// several clusters share an SM and one's loads overlap another's reductions. Clusters stride
+// over the rows. Rows of whole 16-byte packs, 16-byte aligned (the host checks). Arguments,
+// `seg`/`cycle` and the statistics as rows_fwd's; shared memory: 34 floats, dynamic (the
+// emulator runs a cluster's blocks together and gives each block its own dynamic shared
+// memory only).
+#define ROWS_CLUSTER_K 8
+template <typename T, bool CENTER>
+__device__ __forceinline__ void rows_fwd_cluster(const T* __restrict__ x, T* __restrict__ y,
+                                                 const float* __restrict__ w,
+                                                 const float* __restrict__ b,
+                                                 float* __restrict__ mean_out,
+                                                 float* __restrict__ rstd_out,
+                                                 float* __restrict__ varu_out, i64 rows, int cols,
+                                                 int seg, int cycle, float eps, int nan_inf_mean) {
+    extern __shared__ __align__(16) unsigned char cluster_red_bytes[];
+    float* red = reinterpret_cast<float*>(cluster_red_bytes);
+    const int PN = Pack<T>::N;
+    const int cs = (int)cluster_blocks();
+    const int P = cols / PN, step = cs * (int)blockDim.x;
+    const int first = (int)cluster_rank() * (int)blockDim.x + (int)threadIdx.x;
+    const FastDiv dcycle = fast_div(cycle);
+    // The reductions alternate between slots 32 and 33: a slot is written again only after the
+    // next reduction's cluster barrier, which every block passes after reading it.
+    int slot = 32;
+    for (i64 row = blockIdx.x / cs; row < rows; row += gridDim.x / cs) {
+        const Pack<T>* xp = reinterpret_cast<const Pack<T>*>(x + row * (i64)cols);
+        Pack<T>* yp = reinterpret_cast<Pack<T>*>(y + row * (i64)cols);
+        Pack<T> held[ROWS_CLUSTER_K];
+#pragma unroll
+        for (int k = 0; k < ROWS_CLUSTER_K; ++k) {
+            const int p = first + k * step;
+            if (p < P) held[k] = xp[p];
+        }
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < ROWS_CLUSTER_K; ++k)
+            if (first + k * step < P) {
+#pragma unroll
+                for (int i = 0; i < PN; ++i) {
+                    const float v = to_float(held[k].v[i]);
+                    s += CENTER ? v : v * v;
+                }
+            }
+        float mean = 0.f, m2 = s;
+        if (CENTER) {
+            mean = cluster_reduce_sum(s, red, slot) / (float)cols;
+            slot ^= 1;
+            m2 = 0.f;
+#pragma unroll
+            for (int k = 0; k < ROWS_CLUSTER_K; ++k)
+                if (first + k * step < P) {
+#pragma unroll
+                    for (int i = 0; i < PN; ++i) {
+                        const float d = to_float(held[k].v[i]) - mean;
+                        m2 += d * d;
+                    }
+                }
+        }
+        const float t_m2 = cluster_reduce_sum(m2, red, slot);
+        slot ^= 1;
+        const float rstd = rsqrtf(t_m2 / (float)cols + eps);
+        if (first == 0) {
+            if (CENTER) mean_out[row] = nan_inf_mean ? nan_if_inf(mean) : mean;
+            rstd_out[row] = rstd;
+            if (varu_out) varu_out[row] = t_m2 / (float)(cols - 1);
+        }
+        i64 in_cycle;
+        div_of(row, dcycle, &in_cycle);
+        const int p0 = (int)in_cycle * (cols / seg);
+#pragma unroll
+        for (int k = 0; k < ROWS_CLUSTER_K; ++k) {
+            const int p = first + k * step;
+            if (p < P) yp[p] = row_affine_pack(held[k], p, p0, seg, w, b, mean, rstd);
+        }
+    }
+    // No block exits while another of its cluster may still read its slots.
+    cluster_sync();
+}
+
 #define ROWS_ENTRIES(T, NAME)                                                                   \
     extern "C" __global__ void layer_norm_fwd_##NAME(                                           \
         const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, i64 rows,   \
@@ -951,6 +1049,35 @@ extern "C" __global__ void rows_col_sum_f32(const float* __restrict__ part, floa
                                        eps, cache, nan_inf_mean);                               \
     }
 
+// The cluster forward (rows_fwd_cluster), clusters of KM = 4 or 8 blocks (src/ops/rows/cuda.rs
+// `cluster_plan`: 2 blocks of 256 threads would hold 64 KiB, never more than the rows it takes)
+// of up to 512 threads (sm_90 on:
+// below, CUNORM_CLUSTER_DIMS is empty and the host never launches them); the
+// block-per-row kernels' arguments (`cache` unused), so one launch serves them all. The `1`
+// (one block an SM at least) lets ptxas use up to 128 registers: with the cluster dimensions
+// alone it held the f32 kernels to 64 and spilled (NVRTC 13.5).
+#define ROWS_CLUSTER_FWD(T, NAME, KM)                                                           \
+    extern "C" __global__ void CUNORM_CLUSTER_DIMS(KM) __launch_bounds__(512, 1)             \
+        layer_norm_fwd_cluster##KM##_##NAME(const T* x, T* y, const float* w, const float* b,   \
+                                            float* mean, float* rstd, i64 rows, int cols,       \
+                                            float eps, int cache) {                             \
+        rows_fwd_cluster<T, true>(x, y, w, b, mean, rstd, 0, rows, cols, 1, 1, eps, 1);        \
+    }                                                                                           \
+    extern "C" __global__ void CUNORM_CLUSTER_DIMS(KM) __launch_bounds__(512, 1)             \
+        rms_norm_fwd_cluster##KM##_##NAME(const T* x, T* y, const float* w, float* rstd,        \
+                                          i64 rows, int cols, float eps, int cache) {           \
+        rows_fwd_cluster<T, false>(x, y, w, 0, 0, rstd, 0, rows, cols, 1, 1, eps, 0);          \
+    }                                                                                           \
+    extern "C" __global__ void CUNORM_CLUSTER_DIMS(KM) __launch_bounds__(512, 1)             \
+        group_norm_fwd_cluster##KM##_##NAME(const T* x, T* y, const float* w, const float* b,   \
+                                            float* mean, float* rstd, float* varu, i64 rows,    \
+                                            int cols, int seg, int cycle, float eps, int cache, \
+                                            int nan_inf_mean) {                                 \
+        rows_fwd_cluster<T, true>(x, y, w, b, mean, rstd, varu, rows, cols, seg, cycle, eps,   \
+                                  nan_inf_mean);                                                \
+    }
+#define ROWS_CLUSTER_ENTRIES(T, NAME) ROWS_CLUSTER_FWD(T, NAME, 4) ROWS_CLUSTER_FWD(T, NAME, 8)
+
 #define ROWS_REG_FWD(T, NAME, KM)                                                               \
     extern "C" __global__ void layer_norm_fwd_reg##KM##_##NAME(                                  \
         const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, i64 rows,   \
@@ -1007,6 +1134,7 @@ CUNORM_FOR_DTYPES(ROWS_ENTRIES)
 CUNORM_FOR_DTYPES(ROWS_WIDE_ENTRIES)
 CUNORM_FOR_DTYPES(ROWS_REG_ENTRIES_K)
 CUNORM_FOR_DTYPES(ROWS_TEAM_ENTRIES)
+CUNORM_FOR_DTYPES(ROWS_CLUSTER_ENTRIES)
 #if CUNORM_WITH_F32
 ROWS_REG_FWD(float, f32, 2)
 ROWS_REG_FWD(float, f32, 4)

@@ -12,7 +12,8 @@
 #           each forced row path (CUNORM_ROWS_PATH=block, =long, =reg: bench-rows-*.json), and
 #           BatchNorm with a block per plane (CUNORM_PLANES_PER_BLOCK=1: bench-plane-per-block.json),
 #           GroupNorm/InstanceNorm without the one-pass channels-last kernels (CUNORM_PLANES_TILE=0:
-#           bench-plane-tile-off.json);
+#           bench-plane-tile-off.json), the four row-kernel ops without the cluster forward
+#           (CUNORM_ROWS_CLUSTER=0: bench-rows-cluster-off.json);
 # sanitize: compute-sanitizer memcheck, initcheck, synccheck, racecheck over the CUDA sweep
 #           (CUNORM_CHECK_QUICK=1);
 # profile:  ncu (SpeedOfLight, MemoryWorkloadAnalysis, Occupancy) over the first launch of every
@@ -105,9 +106,9 @@ if has verify; then
     run 60 "check-team-k$k" env CUNORM_TEAM_KMAX=$k "$here/cunorm" check --quick
   done
   # A block per plane in the contiguous BatchNorm reductions (the layout before several planes a
-  # block) and the multi-launch channels-last GroupNorm/InstanceNorm forward and backward, as the
-  # perf group times them.
-  run 60 check-plane-per-block env CUNORM_PLANES_PER_BLOCK=1 CUNORM_PLANES_TILE=0 \
+  # block), the multi-launch channels-last GroupNorm/InstanceNorm forward and backward, and rows
+  # of more than 64 KiB without the cluster forward, as the perf group times them.
+  run 60 check-plane-per-block env CUNORM_PLANES_PER_BLOCK=1 CUNORM_PLANES_TILE=0 CUNORM_ROWS_CLUSTER=0 \
     "$here/cunorm" check --quick
   run 30 demo-cuda "$here/cunorm" demo --device cuda
   run 30 demo-cuda-json "$here/cunorm" demo --device cuda --json
@@ -152,6 +153,11 @@ if has perf; then
     "${bench_args[@]}" --json-out "$out/bench-plane-per-block.json"
   run 45 bench-plane-tile-off env CUNORM_PLANES_TILE=0 "$here/cunorm" bench \
     --ops group_norm,instance_norm "${bench_args[@]}" --json-out "$out/bench-plane-tile-off.json"
+  # Rows (and contiguous groups) of more than 64 KiB through the block-per-row and wide forwards,
+  # against the cluster forward in bench.json.
+  run 60 bench-rows-cluster-off env CUNORM_ROWS_CLUSTER=0 "$here/cunorm" bench \
+    --ops layer_norm,rms_norm,group_norm,instance_norm "${bench_args[@]}" \
+    --json-out "$out/bench-rows-cluster-off.json"
 fi
 
 if has sanitize; then

@@ -131,6 +131,8 @@ struct Entry {
     // Copies the arguments from the driver's parameter array (as the driver does at launch) and
     // returns the kernel call; fails when a pointer argument is outside device memory.
     std::function<bool(void**, std::function<void()>*, std::string*)> bind;
+    // Blocks per cluster the kernel declares (__cluster_dims__; prep.py reads it from the source).
+    unsigned cluster = 1;
 };
 
 template <class... A, size_t... I>
@@ -154,8 +156,10 @@ Entry entry_impl(void (*f)(A...), std::index_sequence<I...>) {
     };
     return e;
 }
-template <class... A> Entry emu_entry(void (*f)(A...)) {
-    return entry_impl(f, std::index_sequence_for<A...>{});
+template <class... A> Entry emu_entry(void (*f)(A...), unsigned cluster) {
+    Entry e = entry_impl(f, std::index_sequence_for<A...>{});
+    e.cluster = cluster;
+    return e;
 }
 
 const std::map<std::string, Entry>& registry() {
@@ -680,6 +684,12 @@ API cuLaunchKernel(void* fp, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                  " B; opt in with cuFuncSetAttribute): " + cfg);
         return CUDA_ERROR_INVALID_VALUE;
     }
+    // A kernel with compile-time cluster dimensions takes a grid of whole clusters.
+    const unsigned cluster = f->entry->cluster;
+    if (cluster > 1 && (gx % cluster != 0 || threads * cluster > 8 * 1024)) {
+        complain("cluster launch with a grid that is not whole clusters of " + std::to_string(cluster) + ": " + cfg);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
     std::function<void()> call;
     std::string err;
     if (!f->entry->bind(params, &call, &err)) {
@@ -688,10 +698,34 @@ API cuLaunchKernel(void* fp, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
     }
     ++launch_counts[f->name];
 #ifdef EMU_TRAFFIC
-    traffic_launch(f->name, [&] { emu_launch({gx, gy, gz}, {bx, by, bz}, smem, call); });
+    traffic_launch(f->name, [&] { emu_launch({gx, gy, gz}, {bx, by, bz}, smem, call, cluster); });
 #else
-    emu_launch({gx, gy, gz}, {bx, by, bz}, smem, call);
+    emu_launch({gx, gy, gz}, {bx, by, bz}, smem, call, cluster);
 #endif
+    return CUDA_SUCCESS;
+}
+
+// The clusters of a launch configuration that can be resident at once: blocks an SM by
+// registers, threads and shared memory (as max_threads), over the SMs, in whole clusters; a
+// cluster of more than 8 blocks (non-portable, which cunorm never asks for) gets 0.
+struct LaunchConfigView {
+    unsigned gx, gy, gz, bx, by, bz, smem;
+    void* stream;
+    void* attrs;
+    unsigned nattrs;
+};
+API cuOccupancyMaxActiveClusters(int* n, void* fp, const LaunchConfigView* c) {
+    LOCK;
+    auto* f = (Function*)fp;
+    const unsigned cluster = f->entry->cluster;
+    const int threads = (int)(c->bx * c->by * c->bz);
+    if (!n || threads <= 0 || threads > max_threads(f->info.regs)) return CUDA_ERROR_INVALID_VALUE;
+    const int per_warp = ((std::max(f->info.regs, 1) * 32 + 255) / 256) * 256;
+    const int warps = (threads + 31) / 32;
+    int blocks = std::min(65536 / (per_warp * warps), 2048 / threads);
+    const int smem = (int)c->smem + f->info.static_smem;
+    if (smem > 0) blocks = std::min(blocks, max_smem_optin() / smem);
+    *n = cluster > 8 ? 0 : blocks * sms() / (int)cluster;
     return CUDA_SUCCESS;
 }
 

@@ -60,9 +60,10 @@ echo "   reverse order (a race changes results), ${fma[*]:-no FMA}"
 FAKECUDA_ORDER=reverse FAKECUDA_SMS=132 LD_LIBRARY_PATH="$build/fma${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   "$test_bin" --test-threads 2 cuda::cuda_matches_cpu_everywhere
 
-echo "-- cunorm check with 99 KiB of opt-in shared memory per block (an sm_86/sm_89 GPU's): rows"
-echo "   of 99 KiB to 227 KiB take the kernels for rows beyond shared memory"
-FAKECUDA_SMEM_OPTIN=101376 plain target/release/cunorm check --quick > "$build/check.txt"
+echo "-- cunorm check with 99 KiB of opt-in shared memory per block and no clusters (an sm_86/"
+echo "   sm_89 GPU's; CUNORM_ROWS_CLUSTER=0): rows of 99 KiB to 227 KiB take the kernels for rows"
+echo "   beyond shared memory"
+FAKECUDA_SMEM_OPTIN=101376 CUNORM_ROWS_CLUSTER=0 plain target/release/cunorm check --quick > "$build/check.txt"
 tail -n 3 "$build/check.txt"
 
 echo "-- cunorm check with the row paths forced (CUNORM_ROWS_PATH): block-per-row forwards,"
@@ -77,10 +78,12 @@ for k in 2 8; do
   tail -n 1 "$build/check-team-kmax$k.txt"
 done
 
-echo "-- cunorm check with a block per plane in the contiguous BatchNorm reductions and the"
-echo "   multi-launch channels-last GroupNorm/InstanceNorm (CUNORM_PLANES_PER_BLOCK=1,"
-echo "   CUNORM_PLANES_TILE=0: the layouts before several planes a block and the one-pass tiles)"
-CUNORM_PLANES_PER_BLOCK=1 CUNORM_PLANES_TILE=0 plain target/release/cunorm check --quick > "$build/check-plane-per-block.txt"
+echo "-- cunorm check with a block per plane in the contiguous BatchNorm reductions, the"
+echo "   multi-launch channels-last GroupNorm/InstanceNorm and no cluster forward"
+echo "   (CUNORM_PLANES_PER_BLOCK=1, CUNORM_PLANES_TILE=0, CUNORM_ROWS_CLUSTER=0: the layouts"
+echo "   before several planes a block and the one-pass tiles; rows of more than 64 KiB through the"
+echo "   block-per-row and wide forwards)"
+CUNORM_PLANES_PER_BLOCK=1 CUNORM_PLANES_TILE=0 CUNORM_ROWS_CLUSTER=0 plain target/release/cunorm check --quick > "$build/check-plane-per-block.txt"
 tail -n 1 "$build/check-plane-per-block.txt"
 
 echo "-- cunorm bench smoke run (events, copy reference, L2 flush, JSON; timings meaningless)"

@@ -20,16 +20,16 @@ struct EmuTraffic {
     const unsigned char* big = nullptr;
     int ranges = 0;
     bool on = false;              // counting (only while a kernel runs)
-    unsigned cur = 0;             // the running thread of the block (the shim's fiber index)
+    unsigned cur = 0;             // the running thread (the shim's fiber index, < EMU_MAX_FIBERS)
     unsigned long long loaded = 0, stored = 0;  // bytes, this launch
     unsigned long long max_thread = 0;          // most accesses by one thread, this launch
-    unsigned thread_accesses[1024] = {};        // per thread of the running block
+    unsigned thread_accesses[8192] = {};        // per thread of the running block (or cluster)
     // Per thread: the 16-byte chunk (address / 16 + 1; 0 for none) and direction of its last
     // access. GCC lowers a kernel's 16-byte Pack access to several narrower ones (a struct
     // returned in two registers, or one access per element once it scalarizes the struct);
     // consecutive pieces of one thread within one chunk count as one access (and so do a
     // scalar fallback's consecutive element accesses to one chunk, which a GPU issues apart).
-    uintptr_t last_chunk[1024] = {};
-    bool last_store[1024] = {};
+    uintptr_t last_chunk[8192] = {};
+    bool last_store[8192] = {};
 };
 extern "C" EmuTraffic emu_traffic;

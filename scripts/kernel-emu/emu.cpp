@@ -10,7 +10,8 @@
 #include <string>
 #include <type_traits>
 
-static int failures = 0, checks = 0, multi_plane_cases = 0, merged_cases = 0, tile_cases = 0, contig_tile_cases = 0;
+static int failures = 0, checks = 0, multi_plane_cases = 0, merged_cases = 0, tile_cases = 0, contig_tile_cases = 0,
+           cluster_cases = 0;
 static const int SMS = 3;  // a small "GPU" so grid-stride loops and chunking are exercised
 static const size_t SMEM_OPTIN = 227 * 1024;  // H100's opt-in shared memory per block
 
@@ -185,6 +186,29 @@ void rows_case(size_t rows, int cols, bool center, bool affine) {
         if (center) expect(wtag + " mean", widen(mean), r.mean, 1e-5, 1e-5);
         expect(wtag + " rstd", widen(rstd), r.rstd, 1e-5, 1e-4);
     }
+
+    // The cluster forward (rows_fwd_cluster), on clusters of 4 and 8 blocks of 32 and 64
+    // threads so that the sweep's rows span the cluster's blocks (packs split unevenly, some
+    // threads holding none), with fewer clusters than rows (the row stride); rows of whole packs.
+    if (cols % (16 / sizeof(T)) == 0)
+        for (unsigned cs : {4u, 8u})
+            for (unsigned ct : {32u, 64u}) {
+                const size_t cpacks = cols / (16 / sizeof(T));
+                if (cpacks > (size_t)cs * ct * ROWS_CLUSTER_K) continue;
+                std::fill(y.begin(), y.end(), from_float<T>(NAN));
+                std::fill(mean.begin(), mean.end(), NAN);
+                std::fill(rstd.begin(), rstd.end(), NAN);
+                const unsigned clusters = (unsigned)std::min<size_t>(rows, 3);
+                emu_launch({clusters * cs}, {ct}, 34 * 4, [&] {
+                    if (center) rows_fwd_cluster<T, true>(x.data(), y.data(), wp, bp, mean.data(), rstd.data(), nullptr, rows, cols, 1, 1, eps, 1);
+                    else rows_fwd_cluster<T, false>(x.data(), y.data(), wp, nullptr, nullptr, rstd.data(), nullptr, rows, cols, 1, 1, eps, 0);
+                }, cs);
+                const std::string ctag = tag + " cluster" + std::to_string(cs) + "x" + std::to_string(ct);
+                expect(ctag + " y", widen(y), round(r.y), tol_abs<T>(), tol_rel<T>());
+                if (center) expect(ctag + " mean", widen(mean), r.mean, 1e-5, 1e-5);
+                expect(ctag + " rstd", widen(rstd), r.rstd, 1e-5, 1e-4);
+                ++cluster_cases;
+            }
 
     // The register-resident kernels, as raw::rows_forward/rows_backward launch them when a row
     // fits (RegTeam in src/ops/rows/cuda.rs, with 1024 threads allowed).
@@ -409,6 +433,21 @@ void planes_case(long N, int C, long S, int G, bool cl, bool eval) {
             expect(tag + " wide rstd", widen(r2), widen(rstd), 1e-5, 1e-4);
             expect(tag + " wide varu", widen(v2), widen(varu), 1e-5, 1e-4);
         }
+        // The cluster forward (clusters of 4 blocks of 32 threads, two clusters striding over
+        // the groups) against the kernel above, where the groups are whole packs.
+        const size_t cpn = 16 / sizeof(T);
+        if (cols % cpn == 0 && (S == 1 || S % cpn == 0) && cols / cpn <= 4 * 32 * ROWS_CLUSTER_K) {
+            std::vector<T> y2(y.size(), from_float<T>(NAN));
+            std::vector<float> m2(groups, NAN), r2(groups, NAN), v2(groups, NAN);
+            emu_launch({8}, {32}, 34 * 4, [&] {
+                rows_fwd_cluster<T, true>(x.data(), y2.data(), w.data(), b.data(), m2.data(), r2.data(), v2.data(), groups, cols, S, G, eps, 1);
+            }, 4);
+            expect(tag + " cluster y", widen(y2), widen(y), tol_abs<T>(), tol_rel<T>());
+            expect(tag + " cluster mean", widen(m2), widen(mean), 1e-5, 1e-5);
+            expect(tag + " cluster rstd", widen(r2), widen(rstd), 1e-5, 1e-4);
+            expect(tag + " cluster varu", widen(v2), widen(varu), 1e-5, 1e-4);
+            ++cluster_cases;
+        }
         if (G == C)
             emu_launch(small(C), {256}, 0, [&] { planes_running_update_f32(rm.data(), rv.data(), mean.data(), varu.data(), N, C, 1, factor); });
     } else if (!eval) {
@@ -600,8 +639,9 @@ int main() {
     all<f16_t>();
     all<bf16_t>();
     printf("%d checks, %d failed (%d planes cases with several planes a block, %d read as one sample of N·S rows, "
-           "%d one-pass channels-last tilings, %d contiguous)\n",
-           checks, failures, multi_plane_cases, merged_cases, tile_cases, contig_tile_cases);
-    if (multi_plane_cases == 0 || merged_cases == 0 || tile_cases == 0 || contig_tile_cases == 0) return 1;
+           "%d one-pass channels-last tilings, %d contiguous, %d cluster forwards)\n",
+           checks, failures, multi_plane_cases, merged_cases, tile_cases, contig_tile_cases, cluster_cases);
+    if (multi_plane_cases == 0 || merged_cases == 0 || tile_cases == 0 || contig_tile_cases == 0 || cluster_cases == 0)
+        return 1;
     return failures ? 1 : 0;
 }

@@ -1,6 +1,11 @@
 // Host emulation of the CUDA features cunorm's kernels use, to run them on a CPU for logic
-// checks (no GPU here). Blocks run one after another on the calling thread; the threads of a
-// block are fibers (x86-64 stack switching). __syncthreads is a true block barrier; a warp
+// checks (no GPU here). Blocks (or the clusters of a cluster launch) run one after another on
+// the calling thread; the threads of a block, or of all the blocks of a cluster, are fibers
+// (x86-64 stack switching), each block with its own dynamic shared memory, filled with 0xff
+// bytes (NaN) at launch so that a read before any write shows. __syncthreads is a true block
+// barrier, cluster_sync a cluster one, and a cluster's blocks read each other's dynamic shared
+// memory (distributed shared memory; a cluster kernel has no static shared memory, which is one
+// per process here); a warp
 // shuffle synchronizes only its warp, and warps run independently between barriers (each as
 // far as it can before the next), so a missing barrier shows as a wrong result. A barrier that
 // some threads reach after others have exited, or a shuffle not every lane reaches, is
@@ -35,7 +40,15 @@ struct dim3 {
 };
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 inline float emu_shfl[1024];
+// The most fibers a launch runs at once: a cluster of 8 blocks of 1024 threads.
+constexpr size_t EMU_MAX_FIBERS = 8 * 1024;
 inline unsigned char* emu_dyn_smem = nullptr;
+// The running launch's blocks per cluster (1 without clusters) and the dynamic shared memory of
+// each block of the running cluster, `emu_smem_bytes` bytes each.
+inline unsigned emu_cluster = 1;
+inline std::vector<unsigned char*> emu_cluster_smem;
+inline size_t emu_smem_bytes = 0;
+inline dim3 emu_cluster_base;  // blockIdx of the running cluster's rank-0 block
 // Run the threads of a block, and the blocks of a grid, in reverse order: a kernel whose result
 // depends on the order (a race on shared or global memory) gives different outputs.
 inline bool emu_reverse = false;
@@ -82,8 +95,9 @@ emu_switch:
 )");
 
 // Where a fiber stands: runnable, waiting in a warp shuffle (released when its whole warp is
-// there), waiting at __syncthreads (released when the whole block is there), or finished.
-enum EmuState { EMU_RUN, EMU_SHFL, EMU_SYNC, EMU_DONE };
+// there), waiting at __syncthreads (released when the whole block is there), waiting at
+// cluster_sync (released when the whole cluster is there), or finished.
+enum EmuState { EMU_RUN, EMU_SHFL, EMU_SYNC, EMU_CSYNC, EMU_DONE };
 
 struct EmuFiber {
     void* sp = nullptr;
@@ -100,6 +114,7 @@ struct EmuBlock {
     const void* sched_bottom = nullptr;
     size_t sched_size = 0;
     unsigned cur = 0;
+    unsigned threads = 1;  // per block: fiber i is thread i % threads of the cluster's block i / threads
     const std::function<void()>* kernel = nullptr;
 
     void ensure(unsigned n) {
@@ -122,7 +137,10 @@ inline void emu_enter_fiber(unsigned i) {
 #ifdef EMU_TRAFFIC
     emu_traffic.cur = i;
 #endif
-    threadIdx = {i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
+    const unsigned t = i % b.threads, r = i / b.threads;
+    threadIdx = {t % blockDim.x, (t / blockDim.x) % blockDim.y, t / (blockDim.x * blockDim.y)};
+    blockIdx = {emu_cluster_base.x + r, emu_cluster_base.y, emu_cluster_base.z};
+    emu_dyn_smem = emu_cluster_smem[r];
 #if EMU_ASAN
     __sanitizer_start_switch_fiber(&b.sched_fake, b.fibers[i].stack, EmuBlock::STACK);
 #endif
@@ -163,12 +181,29 @@ inline void emu_wait(EmuState why) {
     emu_leave_fiber(false);
 }
 inline void __syncthreads() { emu_wait(EMU_SYNC); }
+inline unsigned emu_cluster_rank() { return emu_block.cur / emu_block.threads; }
+inline unsigned emu_cluster_blocks() { return emu_cluster; }
+inline void emu_cluster_sync() { emu_wait(EMU_CSYNC); }
+// The f32 at `p`'s offset in this block's dynamic shared memory, in block `rank` of the cluster.
+inline float emu_cluster_load(const float* p, unsigned rank) {
+    const unsigned char* base = emu_cluster_smem[emu_block.cur / emu_block.threads];
+    const uintptr_t off = (uintptr_t)p - (uintptr_t)base;
+    if ((uintptr_t)p < (uintptr_t)base || off + sizeof(float) > emu_smem_bytes)
+        emu_fault("distributed shared memory load of an address outside the block's dynamic shared memory");
+    if (rank >= emu_cluster) emu_fault("distributed shared memory load from a rank outside the cluster");
+    float v;
+    std::memcpy(&v, emu_cluster_smem[rank] + off, sizeof v);
+    return v;
+}
 
-// Runs one block of `n` threads to completion. Warps are independent, as on a GPU: each warp in
-// turn runs as far as it can (its lanes in step through shuffles) up to the next __syncthreads,
-// so a warp that reads what another has not yet written (a missing barrier) sees stale data.
-inline void emu_run_block(unsigned n, const std::function<void()>& kernel) {
+// Runs one block of `threads` threads, or a cluster of `emu_cluster` such blocks, to
+// completion. Warps are independent, as on a GPU: each warp in turn runs as far as it can (its
+// lanes in step through shuffles) up to the next barrier, so a warp that reads what another has
+// not yet written (a missing barrier) sees stale data.
+inline void emu_run_block(unsigned threads, const std::function<void()>& kernel) {
     EmuBlock& b = emu_block;
+    const unsigned n = threads * emu_cluster;
+    b.threads = threads;
     b.ensure(n);
     b.kernel = &kernel;
     for (unsigned i = 0; i < n; ++i) {
@@ -199,32 +234,59 @@ inline void emu_run_block(unsigned n, const std::function<void()>& kernel) {
         }
     } max_accesses{n};
 #endif
-    const unsigned warps = (n + 31) / 32;
+    const unsigned bwarps = (threads + 31) / 32;
     for (;;) {
-        for (unsigned wk = 0; wk < warps; ++wk) {
-            const unsigned w = emu_reverse ? warps - 1 - wk : wk;
-            const unsigned lo = w * 32, hi = std::min(n, lo + 32);
+        // Each block of the cluster in turn runs as far as it can (its __syncthreads released
+        // as its threads all reach one) before the next starts: a block reading another's
+        // shared memory without a cluster barrier between sees it unwritten (0xff) in one order
+        // or the other.
+        unsigned waiting = 0, csync = 0;
+        for (unsigned rk = 0; rk < emu_cluster; ++rk) {
+            const unsigned r = emu_reverse ? emu_cluster - 1 - rk : rk;
             for (;;) {
-                unsigned live = 0, shfl = 0;
-                for (unsigned k = lo; k < hi; ++k) {
-                    const unsigned i = emu_reverse ? hi - 1 - (k - lo) : k;
-                    if (b.fibers[i].state == EMU_RUN) emu_enter_fiber(i);
-                    live += b.fibers[i].state != EMU_DONE;
-                    shfl += b.fibers[i].state == EMU_SHFL;
+                for (unsigned wk = 0; wk < bwarps; ++wk) {
+                    const unsigned w = emu_reverse ? bwarps - 1 - wk : wk;
+                    const unsigned lo = r * threads + w * 32, hi = std::min(r * threads + threads, lo + 32);
+                    for (;;) {
+                        unsigned live = 0, shfl = 0;
+                        for (unsigned k = lo; k < hi; ++k) {
+                            const unsigned i = emu_reverse ? hi - 1 - (k - lo) : k;
+                            if (b.fibers[i].state == EMU_RUN) emu_enter_fiber(i);
+                            live += b.fibers[i].state != EMU_DONE;
+                            shfl += b.fibers[i].state == EMU_SHFL;
+                        }
+                        if (shfl == 0) break;
+                        threadIdx = {lo - r * threads, 0, 0};
+                        if (shfl != live) emu_fault("a warp shuffle that not every live lane of the warp reached");
+                        for (unsigned i = lo; i < hi; ++i)
+                            if (b.fibers[i].state == EMU_SHFL) b.fibers[i].state = EMU_RUN;
+                    }
                 }
-                if (shfl == 0) break;
-                threadIdx = {lo, 0, 0};
-                if (shfl != live) emu_fault("a warp shuffle that not every live lane of the warp reached");
-                for (unsigned i = lo; i < hi; ++i)
-                    if (b.fibers[i].state == EMU_SHFL) b.fibers[i].state = EMU_RUN;
+                unsigned sync = 0;
+                for (unsigned i = r * threads; i < (r + 1) * threads; ++i) sync += b.fibers[i].state == EMU_SYNC;
+                if (sync != threads) break;
+                for (unsigned i = r * threads; i < (r + 1) * threads; ++i) b.fibers[i].state = EMU_RUN;
             }
+            unsigned done = 0;
+            for (unsigned i = r * threads; i < (r + 1) * threads; ++i) {
+                waiting += b.fibers[i].state == EMU_SYNC;
+                csync += b.fibers[i].state == EMU_CSYNC;
+                done += b.fibers[i].state == EMU_DONE;
+            }
+            // An exited block's shared memory is gone: another block reading it now (no cluster
+            // barrier before the exit) reads 0xff.
+            if (done == threads && emu_cluster > 1 && emu_cluster_smem[r]) std::memset(emu_cluster_smem[r], 0xff, emu_smem_bytes);
         }
-        unsigned waiting = 0;
-        for (unsigned i = 0; i < n; ++i) waiting += b.fibers[i].state == EMU_SYNC;
-        if (waiting == 0) return;
+        // Every block is stuck: released only when the whole cluster waits at cluster_sync.
+        if (csync == n) {
+            for (unsigned i = 0; i < n; ++i) b.fibers[i].state = EMU_RUN;
+            continue;
+        }
+        if (waiting + csync == 0) return;
         threadIdx = {0, 0, 0};
-        if (waiting != n) emu_fault("__syncthreads reached by some threads of a block after others exited");
-        for (unsigned i = 0; i < n; ++i) b.fibers[i].state = EMU_RUN;
+        if (csync == 0) emu_fault("__syncthreads reached by some threads of a block after others exited");
+        if (waiting == 0) emu_fault("cluster_sync reached by some threads of a cluster after others exited");
+        emu_fault("threads of a cluster wait at different barriers (__syncthreads and cluster_sync)");
     }
 }
 
@@ -256,21 +318,36 @@ template <class P, class Q> inline P* emu_pack_ptr(Q* p) {
     return (P*)p;
 }
 
-// Runs `kernel` over the grid; `smem` bytes of dynamic shared memory (exactly that many, so an
-// access past them is caught under AddressSanitizer).
-inline void emu_launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& kernel) {
+// Runs `kernel` over the grid; `smem` bytes of dynamic shared memory a block (exactly that
+// many, so an access past them is caught under AddressSanitizer); clusters of `cluster` blocks
+// along x (grid.x a multiple of it, as the driver requires), each cluster's blocks together.
+inline void emu_launch(dim3 grid, dim3 block, size_t smem, const std::function<void()>& kernel,
+                       unsigned cluster = 1) {
     gridDim = grid;
     blockDim = block;
-    // Exactly `smem` bytes, 16-byte aligned (as a GPU's dynamic shared memory), freed after.
-    std::unique_ptr<unsigned char, void (*)(unsigned char*)> dyn(
-        smem ? (unsigned char*)::operator new(smem, std::align_val_t{16}) : nullptr,
-        [](unsigned char* p) { if (p) ::operator delete(p, std::align_val_t{16}); });
-    emu_dyn_smem = dyn.get();
     const unsigned n = block.x * block.y * block.z;
-    const unsigned long blocks = (unsigned long)grid.x * grid.y * grid.z;
-    for (unsigned long k = 0; k < blocks; ++k) {
-        unsigned long i = emu_reverse ? blocks - 1 - k : k;
-        blockIdx = {(unsigned)(i % grid.x), (unsigned)(i / grid.x % grid.y), (unsigned)(i / grid.x / grid.y)};
+    if (cluster == 0 || grid.x % cluster != 0 || (size_t)cluster * n > EMU_MAX_FIBERS)
+        emu_fault("cluster launch: grid.x not whole clusters, or too many threads a cluster");
+    emu_cluster = cluster;
+    // Exactly `smem` bytes a block, 16-byte aligned (as a GPU's dynamic shared memory), freed after.
+    using Smem = std::unique_ptr<unsigned char, void (*)(unsigned char*)>;
+    std::vector<Smem> dyn;
+    emu_cluster_smem.assign(cluster, nullptr);
+    for (unsigned r = 0; r < cluster; ++r) {
+        dyn.emplace_back(smem ? (unsigned char*)::operator new(smem, std::align_val_t{16}) : nullptr,
+                         [](unsigned char* p) { if (p) ::operator delete(p, std::align_val_t{16}); });
+        emu_cluster_smem[r] = dyn.back().get();
+    }
+    emu_smem_bytes = smem;
+    const unsigned long clusters = (unsigned long)grid.x / cluster * grid.y * grid.z;
+    const unsigned long per_row = grid.x / cluster;
+    for (unsigned long k = 0; k < clusters; ++k) {
+        unsigned long i = emu_reverse ? clusters - 1 - k : k;
+        for (auto p : emu_cluster_smem)
+            if (p) std::memset(p, 0xff, smem);
+        emu_cluster_base = {(unsigned)(i % per_row) * cluster, (unsigned)(i / per_row % grid.y),
+                            (unsigned)(i / per_row / grid.y)};
         emu_run_block(n, kernel);
     }
+    emu_cluster = 1;
 }

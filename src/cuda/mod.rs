@@ -10,7 +10,7 @@ pub mod nvrtc;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 
 use crate::dtype::Element;
@@ -285,6 +285,46 @@ impl CudaDevice {
         self.inner.sms
     }
 
+    /// Whether the GPU runs thread-block clusters (compute capability 9.0 on).
+    pub(crate) fn has_clusters(&self) -> bool {
+        self.inner
+            .arch
+            .strip_prefix("sm_")
+            .and_then(|v| {
+                v.trim_end_matches(|c: char| c.is_ascii_alphabetic())
+                    .parse::<u32>()
+                    .ok()
+            })
+            .is_some_and(|v| v >= 90)
+    }
+
+    /// Whether at least one cluster of kernel `k` (a cluster kernel: its size is compiled in)
+    /// launched as `cfg` can be resident (`cuOccupancyMaxActiveClusters`); false when the
+    /// driver cannot say.
+    pub(crate) fn clusters_fit(&self, k: &Kernel, cfg: &LaunchConfig) -> bool {
+        use cudarc::driver::sys;
+        if self.inner.ctx.bind_to_thread().is_err() {
+            return false;
+        }
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.inner.stream.cu_stream(),
+            attrs: std::ptr::null_mut(),
+            numAttrs: 0,
+        };
+        let mut n: std::ffi::c_int = 0;
+        // SAFETY: a valid function handle of this context, a filled-in configuration with no
+        // attributes, and an out-parameter that lives across the call.
+        let r = unsafe { sys::cuOccupancyMaxActiveClusters(&mut n, k.func.cu_function(), &config) };
+        r == sys::CUresult::CUDA_SUCCESS && n >= 1
+    }
+
     /// Kernel `name` of module `module`, looked up once per device: the first call compiles
     /// (or loads from the disk cache) the module and reads the kernel's thread limit. A module
     /// that lacks `name` is an `Err` whatever other modules hold it.
@@ -543,7 +583,7 @@ impl L2Flush {
 
     /// Queues the read of the whole buffer on the device's stream.
     pub fn run(&mut self) -> Result<()> {
-        use cudarc::driver::{LaunchConfig, PushKernelArg};
+        use cudarc::driver::PushKernelArg;
         let k = self.dev.kernel("util", "l2_flush_read")?;
         let words = (self.buf.len() / 16) as u64;
         let threads = launch::block_threads(&k, 256);

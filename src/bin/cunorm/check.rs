@@ -298,6 +298,23 @@ pub fn cases(quick: bool) -> Result<Vec<(AnyNorm, Vec<usize>, f32)>> {
         // forward, registers and shared memory (LayerNorm's [2, 70 000] above too).
         (AnyNorm::Gn(GroupNorm::new(2, 4)?), vec![1, 4, 32_768], 0.0),
         (AnyNorm::Rms(RMSNorm::new(&[65_536])?), vec![2, 65_536], 0.0),
+        // Rows and groups of more than 64 KiB of whole packs: the cluster forward (on sm_90; the
+        // fake driver is one) in clusters of 4 and 8 blocks, every dtype (with the rows above:
+        // LayerNorm [2, 20 000] and [2, 70 000], GroupNorm [1, 4, 32 768], RMSNorm
+        // [2, 65 536]); scripts/fake-cuda/run.sh runs the kernels above once with it off.
+        (
+            AnyNorm::Ln(LayerNorm::new(&[40_000])?),
+            vec![2, 40_000],
+            0.0,
+        ),
+        (
+            AnyNorm::Rms(RMSNorm::new(&[100_000])?),
+            vec![1, 100_000],
+            0.0,
+        ),
+        (AnyNorm::Rms(RMSNorm::new(&[20_000])?), vec![3, 20_000], 0.0),
+        (AnyNorm::Gn(GroupNorm::new(2, 4)?), vec![1, 4, 12_000], 1e4),
+        (AnyNorm::Gn(GroupNorm::new(2, 4)?), vec![2, 4, 40_000], 0.0),
         (
             AnyNorm::In1(InstanceNorm1d::from_config(inn(2))?),
             vec![1, 2, 65_536],

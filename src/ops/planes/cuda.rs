@@ -940,7 +940,12 @@ pub fn planes_forward<T: Element>(
                 // the row fits on chip).
                 let mut varu = dev.alloc::<f32>(ng)?;
                 let cols = (s.c / g) * s.s;
-                let (k, cfg, cache) = rows_fwd_kernel::<T>(dev, "group_norm_fwd", ng, cols)?;
+                // The cluster forward needs 16-byte rows and a channel's values in whole packs.
+                let packed = aligned16(x, stream)
+                    && aligned16(&y.as_view(), stream)
+                    && (s.s == 1 || s.s.is_multiple_of(pack::<T>()));
+                let (k, cfg, cache) =
+                    rows_fwd_kernel::<T>(dev, "group_norm_fwd", ng, cols, packed)?;
                 let (rows_i, cols_i, seg_i, g_i, nan_i) = (
                     ng as i64,
                     row_len("C/G·S", cols)?,

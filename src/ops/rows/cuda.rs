@@ -171,6 +171,11 @@ fn rows_numel(rows: usize, cols: usize) -> Result<usize> {
 
 /// The block-per-row forward kernel for rows of `cols` (`base` is `layer_norm_fwd`,
 /// `rms_norm_fwd` or `group_norm_fwd`), its launch configuration and its `cache` argument:
+/// - rows of more than [`CLUSTER_MIN_ROW_BYTES`], `packed` (x and y 16-byte aligned, rows and
+///   affine segments whole packs), on a GPU with thread-block clusters (sm_90 on), where
+///   [`cluster_plan`] covers the row and a cluster of its blocks can be resident: the cluster
+///   kernel (`<base>_cluster<CS>`), the row in registers across the cluster's blocks (x read
+///   once, several clusters an SM). `CUNORM_ROWS_CLUSTER=0` turns it off;
 /// - the row fits the dynamic shared memory the kernel was opted in to at load (the device's
 ///   limit less the kernel's static reduction scratch): `base`, the row cached as T;
 /// - else, for rows of whole packs, when the part beyond [`WIDE_K`] packs per thread of the
@@ -185,11 +190,39 @@ pub(crate) fn rows_fwd_kernel<T: Element>(
     base: &str,
     rows: usize,
     cols: usize,
+    packed: bool,
 ) -> Result<(Kernel, LaunchConfig, i32)> {
     let k = dev.kernel(kernels::module::<T>("rows"), &kernels::name::<T>(base))?;
     let packs = cols.div_ceil(pack::<T>());
     let blocks = grid(rows.min(dev.sm_count() as usize * 32))?;
     let row_bytes = cols * T::DTYPE.size();
+    if packed
+        && row_bytes > CLUSTER_MIN_ROW_BYTES
+        && cols.is_multiple_of(pack::<T>())
+        && dev.has_clusters()
+        && !rows_cluster_knob_off()
+    {
+        if let Some(plan) = cluster_plan(packs) {
+            let ck = dev.kernel(
+                kernels::module::<T>("rows"),
+                &kernels::name::<T>(&format!("{base}_cluster{}", plan.blocks)),
+            )?;
+            let cfg = LaunchConfig {
+                // Whole clusters, striding over the rows (the row a cluster takes never
+                // changes a row's bits).
+                grid_dim: (
+                    grid(rows.min(dev.sm_count() as usize * 32) * plan.blocks)?,
+                    1,
+                    1,
+                ),
+                block_dim: (plan.threads as u32, 1, 1),
+                shared_mem_bytes: CLUSTER_SMEM,
+            };
+            if plan.threads <= ck.max_threads as usize && dev.clusters_fit(&ck, &cfg) {
+                return Ok((ck, cfg, 1));
+            }
+        }
+    }
     if row_bytes > k.max_dynamic_smem && cols.is_multiple_of(pack::<T>()) {
         let wide = dev.kernel(
             kernels::module::<T>("rows"),
@@ -217,6 +250,43 @@ pub(crate) fn rows_fwd_kernel<T: Element>(
         shared_mem_bytes: if cache { row_bytes as u32 } else { 0 },
     };
     Ok((k, cfg, cache as i32))
+}
+
+/// Rows longer than this take the cluster forward where the GPU has clusters: a block-per-row
+/// kernel caching such a row in shared memory keeps two or fewer blocks an SM, idle while they
+/// reduce (runs H200-L: 31–66 % of copy bandwidth at 64 K columns).
+pub(crate) const CLUSTER_MIN_ROW_BYTES: usize = 64 * 1024;
+/// 16-byte packs a thread of the cluster forward holds (rows.cu `ROWS_CLUSTER_K`).
+pub(crate) const CLUSTER_K: usize = 8;
+/// The cluster forward's dynamic shared memory: 32 floats of block scratch and its two slots.
+const CLUSTER_SMEM: u32 = 34 * 4;
+
+/// The cluster forward's shape: `blocks` a cluster (a `<base>_cluster<blocks>` kernel exists for
+/// 4 and 8; 8 is the largest portable cluster) of `threads` threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ClusterPlan {
+    pub blocks: usize,
+    pub threads: usize,
+}
+
+/// The smallest cluster shape holding a row of `packs` 16-byte packs in registers
+/// ([`CLUSTER_K`] a thread): blocks of 256 threads first (more blocks resident an SM), then 512;
+/// `None` beyond 8 × 512 × 8 packs (512 KiB). (Two blocks of 256 would hold 64 KiB: never more
+/// than [`CLUSTER_MIN_ROW_BYTES`], so no 2-block kernel.)
+pub(crate) fn cluster_plan(packs: usize) -> Option<ClusterPlan> {
+    [256, 512].into_iter().find_map(|threads| {
+        [4, 8]
+            .into_iter()
+            .find(|&blocks| blocks * threads * CLUSTER_K >= packs)
+            .map(|blocks| ClusterPlan { blocks, threads })
+    })
+}
+
+/// `CUNORM_ROWS_CLUSTER=0`: no cluster forward (rows of more than 64 KiB take the block-per-row
+/// kernels).
+fn rows_cluster_knob_off() -> bool {
+    static KNOB: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *KNOB.get_or_init(|| std::env::var("CUNORM_ROWS_CLUSTER").is_ok_and(|v| v.trim() == "0"))
 }
 
 /// LayerNorm forward over `rows` contiguous rows of `cols`: `y = (x − mean)·rstd·w + b`;
@@ -350,7 +420,8 @@ fn rows_forward<T: Element>(
     } else {
         "rms_norm_fwd"
     };
-    let (k, cfg, cache) = rows_fwd_kernel::<T>(dev, base, rows, cols)?;
+    let packed = aligned16(x, dev.stream()) && aligned16(&y.as_view(), dev.stream());
+    let (k, cfg, cache) = rows_fwd_kernel::<T>(dev, base, rows, cols, packed)?;
     let stream = dev.stream();
     let mut b = stream.launch_builder(&k.func);
     let lead = (&rows_i, &cols_i, &eps);
@@ -967,9 +1038,53 @@ fn to_u32_grid(n: usize) -> Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::{
-        fwd_prefers_reg, reg_instantiated, tile_geometry, RegTeam, TeamShape, BWD_REG_K, FWD_REG_K,
-        TEAM_BWD_TEAMS, TEAM_KMAX,
+        cluster_plan, fwd_prefers_reg, reg_instantiated, tile_geometry, ClusterPlan, RegTeam,
+        TeamShape, BWD_REG_K, CLUSTER_K, CLUSTER_MIN_ROW_BYTES, FWD_REG_K, TEAM_BWD_TEAMS,
+        TEAM_KMAX,
     };
+
+    /// The cluster forward's shape holds the whole row, in a kernel that exists, and is the
+    /// smallest of its candidates; the standard shapes get the plans docs/PERF.md names.
+    #[test]
+    fn cluster_plan_covers_the_row_with_kernels_that_exist() {
+        let src = include_str!("../../../kernels/rows.cu");
+        assert!(
+            src.lines().any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == ["#define", "ROWS_CLUSTER_K", &CLUSTER_K.to_string()]),
+            "rows.cu #define ROWS_CLUSTER_K {CLUSTER_K}"
+        );
+        let names: Vec<String> = crate::ops::kernels::entry_points()
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        // Every row length the cluster forward takes: more than 64 KiB (4 096 packs).
+        let mut last = None;
+        for packs in (CLUSTER_MIN_ROW_BYTES / 16 + 1)..=40_000 {
+            let Some(p) = cluster_plan(packs) else {
+                assert!(packs > 8 * 512 * CLUSTER_K, "no plan for {packs} packs");
+                continue;
+            };
+            assert!(p.blocks * p.threads * CLUSTER_K >= packs, "{packs}: {p:?}");
+            assert!(p.threads % 32 == 0 && p.threads <= 512, "{p:?}");
+            for base in ["layer_norm_fwd", "rms_norm_fwd", "group_norm_fwd"] {
+                let n = format!("{base}_cluster{}_f32", p.blocks);
+                assert!(names.contains(&n), "no kernel {n}");
+            }
+            // Plans only grow with the row.
+            if let Some(q) = last {
+                let size = |p: ClusterPlan| p.blocks * p.threads;
+                assert!(size(p) >= size(q), "{packs}: {p:?} after {q:?}");
+            }
+            last = Some(p);
+        }
+        assert_eq!(cluster_plan(8 * 512 * CLUSTER_K + 1), None);
+        let plan = |blocks, threads| Some(ClusterPlan { blocks, threads });
+        // LayerNorm [1024, 65536]: f16/bf16 (8 192 packs), f32 (16 384 packs).
+        assert_eq!(cluster_plan(65_536 / 8), plan(4, 256));
+        assert_eq!(cluster_plan(65_536 / 4), plan(8, 256));
+        // GroupNorm f32 [8, 256, 128, 128], groups of 8 channels (131 072 values, 512 KiB).
+        assert_eq!(cluster_plan(131_072 / 4), plan(8, 512));
+    }
     use crate::dtype::Element;
     use crate::ops::kernels;
 
