@@ -338,6 +338,23 @@ __device__ __forceinline__ float cluster_reduce_sum(float v, float* red, int slo
     for (unsigned r = 0; r < n; ++r) t += cluster_load(red + slot, r);
     return t;
 }
+// Two sums at once (cluster_reduce_sum's order), in slots red[slot] and red[slot + 1].
+__device__ __forceinline__ void cluster_reduce_sum2(float& a, float& b, float* red, int slot) {
+    a = block_reduce_sum(a, red);
+    b = block_reduce_sum(b, red);
+    if (threadIdx.x == 0) {
+        red[slot] = a;
+        red[slot + 1] = b;
+    }
+    cluster_sync();
+    a = 0.f;
+    b = 0.f;
+    const unsigned n = cluster_blocks();
+    for (unsigned r = 0; r < n; ++r) {
+        a += cluster_load(red + slot, r);
+        b += cluster_load(red + slot + 1, r);
+    }
+}
 
 // Instantiates an extern "C" entry point per dtype: NAME_f32, NAME_f16, NAME_bf16. A file
 // compiled as one module per dtype (first line `// cunorm-module: per-dtype`; build.rs names the

@@ -985,6 +985,116 @@ __device__ __forceinline__ void rows_fwd_cluster(const T* __restrict__ x, T* __r
     cluster_sync();
 }
 
+// Cluster backward: the long rows' backward (rows whose x and dy one block cannot hold) with each
+// row held in registers across a cluster of CS blocks, so that x and dy are read once (the
+// long-rows kernels read them twice). Thread t of rank r holds packs p = r·B + t + k·CS·B
+// (k < ROWS_CLUSTER_BWD_K) of x and dy; Σu and Σu·x̂ of the row are summed in the block, then
+// over the blocks in rank order (cluster_reduce_sum2); dx from the registers. Cluster c takes
+// the `chunk` rows from c·chunk in order and adds dy·x̂ and dy of its columns into shared memory
+// (each thread its own slots: no barrier), then writes them as partial row c of dw_part/db_part
+// (16-byte stores) for rows_col_sum_f32: the partial count follows from the shape, never from
+// the GPU. Rows of whole packs, 16-byte aligned (the host checks). Shared memory: 64 floats of
+// reduction scratch and slots, then 2·ROWS_CLUSTER_BWD_K·B·PN floats of accumulators.
+#define ROWS_CLUSTER_BWD_K 4
+template <typename T, bool CENTER>
+__device__ __forceinline__ void rows_bwd_cluster(const T* __restrict__ dy, const T* __restrict__ x,
+                                                 const float* __restrict__ w,
+                                                 const float* __restrict__ mean,
+                                                 const float* __restrict__ rstd,
+                                                 T* __restrict__ dx, float* __restrict__ dw_part,
+                                                 float* __restrict__ db_part, i64 rows, int cols,
+                                                 int chunk) {
+    extern __shared__ __align__(16) unsigned char cluster_bwd_bytes[];
+    float* red = reinterpret_cast<float*>(cluster_bwd_bytes);
+    const int PN = Pack<T>::N, KB = ROWS_CLUSTER_BWD_K;
+    const int B = (int)blockDim.x, t = (int)threadIdx.x;
+    float* acc_w = red + 64;
+    float* acc_b = acc_w + KB * B * PN;
+    const int cs = (int)cluster_blocks();
+    const int P = cols / PN, step = cs * B;
+    const int first = (int)cluster_rank() * B + t;
+    const float zero[PN] = {};
+#pragma unroll
+    for (int k = 0; k < KB; ++k) {
+        smem_set<PN>(acc_w + (k * B + t) * PN, zero);
+        smem_set<PN>(acc_b + (k * B + t) * PN, zero);
+    }
+    const i64 c = blockIdx.x / cs;
+    const i64 r0 = c * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
+    // Slots 32–33 and 34–35 in turn (a pair is written again only after the next reduction's
+    // cluster barrier).
+    int slot = 32;
+    for (i64 row = r0; row < r1; ++row) {
+        const i64 off = row * (i64)cols;
+        const Pack<unsigned>* gr = reinterpret_cast<const Pack<unsigned>*>(dy + off);
+        const Pack<unsigned>* xr = reinterpret_cast<const Pack<unsigned>*>(x + off);
+        Pack<unsigned> rg[KB], rx[KB];
+#pragma unroll
+        for (int k = 0; k < KB; ++k) {
+            const int p = first + k * step;
+            if (p < P) {
+                rg[k] = gr[p];
+                rx[k] = xr[p];
+            }
+        }
+        const float mu = CENTER ? mean[row] : 0.f, rs = rstd[row];
+        float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+        for (int k = 0; k < KB; ++k) {
+            const int p = first + k * step;
+            if (p < P) {
+                float g[PN], xv[PN], wv[PN], cw[PN];
+                unpack_words<T>(rg[k], g);
+                unpack_words<T>(rx[k], xv);
+                load_params<PN>(wv, w, p * PN, PN, 1.f);
+#pragma unroll
+                for (int i = 0; i < PN; ++i) {
+                    const float xh = (xv[i] - mu) * rs;
+                    const float u = row_u(g[i], w, wv[i]);
+                    s1 += u;
+                    s2 += u * xh;
+                    cw[i] = g[i] * xh;
+                }
+                smem_add<PN>(acc_w + (k * B + t) * PN, cw, PN, true);
+                smem_add<PN>(acc_b + (k * B + t) * PN, g, PN, true);
+            }
+        }
+        cluster_reduce_sum2(s1, s2, red, slot);
+        slot = 66 - slot;
+        const float m1 = CENTER ? s1 / (float)cols : 0.f, m2 = s2 / (float)cols;
+        Pack<unsigned>* dr = reinterpret_cast<Pack<unsigned>*>(dx + off);
+#pragma unroll
+        for (int k = 0; k < KB; ++k) {
+            const int p = first + k * step;
+            if (p < P) {
+                float g[PN], xv[PN], wv[PN], o[PN];
+                unpack_words<T>(rg[k], g);
+                unpack_words<T>(rx[k], xv);
+                load_params<PN>(wv, w, p * PN, PN, 1.f);  // again (L1): not held across the sums
+#pragma unroll
+                for (int i = 0; i < PN; ++i) o[i] = row_dx(g[i], (xv[i] - mu) * rs, w, wv[i], rs, m1, m2);
+                dr[p] = pack_words<T>(o);
+            }
+        }
+    }
+    // The cluster's partial row: this thread's packs of columns (16-byte stores).
+#pragma unroll
+    for (int k = 0; k < KB; ++k) {
+        const int p = first + k * step;
+        if (p < P) {
+#pragma unroll
+            for (int q = 0; q < PN; q += 4) {
+                *reinterpret_cast<Pack<float>*>(dw_part + c * cols + p * PN + q) =
+                    *reinterpret_cast<const Pack<float>*>(acc_w + (k * B + t) * PN + q);
+                *reinterpret_cast<Pack<float>*>(db_part + c * cols + p * PN + q) =
+                    *reinterpret_cast<const Pack<float>*>(acc_b + (k * B + t) * PN + q);
+            }
+        }
+    }
+    // No block exits while another of its cluster may still read its slots.
+    cluster_sync();
+}
+
 #define ROWS_ENTRIES(T, NAME)                                                                   \
     extern "C" __global__ void layer_norm_fwd_##NAME(                                           \
         const T* x, T* y, const float* w, const float* b, float* mean, float* rstd, i64 rows,   \
@@ -1076,7 +1186,24 @@ __device__ __forceinline__ void rows_fwd_cluster(const T* __restrict__ x, T* __r
         rows_fwd_cluster<T, true>(x, y, w, b, mean, rstd, varu, rows, cols, seg, cycle, eps,   \
                                   nan_inf_mean);                                                \
     }
-#define ROWS_CLUSTER_ENTRIES(T, NAME) ROWS_CLUSTER_FWD(T, NAME, 4) ROWS_CLUSTER_FWD(T, NAME, 8)
+// The cluster backward (rows_bwd_cluster), clusters of KM = 8 blocks (`cluster_bwd_plan`).
+#define ROWS_CLUSTER_BWD(T, NAME, KM)                                                           \
+    extern "C" __global__ void CUNORM_CLUSTER_DIMS(KM) __launch_bounds__(512, 1)             \
+        layer_norm_bwd_cluster##KM##_##NAME(const T* dy, const T* x, const float* w,            \
+                                            const float* mean, const float* rstd, T* dx,        \
+                                            float* dw_part, float* db_part, i64 rows, int cols, \
+                                            int chunk) {                                        \
+        rows_bwd_cluster<T, true>(dy, x, w, mean, rstd, dx, dw_part, db_part, rows, cols,      \
+                                  chunk);                                                       \
+    }                                                                                           \
+    extern "C" __global__ void CUNORM_CLUSTER_DIMS(KM) __launch_bounds__(512, 1)             \
+        rms_norm_bwd_cluster##KM##_##NAME(const T* dy, const T* x, const float* w,              \
+                                          const float* rstd, T* dx, float* dw_part,             \
+                                          float* db_part, i64 rows, int cols, int chunk) {      \
+        rows_bwd_cluster<T, false>(dy, x, w, 0, rstd, dx, dw_part, db_part, rows, cols, chunk); \
+    }
+#define ROWS_CLUSTER_ENTRIES(T, NAME)                                                           \
+    ROWS_CLUSTER_FWD(T, NAME, 4) ROWS_CLUSTER_FWD(T, NAME, 8) ROWS_CLUSTER_BWD(T, NAME, 8)
 
 #define ROWS_REG_FWD(T, NAME, KM)                                                               \
     extern "C" __global__ void layer_norm_fwd_reg##KM##_##NAME(                                  \

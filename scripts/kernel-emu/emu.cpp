@@ -208,6 +208,26 @@ void rows_case(size_t rows, int cols, bool center, bool affine) {
                 if (center) expect(ctag + " mean", widen(mean), r.mean, 1e-5, 1e-5);
                 expect(ctag + " rstd", widen(rstd), r.rstd, 1e-5, 1e-4);
                 ++cluster_cases;
+                // The cluster backward (rows_bwd_cluster, ROWS_CLUSTER_BWD_K packs of x and dy a
+                // thread) on the same clusters, chunks of 2 rows (one partial row each), then the
+                // column sums; the statistics are the forward's just checked.
+                if (cpacks > (size_t)cs * ct * ROWS_CLUSTER_BWD_K) continue;
+                const size_t bchunk = 2, bparts = (rows + bchunk - 1) / bchunk;
+                std::vector<float> cpw(bparts * cols, NAN), cpb(bparts * cols, NAN);
+                std::fill(dx.begin(), dx.end(), from_float<T>(NAN));
+                std::fill(dw.begin(), dw.end(), NAN);
+                std::fill(db.begin(), db.end(), NAN);
+                const size_t bsmem = (64 + 2 * ROWS_CLUSTER_BWD_K * ct * (16 / sizeof(T))) * 4;
+                emu_launch({(unsigned)bparts * cs}, {ct}, bsmem, [&] {
+                    if (center) rows_bwd_cluster<T, true>(g.data(), x.data(), wp, mean.data(), rstd.data(), dx.data(), cpw.data(), cpb.data(), rows, cols, (int)bchunk);
+                    else rows_bwd_cluster<T, false>(g.data(), x.data(), wp, nullptr, rstd.data(), dx.data(), cpw.data(), cpb.data(), rows, cols, (int)bchunk);
+                }, cs);
+                col_sum(cpw, bparts, dw);
+                col_sum(cpb, bparts, db);
+                expect(ctag + " dx", widen(dx), round(r.dx), tol_abs<T>() * 5, tol_rel<T>() * 5);
+                expect(ctag + " dw", widen(dw), r.dw, 1e-3, 1e-4);
+                expect(ctag + " db", widen(db), r.db, 1e-3, 1e-4);
+                ++cluster_cases;
             }
 
     // The register-resident kernels, as raw::rows_forward/rows_backward launch them when a row
@@ -639,7 +659,7 @@ int main() {
     all<f16_t>();
     all<bf16_t>();
     printf("%d checks, %d failed (%d planes cases with several planes a block, %d read as one sample of N·S rows, "
-           "%d one-pass channels-last tilings, %d contiguous, %d cluster forwards)\n",
+           "%d one-pass channels-last tilings, %d contiguous, %d cluster forwards and backwards)\n",
            checks, failures, multi_plane_cases, merged_cases, tile_cases, contig_tile_cases, cluster_cases);
     if (multi_plane_cases == 0 || merged_cases == 0 || tile_cases == 0 || contig_tile_cases == 0 || cluster_cases == 0)
         return 1;

@@ -39,6 +39,8 @@ const MODULES: [Module; 3] = [
             "rms_norm_fwd_cluster8",
             "group_norm_fwd_cluster4",
             "group_norm_fwd_cluster8",
+            "layer_norm_bwd_cluster8",
+            "rms_norm_bwd_cluster8",
             "layer_norm_bwd_sums",
             "rms_norm_bwd_sums",
             "layer_norm_bwd_tile",

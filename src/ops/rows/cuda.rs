@@ -201,6 +201,7 @@ pub(crate) fn rows_fwd_kernel<T: Element>(
         && cols.is_multiple_of(pack::<T>())
         && dev.has_clusters()
         && !rows_cluster_knob_off()
+        && !matches!(rows_path(), RowsPath::Block)
     {
         if let Some(plan) = cluster_plan(packs) {
             let ck = dev.kernel(
@@ -282,8 +283,67 @@ pub(crate) fn cluster_plan(packs: usize) -> Option<ClusterPlan> {
     })
 }
 
-/// `CUNORM_ROWS_CLUSTER=0`: no cluster forward (rows of more than 64 KiB take the block-per-row
-/// kernels).
+/// 16-byte packs of x and of dy a thread of the cluster backward holds (rows.cu
+/// `ROWS_CLUSTER_BWD_K`), and its blocks a cluster (its one kernel size).
+pub(crate) const CLUSTER_BWD_K: usize = 4;
+pub(crate) const CLUSTER_BWD_BLOCKS: usize = 8;
+
+/// Threads a block of the cluster backward for a row of `packs` 16-byte packs: 256 or 512, the
+/// fewer that hold the row ([`CLUSTER_BWD_K`] packs of x and dy a thread, 8 blocks); `None` for
+/// rows beyond 8 × 512 × 4 packs (256 KiB of x).
+pub(crate) fn cluster_bwd_threads(packs: usize) -> Option<usize> {
+    [256, 512]
+        .into_iter()
+        .find(|&t| CLUSTER_BWD_BLOCKS * t * CLUSTER_BWD_K >= packs)
+}
+
+/// Rows a cluster of the cluster backward takes (one partial row of dγ/dβ each) and the
+/// clusters, from the shape alone: about 512 blocks (64 clusters) for the GPU, chunks of 8 to
+/// 128 rows so that the partials (written, then read by the column sum) stay small beside x
+/// and dy, at most 2^24 partial floats per buffer.
+pub(crate) fn cluster_bwd_chunks(rows: usize, cols: usize) -> (usize, usize) {
+    let mut chunk = (rows * CLUSTER_BWD_BLOCKS).div_ceil(512).clamp(8, 128);
+    chunk = chunk.max(rows.div_ceil(((1usize << 24) / cols.max(1)).max(1)));
+    (chunk, rows.div_ceil(chunk).max(1))
+}
+
+/// The cluster backward's kernel, launch configuration, rows a cluster and clusters for rows of
+/// `cols` (whole packs, aligned: the caller checks), where the GPU has clusters, the row fits
+/// [`cluster_bwd_threads`] and a cluster can be resident; `CUNORM_ROWS_CLUSTER=0` turns it off.
+fn cluster_bwd_kernel<T: Element>(
+    dev: &CudaDevice,
+    op: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<Option<(Kernel, LaunchConfig, usize, usize)>> {
+    let packs = cols / pack::<T>();
+    let Some(threads) = cluster_bwd_threads(packs) else {
+        return Ok(None);
+    };
+    if !dev.has_clusters() || rows_cluster_knob_off() {
+        return Ok(None);
+    }
+    let k = dev.kernel(
+        kernels::module::<T>("rows"),
+        &kernels::name::<T>(&format!("{op}_bwd_cluster{CLUSTER_BWD_BLOCKS}")),
+    )?;
+    // 64 floats of reduction scratch and slots, then dγ and dβ of the block's packs.
+    let smem = (64 + 2 * CLUSTER_BWD_K * threads * pack::<T>()) * 4;
+    let (chunk, clusters) = cluster_bwd_chunks(rows, cols);
+    let cfg = LaunchConfig {
+        grid_dim: (grid(clusters * CLUSTER_BWD_BLOCKS)?, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    if threads > k.max_threads as usize || smem > k.max_dynamic_smem || !dev.clusters_fit(&k, &cfg)
+    {
+        return Ok(None);
+    }
+    Ok(Some((k, cfg, chunk, clusters)))
+}
+
+/// `CUNORM_ROWS_CLUSTER=0`: no cluster forward or backward (rows of more than 64 KiB take the
+/// block-per-row forwards, rows the team kernels cannot hold the long-rows backward).
 fn rows_cluster_knob_off() -> bool {
     static KNOB: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *KNOB.get_or_init(|| std::env::var("CUNORM_ROWS_CLUSTER").is_ok_and(|v| v.trim() == "0"))
@@ -612,6 +672,42 @@ fn rows_backward<T: Element>(
         let used = if rows == 0 { 0 } else { parts };
         col_sum(dev, kernels::module::<T>("rows"), &pw, used, cols, dweight)?;
         return col_sum(dev, kernels::module::<T>("rows"), &pb, used, cols, dbias);
+    }
+    // Long rows on a GPU with clusters: the row in registers across a cluster (rows.cu
+    // `rows_bwd_cluster`), x and dy read once; one partial row of column sums per cluster.
+    let packed = cols.is_multiple_of(pack::<T>())
+        && aligned16(dy, stream)
+        && aligned16(x, stream)
+        && aligned16(&dx.as_view(), stream);
+    if packed && rows > 0 && matches!(rows_path(), RowsPath::Auto) {
+        if let Some((k, cfg, chunk, clusters)) = cluster_bwd_kernel::<T>(dev, op, rows, cols)? {
+            let mut pw = dev.alloc::<f32>(clusters * cols)?;
+            let mut pb = dev.alloc::<f32>(clusters * cols)?;
+            let (rows_i, chunk_i) = (rows as i64, to_i32("rows per cluster", chunk)?);
+            let mut b = stream.launch_builder(&k.func);
+            bufs.push(&mut b, dx, &mut pw, &mut pb, &rows_i, &cols_i);
+            b.arg(&chunk_i);
+            // SAFETY: matches rows.cu's rows_bwd_cluster entry points (aligned rows of whole
+            // packs, checked above); the partial buffers hold one row per cluster, the grid is
+            // whole clusters, shared memory as `cluster_bwd_kernel` sized it.
+            unsafe { b.launch(cfg) }.map_err(launch_err)?;
+            col_sum(
+                dev,
+                kernels::module::<T>("rows"),
+                &pw,
+                clusters,
+                cols,
+                dweight,
+            )?;
+            return col_sum(
+                dev,
+                kernels::module::<T>("rows"),
+                &pb,
+                clusters,
+                cols,
+                dbias,
+            );
+        }
     }
     // Long rows: the row sums, then column tiles over chunks of rows (rows.cu `rows_bwd_sums`,
     // `rows_bwd_tile`): one partial row of column sums per chunk.
@@ -1038,10 +1134,46 @@ fn to_u32_grid(n: usize) -> Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::{
-        cluster_plan, fwd_prefers_reg, reg_instantiated, tile_geometry, ClusterPlan, RegTeam,
-        TeamShape, BWD_REG_K, CLUSTER_K, CLUSTER_MIN_ROW_BYTES, FWD_REG_K, TEAM_BWD_TEAMS,
-        TEAM_KMAX,
+        cluster_bwd_chunks, cluster_bwd_threads, cluster_plan, fwd_prefers_reg, reg_instantiated,
+        tile_geometry, ClusterPlan, RegTeam, TeamShape, BWD_REG_K, CLUSTER_BWD_BLOCKS,
+        CLUSTER_BWD_K, CLUSTER_K, CLUSTER_MIN_ROW_BYTES, FWD_REG_K, TEAM_BWD_TEAMS, TEAM_KMAX,
     };
+
+    /// The cluster backward holds the row (x and dy) in blocks of 256 or 512 threads of a kernel
+    /// that exists, and its chunks cover every row once with few partial rows.
+    #[test]
+    fn cluster_backward_holds_the_row_and_chunks_cover_the_rows() {
+        let src = include_str!("../../../kernels/rows.cu");
+        let defines = |name: &str, v: usize| {
+            src.lines().any(|l| {
+                l.split_whitespace().collect::<Vec<_>>() == ["#define", name, &v.to_string()]
+            })
+        };
+        assert!(defines("ROWS_CLUSTER_BWD_K", CLUSTER_BWD_K));
+        assert!(src.contains(&format!("ROWS_CLUSTER_BWD(T, NAME, {CLUSTER_BWD_BLOCKS})")));
+        for packs in 1..=40_000 {
+            match cluster_bwd_threads(packs) {
+                Some(t) => {
+                    assert!(CLUSTER_BWD_BLOCKS * t * CLUSTER_BWD_K >= packs);
+                    assert!(t == 512 || CLUSTER_BWD_BLOCKS * t * CLUSTER_BWD_K * 2 >= packs);
+                    assert!(t == 256 || packs > CLUSTER_BWD_BLOCKS * 256 * CLUSTER_BWD_K);
+                }
+                None => assert!(packs > CLUSTER_BWD_BLOCKS * 512 * CLUSTER_BWD_K),
+            }
+        }
+        // LayerNorm [1024, 65536]: f16/bf16 8 192 packs (256 threads), f32 16 384 (512).
+        assert_eq!(cluster_bwd_threads(8_192), Some(256));
+        assert_eq!(cluster_bwd_threads(16_384), Some(512));
+        for rows in [1, 2, 7, 64, 1000, 1024, 4096, 100_000] {
+            for cols in [40_000, 65_536, 70_000] {
+                let (chunk, clusters) = cluster_bwd_chunks(rows, cols);
+                assert!(chunk * clusters >= rows && chunk * (clusters - 1) < rows.max(1));
+                assert!((8..=128).contains(&chunk) || clusters * cols <= 1 << 24);
+                assert!(clusters * cols <= (1 << 24) || clusters == 1);
+            }
+        }
+        assert_eq!(cluster_bwd_chunks(1024, 65_536), (16, 64));
+    }
 
     /// The cluster forward's shape holds the whole row, in a kernel that exists, and is the
     /// smallest of its candidates; the standard shapes get the plans docs/PERF.md names.
