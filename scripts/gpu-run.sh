@@ -95,7 +95,9 @@ if has verify; then
   run 10 demo-cold-cache ls -la --time-style=full-iso "$CUNORM_CACHE_DIR"
   run 30 demo-warm "$here/cunorm" demo --device cuda --steps 10 --json
   run 120 cuda-tests "$here/tests/suite" --test-threads=1 --nocapture cuda::
-  run 60 check "$here/cunorm" check
+  # CUNORM_REQUIRE_CLUSTERS=1: a cluster kernel that cannot be resident is an error, not a
+  # silent fallback (so this check proves the cluster kernels ran on an sm_90 GPU).
+  run 60 check env CUNORM_REQUIRE_CLUSTERS=1 "$here/cunorm" check
   # The row paths the shape does not pick (src/ops/rows/cuda.rs RowsPath), checked on the GPU
   # too: every row length of the sweep through each.
   for p in block long reg team; do

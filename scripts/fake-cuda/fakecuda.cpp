@@ -14,7 +14,8 @@
 //  - every pointer argument must point into a live allocation, every copy and memset must stay
 //    inside one, 16-byte vector accesses must be aligned, barriers must not diverge;
 //  - built with -fsanitize=address (run.sh asan), every kernel access is bounds-checked.
-// Environment: FAKECUDA_SMS (SM count, default 4), FAKECUDA_ORDER=reverse (threads and blocks
+// Environment: FAKECUDA_NO_CLUSTERS=1 (cuOccupancyMaxActiveClusters answers 0),
+// FAKECUDA_SMS (SM count, default 4), FAKECUDA_ORDER=reverse (threads and blocks
 // in reverse order: a race shows as a changed result), FAKECUDA_LOG=1 (print every launch),
 // FAKECUDA_COVERAGE=FILE (append "kernel launches" lines at exit), FAKECUDA_SMEM_OPTIN=BYTES
 // (the opt-in shared memory per block, default an H100's), FAKECUDA_TRAFFIC_LOG=1 (the traffic
@@ -725,7 +726,9 @@ API cuOccupancyMaxActiveClusters(int* n, void* fp, const LaunchConfigView* c) {
     int blocks = std::min(65536 / (per_warp * warps), 2048 / threads);
     const int smem = (int)c->smem + f->info.static_smem;
     if (smem > 0) blocks = std::min(blocks, max_smem_optin() / smem);
-    *n = cluster > 8 ? 0 : blocks * sms() / (int)cluster;
+    // FAKECUDA_NO_CLUSTERS=1: no cluster is ever resident (the host must fall back).
+    const bool none = std::getenv("FAKECUDA_NO_CLUSTERS") && std::string(std::getenv("FAKECUDA_NO_CLUSTERS")) == "1";
+    *n = cluster > 8 || none ? 0 : blocks * sms() / (int)cluster;
     return CUDA_SUCCESS;
 }
 

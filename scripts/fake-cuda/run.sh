@@ -60,21 +60,22 @@ echo "   reverse order (a race changes results), ${fma[*]:-no FMA}"
 FAKECUDA_ORDER=reverse FAKECUDA_SMS=132 LD_LIBRARY_PATH="$build/fma${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
   "$test_bin" --test-threads 2 cuda::cuda_matches_cpu_everywhere
 
-echo "-- cunorm check with 99 KiB of opt-in shared memory per block and no clusters (an sm_86/"
-echo "   sm_89 GPU's; CUNORM_ROWS_CLUSTER=0): rows of 99 KiB to 227 KiB take the kernels for rows"
-echo "   beyond shared memory"
-FAKECUDA_SMEM_OPTIN=101376 CUNORM_ROWS_CLUSTER=0 plain target/release/cunorm check --quick > "$build/check.txt"
+echo "-- cunorm check with 99 KiB of opt-in shared memory per block and no resident cluster (an"
+echo "   sm_86/sm_89 GPU's limits; FAKECUDA_NO_CLUSTERS=1: the cluster kernels' fallback): rows of"
+echo "   99 KiB to 227 KiB take the kernels for rows beyond shared memory"
+FAKECUDA_SMEM_OPTIN=101376 FAKECUDA_NO_CLUSTERS=1 plain target/release/cunorm check --quick > "$build/check.txt"
 tail -n 3 "$build/check.txt"
 
 echo "-- cunorm check with the row paths forced (CUNORM_ROWS_PATH): block-per-row forwards,"
 echo "   long-rows backwards, register-resident both ways, team kernels both ways, on every row"
-echo "   length of the sweep; then the team forward with at most 2 and 8 packs a thread"
+echo "   length of the sweep; then the team forward with at most 2 and 8 packs a thread (and"
+echo "   CUNORM_REQUIRE_CLUSTERS=1: every cluster kernel the shapes ask for must be resident)"
 for p in block long reg team; do
   CUNORM_ROWS_PATH=$p plain target/release/cunorm check --quick > "$build/check-$p.txt"
   tail -n 1 "$build/check-$p.txt"
 done
 for k in 2 8; do
-  CUNORM_TEAM_KMAX=$k plain target/release/cunorm check --quick > "$build/check-team-kmax$k.txt"
+  CUNORM_REQUIRE_CLUSTERS=1 CUNORM_TEAM_KMAX=$k plain target/release/cunorm check --quick > "$build/check-team-kmax$k.txt"
   tail -n 1 "$build/check-team-kmax$k.txt"
 done
 

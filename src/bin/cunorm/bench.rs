@@ -77,6 +77,8 @@ pub struct BenchOptions {
     pub ops: Vec<String>,
     /// Only the first shape of each op.
     pub quick: bool,
+    /// Only these standard shapes, as `1024x65536` (all when empty).
+    pub shapes: Vec<String>,
     /// Count traffic on the fake driver instead of timing: each stage once, shapes scaled down
     /// along N to at most this many elements.
     pub traffic: Option<usize>,
@@ -89,6 +91,7 @@ impl Default for BenchOptions {
             reps: 20,
             ops: Vec::new(),
             quick: false,
+            shapes: Vec::new(),
             traffic: None,
         }
     }
@@ -403,6 +406,14 @@ pub fn run(dev: &CudaDevice, o: &BenchOptions) -> Result<(f64, Vec<BenchRow>)> {
             continue;
         }
         if o.quick && !seen.insert(op) {
+            continue;
+        }
+        let name = shape
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("x");
+        if !o.shapes.is_empty() && !o.shapes.contains(&name) {
             continue;
         }
         let formats: &[MemoryFormat] = if matches!(op, "layer_norm" | "rms_norm") {

@@ -81,6 +81,9 @@ enum Command {
         /// Only these ops (layer_norm, rms_norm, group_norm, batch_norm, instance_norm)
         #[arg(long, value_delimiter = ',', value_parser = ["layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm"])]
         ops: Vec<String>,
+        /// Only these standard shapes, written as 1024x65536 (comma-separated)
+        #[arg(long, value_delimiter = ',')]
+        shapes: Vec<String>,
         /// Count each stage's DRAM traffic instead of timing it (the fake CUDA driver's traffic
         /// build only: scripts/fake-cuda/traffic.sh)
         #[arg(long)]
@@ -208,6 +211,7 @@ fn run(cli: Cli) -> cunorm::Result<()> {
             quick,
             reps,
             ops,
+            shapes,
             traffic,
             traffic_cap,
         } => {
@@ -219,6 +223,7 @@ fn run(cli: Cli) -> cunorm::Result<()> {
                 reps,
                 ops,
                 quick,
+                shapes,
                 traffic: traffic.then_some(traffic_cap.max(1)),
                 ..Default::default()
             };

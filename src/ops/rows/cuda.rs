@@ -222,6 +222,7 @@ pub(crate) fn rows_fwd_kernel<T: Element>(
             if plan.threads <= ck.max_threads as usize && dev.clusters_fit(&ck, &cfg) {
                 return Ok((ck, cfg, 1));
             }
+            cluster_refused(&format!("{base}_cluster{}", plan.blocks))?;
         }
     }
     if row_bytes > k.max_dynamic_smem && cols.is_multiple_of(pack::<T>()) {
@@ -337,9 +338,25 @@ fn cluster_bwd_kernel<T: Element>(
     };
     if threads > k.max_threads as usize || smem > k.max_dynamic_smem || !dev.clusters_fit(&k, &cfg)
     {
+        cluster_refused(&format!("{op}_bwd_cluster{CLUSTER_BWD_BLOCKS}"))?;
         return Ok(None);
     }
     Ok(Some((k, cfg, chunk, clusters)))
+}
+
+/// A cluster kernel the shape asked for cannot run here (its threads, shared memory or a
+/// resident cluster): the op takes the kernels before it, unless `CUNORM_REQUIRE_CLUSTERS=1`
+/// (a GPU run's check that the cluster kernels really ran) makes that an `Err`.
+fn cluster_refused(kernel: &str) -> Result<()> {
+    static KNOB: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *KNOB.get_or_init(|| std::env::var("CUNORM_REQUIRE_CLUSTERS").is_ok_and(|v| v.trim() == "1"))
+    {
+        return Err(crate::Error::Unavailable(format!(
+            "{kernel}: no cluster of it can be resident on this GPU (cuOccupancyMaxActiveClusters), \
+             and CUNORM_REQUIRE_CLUSTERS=1 is set; unset it to fall back to the block-per-row kernels"
+        )));
+    }
+    Ok(())
 }
 
 /// `CUNORM_ROWS_CLUSTER=0`: no cluster forward or backward (rows of more than 64 KiB take the
