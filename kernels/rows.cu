@@ -994,7 +994,9 @@ __device__ __forceinline__ void rows_fwd_cluster(const T* __restrict__ x, T* __r
 // (each thread its own slots: no barrier), then writes them as partial row c of dw_part/db_part
 // (16-byte stores) for rows_col_sum_f32: the partial count follows from the shape, never from
 // the GPU. Rows of whole packs, 16-byte aligned (the host checks). Shared memory: 64 floats of
-// reduction scratch and slots, then 2·ROWS_CLUSTER_BWD_K·B·PN floats of accumulators.
+// reduction scratch and slots, then dγ and dβ accumulators, ROWS_CLUSTER_BWD_K·B·PN floats each,
+// as float quads [k][quad of the pack][thread] (consecutive threads' 16-byte accesses
+// consecutive: no bank conflicts for 2-byte types' 32-byte packs).
 #define ROWS_CLUSTER_BWD_K 4
 template <typename T, bool CENTER>
 __device__ __forceinline__ void rows_bwd_cluster(const T* __restrict__ dy, const T* __restrict__ x,
@@ -1008,16 +1010,17 @@ __device__ __forceinline__ void rows_bwd_cluster(const T* __restrict__ dy, const
     float* red = reinterpret_cast<float*>(cluster_bwd_bytes);
     const int PN = Pack<T>::N, KB = ROWS_CLUSTER_BWD_K;
     const int B = (int)blockDim.x, t = (int)threadIdx.x;
-    float* acc_w = red + 64;
-    float* acc_b = acc_w + KB * B * PN;
+    const int QN = PN / 4;  // float quads a pack
+    Pack<float>* acc_w = reinterpret_cast<Pack<float>*>(red + 64);
+    Pack<float>* acc_b = acc_w + KB * QN * B;
     const int cs = (int)cluster_blocks();
     const int P = cols / PN, step = cs * B;
     const int first = (int)cluster_rank() * B + t;
-    const float zero[PN] = {};
+    const Pack<float> zero = {};
 #pragma unroll
-    for (int k = 0; k < KB; ++k) {
-        smem_set<PN>(acc_w + (k * B + t) * PN, zero);
-        smem_set<PN>(acc_b + (k * B + t) * PN, zero);
+    for (int k = 0; k < KB * QN; ++k) {
+        acc_w[k * B + t] = zero;
+        acc_b[k * B + t] = zero;
     }
     const i64 c = blockIdx.x / cs;
     const i64 r0 = c * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
@@ -1055,8 +1058,17 @@ __device__ __forceinline__ void rows_bwd_cluster(const T* __restrict__ dy, const
                     s2 += u * xh;
                     cw[i] = g[i] * xh;
                 }
-                smem_add<PN>(acc_w + (k * B + t) * PN, cw, PN, true);
-                smem_add<PN>(acc_b + (k * B + t) * PN, g, PN, true);
+#pragma unroll
+                for (int q = 0; q < QN; ++q) {
+                    Pack<float> aw = acc_w[(k * QN + q) * B + t], ab = acc_b[(k * QN + q) * B + t];
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        aw.v[i] += cw[4 * q + i];
+                        ab.v[i] += g[4 * q + i];
+                    }
+                    acc_w[(k * QN + q) * B + t] = aw;
+                    acc_b[(k * QN + q) * B + t] = ab;
+                }
             }
         }
         cluster_reduce_sum2(s1, s2, red, slot);
@@ -1083,11 +1095,9 @@ __device__ __forceinline__ void rows_bwd_cluster(const T* __restrict__ dy, const
         const int p = first + k * step;
         if (p < P) {
 #pragma unroll
-            for (int q = 0; q < PN; q += 4) {
-                *reinterpret_cast<Pack<float>*>(dw_part + c * cols + p * PN + q) =
-                    *reinterpret_cast<const Pack<float>*>(acc_w + (k * B + t) * PN + q);
-                *reinterpret_cast<Pack<float>*>(db_part + c * cols + p * PN + q) =
-                    *reinterpret_cast<const Pack<float>*>(acc_b + (k * B + t) * PN + q);
+            for (int q = 0; q < QN; ++q) {
+                reinterpret_cast<Pack<float>*>(dw_part + c * cols + p * PN)[q] = acc_w[(k * QN + q) * B + t];
+                reinterpret_cast<Pack<float>*>(db_part + c * cols + p * PN)[q] = acc_b[(k * QN + q) * B + t];
             }
         }
     }
@@ -1186,7 +1196,8 @@ __device__ __forceinline__ void rows_bwd_cluster(const T* __restrict__ dy, const
         rows_fwd_cluster<T, true>(x, y, w, b, mean, rstd, varu, rows, cols, seg, cycle, eps,   \
                                   nan_inf_mean);                                                \
     }
-// The cluster backward (rows_bwd_cluster), clusters of KM = 8 blocks (`cluster_bwd_plan`).
+// The cluster backward (rows_bwd_cluster), clusters of KM = 8 blocks (src/ops/rows/cuda.rs
+// `cluster_bwd_threads`, `cluster_bwd_kernel`).
 #define ROWS_CLUSTER_BWD(T, NAME, KM)                                                           \
     extern "C" __global__ void CUNORM_CLUSTER_DIMS(KM) __launch_bounds__(512, 1)             \
         layer_norm_bwd_cluster##KM##_##NAME(const T* dy, const T* x, const float* w,            \

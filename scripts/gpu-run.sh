@@ -12,8 +12,8 @@
 #           each forced row path (CUNORM_ROWS_PATH=block, =long, =reg: bench-rows-*.json), and
 #           BatchNorm with a block per plane (CUNORM_PLANES_PER_BLOCK=1: bench-plane-per-block.json),
 #           GroupNorm/InstanceNorm without the one-pass channels-last kernels (CUNORM_PLANES_TILE=0:
-#           bench-plane-tile-off.json), the four row-kernel ops without the cluster forward
-#           (CUNORM_ROWS_CLUSTER=0: bench-rows-cluster-off.json);
+#           bench-plane-tile-off.json), the four row-kernel ops without the cluster kernels
+#           (CUNORM_ROWS_CLUSTER=0, forward and backward: bench-rows-cluster-off.json);
 # sanitize: compute-sanitizer memcheck, initcheck, synccheck, racecheck over the CUDA sweep
 #           (CUNORM_CHECK_QUICK=1);
 # profile:  ncu (SpeedOfLight, MemoryWorkloadAnalysis, Occupancy) over the first launch of every

@@ -33,7 +33,13 @@ __device__ __forceinline__ float cluster_load(const float* p, unsigned rank) { r
 assert prims == 1, "common.cuh's cluster primitives block not found: update prep.py"
 src, packs = re.subn(r"reinterpret_cast<((?:const )?Pack<\w+>)\*>\(", r"emu_pack_ptr<\1>(", src)
 assert packs >= 5, f"expected the Pack casts of rows.cu and planes.cu, found {packs}"
-assert "asm(" not in src, "unhandled inline asm"
+assert not re.search(r"\basm\b", src), "unhandled inline asm"
+# A cluster kernel keeps all its shared memory dynamic: the emulator runs a cluster's blocks
+# together and has one copy of each static __shared__ array (shim.h), which they would share.
+for fn in ["rows_fwd_cluster", "rows_bwd_cluster"]:
+    body = re.search(r"void " + fn + r"\(.*?\n}\n", src, re.S)
+    assert body, f"{fn} not found: update prep.py"
+    assert not re.search(r"(?<!extern )__shared__", body.group(0)), f"static __shared__ in {fn}"
 # NVRTC 13.0 (the GPU machines' toolkit, 2026-11-27) takes a generic lambda's call operator for a
 # host function and refuses the module; the wheels' NVRTC 13.5 accepts it, so the NVRTC test here
 # would not catch one.

@@ -212,17 +212,21 @@ pub(crate) fn rows_fwd_kernel<T: Element>(
                 // Whole clusters, striding over the rows (the row a cluster takes never
                 // changes a row's bits).
                 grid_dim: (
-                    grid(rows.min(dev.sm_count() as usize * 32) * plan.blocks)?,
+                    grid(rows.clamp(1, dev.sm_count() as usize * 32) * plan.blocks)?,
                     1,
                     1,
                 ),
                 block_dim: (plan.threads as u32, 1, 1),
                 shared_mem_bytes: CLUSTER_SMEM,
             };
-            if plan.threads <= ck.max_threads as usize && dev.clusters_fit(&ck, &cfg) {
+            let name = format!("{base}_cluster{}", plan.blocks);
+            if plan.threads > ck.max_threads as usize {
+                cluster_refused(&name, "more threads a block than the kernel allows")?;
+            } else if !dev.clusters_fit(&ck, &cfg) {
+                cluster_refused(&name, "no cluster of it can be resident on this GPU")?;
+            } else {
                 return Ok((ck, cfg, 1));
             }
-            cluster_refused(&format!("{base}_cluster{}", plan.blocks))?;
         }
     }
     if row_bytes > k.max_dynamic_smem && cols.is_multiple_of(pack::<T>()) {
@@ -336,9 +340,17 @@ fn cluster_bwd_kernel<T: Element>(
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    if threads > k.max_threads as usize || smem > k.max_dynamic_smem || !dev.clusters_fit(&k, &cfg)
-    {
-        cluster_refused(&format!("{op}_bwd_cluster{CLUSTER_BWD_BLOCKS}"))?;
+    let name = format!("{op}_bwd_cluster{CLUSTER_BWD_BLOCKS}");
+    if threads > k.max_threads as usize {
+        cluster_refused(&name, "more threads a block than the kernel allows")?;
+        return Ok(None);
+    }
+    if smem > k.max_dynamic_smem {
+        cluster_refused(&name, "more shared memory a block than the kernel may use")?;
+        return Ok(None);
+    }
+    if !dev.clusters_fit(&k, &cfg) {
+        cluster_refused(&name, "no cluster of it can be resident on this GPU")?;
         return Ok(None);
     }
     Ok(Some((k, cfg, chunk, clusters)))
@@ -347,13 +359,13 @@ fn cluster_bwd_kernel<T: Element>(
 /// A cluster kernel the shape asked for cannot run here (its threads, shared memory or a
 /// resident cluster): the op takes the kernels before it, unless `CUNORM_REQUIRE_CLUSTERS=1`
 /// (a GPU run's check that the cluster kernels really ran) makes that an `Err`.
-fn cluster_refused(kernel: &str) -> Result<()> {
+fn cluster_refused(kernel: &str, why: &str) -> Result<()> {
     static KNOB: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *KNOB.get_or_init(|| std::env::var("CUNORM_REQUIRE_CLUSTERS").is_ok_and(|v| v.trim() == "1"))
     {
         return Err(crate::Error::Unavailable(format!(
-            "{kernel}: no cluster of it can be resident on this GPU (cuOccupancyMaxActiveClusters), \
-             and CUNORM_REQUIRE_CLUSTERS=1 is set; unset it to fall back to the block-per-row kernels"
+            "{kernel}: {why} (cuOccupancyMaxActiveClusters, the kernel's limits), and \
+             CUNORM_REQUIRE_CLUSTERS=1 is set; unset it to fall back to the kernels without clusters"
         )));
     }
     Ok(())
@@ -840,8 +852,9 @@ impl<'a, 'v, T: Element> BwdBufs<'a, 'v, T> {
 }
 
 /// The row paths `CUNORM_ROWS_PATH` (read once) forces, a benchmark knob: `block` sends every
-/// LayerNorm/RMSNorm forward to the block-per-row kernels and `long` every backward to the
-/// long-rows kernels, where the shape would pick the register-resident or team ones; `reg`
+/// LayerNorm/RMSNorm forward to the block-per-row kernels (and keeps the contiguous GroupNorm/
+/// InstanceNorm forward off the cluster kernel too) and `long` every backward to the long-rows
+/// kernels, where the shape would pick the register-resident, team or cluster ones; `reg`
 /// sends every forward and backward whose row the register-resident kernels can hold, and
 /// which rows.cu instantiates (`reg_instantiated`), to them; `team` sends every forward and
 /// backward of aligned rows of whole packs the team kernels hold to them (by default the
