@@ -654,6 +654,44 @@ __device__ __forceinline__ void rows_bwd_reg(const T* __restrict__ dy, const T* 
     }
 }
 
+// One 16-byte pack of dy (rg) and x (rx), held as words, of the columns from j0, in the team and
+// cluster backwards: adds its Σu and Σu·x̂ to s1 and s2 and gives dy (g) and dy·x̂ (cw) for dγ/dβ;
+// then its dx (the weight loaded again, from L1: not held across the row's sums).
+template <typename T>
+__device__ __forceinline__ void row_bwd_pack_sums(const Pack<unsigned>& rg, const Pack<unsigned>& rx,
+                                                  const float* __restrict__ w, int j0, float mu,
+                                                  float rs, float& s1, float& s2,
+                                                  float (&g)[16 / sizeof(T)],
+                                                  float (&cw)[16 / sizeof(T)]) {
+    const int PN = Pack<T>::N;
+    float xv[PN], wv[PN];
+    unpack_words<T>(rg, g);
+    unpack_words<T>(rx, xv);
+    load_params<PN>(wv, w, j0, PN, 1.f);
+#pragma unroll
+    for (int i = 0; i < PN; ++i) {
+        const float xh = (xv[i] - mu) * rs;
+        const float u = row_u(g[i], w, wv[i]);
+        s1 += u;
+        s2 += u * xh;
+        cw[i] = g[i] * xh;
+    }
+}
+template <typename T>
+__device__ __forceinline__ Pack<unsigned> row_bwd_pack_dx(const Pack<unsigned>& rg,
+                                                          const Pack<unsigned>& rx,
+                                                          const float* __restrict__ w, int j0,
+                                                          float mu, float rs, float m1, float m2) {
+    const int PN = Pack<T>::N;
+    float g[PN], xv[PN], wv[PN], o[PN];
+    unpack_words<T>(rg, g);
+    unpack_words<T>(rx, xv);
+    load_params<PN>(wv, w, j0, PN, 1.f);
+#pragma unroll
+    for (int i = 0; i < PN; ++i) o[i] = row_dx(g[i], (xv[i] - mu) * rs, w, wv[i], rs, m1, m2);
+    return pack_words<T>(o);
+}
+
 // Team backward (the default backward for aligned rows of whole packs where it won:
 // src/ops/rows/cuda.rs `bwd_prefers_team`): rows_bwd_reg's teams and arguments, on whole
 // 16-byte-aligned packs only, but one partial row per block (its teams' partials summed in
@@ -710,18 +748,8 @@ __device__ __forceinline__ void rows_bwd_team(const T* __restrict__ dy, const T*
             const int p = t + k * tpr;
             if (live && k < K && p < packs) {
                 const int j0 = p * PN;
-                float g[PN], xv[PN], wv[PN], cw[PN];
-                unpack_words<T>(rg[k], g);
-                unpack_words<T>(rx[k], xv);
-                load_params<PN>(wv, w, j0, PN, 1.f);
-#pragma unroll
-                for (int i = 0; i < PN; ++i) {
-                    const float xh = (xv[i] - mu) * rs;
-                    const float u = row_u(g[i], w, wv[i]);
-                    s1 += u;
-                    s2 += u * xh;
-                    cw[i] = g[i] * xh;
-                }
+                float g[PN], cw[PN];
+                row_bwd_pack_sums<T>(rg[k], rx[k], w, j0, mu, rs, s1, s2, g, cw);
                 smem_add<PN>(acc_w + j0, cw, PN, true);
                 smem_add<PN>(acc_b + j0, g, PN, true);
             }
@@ -735,13 +763,7 @@ __device__ __forceinline__ void rows_bwd_team(const T* __restrict__ dy, const T*
         for (int k = 0; k < KM; ++k) {
             const int p = t + k * tpr;
             if (k < K && p < packs) {
-                float g[PN], xv[PN], wv[PN], o[PN];
-                unpack_words<T>(rg[k], g);
-                unpack_words<T>(rx[k], xv);
-                load_params<PN>(wv, w, p * PN, PN, 1.f);  // again (L1): not held across the sums
-#pragma unroll
-                for (int i = 0; i < PN; ++i) o[i] = row_dx(g[i], (xv[i] - mu) * rs, w, wv[i], rs, m1, m2);
-                dr[p] = pack_words<T>(o);
+                dr[p] = row_bwd_pack_dx<T>(rg[k], rx[k], w, p * PN, mu, rs, m1, m2);
             }
         }
     }
@@ -1046,18 +1068,8 @@ __device__ __forceinline__ void rows_bwd_cluster(const T* __restrict__ dy, const
         for (int k = 0; k < KB; ++k) {
             const int p = first + k * step;
             if (p < P) {
-                float g[PN], xv[PN], wv[PN], cw[PN];
-                unpack_words<T>(rg[k], g);
-                unpack_words<T>(rx[k], xv);
-                load_params<PN>(wv, w, p * PN, PN, 1.f);
-#pragma unroll
-                for (int i = 0; i < PN; ++i) {
-                    const float xh = (xv[i] - mu) * rs;
-                    const float u = row_u(g[i], w, wv[i]);
-                    s1 += u;
-                    s2 += u * xh;
-                    cw[i] = g[i] * xh;
-                }
+                float g[PN], cw[PN];
+                row_bwd_pack_sums<T>(rg[k], rx[k], w, p * PN, mu, rs, s1, s2, g, cw);
 #pragma unroll
                 for (int q = 0; q < QN; ++q) {
                     Pack<float> aw = acc_w[(k * QN + q) * B + t], ab = acc_b[(k * QN + q) * B + t];
@@ -1079,13 +1091,7 @@ __device__ __forceinline__ void rows_bwd_cluster(const T* __restrict__ dy, const
         for (int k = 0; k < KB; ++k) {
             const int p = first + k * step;
             if (p < P) {
-                float g[PN], xv[PN], wv[PN], o[PN];
-                unpack_words<T>(rg[k], g);
-                unpack_words<T>(rx[k], xv);
-                load_params<PN>(wv, w, p * PN, PN, 1.f);  // again (L1): not held across the sums
-#pragma unroll
-                for (int i = 0; i < PN; ++i) o[i] = row_dx(g[i], (xv[i] - mu) * rs, w, wv[i], rs, m1, m2);
-                dr[p] = pack_words<T>(o);
+                dr[p] = row_bwd_pack_dx<T>(rg[k], rx[k], w, p * PN, mu, rs, m1, m2);
             }
         }
     }
